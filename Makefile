@@ -1,0 +1,29 @@
+# make demo   train the tiny default across Ray stage actors (creates .venv on first use)
+# make test   run the test suite
+# make bench  run benchmarks/*.py and append results to docs/benchmarks.md
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: demo test bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, ray, neuroray" && touch $@
+
+demo: venv
+	$(PY) -m neuroray.train $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+bench: venv
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf outputs .pytest_cache

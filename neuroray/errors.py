@@ -1,0 +1,32 @@
+"""Typed errors for user mistakes and bad input.
+
+Entry points catch :class:`NeurorayError` and print ``neuroray: error: <message>`` as one line, so
+every message here must name the cause and the fix on its own.
+"""
+
+
+class NeurorayError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class ConfigError(NeurorayError, ValueError):
+    """An unknown override, a wrong type, or values that contradict each other."""
+
+
+class DataError(NeurorayError):
+    """The Genesis dataset is missing, malformed or does not match its manifest."""
+
+
+class ShardCorruptError(DataError):
+    """A shard's bytes do not hash to the SHA-256 its manifest records."""
+
+    def __init__(self, path: str, expected: str, actual: str):
+        self.path, self.expected, self.actual = path, expected, actual
+        super().__init__(
+            f"shard {path} is corrupt: sha256 {actual[:12]}… != manifest {expected[:12]}…; "
+            "delete it and rerun to rebuild, or re-fetch it from the dataset's store"
+        )
+
+
+class PipelineError(NeurorayError):
+    """A stage holder failed in a way training cannot recover from."""

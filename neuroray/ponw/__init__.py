@@ -1,0 +1,1 @@
+"""Proof of Neural Work: holder identities, signed proofs, the NEURO ledger."""

@@ -1,0 +1,1 @@
+"""The swarm: stage-holder actors and the microbatch schedule that drives them."""

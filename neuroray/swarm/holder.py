@@ -1,0 +1,202 @@
+"""The stage holder: one layer range of the model, its inner optimizer and its DiLoCo state.
+
+A holder is a plain class so it can be tested in-process; :func:`holder_actor` wraps it as a Ray
+actor. Roles follow the seed: the **Driver** holds the first range and the embedding and reads its
+own data shard, **Workers** hold middle ranges, the **Validator** holds the last range, the final
+norm, the LM head and computes the loss.
+
+Backward crosses holders: every non-first holder returns the gradient of its *input* activation,
+which the previous holder feeds into ``out.backward(grad)``. The result equals the monolithic
+model's gradient (tests/test_pipeline_ray.py checks it parameter by parameter).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.diloco.outer import OuterOptimizer
+from neuroray.model import build_stage
+from neuroray.ponw.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HolderSpec:
+    """Everything a holder needs, as plain values (no Hydra objects cross into actors)."""
+
+    replica: int
+    stage: int
+    ranges: list[tuple[int, int]]
+    model: ModelConfig
+    vocab_size: int
+    diloco: DilocoConfig
+    seed: int
+    key_path: str
+    torch_threads: int = 1
+    use_gpu: bool = False
+    # Driver only: where its Genesis shards live
+    data_root: str | None = None
+    manifest: dict | None = None
+    seq_len: int = 0
+    microbatch_size: int = 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == len(self.ranges) - 1
+
+    @property
+    def role(self) -> str:
+        return "driver" if self.is_first else "validator" if self.is_last else "worker"
+
+
+class StageHolder:
+    def __init__(self, spec: HolderSpec):
+        self.spec = spec
+        torch.set_num_threads(spec.torch_threads)
+        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        if spec.use_gpu and self.device.type == "cpu":
+            log.warning("%s: GPUs were requested but CUDA is not available here; running on CPU", self.name)
+        self.identity = Identity.load_or_create(spec.key_path)
+        self.module = build_stage(spec.model, spec.vocab_size, spec.stage, spec.ranges, seed=spec.seed).to(self.device)
+        d = spec.diloco
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
+        )
+        self.theta0 = self._flat_params().clone()
+        self.outer = OuterOptimizer(d.outer_lr, d.outer_momentum, d.nesterov)
+        self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.inner_steps = 0
+        self.outer_rounds = 0
+        self.microbatches_done = 0
+        self.stream = None
+        if spec.is_first and spec.data_root is not None:
+            from neuroray.genesis import Manifest, TokenStream
+
+            manifest = Manifest.from_json(spec.manifest)
+            self.stream = TokenStream(spec.data_root, manifest, self.node_id, spec.seq_len, spec.microbatch_size)
+
+    # ----- identity -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        lo, hi = self.spec.ranges[self.spec.stage]
+        return f"{self.spec.role}[r{self.spec.replica} L{lo}-{hi - 1}]"
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return self.name
+
+    def info(self) -> dict:
+        lo, hi = self.spec.ranges[self.spec.stage]
+        return {
+            "name": self.name, "node_id": self.node_id, "role": self.spec.role, "replica": self.spec.replica,
+            "stage": self.spec.stage, "layers": (lo, hi), "has_embedding": self.module.has_embedding,
+            "has_head": self.module.has_head, "device": str(self.device), "numel": self.theta0.numel(),
+        }
+
+    # ----- pipeline -------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Driver only: the next (inputs, labels) microbatch from this node's own shards."""
+        if self.stream is None:
+            raise RuntimeError(f"{self.name} has no data stream: only the Driver (stage 0) reads shards")
+        return self.stream.next_microbatch()
+
+    def _run(self, mb_id: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        x = x.to(self.device)
+        if self.module.has_embedding:
+            inp = None  # token ids: nothing upstream to send a gradient to
+        else:
+            inp = x.detach().requires_grad_(True)
+            x = inp
+        if mb_id in self._pending:
+            raise RuntimeError(f"{self.name}: microbatch {mb_id} is already in flight")
+        return inp, self.module(x)
+
+    def forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor:
+        """Run this range forward, keep the graph for :meth:`backward`, return the activation."""
+        inp, out = self._run(mb_id, x)
+        self._pending[mb_id] = (inp, out)
+        return out.detach().cpu()
+
+    def forward_backward(self, mb_id: int, x: torch.Tensor, labels: torch.Tensor, scale: float):
+        """Last stage: forward, loss, backward. Returns (loss, gradient of the input activation)."""
+        inp, logits = self._run(mb_id, x)
+        loss = self.module.loss(logits, labels.to(self.device))
+        (loss * scale).backward()
+        self.microbatches_done += 1
+        return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
+
+    def backward(self, mb_id: int, grad: torch.Tensor) -> torch.Tensor | None:
+        """Backpropagate the gradient of this range's output; return the gradient of its input."""
+        inp, out = self._pending.pop(mb_id)
+        out.backward(grad.to(self.device))
+        self.microbatches_done += 1
+        return None if inp is None else inp.grad.detach().cpu()
+
+    def step(self) -> float:
+        """One inner AdamW step on the accumulated gradients; returns the pre-clip gradient norm."""
+        assert not self._pending, f"{self.name}: step with {len(self._pending)} microbatches still in flight"
+        clip = self.spec.diloco.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.inner_steps += 1
+        return float(norm)
+
+    # ----- DiLoCo ---------------------------------------------------------------------------
+    def _flat_params(self) -> torch.Tensor:
+        return parameters_to_vector(self.module.parameters()).detach()
+
+    def pseudo_gradient(self) -> torch.Tensor:
+        """``theta0 - theta``: what this holder learned since the last outer step."""
+        return (self.theta0 - self._flat_params()).cpu()
+
+    def apply_outer(self, delta: torch.Tensor) -> None:
+        """Outer step on theta0 (never on the post-inner weights); restart the range from it."""
+        self.theta0 = self.outer.step(self.theta0, delta.to(self.device))
+        with torch.no_grad():
+            vector_to_parameters(self.theta0.clone(), self.module.parameters())
+        self.outer_rounds += 1
+
+    # ----- inspection -----------------------------------------------------------------------
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().cpu().clone() for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+        self.theta0 = self._flat_params().clone()
+
+    def counters(self) -> dict:
+        return {"inner_steps": self.inner_steps, "outer_rounds": self.outer_rounds,
+                "microbatches": self.microbatches_done}
+
+
+def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None):
+    """Start a :class:`StageHolder` as a Ray actor with the resources the config asks for."""
+    import ray
+
+    cls = ray.remote(StageHolder)
+    opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1}
+    if scheduling_strategy is not None:
+        opts["scheduling_strategy"] = scheduling_strategy
+    if name:
+        opts["name"] = name
+    return cls.options(**opts).remote(spec)

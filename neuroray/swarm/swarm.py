@@ -1,0 +1,94 @@
+"""A swarm of stage holders: R pipeline replicas of S stages, placed with Ray placement groups.
+
+``replicas[r][s]`` is the holder of layer range ``s`` in replica ``r``; ``by_range[s]`` lists every
+holder of range ``s`` (the group one outer step reduces over).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+
+from neuroray.config import TrainConfig
+from neuroray.errors import PipelineError
+from neuroray.model import split_layers
+from neuroray.planner.placement import bundle_strategy, release, reserve_replicas
+from neuroray.swarm.holder import HolderSpec, holder_actor
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """Ray wraps an actor's exception in RayTaskError/RayActorError; return the user's cause."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and cause is not None:
+        return cause
+    return exc
+
+
+@dataclass
+class DataPlan:
+    root: str
+    manifest: dict
+
+
+class Swarm:
+    def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print):
+        self.cfg = cfg
+        self.ranges = split_layers(cfg.model.n_layers, cfg.swarm.num_stages)
+        c = cfg.cluster
+        self.groups = reserve_replicas(
+            cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
+        )
+        key_dir = Path(cfg.swarm.key_dir).expanduser()
+        self.replicas: list[list] = []
+        for r in range(cfg.diloco.replicas):
+            pipeline = []
+            for s in range(len(self.ranges)):
+                spec = HolderSpec(
+                    replica=r, stage=s, ranges=self.ranges, model=cfg.model, vocab_size=vocab_size,
+                    diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_dir / f"holder-r{r}-s{s}.pem"),
+                    torch_threads=c.torch_threads, use_gpu=c.gpus_per_holder > 0,
+                )
+                if s == 0 and data is not None:
+                    spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
+                                   microbatch_size=cfg.data.microbatch_size)
+                pipeline.append(holder_actor(spec, c.cpus_per_holder, c.gpus_per_holder, bundle_strategy(self.groups[r], s)))
+            self.replicas.append(pipeline)
+        t0 = time.monotonic()
+        self.infos = self.get([h.info.remote() for p in self.replicas for h in p], c.actor_start_timeout_s,
+                              "starting stage holders")
+        log(f"swarm: {len(self.replicas)} replicas x {len(self.ranges)} stages up in {time.monotonic() - t0:.1f}s; "
+            f"ranges {[(lo, hi - 1) for lo, hi in self.ranges]}")
+        self.numels = [self.infos[s]["numel"] for s in range(len(self.ranges))]
+
+    @property
+    def by_range(self) -> list[list]:
+        return [[p[s] for p in self.replicas] for s in range(len(self.ranges))]
+
+    @property
+    def drivers(self) -> list:
+        return [p[0] for p in self.replicas]
+
+    def get(self, refs, timeout_s: float, what: str):
+        """``ray.get`` with a deadline and the holder's own error, not Ray's wrapper, on failure."""
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PipelineError(
+                f"{what} took longer than {timeout_s:g}s; raise cluster.step_timeout_s or "
+                "cluster.actor_start_timeout_s, or check the Ray dashboard for stuck holders"
+            ) from None
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            cause = unwrap_ray_error(exc)
+            if cause is not exc:
+                raise cause from None
+            first = str(exc).strip().splitlines()[0]
+            raise PipelineError(f"{what} failed: a stage holder died ({first})") from None
+
+    def shutdown(self) -> None:
+        for p in self.replicas:
+            for h in p:
+                ray.kill(h)
+        release(self.groups)

@@ -1,0 +1,92 @@
+"""DiLoCo math: the outer step starts from theta0, matches torch's Nesterov SGD, mean aggregation."""
+
+import pytest
+import torch
+
+from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
+from neuroray.diloco.outer import OuterOptimizer
+from neuroray.swarm.holder import HolderSpec, StageHolder
+
+
+def test_outer_step_hand_computed_from_theta0():
+    # theta0 = 1.0, post-inner weights 0.8 -> delta 0.2.
+    # Nesterov, first round: buf = 0.2, step = 0.2 + 0.9 * 0.2 = 0.38, theta0' = 1 - 0.7 * 0.38 = 0.734.
+    # Had it (wrongly) started from the post-inner weights: 0.8 - 0.266 = 0.534.
+    opt = OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True)
+    new = opt.step(torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64))
+    assert new.item() == pytest.approx(0.734, abs=1e-12)
+    # second round: delta 0.1 -> buf = 0.9 * 0.2 + 0.1 = 0.28, step = 0.1 + 0.9 * 0.28 = 0.352
+    newer = opt.step(new, torch.tensor([0.1], dtype=torch.float64))
+    assert newer.item() == pytest.approx(0.734 - 0.7 * 0.352, abs=1e-12)
+
+
+def test_outer_step_matches_torch_sgd_nesterov():
+    torch.manual_seed(0)
+    theta0 = torch.randn(50, dtype=torch.float64)
+    p = torch.nn.Parameter(theta0.clone())
+    ref = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    ours = OuterOptimizer(0.7, 0.9, True)
+    current = theta0.clone()
+    for _ in range(4):
+        delta = torch.randn(50, dtype=torch.float64) * 0.1
+        p.grad = delta.clone()
+        ref.step()
+        current = ours.step(current, delta)
+        torch.testing.assert_close(current, p.detach(), rtol=0, atol=1e-12)
+
+
+def test_plain_momentum_and_no_momentum():
+    assert OuterOptimizer(1.0, 0.0, False).step(torch.tensor([1.0]), torch.tensor([0.25])).item() == 0.75
+    with pytest.raises(ValueError):
+        OuterOptimizer(1.0, 0.0, True)
+
+
+def test_mean_aggregate_and_screening():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    res = aggregate("mean", [a, b], numel=2)
+    assert res.value.tolist() == [2.0, 4.0] and res.accepted == [0, 1]
+    bad = [a, torch.tensor([float("nan"), 0.0]), torch.zeros(3), torch.zeros(2, dtype=torch.float64), b]
+    res = aggregate("mean", bad, numel=2)
+    assert res.value.tolist() == [2.0, 4.0]
+    assert [(r.index, r.reason.split()[0]) for r in res.rejected] == [(1, "contains"), (2, "shape"), (3, "dtype")]
+    with pytest.raises(AggregationRefused):
+        aggregate("mean", [torch.tensor([float("inf"), 0.0])], numel=2)
+    accepted, rejected = screen([a] * 3, 2)
+    assert accepted == [0, 1, 2] and not rejected
+    # identical inputs return exactly that input
+    x = torch.randn(1000)
+    assert torch.equal(aggregate("mean", [x] * 7, x.numel()).value, x)
+
+
+def _holder(tmp_path, stage, ranges, replica=0):
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16)
+    spec = HolderSpec(replica=replica, stage=stage, ranges=ranges, model=cfg, vocab_size=64,
+                      diloco=DilocoConfig(inner_lr=1e-2), seed=0, key_path=str(tmp_path / f"k{replica}{stage}.pem"))
+    return StageHolder(spec)
+
+
+def test_holder_outer_step_applies_to_theta0_not_post_inner_weights(tmp_path):
+    """Two replicas of a one-stage model train apart, then one outer step makes both equal
+    theta0 - lr * (1 + m) * mean(delta): a hand computation from theta0."""
+    ranges = [(0, 2)]
+    holders = [_holder(tmp_path, 0, ranges, replica=r) for r in range(2)]
+    theta0 = holders[0].theta0.clone()
+    assert torch.equal(theta0, holders[1].theta0)
+    g = torch.Generator().manual_seed(0)
+    for i, h in enumerate(holders):
+        for _ in range(3):
+            x = torch.randint(0, 64, (2, 8), generator=g)
+            h.forward_backward(i, x, torch.roll(x, -1, 1), 1.0)
+            h.step()
+    deltas = [h.pseudo_gradient() for h in holders]
+    assert not torch.equal(deltas[0], deltas[1]) and deltas[0].abs().sum() > 0
+    mean = (deltas[0] + deltas[1]) / 2
+    for h in holders:
+        h.apply_outer(mean)
+    expected = theta0 - 0.7 * (1 + 0.9) * mean
+    for h in holders:
+        torch.testing.assert_close(h.theta0, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.nn.utils.parameters_to_vector(h.module.parameters()).detach(), expected,
+                                   rtol=0, atol=1e-6)
+        assert h.pseudo_gradient().abs().max() == 0  # restarted from theta0
