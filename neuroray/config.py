@@ -116,7 +116,7 @@ class TrainConfig:
     rounds: int = 10  # outer DiLoCo rounds
     run_dir: str = ""  # "": outputs/<timestamp> under the current directory
     log_every: int = 5  # inner steps between progress lines
-    sample_prompt: str = "The "
+    sample_prompt: str = "The"
     sample_tokens: int = 40
 
 

@@ -11,6 +11,7 @@ def ray_cluster():
     """One local Ray cluster per test module (ray.init takes 6-10 s: share it)."""
     import ray
 
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
