@@ -23,7 +23,7 @@ test: venv
 	$(PY) -m pytest -q $(ARGS)
 
 bench: venv
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -10,7 +10,6 @@ the same run. Appends a row to docs/benchmarks.md.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 from neuroray.config import load_config  # noqa: E402
 from neuroray.genesis import Manifest, TokenStream, ensure_dataset, load_tokenizer  # noqa: E402
 from neuroray.model import build_monolith  # noqa: E402
+from benchmarks._report import append_row, machine  # noqa: E402
 
 
 def single_process(cfg, vocab, root, manifest, node_id, steps, warmup, threads) -> float:
@@ -84,26 +84,15 @@ def main(argv: list[str]) -> None:
     print(f"ray pipeline ({stages} stages x 1 thread): {ray_tps:,.0f} tok/s")
     print(f"single process ({stages * cfg.cluster.torch_threads} threads): {local_tps:,.0f} tok/s")
     print(f"ratio: {ratio:.3f}")
-    cmd = "python benchmarks/pipeline_throughput.py " + " ".join(argv)
-    row = (f"| {time.strftime('%Y-%m-%d')} | pipeline throughput, {stages} stages x 1 replica, model={cfg.model.name} "
-           f"| {ray_tps:,.0f} tok/s | {local_tps:,.0f} tok/s | **{ratio:.2f}** | {os.cpu_count()} CPUs, {platform.machine()} "
-           f"| `{cmd.strip()}` |\n")
-    _append(ROOT / "docs" / "benchmarks.md", "Pipeline throughput vs one process", row)
-
-
-def _append(path: Path, section: str, row: str) -> None:
-    header = (f"\n## {section}\n\n| date | what | neuroray | anchor | ratio | machine | command |\n"
-              "|---|---|---|---|---|---|---|\n")
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here is produced by `make bench`.\n"
-    if f"## {section}\n" not in text:
-        text += header
-    # insert the row at the end of the section's table
-    head, _, tail = text.partition(f"## {section}\n")
-    lines = tail.split("\n")
-    end = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
-    table_end = max(i for i, line in enumerate(lines[:end]) if line.startswith("|")) + 1
-    lines.insert(table_end, row.rstrip("\n"))
-    path.write_text(head + f"## {section}\n" + "\n".join(lines))
+    cmd = " ".join(["python benchmarks/pipeline_throughput.py", *argv])
+    append_row(
+        "Pipeline throughput vs one process",
+        ["setup", "Ray pipeline tok/s", "one process tok/s", "ratio", "machine", "command"],
+        [f"{stages} stages x 1 replica, model={cfg.model.name}, {steps} steps", f"{ray_tps:,.0f}", f"{local_tps:,.0f}",
+         f"**{ratio:.2f}**", machine(), f"`{cmd}`"],
+        note=("Tokens/s of the Ray pipeline (each holder 1 torch thread) / tokens/s of the same model, data and "
+              "optimizer in one process with the same total threads. The swarm issue's goal is >= 0.9."),
+    )
 
 
 if __name__ == "__main__":

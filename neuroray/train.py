@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     import torch
 
     from neuroray.checkpoint import save_checkpoint
-    from neuroray.diloco.sync import outer_sync
+    from neuroray.diloco.sync import OuterSync
     from neuroray.generate import sample
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
@@ -85,6 +85,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     swarm = None
     try:
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator.name)
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
         tokens_per_step = d.microbatch_size * d.seq_len * d.num_microbatches * dl.replicas
         total_steps = cfg.rounds * dl.inner_steps
@@ -120,8 +121,14 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             if (step + 1) % dl.inner_steps == 0:
                 collect(step, pending)
                 pending = None
-                swarm.get(outer_sync(swarm.by_range, cfg.aggregator.name, swarm.numels), c.step_timeout_s,
-                          f"outer step of round {(step + 1) // dl.inner_steps}")
+                reports, loads = outer.submit()
+                for report in swarm.get(reports + loads, c.step_timeout_s,
+                                        f"outer step of round {outer.rounds}")[: len(reports)]:
+                    for holder, reason in report.rejected:
+                        log(f"outer round {outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
+                    if report.refused:
+                        log(f"outer round {outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
+                            f"{report.refused}")
         metrics.close()
         elapsed = time.monotonic() - t0
         result.tokens_per_s = tokens_per_step * total_steps / elapsed

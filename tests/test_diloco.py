@@ -6,6 +6,7 @@ import torch
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
 from neuroray.diloco.outer import OuterOptimizer
+from neuroray.diloco.sync import outer_step
 from neuroray.swarm.holder import HolderSpec, StageHolder
 
 
@@ -66,13 +67,13 @@ def _holder(tmp_path, stage, ranges, replica=0):
     return StageHolder(spec)
 
 
-def test_holder_outer_step_applies_to_theta0_not_post_inner_weights(tmp_path):
-    """Two replicas of a one-stage model train apart, then one outer step makes both equal
-    theta0 - lr * (1 + m) * mean(delta): a hand computation from theta0."""
+def test_outer_step_task_applies_to_theta0_not_post_inner_weights(tmp_path):
+    """Two replicas of a one-stage model train apart, then one outer step (the function the Ray task
+    runs) makes both equal theta0 - lr * (1 + m) * mean(delta): a hand computation from theta0."""
     ranges = [(0, 2)]
     holders = [_holder(tmp_path, 0, ranges, replica=r) for r in range(2)]
-    theta0 = holders[0].theta0.clone()
-    assert torch.equal(theta0, holders[1].theta0)
+    theta0 = holders[0].flat_params()
+    assert torch.equal(theta0, holders[1].flat_params())
     g = torch.Generator().manual_seed(0)
     for i, h in enumerate(holders):
         for _ in range(3):
@@ -81,12 +82,22 @@ def test_holder_outer_step_applies_to_theta0_not_post_inner_weights(tmp_path):
             h.step()
     deltas = [h.pseudo_gradient() for h in holders]
     assert not torch.equal(deltas[0], deltas[1]) and deltas[0].abs().sum() > 0
+    torch.testing.assert_close(deltas[0], theta0 - holders[0].flat_params())
+    new_theta0, momentum, report = outer_step("mean", DilocoConfig(), 0, theta0, None, *deltas)
     mean = (deltas[0] + deltas[1]) / 2
-    for h in holders:
-        h.apply_outer(mean)
     expected = theta0 - 0.7 * (1 + 0.9) * mean
+    torch.testing.assert_close(new_theta0, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(momentum, mean, rtol=0, atol=1e-7)
+    assert report.accepted == [0, 1] and not report.refused
     for h in holders:
-        torch.testing.assert_close(h.theta0, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.nn.utils.parameters_to_vector(h.module.parameters()).detach(), expected,
-                                   rtol=0, atol=1e-6)
+        h.load_theta0(new_theta0)
+        torch.testing.assert_close(h.flat_params(), expected, rtol=0, atol=1e-6)
         assert h.pseudo_gradient().abs().max() == 0  # restarted from theta0
+
+
+def test_refused_outer_step_leaves_theta0_unchanged():
+    theta0, momentum = torch.ones(4), torch.full((4,), 0.5)
+    bad = [torch.full((4,), float("nan")), torch.zeros(3)]
+    new_theta0, new_momentum, report = outer_step("mean", DilocoConfig(), 1, theta0, momentum, *bad)
+    assert new_theta0 is theta0 and new_momentum is momentum
+    assert report.refused and "NaN" in report.refused and "shape" in report.refused

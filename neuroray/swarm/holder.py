@@ -19,7 +19,6 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from neuroray.config import DilocoConfig, ModelConfig
-from neuroray.diloco.outer import OuterOptimizer
 from neuroray.model import build_stage
 from neuroray.ponw.identity import Identity
 
@@ -72,8 +71,7 @@ class StageHolder:
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
         )
-        self.theta0 = self._flat_params().clone()
-        self.outer = OuterOptimizer(d.outer_lr, d.outer_momentum, d.nesterov)
+        self.theta0 = parameters_to_vector(self.module.parameters()).detach().clone()
         self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.inner_steps = 0
         self.outer_rounds = 0
@@ -156,16 +154,17 @@ class StageHolder:
         return float(norm)
 
     # ----- DiLoCo ---------------------------------------------------------------------------
-    def _flat_params(self) -> torch.Tensor:
-        return parameters_to_vector(self.module.parameters()).detach()
+    def flat_params(self) -> torch.Tensor:
+        """This range's weights as one flat float32 vector (the layout pseudo-gradients use)."""
+        return parameters_to_vector(self.module.parameters()).detach().cpu()
 
     def pseudo_gradient(self) -> torch.Tensor:
-        """``theta0 - theta``: what this holder learned since the last outer step."""
-        return (self.theta0 - self._flat_params()).cpu()
+        """``theta0 - theta``: what this holder learned since it last loaded theta0."""
+        return (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
 
-    def apply_outer(self, delta: torch.Tensor) -> None:
-        """Outer step on theta0 (never on the post-inner weights); restart the range from it."""
-        self.theta0 = self.outer.step(self.theta0, delta.to(self.device))
+    def load_theta0(self, theta0: torch.Tensor) -> None:
+        """Restart this range from the outer step's new theta0 (identical on every holder of the range)."""
+        self.theta0 = theta0.to(self.device).clone()
         with torch.no_grad():
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
         self.outer_rounds += 1
@@ -182,7 +181,7 @@ class StageHolder:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
-        self.theta0 = self._flat_params().clone()
+        self.theta0 = parameters_to_vector(self.module.parameters()).detach().clone()
 
     def counters(self) -> dict:
         return {"inner_steps": self.inner_steps, "outer_rounds": self.outer_rounds,
