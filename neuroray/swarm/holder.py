@@ -102,6 +102,7 @@ class StageHolder:
             "name": self.name, "node_id": self.node_id, "role": self.spec.role, "replica": self.spec.replica,
             "stage": self.spec.stage, "layers": (lo, hi), "has_embedding": self.module.has_embedding,
             "has_head": self.module.has_head, "device": str(self.device), "numel": self.theta0.numel(),
+            "gpu_ids": _ray_gpu_ids(),
         }
 
     # ----- pipeline -------------------------------------------------------------------------
@@ -186,6 +187,16 @@ class StageHolder:
     def counters(self) -> dict:
         return {"inner_steps": self.inner_steps, "outer_rounds": self.outer_rounds,
                 "microbatches": self.microbatches_done}
+
+
+def _ray_gpu_ids() -> list:
+    """GPUs Ray assigned to this actor (empty outside Ray or without ``num_gpus``)."""
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # not inside a Ray worker
+        return []
 
 
 def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None):
