@@ -91,16 +91,76 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads inside each holder
     actor_start_timeout_s: float = 180.0
     step_timeout_s: float = 600.0
+    # Plan for these nodes instead of the live Ray cluster (python -m neuroray.plan): one entry per node,
+    # "24GB" (host memory), "64GB+8x80GB" (host + 8 GPUs of 80 GB), "10x4GB" (ten such nodes).
+    nodes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class CheckpointConfig:
-    """Where the final checkpoint goes."""
+    """Hot snapshots of every holder (and of each range's outer state) on any fsspec store."""
 
     name: str = "local"
-    dir: str = ""  # "": <run_dir>/checkpoint
-    interval_s: float = 120.0
-    keep: int = 5
+    dir: str = ""  # fsspec URL of the snapshot store; "": <run_dir>/snapshots
+    interval_s: float = 120.0  # snapshot every this many seconds (at the next inner-step boundary); 0: never
+    every_round: bool = False  # also snapshot at each outer-round boundary
+    keep: int = 5  # snapshots kept per holder
+    max_restarts: int = 3  # Ray restarts of a crashed holder; each restores its newest good snapshot
+    recovery_timeout_s: float = 120.0  # how long to wait for a restarted holder before giving up
+
+
+@dataclass
+class PonwConfig:
+    """Proof of Neural Work and the NEURO ledger (docs/ponw.md). Amounts are in NEURO."""
+
+    name: str = "default"
+    enabled: bool = True
+    ledger_path: str = ""  # "": <run_dir>/ledger.sqlite
+    actor_name: str = "neuroray-ledger"
+    synchronous: str = "FULL"  # SQLite WAL sync: FULL survives power loss, NORMAL only process crashes
+    backend: str = "auto"  # signatures: auto (coincurve if installed, else ecdsa), ecdsa, coincurve
+    max_proof_bytes: int = 4096
+    timestamp_window_s: int = 300
+    rate_limit_per_hour: int = 120
+    require_receipts: bool = True  # credit only work the orchestrator observed
+    reward_per_batch_layer: float = 0.001  # training: per microbatch x layer held
+    embedding_bonus: float = 0.2  # role bonus (fraction) for the embedding holder
+    lm_head_bonus: float = 0.2  # and for the LM head holder
+    reward_per_inference_token: float = 0.00001
+    validation_fee_per_batch: float = 0.002  # per recomputed batch
+    max_reward_per_proof: float = 10.0
+    max_reward_per_day: float = 1000.0  # per node, per UTC day
+    stake_multiplier_max: float = 1.5  # reward x (1 + bonus), bonus linear in stake up to this bound
+    stake_for_max_multiplier: float = 100.0
+    slash_fraction: float = 0.5  # of stake + balance, stake first
+    slash_burn_fraction: float = 0.5  # the rest goes to the reporting validator (all burned if none)
+    free_rider_norm_fraction: float = 0.1  # pseudo-gradient norm below this x range median earns 0
+    max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
+    spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
+    spot_check_tolerance: float = 0.01  # nats, relative to max(1, loss)
+
+
+@dataclass
+class PlannerConfig:
+    """How ``model=auto`` sizes the model from cluster memory and places stage holders (neuroray/planner)."""
+
+    name: str = "default"
+    device: str = "auto"  # auto: GPU nodes if the cluster has any, else CPU nodes; gpu: demand GPUs; cpu: ignore them
+    safety_fraction: float = 0.8  # share of each node's (GPU or host) memory a plan may fill
+    holder_overhead: str = "400MB"  # per holder: Python + torch + Ray worker (host) or the CUDA context (GPU)
+    microbatch_size: int = 0  # activation accounting; 0: data.microbatch_size (seq_len, microbatches from data)
+    stages: int = 0  # 0: choose; else exactly this many layer ranges
+    replicas: int = 0  # 0: as many pipeline replicas as fit; else exactly this many
+    max_replicas: int = 0  # 0: no cap on the chosen number of replicas
+    within_replica: str = "PACK"  # Ray strategy inside one replica: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    across_replicas: str = "SPREAD"  # SPREAD: replicas on different nodes first; PACK: fill nodes first
+    reserve_cpus: float = 1.0  # CPUs no holder may take on one node: outer-step tasks and the driver run there
+    exclude_small_nodes: bool = False  # true: leave out nodes too small for one layer instead of failing
+    gpu_memory_resource: str = "gpu_memory_gib"  # custom Ray resource: total GiB of GPU memory on the node
+    probe_gpu_memory: bool = True  # no resource and unknown accelerator type: ask torch.cuda on the node
+    upgrade_every_nodes: int = 50  # recompute the architecture after this many nodes joined
+    min_growth: float = 1.3  # adopt a new architecture only if it has this many times the parameters
+    watch_interval_s: float = 10.0  # ClusterWatcher polling period
 
 
 @dataclass
@@ -112,9 +172,12 @@ class TrainConfig:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    ponw: PonwConfig = field(default_factory=PonwConfig)
     seed: int = 0
     rounds: int = 10  # outer DiLoCo rounds
     run_dir: str = ""  # "": outputs/<timestamp> under the current directory
+    resume: bool = False  # continue the run in run_dir from its newest complete snapshot set
     log_every: int = 5  # inner steps between progress lines
     sample_prompt: str = "The"
     sample_tokens: int = 40
@@ -221,6 +284,8 @@ def validate(cfg: TrainConfig) -> None:
         "cluster.torch_threads": cfg.cluster.torch_threads,
         "cluster.actor_start_timeout_s": cfg.cluster.actor_start_timeout_s,
         "cluster.step_timeout_s": cfg.cluster.step_timeout_s,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.recovery_timeout_s": cfg.checkpoint.recovery_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -244,6 +309,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.vocab_size={d.vocab_size} does not fit in uint32 shards")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:
         raise ConfigError("cluster.cpus_per_holder and cluster.gpus_per_holder must be >= 0")
+    if cfg.resume and not cfg.run_dir:
+        raise ConfigError("resume=true needs run_dir=<the run to continue> (its snapshots are under run_dir/snapshots)")
+    if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:
+        raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     from neuroray.diloco.aggregate import AGGREGATORS  # lazy: aggregate imports torch

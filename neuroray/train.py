@@ -32,6 +32,8 @@ class RunResult:
     checkpoint: Path
     losses: list[float] = field(default_factory=list)  # mean training loss per inner step
     eval_loss: float = float("nan")
+    start_step: int = 0  # > 0 when the run resumed from a snapshot
+    recoveries: list[dict] = field(default_factory=list)
     sample: str = ""
     tokens_per_s: float = 0.0
 
@@ -61,6 +63,30 @@ def _connect_ray(cfg: TrainConfig, log) -> bool:
     return True
 
 
+def _resume_step(cfg: TrainConfig, snapshot_root: str, log) -> int:
+    """The newest step for which every holder and every range's outer state has a good snapshot."""
+    from neuroray.model import split_layers
+    from neuroray.snapshot import SnapshotStore
+
+    slots = [f"r{r}-s{s}" for r in range(cfg.diloco.replicas) for s in range(cfg.swarm.num_stages)]
+    slots += [f"outer-s{s}" for s in range(len(split_layers(cfg.model.n_layers, cfg.swarm.num_stages)))]
+    stores = [SnapshotStore(snapshot_root, slot) for slot in slots]
+    common = set.intersection(*(set(st.steps()) for st in stores))
+    for step in sorted(common, reverse=True):
+        try:
+            for st in stores:
+                st.read(step)
+        except ValueError as exc:
+            log(f"resume: snapshot set of step {step} is unusable ({exc}); trying the previous one")
+            continue
+        log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
+        return step
+    from neuroray.errors import NeurorayError
+
+    raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set for "
+                        f"{cfg.diloco.replicas} replicas x {cfg.swarm.num_stages} stages; start a new run instead")
+
+
 def run(cfg: TrainConfig, log=print) -> RunResult:
     """Train with a resolved config. Usable from notebooks and tests as well as the CLI."""
     import ray
@@ -71,8 +97,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.generate import sample
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
-    from neuroray.swarm.schedule import submit_inner_step
     from neuroray.swarm.swarm import DataPlan, Swarm
+    from neuroray.trainer import Trainer
 
     run_dir = _run_dir(cfg)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -81,58 +107,27 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     tok = load_tokenizer(tokenizer_file)
     vocab = tok.get_vocab_size()
 
+    snapshot_root = cfg.checkpoint.dir or str(run_dir / "snapshots")
+    resume_step = _resume_step(cfg, snapshot_root, log) if cfg.resume else None
     started_ray = _connect_ray(cfg, log)
     swarm = None
+    d, dl, c = cfg.data, cfg.diloco, cfg.cluster
     try:
-        swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log)
+        swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
+                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-")
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator.name)
-        d, dl, c = cfg.data, cfg.diloco, cfg.cluster
-        tokens_per_step = d.microbatch_size * d.seq_len * d.num_microbatches * dl.replicas
-        total_steps = cfg.rounds * dl.inner_steps
-        log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {tokens_per_step} tokens/step, "
-            f"vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}")
-        result = RunResult(run_dir=run_dir, checkpoint=Path(cfg.checkpoint.dir or run_dir / "checkpoint"))
-        metrics = (run_dir / "metrics.jsonl").open("w")
-        t0 = time.monotonic()
-        pending, mb_id = None, 0
-
-        def collect(step_index: int, refs) -> None:
-            losses = swarm.get([lr for r in refs for lr in r.losses] + [s for r in refs for s in r.steps],
-                               c.step_timeout_s, f"inner step {step_index + 1}")
-            loss = sum(losses[: len(losses) - sum(len(r.steps) for r in refs)]) / (d.num_microbatches * dl.replicas)
-            result.losses.append(loss)
-            elapsed = time.monotonic() - t0
-            tps = tokens_per_step * (step_index + 1) / elapsed
-            record = {"step": step_index + 1, "round": step_index // dl.inner_steps + 1, "loss": loss,
-                      "tokens_per_s": tps, "elapsed_s": elapsed}
-            metrics.write(json.dumps(record) + "\n")
-            if (step_index + 1) % cfg.log_every == 0 or step_index + 1 == total_steps:
-                eta = elapsed / (step_index + 1) * (total_steps - step_index - 1)
-                log(f"round {record['round']}/{cfg.rounds} step {step_index + 1}/{total_steps} "
-                    f"loss {loss:.4f} tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
-
-        for step in range(total_steps):
-            # submit this step before waiting on the previous one, so holders never idle on the driver
-            refs = [submit_inner_step(p, d.num_microbatches, mb_id) for p in swarm.replicas]
-            mb_id += d.num_microbatches
-            if pending is not None:
-                collect(step - 1, pending)
-            pending = refs
-            if (step + 1) % dl.inner_steps == 0:
-                collect(step, pending)
-                pending = None
-                reports, loads = outer.submit()
-                for report in swarm.get(reports + loads, c.step_timeout_s,
-                                        f"outer step of round {outer.rounds}")[: len(reports)]:
-                    for holder, reason in report.rejected:
-                        log(f"outer round {outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
-                    if report.refused:
-                        log(f"outer round {outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
-                            f"{report.refused}")
-        metrics.close()
-        elapsed = time.monotonic() - t0
-        result.tokens_per_s = tokens_per_step * total_steps / elapsed
-
+        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log)
+        if resume_step is not None:
+            trainer.restore_outer(resume_step)
+        log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
+            f"vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}"
+            + (f", resuming at step {resume_step}" if resume_step is not None else ""))
+        result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
+        with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
+            stats = trainer.run(metrics)
+        result.losses, result.recoveries = stats.losses, stats.recoveries
+        result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
+        elapsed = stats.elapsed_s
         # After an outer step every replica holds theta0: replica 0's ranges are the model.
         state = merge_state_dicts(swarm.get([h.state_dict.remote() for h in swarm.replicas[0]], c.step_timeout_s,
                                             "collecting the final weights"))
@@ -154,7 +149,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     prompt_ids = encode(tok, cfg.sample_prompt)
     result.sample = cfg.sample_prompt + decode(tok, sample(model, prompt_ids, cfg.sample_tokens, seed=cfg.seed))
     first = result.losses[0] if result.losses else float("nan")
-    log(f"done: train loss {first:.3f} -> {result.losses[-1]:.3f}, eval loss {result.eval_loss:.3f}, "
+    last = result.losses[-1] if result.losses else float("nan")
+    log(f"done: train loss {first:.3f} -> {last:.3f}, eval loss {result.eval_loss:.3f}, "
         f"{result.tokens_per_s:,.0f} tok/s, {elapsed:.0f}s")
     log(f"checkpoint: {result.checkpoint}")
     log(f"sample: {result.sample!r}")

@@ -44,6 +44,14 @@ class HolderSpec:
     manifest: dict | None = None
     seq_len: int = 0
     microbatch_size: int = 0
+    # Snapshots: where this holder's slot lives, how many to keep, and which step a resumed job restores
+    snapshot_root: str | None = None
+    snapshot_keep: int = 5
+    resume_step: int | None = None
+
+    @property
+    def slot(self) -> str:
+        return f"r{self.replica}-s{self.stage}"
 
     @property
     def is_first(self) -> bool:
@@ -82,6 +90,27 @@ class StageHolder:
 
             manifest = Manifest.from_json(spec.manifest)
             self.stream = TokenStream(spec.data_root, manifest, self.node_id, spec.seq_len, spec.microbatch_size)
+        self.snapshots = None
+        self.restored_step: int | None = None
+        if spec.snapshot_root:
+            from neuroray.snapshot import SnapshotStore
+
+            self.snapshots = SnapshotStore(spec.snapshot_root, spec.slot, keep=spec.snapshot_keep)
+            self._restore_on_start()
+
+    def _restore_on_start(self) -> None:
+        """A Ray restart restores the newest good snapshot; a resumed job restores the step it was told."""
+        if _was_reconstructed():
+            snap = self.snapshots.latest()
+        elif self.spec.resume_step is not None:
+            snap = self.snapshots.latest(at_most=self.spec.resume_step)
+            if snap is None or snap.step != self.spec.resume_step:
+                raise RuntimeError(f"{self.name}: no good snapshot at step {self.spec.resume_step} in {self.snapshots.dir}")
+        else:
+            return
+        if snap is not None:
+            self.restore(snap)
+            log.warning("%s: restored snapshot of step %d", self.name, snap.step)
 
     # ----- identity -------------------------------------------------------------------------
     @property
@@ -170,6 +199,70 @@ class StageHolder:
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
         self.outer_rounds += 1
 
+    # ----- snapshots ------------------------------------------------------------------------
+    def capture(self, step: int):
+        """Copy everything a restart needs (weights, AdamW, theta0, counters, RNG, data position)."""
+        from neuroray.snapshot import Snapshot
+
+        assert not self._pending, f"{self.name}: snapshot with microbatches in flight"
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        tensors["theta0"] = self.theta0.detach().cpu().clone()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"slot": self.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
+                "counters": self.counters(), "stream": None if self.stream is None else self.stream.state()}
+        return Snapshot(step, tensors, meta)
+
+    def snapshot(self, step: int) -> int:
+        """Capture now, write in the background: training does not wait for the store."""
+        self.snapshots.write_async(self.capture(step))
+        return step
+
+    def state_digest(self) -> str:
+        """SHA-256 of everything a snapshot holds (compare with ``tensors_digest`` of a stored one)."""
+        from neuroray.snapshot import tensors_digest
+
+        return tensors_digest(self.capture(-1).tensors)
+
+    def flush_snapshots(self) -> None:
+        self.snapshots.flush()
+
+    def restore(self, snap) -> None:
+        t = snap.tensors
+        self.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in t.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": snap.meta["param_groups"]})
+        self.theta0 = t["theta0"].to(self.device).clone()
+        torch.set_rng_state(t["rng.torch"])
+        c = snap.meta["counters"]
+        self.inner_steps, self.outer_rounds, self.microbatches_done = c["inner_steps"], c["outer_rounds"], c["microbatches"]
+        if self.stream is not None and snap.meta.get("stream"):
+            self.stream.seek(snap.meta["stream"]["position"])
+        self._pending.clear()
+        self.restored_step = snap.step
+
+    def abort_step(self) -> None:
+        """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
+        self._pending.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def export_range(self) -> dict[str, torch.Tensor]:
+        """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own."""
+        return {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
+                "theta0": self.theta0.detach().cpu()}
+
+    def import_range(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.theta0 = tensors["theta0"].to(self.device).clone()
+        self._pending.clear()
+
     # ----- inspection -----------------------------------------------------------------------
     def grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.detach().cpu().clone() for n, p in self.module.named_parameters() if p.grad is not None}
@@ -180,13 +273,19 @@ class StageHolder:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
-        self.theta0 = parameters_to_vector(self.module.parameters()).detach().clone()
-
     def counters(self) -> dict:
         return {"inner_steps": self.inner_steps, "outer_rounds": self.outer_rounds,
-                "microbatches": self.microbatches_done}
+                "microbatches": self.microbatches_done, "restored_step": self.restored_step}
+
+
+def _was_reconstructed() -> bool:
+    """True inside an actor that Ray restarted after a crash (``max_restarts``)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor
+        return False
 
 
 def _ray_gpu_ids() -> list:
@@ -199,12 +298,13 @@ def _ray_gpu_ids() -> list:
         return []
 
 
-def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None):
+def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None,
+                 max_restarts: int = 0):
     """Start a :class:`StageHolder` as a Ray actor with the resources the config asks for."""
     import ray
 
     cls = ray.remote(StageHolder)
-    opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1}
+    opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1, "max_restarts": max_restarts}
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy
     if name:

@@ -6,6 +6,7 @@ holder of range ``s`` (the group one outer step reduces over).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,10 +21,18 @@ from neuroray.swarm.holder import HolderSpec, holder_actor
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:
-    """Ray wraps an actor's exception in RayTaskError/RayActorError; return the user's cause."""
+    """Ray wraps an actor's exception in RayTaskError/RayActorError; return the user's cause.
+
+    An actor whose ``__init__`` raised comes back as ActorDiedError whose text ends with the original
+    ``Type: message`` line; that line is what a user needs, not Ray's traceback around it.
+    """
     cause = getattr(exc, "cause", None)
-    if isinstance(exc, ray.exceptions.RayTaskError) and cause is not None:
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
         return cause
+    if isinstance(exc, ray.exceptions.RayActorError) and getattr(exc, "actor_init_failed", False):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)), lines[-1])
+        return PipelineError(f"a stage holder could not start: {last}")
     return exc
 
 
@@ -34,7 +43,8 @@ class DataPlan:
 
 
 class Swarm:
-    def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print):
+    def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print,
+                 snapshot_root: str | None = None, resume_step: int | None = None, name_prefix: str | None = None):
         self.cfg = cfg
         self.ranges = split_layers(cfg.model.n_layers, cfg.swarm.num_stages)
         c = cfg.cluster
@@ -50,11 +60,14 @@ class Swarm:
                     replica=r, stage=s, ranges=self.ranges, model=cfg.model, vocab_size=vocab_size,
                     diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_dir / f"holder-r{r}-s{s}.pem"),
                     torch_threads=c.torch_threads, use_gpu=c.gpus_per_holder > 0,
+                    snapshot_root=snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
                 )
                 if s == 0 and data is not None:
                     spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
                                    microbatch_size=cfg.data.microbatch_size)
-                pipeline.append(holder_actor(spec, c.cpus_per_holder, c.gpus_per_holder, bundle_strategy(self.groups[r], s)))
+                pipeline.append(holder_actor(spec, c.cpus_per_holder, c.gpus_per_holder, bundle_strategy(self.groups[r], s),
+                                             name=None if name_prefix is None else f"{name_prefix}{spec.slot}",
+                                             max_restarts=cfg.checkpoint.max_restarts))
             self.replicas.append(pipeline)
         t0 = time.monotonic()
         self.infos = self.get([h.info.remote() for p in self.replicas for h in p], c.actor_start_timeout_s,

@@ -1,0 +1,219 @@
+"""The DiLoCo training loop over a swarm: inner steps, outer rounds, snapshots and crash recovery.
+
+The driver submits work and reads results one step late, so holders never wait on it. When a
+holder dies, Ray restarts it (``checkpoint.max_restarts``) and it restores its newest good snapshot
+in ``__init__`` (or, with none, copies its range from a live peer replica); the driver then drops
+the half-done microbatches of that replica and re-runs its lost steps. Other replicas keep going.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from neuroray.config import TrainConfig
+from neuroray.errors import PipelineError
+from neuroray.snapshot import Snapshot, SnapshotStore
+from neuroray.swarm.schedule import submit_inner_step
+
+_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@dataclass
+class LoopStats:
+    losses: list[float] = field(default_factory=list)  # mean loss per inner step run by this loop
+    recoveries: list[dict] = field(default_factory=list)  # one record per recovered replica
+    snapshots: list[int] = field(default_factory=list)  # steps at which a snapshot set was taken
+    elapsed_s: float = 0.0
+
+
+def _holder_died(exc: BaseException) -> bool:
+    if isinstance(exc, _DIED):
+        return True
+    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print):
+        self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
+        self.start_step = start_step
+        self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
+                             for s in range(len(swarm.ranges))]
+        d = cfg.data
+        self.tokens_per_step = d.microbatch_size * d.seq_len * d.num_microbatches * cfg.diloco.replicas
+        self.total_steps = cfg.rounds * cfg.diloco.inner_steps
+        self.stats = LoopStats()
+        self.pending: dict[int, list] = {}  # step -> per-replica StepRefs submitted but not yet collected
+
+    # ----- submission -------------------------------------------------------------------------
+    def _submit(self, step: int, replica: int):
+        n = self.cfg.data.num_microbatches
+        return submit_inner_step(self.swarm.replicas[replica], n, step * n)
+
+    def _collect(self, step: int, refs: list) -> float:
+        """Wait for one step on every replica, recovering replicas whose holders died."""
+        c = self.cfg.cluster
+        losses = []
+        for r in range(len(refs)):
+            while True:
+                try:
+                    values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
+                    losses += values[: len(refs[r].losses)]
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    raise PipelineError(f"inner step {step + 1} of replica {r} took longer than {c.step_timeout_s:g}s; "
+                                        "raise cluster.step_timeout_s or check the Ray dashboard") from None
+                except Exception as exc:
+                    if not _holder_died(exc):
+                        raise self._unwrap(exc, f"inner step {step + 1}") from None
+                    # Every call already queued on this replica (this step's and later ones) must settle
+                    # before the reset, or a stale backward could land after it. Then redo them all.
+                    later = sorted(s for s in self.pending if s > step)
+                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)] for x in sr.losses + sr.steps]
+                    ray.wait(stale, num_returns=len(stale), timeout=c.step_timeout_s)
+                    self._recover(r, exc)
+                    refs[r] = self._submit(step, r)
+                    for s in later:
+                        self.pending[s][r] = self._submit(s, r)
+        return sum(losses) / len(losses)
+
+    def _unwrap(self, exc: BaseException, what: str) -> BaseException:
+        from neuroray.swarm.swarm import unwrap_ray_error
+
+        cause = unwrap_ray_error(exc)
+        return cause if cause is not exc else PipelineError(f"{what} failed: {str(exc).strip().splitlines()[0]}")
+
+    # ----- recovery ---------------------------------------------------------------------------
+    def _recover(self, replica: int, exc: BaseException) -> None:
+        """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step."""
+        t0 = time.monotonic()
+        timeout = self.cfg.checkpoint.recovery_timeout_s
+        pipeline = self.swarm.replicas[replica]
+        self.log(f"recovery: a holder of replica {replica} died ({type(exc).__name__}); waiting for its restart")
+        counters = []
+        for s, h in enumerate(pipeline):
+            try:
+                counters.append(ray.get(h.counters.remote(), timeout=timeout))
+            except Exception:
+                raise PipelineError(
+                    f"holder r{replica}-s{s} did not come back within {timeout:g}s (restarts exhausted or node lost); "
+                    f"its snapshots are kept under {self.outer_stores[0].dir.rsplit('/', 1)[0]}; "
+                    "rerun with resume=true"
+                ) from None
+        for s, (h, c) in enumerate(zip(pipeline, counters)):
+            if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
+                peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
+                self._copy_from_peer(replica, s, h, peers, timeout)
+        ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
+        record = {"replica": replica, "seconds": time.monotonic() - t0,
+                  "restored_steps": [c["restored_step"] for c in counters]}
+        self.stats.recoveries.append(record)
+        self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
+                 f"{record['restored_steps']}); re-running its lost step")
+
+    def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
+        for peer in peers:
+            try:
+                ray.get(holder.import_range.remote(peer.export_range.remote()), timeout=timeout)
+                self.log(f"recovery: r{replica}-s{stage} had no snapshot; copied its range from a live peer")
+                return
+            except Exception:
+                continue
+        raise PipelineError(f"every holder of range {stage} is gone and r{replica}-s{stage} has no snapshot; "
+                            "rerun with resume=true from the kept snapshots")
+
+    # ----- outer step and snapshots --------------------------------------------------------------
+    def _outer_round(self, step: int) -> None:
+        c = self.cfg.cluster
+        saved = (list(self.outer.theta0), list(self.outer.momentum))
+        while True:
+            reports, loads = self.outer.submit()
+            try:
+                results = ray.get(reports + loads, timeout=c.step_timeout_s)
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
+            except Exception as exc:
+                if not _holder_died(exc):
+                    raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
+                # Roll the outer state back, bring the replicas back, and redo the outer step.
+                self.outer.theta0, self.outer.momentum = list(saved[0]), list(saved[1])
+                self.outer.rounds -= 1
+                for r in range(len(self.swarm.replicas)):
+                    self._recover(r, exc)
+        for report in results[: len(reports)]:
+            for holder, reason in report.rejected:
+                self.log(f"outer round {self.outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
+            if report.refused:
+                self.log(f"outer round {self.outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
+                         f"{report.refused}")
+
+    def _snapshot(self, step: int) -> None:
+        """Snapshot every holder and each range's outer state at the boundary after ``step`` steps."""
+        holders = [h for p in self.swarm.replicas for h in p]
+        self.swarm.get([h.snapshot.remote(step) for h in holders], self.cfg.cluster.step_timeout_s, "snapshot")
+        theta0 = ray.get(self.outer.theta0)
+        momentum = [None if m is None else ray.get(m) for m in self.outer.momentum]
+        for s, store in enumerate(self.outer_stores):
+            tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
+            store.write_async(Snapshot(step, tensors, {"rounds": self.outer.rounds}))
+        self.stats.snapshots.append(step)
+
+    def restore_outer(self, step: int) -> None:
+        """Load each range's theta0 and momentum of snapshot ``step`` into the outer-sync state."""
+        for s, store in enumerate(self.outer_stores):
+            snap = store.read(step)
+            self.outer.theta0[s] = ray.put(snap.tensors["theta0"])
+            self.outer.momentum[s] = ray.put(snap.tensors["momentum"]) if "momentum" in snap.tensors else None
+            self.outer.rounds = snap.meta["rounds"]
+
+    def flush(self) -> None:
+        self.swarm.get([h.flush_snapshots.remote() for p in self.swarm.replicas for h in p],
+                       self.cfg.cluster.step_timeout_s, "flushing snapshots")
+        for store in self.outer_stores:
+            store.flush()
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def run(self, metrics_file) -> LoopStats:
+        cfg, H = self.cfg, self.cfg.diloco.inner_steps
+        ck = cfg.checkpoint
+        t0 = last_snapshot = time.monotonic()
+        pending = self.pending = {}
+
+        def finish(step: int) -> None:
+            loss = self._collect(step, pending.pop(step))
+            self.stats.losses.append(loss)
+            done = len(self.stats.losses)
+            elapsed = time.monotonic() - t0
+            tps = self.tokens_per_step * done / elapsed
+            record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
+                eta = elapsed / done * (self.total_steps - step - 1)
+                self.log(f"round {record['round']}/{cfg.rounds} step {step + 1}/{self.total_steps} loss {loss:.4f} "
+                         f"tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+
+        for step in range(self.start_step, self.total_steps):
+            # submit this step before waiting on the previous one, so holders never idle on the driver
+            pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
+            if step - 1 in pending:
+                finish(step - 1)
+            round_end = (step + 1) % H == 0
+            due = ck.interval_s > 0 and time.monotonic() - last_snapshot >= ck.interval_s
+            if round_end or due:
+                finish(step)
+            if round_end:
+                self._outer_round(step)
+            if (round_end and ck.every_round) or due:
+                self._snapshot(step + 1)
+                last_snapshot = time.monotonic()
+        for step in sorted(pending):
+            finish(step)
+        self.flush()
+        self.stats.elapsed_s = time.monotonic() - t0
+        return self.stats
