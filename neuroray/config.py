@@ -179,6 +179,7 @@ class TrainConfig:
     run_dir: str = ""  # "": outputs/<timestamp> under the current directory
     resume: bool = False  # continue the run in run_dir from its newest complete snapshot set
     log_every: int = 5  # inner steps between progress lines
+    progress_bar: bool = True  # a live tqdm bar when stderr is a terminal (log lines otherwise)
     sample_prompt: str = "The"
     sample_tokens: int = 40
 
@@ -321,6 +322,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"aggregator={cfg.aggregator.name!r} is unknown; choose one of {sorted(AGGREGATORS)}"
         )
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (what a run directory records)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg) -> dict:

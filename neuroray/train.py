@@ -7,7 +7,6 @@ per outer round, then writes a safetensors checkpoint and prints a generated sam
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -15,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neuroray.config import TrainConfig, load_config, to_dict
+from neuroray.config import TrainConfig, load_config, to_dict, to_yaml
 from neuroray.errors import NeurorayError
 
 USAGE = """usage: python -m neuroray.train [key=value ...]
@@ -98,10 +97,12 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
+    from neuroray.metrics import TrainMetrics
+    from neuroray.plots import loss_curve
     from neuroray.trainer import Trainer
 
     run_dir = _run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     root, manifest = ensure_dataset(cfg.data, log=log)
     tokenizer_file = Path(root) / manifest.tokenizer_file
     tok = load_tokenizer(tokenizer_file)
@@ -116,7 +117,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
                       resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-")
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator.name)
-        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log)
+        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
+                          metrics=TrainMetrics(run_dir.name))
         if resume_step is not None:
             trainer.restore_outer(resume_step)
         log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
@@ -146,6 +148,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     meta = {"model": to_dict(cfg.model), "vocab_size": vocab, "tokenizer_sha256": manifest.tokenizer_sha256,
             "rounds": cfg.rounds, "inner_steps": dl.inner_steps, "eval_loss": result.eval_loss, "seed": cfg.seed}
     save_checkpoint(result.checkpoint, state, meta, tokenizer_file)
+    loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", dl.inner_steps,
+               title=f"{cfg.model.name} model, {dl.replicas} replicas x {cfg.swarm.num_stages} stages, H={dl.inner_steps}")
     prompt_ids = encode(tok, cfg.sample_prompt)
     result.sample = cfg.sample_prompt + decode(tok, sample(model, prompt_ids, cfg.sample_tokens, seed=cfg.seed))
     first = result.losses[0] if result.losses else float("nan")

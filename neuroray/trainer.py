@@ -9,14 +9,17 @@ the half-done microbatches of that replica and re-runs its lost steps. Other rep
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
+from neuroray.metrics import TrainMetrics
 from neuroray.snapshot import Snapshot, SnapshotStore
 from neuroray.swarm.schedule import submit_inner_step
 
@@ -37,9 +40,19 @@ def _holder_died(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
 
 
+def _value_or_none(ref):
+    """A finished ref's value, or None when its holder died meanwhile (metrics must not stop training)."""
+    try:
+        return ray.get(ref, timeout=0)
+    except Exception:
+        return None
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print):
+    def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print,
+                 metrics: TrainMetrics | None = None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
+        self.metrics = metrics
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
                              for s in range(len(swarm.ranges))]
@@ -97,7 +110,7 @@ class Trainer:
         counters = []
         for s, h in enumerate(pipeline):
             try:
-                counters.append(ray.get(h.counters.remote(), timeout=timeout))
+                counters.append(self._wait_alive(h, t0 + timeout))
             except Exception:
                 raise PipelineError(
                     f"holder r{replica}-s{s} did not come back within {timeout:g}s (restarts exhausted or node lost); "
@@ -112,8 +125,21 @@ class Trainer:
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
         self.stats.recoveries.append(record)
+        if self.metrics:
+            self.metrics.failover()
         self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
                  f"{record['restored_steps']}); re-running its lost step")
+
+    @staticmethod
+    def _wait_alive(holder, deadline: float) -> dict:
+        """Poll a holder until it answers: while Ray restarts it, calls fail fast with ActorUnavailableError."""
+        while True:
+            try:
+                return ray.get(holder.counters.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
         for peer in peers:
@@ -145,7 +171,10 @@ class Trainer:
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
-        for report in results[: len(reports)]:
+        reports = results[: len(reports)]
+        if self.metrics:
+            self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
+        for report in reports:
             for holder, reason in report.rejected:
                 self.log(f"outer round {self.outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
             if report.refused:
@@ -155,13 +184,21 @@ class Trainer:
     def _snapshot(self, step: int) -> None:
         """Snapshot every holder and each range's outer state at the boundary after ``step`` steps."""
         holders = [h for p in self.swarm.replicas for h in p]
-        self.swarm.get([h.snapshot.remote(step) for h in holders], self.cfg.cluster.step_timeout_s, "snapshot")
+        try:
+            ray.get([h.snapshot.remote(step) for h in holders], timeout=self.cfg.cluster.step_timeout_s)
+        except Exception as exc:
+            if not _holder_died(exc):
+                raise self._unwrap(exc, f"snapshot at step {step}") from None
+            self.log(f"snapshot at step {step} skipped: a holder died; the next inner step recovers it")
+            return
         theta0 = ray.get(self.outer.theta0)
         momentum = [None if m is None else ray.get(m) for m in self.outer.momentum]
         for s, store in enumerate(self.outer_stores):
             tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
             store.write_async(Snapshot(step, tensors, {"rounds": self.outer.rounds}))
         self.stats.snapshots.append(step)
+        if self.metrics:
+            self.metrics.snapshot_taken()
 
     def restore_outer(self, step: int) -> None:
         """Load each range's theta0 and momentum of snapshot ``step`` into the outer-sync state."""
@@ -181,39 +218,59 @@ class Trainer:
     def run(self, metrics_file) -> LoopStats:
         cfg, H = self.cfg, self.cfg.diloco.inner_steps
         ck = cfg.checkpoint
-        t0 = last_snapshot = time.monotonic()
+        t0 = last_snapshot = last_step = time.monotonic()
         pending = self.pending = {}
+        holders = [h for p in self.swarm.replicas for h in p]
+        utilisation = [h.utilisation.remote() for h in holders]
+        bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                   disable=not (self.cfg.progress_bar and sys.stderr.isatty()))
+        say = bar.write if not bar.disable else self.log
 
         def finish(step: int) -> None:
+            nonlocal last_step, utilisation
             loss = self._collect(step, pending.pop(step))
             self.stats.losses.append(loss)
             done = len(self.stats.losses)
-            elapsed = time.monotonic() - t0
+            now = time.monotonic()
+            elapsed = now - t0
             tps = self.tokens_per_step * done / elapsed
             record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if self.metrics:
+                self.metrics.step(step + 1, loss, tps, now - last_step)
+            last_step = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
                 eta = elapsed / done * (self.total_steps - step - 1)
-                self.log(f"round {record['round']}/{cfg.rounds} step {step + 1}/{self.total_steps} loss {loss:.4f} "
-                         f"tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+                say(f"round {record['round']}/{cfg.rounds} step {step + 1}/{self.total_steps} loss {loss:.4f} "
+                    f"tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
+                if self.metrics:  # read the previous window's numbers, ask for the next: never wait on holders
+                    ready, _ = ray.wait(utilisation, num_returns=len(utilisation), timeout=0)
+                    if len(ready) == len(utilisation):
+                        self.metrics.holders([u for u in map(_value_or_none, utilisation) if u is not None])
+                        utilisation = [h.utilisation.remote() for h in holders]
 
-        for step in range(self.start_step, self.total_steps):
-            # submit this step before waiting on the previous one, so holders never idle on the driver
-            pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
-            if step - 1 in pending:
-                finish(step - 1)
-            round_end = (step + 1) % H == 0
-            due = ck.interval_s > 0 and time.monotonic() - last_snapshot >= ck.interval_s
-            if round_end or due:
+        try:
+            for step in range(self.start_step, self.total_steps):
+                # submit this step before waiting on the previous one, so holders never idle on the driver
+                pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
+                if step - 1 in pending:
+                    finish(step - 1)
+                round_end = (step + 1) % H == 0
+                due = ck.interval_s > 0 and time.monotonic() - last_snapshot >= ck.interval_s
+                if round_end or due:
+                    finish(step)
+                if round_end:
+                    self._outer_round(step)
+                if (round_end and ck.every_round) or due:
+                    self._snapshot(step + 1)
+                    last_snapshot = time.monotonic()
+            for step in sorted(pending):
                 finish(step)
-            if round_end:
-                self._outer_round(step)
-            if (round_end and ck.every_round) or due:
-                self._snapshot(step + 1)
-                last_snapshot = time.monotonic()
-        for step in sorted(pending):
-            finish(step)
+        finally:
+            bar.close()
         self.flush()
         self.stats.elapsed_s = time.monotonic() - t0
         return self.stats

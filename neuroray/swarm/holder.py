@@ -12,7 +12,9 @@ model's gradient (tests/test_pipeline_ray.py checks it parameter by parameter).
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +68,23 @@ class HolderSpec:
         return "driver" if self.is_first else "validator" if self.is_last else "worker"
 
 
+def _busy(method):
+    """Count the wall time spent in a compute method, for the holder's utilisation."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy_s += time.perf_counter() - t0
+
+    return timed
+
+
 class StageHolder:
     def __init__(self, spec: HolderSpec):
+        self._busy_s, self._window_start = 0.0, time.perf_counter()
         self.spec = spec
         torch.set_num_threads(spec.torch_threads)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
@@ -135,6 +152,7 @@ class StageHolder:
         }
 
     # ----- pipeline -------------------------------------------------------------------------
+    @_busy
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Driver only: the next (inputs, labels) microbatch from this node's own shards."""
         if self.stream is None:
@@ -152,12 +170,14 @@ class StageHolder:
             raise RuntimeError(f"{self.name}: microbatch {mb_id} is already in flight")
         return inp, self.module(x)
 
+    @_busy
     def forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor:
         """Run this range forward, keep the graph for :meth:`backward`, return the activation."""
         inp, out = self._run(mb_id, x)
         self._pending[mb_id] = (inp, out)
         return out.detach().cpu()
 
+    @_busy
     def forward_backward(self, mb_id: int, x: torch.Tensor, labels: torch.Tensor, scale: float):
         """Last stage: forward, loss, backward. Returns (loss, gradient of the input activation)."""
         inp, logits = self._run(mb_id, x)
@@ -166,6 +186,7 @@ class StageHolder:
         self.microbatches_done += 1
         return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
 
+    @_busy
     def backward(self, mb_id: int, grad: torch.Tensor) -> torch.Tensor | None:
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
         inp, out = self._pending.pop(mb_id)
@@ -173,6 +194,7 @@ class StageHolder:
         self.microbatches_done += 1
         return None if inp is None else inp.grad.detach().cpu()
 
+    @_busy
     def step(self) -> float:
         """One inner AdamW step on the accumulated gradients; returns the pre-clip gradient norm."""
         assert not self._pending, f"{self.name}: step with {len(self._pending)} microbatches still in flight"
@@ -264,6 +286,13 @@ class StageHolder:
         self._pending.clear()
 
     # ----- inspection -----------------------------------------------------------------------
+    def utilisation(self) -> dict:
+        """Busy time / wall time since the previous call, and microbatches in flight right now."""
+        now = time.perf_counter()
+        busy, wall = self._busy_s, max(now - self._window_start, 1e-9)
+        self._busy_s, self._window_start = 0.0, now
+        return {"name": self.name, "utilisation": min(busy / wall, 1.0), "in_flight": len(self._pending)}
+
     def grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.detach().cpu().clone() for n, p in self.module.named_parameters() if p.grad is not None}
 
