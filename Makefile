@@ -20,7 +20,7 @@ demo: venv
 	$(PY) -m neuroray.train $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q tests notebooks --nbmake $(ARGS)
 
 bench: venv
 	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

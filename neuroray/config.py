@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,19 @@ class DataConfig:
     """Genesis data: where the text comes from, how it is tokenized and sharded, how it is batched."""
 
     name: str = "embedded"
-    source: str = "embedded"  # "embedded" (text that ships with Python) or a local text file / directory
-    store: str = "~/.cache/neuroray/genesis"  # built datasets are cached here, keyed by their settings
+    # "embedded" (text that ships with Python); a .txt/.md/.json/.jsonl/.parquet file, a directory or a glob
+    # of them; or "hf:<owner>/<name>" for a Hugging Face Hub dataset
+    source: str = "embedded"
+    text_field: str = "text"  # the text column of json/jsonl/parquet/Hub sources
+    hub_config: str = ""  # Hub sources: the dataset configuration ("" for its default)
+    hub_split: str = "train"
+    encoding_errors: str = "strict"  # non-UTF-8 bytes: strict (stop, naming the file) | replace | ignore
+    store: str = "~/.cache/neuroray/genesis"  # fsspec URL (path, s3://, memory://); datasets keyed by settings
+    dataset: str = ""  # URL of a built dataset (also https://) to use as-is; "": <store>/<name>-<settings hash>
+    cache_dir: str = "~/.cache/neuroray/cache"  # local: verified shards from remote stores, embedded corpus
+    cache_size_mb: int = 4096  # shard cache limit; least recently used shards are evicted
+    base_tokenizer: str = ""  # tokenizer.json or dataset URL to grow: keeps every id, appends new ones
+    tokenizer_docs: int = 0  # documents the tokenizer trains on; 0: all of them
     vocab_size: int = 4096
     shard_tokens: int = 2_500_000
     eval_shards: int = 1
@@ -65,9 +77,34 @@ class DilocoConfig:
 
 @dataclass
 class AggregatorConfig:
-    """How the pseudo-gradients of one layer range are reduced into one."""
+    """How the pseudo-gradients of one layer range are reduced into one (definitions: docs/aggregation.md
+    and neuroray/diloco/aggregate.py). ``f`` is the number of Byzantine holders per range to tolerate."""
 
-    name: str = "mean"
+    name: str = "mean"  # mean | median | trimmed_mean | krum | multi_krum | geometric_median | centered_clip
+    f: int = 0
+    m: int = 0  # multi_krum: how many best-scored inputs to average; 0 = n - f
+    tau: float = 2.0  # centered_clip radius, in units of the median distance of the inputs to the centre (>= 1)
+    iterations: int = 3  # centered_clip iterations
+    gm_max_iter: int = 100  # geometric_median: Weiszfeld iterations at most
+    gm_tol: float = 1e-6  # geometric_median: stop when a step moves less than this x the inputs' spread
+    gm_smoothing: float = 1e-6  # geometric_median: distances are floored at this x the inputs' spread
+    clip: float = 0.0  # pre-step: clip each input's norm to clip x the median norm (0: off, else >= 1)
+    nnm: bool = False  # pre-step: nearest-neighbour mixing (each input -> mean of its n - f nearest)
+    bucket: int = 0  # pre-step: average random buckets of this many inputs (0 or 1: off)
+    chunk: int = 65536  # elements per input processed at a time: extra memory is O(n x chunk)
+
+
+@dataclass
+class AttackConfig:
+    """Simulated Byzantine holders (definitions: neuroray/diloco/attacks.py): in every range, the first
+    ``fraction`` of the holders (rounded half up) send the attack's vector instead of their pseudo-gradient."""
+
+    name: str = "none"  # none | sign_flip | scaled | gaussian | alie | ipm | mimic | zero | stale | nan
+    fraction: float = 0.0
+    scale: float = 1e6  # scaled: multiply the holder's own pseudo-gradient by this
+    std: float = 1.0  # gaussian: standard deviation of the noise sent
+    z: Optional[float] = None  # alie: honest mean - z x honest std per coordinate; null: the paper's z_max
+    epsilon: float = 0.1  # ipm: send -epsilon x the honest mean
 
 
 @dataclass
@@ -169,6 +206,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     diloco: DilocoConfig = field(default_factory=DilocoConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -308,6 +346,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.vocab_size={d.vocab_size} is below 300: byte-level BPE needs 256 bytes + specials")
     if d.vocab_size > 2**32 - 1:
         raise ConfigError(f"data.vocab_size={d.vocab_size} does not fit in uint32 shards")
+    if d.eval_shards < 0 or d.tokenizer_docs < 0 or d.cache_size_mb <= 0:
+        raise ConfigError(f"data.eval_shards={d.eval_shards} and data.tokenizer_docs={d.tokenizer_docs} must be "
+                          f">= 0 and data.cache_size_mb={d.cache_size_mb} positive")
+    if d.encoding_errors not in ("strict", "replace", "ignore"):
+        raise ConfigError(f"data.encoding_errors={d.encoding_errors} must be strict, replace or ignore")
+    if not d.source or not (d.store or d.dataset):
+        raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:
         raise ConfigError("cluster.cpus_per_holder and cluster.gpus_per_holder must be >= 0")
     if cfg.resume and not cfg.run_dir:
@@ -316,12 +361,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
-    from neuroray.diloco.aggregate import AGGREGATORS  # lazy: aggregate imports torch
+    from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
 
-    if cfg.aggregator.name not in AGGREGATORS:
-        raise ConfigError(
-            f"aggregator={cfg.aggregator.name!r} is unknown; choose one of {sorted(AGGREGATORS)}"
-        )
+    check_planner_config(cfg)
+    from neuroray.diloco.aggregate import config_problem  # lazy: aggregate imports torch
+    from neuroray.diloco.attacks import attack_problem
+
+    # n = holders per range = replicas: a rule that cannot tolerate f among them fails here, not mid-run
+    problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack)
+    if problem:
+        raise ConfigError(problem)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -30,3 +30,7 @@ class ShardCorruptError(DataError):
 
 class PipelineError(NeurorayError):
     """A stage holder failed in a way training cannot recover from."""
+
+
+class GenerationError(NeurorayError, ValueError):
+    """A generation request that cannot run: an empty prompt, a prompt longer than the context, bad sampling."""

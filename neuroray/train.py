@@ -33,6 +33,7 @@ class RunResult:
     eval_loss: float = float("nan")
     start_step: int = 0  # > 0 when the run resumed from a snapshot
     recoveries: list[dict] = field(default_factory=list)
+    snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
     sample: str = ""
     tokens_per_s: float = 0.0
 
@@ -116,7 +117,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     try:
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
                       resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-")
-        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator.name)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
                           metrics=TrainMetrics(run_dir.name))
         if resume_step is not None:
@@ -127,7 +128,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
             stats = trainer.run(metrics)
-        result.losses, result.recoveries = stats.losses, stats.recoveries
+        result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
         # After an outer step every replica holds theta0: replica 0's ranges are the model.

@@ -86,8 +86,11 @@ class Trainer:
                     # Every call already queued on this replica (this step's and later ones) must settle
                     # before the reset, or a stale backward could land after it. Then redo them all.
                     later = sorted(s for s in self.pending if s > step)
-                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)] for x in sr.losses + sr.steps]
+                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)]
+                             for x in sr.losses + sr.steps + sr.tails]
                     ray.wait(stale, num_returns=len(stale), timeout=c.step_timeout_s)
+                    for x in stale:  # read the failures, so Ray does not report them as unhandled
+                        _value_or_none(x)
                     self._recover(r, exc)
                     refs[r] = self._submit(step, r)
                     for s in later:

@@ -47,7 +47,7 @@ def test_overrides_are_applied_and_typed():
         ("+diloco.bar=1", "unknown key 'diloco.bar'"),
         ("diloco.inner_steps=abc", "diloco.inner_steps=abc"),
         ("seed=1.5", "could not be converted to Integer"),
-        ("model=nope", "available: small, tiny"),
+        ("model=nope", "available: auto, small, tiny"),
         ("swarm.num_stages=9", "more than model.n_layers=4"),
         ("model.d_model=130", "not divisible"),
         ("data.seq_len=1024", "exceeds model.max_seq_len"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.config import AggregatorConfig, DilocoConfig, ModelConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
 from neuroray.diloco.outer import OuterOptimizer
 from neuroray.diloco.sync import outer_step
@@ -48,7 +48,9 @@ def test_mean_aggregate_and_screening():
     res = aggregate("mean", [a, b], numel=2)
     assert res.value.tolist() == [2.0, 4.0] and res.accepted == [0, 1]
     bad = [a, torch.tensor([float("nan"), 0.0]), torch.zeros(3), torch.zeros(2, dtype=torch.float64), b]
-    res = aggregate("mean", bad, numel=2)
+    with pytest.raises(AggregationRefused, match="3 contributions failed screening"):
+        aggregate("mean", bad, numel=2)  # f=0: no faulty holder expected, three found
+    res = aggregate(AggregatorConfig("mean", f=3), bad, numel=2)
     assert res.value.tolist() == [2.0, 4.0]
     assert [(r.index, r.reason.split()[0]) for r in res.rejected] == [(1, "contains"), (2, "shape"), (3, "dtype")]
     with pytest.raises(AggregationRefused):
@@ -101,3 +103,61 @@ def test_refused_outer_step_leaves_theta0_unchanged():
     new_theta0, new_momentum, report = outer_step("mean", DilocoConfig(), 1, theta0, momentum, *bad)
     assert new_theta0 is theta0 and new_momentum is momentum
     assert report.refused and "NaN" in report.refused and "shape" in report.refused
+
+
+@pytest.mark.ray
+def test_outer_sync_ray_tasks_match_the_function_per_range(ray_cluster):
+    """Two ranges x 3 holders on Ray, trimmed mean f=1 under a stale-replay attack then a NaN attack: every
+    range's task returns what outer_step computes in-process, Byzantine and rejected holders are named,
+    and a refused step leaves theta0 and momentum untouched."""
+    from neuroray.config import AggregatorConfig, AttackConfig
+    from neuroray.diloco.sync import OuterMemory, OuterSync
+
+    class FakeHolder:  # local, so Ray ships it by value and its workers need not import this test module
+        """Just the DiLoCo surface of a stage holder: a scripted pseudo-gradient per round (cycling)."""
+
+        def __init__(self, theta0, deltas):
+            self.theta, self.deltas, self.round = theta0.clone(), deltas, 0
+
+        def flat_params(self):
+            return self.theta
+
+        def pseudo_gradient(self):
+            return self.deltas[self.round % len(self.deltas)]
+
+        def load_theta0(self, theta0):
+            self.theta, self.round = theta0.clone(), self.round + 1
+
+    ray = ray_cluster
+    g = torch.Generator().manual_seed(0)
+    sizes, n, rounds = [30, 17], 3, 2
+    theta0 = [torch.randn(d, generator=g) for d in sizes]
+    script = [[[torch.randn(d, generator=g) * 0.1 for _ in range(rounds)] for _ in range(n)] for d in sizes]
+    holders = [[ray.remote(num_cpus=0)(FakeHolder).remote(theta0[s], script[s][i]) for i in range(n)]
+               for s in range(len(sizes))]
+    agg, dl = AggregatorConfig("trimmed_mean", f=1), DilocoConfig()
+    attack = AttackConfig("stale", fraction=0.34)
+    sync = OuterSync(holders, dl, agg, attack, seed=7)
+    expected = [(theta0[s], None, OuterMemory()) for s in range(len(sizes))]
+    for r in range(rounds):
+        reports, loads = sync.submit()
+        got = ray.get(reports + loads)[: len(reports)]
+        for s in range(len(sizes)):
+            t, m, mem = expected[s]
+            t, m, report, mem = outer_step(agg, dl, s, t, m, *[script[s][i][r] for i in range(n)], attack=attack,
+                                           memory=mem, round_index=r, seed=7)
+            expected[s] = (t, m, mem)
+            assert got[s].range_index == s and got[s].byzantine == [0] and got[s].accepted == list(range(n))
+            torch.testing.assert_close(ray.get(sync.theta0[s]), t, rtol=0, atol=0)
+            torch.testing.assert_close(ray.get(sync.momentum[s]), m, rtol=0, atol=0)
+            for h in holders[s]:  # every holder of the range restarted from the new theta0
+                torch.testing.assert_close(ray.get(h.flat_params.remote()), t, rtol=0, atol=0)
+
+    # 2 of 3 holders send NaN: 1 acceptable < 2f+1 = 3, so the step is refused and theta0 stays
+    before = [ray.get(t) for t in sync.theta0]
+    sync.attack = AttackConfig("nan", fraction=0.67)
+    reports, loads = sync.submit()
+    for s, report in enumerate(ray.get(reports)):
+        assert report.refused and [i for i, _ in report.rejected] == [0, 1]
+        assert torch.equal(ray.get(sync.theta0[s]), before[s])
+    ray.get(loads)

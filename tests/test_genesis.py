@@ -1,63 +1,34 @@
-"""Genesis data: tokenizer, corpus, atomic builds, verified shards, deterministic token streams."""
+"""Genesis builds: shard format, manifest, atomic writes, reuse/rebuild, and the CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from neuroray.config import DataConfig
 from neuroray.errors import DataError, ShardCorruptError
 from neuroray.genesis import (
-    BOS, EOS, PAD, SPECIAL_TOKENS, Manifest, TokenStream, build_dataset, dataset_dir, decode,
-    embedded_corpus, encode, ensure_dataset, eval_batches, iter_documents, load_shard, load_tokenizer,
-    shard_for, tokenizer_hash, train_tokenizer,
+    FORMAT_VERSION, DatasetRoot, Manifest, TokenStream, build_dataset, dataset_url, decode, dtype_for,
+    ensure_dataset, load_shard, load_tokenizer, tokenizer_hash, verify_dataset,
 )
-from neuroray.genesis import corpus as corpus_mod
+from neuroray.genesis import build as build_mod
+from neuroray.genesis.__main__ import main as cli
+from neuroray.genesis.store import Store
+from tests.test_genesis_corpus import SHARD_TOKENS, VOCAB, corpus_file, paragraphs, quiet, small_cfg, write_corpus
 
-VOCAB = 400
-SHARD_TOKENS = 512
-EVAL_SHARDS = 1
-
-
-def _sentences(n: int = 200, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    subjects = ["The cat", "A small dog", "My neighbour", "The old river", "Every student", "The engineer",
-                "A quiet town", "The red train", "Our teacher", "The busy market"]
-    verbs = ["watches", "builds", "remembers", "carries", "paints", "follows", "describes", "forgets"]
-    objects = ["the morning light", "a wooden bridge", "seven green apples", "the distant hills",
-               "an unfinished letter", "the noisy harbour", "a list of numbers", "the winter garden"]
-    tails = ["before dinner.", "with great care.", "every Sunday!", "without a word.", "in 1987.",
-             "near the café.", "when it rains?", "for no reason at all."]
-    return [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}"
-            for _ in range(n)]
-
-
-def _write_corpus(path: Path) -> Path:
-    sents = _sentences()
-    # Paragraphs of four sentences separated by blank lines: each paragraph is one document.
-    paras = [" ".join(sents[i:i + 4]) for i in range(0, len(sents), 4)]
-    path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    return _write_corpus(tmp_path_factory.mktemp("corpus") / "tiny.txt")
+__all__ = ["corpus_file"]  # a fixture, used by name
 
 
 @pytest.fixture(scope="module")
 def built(corpus_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("built") / "ds"
-    manifest = build_dataset(str(corpus_file), out, VOCAB, SHARD_TOKENS, EVAL_SHARDS,
-                             cache_dir=out.parent / "cache", log=lambda s: None)
-    return out, manifest
+    tmp = tmp_path_factory.mktemp("built")
+    root, manifest = ensure_dataset(small_cfg(tmp, corpus_file), log=quiet)
+    return root, manifest
 
 
 @pytest.fixture
@@ -68,206 +39,241 @@ def built_copy(built, tmp_path):
     return dst, manifest
 
 
-# ---------------------------------------------------------------- tokenizer
+# ---------------------------------------------------------------- format
 
 
-def test_tokenizer_special_ids_roundtrip_and_determinism(tmp_path):
-    docs = _sentences()
-    tok = train_tokenizer(docs, VOCAB)
-    assert SPECIAL_TOKENS == [BOS, EOS, PAD]
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
-    assert tok.get_vocab_size() <= VOCAB
-    for text in ["The cat watches the morning light.", "unseen wörds, 日本語 and\ttabs\n  x", ""]:
-        assert decode(tok, encode(tok, text)) == text
-    assert encode(tok, "The cat")[0] not in (0, 1, 2)  # no specials added implicitly
-    assert tokenizer_hash(train_tokenizer(docs, VOCAB)) == tokenizer_hash(tok)
-    tok.save(str(tmp_path / "t.json"))
-    assert tokenizer_hash(load_tokenizer(tmp_path / "t.json")) == tokenizer_hash(tok)
-    with pytest.raises(DataError, match="missing.json"):
-        load_tokenizer(tmp_path / "missing.json")
-    with pytest.raises(ValueError):
-        train_tokenizer(docs, 100)
-
-
-# ---------------------------------------------------------------- corpus
-
-
-def test_iter_documents_txt_jsonl_and_directory(tmp_path, corpus_file):
-    docs = list(iter_documents(str(corpus_file), tmp_path))
-    assert len(docs) == 50 and all(d.count(".") + d.count("!") + d.count("?") >= 4 for d in docs)
-    d = tmp_path / "dir"
-    (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("second file\n\nthird doc\n")
-    (d / "sub" / "a.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n\n" + json.dumps({"text": "x"}) + "\n")
-    (d / "ignored.csv").write_text("not read")
-    assert list(iter_documents(str(d), tmp_path)) == ["second file", "third doc", "from jsonl", "x"]
-    (d / "sub" / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
-        list(iter_documents(str(d / "sub" / "bad.jsonl"), tmp_path))
-
-
-def test_unknown_source_is_a_data_error(tmp_path):
-    missing = tmp_path / "nope.txt"
-    with pytest.raises(DataError, match="nope.txt.*data.source=embedded"):
-        iter_documents(str(missing), tmp_path)  # raised at the call, not on first next()
-    with pytest.raises(DataError, match="nope.txt"):
-        dataset_dir(DataConfig(source=str(missing), store=str(tmp_path)))
-    (tmp_path / "data.parquet").write_bytes(b"x")
-    with pytest.raises(DataError, match="neither .txt nor .jsonl"):
-        iter_documents(str(tmp_path / "data.parquet"), tmp_path)
-
-
-def test_embedded_corpus_is_large_and_cached(tmp_path, monkeypatch):
-    docs = embedded_corpus(tmp_path)
-    assert sum(map(len, docs)) > 1_000_000
-    assert all(len(d) >= corpus_mod.MIN_DOC_CHARS for d in docs)
-    assert any("for" in d and "statement" in d for d in docs[:200])  # pydoc topics come first
-    assert len(list(tmp_path.glob("*.jsonl"))) == 1 and not list(tmp_path.glob("*.tmp"))
-
-    def boom():
-        raise AssertionError("second call must read the cache, not recollect")
-
-    monkeypatch.setattr(corpus_mod, "_collect_embedded", boom)
-    assert embedded_corpus(tmp_path) == docs
-    assert list(iter_documents("embedded", tmp_path))[:3] == docs[:3]
-
-
-# ---------------------------------------------------------------- build
-
-
-def test_build_manifest_fields_and_hashes(built):
+def test_build_manifest_fields_hashes_and_eos_separated_documents(built):
     root, m = built
-    assert Manifest.load(root) == m
-    assert m.format_version == 1 and m.dtype == "uint16" and m.vocab_size <= VOCAB
-    assert m.tokenizer_sha256 == hashlib.sha256((root / m.tokenizer_file).read_bytes()).hexdigest()
-    assert m.tokenizer_sha256 == tokenizer_hash(load_tokenizer(root / m.tokenizer_file))
-    assert len(m.shards) >= 4, "the test corpus should give several shards"
+    assert isinstance(root, DatasetRoot) and str(root) == root.url == str(Path(root))  # local: one place
+    assert Manifest.load(root) == m and Manifest.from_json(m.to_json()) == m
+    assert m.format_version == FORMAT_VERSION and m.dtype == "uint16" and m.vocab_size <= VOCAB
+    assert m.tokenizer_sha256 == hashlib.sha256((Path(root) / m.tokenizer_file).read_bytes()).hexdigest()
+    assert m.tokenizer_sha256 == tokenizer_hash(load_tokenizer(Path(root) / m.tokenizer_file))
+    assert len(m.shards) >= 4 and [s["id"] for s in m.shards] == list(range(len(m.shards)))
     assert [s["split"] for s in m.shards] == ["train"] * (len(m.shards) - 1) + ["eval"]
-    assert m.eval_shards == m.shards[-1:] and m.train_shards == m.shards[:-1]
-    assert all(s["tokens"] == SHARD_TOKENS for s in m.shards[:-1])
+    assert all(s["tokens"] == SHARD_TOKENS for s in m.shards[:-1]) and m.shard_tokens == SHARD_TOKENS
     assert SHARD_TOKENS // 2 <= m.shards[-1]["tokens"] < SHARD_TOKENS + SHARD_TOKENS // 2
     assert m.total_tokens == sum(s["tokens"] for s in m.shards)
+    assert m.total_bytes == sum(s["bytes"] for s in m.shards) and "tiny.txt" in m.source
     stream = []
     for s in m.shards:
-        data = (root / s["file"]).read_bytes()
+        data = (Path(root) / s["file"]).read_bytes()
         assert s["sha256"] == hashlib.sha256(data).hexdigest() and s["bytes"] == len(data) == 2 * s["tokens"]
         stream.append(np.frombuffer(data, dtype="<u2"))
         assert np.array_equal(load_shard(root, m, s), stream[-1])
     flat = np.concatenate(stream)
-    assert flat[0] == 0 and flat.max() < m.vocab_size
-    assert (flat == 0).sum() == (flat == 1).sum() == 50  # one BOS and one EOS per document
-    tok = load_tokenizer(root / m.tokenizer_file)
-    first_doc = flat[1:np.argmax(flat == 1)]
-    assert decode(tok, first_doc.tolist()) == " ".join(_sentences()[:4])
-    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+    assert flat.max() < m.vocab_size
+    docs = paragraphs()
+    assert (flat == 0).sum() == (flat == 1).sum() == len(docs)  # BOS ... EOS around every document
+    tok = load_tokenizer(Path(root) / m.tokenizer_file)
+    bos = np.flatnonzero(flat == 0)
+    eos = np.flatnonzero(flat == 1)
+    assert [decode(tok, flat[b + 1:e].tolist()) for b, e in zip(bos, eos)] == docs
+    assert not [p for p in Path(root).parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
 
-def test_manifest_roundtrip_and_malformed(built, tmp_path):
-    _, m = built
-    assert Manifest.from_json(m.to_json()) == m
-    with pytest.raises(DataError, match=str(tmp_path / "manifest.json")):
-        Manifest.load(tmp_path)  # no manifest: not a dataset
+def test_shard_dtype_and_default_size(tmp_path):
+    assert dtype_for(300) == dtype_for(65536) == "uint16" and dtype_for(65537) == "uint32"
+    assert DataConfig().shard_tokens == 2_500_000  # the Genesis default
+    writer = build_mod.ShardWriter(Store(tmp_path), 1000, "uint32")
+    writer.add(np.arange(70000, 72300, dtype=np.uint32))
+    shards = writer.finish()
+    assert [s["tokens"] for s in shards] == [1000, 1300]  # a tail under 500 joins the shard before it
+    assert shards[0]["bytes"] == 4000 and np.array_equal(
+        np.frombuffer((tmp_path / shards[1]["file"]).read_bytes(), "<u4"), np.arange(71000, 72300))
+    base = json.loads(Manifest(FORMAT_VERSION, "tokenizer.json", "0" * 64, 70000, "uint32", shards, 2300,
+                               9200, 1000).to_json())
+    assert Manifest.from_json(json.dumps(base)).dtype == "uint32"
+    with pytest.raises(DataError, match="cannot hold 70000"):
+        Manifest.from_json(json.dumps({**base, "dtype": "uint16"}))
+
+
+# ---------------------------------------------------------------- manifest: missing, malformed, names a missing shard
+
+
+def test_manifest_missing_malformed_or_naming_a_missing_shard(built_copy, tmp_path):
+    root, m = built_copy
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"no dataset at .*empty: manifest.json is missing.*genesis build"):
+        Manifest.load(empty)
     raw = json.loads(m.to_json())
-    raw["shards"][0]["file"] = "../../etc/passwd"
-    with pytest.raises(DataError, match="plain file name"):
-        Manifest.from_json(json.dumps(raw))
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(DataError, match="malformed"):
-        Manifest.load(tmp_path)
+    bad_cases = {
+        "plain file name": {**raw, "shards": [{**raw["shards"][0], "file": "../../etc/passwd"}, *raw["shards"][1:]]},
+        "total_tokens": {**raw, "total_tokens": raw["total_tokens"] + 1},
+        "expected keys": {k: v for k, v in raw.items() if k != "shards"},
+        "format_version": {**raw, "format_version": 99},
+        "not a SHA-256": {**raw, "tokenizer_sha256": "xyz"},
+        "ids must be": {**raw, "shards": raw["shards"][1:]},
+    }
+    for why, bad in bad_cases.items():
+        with pytest.raises(DataError, match=f"malformed.*{why}"):
+            Manifest.from_json(json.dumps(bad))
+    (empty / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest.json is malformed \(not JSON"):
+        Manifest.load(empty)
+
+    victim = m.shards[2]
+    (root / victim["file"]).unlink()
+    with pytest.raises(DataError, match=rf"shard 2 \(.*{victim['file']}\) is missing"):
+        verify_dataset(root)
+    with pytest.raises(DataError, match=rf"shard 2 \(.*{victim['file']}\) is missing"):
+        load_shard(root, m, victim)
+    with pytest.raises(DataError, match="is missing"):  # a dataset named explicitly is never rebuilt
+        ensure_dataset(small_cfg(tmp_path, "embedded", dataset=str(root)), log=quiet)
 
 
-def test_failed_build_leaves_nothing(corpus_file, tmp_path):
-    out = tmp_path / "ds"
+# ---------------------------------------------------------------- atomic builds
+
+
+def test_failed_builds_leave_nothing_visible(corpus_file, tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, corpus_file)
     with pytest.raises(DataError, match="lower data.shard_tokens"):
-        build_dataset(str(corpus_file), out, VOCAB, 10**6, 1, cache_dir=tmp_path, log=lambda s: None)
-    assert not out.exists() and list(tmp_path.iterdir()) == [], "a failed build must leave no files"
+        build_dataset(small_cfg(tmp_path, corpus_file, shard_tokens=10**6), log=quiet)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+    real_write = Store.write
+    calls = []
+
+    def crash_on_third_shard(self, name, data):
+        calls.append(name)
+        if name == "shard_00002.bin":
+            raise OSError("disk full")
+        real_write(self, name, data)
+
+    monkeypatch.setattr(Store, "write", crash_on_third_shard)
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(cfg, log=quiet)
+    assert "shard_00001.bin" in calls
+    assert not any((tmp_path / "store").iterdir()), "a crashed local build must leave no files"
+    mem = "memory://genesis-test/crash"
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(cfg, mem, log=quiet)
+    monkeypatch.setattr(Store, "write", real_write)
+    assert Store(mem).sizes() == {}, "a crashed object-store build must remove what it wrote"
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        Manifest.load(mem)
 
 
-def test_large_vocab_uses_uint32(tmp_path):
-    from neuroray.genesis.shards import dtype_for
-
-    assert dtype_for(65535) == "uint16" and dtype_for(65536) == "uint32"
-
-
-# ---------------------------------------------------------------- shards and streams
-
-
-def test_shard_for_is_deterministic_and_in_range():
-    ids = [f"node-{i}" for i in range(1000)]
-    for n in (1, 3, 7, 64):
-        got = [shard_for(i, n) for i in ids]
-        assert got == [shard_for(i, n) for i in ids] and all(0 <= g < n for g in got)
-        assert got == [int(hashlib.sha256(i.encode()).hexdigest(), 16) % n for i in ids]
-        assert len(set(got)) == n  # 1000 nodes reach every shard
-    with pytest.raises(ValueError):
-        shard_for("x", 0)
+def test_manifest_is_written_last_and_a_rebuild_hides_the_old_one_first(corpus_file, tmp_path, monkeypatch):
+    url = "memory://genesis-test/order"
+    events = []
+    real_write, real_remove = Store.write, Store.remove
+    monkeypatch.setattr(Store, "write", lambda self, name, data: (events.append(("write", name)),
+                                                                   real_write(self, name, data))[1])
+    monkeypatch.setattr(Store, "remove", lambda self, names: (events.append(("remove", tuple(names))),
+                                                              real_remove(self, names))[1])
+    m = build_dataset(small_cfg(tmp_path, corpus_file), url, log=quiet)
+    writes = [name for kind, name in events if kind == "write"]
+    assert writes[-1] == "manifest.json" and writes.count("manifest.json") == 1
+    assert set(writes[:-1]) == {"tokenizer.json", *(s["file"] for s in m.shards)}
+    events.clear()
+    build_dataset(small_cfg(tmp_path, corpus_file), url, log=quiet)
+    assert events[0] == ("remove", ("manifest.json",)), "a rebuild must hide the old dataset before writing"
+    assert events[-2] == ("write", "manifest.json")
 
 
-def test_token_stream_shifted_deterministic_and_starts_at_own_shard(built):
-    root, m = built
-    node = "driver-7"
-    a = TokenStream(root, m, node, seq_len=16, microbatch_size=4)
-    b = TokenStream(root, m, node, seq_len=16, microbatch_size=4)
-    start = m.train_shards[shard_for(node, len(m.train_shards))]
-    assert a.shard_id == start["id"]
-    first = load_shard(root, m, start)
-    for k in range(5):
-        (x, y), (x2, y2) = a.next_microbatch(), b.next_microbatch()
-        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 16)
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        if k == 0:
-            assert np.array_equal(x[0].numpy(), first[:16]) and np.array_equal(y[0].numpy(), first[1:17])
-    assert a.position == 5
+# ---------------------------------------------------------------- reuse and rebuild
 
 
-def test_token_stream_wraps_through_the_ring(built):
-    root, m = built
-    train = m.train_shards
-    node = next(f"n{i}" for i in range(100) if shard_for(f"n{i}", len(train)) == len(train) - 1)
-    ring = train[-1:] + train[:-1]  # starts at the last train shard, wraps to shard 0
-    expected = np.concatenate([load_shard(root, m, s) for s in ring] * 2)
-    seq, mb = 31, 3
-    s = TokenStream(root, m, node, seq_len=seq, microbatch_size=mb)
-    n = (2 * sum(r["tokens"] for r in ring)) // (mb * (seq + 1))
-    got = []
-    for _ in range(n):
-        x, y = s.next_microbatch()
-        got.append(torch.cat([x, y[:, -1:]], dim=1).reshape(-1).numpy())
-    got = np.concatenate(got)
-    assert np.array_equal(got, expected[:got.size])
-    assert s.shard_id in {r["id"] for r in ring}
+def test_ensure_dataset_reuses_and_rebuilds_damaged_local_data(corpus_file, tmp_path):
+    cfg = small_cfg(tmp_path, corpus_file)
+    url = dataset_url(cfg)
+    half = Path(url)
+    half.mkdir(parents=True)
+    (half / "shard_00000.bin").write_bytes(b"\1\0" * 8)  # shards but no manifest: not a dataset
+    lines: list[str] = []
+    root, m = ensure_dataset(cfg, log=lines.append)
+    assert str(root) == url and Path(url).parent == tmp_path / "store"
+    assert (Path(root) / "shard_00000.bin").stat().st_size == m.shards[0]["bytes"]
+    assert lines[0].startswith("genesis: building") and lines[-1].startswith("genesis: built dataset")
+
+    lines.clear()
+    root2, m2 = ensure_dataset(cfg, log=lines.append)
+    assert (str(root2), m2) == (str(root), m) and lines == [
+        f"genesis: using dataset {url} ({len(m.shards)} shards, {m.total_tokens} tokens)"]
+
+    for damage in ("flip", "truncate", "manifest"):
+        bad = Path(root) / m.shards[1]["file"]
+        data = bytearray(bad.read_bytes())
+        if damage == "flip":
+            data[5] ^= 0x40
+            bad.write_bytes(bytes(data))
+        elif damage == "truncate":
+            bad.write_bytes(bytes(data[:-3]))
+        else:
+            (Path(root) / "manifest.json").write_text("[]")
+        lines.clear()
+        _, again = ensure_dataset(cfg, log=lines.append)
+        assert "warning" in lines[0] and (str(bad) in lines[0] or "manifest.json" in lines[0]), lines[0]
+        assert again == m and hashlib.sha256(bad.read_bytes()).hexdigest() == m.shards[1]["sha256"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [Path(url).name], "old or temp dirs left"
 
 
-def test_token_stream_seek_and_state_resume(built):
-    root, m = built
-    a = TokenStream(root, m, "resume-me", seq_len=24, microbatch_size=2)
-    for _ in range(37):
-        a.next_microbatch()
-    state = json.loads(json.dumps(a.state()))
-    b = TokenStream.from_state(root, m, state)
-    c = TokenStream(root, m, "resume-me", seq_len=24, microbatch_size=2)
-    c.seek(37)
-    for _ in range(3):
-        xa, _ = a.next_microbatch()
-        assert torch.equal(xa, b.next_microbatch()[0]) and torch.equal(xa, c.next_microbatch()[0])
-    assert a.position == b.position == c.position == 40
-    with pytest.raises(DataError, match="different dataset"):
-        TokenStream.from_state(root, m, {**state, "tokenizer_sha256": "0" * 64})
+def test_dataset_url_keys_on_settings_and_content(corpus_file, tmp_path):
+    base = small_cfg(tmp_path, corpus_file)
+    assert dataset_url(base) == dataset_url(small_cfg(tmp_path, corpus_file))
+    assert dataset_url(base) != dataset_url(small_cfg(tmp_path, corpus_file, vocab_size=512))
+    assert dataset_url(base) != dataset_url(small_cfg(tmp_path, corpus_file, shard_tokens=9))
+    assert dataset_url(base) != dataset_url(small_cfg(tmp_path, corpus_file, text_field="body"))
+    assert Path(dataset_url(small_cfg(tmp_path, "embedded"))).name.startswith("embedded-")
+    assert dataset_url(small_cfg(tmp_path, "embedded", store="s3://bucket/genesis")).startswith("s3://bucket/genesis/")
+    assert dataset_url(small_cfg(tmp_path, corpus_file, dataset="https://cdn.example/ds/")) == "https://cdn.example/ds"
+    edited = write_corpus(tmp_path / "edited.txt")
+    key = dataset_url(small_cfg(tmp_path, edited))
+    edited.write_text(edited.read_text() + "\n\nOne more paragraph of text here.\n")
+    assert dataset_url(small_cfg(tmp_path, edited)) != key
 
 
-def test_eval_batches(built):
-    root, m = built
-    batches = eval_batches(root, m, seq_len=16, microbatch_size=2, max_batches=3)
-    assert len(batches) == 3
-    eval_tokens = load_shard(root, m, m.eval_shards[0])
-    assert np.array_equal(batches[0][0][0].numpy(), eval_tokens[:16])
-    assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in batches)
-    again = eval_batches(root, m, seq_len=16, microbatch_size=2, max_batches=3)
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(batches, again))
+# ---------------------------------------------------------------- CLI
 
 
-def test_corrupt_shard_is_rejected_before_use(built_copy):
+def _args(tmp: Path, source: Path) -> list[str]:
+    return [f"source={source}", f"store={tmp / 'store'}", f"cache_dir={tmp / 'cache'}", f"vocab_size={VOCAB}",
+            f"shard_tokens={SHARD_TOKENS}"]
+
+
+def test_cli_build_info_verify(corpus_file, tmp_path, capsys):
+    args = _args(tmp_path, corpus_file)
+    assert cli(["build", *args]) == 0
+    out, err = capsys.readouterr()
+    url = dataset_url(small_cfg(tmp_path, corpus_file))
+    assert f"dataset    {url}" in out and "train, 1 eval" in out
+    assert "shards:" in err and "tok" in err, "a progress bar on build"
+    assert cli(["build", *args]) == 0 and "using dataset" in capsys.readouterr().err  # reused, not rebuilt
+    assert cli(["info", *args, "--node", "node-a"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens" in out and "node-a: starts on shard" in out
+    assert cli(["info", f"data.dataset={url}", "--json"]) == 0
+    assert Manifest.from_json(capsys.readouterr().out) == Manifest.load(url)
+    assert cli(["verify", f"dataset={url}"]) == 0 and "ok:" in capsys.readouterr().out
+
+    m = Manifest.load(url)
+    shard = Path(url) / m.shards[1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1
+    shard.write_bytes(bytes(data))
+    assert cli(["verify", f"dataset={url}"]) == 1
+    err = capsys.readouterr().err
+    assert f"shard 1 ({shard}) is corrupt" in err and "verify failed" in err
+    assert cli(["build", "--force", *args]) == 0 and verify_dataset(url) == m  # a forced rebuild repairs it
+    capsys.readouterr()
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert cli(["verify", f"dataset={tmp_path / 'nothing'}"]) == 1
+    assert "manifest.json is missing" in capsys.readouterr().err
+    assert cli(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err
+    assert cli(["info", "--bogus"]) == 2 and "unknown option --bogus" in capsys.readouterr().err
+    assert cli(["build", "no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuroray: error: bad config") and err.count("\n") == 1
+    assert cli(["build", f"source={tmp_path / 'missing.txt'}"]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert cli(["--help"]) == 0 and "build" in capsys.readouterr().out
+
+
+def test_token_stream_refuses_a_corrupt_local_shard_before_use(built_copy):
     root, m = built_copy
     shard = m.train_shards[0]
     path = root / shard["file"]
@@ -276,59 +282,22 @@ def test_corrupt_shard_is_rejected_before_use(built_copy):
     path.write_bytes(bytes(data))
     with pytest.raises(ShardCorruptError) as info:
         load_shard(root, m, shard)
-    assert info.value.path == str(path) and shard["file"] in str(info.value)
-    node = next(f"n{i}" for i in range(100) if shard_for(f"n{i}", len(m.train_shards)) == 0)
+    assert info.value.path == str(path) and "rebuild it" in str(info.value)
+    node = next(f"n{i}" for i in range(100) if TokenStream(root, m, f"n{i}", 8, 2).shard_id == shard["id"])
     with pytest.raises(ShardCorruptError):
         TokenStream(root, m, node, 8, 2).next_microbatch()
     path.write_bytes(bytes(data[:-2]))  # truncated
-    with pytest.raises(ShardCorruptError):
-        load_shard(root, m, shard)
-    path.unlink()
-    with pytest.raises(DataError, match=shard["file"]):
+    with pytest.raises(ShardCorruptError, match=shard["file"]):
         load_shard(root, m, shard)
 
 
-# ---------------------------------------------------------------- ensure_dataset
+def test_data_config_checks():
+    from neuroray.config import load_config
+    from neuroray.errors import ConfigError
 
-
-def test_ensure_dataset_caches_and_rebuilds_corrupt_shards(corpus_file, tmp_path):
-    cfg = DataConfig(source=str(corpus_file), store=str(tmp_path / "store"), vocab_size=VOCAB,
-                     shard_tokens=SHARD_TOKENS, eval_shards=EVAL_SHARDS)
-    half_built = dataset_dir(cfg)
-    half_built.mkdir(parents=True)
-    (half_built / "shard_00000.bin").write_bytes(b"\1\0" * 8)  # shards but no manifest: not a dataset
-    lines: list[str] = []
-    root, m = ensure_dataset(cfg, log=lines.append)
-    assert root == half_built and root.parent == tmp_path / "store"
-    assert (root / "shard_00000.bin").stat().st_size == m.shards[0]["bytes"]
-    assert any("shard 0 written" in line for line in lines) and "built dataset" in lines[-1]
-
-    lines.clear()
-    root2, m2 = ensure_dataset(cfg, log=lines.append)
-    assert (root2, m2) == (root, m) and lines == [
-        f"genesis: using cached dataset {root} ({len(m.shards)} shards, {m.total_tokens} tokens)"]
-
-    bad = root / m.shards[1]["file"]
-    bad.write_bytes(b"\0" * m.shards[1]["bytes"])
-    lines.clear()
-    _, m3 = ensure_dataset(cfg, log=lines.append)
-    assert "warning" in lines[0] and str(bad) in lines[0]
-    assert m3 == m and hashlib.sha256(bad.read_bytes()).hexdigest() == m.shards[1]["sha256"]
-
-    (root / "manifest.json").write_text("[]")
-    lines.clear()
-    _, m4 = ensure_dataset(cfg, log=lines.append)
-    assert "warning" in lines[0] and "manifest.json" in lines[0] and m4 == m
-    assert sorted(p.name for p in root.parent.iterdir()) == [root.name], "old or temp dirs left behind"
-
-
-def test_dataset_dir_keys_on_settings_and_content(corpus_file, tmp_path):
-    base = DataConfig(source=str(corpus_file), store=str(tmp_path))
-    assert dataset_dir(base) == dataset_dir(DataConfig(source=str(corpus_file), store=str(tmp_path)))
-    assert dataset_dir(base) != dataset_dir(DataConfig(source=str(corpus_file), store=str(tmp_path), vocab_size=512))
-    assert dataset_dir(base) != dataset_dir(DataConfig(source=str(corpus_file), store=str(tmp_path), shard_tokens=9))
-    assert dataset_dir(DataConfig(store=str(tmp_path))).name.startswith("embedded-")
-    edited = _write_corpus(tmp_path / "edited.txt")
-    key = dataset_dir(DataConfig(source=str(edited), store=str(tmp_path)))
-    edited.write_text(edited.read_text() + "\n\nOne more paragraph of text here.\n")
-    assert dataset_dir(DataConfig(source=str(edited), store=str(tmp_path))) != key
+    cfg = load_config(["data.source=hf:owner/name", "data.store=s3://bucket/genesis", "data.cache_size_mb=16"]).data
+    assert (cfg.source, cfg.store, cfg.cache_size_mb, cfg.dataset) == ("hf:owner/name", "s3://bucket/genesis", 16, "")
+    for bad, why in (("data.encoding_errors=bogus", "strict, replace or ignore"), ("data.cache_size_mb=0", "positive"),
+                     ("data.eval_shards=-1", ">= 0"), ("data.source=", "must not be empty")):
+        with pytest.raises(ConfigError, match=why):
+            load_config([bad])

@@ -1,17 +1,64 @@
-"""Reducers that turn the pseudo-gradients of one layer range into one.
+"""Robust reducers that turn the pseudo-gradients of one layer range into one.
 
-Every contribution is a flat float32 vector ``theta0 - theta`` from one holder of the range.
-Inputs are checked before any math: a non-finite, wrong-shape or wrong-dtype contribution is
-rejected and reported, never averaged. The robust rules (median, trimmed mean, Krum, ...) plug in
-by adding a class to :data:`AGGREGATORS`.
+Every contribution is a flat float32 vector ``x_i = theta0 - theta_i`` from holder ``i`` of the range.
+Inputs are screened before any math (:func:`screen`): a non-finite, wrong-shape or wrong-dtype
+contribution is rejected and reported, never averaged. ``f`` is the number of faulty (Byzantine)
+holders a rule must tolerate. A correct holder never fails screening, so the r rejected ones count
+against f: with r > f the step is refused; otherwise the rule runs on the n accepted contributions
+with f - r, and the step is refused when n is below the rule's requirement for f - r. The rules
+(``aggregator=<name>``; n is the number of contributions the rule receives):
+
+``mean``              ``(1/n) sum_i x_i``. Tolerates no Byzantine input. Needs n >= 1.
+``median``            coordinate-wise median; for even n the average of the two middle values.
+                      Needs n >= 2f+1.
+``trimmed_mean``      per coordinate, drop the f largest and the f smallest values and average the
+                      remaining n-2f. Needs n >= 2f+1.
+``krum``              score(i) = sum of the squared distances from x_i to its n-f-2 nearest other
+                      inputs; return the x_i with the lowest score. Needs n >= 2f+3.
+``multi_krum``        the average of the m best-scored inputs under Krum's score (m = n-f unless
+                      ``aggregator.m`` says otherwise, and never more than n-f). Needs n >= 2f+3.
+``geometric_median``  argmin_z sum_i ||z - x_i||, by smoothed Weiszfeld from the mean:
+                      ``z <- sum_i b_i x_i / sum_i b_i`` with ``b_i = 1 / max(nu, ||x_i - z||)``.
+                      Scale-free: the smoothing ``nu`` and the stopping rule (a step shorter than
+                      ``gm_tol`` times it) are relative to ``s = median_i ||x_i - mean||``.
+                      Needs n >= 2f+1.
+``centered_clip``     ``v <- v + (1/n) sum_i (x_i - v) min(1, tau_abs / ||x_i - v||)``, ``iterations``
+                      times, from v = the previous round's aggregate (the geometric median on the
+                      first round). ``tau_abs = tau * median_i ||x_i - v_0||``; tau >= 1 so that
+                      identical inputs come back unchanged. Needs n >= 2f+1.
+
+Pre-steps, applied in this order before any rule:
+
+``clip``     norm clip: ``x_i <- x_i * min(1, k * median_j ||x_j|| / ||x_i||)`` with ``k = aggregator.clip``.
+``nnm``      nearest-neighbour mixing: ``x_i <- mean of the n-f inputs nearest to x_i`` (itself included).
+``bucket``   bucketing: shuffle the inputs (seeded, from a canonical order), average consecutive
+             groups of ``aggregator.bucket``; the rule then sees ceil(n/bucket) inputs, so n must
+             satisfy ``ceil(n/bucket) >= `` the rule's requirement.
+
+Numerics. Everything geometric (distances, norms, Krum scores, Weiszfeld, clipping) works on one
+float64 Gram matrix of the inputs centred on their mean, computed in one pass over the parameter
+dimension in chunks; afterwards each pre-step and rule is an (n x n) computation on coefficient
+vectors, and the result is ``sum_i a_i x_i``, formed in float64 chunk by chunk. Centring keeps the
+distances of near-identical inputs exact (``torch.cdist`` on the raw rows loses them). Coordinate-
+wise rules sort each chunk with a Batcher merge-exchange network of ``torch.minimum``/``maximum``
+on whole rows, which is far faster than ``torch.sort`` across a short dimension. Extra memory is
+O(n * chunk) either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from neuroray.config import AggregatorConfig
+
+# Above this many rows a comparator network has more comparators (n log^2 n / 4) than it is worth.
+_NETWORK_MAX_ROWS = 64
 
 
 class AggregationRefused(RuntimeError):
@@ -29,8 +76,73 @@ class AggregateResult:
     value: torch.Tensor
     accepted: list[int]
     rejected: list[Rejection] = field(default_factory=list)
+    # Rules whose result is a weighted sum of the (pre-processed) inputs report each accepted holder's
+    # weight (0.0: its contribution was not used, e.g. not chosen by Krum). None for coordinate-wise rules.
+    weights: dict[int, float] | None = None
 
 
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    coordinatewise: bool
+    min_inputs: Callable[[int], int]  # f -> smallest n for which the rule tolerates f Byzantine inputs
+    requirement: str  # the same, for error messages
+
+
+AGGREGATORS: dict[str, Rule] = {r.name: r for r in (
+    Rule("mean", False, lambda f: 1, "n >= 1"),
+    Rule("median", True, lambda f: 2 * f + 1, "n >= 2f+1"),
+    Rule("trimmed_mean", True, lambda f: 2 * f + 1, "n >= 2f+1"),
+    Rule("krum", False, lambda f: 2 * f + 3, "n >= 2f+3"),
+    Rule("multi_krum", False, lambda f: 2 * f + 3, "n >= 2f+3"),
+    Rule("geometric_median", False, lambda f: 2 * f + 1, "n >= 2f+1"),
+    Rule("centered_clip", False, lambda f: 2 * f + 1, "n >= 2f+1"),
+)}
+
+
+# ----- configuration checks ---------------------------------------------------------------------
+def min_inputs(cfg: AggregatorConfig) -> int:
+    """Fewest screened contributions with which ``cfg`` (rule + pre-steps) still tolerates ``cfg.f``."""
+    need = AGGREGATORS[cfg.name].min_inputs(cfg.f)
+    if cfg.bucket > 1:  # f bad inputs spoil at most f buckets: ceil(n / bucket) must meet the rule's need
+        need = cfg.bucket * (need - 1) + 1
+    if cfg.nnm:  # a neighbourhood of n-f inputs must hold an honest majority
+        need = max(need, 2 * cfg.f + 1)
+    return max(need, 1)
+
+
+def config_problem(cfg: AggregatorConfig, n: int | None = None) -> str | None:
+    """What is wrong with ``cfg`` (for ``n`` contributions per range, if given), or None."""
+    if cfg.name not in AGGREGATORS:
+        return f"aggregator={cfg.name!r} is unknown; choose one of {sorted(AGGREGATORS)}"
+    checks = [
+        (cfg.f >= 0, f"aggregator.f={cfg.f} must be >= 0"),
+        (cfg.m >= 0, f"aggregator.m={cfg.m} must be >= 0 (0: n - f)"),
+        (cfg.tau >= 1, f"aggregator.tau={cfg.tau} must be >= 1 (a multiple of the median distance to the centre)"),
+        (cfg.iterations >= 1, f"aggregator.iterations={cfg.iterations} must be >= 1"),
+        (cfg.gm_max_iter >= 1, f"aggregator.gm_max_iter={cfg.gm_max_iter} must be >= 1"),
+        (cfg.gm_tol > 0, f"aggregator.gm_tol={cfg.gm_tol} must be > 0"),
+        (cfg.gm_smoothing > 0, f"aggregator.gm_smoothing={cfg.gm_smoothing} must be > 0"),
+        (cfg.clip == 0 or cfg.clip >= 1, f"aggregator.clip={cfg.clip} must be 0 (off) or >= 1 (a multiple of the median norm)"),
+        (cfg.bucket >= 0, f"aggregator.bucket={cfg.bucket} must be >= 0 (0 or 1: off)"),
+        (cfg.chunk >= 1, f"aggregator.chunk={cfg.chunk} must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            return message
+    if n is not None:
+        need = min_inputs(cfg)
+        if n < need:
+            rule = AGGREGATORS[cfg.name].requirement
+            extra = (f" after bucketing by {cfg.bucket}" if cfg.bucket > 1 else "") + (" with nnm" if cfg.nnm else "")
+            return (f"aggregator={cfg.name} with aggregator.f={cfg.f} needs at least {need} holders per range "
+                    f"({rule}{extra}), but a range has {n} (diloco.replicas): raise diloco.replicas or lower aggregator.f")
+        if cfg.name == "multi_krum" and cfg.m > n - cfg.f:
+            return f"aggregator.m={cfg.m} exceeds n - f = {n - cfg.f}: Multi-Krum averages at most n - f inputs"
+    return None
+
+
+# ----- screening --------------------------------------------------------------------------------
 def screen(contributions: Sequence[torch.Tensor], numel: int, dtype=torch.float32) -> tuple[list[int], list[Rejection]]:
     """Split contributions into accepted indices and rejections (cheap checks, no math on values)."""
     accepted, rejected = [], []
@@ -41,29 +153,328 @@ def screen(contributions: Sequence[torch.Tensor], numel: int, dtype=torch.float3
             rejected.append(Rejection(i, f"dtype {c.dtype}, expected {dtype}"))
         elif c.dim() != 1 or c.numel() != numel:
             rejected.append(Rejection(i, f"shape {tuple(c.shape)}, expected ({numel},)"))
-        elif not torch.isfinite(c).all():
+        elif not math.isfinite(float(c.sum(dtype=torch.float64))):
+            # exact and allocation-free: a float64 sum of finite float32 values cannot overflow, and any
+            # NaN or Inf makes it non-finite
             rejected.append(Rejection(i, "contains NaN or Inf"))
         else:
             accepted.append(i)
     return accepted, rejected
 
 
-def mean(rows: torch.Tensor) -> torch.Tensor:
-    """Plain average ``(1/n) * sum_i x_i``. Accumulates in float64 so the result does not depend on
-    input order beyond float32 rounding of the final value."""
-    return rows.to(torch.float64).mean(dim=0).to(rows.dtype)
+# ----- chunked passes over the parameter dimension ----------------------------------------------
+def _chunks(numel: int, chunk: int):
+    for lo in range(0, numel, chunk):
+        yield lo, min(numel, lo + chunk)
 
 
-AGGREGATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mean": mean}
+def _gram(vectors: list[torch.Tensor], n_rows: int, chunk: int) -> torch.Tensor:
+    """Gram matrix (float64, (k+1) x (k+1)) of ``[v_1 - c, ..., v_k - c, c]``, c = mean of the first n_rows.
+
+    Any vector ``sum_j a_j v_j`` is ``sum_j a_j (v_j - c) + (sum_j a_j) c``: its "augmented" coefficients
+    ``[a, sum(a)]`` against this Gram matrix give its norm, and differences of them give distances,
+    without the cancellation that raw (uncentred) inner products suffer on near-identical inputs.
+    """
+    k, numel = len(vectors), vectors[0].numel()
+    buf = torch.empty(k + 1, min(chunk, numel), dtype=torch.float64)
+    gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    for lo, hi in _chunks(numel, chunk):
+        b = buf[:, : hi - lo]
+        for i, v in enumerate(vectors):
+            b[i].copy_(v[lo:hi])
+        torch.mean(b[:n_rows], 0, out=b[k])
+        b[:k].sub_(b[k])
+        gram.addmm_(b, b.T)
+    return gram
 
 
-def aggregate(name: str, contributions: Sequence[torch.Tensor], numel: int, min_accepted: int = 1) -> AggregateResult:
-    """Screen the contributions, then reduce the accepted ones with the rule ``name``."""
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}")
+def _groups(alpha: torch.Tensor) -> list[tuple[float, list[int]]]:
+    """Non-zero coefficients as ``(weight, [indices with that weight])``, by ascending weight."""
+    groups: dict[float, list[int]] = {}
+    for j, a in enumerate(alpha.tolist()):
+        if a != 0.0:
+            groups.setdefault(a, []).append(j)
+    return sorted(groups.items())
+
+
+def _accumulate(groups, parts: list[torch.Tensor], acc: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``acc = sum_w w * sum_{j in group w} parts[j]`` in float64.
+
+    Vectors with equal weights are summed first and scaled once: a float64 sum of a few float32 values
+    is exact (unless their exponents span more than 29 bits), so means and Multi-Krum depend neither
+    on the input order nor on the chunk size, even in the last float32 bit.
+    """
+    acc.zero_()
+    for w, idx in groups:
+        tmp.copy_(parts[idx[0]])
+        for j in idx[1:]:
+            tmp.add_(parts[j])
+        acc.add_(tmp, alpha=w)
+    return acc
+
+
+def _combine(vectors: list[torch.Tensor], alpha: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``sum_j alpha_j v_j`` as float32, accumulated in float64 one chunk at a time."""
+    groups = _groups(alpha)
+    if len(groups) == 1 and groups[0][0] == 1.0 and len(groups[0][1]) == 1:
+        return vectors[groups[0][1][0]].clone()  # a chosen input comes back bit for bit
+    numel = vectors[0].numel()
+    out = torch.empty(numel, dtype=torch.float32)
+    acc = torch.empty(min(chunk, numel), dtype=torch.float64)
+    tmp = torch.empty_like(acc)
+    for lo, hi in _chunks(numel, chunk):
+        m = hi - lo
+        out[lo:hi].copy_(_accumulate(groups, [v[lo:hi] for v in vectors], acc[:m], tmp[:m]))
+    return out
+
+
+# ----- coordinate-wise rules: sorting networks over whole rows ----------------------------------
+@functools.lru_cache(maxsize=None)
+def merge_exchange_pairs(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators ``(i, j), i < j`` of Batcher's merge-exchange sort of n items (Knuth 5.2.2, Algorithm M).
+
+    Applying ``(x_i, x_j) <- (min, max)`` for every pair in order sorts any n values ascending.
+    """
+    pairs: list[tuple[int, int]] = []
+    if n < 2:
+        return ()
+    t = (n - 1).bit_length()
+    p = 1 << (t - 1)
+    while p > 0:
+        q, r, d = 1 << (t - 1), 0, p
+        while d > 0:
+            pairs.extend((i, i + d) for i in range(n - d) if i & p == r)
+            d, q, r = q - p, q >> 1, p
+        p >>= 1
+    return tuple(pairs)
+
+
+def _pruned(pairs: tuple[tuple[int, int], ...], wanted: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The comparators that influence the sorted values at positions ``wanted`` (walked back to front)."""
+    needed, keep = set(wanted), []
+    for i, j in reversed(pairs):
+        if i in needed or j in needed:
+            keep.append((i, j))
+            needed |= {i, j}
+    return tuple(reversed(keep))
+
+
+def _sort_rows(rows: list[torch.Tensor], spare: torch.Tensor, pairs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sort the columns of ``rows`` (equal-length 1-D tensors) in place of the buffers; returns the
+    buffers in ascending order and the buffer left over. Each comparator is two whole-row ops; the
+    buffers are renamed rather than copied."""
+    r = list(rows)
+    for i, j in pairs:
+        torch.minimum(r[i], r[j], out=spare)
+        torch.maximum(r[i], r[j], out=r[j])
+        r[i], spare = spare, r[i]
+    return r, spare
+
+
+def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: torch.Tensor | None) -> torch.Tensor:
+    """Median or trimmed mean of the rows ``mix @ vectors`` (or of the vectors themselves), chunk by chunk."""
+    numel, chunk = vectors[0].numel(), min(cfg.chunk, vectors[0].numel())
+    q = len(vectors) if mix is None else mix.shape[0]
+    if cfg.name == "median":
+        wanted = ((q - 1) // 2, q // 2)
+    else:
+        wanted = tuple(range(cfg.f, q - cfg.f))
+    pairs = _pruned(merge_exchange_pairs(q), wanted) if q <= _NETWORK_MAX_ROWS else None
+    dtype = torch.float32 if mix is None else torch.float64
+    mix_groups = None if mix is None else [_groups(row) for row in mix]
+    bufs = [torch.empty(chunk, dtype=dtype) for _ in range(q + 1)]
+    out = torch.empty(numel, dtype=torch.float32)
+    for lo, hi in _chunks(numel, chunk):
+        m = hi - lo
+        if mix is None:
+            rows = [b[:m].copy_(v[lo:hi]) for b, v in zip(bufs, vectors)]
+        else:
+            parts = [v[lo:hi] for v in vectors]
+            rows = [_accumulate(g, parts, b[:m], bufs[q][:m]) for g, b in zip(mix_groups, bufs)]
+        if pairs is None:
+            srt = list(torch.stack(rows).sort(dim=0).values.unbind(0))
+        else:
+            srt, spare = _sort_rows(rows, bufs[q][:m], pairs)
+            # keep the q+1 buffers for the next chunk, whatever names they now have
+            bufs = [t._base if t._base is not None else t for t in (*srt, spare)]
+        o = out[lo:hi]
+        if cfg.name == "median":
+            a, b = srt[wanted[0]], srt[wanted[1]]
+            if wanted[0] == wanted[1]:
+                o.copy_(a)
+            else:  # in float64: exact, and no overflow near the float32 limit
+                o.copy_(a.to(torch.float64).add(b.to(torch.float64)).mul_(0.5))
+        else:
+            acc = srt[wanted[0]].to(torch.float64, copy=True)
+            for t in wanted[1:]:
+                acc.add_(srt[t])
+            o.copy_(acc.div_(len(wanted)))
+    return out
+
+
+# ----- geometry on coefficient vectors ----------------------------------------------------------
+def _augment(coef: torch.Tensor) -> torch.Tensor:
+    return torch.cat([coef, coef.sum(-1, keepdim=True)], -1)
+
+
+def _sq_norms(gram: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the vectors with augmented coefficient rows ``aug``."""
+    return ((aug @ gram) * aug).sum(-1).clamp_min(0.0)
+
+
+def _sq_dists(gram: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    """(q x q) squared distances; differences of coefficients first, so nothing large cancels."""
+    diff = aug[:, None, :] - aug[None, :, :]
+    d = _sq_norms(gram, diff)
+    d.fill_diagonal_(0.0)
+    return d
+
+
+def _median(t: torch.Tensor) -> float:
+    s = t.sort().values
+    return float((s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2)
+
+
+def _krum_scores(d: torch.Tensor, f: int) -> torch.Tensor:
+    q = d.shape[0]
+    others = d + torch.diag(torch.full((q,), math.inf, dtype=d.dtype))  # exclude each row's distance to itself
+    return others.sort(dim=1).values[:, : q - f - 2].sum(1)
+
+
+def _weiszfeld(gram: torch.Tensor, aug: torch.Tensor, cfg: AggregatorConfig) -> torch.Tensor:
+    """Smoothed Weiszfeld in coefficient space; returns the weights w (sum 1) with z = sum_i w_i y_i."""
+    q = aug.shape[0]
+    w = torch.full((q,), 1.0 / q, dtype=torch.float64)
+    dist = _sq_norms(gram, aug - w @ aug).sqrt()
+    scale = _median(dist) or float(dist.max())
+    if scale == 0.0:  # all inputs identical: the mean is the answer
+        return w
+    nu = cfg.gm_smoothing * scale
+    for _ in range(cfg.gm_max_iter):
+        beta = 1.0 / dist.clamp_min(nu)
+        new = beta / beta.sum()
+        moved = float(_sq_norms(gram, (new - w) @ aug).sqrt())
+        w = new
+        dist = _sq_norms(gram, aug - w @ aug).sqrt()
+        if moved <= cfg.gm_tol * scale:
+            break
+    return w
+
+
+def _centered_clip(gram: torch.Tensor, aug: torch.Tensor, centre: torch.Tensor, cfg: AggregatorConfig) -> torch.Tensor:
+    """Centered clipping from the augmented coefficients ``centre``; returns augmented coefficients."""
+    q = aug.shape[0]
+    v = centre
+    tau = cfg.tau * _median(_sq_norms(gram, aug - v).sqrt())
+    for _ in range(cfg.iterations):
+        dist = _sq_norms(gram, aug - v).sqrt()
+        keep = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
+        # v + (1/q) sum_i keep_i (y_i - v), grouped so that keep == 1 everywhere leaves no v at all
+        v = v * (1.0 - float(keep.sum()) / q) + (keep / q) @ aug
+    return v
+
+
+# ----- pre-steps ----------------------------------------------------------------------------------
+def _lex_compare(a: torch.Tensor, b: torch.Tensor, chunk: int) -> int:
+    for lo, hi in _chunks(a.numel(), chunk):
+        diff = torch.ne(a[lo:hi], b[lo:hi]).nonzero()
+        if diff.numel():
+            j = lo + int(diff[0])
+            return -1 if a[j] < b[j] else 1
+    return 0
+
+
+def _canonical_order(rows: list[torch.Tensor], chunk: int) -> list[int]:
+    """Positions of ``rows`` in lexicographic order of their values: the same whatever order they came in."""
+    key = functools.cmp_to_key(lambda i, j: _lex_compare(rows[i], rows[j], chunk))
+    return sorted(range(len(rows)), key=key)
+
+
+def _pre_steps(cfg: AggregatorConfig, gram: torch.Tensor, mix: torch.Tensor, seed: int) -> torch.Tensor:
+    """Apply clip -> nnm -> bucketing to the mixing matrix ``mix`` (rows: inputs as combinations of vectors)."""
+    if cfg.clip:
+        norms = _sq_norms(gram, _augment(mix)).sqrt()
+        limit = cfg.clip * _median(norms)
+        scale = torch.where(norms > limit, limit / norms.clamp_min(1e-300), torch.ones_like(norms))
+        mix = mix * scale[:, None]
+    if cfg.nnm:
+        q = mix.shape[0]
+        order = _sq_dists(gram, _augment(mix)).argsort(dim=1, stable=True)[:, : q - cfg.f]
+        mix = mix[order].mean(1)
+    if cfg.bucket > 1:
+        q = mix.shape[0]
+        perm = torch.randperm(q, generator=torch.Generator().manual_seed(seed))
+        mix = torch.stack([mix[perm[i:i + cfg.bucket]].mean(0) for i in range(0, q, cfg.bucket)])
+    return mix
+
+
+# ----- the entry point ----------------------------------------------------------------------------
+def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor], numel: int, *,
+              previous: torch.Tensor | None = None, seed: int = 0) -> AggregateResult:
+    """Screen the contributions, then reduce the accepted ones with ``rule`` (a name or a full config).
+
+    ``previous``: the last aggregate of this range (centered clipping's centre; ignored by other rules
+    and when unusable). ``seed``: bucketing's shuffle. Raises :class:`AggregationRefused` when fewer
+    contributions pass screening than the rule needs to tolerate ``f``, and ``ValueError`` for a bad rule.
+    """
+    cfg = rule if isinstance(rule, AggregatorConfig) else AggregatorConfig(name=rule)
+    problem = config_problem(cfg)
+    if problem:
+        raise ValueError(problem)
     accepted, rejected = screen(contributions, numel)
-    if len(accepted) < min_accepted:
-        why = "; ".join(f"#{r.index}: {r.reason}" for r in rejected) or "no contributions"
-        raise AggregationRefused(f"{len(accepted)} acceptable contributions, need {min_accepted} ({why})")
-    rows = torch.stack([contributions[i] for i in accepted])
-    return AggregateResult(AGGREGATORS[name](rows), accepted, rejected)
+    why = "; ".join(f"#{r.index}: {r.reason}" for r in rejected) or "no contributions"
+    # A correct holder never fails screening, so every rejected one is one of the (at most f) faulty
+    # holders: more rejections than f break the rule's assumption, and the accepted ones hold at most
+    # f - r faulty contributions, which is what the rule then has to tolerate.
+    if len(rejected) > cfg.f:
+        raise AggregationRefused(f"{len(rejected)} contributions failed screening, more than the f={cfg.f} faulty "
+                                 f"holders {cfg.name} is set to tolerate ({why})")
+    cfg = dataclasses.replace(cfg, f=cfg.f - len(rejected))
+    need = min_inputs(cfg)
+    if len(accepted) < need:
+        raise AggregationRefused(f"{len(accepted)} acceptable contributions, {cfg.name} with f={cfg.f} needs "
+                                 f"{need} ({why})")
+    if cfg.bucket > 1:  # bucketing shuffles: start from an order the senders cannot influence
+        accepted = [accepted[i] for i in _canonical_order([contributions[i] for i in accepted], cfg.chunk)]
+    rows = [contributions[i] for i in accepted]
+    n = len(rows)
+    centre = previous if cfg.name == "centered_clip" and not screen([previous], numel)[1] else None
+    vectors = rows + ([centre] if centre is not None else [])
+    k = len(vectors)
+    pre = bool(cfg.clip or cfg.nnm or cfg.bucket > 1)
+    geometric = pre or cfg.name in ("krum", "multi_krum", "geometric_median", "centered_clip")
+    gram = _gram(vectors, n, cfg.chunk) if geometric else None
+    mix = torch.eye(n, k, dtype=torch.float64)  # inputs as combinations of the vectors
+    if pre:
+        mix = _pre_steps(cfg, gram, mix, seed)
+    if AGGREGATORS[cfg.name].coordinatewise:
+        value = _coordinatewise(cfg, vectors[:n], mix[:, :n] if pre else None)
+        return AggregateResult(value, accepted, rejected)
+    alpha = _linear_rule(cfg, gram, mix, centre is not None)
+    value = _combine(vectors, alpha, cfg.chunk)
+    weights = {idx: float(a) for idx, a in zip(accepted, alpha[:n].tolist())}
+    return AggregateResult(value, accepted, rejected, weights)
+
+
+def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Tensor, has_centre: bool) -> torch.Tensor:
+    """Coefficients over the vectors (inputs, then the centre if any) of a rule that returns a weighted sum."""
+    q, k = mix.shape
+    if cfg.name == "mean":
+        return mix.mean(0)
+    aug = _augment(mix)
+    if cfg.name in ("krum", "multi_krum"):
+        scores = _krum_scores(_sq_dists(gram, aug), cfg.f)
+        best = scores.argsort(stable=True)
+        if cfg.name == "krum":
+            return mix[best[0]]
+        m = min(cfg.m or q - cfg.f, q - cfg.f)
+        return mix[best[:m]].mean(0)
+    if cfg.name == "geometric_median":
+        return _weiszfeld(gram, aug, cfg) @ mix
+    assert cfg.name == "centered_clip", cfg.name
+    if has_centre:
+        centre = torch.zeros(k + 1, dtype=torch.float64)
+        centre[k - 1] = centre[k] = 1.0  # the previous aggregate, the last vector
+    else:
+        centre = _weiszfeld(gram, aug, cfg) @ aug
+    return _centered_clip(gram, aug, centre, cfg)[:k]

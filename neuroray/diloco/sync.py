@@ -1,10 +1,14 @@
 """The outer step as Ray tasks: one task per layer range, all ranges in parallel.
 
-theta0 and the outer momentum of every range live in Ray's object store, owned by the training
-driver (:class:`OuterSync`). Each round, every holder of a range puts its pseudo-gradient
-``theta0 - theta`` in the object store; the range's task receives them as object refs, screens and
-aggregates them, applies the outer optimizer to **theta0** and returns the new theta0 and momentum.
-Every holder of the range then loads the new theta0, so all of them restart identical.
+theta0, the outer momentum and the aggregation memory of every range live in Ray's object store,
+owned by the training driver (:class:`OuterSync`). Each round, every holder of a range puts its
+pseudo-gradient ``theta0 - theta`` in the object store; the range's task receives them as object refs,
+lets the simulated Byzantine holders (``attack=...``) replace theirs, screens and aggregates them with
+the configured rule, applies the outer optimizer to **theta0** and returns the new theta0 and
+momentum. Every holder of the range then loads the new theta0, so all of them restart identical.
+
+A refused step (too few acceptable contributions for the rule to tolerate ``aggregator.f``) returns
+theta0 and the momentum unchanged; the report names every rejected holder and why.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from neuroray.config import DilocoConfig
+from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate
+from neuroray.diloco.attacks import byzantine_count, simulate
 from neuroray.diloco.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
@@ -28,40 +33,93 @@ class OuterReport:
     accepted: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (holder index, reason)
     refused: str = ""  # non-empty: the step was refused and theta0 left unchanged
+    byzantine: list[int] = field(default_factory=list)  # holders the attack simulation replaced
+    dropped: list[int] = field(default_factory=list)  # accepted holders the rule gave weight 0 (e.g. not Krum's pick)
 
 
-def outer_step(aggregator: str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
-               momentum: torch.Tensor | None, *deltas: torch.Tensor):
-    """Aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
+@dataclass
+class OuterMemory:
+    """What a range's outer step carries from one round to the next besides theta0 and momentum."""
 
-    Returns ``(new_theta0, new_momentum, report)``; a refused step returns the inputs unchanged.
+    previous: torch.Tensor | None = None  # last aggregate: centered clipping's centre
+    replay: list = field(default_factory=list)  # stale-replay attack: the Byzantine holders' last true deltas
+
+
+def _seed(seed: int, range_index: int, round_index: int) -> int:
+    """A distinct, reproducible seed per (run seed, range, round) for bucketing and Gaussian noise."""
+    return (seed * 1_000_003 + range_index * 10_007 + round_index) % (2**63)
+
+
+def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
+               momentum: torch.Tensor | None, *deltas, attack: AttackConfig | None = None,
+               memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0):
+    """Simulate the attack, aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
+
+    Returns ``(new_theta0, new_momentum, report)``, plus the next :class:`OuterMemory` as a fourth value
+    when ``memory`` is passed (pass ``OuterMemory()`` on the first round). A refused step returns
+    theta0 and momentum unchanged (the very objects passed in).
     """
-    report = OuterReport(range_index)
+    cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
+    attack = attack or AttackConfig()
+    mem = memory or OuterMemory()
+    step_seed = _seed(seed, range_index, round_index)
+    contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=step_seed)
+    report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
     try:
-        result = aggregate(aggregator, deltas, theta0.numel())
+        result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
     except AggregationRefused as exc:
         report.refused = str(exc)
-        return theta0, momentum, report
+        report.rejected = [(i, reason) for i, reason in _screen_reasons(contributions, theta0.numel())]
+        out = (theta0, momentum, report)
+        return out + (OuterMemory(mem.previous, replay),) if memory is not None else out
     report.accepted = result.accepted
     report.rejected = [(r.index, r.reason) for r in result.rejected]
+    report.dropped = sorted(i for i, w in (result.weights or {}).items() if w == 0.0)
     opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
     opt.buf = None if momentum is None else momentum.clone()
     new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))
-    return new_theta0, opt.buf, report
+    out = (new_theta0, opt.buf, report)
+    previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
+    return out + (OuterMemory(previous, replay),) if memory is not None else out
 
 
-# The holders may occupy every CPU; an outer step must still be schedulable.
-outer_step_task = ray.remote(num_cpus=0, num_returns=3)(outer_step)
+def _screen_reasons(contributions, numel: int) -> list[tuple[int, str]]:
+    from neuroray.diloco.aggregate import screen
+
+    return [(r.index, r.reason) for r in screen(contributions, numel)[1]]
+
+
+# num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
+@ray.remote(num_cpus=0, num_returns=4)
+def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas):
+    # The memory comes boxed in a list so that Ray does not resolve it: if the task that produced it
+    # failed (a holder died mid-round and the trainer rolled theta0 and momentum back), the rule simply
+    # starts its memory afresh instead of failing this round too.
+    memory = OuterMemory()
+    if memory_box[0] is not None:
+        try:
+            memory = ray.get(memory_box[0])
+        except Exception as exc:  # noqa: BLE001 - any failure of the producing task
+            log.warning("range %d: outer-step memory lost (%s); starting it afresh", range_index, type(exc).__name__)
+    return outer_step(aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
+                      round_index=round_index, seed=seed)
 
 
 class OuterSync:
-    """Driver-side owner of every range's theta0 and momentum (as object refs)."""
+    """Driver-side owner of every range's theta0, momentum and aggregation memory (as object refs).
 
-    def __init__(self, holders_by_range: list[list], diloco: DilocoConfig, aggregator: str):
-        self.holders_by_range, self.diloco, self.aggregator = holders_by_range, diloco, aggregator
+    ``theta0``, ``momentum`` and ``rounds`` are public: the trainer snapshots and rolls them back.
+    """
+
+    def __init__(self, holders_by_range: list[list], diloco: DilocoConfig, aggregator: AggregatorConfig | str,
+                 attack: AttackConfig | None = None, seed: int = 0):
+        self.holders_by_range, self.diloco = holders_by_range, diloco
+        self.aggregator = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
+        self.attack, self.seed = attack or AttackConfig(), seed
         # Holders start from the same seeded init, so the first holder's weights are every holder's theta0.
         self.theta0 = [holders[0].flat_params.remote() for holders in holders_by_range]
         self.momentum: list = [None] * len(holders_by_range)
+        self.memory: list = [None] * len(holders_by_range)
         self.rounds = 0
 
     def submit(self) -> tuple[list, list]:
@@ -69,9 +127,10 @@ class OuterSync:
         reports, loads = [], []
         for s, holders in enumerate(self.holders_by_range):
             deltas = [h.pseudo_gradient.remote() for h in holders]
-            theta0, momentum, report = outer_step_task.remote(
-                self.aggregator, self.diloco, s, self.theta0[s], self.momentum[s], *deltas)
-            self.theta0[s], self.momentum[s] = theta0, momentum
+            theta0, momentum, report, memory = outer_step_task.remote(
+                self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
+                self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
+            self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
             reports.append(report)
             loads += [h.load_theta0.remote(theta0) for h in holders]
         self.rounds += 1

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroray.config import ModelConfig
+from neuroray.model.kv_cache import PackedKV
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -84,19 +85,54 @@ class CausalSelfAttention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                kv: PackedKV | None = None) -> torch.Tensor:
+        """Attention over ``x`` ``[B, T, d]`` at positions ``start_pos..``; with ``kv``, over cached prefixes.
+
+        Without ``kv`` (training, full sequences) the chunk attends causally to itself only. With ``kv``,
+        ``x`` is ``[1, N, d]`` packing several sessions' chunks (see :class:`PackedKV`), each continuing
+        its own cache at its own position.
+        """
         B, T, _ = x.shape
         # [B, T, heads * hd] -> [B, heads, T, hd]
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, start_pos), apply_rope(k, cos, sin, start_pos)
+        if kv is not None:
+            y = self._attend_cached(q, k, v, cos, sin, kv)
+        else:
+            q, k = apply_rope(q, cos, sin, start_pos), apply_rope(k, cos, sin, start_pos)
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
         # GQA: each group of n_heads // n_kv_heads query heads shares one key/value head.
         n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return t.repeat_interleave(n_rep, dim=1) if n_rep > 1 else t
+
+    def _attend_cached(self, q, k, v, cos, sin, kv: PackedKV) -> torch.Tensor:
+        """Per session: rotate the chunk to the positions after its cache, append it, attend to all of it."""
+        assert q.shape[0] == 1 and sum(kv.lengths) == q.shape[2], "packed input must be [1, sum(lengths), d]"
+        ys, off = [], 0
+        for n, cache in zip(kv.lengths, kv.caches):
+            start = cache.length  # positions continue where this session's cache ends
+            qs = apply_rope(q[:, :, off : off + n], cos, sin, start)
+            ks = apply_rope(k[:, :, off : off + n], cos, sin, start)
+            k_all, v_all = cache.append(ks, v[:, :, off : off + n])
+            k_all, v_all = self._repeat_kv(k_all), self._repeat_kv(v_all)
+            if start == 0:  # a fresh prefill is exactly the training computation
+                y = F.scaled_dot_product_attention(qs, k_all, v_all, is_causal=True)
+            elif n == 1:  # one new token sees the whole prefix: no mask needed
+                y = F.scaled_dot_product_attention(qs, k_all, v_all)
+            else:
+                # Query i sits at position start + i and may see keys 0 .. start + i. is_causal would
+                # align the square top-left and hide the cached prefix, so the mask is explicit.
+                mask = torch.arange(start + n, device=q.device) <= (start + torch.arange(n, device=q.device))[:, None]
+                y = F.scaled_dot_product_attention(qs, k_all, v_all, attn_mask=mask)
+            ys.append(y)
+            off += n
+        return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
 
 
 class SwiGLU(nn.Module):
@@ -123,6 +159,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                kv: PackedKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv)
         return x + self.mlp(self.mlp_norm(x))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroray.config import ModelConfig
+from neuroray.model.kv_cache import PackedKV, SessionKV
 from neuroray.model.layers import Block, RMSNorm, rope_cache
 
 # Residual-stream output projections: scaled down at init so the residual variance stays O(1) in depth.
@@ -101,6 +102,46 @@ class StageModule(nn.Module):
         if self.has_head:
             h = self.lm_head(self.norm(h))
         return h
+
+    def new_cache(self) -> SessionKV:
+        """An empty KV cache for one session of this stage's layers."""
+        return SessionKV(range(self.layer_start, self.layer_end))
+
+    def forward_cached(self, x: torch.Tensor, caches: list[SessionKV], lengths: list[int],
+                       last_only: bool = False) -> torch.Tensor:
+        """Incremental forward of several sessions at once, each continuing its own KV cache.
+
+        ``x`` packs the sessions' new chunks along the sequence axis: token ids ``[1, N]`` (first stage)
+        or hidden ``[1, N, d_model]``, with ``N = sum(lengths)``; chunk i starts at position
+        ``caches[i].length`` and is appended to that cache. The matmuls run once over all ``N`` rows;
+        only attention is per session. Returns hidden ``[1, N, d_model]``, logits ``[1, N, vocab]`` if
+        last, or with ``last_only`` the logits of each chunk's last token ``[len(lengths), vocab]``.
+        """
+        if len(caches) != len(lengths) or x.shape[0] != 1 or x.shape[1] != sum(lengths) or min(lengths, default=0) < 1:
+            raise ValueError(
+                f"packed input {tuple(x.shape)} does not match {len(caches)} caches with chunk lengths {lengths}; "
+                "pass [1, sum(lengths)] with one non-empty chunk per cache"
+            )
+        for cache, n in zip(caches, lengths):
+            if set(cache.layers) != set(range(self.layer_start, self.layer_end)):
+                raise ValueError(f"a cache for layers {sorted(cache.layers)} cannot serve this stage's {self.extra_repr()}")
+            end = cache.length + n
+            if end > self.cfg.max_seq_len:  # checked for all before any cache changes
+                raise ValueError(
+                    f"positions {cache.length}..{end - 1} do not fit model.max_seq_len={self.cfg.max_seq_len}; "
+                    "shorten the prompt or generate fewer tokens"
+                )
+        h = self.embed(x) if self.has_embedding else x
+        for idx, block in self.layers.items():
+            kv = PackedKV(tuple(lengths), tuple(c.layers[int(idx)] for c in caches))
+            h = block(h, self.rope_cos, self.rope_sin, 0, kv)
+        if not self.has_head:
+            return h
+        if last_only:
+            # The head is the largest matmul of a small model: run it on the rows that are sampled from.
+            last = torch.tensor(lengths, device=h.device).cumsum(0) - 1
+            h = h[0, last]
+        return self.lm_head(self.norm(h))
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,1 +1,40 @@
-"""Planning: how the model is split into stages and where Ray places the holders."""
+"""Planning: size the model from cluster memory, split it into stages, and place the holders with Ray.
+
+* :mod:`~neuroray.planner.scaling` -- the scaling law (memory -> architecture) and parameter counts;
+* :mod:`~neuroray.planner.memory` -- bytes per holder (weights, gradients, AdamW, DiLoCo, activations);
+* :mod:`~neuroray.planner.partition` -- layers -> stages, replicas -> nodes: :func:`plan` (pure);
+* :mod:`~neuroray.planner.cluster` -- node specs from Ray or ``cluster.nodes``, :func:`plan_for_cluster`,
+  the upgrade rule and :class:`ClusterWatcher`;
+* :mod:`~neuroray.planner.placement` -- Ray placement groups for a plan (the only module that needs Ray).
+"""
+
+from neuroray.planner.cluster import (
+    ClusterWatcher,
+    UpgradeRule,
+    WatchEvent,
+    cluster_nodes,
+    parse_nodes,
+    plan_for_cluster,
+    request_from_config,
+)
+from neuroray.planner.memory import parse_memory
+from neuroray.planner.partition import NodeSpec, Plan, PlanError, PlanRequest, plan
+from neuroray.planner.scaling import architecture_for_memory, param_count
+
+__all__ = [
+    "ClusterWatcher",
+    "NodeSpec",
+    "Plan",
+    "PlanError",
+    "PlanRequest",
+    "UpgradeRule",
+    "WatchEvent",
+    "architecture_for_memory",
+    "cluster_nodes",
+    "param_count",
+    "parse_memory",
+    "parse_nodes",
+    "plan",
+    "plan_for_cluster",
+    "request_from_config",
+]

@@ -2,31 +2,112 @@
 
 Holders of one replica talk on every microbatch, so a replica's bundles are PACKed onto as few
 nodes as possible; replicas only talk at outer steps and may sit anywhere.
+
+Two entry points:
+
+* :func:`reserve_plan` reserves a :class:`~neuroray.planner.partition.Plan`: each bundle asks for the
+  holder's CPUs, GPUs and host memory (Ray's ``memory`` resource) and is pinned to the node the plan
+  chose with the ``ray.io/node-id`` label selector, so Ray puts it exactly where the planner counted
+  its memory; the group's strategy is ``planner.within_replica``. The plan already kept
+  ``planner.reserve_cpus`` CPUs and the outer step's host memory free on one node, so the outer-step
+  tasks (neuroray.diloco.sync) can always run.
+* :func:`reserve_replicas` is the uniform form for a fixed config (R x S equal bundles, no pinning).
+
+Both wait with ``pg.wait(timeout)`` and, when a group is not ready, remove what they created and
+raise :class:`PlacementError` naming each bundle that cannot be placed and what its node lacks.
 """
 
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from neuroray.errors import NeurorayError
+from neuroray.planner.memory import format_bytes
+from neuroray.planner.partition import Plan, PlanError
+
+NODE_LABEL = "ray.io/node-id"  # Ray labels every node with its id; bundles select on it
 
 
-class PlacementError(NeurorayError):
-    """The cluster cannot host the requested holders."""
+class PlacementError(PlanError):
+    """The cluster cannot host the requested holders (now)."""
 
 
-def _need(num_stages: int, cpus: float, gpus: float) -> dict:
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k} {format_bytes(v) if k == 'memory' else f'{v:g}'}" for k, v in sorted(resources.items()))
+
+
+def _free_by_node() -> dict[str, dict]:
+    """Available resources per alive node (Ray's state API; falls back to totals if it moves)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return available_resources_per_node()
+    except Exception:  # a private API: on any change, report totals rather than fail the error path
+        return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
+
+
+def missing_for(bundles: list[dict], node_ids: list[str | None]) -> list[str]:
+    """Why each bundle cannot be placed now: its node is gone, or lacks a resource (what it has free)."""
+    free = _free_by_node()
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    cluster_free = ray.available_resources()
+    problems, want_by_node = [], {}
+    for i, (bundle, node) in enumerate(zip(bundles, node_ids)):
+        if node is not None and node not in alive:
+            problems.append(f"bundle {i}: node {node[:8]} is not in the cluster")
+            continue
+        pool = free.get(node, {}) if node is not None else cluster_free
+        want = want_by_node.setdefault(node, {})
+        for k, v in bundle.items():
+            want[k] = want.get(k, 0.0) + v
+        short = {k: v for k, v in want.items() if pool.get(k, 0.0) + 1e-6 < v}
+        if short:
+            where = f"node {node[:8]}" if node is not None else "the cluster"
+            problems.append(f"bundle {i} needs {_fmt(bundle)}; {where} has free "
+                            f"{_fmt({k: pool.get(k, 0.0) for k in short})}")
+    return problems
+
+
+def _wait_all(groups: list, timeout_s: float, describe, node_ids_of, bundles_of) -> None:
+    for r, pg in enumerate(groups):
+        if pg is None or pg.wait(timeout_seconds=timeout_s):
+            continue
+        problems = missing_for(bundles_of(r), node_ids_of(r)) or ["resources are held by other work"]
+        release(groups)
+        raise PlacementError(
+            f"placement group of replica {r} ({describe(r)}) not ready after {timeout_s:g}s: "
+            f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}; free those resources, add nodes, "
+            "or raise cluster.actor_start_timeout_s"
+        )
+
+
+def reserve_plan(plan: Plan, timeout_s: float, name: str = "neuroray") -> list:
+    """One placement group per replica of ``plan``, bundles pinned to the planned nodes; waits for all."""
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    unknown = sorted({h.node_name for rep in plan.holders for h in rep if h.node_id not in alive})
+    if unknown:
+        raise PlacementError(
+            f"the plan puts holders on nodes that are not in this Ray cluster ({', '.join(unknown[:3])}); "
+            "replan with neuroray.planner.plan_for_cluster on the live cluster (not cluster.nodes)"
+        )
+    groups = []
+    for r in range(plan.replicas):
+        groups.append(placement_group(
+            plan.bundles(r), strategy=plan.within_replica, name=f"{name}-replica-{r}",
+            bundle_label_selector=[{NODE_LABEL: node} for node in plan.node_ids(r)],
+        ))
+    _wait_all(groups, timeout_s, lambda r: f"{plan.num_stages} stage(s) on {', '.join(sorted(set(plan.node_ids(r))))}",
+              plan.node_ids, plan.bundles)
+    return groups
+
+
+def reserve_replicas(replicas: int, num_stages: int, cpus: float, gpus: float, timeout_s: float,
+                     strategy: str = "PACK") -> list:
+    """One group of ``num_stages`` equal bundles per replica (no pinning); waits for all."""
     bundle = {"CPU": cpus} if cpus > 0 else {}
     if gpus > 0:
         bundle["GPU"] = gpus
-    return bundle
-
-
-def reserve_replicas(replicas: int, num_stages: int, cpus: float, gpus: float, timeout_s: float, strategy: str = "PACK") -> list:
-    """Create and wait for one placement group per replica; a clear error lists what is missing."""
-    bundle = _need(num_stages, cpus, gpus)
     if not bundle:  # zero-resource holders need no reservation
         return [None] * replicas
     total = {k: v * replicas * num_stages for k, v in bundle.items()}
@@ -40,20 +121,20 @@ def reserve_replicas(replicas: int, num_stages: int, cpus: float, gpus: float, t
         )
     groups = [placement_group([dict(bundle) for _ in range(num_stages)], strategy=strategy, name=f"neuroray-replica-{r}")
               for r in range(replicas)]
-    for r, pg in enumerate(groups):
-        if not pg.wait(timeout_seconds=timeout_s):
-            free = ray.available_resources()
-            release(groups)
-            raise PlacementError(
-                f"placement group of replica {r} ({num_stages} x {bundle}) not ready after {timeout_s:g}s; "
-                f"free now: CPU {free.get('CPU', 0):g}, GPU {free.get('GPU', 0):g}; "
-                "free resources or raise cluster.actor_start_timeout_s"
-            )
+    _wait_all(groups, timeout_s, lambda r: f"{num_stages} x {_fmt(bundle)}", lambda r: [None] * num_stages,
+              lambda r: [bundle] * num_stages)
     return groups
 
 
 def bundle_strategy(pg, index: int):
+    """Scheduling strategy that runs an actor in bundle ``index`` of ``pg`` (None: no group)."""
     return None if pg is None else PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+
+
+def placed_nodes(pg) -> list[str]:
+    """Node id of each bundle of a ready placement group, in bundle order."""
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in sorted(table)]
 
 
 def release(groups: list) -> None:

@@ -2,6 +2,8 @@
 
 ``node_id = sha256(compressed public key)`` in hex. The key file is created with mode 0600 and
 reused on restart, so a holder keeps its node id (and with it its data shard) across runs.
+Signing goes through :mod:`neuroray.ponw.crypto`, which picks the fast libsecp256k1 backend when
+it is installed; both backends produce identical deterministic signatures.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecdsa import SECP256k1, SigningKey
+
+from neuroray.ponw import crypto
 
 
 @dataclass
@@ -24,7 +28,21 @@ class Identity:
 
     @property
     def node_id(self) -> str:
-        return hashlib.sha256(self.public_key).hexdigest()
+        return node_id_of(self.public_key)
+
+    @property
+    def secret(self) -> bytes:
+        """The 32-byte private scalar (never leaves the holder; used to sign)."""
+        return self.signing_key.to_string()
+
+    def sign_digest(self, digest: bytes, backend: str = "auto") -> bytes:
+        """Deterministic low-S ``r || s`` signature of a SHA-256 digest."""
+        return crypto.backend(backend).sign(self.secret, digest)
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> "Identity":
+        """An identity from a known 32-byte scalar (test vectors, key import)."""
+        return cls(SigningKey.from_string(secret, curve=SECP256k1))
 
     @classmethod
     def generate(cls) -> "Identity":
@@ -35,9 +53,12 @@ class Identity:
         path = Path(path).expanduser()
         if path.exists():
             try:
-                return cls(SigningKey.from_pem(path.read_bytes()))
+                key = SigningKey.from_pem(path.read_bytes())
             except Exception as exc:
                 raise ValueError(f"key file {path} is not a PEM secp256k1 key ({exc}); move it away to get a new identity") from None
+            if key.curve != SECP256k1:
+                raise ValueError(f"key file {path} holds a {key.curve.name} key, not secp256k1; move it away to get a new identity")
+            return cls(key)
         ident = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -46,3 +67,8 @@ class Identity:
             f.write(ident.signing_key.to_pem())
         os.replace(tmp, path)
         return ident
+
+
+def node_id_of(public_key: bytes) -> str:
+    """``sha256(compressed public key)`` as lowercase hex: the name of a node everywhere."""
+    return hashlib.sha256(public_key).hexdigest()

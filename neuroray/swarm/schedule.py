@@ -18,6 +18,7 @@ from dataclasses import dataclass
 class StepRefs:
     losses: list  # one ref per microbatch: the Validator's unscaled loss
     steps: list  # one ref per holder: the inner optimizer's gradient norm
+    tails: list  # the Driver's backward returns (None): kept so a failure in them is read, not leaked
 
 
 def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 0) -> StepRefs:
@@ -36,9 +37,11 @@ def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 
         loss, grad = last.forward_backward.options(num_returns=2).remote(mb, x, labels, scale)
         losses.append(loss)
         pending_grads.append(grad)
+    tails = []
     for m, grad in enumerate(pending_grads):
         mb = first_mb_id + m
         for holder in reversed(pipeline[:-1]):
             grad = holder.backward.remote(mb, grad)
+        tails.append(grad)
     steps = [holder.step.remote() for holder in pipeline]
-    return StepRefs(losses, steps)
+    return StepRefs(losses, steps, tails)

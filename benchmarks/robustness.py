@@ -1,0 +1,272 @@
+"""Robustness table: final eval loss of DiLoCo under every attack x every aggregator, relative to a clean run.
+
+8 replicas of a tiny model (one layer range: the whole model) train on their own Genesis shards; every
+``inner_steps`` steps the outer step runs through ``neuroray.diloco.sync.outer_step`` (the function
+the Ray task runs): the first 2 replicas are Byzantine and their pseudo-gradients are replaced by the
+attack's, then the aggregator (f=2) and the outer Nesterov step update theta0. Each cell is the final
+eval loss divided by the clean run's (``mean``, no attack, same seed), averaged over the seeds.
+The replicas are simulated in one process per worker, replica by replica, so the table fits a
+2-core machine; round 1 is identical for every cell of a seed and is trained once.
+
+    python benchmarks/robustness.py [seeds=2] [rounds=6] [inner_steps=10] [workers=2]
+                                    [rules=a,b,...] [attacks=label,...] [write=0]
+
+Writes docs/robustness.md and appends a summary row to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
+
+from benchmarks._report import append_row, machine  # noqa: E402
+from neuroray.config import AggregatorConfig, AttackConfig, load_config  # noqa: E402
+from neuroray.diloco.sync import OuterMemory, outer_step  # noqa: E402
+
+REPLICAS, BYZANTINE, F = 8, 2, 2
+DEFAULT_ROBUST = "trimmed_mean"  # the rule docs/aggregation.md and DESIGN.md recommend (chosen before measuring)
+RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clip"]
+ATTACKS = {  # column label -> attack (fraction 2/8)
+    "none": AttackConfig("none"),
+    "sign_flip": AttackConfig("sign_flip"),
+    "scaled 1e6": AttackConfig("scaled", scale=1e6),
+    "gaussian": AttackConfig("gaussian", std=1.0),
+    "alie z=1": AttackConfig("alie", z=1.0),
+    "alie z=1.5": AttackConfig("alie", z=1.5),
+    "alie z_max": AttackConfig("alie", z=None),
+    "ipm 0.1": AttackConfig("ipm", epsilon=0.1),
+    "ipm 0.5": AttackConfig("ipm", epsilon=0.5),
+    "ipm 2": AttackConfig("ipm", epsilon=2.0),
+    "ipm 10": AttackConfig("ipm", epsilon=10.0),
+    "mimic": AttackConfig("mimic"),
+    "zero": AttackConfig("zero"),
+    "stale": AttackConfig("stale"),
+    "nan": AttackConfig("nan"),
+}
+OVERRIDES = [  # the tiny model, shrunk further so ~200 runs fit in minutes on 2 cores
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64",
+    "data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=1",
+    f"diloco.replicas={REPLICAS}",
+]
+
+
+def _setup(cfg, seed: int, steps: int):
+    """Data for every replica and step, the eval batches, and the initial weights of one seed."""
+    from neuroray.genesis import TokenStream, ensure_dataset, eval_batches, load_tokenizer
+
+    root, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
+    vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
+    d = cfg.data
+    batches = []
+    for r in range(REPLICAS):
+        stream = TokenStream(root, manifest, f"robustness-seed{seed}-replica{r}", d.seq_len, d.microbatch_size)
+        batches.append([stream.next_microbatch() for _ in range(steps)])
+    evals = eval_batches(root, manifest, d.seq_len, d.microbatch_size, max_batches=16)
+    return vocab, batches, evals
+
+
+class Replicas:
+    """REPLICAS copies of the monolith with their own AdamW; the holders' inner loop, one after another."""
+
+    def __init__(self, cfg, vocab: int, seed: int):
+        from neuroray.model import build_monolith
+
+        dl = cfg.diloco
+        self.models = [build_monolith(cfg.model, vocab, seed=seed) for _ in range(REPLICAS)]
+        self.opts = [torch.optim.AdamW(m.parameters(), lr=dl.inner_lr, weight_decay=dl.weight_decay,
+                                       betas=(0.9, 0.95)) for m in self.models]
+        self.grad_clip = dl.grad_clip
+
+    def load(self, theta0: torch.Tensor, opt_states=None) -> None:
+        for i, m in enumerate(self.models):
+            with torch.no_grad():
+                vector_to_parameters(theta0.clone(), m.parameters())
+            if opt_states is not None:
+                self.opts[i].load_state_dict(opt_states[i])
+
+    def inner(self, theta0: torch.Tensor, batches, first: int, steps: int) -> list[torch.Tensor] | None:
+        """``steps`` AdamW steps on every replica from theta0; the pseudo-gradients, or None if one diverged."""
+        deltas = []
+        for r, (m, opt) in enumerate(zip(self.models, self.opts)):
+            for s in range(first, first + steps):
+                x, y = batches[r][s]
+                loss = m.loss(m(x), y)
+                if not torch.isfinite(loss):
+                    return None
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            deltas.append(theta0 - parameters_to_vector(m.parameters()).detach())
+        return deltas
+
+    def opt_states(self):
+        return [copy.deepcopy(o.state_dict()) for o in self.opts]
+
+
+def _eval(cfg, vocab: int, theta0: torch.Tensor, evals) -> float:
+    from neuroray.model import build_monolith
+
+    if not torch.isfinite(theta0).all():
+        return math.inf
+    m = build_monolith(cfg.model, vocab)
+    with torch.no_grad():
+        vector_to_parameters(theta0, m.parameters())
+        loss = sum(float(m.loss(m(x), y)) for x, y in evals) / len(evals)
+    return loss if math.isfinite(loss) else math.inf
+
+
+def run_group(job) -> tuple[int, str, dict[str, tuple[float, int]], float]:
+    """Every attack for one (seed, rule): (eval loss, outer steps refused) per attack label."""
+    overrides, seed, rule, labels, rounds, H = job
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    cfg = load_config(overrides + [f"seed={seed}", f"diloco.inner_steps={H}", f"aggregator={rule}", f"aggregator.f={F}"])
+    vocab, batches, evals = _setup(cfg, seed, rounds * H)
+    reps = Replicas(cfg, vocab, seed)
+    theta_init = parameters_to_vector(reps.models[0].parameters()).detach().clone()
+    first_deltas = reps.inner(theta_init, batches, 0, H)  # round 1 is the same for every attack
+    first_states = reps.opt_states()
+    out = {}
+    for label in labels:
+        attack = dataclasses.replace(ATTACKS[label], fraction=BYZANTINE / REPLICAS if label != "none" else 0.0)
+        theta0, momentum, memory = theta_init, None, OuterMemory()
+        deltas, refused = first_deltas, 0
+        for rnd in range(rounds):
+            if rnd > 0:
+                # AdamW.load_state_dict adopts the tensors it is given: hand it a copy to keep first_states clean
+                reps.load(theta0, copy.deepcopy(first_states) if rnd == 1 else None)
+                deltas = reps.inner(theta0, batches, rnd * H, H)
+                if deltas is None:
+                    theta0 = torch.full_like(theta0, math.nan)
+                    break
+            theta0, momentum, report, memory = outer_step(cfg.aggregator, cfg.diloco, 0, theta0, momentum, *deltas,
+                                                          attack=attack, memory=memory, round_index=rnd, seed=seed)
+            refused += bool(report.refused)
+            if not torch.isfinite(theta0).all():
+                break
+        out[label] = (_eval(cfg, vocab, theta0, evals), refused)
+    return seed, rule, out, time.perf_counter() - t0
+
+
+def _cell(ratios: list[float]) -> str:
+    if any(not math.isfinite(r) for r in ratios):
+        return "diverged"
+    value = sum(ratios) / len(ratios)
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def main(argv: list[str]) -> None:
+    args = dict(a.split("=", 1) for a in argv)
+    seeds = int(args.get("seeds", 2))
+    rounds, H, workers = int(args.get("rounds", 6)), int(args.get("inner_steps", 10)), int(args.get("workers", 2))
+    rules = args["rules"].split(",") if "rules" in args else RULES
+    labels = args["attacks"].split(",") if "attacks" in args else list(ATTACKS)
+    if "mean" not in rules or "none" not in labels:
+        raise SystemExit("rules must include mean and attacks must include none: they are the clean reference")
+    cfg = load_config(OVERRIDES)
+    from neuroray.genesis import ensure_dataset
+
+    ensure_dataset(cfg.data, log=print)  # build once, before the workers race for it
+    jobs = [(OVERRIDES, seed, rule, labels, rounds, H) for seed in range(seeds) for rule in rules]
+    t0 = time.perf_counter()
+    losses: dict[tuple[int, str, str], float] = {}
+    refused: dict[tuple[str, str], int] = {}
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for seed, rule, out, secs in pool.imap_unordered(run_group, jobs):
+            for label, (loss, n_refused) in out.items():
+                losses[(seed, rule, label)] = loss
+                refused[(rule, label)] = refused.get((rule, label), 0) + n_refused
+            print(f"seed {seed} {rule:17s} {secs:5.0f}s  " + " ".join(f"{k}={v[0]:.3f}" for k, v in out.items()),
+                  flush=True)
+    elapsed = time.perf_counter() - t0
+
+    clean = {s: losses[(s, "mean", "none")] for s in range(seeds)}
+    ratio = {(r, a): [losses[(s, r, a)] / clean[s] for s in range(seeds)] for r in rules for a in labels}
+    mean_of = {k: (sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf) for k, v in ratio.items()}
+    cmd = " ".join(["python benchmarks/robustness.py", *argv])
+    if args.get("write", "1") == "0":  # smoke runs: print, write nothing
+        for a in labels:
+            print(f"{a:12s} " + " ".join(f"{r}={_cell(ratio[(r, a)])}" for r in rules))
+        return
+    write_doc(cfg, rules, labels, ratio, refused, clean, seeds, rounds, H, elapsed, cmd)
+
+    goals = []
+    if DEFAULT_ROBUST in rules:
+        worst = max(labels, key=lambda a: mean_of[(DEFAULT_ROBUST, a)])
+        goals.append(f"{DEFAULT_ROBUST} worst {mean_of[(DEFAULT_ROBUST, worst)]:.3f} ({worst}): "
+                     f"{'met' if mean_of[(DEFAULT_ROBUST, worst)] <= 1.03 else 'NOT met'}")
+    fails = [a for a in ("scaled 1e6", "gaussian", "ipm 10") if a in labels]
+    if fails:
+        ok = all(mean_of[("mean", a)] >= 1.10 for a in fails)
+        goals.append("mean under " + ", ".join(f"{a} {_cell(ratio[('mean', a)])}" for a in fails)
+                     + f": fails visibly {'met' if ok else 'NOT met'}")
+    robust = [r for r in rules if r != "mean"]
+    if robust:
+        top = max(robust, key=lambda r: mean_of[(r, "none")])
+        goals.append(f"no-attack cost max {mean_of[(top, 'none')]:.3f} ({top}): "
+                     f"{'met' if mean_of[(top, 'none')] <= 1.02 else 'NOT met'}")
+    print("\n".join(goals))
+    append_row(
+        "Robustness (DiLoCo, 8 replicas, 2 Byzantine)",
+        ["setup", "goals", "minutes", "machine", "command"],
+        [f"{len(rules)} rules x {len(labels)} attacks x {seeds} seeds, {rounds} rounds x {H} steps",
+         "; ".join(goals), f"{elapsed / 60:.1f}", machine(), f"`{cmd}`"],
+        note="Final eval loss relative to a clean run; the full table is docs/robustness.md.",
+    )
+
+
+def write_doc(cfg, rules, labels, ratio, refused, clean, seeds, rounds, H, elapsed, cmd) -> None:
+    m, d, dl = cfg.model, cfg.data, cfg.diloco
+    lines = [
+        "# Robustness of the DiLoCo aggregators",
+        "",
+        f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')} ({machine()}, {elapsed / 60:.1f} min). "
+        "Rerun that command to reproduce it; it rewrites this file.",
+        "",
+        f"Setup: {REPLICAS} DiLoCo replicas of a tiny model (d_model={m.d_model}, {m.n_layers} layers, "
+        f"vocabulary {cfg.data.vocab_size}, sequences of {d.seq_len}, microbatch {d.microbatch_size}), each on its "
+        f"own Genesis shard stream; {rounds} rounds x {H} inner AdamW steps (lr {dl.inner_lr}), outer Nesterov "
+        f"(lr {dl.outer_lr}, momentum {dl.outer_momentum}). The whole model is one layer range. The first "
+        f"{BYZANTINE} of the {REPLICAS} holders are Byzantine; every rule runs with `aggregator.f={F}` and its "
+        "other defaults. The outer step is `neuroray.diloco.sync.outer_step`, the function the Ray task runs.",
+        "",
+        "Each cell: final eval loss / eval loss of the clean run (`mean`, no attack, same seed), averaged over "
+        f"{seeds} seeds; `diverged`: the weights or the loss stopped being finite; `*`: some outer steps were "
+        "refused (too few acceptable contributions for the rule to tolerate f=2; theta0 kept). Clean eval loss "
+        "per seed: " + ", ".join(f"{clean[s]:.3f}" for s in range(seeds)) + ".",
+        "",
+        "| attack | " + " | ".join(rules) + " |",
+        "|---|" + "---|" * len(rules),
+    ]
+    for a in labels:
+        lines.append(f"| {a} | " + " | ".join(_cell(ratio[(r, a)]) + ("*" if refused.get((r, a)) else "")
+                                                for r in rules) + " |")
+    lines += ["", "Worst single seed per cell (max over seeds):", "",
+              "| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    for a in labels:
+        cells = []
+        for r in rules:
+            v = ratio[(r, a)]
+            cells.append("diverged" if any(not math.isfinite(x) for x in v) else
+                         (f"{max(v):.3f}" if max(v) < 10 else f"{max(v):.1f}"))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    (ROOT / "docs" / "robustness.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1:])

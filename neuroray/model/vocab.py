@@ -1,0 +1,129 @@
+"""Growing a model to a larger vocabulary (the Genesis tokenizer grows append-only).
+
+The embedding (first stage) and the LM head (last stage) get new rows; every old row is kept bit for
+bit, so old token ids mean what they meant. New rows start at the mean of the old rows plus a little
+noise (Hewitt, "Initializing new word embeddings for pretrained language models", 2021): a new token's
+logit starts near the average logit, so the model's distribution over old tokens barely moves, and
+its embedding starts inside the cloud of known ones. The noise comes from a generator seeded by
+``(seed, parameter name, old and new size)``, so every holder of a layer range grows identically and
+DiLoCo's theta0 stays shared.
+
+The optimizer must follow: PyTorch keys optimizer state by the Parameter object, so swapping in a new
+tensor would silently leave AdamW stepping the old one (a bug a previous implementation shipped).
+:func:`grow_vocab` swaps the parameter inside the optimizer's groups and carries its state over: old
+rows keep ``exp_avg`` / ``exp_avg_sq``, new rows start at zero, ``step`` is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+NEW_ROW_NOISE = 0.1  # noise std, as a fraction of the old rows' per-coordinate std
+
+
+def _seed(seed: int, name: str, old_rows: int, new_rows: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}:grow:{old_rows}->{new_rows}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def new_rows(old: torch.Tensor, count: int, seed: int, name: str) -> torch.Tensor:
+    """``count`` rows for a ``[rows, dim]`` weight: the old rows' mean plus seeded noise."""
+    old32 = old.detach().float()
+    mean, std = old32.mean(dim=0), old32.std(dim=0, unbiased=False)
+    g = torch.Generator(device="cpu").manual_seed(_seed(seed, name, old.shape[0], old.shape[0] + count))
+    noise = torch.randn(count, old.shape[1], generator=g)
+    return (mean.cpu() + NEW_ROW_NOISE * std.cpu() * noise).to(dtype=old.dtype, device=old.device)
+
+
+def grow_rows(t: torch.Tensor, rows: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` with rows appended up to ``rows`` in all: ``fill`` if given, else zeros."""
+    extra = rows - t.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot grow a tensor of {t.shape[0]} rows to {rows}")
+    if fill is None:
+        fill = torch.zeros((extra, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, fill.to(dtype=t.dtype, device=t.device)], dim=0)
+
+
+def follow(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Make ``optimizer`` step ``new`` instead of ``old``, carrying ``old``'s state over row by row."""
+    found = False
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+                found = True
+    if not found:
+        raise ValueError("the optimizer does not hold the parameter being grown; pass the optimizer built on "
+                         "this module's parameters")
+    state = optimizer.state.pop(old, None)
+    if state:
+        # Per-element buffers (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer) get zero rows;
+        # scalars such as AdamW's `step` are kept as they are.
+        optimizer.state[new] = {
+            k: grow_rows(v, new.shape[0]) if torch.is_tensor(v) and v.shape == old.shape else v
+            for k, v in state.items()
+        }
+
+
+def grow_vocab(module: nn.Module, vocab_size: int, optimizer: torch.optim.Optimizer | None = None,
+               seed: int = 0) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """Grow ``module``'s embedding and/or LM head to ``vocab_size`` rows in place.
+
+    ``module`` is a StageModule (or anything with an ``embed`` nn.Embedding and/or an ``lm_head``
+    nn.Linear and a ``vocab_size``). Returns ``{parameter name: (old, new)}`` for callers that keep
+    their own per-parameter buffers (DiLoCo theta0 and momentum: see :func:`regrow_flat`).
+    """
+    current = module.vocab_size
+    if vocab_size < current:
+        raise ValueError(f"vocab_size={vocab_size} is below the model's {current}: a vocabulary only grows")
+    replaced: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    if vocab_size == current:
+        return replaced
+    count = vocab_size - current
+    with torch.no_grad():
+        for attr, size_attr in (("embed", "num_embeddings"), ("lm_head", "out_features")):
+            layer = getattr(module, attr, None)
+            if layer is None:
+                continue
+            old = layer.weight
+            if old.shape[0] != current:
+                raise ValueError(f"{attr}.weight has {old.shape[0]} rows but the model's vocab_size is {current}")
+            name = f"{attr}.weight"
+            new = nn.Parameter(grow_rows(old.detach(), vocab_size, new_rows(old, count, seed, name)),
+                               requires_grad=old.requires_grad)
+            layer.weight = new  # same registered name, so parameters() keeps its order
+            setattr(layer, size_attr, vocab_size)
+            replaced[name] = (old, new)
+            if optimizer is not None:
+                follow(optimizer, old, new)
+    module.vocab_size = vocab_size
+    return replaced
+
+
+def regrow_flat(flat: torch.Tensor, old_shapes: list[torch.Size], module: nn.Module,
+                new_from_module: bool) -> torch.Tensor:
+    """A flat vector laid out over ``module.parameters()`` before growth, laid out over them after it.
+
+    Old entries keep their values. Entries of new rows take the module's new values
+    (``new_from_module=True``: DiLoCo's theta0, which must equal the weights it restarts from) or
+    zeros (outer momentum and other accumulators).
+    """
+    parts, offset = [], 0
+    params = list(module.parameters())
+    if len(params) != len(old_shapes):
+        raise ValueError(f"{len(old_shapes)} shapes for {len(params)} parameters: pass the shapes from before growth")
+    for shape, p in zip(old_shapes, params):
+        n = shape.numel()
+        chunk = flat[offset:offset + n].view(shape)
+        offset += n
+        if p.shape != shape:
+            tail = p.detach()[shape[0]:] if new_from_module else None
+            chunk = grow_rows(chunk, p.shape[0], tail)
+        parts.append(chunk.reshape(-1))
+    if offset != flat.numel():
+        raise ValueError(f"the flat vector has {flat.numel()} entries, the shapes account for {offset}")
+    return torch.cat(parts)

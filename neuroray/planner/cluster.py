@@ -1,0 +1,323 @@
+"""The cluster side of planning: node specs (from Ray or a memory list), the plan, and watching joins.
+
+Node specs come from ``ray.nodes()``: CPUs, GPUs, host memory (Ray's ``memory`` resource, what
+tasks and actors may use). Ray does not track GPU memory, so per GPU node it is read, in order, from
+
+1. a declared custom resource, ``planner.gpu_memory_resource`` (default ``gpu_memory_gib``): the
+   node's total GPU memory in GiB, e.g. ``ray start --num-gpus=8 --resources='{"gpu_memory_gib": 640}'``;
+2. the accelerator type Ray detected (``accelerator_type:H100`` -> 80 GiB, table below, the smaller
+   variant where a type comes in several);
+3. a probe task pinned to the node that asks ``torch.cuda.mem_get_info()`` (``planner.probe_gpu_memory``).
+
+Or from ``cluster.nodes``: one entry per node, ``"24GB"`` (host memory), ``"64GB+8x80GB"`` (host and
+8 GPUs of 80 GB each), ``"10x4GB"`` (ten nodes of 4 GB). CPUs are then unknown and do not limit holders.
+
+**Watching.** :class:`ClusterWatcher` re-reads the nodes; on any join or leave it recomputes the plan
+for the current architecture. Every ``planner.upgrade_every_nodes`` joins it asks the scaling law
+again and adopts the new architecture only if ``P(new) >= planner.min_growth x P(current)`` and the
+current model can grow into it function-preservingly (neuroray.model.growth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from neuroray.config import ModelConfig, PlannerConfig, TrainConfig
+from neuroray.errors import ConfigError
+from neuroray.planner import scaling
+from neuroray.planner.memory import Batch, MemoryUnitError, parse_memory
+from neuroray.planner.partition import STRATEGIES, NodeSpec, Plan, PlanError, PlanRequest, plan
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+# GiB per GPU by Ray accelerator type; where a type ships in several sizes, the smaller one.
+ACCELERATOR_GIB = {
+    "K80": 12, "P4": 8, "P100": 16, "V100": 16, "T4": 16, "A10G": 24, "L4": 24, "L40S": 48,
+    "A100": 40, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141, "H20": 96, "B200": 180,
+    "B300": 288, "GB200": 186, "GB300": 288, "RTX-PRO-6000": 96,
+    "AMD-Instinct-MI100": 32, "AMD-Instinct-MI210": 64, "AMD-Instinct-MI250X": 128,
+    "AMD-Instinct-MI300X-OAM": 192, "AMD-Instinct-MI325X-OAM": 256,
+}
+_NODE = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?([^+]+?)\s*(?:\+\s*(\d+(?:\.\d+)?)\s*[xX*]\s*(.+?))?\s*$")
+
+
+# ----- node specs ----------------------------------------------------------------------------------
+
+def parse_nodes(entries: list) -> list[NodeSpec]:
+    """``["8GB", "64GB+8x80GB", "10x4GB"]`` -> node specs; a bad entry raises ConfigError naming it."""
+    nodes: list[NodeSpec] = []
+    for entry in entries:
+        text = str(entry)
+        m = _NODE.match(text)
+        try:
+            if m is None:
+                raise MemoryUnitError("expected <host memory>[+<gpus>x<memory per GPU>], optionally <count>x in front")
+            count = int(m.group(1) or 1)
+            host = parse_memory(m.group(2), "node memory")
+            gpus = float(m.group(3) or 0)
+            gpu_mem = parse_memory(m.group(4), "GPU memory") if m.group(4) else 0
+        except MemoryUnitError as exc:
+            raise ConfigError(f"bad cluster.nodes entry '{text}': {exc} (one entry per node: 24GB, 64GB+8x80GB "
+                              "or 10x4GB)") from None
+        if count < 1:
+            raise ConfigError(f"bad cluster.nodes entry '{text}': the node count must be at least 1")
+        for _ in range(count):
+            i = len(nodes)
+            label = f"{m.group(2).strip()}" + (f"+{gpus:g}x{m.group(4).strip()}" if gpus else "")
+            nodes.append(NodeSpec(node_id=f"node-{i}", name=f"node{i}({label})", memory=host, cpus=None, gpus=gpus,
+                                  gpu_memory=gpu_mem, gpu_memory_source="list" if gpus else "", is_head=i == 0))
+    return nodes
+
+
+def nodes_from_ray(raw: list[dict], planner: PlannerConfig, probe: Callable[[str], int] | None = None) -> list[NodeSpec]:
+    """Node specs from ``ray.nodes()`` records (pure; ``probe(node_id) -> bytes per GPU`` is the fallback)."""
+    out = []
+    for n in raw:
+        if not n.get("Alive", n.get("alive", False)):
+            continue
+        res = n.get("Resources", {})
+        node_id = n["NodeID"]
+        gpus = float(res.get("GPU", 0))
+        gpu_mem, source = 0, ""
+        if gpus > 0:
+            declared = res.get(planner.gpu_memory_resource, 0)
+            types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+            if declared:
+                gpu_mem, source = int(declared * GiB / gpus), f"resource {planner.gpu_memory_resource}"
+            elif types and types[0] in ACCELERATOR_GIB:
+                gpu_mem, source = ACCELERATOR_GIB[types[0]] * GiB, f"accelerator {types[0]}"
+            elif planner.probe_gpu_memory and probe is not None:
+                gpu_mem, source = int(probe(node_id)), "probe"
+        out.append(NodeSpec(
+            node_id=node_id, name=f"{n.get('NodeManagerAddress', '?')}/{node_id[:8]}", memory=int(res.get("memory", 0)),
+            cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory=gpu_mem, gpu_memory_source=source,
+            is_head="node:__internal_head__" in res,
+        ))
+    return out
+
+
+def _probe_gpu_memory(node_id: str, timeout_s: float = 60.0) -> int:
+    """Total memory of one GPU on ``node_id``, asked of torch.cuda by a task pinned there; 0 if unknown."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_gpus=1, num_cpus=0, max_retries=0)
+    def probe() -> int:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[1]) if torch.cuda.is_available() else 0
+
+    ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # busy GPUs (timeout), a dead node, no torch there: all mean "unknown"
+        ray.cancel(ref, force=True)
+        log.warning("GPU memory probe on node %s failed: %s", node_id[:8], str(exc).splitlines()[0])
+        return 0
+
+
+_probed: dict[str, int] = {}  # node id -> bytes per GPU; a node's GPUs do not change while it lives
+
+
+def _cached_probe(node_id: str) -> int:
+    """Probe once per node; a failed probe (0) is retried at the next read, e.g. once GPUs are free."""
+    if not _probed.get(node_id):
+        _probed[node_id] = _probe_gpu_memory(node_id)
+    return _probed[node_id]
+
+
+def read_ray_nodes(planner: PlannerConfig) -> list[NodeSpec]:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        raise PlanError("not connected to Ray; call ray.init(address=...) first, or plan for cluster.nodes=[8GB,...]")
+    return nodes_from_ray(ray.nodes(), planner, _cached_probe)
+
+
+# ----- config -> request -> plan -----------------------------------------------------------------
+
+def check_planner_config(cfg: TrainConfig) -> None:
+    """Config-time checks of ``planner.*`` and ``cluster.nodes`` (ConfigError with one line)."""
+    p = cfg.planner
+    if p.device not in ("auto", "gpu", "cpu"):
+        raise ConfigError(f"planner.device={p.device} is unknown; use auto, gpu or cpu")
+    if not 0 < p.safety_fraction <= 1:
+        raise ConfigError(f"planner.safety_fraction={p.safety_fraction} must be in (0, 1]")
+    try:
+        parse_memory(p.holder_overhead, "planner.holder_overhead")
+    except MemoryUnitError as exc:
+        raise ConfigError(str(exc)) from None
+    if p.within_replica not in STRATEGIES:
+        raise ConfigError(f"planner.within_replica={p.within_replica} is unknown; use one of {', '.join(STRATEGIES)}")
+    if p.across_replicas not in ("PACK", "SPREAD"):
+        raise ConfigError(f"planner.across_replicas={p.across_replicas} is unknown; use PACK or SPREAD")
+    for key in ("microbatch_size", "stages", "replicas", "max_replicas", "reserve_cpus"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"planner.{key}={getattr(p, key)} must be >= 0")
+    if p.upgrade_every_nodes < 1:
+        raise ConfigError(f"planner.upgrade_every_nodes={p.upgrade_every_nodes} must be at least 1")
+    if p.min_growth < 1:
+        raise ConfigError(f"planner.min_growth={p.min_growth} must be >= 1 (an upgrade never shrinks the model)")
+    if p.watch_interval_s <= 0:
+        raise ConfigError(f"planner.watch_interval_s={p.watch_interval_s} must be positive")
+    parse_nodes(cfg.cluster.nodes)
+
+
+def request_from_config(cfg: TrainConfig) -> PlanRequest:
+    """The planner's inputs: ``model=auto`` (model.name == "auto") lets the scaling law choose."""
+    p, d, c = cfg.planner, cfg.data, cfg.cluster
+    check_planner_config(cfg)
+    return PlanRequest(
+        vocab_size=d.vocab_size,
+        batch=Batch(p.microbatch_size or d.microbatch_size, d.seq_len, d.num_microbatches),
+        base_model=cfg.model, model=None if cfg.model.name == "auto" else cfg.model, device=p.device,
+        cpus_per_holder=c.cpus_per_holder, gpus_per_holder=c.gpus_per_holder, safety_fraction=p.safety_fraction,
+        holder_overhead=parse_memory(p.holder_overhead), stages=p.stages, replicas=p.replicas,
+        max_replicas=p.max_replicas, within_replica=p.within_replica, across_replicas=p.across_replicas,
+        reserve_cpus=p.reserve_cpus, exclude_small_nodes=p.exclude_small_nodes,
+    )
+
+
+def cluster_nodes(cfg: TrainConfig) -> list[NodeSpec]:
+    """``cluster.nodes`` when given, else the connected Ray cluster's alive nodes."""
+    return parse_nodes(cfg.cluster.nodes) if cfg.cluster.nodes else read_ray_nodes(cfg.planner)
+
+
+def plan_for_cluster(cfg: TrainConfig, nodes: list[NodeSpec] | None = None) -> Plan:
+    """The plan for ``nodes`` (default: :func:`cluster_nodes`): architecture, ranges, replicas, bundles."""
+    return plan(cluster_nodes(cfg) if nodes is None else nodes, request_from_config(cfg))
+
+
+# ----- upgrades and watching -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UpgradeRule:
+    """Every ``every_nodes`` joins, adopt the law's model if ``P(new) >= min_growth * P(current)``."""
+
+    every_nodes: int = 50
+    min_growth: float = 1.3
+
+    def due(self, joins: int) -> bool:
+        return joins >= self.every_nodes
+
+    def decide(self, current: ModelConfig, candidate: ModelConfig, vocab_size: int) -> tuple[bool, float, str]:
+        """(adopt?, P(candidate) / P(current), why not)."""
+        ratio = scaling.growth_ratio(current, candidate, vocab_size)
+        if ratio < self.min_growth:
+            return False, ratio, f"growth {ratio:.2f}x < planner.min_growth={self.min_growth:g}"
+        blockers = scaling.growth_blockers(current, candidate)
+        if blockers:
+            return False, ratio, "cannot grow function-preservingly: " + "; ".join(blockers)
+        return True, ratio, ""
+
+
+@dataclass
+class WatchEvent:
+    """What one poll saw and decided. ``plan`` is None when the current model no longer fits."""
+
+    joined: list[str]
+    left: list[str]
+    plan: Plan | None
+    previous: Plan
+    upgraded: bool = False
+    evaluated: bool = False  # an upgrade was due and the law was asked
+    growth: float = 0.0  # P(law's model) / P(current) when evaluated
+    reason: str = ""  # why no upgrade, or why no plan
+
+    @property
+    def migrate_from(self) -> ModelConfig | None:
+        """The model existing holders grow from (neuroray.model.growth.grow_stages) when upgraded."""
+        return self.previous.model if self.upgraded else None
+
+
+@dataclass
+class ClusterWatcher:
+    """Re-reads the nodes and replans on joins and leaves; applies the upgrade rule.
+
+    ``read_nodes`` defaults to the connected Ray cluster; tests pass their own. ``poll()`` is
+    synchronous; ``start()`` polls every ``planner.watch_interval_s`` on a daemon thread and calls
+    ``on_change(event)``.
+    """
+
+    cfg: TrainConfig
+    read_nodes: Callable[[], list[NodeSpec]] | None = None
+    current: Plan | None = None
+    on_change: Callable[[WatchEvent], None] | None = None
+    joins_since_upgrade: int = 0
+    known: set = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.read_nodes is None:
+            self.read_nodes = lambda: cluster_nodes(self.cfg)
+        self.request = request_from_config(self.cfg)
+        self.rule = UpgradeRule(self.cfg.planner.upgrade_every_nodes, self.cfg.planner.min_growth)
+        nodes = self.read_nodes()
+        self.known = {n.node_id for n in nodes if n.alive}
+        if self.current is None:
+            self.current = plan(nodes, self.request)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> WatchEvent | None:
+        """One look at the cluster; None when no node joined or left."""
+        nodes = self.read_nodes()
+        ids = {n.node_id for n in nodes if n.alive}
+        joined, left = sorted(ids - self.known), sorted(self.known - ids)
+        if not joined and not left:
+            return None
+        self.known = ids
+        self.joins_since_upgrade += len(joined)
+        previous = self.current
+        event = WatchEvent(joined, left, None, previous)
+        model = previous.model
+        auto = self.request.model is None  # a model fixed by the config never changes
+        if auto and self.rule.due(self.joins_since_upgrade):
+            self.joins_since_upgrade %= self.rule.every_nodes
+            event.evaluated = True
+            try:
+                law = plan(nodes, self.request)  # what the law would build for today's cluster
+                adopt, event.growth, event.reason = self.rule.decide(model, law.model, self.request.vocab_size)
+                if adopt:
+                    event.plan, event.upgraded = law, True
+            except PlanError as exc:
+                event.reason = f"the law's model does not fit: {exc}"
+        if event.plan is None:
+            try:
+                event.plan = plan(nodes, dataclasses.replace(self.request, model=model))
+            except PlanError as exc:
+                event.reason = f"{event.reason}; " if event.reason else ""
+                event.reason += f"the current model no longer fits: {exc}"
+        if event.plan is not None:
+            self.current = event.plan
+        return event
+
+    def start(self, interval_s: float | None = None) -> None:
+        """Poll on a daemon thread until :meth:`stop`; each event goes to ``on_change``."""
+        interval = interval_s or self.cfg.planner.watch_interval_s
+
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    event = self.poll()
+                except Exception as exc:  # a failed read must not kill the watcher; the next poll retries
+                    log.warning("cluster watch: %s", exc)
+                    continue
+                if event is not None and self.on_change is not None:
+                    self.on_change(event)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=loop, name="neuroray-cluster-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

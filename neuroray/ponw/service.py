@@ -1,0 +1,247 @@
+"""PoNW in a training run: the ledger as a named Ray actor, and the helpers holders and the driver use.
+
+Per outer round::
+
+    holder (each)        RoundProver.start_round(...)  at the round's start (theta0, counters, data position)
+                         RoundProver.note_pseudo_gradient(delta)  when it hands its delta to the outer step
+                         RoundProver.finish_round(...) -> proof bytes  after it loaded the new theta0
+    orchestrator         observe_delta(delta) in the outer-step task, round_receipts(...) per range
+    ledger actor         LedgerService.submit_round([(proof, receipt), ...])  verify + credit, one commit
+    orchestrator         audit_round(...) spot checks -> LedgerService.invalidate(...) on a mismatch
+
+:class:`LedgerService` is a plain class (tests use it in-process); :func:`start_ledger_actor` runs it
+as a Ray actor pinned to the driver's node, so the SQLite file lives in the run directory there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from neuroray.config import PonwConfig
+from neuroray.ponw.identity import Identity
+from neuroray.ponw.ledger import Ledger
+from neuroray.ponw.proof import MAX_LOSSES, Proof, SignedProof, loss_to_micro, new_nonce, now_ms
+from neuroray.ponw.rules import UNIT
+from neuroray.ponw.verifier import DataMismatch, NodeRecord, Receipt, SpotCheck, spot_check
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+# ----- commitments ----------------------------------------------------------------------------
+def tensor_digest(t) -> str:
+    """sha256 (hex) of a tensor as contiguous little-endian float32 bytes, prefixed by its shape.
+
+    The holder (in its proof) and the orchestrator (in its receipt) hash the same delta / theta0 and
+    must get the same digest, so both go through this one function.
+    """
+    import torch
+
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(f"f32{tuple(t.shape)}".encode())
+    h.update(t.numpy().data)
+    return h.hexdigest()
+
+
+def observe_delta(delta) -> tuple[str, float]:
+    """What the orchestrator records of a pseudo-gradient it received: ``(digest, L2 norm)``."""
+    return tensor_digest(delta), float(delta.detach().double().norm())
+
+
+def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Sequence[int],
+                   observations: Sequence[tuple[str, float]], aggregated: Sequence[bool] | None = None,
+                   theta0_before: str = "", theta0_after: str = "",
+                   data_positions: Sequence[int | None] | None = None) -> list[Receipt]:
+    """Receipts for the holders of ONE layer range in one round.
+
+    ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
+    each); ``observations``: :func:`observe_delta` of each holder's delta, in the same order;
+    ``aggregated``: False for holders whose delta the robust aggregator dropped. The range's median
+    norm feeds the free-rider rule.
+    """
+    n = len(node_ids)
+    counts = [batches] * n if isinstance(batches, int) else list(batches)
+    assert len(counts) == n and len(observations) == n, "one batch count and one observation per holder"
+    median = statistics.median(norm for _, norm in observations) if observations else 0.0
+    agg = list(aggregated) if aggregated is not None else [True] * n
+    pos = list(data_positions) if data_positions is not None else [None] * n
+    return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
+                    pseudo_gradient=observations[i][0], pseudo_gradient_norm=observations[i][1],
+                    range_median_norm=median, aggregated=agg[i], data_position=pos[i],
+                    theta0_before=theta0_before, theta0_after=theta0_after)
+            for i, node in enumerate(node_ids)]
+
+
+# ----- the holder's side ----------------------------------------------------------------------
+class RoundProver:
+    """Builds and signs one holder's training proof per outer round from its counters and commitments."""
+
+    def __init__(self, identity: Identity, layer_start: int, layer_end: int, has_embedding: bool,
+                 has_lm_head: bool, tokens_per_batch: int, backend: str = "auto"):
+        self.identity, self.backend = identity, backend
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.has_embedding, self.has_lm_head = has_embedding, has_lm_head
+        self.tokens_per_batch = tokens_per_batch
+        self._start: tuple[str, int, int, int | None] | None = None  # theta0 digest, counter, position, shard
+        self._delta = ""
+
+    @classmethod
+    def for_holder(cls, holder, tokens_per_batch: int, backend: str = "auto") -> RoundProver:
+        """A prover for a :class:`neuroray.swarm.holder.StageHolder` (uses its identity and spec)."""
+        spec = holder.spec
+        lo, hi = spec.ranges[spec.stage]
+        return cls(holder.identity, lo, hi, spec.is_first, spec.is_last, tokens_per_batch, backend)
+
+    def registration(self, max_batches_per_s: float = 0.0) -> NodeRecord:
+        """What the orchestrator registers with the ledger for this holder."""
+        return NodeRecord(self.identity.node_id, self.identity.public_key, self.layer_start, self.layer_end,
+                          self.has_embedding, self.has_lm_head, max_batches_per_s)
+
+    def start_round(self, theta0, microbatches_done: int, data_position: int = 0, shard_id: int | None = None) -> None:
+        """Call when a round starts: theta0 it starts from, the holder's microbatch counter, and for the
+        Driver its stream position and current shard id."""
+        self._start = (tensor_digest(theta0), microbatches_done, data_position, shard_id)
+        self._delta = ""
+
+    def note_pseudo_gradient(self, delta) -> str:
+        """Call with the delta handed to the outer step; returns its digest."""
+        self._delta = tensor_digest(delta)
+        return self._delta
+
+    def finish_round(self, outer_round: int, theta0_after, microbatches_done: int,
+                     theta0_losses: Iterable[float] = (), timestamp_ms: int | None = None) -> bytes:
+        """The signed proof (wire bytes) of the round that just ended.
+
+        ``theta0_losses`` (Driver only): the losses of the round's first inner-step microbatches,
+        which were computed at theta0 and are what spot checks recompute.
+        """
+        if self._start is None or not self._delta:
+            raise RuntimeError("finish_round needs start_round and note_pseudo_gradient first in this round")
+        before, mb0, position, shard = self._start
+        batches = microbatches_done - mb0
+        assert batches >= 0, "the microbatch counter went backwards"
+        proof = Proof(
+            node_id=self.identity.node_id, proof_type="training",
+            timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms, nonce=new_nonce(),
+            outer_round=outer_round, tokens_processed=batches * self.tokens_per_batch, training_batches=batches,
+            layers_held=self.layer_end - self.layer_start, layer_start=self.layer_start,
+            has_embedding=self.has_embedding, has_lm_head=self.has_lm_head,
+            shard_id=shard if self.has_embedding else None, data_position=position if self.has_embedding else 0,
+            theta0_before=before, theta0_after=tensor_digest(theta0_after), pseudo_gradient=self._delta,
+            theta0_losses=tuple(loss_to_micro(x) for x in theta0_losses)[:min(batches, MAX_LOSSES)]
+            if self.has_embedding else (),
+        )
+        self._start = None
+        return proof.sign(self.identity, self.backend).to_bytes()
+
+
+# ----- spot checks ----------------------------------------------------------------------------
+def make_recompute(root: str | Path, manifest, seq_len: int, microbatch_size: int,
+                   loss_fn: Callable[[object, object], float]) -> Callable[[Proof, int], float]:
+    """A ``recompute(proof, position)`` for :func:`spot_check` that reads a Driver's own data.
+
+    It rebuilds the Driver's deterministic token stream (``shard_for(node_id)``), checks that the
+    round's first batch really comes from the shard the proof names, and returns
+    ``loss_fn(inputs, labels)``. ``loss_fn`` must evaluate the model at the proof's theta0_before.
+    """
+    from neuroray.genesis import TokenStream
+
+    def recompute(proof: Proof, position: int) -> float:
+        stream = TokenStream(root, manifest, proof.node_id, seq_len, microbatch_size, prefetch=False)
+        stream.seek(proof.data_position)
+        if stream.shard_id != proof.shard_id:
+            raise DataMismatch(f"position {proof.data_position} of node {proof.node_id[:12]}… is in shard "
+                               f"{stream.shard_id}, the proof names {proof.shard_id}")
+        stream.seek(position)
+        inputs, labels = stream.next_microbatch()
+        return float(loss_fn(inputs, labels))
+
+    return recompute
+
+
+def audit_round(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float], cfg: PonwConfig,
+                rng: random.Random | None = None, rate: float | None = None) -> list[tuple[str, SpotCheck]]:
+    """Spot-check a sample (``cfg.spot_check_rate``) of a round's Driver proofs; return the failures.
+
+    Pass each failure to :meth:`LedgerService.invalidate` (reason ``check.detail``), which takes the
+    reward back and slashes the node.
+    """
+    rng = rng or random.SystemRandom()
+    rate = cfg.spot_check_rate if rate is None else rate
+    failures = []
+    for data in proofs:
+        proof = SignedProof.from_bytes(data, cfg.max_proof_bytes).proof
+        if not (proof.proof_type == "training" and proof.has_embedding) or rng.random() >= rate:
+            continue
+        check = spot_check(proof, recompute, cfg.spot_check_tolerance, rng)
+        if check is not None and not check.ok:
+            failures.append((proof.proof_id, check))
+    return failures
+
+
+# ----- the ledger service ---------------------------------------------------------------------
+def ledger_path(cfg: PonwConfig, run_dir: str | Path) -> Path:
+    """``ponw.ledger_path`` or ``<run_dir>/ledger.sqlite``."""
+    return Path(cfg.ledger_path).expanduser() if cfg.ledger_path else Path(run_dir) / LEDGER_FILE
+
+
+class LedgerService:
+    """The ledger behind a small, Ray-friendly API: plain values in and out (bytes, dicts, lists)."""
+
+    def __init__(self, path: str | Path, cfg: PonwConfig, model_layers: int, tokens_per_batch: int,
+                 clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.ledger = Ledger(path, cfg, model_layers=model_layers, tokens_per_batch=tokens_per_batch, clock=clock)
+
+    def register(self, records: Iterable[NodeRecord | dict]) -> int:
+        records = list(records)
+        self.ledger.register(records)
+        return len(records)
+
+    def submit_round(self, items: Iterable[tuple[bytes, Receipt | dict | None]]) -> list[dict]:
+        """Verify and credit a round's proofs in one transaction; one outcome dict per proof."""
+        return [o.to_dict() for o in self.ledger.submit_many(items)]
+
+    def submit(self, data: bytes, receipt: Receipt | dict | None = None) -> dict:
+        return self.ledger.submit(data, receipt).to_dict()
+
+    def invalidate(self, proof_id: str, reason: str, reporter: str | None = None) -> dict:
+        return self.ledger.invalidate(proof_id, reason, reporter).to_dict()
+
+    def balances(self) -> dict[str, dict]:
+        """``{node_id: {"balance": micro-NEURO, "stake": micro-NEURO}}``."""
+        return {a.node_id: {"balance": a.balance, "stake": a.stake} for a in self.ledger.accounts()}
+
+    def summary(self) -> dict:
+        """Flat numbers for progress lines and metrics (NEURO as floats: display only)."""
+        s = self.ledger.supply()
+        counts = self.ledger.counts()
+        return {"supply_neuro": s.total / UNIT, "minted_neuro": s.minted / UNIT, "burned_neuro": s.burned / UNIT,
+                "supply_consistent": s.consistent, "proofs_credited": counts.get("credited", 0),
+                "proofs_rejected": counts.get("rejected", 0), "proofs_invalidated": counts.get("invalidated", 0),
+                "balances_neuro": {a.node_id: (a.balance + a.stake) / UNIT for a in self.ledger.accounts()}}
+
+    def history(self, node_id: str | None = None, limit: int = 50) -> list[dict]:
+        return self.ledger.history(node_id, limit)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def start_ledger_actor(cfg: PonwConfig, path: str | Path, model_layers: int, tokens_per_batch: int):
+    """Start (or reuse) the named ledger actor on this (the driver's) node; returns its handle.
+
+    One actor, one thread: every ledger write is serialized through it. It needs no CPU reservation
+    (``num_cpus=0``) so it always fits beside the holders.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(LedgerService).options(
+        name=cfg.actor_name, get_if_exists=True, num_cpus=0, max_concurrency=1, scheduling_strategy=here)
+    return actor.remote(str(path), cfg, model_layers, tokens_per_batch)

@@ -1,0 +1,119 @@
+"""The planner on a multi-node Ray cluster (ray.cluster_utils.Cluster, injected memory, declared GPUs).
+
+Placement lands on the nodes the plan chose; a joining node triggers a recompute; a group that cannot
+be placed is a clear error; GPU memory comes from a declared resource, or a probe when undeclared.
+"""
+
+import time
+
+import pytest
+
+from neuroray.config import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
+from neuroray.planner import ClusterWatcher, PlanError, plan_for_cluster
+from neuroray.planner.cluster import read_ray_nodes
+from neuroray.planner.placement import PlacementError, bundle_strategy, placed_nodes, release, reserve_plan
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+
+GiB = 2**30
+TINY = ModelConfig(name="tiny", d_model=128, n_layers=4, n_heads=4, n_kv_heads=4)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    small = dict(object_store_memory=80 * 2**20)
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, memory=2 * GiB, include_dashboard=False, **small))
+    gpu = [c.add_node(num_cpus=2, num_gpus=1, memory=6 * GiB, resources={"gpu_memory_gib": 16}, **small) for _ in range(2)]
+    cpu = c.add_node(num_cpus=2, memory=8 * GiB, **small)
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c, [n.node_id for n in gpu], cpu.node_id
+    ray.shutdown()
+    c.shutdown()
+
+
+def _cfg(model=None, **planner):
+    return TrainConfig(model=model or ModelConfig(name="auto"), cluster=ClusterConfig(),
+                       planner=PlannerConfig(**planner))
+
+
+def _node_of_actor(pg, index, cpus, gpus):
+    import ray
+
+    @ray.remote
+    class Where:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    actor = Where.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=bundle_strategy(pg, index)).remote()
+    try:
+        return ray.get(actor.node.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+
+
+def test_placement_lands_where_the_plan_says(cluster):
+    _, gpu_nodes, cpu_node = cluster
+    nodes = read_ray_nodes(PlannerConfig())
+    by_id = {n.node_id: n for n in nodes}
+    assert by_id[gpu_nodes[0]].gpu_memory == 16 * GiB and by_id[gpu_nodes[0]].gpu_memory_source.startswith("resource")
+    assert by_id[cpu_node].memory == 8 * GiB and sum(n.is_head for n in nodes) == 1
+
+    # model=auto: GPUs exist, so the law sizes from their 2 x 16 GiB and every holder takes one GPU
+    plan = plan_for_cluster(_cfg())
+    assert plan.device == "gpu" and plan.law_memory == 32 * GiB
+    assert {h.node_id for rep in plan.holders for h in rep} == set(gpu_nodes)
+    groups = reserve_plan(plan, timeout_s=60)
+    try:
+        for r, pg in enumerate(groups):
+            assert placed_nodes(pg) == plan.node_ids(r)
+        h = plan.holders[0][0]
+        assert _node_of_actor(groups[0], 0, h.cpus, h.gpus) == h.node_id
+
+        # A second copy of the same plan cannot get the GPUs: a clear error that says what is missing.
+        with pytest.raises(PlacementError, match=r"not ready after 2s: bundle 0 needs CPU 0.5, GPU 1, memory .*; "
+                                                 r"node \w{8} has free GPU 0"):
+            reserve_plan(plan, timeout_s=2, name="second")
+    finally:
+        release(groups)
+
+    # A fixed model on CPUs, PACK inside each replica and SPREAD across: Ray follows the plan's nodes.
+    plan = plan_for_cluster(_cfg(TINY, device="cpu", stages=2, replicas=3, reserve_cpus=0))
+    assert plan.device == "cpu" and plan.replicas == 3
+    per_replica = [set(plan.node_ids(r)) for r in range(3)]
+    assert all(len(s) == 1 for s in per_replica) and len(set.union(*per_replica)) == 3
+    groups = reserve_plan(plan, timeout_s=60)
+    try:
+        assert [placed_nodes(pg) for pg in groups] == [plan.node_ids(r) for r in range(3)]
+    finally:
+        release(groups)
+
+
+def test_a_joining_node_triggers_a_recompute(cluster):
+    c, _, _ = cluster
+    watcher = ClusterWatcher(_cfg(TINY, device="cpu", stages=2, reserve_cpus=0))
+    before = watcher.current
+    assert watcher.poll() is None
+    added = c.add_node(num_cpus=2, memory=8 * GiB, object_store_memory=80 * 2**20)
+    event, deadline = None, time.monotonic() + 60  # a deadline against hanging, not a timing assertion
+    while event is None and time.monotonic() < deadline:
+        event = watcher.poll()
+        time.sleep(0.2)
+    assert event is not None and event.joined == [added.node_id] and not event.left
+    assert event.plan is watcher.current and event.plan.model == before.model
+    assert event.plan.replicas > before.replicas
+    assert added.node_id in {h.node_id for rep in event.plan.holders for h in rep}
+
+
+def test_undeclared_gpu_memory_is_probed_then_a_clear_error(cluster):
+    c, _, _ = cluster
+    c.add_node(num_cpus=1, num_gpus=1, memory=2 * GiB, object_store_memory=80 * 2**20)
+    c.wait_for_nodes()
+    nodes = read_ray_nodes(PlannerConfig())
+    probed = [n for n in nodes if n.gpus and not n.gpu_memory]
+    assert len(probed) == 1 and probed[0].gpu_memory_source == "probe"  # CUDA absent here: the probe says 0
+    with pytest.raises(PlanError, match="GPUs of unknown memory"):
+        plan_for_cluster(_cfg(), nodes=nodes)
