@@ -54,31 +54,32 @@ def make_work(n_proofs: int, seed: int = 0):
     return records, items
 
 
-def booked_per_s(records, items, batch: int, synchronous: str) -> float:
+def booked_per_s(records, items, batch: int, synchronous: str) -> tuple[float, float]:
+    """``(proofs per wall-clock second, proofs per CPU second)`` of one fresh ledger."""
     with tempfile.TemporaryDirectory() as d:
         # generous bound so the benchmark's back-to-back rounds stay plausible
         cfg = PonwConfig(synchronous=synchronous, max_batches_per_s=1e9, max_reward_per_day=1e9)
         ledger = Ledger(Path(d) / "ledger.sqlite", cfg, model_layers=LAYERS, tokens_per_batch=TOKENS_PER_BATCH)
         ledger.register(records)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(items), batch):
             outcomes = ledger.submit_many(items[i:i + batch])
             assert all(o.accepted for o in outcomes), outcomes[0]
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert ledger.supply().consistent
         ledger.close()
-    return len(items) / elapsed
+    return len(items) / elapsed, len(items) / cpu
 
 
-def verify_per_s(backend: crypto.Backend, items, ids_keys, n: int) -> float:
+def verify_per_s(backend: crypto.Backend, items, ids_keys, n: int) -> tuple[float, float]:
     from neuroray.ponw.proof import SignedProof
 
     signed = [SignedProof.from_bytes(data) for data, _ in items[:n]]
     keys = {nid: backend.load_public_key(pk) for nid, pk in ids_keys.items()}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in signed:
         assert backend.verify(keys[s.proof.node_id], s.proof.digest(), s.signature)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def main(argv: list[str]) -> int:
@@ -94,26 +95,30 @@ def main(argv: list[str]) -> int:
     records, items = make_work(n)
     keys = {r.node_id: r.public_key for r in records}
     results = {}
-    # best of REPEATS: the machine is shared, and interference only ever makes a run slower
+    # best of REPEATS: the machine is shared, and interference only ever makes a run slower. Proofs per
+    # CPU second are reported too: they do not count time other processes took from this one.
     for b in crypto.available():
         n_verify = 2000 if b.name == "coincurve" else 200
-        results[f"verify only ({b.name})"] = max(verify_per_s(b, items, keys, n_verify) for _ in range(REPEATS))
+        runs = [verify_per_s(b, items, keys, n_verify) for _ in range(REPEATS)]
+        results[f"verify only ({b.name})"] = (max(r[0] for r in runs), max(r[1] for r in runs))
     for batch in (1, 100, 1000):
         sub = items if batch > 1 else items[: min(len(items), 2000)]
-        results[f"end to end, {batch}/commit"] = max(booked_per_s(records, sub, batch, "FULL") for _ in range(REPEATS))
-    for what, rate in results.items():
-        print(f"{what:32s} {rate:10,.0f} proofs/s")
+        runs = [booked_per_s(records, sub, batch, "FULL") for _ in range(REPEATS)]
+        results[f"end to end, {batch}/commit"] = (max(r[0] for r in runs), max(r[1] for r in runs))
+    for what, (wall, cpu) in results.items():
+        print(f"{what:32s} {wall:10,.0f} proofs/s  {cpu:10,.0f} proofs/CPU-s")
     cmd = "flock /tmp/neuroray-cpu.lock .venv/bin/python benchmarks/ponw_throughput.py"
-    best = max(v for k, v in results.items() if k.startswith("end to end"))
-    for what, rate in results.items():
-        goal = "goal 5,000/s: **met**" if rate >= 5000 else "goal 5,000/s: not met"
+    best = max(v[0] for k, v in results.items() if k.startswith("end to end"))
+    for what, (wall, cpu) in results.items():
+        end_to_end = what.startswith("end")
+        goal = ("goal 5,000/s: **met**" if wall >= 5000 else "goal 5,000/s: not met") if end_to_end else ""
         append_row("PoNW verification throughput (one core)",
-                   ["what", "proofs/s", "backend", "vs goal", "machine", "command"],
-                   [what, f"{rate:,.0f}", backend.name if what.startswith("end") else what.split("(")[1][:-1],
-                    goal if what.startswith("end") else "", machine(), f"`{cmd}`"],
+                   ["what", "proofs/s", "proofs per CPU-s", "backend", "vs goal", "machine", "command"],
+                   [what, f"{wall:,.0f}", f"{cpu:,.0f}", backend.name if end_to_end else what.split("(")[1][:-1],
+                    goal, machine(), f"`{cmd}`"],
                    note="End to end: parse, timestamp, replay, rate limit, signature, plausibility vs receipt, "
                         "reward booked in SQLite (WAL, synchronous=FULL). N/commit = proofs per transaction. "
-                        "Pinned to one core; best of 3 runs.")
+                        "Pinned to one core; best of 3 runs (the 2 cores are shared with other work).")
     print(f"best end-to-end: {best:,.0f} proofs/s ({backend.name})")
     return 0
 

@@ -9,7 +9,7 @@ The replicas are simulated in one process per worker, replica by replica, so the
 2-core machine; round 1 is identical for every cell of a seed and is trained once.
 
     python benchmarks/robustness.py [seeds=2] [rounds=6] [inner_steps=10] [workers=2]
-                                    [rules=a,b,...] [attacks=label,...] [write=0]
+                                    [rules=a,b+nnm,...] [attacks=label,...] [write=0]
 
 Writes docs/robustness.md and appends a summary row to docs/benchmarks.md.
 """
@@ -128,13 +128,29 @@ def _eval(cfg, vocab: int, theta0: torch.Tensor, evals) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
+def rule_overrides(label: str) -> list[str]:
+    """``trimmed_mean+nnm+bucket2+clip3`` -> the aggregator overrides for that rule with those pre-steps."""
+    name, *pre = label.split("+")
+    out = [f"aggregator={name}", f"aggregator.f={F}"]
+    for p in pre:
+        if p == "nnm":
+            out.append("aggregator.nnm=true")
+        elif p.startswith("bucket"):
+            out.append(f"aggregator.bucket={int(p[6:])}")
+        elif p.startswith("clip"):
+            out.append(f"aggregator.clip={float(p[4:])}")
+        else:
+            raise SystemExit(f"unknown pre-step {p!r} in rule {label!r}: use nnm, bucket<k> or clip<k>")
+    return out
+
+
 def run_group(job) -> tuple[int, str, dict[str, tuple[float, int]], float]:
     """Every attack for one (seed, rule): (eval loss, outer steps refused) per attack label."""
     overrides, seed, rule, labels, rounds, H = job
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    cfg = load_config(overrides + [f"seed={seed}", f"diloco.inner_steps={H}", f"aggregator={rule}", f"aggregator.f={F}"])
+    cfg = load_config(overrides + [f"seed={seed}", f"diloco.inner_steps={H}", *rule_overrides(rule)])
     vocab, batches, evals = _setup(cfg, seed, rounds * H)
     reps = Replicas(cfg, vocab, seed)
     theta_init = parameters_to_vector(reps.models[0].parameters()).detach().clone()

@@ -136,6 +136,9 @@ class Session:
 
     def extend(self, more_ids: list[int], max_new_tokens: int) -> None:
         """Continue the conversation: append ``more_ids`` (a new user turn) and generate again."""
+        if not more_ids and self.cached == len(self.ids):
+            raise GenerationError("nothing to continue from: the session ended on its stop token; extend it "
+                                  "with at least one token")
         self.prompt_len = len(self.ids) + len(more_ids)
         self.ids.extend(int(i) for i in more_ids)
         self.max_new_tokens, self.done, self.stop_reason = max_new_tokens, max_new_tokens == 0, ""

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from neuroray.config import TrainConfig, load_config, to_dict, to_yaml
@@ -99,6 +99,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
     from neuroray.metrics import TrainMetrics
+    from neuroray.plan import format_plan
+    from neuroray.planner import plan_for_cluster
     from neuroray.plots import loss_curve
     from neuroray.trainer import Trainer
 
@@ -113,10 +115,16 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     resume_step = _resume_step(cfg, snapshot_root, log) if cfg.resume else None
     started_ray = _connect_ray(cfg, log)
     swarm = None
-    d, dl, c = cfg.data, cfg.diloco, cfg.cluster
     try:
+        plan = None
+        if cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
+            plan = plan_for_cluster(cfg)
+            log(format_plan(plan))
+            cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
+                          diloco=replace(cfg.diloco, replicas=plan.replicas))
+        d, dl, c = cfg.data, cfg.diloco, cfg.cluster
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
-                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-")
+                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
                           metrics=TrainMetrics(run_dir.name))

@@ -161,6 +161,11 @@ def test_extend_continues_a_conversation(loaded):
     s.extend([11, 12], 5)
     run_sessions(engine, [s])
     assert s.ids[-5:] == sample(model, s.ids[:-5], 5, temperature=0)
+    stopped = Session([0, 4, 8], 5, Sampler(0), stop_id=sample(model, [0, 4, 8], 1, temperature=0)[0])
+    run_sessions(engine, [stopped])
+    assert stopped.new_ids == [] and stopped.stop_reason == "stop"
+    with pytest.raises(GenerationError, match="nothing to continue from"):
+        stopped.extend([], 3)
 
 
 def test_text_stream_holds_back_split_characters(loaded):

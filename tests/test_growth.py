@@ -20,6 +20,16 @@ from neuroray.model.growth import (
 from neuroray.planner import scaling
 
 V = 61
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one intra-op thread. Two threads on a shared 2-core box spin against each other (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # head size 16 and 4 query heads per KV head throughout, as the scaling law keeps them
 OLD = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=48)
 GROWTHS = {
@@ -211,3 +221,25 @@ def test_growth_blockers_and_layout():
     assert depth_layout(4, 5) == [0, 1, 2, 3, None]
     assert depth_layout(3, 3) == [0, 1, 2]
     assert new_ranges_for([(0, 1), (1, 2)], 2, 4) == [(0, 2), (2, 4)]
+
+
+def test_each_holder_grows_its_own_optimizer_state():
+    """Keeping the old split (new_ranges_for), every holder can grow its AdamW state alone, fully."""
+    new = GROWTHS["depth + width + ffn"]
+    old_ranges = split_layers(OLD.n_layers, 2)
+    ranges = new_ranges_for(old_ranges, OLD.n_layers, new.n_layers)
+    x = _tokens()
+    for s in range(2):
+        stage = build_stage(OLD, V, s, old_ranges)
+        opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+        inp = x if s == 0 else torch.randn(3, 40, OLD.d_model)
+        stage(inp).float().pow(2).mean().backward()
+        opt.step()
+        grown_stage = build_stage(new, V, s, ranges)
+        state = grow_optimizer_state(opt.state_dict(), [n for n, _ in stage.named_parameters()],
+                                     [n for n, _ in grown_stage.named_parameters()], OLD, new)
+        fresh = torch.optim.AdamW(grown_stage.parameters(), lr=1e-3)
+        fresh.load_state_dict(state)
+        assert len(state["state"]) == len(list(grown_stage.parameters()))
+        for p, st in zip(grown_stage.parameters(), (state["state"][i] for i in range(len(state["state"])))):
+            assert st["exp_avg"].shape == p.shape and float(st["step"]) == 1

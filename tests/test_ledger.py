@@ -1,7 +1,6 @@
 """The NEURO ledger: rewards, caps, stake, slashing, the supply invariant, crash safety, CLI, Ray actor."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from neuroray.config import PonwConfig
 from neuroray.ponw.ledger import Ledger, LedgerError
 from neuroray.ponw.proof import canonical_json
 from neuroray.ponw.rules import UNIT, Rules, format_units, parse_amount
-from neuroray.ponw.verifier import NodeRecord, Receipt
+from neuroray.ponw.verifier import Receipt
 from tests._ponw import LAYERS, TPB, Clock, identity, make_ledger, node, receipt, signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,4 +437,8 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path):
     summary = ray_cluster.get(same.summary.remote())
     assert summary["supply_consistent"] and summary["proofs_credited"] == 2 and summary["minted_neuro"] == 0.048
     assert ray_cluster.get(same.balances.remote())[ids[0].node_id]["balance"] == 24_000
+    with pytest.raises(LedgerError, match="already runs on"):  # a second run must pick its own name
+        start_ledger_actor(cfg, tmp_path / "other.sqlite", LAYERS, TPB)
     ray_cluster.kill(actor)
+    with pytest.raises(LedgerError, match="could not start"):
+        start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS + 1, TPB)  # the file belongs to another model

@@ -265,7 +265,9 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
     """Grow an ``AdamW.state_dict()`` to the grown model, so the inner optimizer carries on smoothly.
 
     ``old_names`` / ``new_names``: parameter names in the order the optimizers hold them (the modules'
-    ``named_parameters()`` order). ``exp_avg`` is grown as a gradient (``kind="grad"``), ``exp_avg_sq``
+    ``named_parameters()`` order). Works for the monolith and for one holder whose new range is its
+    old one plus the identity layers inserted into it (:func:`new_ranges_for`); a parameter whose
+    source this optimizer never held gets no state (AdamW starts it fresh). ``exp_avg`` is grown as a gradient (``kind="grad"``), ``exp_avg_sq``
     as a squared gradient (``"grad_sq"``); new entries start at zero and every tensor keeps the step
     count, so the bias corrections stay where they were. A fresh AdamW would instead take a
     sign-sized step (``lr``) on every weight at once, which on a trained model is a loss jump.
@@ -288,6 +290,8 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
              for key, sd in moments.items()}
     state = {}
     for i, name in enumerate(new_names):
+        if name not in grown["exp_avg"]:  # a layer this optimizer never held (a repartition): starts fresh
+            continue
         state[i] = {"step": step.clone() if torch.is_tensor(step) else step,
                     "exp_avg": grown["exp_avg"][name], "exp_avg_sq": grown["exp_avg_sq"][name]}
     return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(new_names))))]}

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 from neuroray.config import PonwConfig
 from neuroray.ponw.identity import Identity
-from neuroray.ponw.ledger import Ledger
+from neuroray.ponw.ledger import Ledger, LedgerError
 from neuroray.ponw.proof import MAX_LOSSES, Proof, SignedProof, loss_to_micro, new_nonce, now_ms
 from neuroray.ponw.rules import UNIT
 from neuroray.ponw.verifier import DataMismatch, NodeRecord, Receipt, SpotCheck, spot_check
@@ -197,6 +197,12 @@ class LedgerService:
         self.cfg = cfg
         self.ledger = Ledger(path, cfg, model_layers=model_layers, tokens_per_batch=tokens_per_batch, clock=clock)
 
+    def info(self) -> dict:
+        """Which ledger this is (path and the model facts it was created for)."""
+        led = self.ledger
+        return {"path": str(led.path.resolve()), "model_layers": led.model_layers,
+                "tokens_per_batch": led.tokens_per_batch, "backend": led.backend.name}
+
     def register(self, records: Iterable[NodeRecord | dict]) -> int:
         records = list(records)
         self.ledger.register(records)
@@ -244,4 +250,15 @@ def start_ledger_actor(cfg: PonwConfig, path: str | Path, model_layers: int, tok
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(LedgerService).options(
         name=cfg.actor_name, get_if_exists=True, num_cpus=0, max_concurrency=1, scheduling_strategy=here)
-    return actor.remote(str(path), cfg, model_layers, tokens_per_batch)
+    handle = actor.remote(str(path), cfg, model_layers, tokens_per_batch)
+    try:
+        info = ray.get(handle.info.remote())
+    except ray.exceptions.RayActorError as exc:  # the constructor raised (bad path, other model...)
+        cause = getattr(exc, "cause", None) or exc
+        raise LedgerError(f"the ledger actor could not start: {str(cause).strip().splitlines()[-1]}") from None
+    want = str(Path(path).expanduser().resolve())
+    if (info["path"], info["model_layers"], info["tokens_per_batch"]) != (want, model_layers, tokens_per_batch):
+        # get_if_exists handed back an actor another run started under the same name
+        raise LedgerError(f"a ledger actor named {cfg.actor_name!r} already runs on {info['path']}; "
+                          "set ponw.actor_name to a name of its own for this run")
+    return handle

@@ -16,7 +16,7 @@ import ray
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
 from neuroray.model import split_layers
-from neuroray.planner.placement import bundle_strategy, release, reserve_replicas
+from neuroray.planner.placement import bundle_strategy, release, reserve_plan, reserve_replicas
 from neuroray.swarm.holder import HolderSpec, holder_actor
 
 
@@ -44,13 +44,21 @@ class DataPlan:
 
 class Swarm:
     def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print,
-                 snapshot_root: str | None = None, resume_step: int | None = None, name_prefix: str | None = None):
+                 snapshot_root: str | None = None, resume_step: int | None = None, name_prefix: str | None = None,
+                 plan=None):
+        """``plan`` (from :func:`neuroray.planner.plan_for_cluster`, for ``model=auto``) pins every holder to the
+        node and resources the planner chose; without one, holders get ``cluster.cpus_per_holder``/``gpus_per_holder``
+        in one PACK placement group per replica."""
         self.cfg = cfg
-        self.ranges = split_layers(cfg.model.n_layers, cfg.swarm.num_stages)
         c = cfg.cluster
-        self.groups = reserve_replicas(
-            cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
-        )
+        if plan is not None:
+            self.ranges = list(plan.ranges)
+            self.groups = reserve_plan(plan, c.actor_start_timeout_s)
+        else:
+            self.ranges = split_layers(cfg.model.n_layers, cfg.swarm.num_stages)
+            self.groups = reserve_replicas(
+                cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
+            )
         key_dir = Path(cfg.swarm.key_dir).expanduser()
         self.replicas: list[list] = []
         for r in range(cfg.diloco.replicas):
@@ -65,7 +73,11 @@ class Swarm:
                 if s == 0 and data is not None:
                     spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
                                    microbatch_size=cfg.data.microbatch_size)
-                pipeline.append(holder_actor(spec, c.cpus_per_holder, c.gpus_per_holder, bundle_strategy(self.groups[r], s),
+                cpus, gpus = c.cpus_per_holder, c.gpus_per_holder
+                if plan is not None:
+                    cpus, gpus = plan.holders[r][s].cpus, plan.holders[r][s].gpus
+                    spec = replace(spec, use_gpu=gpus > 0)
+                pipeline.append(holder_actor(spec, cpus, gpus, bundle_strategy(self.groups[r], s),
                                              name=None if name_prefix is None else f"{name_prefix}{spec.slot}",
                                              max_restarts=cfg.checkpoint.max_restarts))
             self.replicas.append(pipeline)
