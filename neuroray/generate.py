@@ -431,16 +431,17 @@ def generate(cfg: GenerateConfig, write: Callable[[str], None] = print, log: Cal
     def on_token(_session: Session, token: int) -> None:
         stream.push(token)
 
+    # Checked here, before any holder starts: an empty or too-long prompt fails in a second, not after Ray is up.
+    ids = encode_prompt(loaded.tokenizer, cfg.prompt, cfg.bos, loaded.model.max_seq_len)
     if cfg.stages == 0:
-        ids = encode_prompt(loaded.tokenizer, cfg.prompt, cfg.bos, loaded.model.max_seq_len)
         session = Session(ids, cfg.max_new_tokens, sampler, stop)
         write(cfg.prompt)
         run_sessions(LocalEngine(loaded.monolith()), [session], on_token)
+        write("\n")
     else:
         from neuroray.swarm.inference import run_pipeline
 
-        session = run_pipeline(cfg, loaded, sampler, stop, write, on_token, log)
-    write("\n")
+        session = run_pipeline(cfg, loaded, ids, sampler, stop, write, on_token, log)
     log(f"generate: {len(session.new_ids)} tokens ({session.stop_reason})")
     return session
 

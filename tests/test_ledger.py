@@ -2,6 +2,7 @@
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,8 @@ def test_stake_unstake_and_bad_amounts_leave_the_ledger_unchanged(env):
     assert (acct.balance, acct.stake) == (18_000, 6_000)
     before = dump(ledger)
     for op, amount, match in ((ledger.stake, -5, "positive"), (ledger.stake, 0, "positive"),
-                              (ledger.stake, 1.5, "positive"), (ledger.stake, 18_001, "has 18000 balance"),
-                              (ledger.unstake, 6_001, "has 6000 stake"), (ledger.unstake, -1, "positive")):
+                              (ledger.stake, 1.5, "positive"), (ledger.stake, 18_001, "has 0.018000 balance"),
+                              (ledger.unstake, 6_001, "has 0.006000 staked"), (ledger.unstake, -1, "positive")):
         with pytest.raises(LedgerError, match=match):
             op(ra.node_id, amount)
     with pytest.raises(LedgerError, match="unknown node"):
@@ -203,6 +204,10 @@ def test_reopen_keeps_everything_and_checks_the_model(tmp_path):
         make_ledger(junk)
     with pytest.raises(LedgerError, match="no ledger"):
         Ledger(tmp_path / "absent.sqlite", create=False)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(LedgerError, match="not a neuroray ledger"):
+        Ledger(other, create=False)
 
 
 def test_amount_parsing_and_formatting():
@@ -373,8 +378,8 @@ def test_cli_balance_history_stake_unstake(cli_ledger, capsys):
     (["stake", "NODE", "-1"], "must be positive"),
     (["stake", "NODE", "abc"], "not a number"),
     (["stake", "NODE", "0.0000001"], "6 decimals"),
-    (["stake", "NODE", "5"], "has 24000 balance"),
-    (["unstake", "NODE", "0.1"], "has 0 stake"),
+    (["stake", "NODE", "5"], "has 0.024000 balance"),
+    (["unstake", "NODE", "0.1"], "has 0.000000 staked"),
     (["balance", "ffffffff"], "matches 0 nodes"),
     (["balance", "ab"], "too short"),
     (["history", "--limit", "0"], "must be positive"),

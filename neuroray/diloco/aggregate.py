@@ -414,8 +414,9 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
     """Screen the contributions, then reduce the accepted ones with ``rule`` (a name or a full config).
 
     ``previous``: the last aggregate of this range (centered clipping's centre; ignored by other rules
-    and when unusable). ``seed``: bucketing's shuffle. Raises :class:`AggregationRefused` when fewer
-    contributions pass screening than the rule needs to tolerate ``f``, and ``ValueError`` for a bad rule.
+    and when unusable). ``seed``: bucketing's shuffle. Raises :class:`AggregationRefused` when more than
+    ``f`` contributions fail screening or too few pass for the rule to tolerate the rest, and
+    ``ValueError`` for a bad rule.
     """
     cfg = rule if isinstance(rule, AggregatorConfig) else AggregatorConfig(name=rule)
     problem = config_problem(cfg)
@@ -449,11 +450,11 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
         mix = _pre_steps(cfg, gram, mix, seed)
     if AGGREGATORS[cfg.name].coordinatewise:
         value = _coordinatewise(cfg, vectors[:n], mix[:, :n] if pre else None)
-        return AggregateResult(value, accepted, rejected)
+        return AggregateResult(value, sorted(accepted), rejected)
     alpha = _linear_rule(cfg, gram, mix, centre is not None)
     value = _combine(vectors, alpha, cfg.chunk)
-    weights = {idx: float(a) for idx, a in zip(accepted, alpha[:n].tolist())}
-    return AggregateResult(value, accepted, rejected, weights)
+    weights = dict(sorted(zip(accepted, alpha[:n].tolist())))
+    return AggregateResult(value, sorted(accepted), rejected, weights)
 
 
 def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Tensor, has_centre: bool) -> torch.Tensor:

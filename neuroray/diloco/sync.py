@@ -20,7 +20,7 @@ import ray
 import torch
 
 from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
-from neuroray.diloco.aggregate import AggregationRefused, aggregate
+from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
 from neuroray.diloco.attacks import byzantine_count, simulate
 from neuroray.diloco.outer import OuterOptimizer
 
@@ -69,7 +69,7 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
     except AggregationRefused as exc:
         report.refused = str(exc)
-        report.rejected = [(i, reason) for i, reason in _screen_reasons(contributions, theta0.numel())]
+        report.rejected = [(r.index, r.reason) for r in screen(contributions, theta0.numel())[1]]
         out = (theta0, momentum, report)
         return out + (OuterMemory(mem.previous, replay),) if memory is not None else out
     report.accepted = result.accepted
@@ -81,12 +81,6 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     out = (new_theta0, opt.buf, report)
     previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
     return out + (OuterMemory(previous, replay),) if memory is not None else out
-
-
-def _screen_reasons(contributions, numel: int) -> list[tuple[int, str]]:
-    from neuroray.diloco.aggregate import screen
-
-    return [(r.index, r.reason) for r in screen(contributions, numel)[1]]
 
 
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.

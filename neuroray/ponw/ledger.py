@@ -28,7 +28,7 @@ from neuroray.config import PonwConfig
 from neuroray.errors import NeurorayError
 from neuroray.ponw import crypto
 from neuroray.ponw.proof import Proof
-from neuroray.ponw.rules import Rules
+from neuroray.ponw.rules import Rules, format_units
 from neuroray.ponw.verifier import (
     HOUR_MS, NodeFacts, NodeRecord, Receipt, RegistrationError, Verdict, Verifier, spot_check,
 )
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS supply (
     id INTEGER PRIMARY KEY CHECK (id = 1), minted INTEGER NOT NULL, burned INTEGER NOT NULL);
 INSERT OR IGNORE INTO supply VALUES (1, 0, 0);
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, node_id TEXT NOT NULL,
+    seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, node_id TEXT NOT NULL,
     kind TEXT NOT NULL, amount INTEGER NOT NULL, proof_id TEXT NOT NULL, note TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, seq);
 """
@@ -144,6 +144,13 @@ class Ledger:
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is ever implicit
             self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # up to 64 MiB of pages in memory (the default is 2 MiB): the replay and rate-limit indexes of
+            # a busy ledger are read on every proof, and re-reading them from the OS costs more than the SQL
+            self._db.execute("PRAGMA cache_size=-65536")
+            if not create and self._one("SELECT 1 FROM sqlite_master WHERE name = 'meta'") is None:
+                self._db.close()
+                raise LedgerError(f"{self.path} is not a neuroray ledger (no meta table); pass --ledger PATH "
+                                  "of a run's ledger.sqlite")
             with self._tx():  # statement by statement: executescript() would commit on its own
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(stmt)
@@ -154,7 +161,7 @@ class Ledger:
         self.cfg = cfg or self._stored_config()  # the CLI reuses the rules the run wrote
         self.rules = Rules.from_config(self.cfg)
         self._db.execute(f"PRAGMA synchronous={self.cfg.synchronous.upper()}")
-        self.model_layers, self.tokens_per_batch = self._facts(model_layers, tokens_per_batch)
+        self.model_layers, self.tokens_per_batch = self._model_facts(model_layers, tokens_per_batch)
         self.backend = crypto.backend(self.cfg.backend)
         self.verifier = Verifier(self.rules, self.backend, self.model_layers, self.tokens_per_batch)
         self._nodes: dict[str, tuple[NodeRecord, object]] = {}
@@ -189,7 +196,7 @@ class Ledger:
         known = {f.name for f in fields(PonwConfig)}
         return PonwConfig(**{k: v for k, v in json.loads(row[0]).items() if k in known})
 
-    def _facts(self, model_layers, tokens_per_batch) -> tuple[int, int]:
+    def _model_facts(self, model_layers, tokens_per_batch) -> tuple[int, int]:
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if "schema_version" in stored:
             if int(stored["schema_version"]) != SCHEMA_VERSION:
@@ -390,8 +397,9 @@ class Ledger:
             acct = self._account(node_id)
             have = acct.balance if kind == "stake" else acct.stake
             if amount > have:
-                what = "balance" if kind == "stake" else "stake"
-                raise LedgerError(f"cannot {kind} {amount} micro-NEURO: node {node_id[:12]}… has {have} {what}")
+                what = "balance" if kind == "stake" else "staked"
+                raise LedgerError(f"cannot {kind} {format_units(amount)} NEURO: node {node_id[:12]}… has "
+                                  f"{format_units(have)} {what}")
             sign = 1 if kind == "stake" else -1
             self._db.execute("UPDATE accounts SET balance = balance - ?, stake = stake + ? WHERE node_id = ?",
                              (sign * amount, sign * amount, node_id))

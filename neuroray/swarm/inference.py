@@ -520,8 +520,13 @@ def credit_proofs(ledger_file: str, registrations: list[dict], proofs: list[tupl
 
 
 
-def run_pipeline(cfg, loaded: LoadedCheckpoint, sampler, stop_id, write, on_token, log) -> Session:
-    """``python -m neuroray.generate`` with ``stages >= 1``: one prompt through Ray stage holders."""
+def run_pipeline(cfg, loaded: LoadedCheckpoint, expected_ids: list[int], sampler, stop_id, write, on_token,
+                 log) -> Session:
+    """``python -m neuroray.generate`` with ``stages >= 1``: one prompt through Ray stage holders.
+
+    The Driver tokenizes the prompt; ``expected_ids`` (the client's own encoding, already checked)
+    catches a swarm whose tokenizer differs from the checkpoint's.
+    """
     import os
 
     import ray
@@ -558,9 +563,13 @@ def run_pipeline(cfg, loaded: LoadedCheckpoint, sampler, stop_id, write, on_toke
             ids = ray.get(holders[0][0].encode.remote(cfg.prompt, cfg.bos), timeout=cfg.step_timeout_s)
         except ray.exceptions.RayError as exc:
             raise unwrap(exc) from None
+        if ids != expected_ids:
+            raise CheckpointError(f"the Driver's tokenizer encodes the prompt differently from {loaded.path}'s "
+                                  "tokenizer; serve this checkpoint with a fresh swarm")
         session = Session(ids, cfg.max_new_tokens, sampler, stop_id)
         write(cfg.prompt)
         run_sessions(engine, [session], on_token)
+        write("\n")
         proofs = engine.collect_proofs()
         tokens = sorted((r["tokens"] for _, r in proofs), reverse=True)
         log(f"generate: {len(proofs)} signed inference proofs (tokens per holder {tokens})")
