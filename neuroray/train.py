@@ -7,6 +7,7 @@ per outer round, then writes a safetensors checkpoint and prints a generated sam
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ class RunResult:
     start_step: int = 0  # > 0 when the run resumed from a snapshot
     recoveries: list[dict] = field(default_factory=list)
     snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
+    ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
     sample: str = ""
     tokens_per_s: float = 0.0
 
@@ -137,6 +139,10 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
             stats = trainer.run(metrics)
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
+        result.ledger = trainer.ledger_summary()
+        trainer.close()
+        if result.ledger is not None:
+            (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
         result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
         # After an outer step every replica holds theta0: replica 0's ranges are the model.

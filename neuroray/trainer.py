@@ -61,6 +61,55 @@ class Trainer:
         self.total_steps = cfg.rounds * cfg.diloco.inner_steps
         self.stats = LoopStats()
         self.pending: dict[int, list] = {}  # step -> per-replica StepRefs submitted but not yet collected
+        self.ledger = None
+        self._theta0_losses: dict[int, list[float]] = {}  # replica -> losses of the round's first inner step
+        if cfg.ponw.enabled:
+            self._start_ledger()
+
+    # ----- Proof of Neural Work -----------------------------------------------------------------
+    def _start_ledger(self) -> None:
+        from neuroray.ponw.service import ledger_path, start_ledger_actor
+
+        d = self.cfg.data
+        self.ledger = start_ledger_actor(self.cfg.ponw, ledger_path(self.cfg.ponw, self.run_dir), self.cfg.model.n_layers,
+                                         d.seq_len * d.microbatch_size)
+        holders = [h for p in self.swarm.replicas for h in p]
+        records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
+        ray.get(self.ledger.register.remote([r for r in records if r is not None]))
+
+    def _book_proofs(self) -> None:
+        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do."""
+        from neuroray.ponw.verifier import Receipt
+
+        holders = [h for p in self.swarm.replicas for h in p]
+        refs = [h.take_proof.remote() for h in holders]
+        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
+        proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
+        infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
+        batches = self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches  # routed through every holder
+        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds, batches=batches))
+                 for h, proof in zip(holders, proofs) if proof is not None]
+        outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
+        summary = ray.get(self.ledger.summary.remote())
+        from neuroray.ponw.rules import UNIT
+
+        credited = sum(o["reward"] for o in outcomes if o["accepted"]) / UNIT
+        refused = [o for o in outcomes if not o["accepted"]]
+        for o in refused:
+            self.log(f"ledger: proof of {o['node_id'][:12]} refused: {o['reason']}: {o['detail']}")
+        self.log(f"ledger: round {self.outer.rounds}: {len(outcomes) - len(refused)}/{len(holders)} proofs credited "
+                 f"({credited:.4f} NEURO), supply {summary['supply_neuro']:.4f} NEURO"
+                 + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
+        if self.metrics:
+            self.metrics.balances(summary["balances_neuro"])
+
+    def ledger_summary(self) -> dict | None:
+        return None if self.ledger is None else ray.get(self.ledger.summary.remote())
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            ray.kill(self.ledger)
+            self.ledger = None
 
     # ----- submission -------------------------------------------------------------------------
     def _submit(self, step: int, replica: int):
@@ -76,6 +125,8 @@ class Trainer:
                 try:
                     values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
                     losses += values[: len(refs[r].losses)]
+                    if step % self.cfg.diloco.inner_steps == 0:  # computed at theta0: what the Driver's proof commits
+                        self._theta0_losses[r] = values[: len(refs[r].losses)]
                     break
                 except ray.exceptions.GetTimeoutError:
                     raise PipelineError(f"inner step {step + 1} of replica {r} took longer than {c.step_timeout_s:g}s; "
@@ -159,6 +210,9 @@ class Trainer:
     def _outer_round(self, step: int) -> None:
         c = self.cfg.cluster
         saved = (list(self.outer.theta0), list(self.outer.momentum))
+        if self.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
+            for r, losses in self._theta0_losses.items():
+                self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
         while True:
             reports, loads = self.outer.submit()
             try:
@@ -175,6 +229,8 @@ class Trainer:
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
         reports = results[: len(reports)]
+        if self.ledger is not None:
+            self._book_proofs()
         if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:

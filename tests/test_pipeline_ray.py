@@ -101,11 +101,18 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     assert (result.run_dir / "metrics.jsonl").read_text().count("\n") == 15
     assert any(line.startswith("round 3/3 step 15/15") for line in lines)
     assert isinstance(result.sample, str) and result.sample.startswith(cfg.sample_prompt)
+    # Proofs of Neural Work: every holder's proof of each round was verified and credited
+    assert result.ledger["supply_consistent"] and result.ledger["proofs_rejected"] == 0
+    assert result.ledger["proofs_credited"] == 3 * 2 * 3  # rounds x replicas x stages
+    assert len(result.ledger["balances_neuro"]) == 6 and all(v > 0 for v in result.ledger["balances_neuro"].values())
+    assert any(line.startswith("ledger: round 3: 6/6 proofs credited") for line in lines)
+    assert (result.run_dir / "ledger_summary.json").is_file()
     assert (result.run_dir / "loss.png").stat().st_size > 1000 and "diloco:" in (result.run_dir / "config.yaml").read_text()
 
     # The dashboard's metrics: Ray's Prometheus endpoint on this node carries ours (prefixed "ray_").
     wanted = {"ray_neuroray_loss", "ray_neuroray_tokens_per_s", "ray_neuroray_inner_step", "ray_neuroray_outer_round",
-              "ray_neuroray_holder_utilisation", "ray_neuroray_holder_queue_depth", "ray_neuroray_snapshot_age_seconds"}
+              "ray_neuroray_holder_utilisation", "ray_neuroray_holder_queue_depth", "ray_neuroray_snapshot_age_seconds",
+              "ray_neuroray_neuro_balance"}
     port = ray_cluster._private.worker.global_worker.node.metrics_export_port
     found, step_line = set(), ""
     for _ in range(90):  # the driver exports every few seconds: poll until the last values are there

@@ -50,6 +50,8 @@ class HolderSpec:
     snapshot_root: str | None = None
     snapshot_keep: int = 5
     resume_step: int | None = None
+    # Proofs of Neural Work: tokens in one microbatch (0 disables proofs)
+    tokens_per_batch: int = 0
 
     @property
     def slot(self) -> str:
@@ -101,6 +103,7 @@ class StageHolder:
         self.inner_steps = 0
         self.outer_rounds = 0
         self.microbatches_done = 0
+        self._step_microbatches = 0
         self.stream = None
         if spec.is_first and spec.data_root is not None:
             from neuroray.genesis import Manifest, TokenStream
@@ -114,6 +117,17 @@ class StageHolder:
 
             self.snapshots = SnapshotStore(spec.snapshot_root, spec.slot, keep=spec.snapshot_keep)
             self._restore_on_start()
+        self.prover, self._proof, self._theta0_losses = None, None, []
+        if spec.tokens_per_batch > 0:
+            from neuroray.ponw.service import RoundProver
+
+            self.prover = RoundProver.for_holder(self, spec.tokens_per_batch)
+            self._start_proof_round()
+
+    def _start_proof_round(self) -> None:
+        position = self.stream.position if self.stream is not None else 0
+        shard = getattr(self.stream, "shard_id", None) if self.stream is not None else None
+        self.prover.start_round(self.theta0, self.microbatches_done, position, shard)
 
     def _restore_on_start(self) -> None:
         """A Ray restart restores the newest good snapshot; a resumed job restores the step it was told."""
@@ -183,7 +197,7 @@ class StageHolder:
         inp, logits = self._run(mb_id, x)
         loss = self.module.loss(logits, labels.to(self.device))
         (loss * scale).backward()
-        self.microbatches_done += 1
+        self._step_microbatches += 1
         return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
 
     @_busy
@@ -191,7 +205,7 @@ class StageHolder:
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
         inp, out = self._pending.pop(mb_id)
         out.backward(grad.to(self.device))
-        self.microbatches_done += 1
+        self._step_microbatches += 1
         return None if inp is None else inp.grad.detach().cpu()
 
     @_busy
@@ -203,6 +217,9 @@ class StageHolder:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.inner_steps += 1
+        # counted only once the step is applied, so aborted microbatches are never claimed as work
+        self.microbatches_done += self._step_microbatches
+        self._step_microbatches = 0
         return float(norm)
 
     # ----- DiLoCo ---------------------------------------------------------------------------
@@ -212,7 +229,10 @@ class StageHolder:
 
     def pseudo_gradient(self) -> torch.Tensor:
         """``theta0 - theta``: what this holder learned since it last loaded theta0."""
-        return (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
+        delta = (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
+        if self.prover is not None:
+            self.prover.note_pseudo_gradient(delta)
+        return delta
 
     def load_theta0(self, theta0: torch.Tensor) -> None:
         """Restart this range from the outer step's new theta0 (identical on every holder of the range)."""
@@ -220,6 +240,26 @@ class StageHolder:
         with torch.no_grad():
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
         self.outer_rounds += 1
+        if self.prover is not None:
+            try:
+                self._proof = self.prover.finish_round(self.outer_rounds, self.theta0, self.microbatches_done,
+                                                       theta0_losses=self._theta0_losses)
+            except RuntimeError as exc:  # restarted mid-round: this round's start was lost with the process
+                log.warning("%s: no proof for round %d (%s)", self.name, self.outer_rounds, exc)
+                self._proof = None
+            self._start_proof_round()
+
+    def set_theta0_losses(self, losses: list[float]) -> None:
+        """Driver: the losses of this round's first inner step (at theta0), which its proof commits to."""
+        self._theta0_losses = list(losses)
+
+    def take_proof(self) -> bytes | None:
+        """The signed proof of the last finished round (once), for the ledger."""
+        proof, self._proof = self._proof, None
+        return proof
+
+    def ponw_registration(self):
+        return None if self.prover is None else self.prover.registration()
 
     # ----- snapshots ------------------------------------------------------------------------
     def capture(self, step: int):
@@ -273,6 +313,7 @@ class StageHolder:
     def abort_step(self) -> None:
         """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
         self._pending.clear()
+        self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
     def export_range(self) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ class Swarm:
                     diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_dir / f"holder-r{r}-s{s}.pem"),
                     torch_threads=c.torch_threads, use_gpu=c.gpus_per_holder > 0,
                     snapshot_root=snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
+                    tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
                 )
                 if s == 0 and data is not None:
                     spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
