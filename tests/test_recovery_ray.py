@@ -106,3 +106,23 @@ def test_training_survives_a_holder_killed_mid_run(ray_cluster, tmp_path):
     assert len(result.recoveries) == 1 and result.recoveries[0]["replica"] == 1
     assert result.recoveries[0]["restored_steps"][1] == 4  # r1-s1 came back from its round-1 snapshot
     assert result.losses[-1] < result.losses[0]
+
+
+def test_a_holder_without_snapshot_copies_its_range_from_a_live_peer(ray_cluster, tmp_path):
+    """No snapshot yet (snapshots off): the restarted holder is refilled from the other replica's holder."""
+    from neuroray.train import run
+
+    ray = ray_cluster
+    lines = []
+
+    def log(*a, **k):
+        line = " ".join(map(str, a))
+        lines.append(line)
+        if line.startswith("round 2/3 step 6/12"):
+            ray.kill(ray.get_actor("neuroray-peer-r0-s1"), no_restart=False)
+
+    result = run(_cfg(tmp_path, "peer", 3, "log_every=1", "checkpoint.every_round=false"), log=log)
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert result.recoveries[0]["replica"] == 0 and result.recoveries[0]["restored_steps"][1] is None
+    assert any("copied its range from a live peer" in line for line in lines)
+    assert result.losses[-1] < result.losses[0]
