@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,36 @@ def test_job_submit_trains(tmp_path):
             "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}", "rounds=1",
             "diloco.inner_steps=3", f"run_dir={tmp_path / 'run'}", "sample_tokens=4",
         ]
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--runtime-env",
-             str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", "-m", "neuroray.train", *overrides],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-        )
-        out = job.stdout + job.stderr
+        for _ in range(30):  # the head's job agent can come up a few seconds after `ray start` returns
+            job = subprocess.run(
+                [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--runtime-env",
+                 str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", "-m", "neuroray.train", *overrides],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            )
+            out = job.stdout + job.stderr
+            if job.returncode == 0 or "No available agent" not in out:
+                break
+            time.sleep(2)
         assert job.returncode == 0, out[-3000:]
         assert "succeeded" in out and "round 1/1 step 3/3" in out and "ray: connected to" in out
         assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(gcs)
+
+
+def _stop_cluster(gcs_port: int) -> None:
+    """Stop only the cluster this test started: `ray stop` would kill every Ray on the machine,
+    including a user's own or another suite's. Its processes all name the GCS port on their command line."""
+    import psutil
+
+    ours = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] != os.getpid() and (f":{gcs_port}" in cmd or f"port={gcs_port}" in cmd):
+            ours.append(proc)
+    for proc in ours:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(ours, timeout=30)
