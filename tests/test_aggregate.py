@@ -184,6 +184,9 @@ def test_bad_contributions_are_rejected_and_named():
         assert "dtype" in reasons[5] and "not a tensor" in reasons[6] and "shape" in reasons[7]
         assert torch.isfinite(res.value).all()
     assert aggregate(AggregatorConfig("mean", f=6), rows, 2).value.tolist() == [2.0, 3.0]
+    # huge but finite (its float32 sum overflows) is not a NaN/Inf contribution
+    huge = torch.full((2,), 3e38)
+    assert aggregate("median", [huge, huge, huge], 2).value.tolist() == huge.tolist()
 
 
 def test_refused_beyond_tolerance_or_with_too_few_inputs():
@@ -219,6 +222,8 @@ def test_requirements_and_config_errors():
     cfg = load_config(["aggregator=trimmed_mean", "aggregator.f=2", "diloco.replicas=8", "attack=alie",
                        "attack.fraction=0.25"])
     assert (cfg.aggregator.name, cfg.aggregator.f, cfg.attack.name, cfg.attack.fraction) == ("trimmed_mean", 2, "alie", 0.25)
+    robust = load_config(["aggregator=robust", "aggregator.f=2", "diloco.replicas=5"]).aggregator
+    assert (robust.name, robust.f, robust.nnm) == ("trimmed_mean", 2, True)
 
 
 # ----- cross-check against ByzFL -------------------------------------------------------------------

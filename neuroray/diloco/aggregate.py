@@ -153,13 +153,17 @@ def screen(contributions: Sequence[torch.Tensor], numel: int, dtype=torch.float3
             rejected.append(Rejection(i, f"dtype {c.dtype}, expected {dtype}"))
         elif c.dim() != 1 or c.numel() != numel:
             rejected.append(Rejection(i, f"shape {tuple(c.shape)}, expected ({numel},)"))
-        elif not math.isfinite(float(c.sum(dtype=torch.float64))):
-            # exact and allocation-free: a float64 sum of finite float32 values cannot overflow, and any
-            # NaN or Inf makes it non-finite
+        elif not _all_finite(c):
             rejected.append(Rejection(i, "contains NaN or Inf"))
         else:
             accepted.append(i)
     return accepted, rejected
+
+
+def _all_finite(c: torch.Tensor) -> bool:
+    """Any NaN or Inf makes the sum non-finite; a finite sum proves there is none. Only a float32 sum
+    that overflows needs the element-wise check (a float64 sum of float32 values cannot overflow)."""
+    return math.isfinite(float(c.sum())) or math.isfinite(float(c.sum(dtype=torch.float64)))
 
 
 # ----- chunked passes over the parameter dimension ----------------------------------------------
@@ -180,8 +184,7 @@ def _gram(vectors: list[torch.Tensor], n_rows: int, chunk: int) -> torch.Tensor:
     gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
     for lo, hi in _chunks(numel, chunk):
         b = buf[:, : hi - lo]
-        for i, v in enumerate(vectors):
-            b[i].copy_(v[lo:hi])
+        torch.stack([v[lo:hi] for v in vectors], out=b[:k])  # one op (fewer thread barriers than k copies)
         torch.mean(b[:n_rows], 0, out=b[k])
         b[:k].sub_(b[k])
         gram.addmm_(b, b.T)
@@ -282,33 +285,36 @@ def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: tor
     pairs = _pruned(merge_exchange_pairs(q), wanted) if q <= _NETWORK_MAX_ROWS else None
     dtype = torch.float32 if mix is None else torch.float64
     mix_groups = None if mix is None else [_groups(row) for row in mix]
-    bufs = [torch.empty(chunk, dtype=dtype) for _ in range(q + 1)]
+    buf = torch.empty(q + 1, chunk, dtype=dtype)  # q rows and a spare
+    acc = torch.empty(chunk, dtype=torch.float64)
     out = torch.empty(numel, dtype=torch.float32)
     for lo, hi in _chunks(numel, chunk):
         m = hi - lo
+        block, spare = buf[:q, :m], buf[q, :m]
         if mix is None:
-            rows = [b[:m].copy_(v[lo:hi]) for b, v in zip(bufs, vectors)]
+            torch.stack([v[lo:hi] for v in vectors], out=block)
         else:
             parts = [v[lo:hi] for v in vectors]
-            rows = [_accumulate(g, parts, b[:m], bufs[q][:m]) for g, b in zip(mix_groups, bufs)]
+            for g, row in zip(mix_groups, block):
+                _accumulate(g, parts, row, spare)
+        rows = list(block.unbind(0))
         if pairs is None:
-            srt = list(torch.stack(rows).sort(dim=0).values.unbind(0))
+            srt = list(block.sort(dim=0).values.unbind(0))
         else:
-            srt, spare = _sort_rows(rows, bufs[q][:m], pairs)
-            # keep the q+1 buffers for the next chunk, whatever names they now have
-            bufs = [t._base if t._base is not None else t for t in (*srt, spare)]
+            srt, _ = _sort_rows(rows, spare, pairs)
         o = out[lo:hi]
         if cfg.name == "median":
             a, b = srt[wanted[0]], srt[wanted[1]]
             if wanted[0] == wanted[1]:
                 o.copy_(a)
-            else:  # in float64: exact, and no overflow near the float32 limit
-                o.copy_(a.to(torch.float64).add(b.to(torch.float64)).mul_(0.5))
-        else:
-            acc = srt[wanted[0]].to(torch.float64, copy=True)
+            else:  # a/2 + b/2: the halves are exact, one rounding, no overflow near the float32 limit
+                torch.mul(a, 0.5, out=o)
+                o.add_(b, alpha=0.5)
+        else:  # sorted order, so the sum does not depend on the input order
+            s = acc[:m].copy_(srt[wanted[0]])
             for t in wanted[1:]:
-                acc.add_(srt[t])
-            o.copy_(acc.div_(len(wanted)))
+                s.add_(srt[t])
+            o.copy_(s.div_(len(wanted)))
     return out
 
 
