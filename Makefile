@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	# ByzFL, the peer our aggregators are cross-checked against: --no-deps, its torchvision would replace torch
+	$(PY) -m pip install $(PIP_QUIET) --no-deps byzfl==0.0.11 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, ray, neuroray" && touch $@
 
 demo: venv
