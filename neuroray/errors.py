@@ -34,3 +34,17 @@ class PipelineError(NeurorayError):
 
 class GenerationError(NeurorayError, ValueError):
     """A generation request that cannot run: an empty prompt, a prompt longer than the context, bad sampling."""
+
+
+def run_cli(action, interrupted: str = "neuroray: interrupted") -> int:
+    """Run an entry point's body: a user error is one ``neuroray: error:`` line and exit 2, Ctrl-C exit 130."""
+    import sys
+
+    try:
+        return action() or 0
+    except NeurorayError as exc:
+        print(f"neuroray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from neuroray.config import ModelConfig
-from neuroray.errors import ConfigError, GenerationError, NeurorayError
+from neuroray.errors import ConfigError, GenerationError, run_cli
 from neuroray.model import StageModule
 from neuroray.model.kv_cache import KVCache
 
@@ -456,15 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()  # stream: each token appears as soon as it is sampled
 
-    try:
-        generate(parse_overrides(argv), write, log=lambda line: print(line, file=sys.stderr))
-    except NeurorayError as exc:
-        print(f"neuroray: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("neuroray: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: generate(parse_overrides(argv), write, log=lambda line: print(line, file=sys.stderr)) and None)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from neuroray.config import TrainConfig, load_config, to_dict, to_yaml
-from neuroray.errors import NeurorayError
+from neuroray.errors import NeurorayError, run_cli
 
 USAGE = """usage: python -m neuroray.train [key=value ...]
 
@@ -83,7 +83,6 @@ def _resume_step(cfg: TrainConfig, snapshot_root: str, log) -> int:
             continue
         log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
         return step
-    from neuroray.errors import NeurorayError
 
     raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set for "
                         f"{cfg.diloco.replicas} replicas x {cfg.swarm.num_stages} stages; start a new run instead")
@@ -181,15 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    try:
-        run(load_config(argv))
-    except NeurorayError as exc:
-        print(f"neuroray: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("neuroray: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(load_config(argv)) and None)
 
 
 if __name__ == "__main__":
