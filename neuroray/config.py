@@ -114,6 +114,20 @@ class SwarmConfig:
     name: str = "default"
     num_stages: int = 2
     key_dir: str = "~/.cache/neuroray/keys"  # one persistent secp256k1 key per holder name
+    # "fixed": replica r's microbatches always cross pipeline r. "router": every hop of every microbatch
+    # goes to the best-scored holder of the next range (docs/routing.md), with failover and hedging.
+    routing: str = "fixed"
+    queue_depth: int = 2  # router: calls waiting or running on one holder (its inbound queue)
+    outbound_depth: int = 2  # router: finished activations of one holder waiting for a downstream slot
+    max_inflight: int = 0  # router: microbatches between first forward and last backward; 0: a whole step
+    latency_ewma: float = 0.3  # router: weight of the newest hop time in a holder's latency average
+    failover_k: float = 3.0  # router: a call is late after failover_k x p99 of its holder's hop times ...
+    failover_floor_s: float = 0.05  # ... but never before this ...
+    failover_ceiling_s: float = 10.0  # ... and always after this (also the deadline before 5 hop times are known)
+    failure_penalty_s: float = 1.0  # router: score added per recent failure (halves every failover_ceiling_s)
+    probe_interval_s: float = 0.5  # router: how often a down holder is asked whether Ray restarted it
+    outer_quorum: float = 1.0  # router: fraction of a range's live holders the outer step waits for ...
+    outer_deadline_s: float = 30.0  # ... after this long it goes on with whoever answered, if a quorum did
 
 
 @dataclass
@@ -361,6 +375,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
+    _check_routing(s)
     from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
 
     check_planner_config(cfg)
@@ -371,6 +386,23 @@ def validate(cfg: TrainConfig) -> None:
     problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_routing(s: SwarmConfig) -> None:
+    if s.routing not in ("fixed", "router"):
+        raise ConfigError(f"swarm.routing={s.routing} must be fixed or router")
+    if s.queue_depth < 1 or s.outbound_depth < 1 or s.max_inflight < 0:
+        raise ConfigError("swarm.queue_depth and swarm.outbound_depth must be >= 1 and swarm.max_inflight >= 0")
+    if not 0 < s.latency_ewma <= 1:
+        raise ConfigError(f"swarm.latency_ewma={s.latency_ewma} must be in (0, 1]")
+    if s.failover_k <= 0 or not 0 < s.failover_floor_s <= s.failover_ceiling_s:
+        raise ConfigError(f"swarm.failover_k={s.failover_k} must be positive and 0 < swarm.failover_floor_s="
+                          f"{s.failover_floor_s} <= swarm.failover_ceiling_s={s.failover_ceiling_s}")
+    if s.failure_penalty_s < 0 or s.probe_interval_s <= 0 or s.outer_deadline_s <= 0:
+        raise ConfigError("swarm.failure_penalty_s must be >= 0, swarm.probe_interval_s and "
+                          "swarm.outer_deadline_s positive")
+    if not 0 < s.outer_quorum <= 1:
+        raise ConfigError(f"swarm.outer_quorum={s.outer_quorum} must be in (0, 1]: a fraction of a range's holders")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

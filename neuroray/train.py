@@ -38,6 +38,7 @@ class RunResult:
     ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
     sample: str = ""
     tokens_per_s: float = 0.0
+    routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -103,6 +104,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.plan import format_plan
     from neuroray.planner import plan_for_cluster
     from neuroray.plots import loss_curve
+    from neuroray.routed_trainer import RoutedTrainer
     from neuroray.trainer import Trainer
 
     run_dir = _run_dir(cfg)
@@ -127,8 +129,9 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
                       resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
-        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
-                          metrics=TrainMetrics(run_dir.name))
+        trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
+        trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
+                              metrics=TrainMetrics(run_dir.name))
         if resume_step is not None:
             trainer.restore_outer(resume_step)
         log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
@@ -138,6 +141,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
             stats = trainer.run(metrics)
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
+        if isinstance(trainer, RoutedTrainer):
+            result.routing = trainer.routing_summary()
         result.ledger = trainer.ledger_summary()
         trainer.close()
         if result.ledger is not None:

@@ -86,8 +86,8 @@ class Trainer:
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
         proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
-        batches = self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches  # routed through every holder
-        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds, batches=batches))
+        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds,
+                                 batches=self._batches_seen(h)))
                  for h, proof in zip(holders, proofs) if proof is not None]
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
@@ -102,6 +102,10 @@ class Trainer:
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
+
+    def _batches_seen(self, holder) -> int:
+        """Microbatches the driver routed through ``holder`` this round: fixed pipelines see all of theirs."""
+        return self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches
 
     def ledger_summary(self) -> dict | None:
         return None if self.ledger is None else ray.get(self.ledger.summary.remote())
@@ -274,62 +278,73 @@ class Trainer:
             store.flush()
 
     # ----- the loop ---------------------------------------------------------------------------
-    def run(self, metrics_file) -> LoopStats:
+    def _begin(self, metrics_file) -> None:
+        """Start the clocks, the progress bar and the first utilisation window of a training loop."""
+        self._t0 = self._last_snapshot = self._last_step = time.monotonic()
+        self._metrics_file = metrics_file
+        self._holders = [h for p in self.swarm.replicas for h in p]
+        self._utilisation = [h.utilisation.remote() for h in self._holders]
+        self._bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                         disable=not (self.cfg.progress_bar and sys.stderr.isatty()))
+        self._say = self._bar.write if not self._bar.disable else self.log
+
+    def _record(self, step: int, loss: float) -> None:
+        """Book one finished inner step: metrics.jsonl, Ray metrics, the bar and the progress line."""
         cfg, H = self.cfg, self.cfg.diloco.inner_steps
-        ck = cfg.checkpoint
-        t0 = last_snapshot = last_step = time.monotonic()
+        self.stats.losses.append(loss)
+        done = len(self.stats.losses)
+        now = time.monotonic()
+        elapsed = now - self._t0
+        tps = self.tokens_per_step * done / elapsed
+        record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self.metrics:
+            self.metrics.step(step + 1, loss, tps, now - self._last_step)
+        self._last_step = now
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
+            eta = elapsed / done * (self.total_steps - step - 1)
+            self._say(f"round {record['round']}/{cfg.rounds} step {step + 1}/{self.total_steps} loss {loss:.4f} "
+                      f"tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
+            if self.metrics:  # read the previous window's numbers, ask for the next: never wait on holders
+                ready, _ = ray.wait(self._utilisation, num_returns=len(self._utilisation), timeout=0)
+                if len(ready) == len(self._utilisation):
+                    self.metrics.holders([u for u in map(_value_or_none, self._utilisation) if u is not None])
+                    self._utilisation = [h.utilisation.remote() for h in self._holders]
+
+    def _boundary(self, step: int, round_end: bool, due: bool) -> None:
+        """After inner step ``step``: the outer round at a round's end, then a snapshot when one is due."""
+        if round_end:
+            self._outer_round(step)
+        if (round_end and self.cfg.checkpoint.every_round) or due:
+            self._snapshot(step + 1)
+            self._last_snapshot = time.monotonic()
+
+    def _snapshot_due(self) -> bool:
+        ck = self.cfg.checkpoint
+        return ck.interval_s > 0 and time.monotonic() - self._last_snapshot >= ck.interval_s
+
+    def run(self, metrics_file) -> LoopStats:
+        H = self.cfg.diloco.inner_steps
         pending = self.pending = {}
-        holders = [h for p in self.swarm.replicas for h in p]
-        utilisation = [h.utilisation.remote() for h in holders]
-        bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
-                   disable=not (self.cfg.progress_bar and sys.stderr.isatty()))
-        say = bar.write if not bar.disable else self.log
-
-        def finish(step: int) -> None:
-            nonlocal last_step, utilisation
-            loss = self._collect(step, pending.pop(step))
-            self.stats.losses.append(loss)
-            done = len(self.stats.losses)
-            now = time.monotonic()
-            elapsed = now - t0
-            tps = self.tokens_per_step * done / elapsed
-            record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if self.metrics:
-                self.metrics.step(step + 1, loss, tps, now - last_step)
-            last_step = now
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
-                eta = elapsed / done * (self.total_steps - step - 1)
-                say(f"round {record['round']}/{cfg.rounds} step {step + 1}/{self.total_steps} loss {loss:.4f} "
-                    f"tok/s {tps:,.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
-                if self.metrics:  # read the previous window's numbers, ask for the next: never wait on holders
-                    ready, _ = ray.wait(utilisation, num_returns=len(utilisation), timeout=0)
-                    if len(ready) == len(utilisation):
-                        self.metrics.holders([u for u in map(_value_or_none, utilisation) if u is not None])
-                        utilisation = [h.utilisation.remote() for h in holders]
-
+        self._begin(metrics_file)
         try:
             for step in range(self.start_step, self.total_steps):
                 # submit this step before waiting on the previous one, so holders never idle on the driver
                 pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
                 if step - 1 in pending:
-                    finish(step - 1)
+                    self._record(step - 1, self._collect(step - 1, pending.pop(step - 1)))
                 round_end = (step + 1) % H == 0
-                due = ck.interval_s > 0 and time.monotonic() - last_snapshot >= ck.interval_s
+                due = self._snapshot_due()
                 if round_end or due:
-                    finish(step)
-                if round_end:
-                    self._outer_round(step)
-                if (round_end and ck.every_round) or due:
-                    self._snapshot(step + 1)
-                    last_snapshot = time.monotonic()
+                    self._record(step, self._collect(step, pending.pop(step)))
+                self._boundary(step, round_end, due)
             for step in sorted(pending):
-                finish(step)
+                self._record(step, self._collect(step, pending.pop(step)))
         finally:
-            bar.close()
+            self._bar.close()
         self.flush()
-        self.stats.elapsed_s = time.monotonic() - t0
+        self.stats.elapsed_s = time.monotonic() - self._t0
         return self.stats

@@ -120,12 +120,18 @@ class OuterSync:
         """Submit one outer step for every range; returns (report refs, holder load refs)."""
         reports, loads = [], []
         for s, holders in enumerate(self.holders_by_range):
-            deltas = [h.pseudo_gradient.remote() for h in holders]
-            theta0, momentum, report, memory = outer_step_task.remote(
-                self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
-                self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
-            self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
+            theta0, report = self.reduce(s, [h.pseudo_gradient.remote() for h in holders])
             reports.append(report)
             loads += [h.load_theta0.remote(theta0) for h in holders]
         self.rounds += 1
         return reports, loads
+
+    def reduce(self, s: int, deltas: list):
+        """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0 ref, report ref).
+
+        Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
+        theta0, momentum, report, memory = outer_step_task.remote(
+            self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
+            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
+        self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
+        return theta0, report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,9 @@ class HolderSpec:
     resume_step: int | None = None
     # Proofs of Neural Work: tokens in one microbatch (0 disables proofs)
     tokens_per_batch: int = 0
+    # Swarm routing: every Driver reads one shared ring from this shard, so microbatch m is the same data
+    # whichever Driver the router sends it to (None: this node's own shard, as in fixed routing)
+    data_start: int | None = None
 
     @property
     def slot(self) -> str:
@@ -79,6 +83,8 @@ def _busy(method):
         try:
             return method(self, *args, **kwargs)
         finally:
+            if self._slowdown > 1:  # simulated slower hardware (benchmarks): the extra time is busy time too
+                time.sleep((self._slowdown - 1) * (time.perf_counter() - t0))
             self._busy_s += time.perf_counter() - t0
 
     return timed
@@ -86,8 +92,13 @@ def _busy(method):
 
 class StageHolder:
     def __init__(self, spec: HolderSpec):
-        self._busy_s, self._window_start = 0.0, time.perf_counter()
+        self._busy_s, self._window_start, self._slowdown = 0.0, time.perf_counter(), 1.0
         self.spec = spec
+        # Swarm routing: (microbatch, "f"|"b") -> "started" | "revoked" | "discard". The router revokes a
+        # call it re-sent elsewhere from a control thread; the compute thread claims a call before running
+        # it, so a microbatch's gradient is applied by at most one holder of a range, and only once.
+        self._claims: dict[tuple[int, str], str] = {}
+        self._claim_lock = threading.Lock()
         torch.set_num_threads(spec.torch_threads)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         if spec.use_gpu and self.device.type == "cpu":
@@ -109,7 +120,8 @@ class StageHolder:
             from neuroray.genesis import Manifest, TokenStream
 
             manifest = Manifest.from_json(spec.manifest)
-            self.stream = TokenStream(spec.data_root, manifest, self.node_id, spec.seq_len, spec.microbatch_size)
+            self.stream = TokenStream(spec.data_root, manifest, self.node_id, spec.seq_len, spec.microbatch_size,
+                                      _start=spec.data_start)
         self.snapshots = None
         self.restored_step: int | None = None
         if spec.snapshot_root:
@@ -185,15 +197,46 @@ class StageHolder:
         return inp, self.module(x)
 
     @_busy
-    def forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor:
-        """Run this range forward, keep the graph for :meth:`backward`, return the activation."""
+    def forward(self, mb_id: int, x: torch.Tensor, after=None, status: bool = False):
+        """Run this range forward, keep the graph for :meth:`backward`, return the activation.
+
+        Swarm routing passes ``after``, an object ref that orders this call after the holder's previous
+        inner step (Ray resolves it first), and ``status``: return ``(activation, ran)`` so the router
+        learns the outcome from a tiny object without pulling the activation. None: the call was revoked.
+        """
+        out = self._forward(mb_id, x)
+        return (out, out is not None) if status else out
+
+    def _forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor | None:
+        if not self._claim(mb_id, "f"):
+            return None
         inp, out = self._run(mb_id, x)
-        self._pending[mb_id] = (inp, out)
+        with self._claim_lock:  # revoked while running (a hedge elsewhere won): keep no graph
+            if self._claims.get((mb_id, "f")) != "discard":
+                self._pending[mb_id] = (inp, out)
         return out.detach().cpu()
 
     @_busy
-    def forward_backward(self, mb_id: int, x: torch.Tensor, labels: torch.Tensor, scale: float):
-        """Last stage: forward, loss, backward. Returns (loss, gradient of the input activation)."""
+    def forward_first(self, mb_id: int, after=None):
+        """Driver under swarm routing: read microbatch ``mb_id`` of the shared ring and run it forward.
+
+        Returns (activation, labels); the labels travel to the Validator as their own object.
+        """
+        x, labels = self._batch_at(mb_id)
+        out = self._forward(mb_id, x)
+        return (None, None) if out is None else (out, labels)
+
+    @_busy
+    def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,
+                         after=None):
+        """Last stage: forward, loss, backward. Returns (loss, gradient of the input activation).
+
+        With ``x`` None (one-stage swarm routing) the holder reads microbatch ``mb_id`` itself.
+        """
+        if not self._claim(mb_id, "b"):
+            return None, None
+        if x is None:
+            x, labels = self._batch_at(mb_id)
         inp, logits = self._run(mb_id, x)
         loss = self.module.loss(logits, labels.to(self.device))
         (loss * scale).backward()
@@ -201,16 +244,101 @@ class StageHolder:
         return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
 
     @_busy
-    def backward(self, mb_id: int, grad: torch.Tensor) -> torch.Tensor | None:
+    def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
+        if not self._claim(mb_id, "b"):
+            return (None, False) if status else None
         inp, out = self._pending.pop(mb_id)
         out.backward(grad.to(self.device))
         self._step_microbatches += 1
-        return None if inp is None else inp.grad.detach().cpu()
+        g = None if inp is None else inp.grad.detach().cpu()
+        return (g, True) if status else g
 
     @_busy
-    def step(self) -> float:
-        """One inner AdamW step on the accumulated gradients; returns the pre-clip gradient norm."""
+    def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, after=None):
+        """Failover of a backward whose holder died or hung: forward ``x`` (the range's input, still in the
+        object store; None on a Driver, which re-reads microbatch ``mb_id``) and backpropagate ``grad``.
+        Returns ``(gradient of the input, ran)``."""
+        if not self._claim(mb_id, "b"):
+            return None, False
+        if x is None:
+            x, _ = self._batch_at(mb_id)
+        inp, out = self._run(mb_id, x)
+        out.backward(grad.to(self.device))
+        self._step_microbatches += 1
+        return None if inp is None else inp.grad.detach().cpu(), True
+
+    def _batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is None:
+            raise RuntimeError(f"{self.name} has no data stream: only the Driver (stage 0) reads shards")
+        self.stream.seek(position)
+        return self.stream.next_microbatch()
+
+    # ----- swarm routing: claims, revocation, fault injection -------------------------------------
+    def _claim(self, mb_id: int, kind: str) -> bool:
+        with self._claim_lock:
+            if (mb_id, kind) in self._claims:  # revoked, or already run: a gradient is applied once
+                return False
+            self._claims[(mb_id, kind)] = "started"
+            if len(self._claims) > 8192:  # microbatch ids are never reused: forget the oldest half
+                for key in list(self._claims)[:4096]:
+                    del self._claims[key]
+            return True
+
+    def revoke(self, mb_ids: list[int], kind: str) -> list[bool]:
+        """Router (control thread): this holder must not run these calls, they were re-sent elsewhere.
+
+        Per microbatch, True when the call had not started and now never will; False when it already
+        started (a backward then is applied here, and the router keeps waiting for it). Revoking a forward
+        or a backward also drops the microbatch's kept graph.
+        """
+        out = []
+        with self._claim_lock:
+            for mb in mb_ids:
+                state = self._claims.get((mb, kind))
+                if state is None:
+                    self._claims[(mb, kind)] = "revoked"
+                elif kind == "f" and state == "started":
+                    self._claims[(mb, kind)] = "discard"
+                if kind == "f" or state is None:
+                    self._pending.pop(mb, None)
+                out.append(state is None)
+        return out
+
+    def hang(self, seconds: float) -> None:
+        """Fault injection (tests, benchmarks): block the compute thread, as a stuck holder would."""
+        time.sleep(seconds)
+
+    def slow_down(self, factor: float) -> None:
+        """Fault injection (benchmarks): every compute call takes ``factor`` x as long from now on."""
+        self._slowdown = float(factor)
+
+    def rejoin(self, theta0: torch.Tensor) -> dict:
+        """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older)."""
+        self.abort_step()
+        self.theta0 = theta0.to(self.device).clone()
+        with torch.no_grad():
+            vector_to_parameters(self.theta0.clone(), self.module.parameters())
+        with self._claim_lock:
+            self._claims.clear()
+        return self.counters()
+
+    @_busy
+    def step(self, mean: bool = False, after=None) -> float:
+        """One inner AdamW step on the accumulated gradients; returns the pre-clip gradient norm.
+
+        ``mean`` (swarm routing): the gradients were accumulated unscaled over however many microbatches
+        the router sent here, so divide by that count; a holder that got none skips the step.
+        """
+        if mean:
+            if self._pending:  # graphs of calls revoked after they ran: nothing will backpropagate them
+                log.warning("%s: dropping %d unfinished microbatches at the step", self.name, len(self._pending))
+                self._pending.clear()
+            if self._step_microbatches == 0:
+                return 0.0
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self._step_microbatches)
         assert not self._pending, f"{self.name}: step with {len(self._pending)} microbatches still in flight"
         clip = self.spec.diloco.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
@@ -227,14 +355,16 @@ class StageHolder:
         """This range's weights as one flat float32 vector (the layout pseudo-gradients use)."""
         return parameters_to_vector(self.module.parameters()).detach().cpu()
 
-    def pseudo_gradient(self) -> torch.Tensor:
-        """``theta0 - theta``: what this holder learned since it last loaded theta0."""
+    def pseudo_gradient(self, after=None) -> torch.Tensor:
+        """``theta0 - theta``: what this holder learned since it last loaded theta0.
+
+        ``after`` (swarm routing): a ref of this holder's last inner step, so the delta includes it."""
         delta = (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
         if self.prover is not None:
             self.prover.note_pseudo_gradient(delta)
         return delta
 
-    def load_theta0(self, theta0: torch.Tensor) -> None:
+    def load_theta0(self, theta0: torch.Tensor, after=None) -> None:
         """Restart this range from the outer step's new theta0 (identical on every holder of the range)."""
         self.theta0 = theta0.to(self.device).clone()
         with torch.no_grad():
@@ -313,6 +443,8 @@ class StageHolder:
     def abort_step(self) -> None:
         """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
         self._pending.clear()
+        with self._claim_lock:
+            self._claims.clear()
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -369,11 +501,15 @@ def _ray_gpu_ids() -> list:
 
 
 def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None,
-                 max_restarts: int = 0):
-    """Start a :class:`StageHolder` as a Ray actor with the resources the config asks for."""
+                 max_restarts: int = 0, routed: bool = False):
+    """Start a :class:`StageHolder` as a Ray actor with the resources the config asks for.
+
+    ``routed``: a "control" thread beside the compute thread answers the router (revoke, counters) even
+    while a compute call hangs. Fixed routing keeps one thread, where Ray runs calls in submission order.
+    """
     import ray
 
-    cls = ray.remote(StageHolder)
+    cls = ray.remote(concurrency_groups={"control": 1})(StageHolder) if routed else ray.remote(StageHolder)
     opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1, "max_restarts": max_restarts}
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy

@@ -60,6 +60,7 @@ class Swarm:
                 cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
             )
         key_dir = Path(cfg.swarm.key_dir).expanduser()
+        routed = cfg.swarm.routing == "router"
         self.replicas: list[list] = []
         for r in range(cfg.diloco.replicas):
             pipeline = []
@@ -73,14 +74,14 @@ class Swarm:
                 )
                 if s == 0 and data is not None:
                     spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
-                                   microbatch_size=cfg.data.microbatch_size)
+                                   microbatch_size=cfg.data.microbatch_size, data_start=0 if routed else None)
                 cpus, gpus = c.cpus_per_holder, c.gpus_per_holder
                 if plan is not None:
                     cpus, gpus = plan.holders[r][s].cpus, plan.holders[r][s].gpus
                     spec = replace(spec, use_gpu=gpus > 0)
                 pipeline.append(holder_actor(spec, cpus, gpus, bundle_strategy(self.groups[r], s),
                                              name=None if name_prefix is None else f"{name_prefix}{spec.slot}",
-                                             max_restarts=cfg.checkpoint.max_restarts))
+                                             max_restarts=cfg.checkpoint.max_restarts, routed=routed))
             self.replicas.append(pipeline)
         t0 = time.monotonic()
         self.infos = self.get([h.info.remote() for p in self.replicas for h in p], c.actor_start_timeout_s,

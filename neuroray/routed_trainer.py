@@ -1,0 +1,165 @@
+"""The DiLoCo loop under swarm routing (``swarm.routing=router``).
+
+Inner steps go through :class:`neuroray.swarm.router.Router`: no fixed pipelines, every hop goes to
+the best holder of its range, late calls are hedged and dead holders failed over, so a dead or hung
+holder costs time, never a microbatch. Holders of a range may therefore have seen different
+microbatches; each averages the gradient of those it saw.
+
+The outer step waits for ``swarm.outer_quorum`` of each range's live holders, at most
+``swarm.outer_deadline_s`` beyond the first quorum... then reduces whoever answered. Every live holder,
+late ones included, loads the new theta0 after its own pseudo-gradient, so late holders catch up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+
+from neuroray.errors import PipelineError
+from neuroray.swarm.router import Router, holder_died
+from neuroray.trainer import LoopStats, Trainer
+
+
+class RoutedTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.cfg
+        self.router = Router(self.swarm.by_range, c.swarm, theta0_of=lambda s: self.outer.theta0[s],
+                             recovery_timeout_s=c.checkpoint.recovery_timeout_s,
+                             snapshot_dir=self.outer_stores[0].dir.rsplit("/", 1)[0], log=self.log)
+        self.microbatches_per_step = c.data.num_microbatches * c.diloco.replicas
+        self.quorum_log: list[dict] = []  # per outer round and range: who made the quorum, who was late
+
+    def run(self, metrics_file) -> LoopStats:
+        H, N = self.cfg.diloco.inner_steps, self.microbatches_per_step
+        self._begin(metrics_file)
+        seen = 0
+        try:
+            for step in range(self.start_step, self.total_steps):
+                loss = self.router.run_step(list(range(step * N, (step + 1) * N)), self.cfg.cluster.step_timeout_s)
+                self._report_failovers(seen)
+                seen = len(self.router.stats.failovers)
+                self._record(step, loss)
+                round_end = (step + 1) % H == 0
+                self._boundary(step, round_end, self._snapshot_due())
+        finally:
+            self._bar.close()
+        self.settle()
+        self.flush()
+        self.stats.elapsed_s = time.monotonic() - self._t0
+        return self.stats
+
+    def routing_summary(self) -> dict:
+        st = self.router.stats
+        return {"hedges": st.hedges, "revoked": st.revoked, "reroutes": st.reroutes, "repairs": st.repairs,
+                "rejoins": st.rejoins, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
+                "microbatches_per_holder": {h.name: h.total for hs in self.router.ranges for h in hs}}
+
+    def _report_failovers(self, seen: int) -> None:
+        new = self.router.stats.failovers[seen:]
+        if not new:
+            return
+        if self.metrics:
+            for _ in new:
+                self.metrics.failover()
+        worst = max(f["seconds"] for f in new)
+        self.log(f"router: {len(new)} hop(s) finished on another holder this step (slowest {worst * 1e3:.0f} ms "
+                 f"from when the first holder was due); hedges {self.router.stats.hedges}, "
+                 f"re-sent {self.router.stats.reroutes + self.router.stats.revoked}")
+
+    def settle(self) -> None:
+        """Wait until every live holder has run its last inner step (before snapshots and the end)."""
+        refs = [h.barrier for hs in self.router.ranges for h in hs if not h.down and h.barrier is not None]
+        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
+
+    def _snapshot(self, step: int) -> None:
+        self.settle()
+        super()._snapshot(step)
+
+    def _batches_seen(self, holder) -> int:
+        for hs in self.router.ranges:
+            for h in hs:
+                if h.handle is holder:
+                    return h.microbatches
+        return 0
+
+    # ----- the outer step with a quorum ------------------------------------------------------------
+    def _outer_round(self, step: int) -> None:
+        c, sw, outer = self.cfg.cluster, self.cfg.swarm, self.outer
+        asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
+                 for hs in self.router.ranges]
+        t0 = time.monotonic()
+        reports, loads = [], []
+        for s, items in enumerate(asked):
+            answered = self._quorum(s, items, t0)
+            theta0, report = outer.reduce(s, [ref for _, ref in answered])
+            reports.append(report)
+            on_time = {id(h) for h, _ in answered}
+            late = [h.name for h, _ in items if id(h) not in on_time]
+            self.quorum_log.append({"round": outer.rounds + 1, "range": s, "answered": len(answered), "late": late})
+            if late:
+                self.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
+                         f"late {late} catch up from the new theta0")
+            for h, pg in items:
+                h.barrier = h.handle.load_theta0.remote(theta0, after=pg)
+                if id(h) in on_time:
+                    loads.append(h.barrier)
+                else:  # read when it lands, like any other holder call
+                    self.router.control[h.barrier] = ("load", h, None)
+                    self.router.control[pg] = ("late pseudo-gradient", h, None)
+        outer.rounds += 1
+        try:
+            results = ray.get(reports, timeout=c.step_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
+        ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
+        for ref in loads:
+            self._read_holder_call(ref)
+        if self.ledger is not None:
+            self._book_proofs()
+        for hs in self.router.ranges:
+            for h in hs:
+                h.microbatches = 0
+        if self.metrics:
+            self.metrics.round(outer.rounds, [reason for rep in results for _, reason in rep.rejected])
+        for report in results:
+            for holder, reason in report.rejected:
+                self.log(f"outer round {outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
+            if report.refused:
+                self.log(f"outer round {outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
+                         f"{report.refused}")
+
+    def _quorum(self, s: int, items: list, t0: float) -> list:
+        """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""
+        sw, c = self.cfg.swarm, self.cfg.cluster
+        refs = [ref for _, ref in items]
+        ray.wait(refs, num_returns=len(refs), timeout=max(t0 + sw.outer_deadline_s - time.monotonic(), 0))
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            answered = [(h, ref) for h, ref in items if ref in ready and self._read_holder_call(ref, h)]
+            alive = [(h, ref) for h, ref in items if not h.down]
+            need = max(1, math.ceil(sw.outer_quorum * len(alive)))
+            if len(answered) >= need:
+                return answered
+            if not alive:
+                raise PipelineError(f"outer step: every holder of layer range {s} died; the snapshots are kept; "
+                                    "rerun with resume=true")
+            if time.monotonic() - t0 > c.step_timeout_s:
+                raise PipelineError(f"outer step: only {len(answered)} of the {need} holders of range {s} that "
+                                    f"swarm.outer_quorum={sw.outer_quorum} needs answered in {c.step_timeout_s:g}s")
+            pending = [ref for h, ref in alive if ref not in ready]
+            ray.wait(pending, num_returns=1, timeout=sw.probe_interval_s)
+
+    def _read_holder_call(self, ref, h=None) -> bool:
+        """True when the call succeeded; a dead holder is handed to the router, which brings it back."""
+        try:
+            ray.get(ref, timeout=0)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if not holder_died(exc):
+                raise self._unwrap(exc, "outer step") from None
+            if h is not None:
+                self.router._holder_down(h, exc)
+            return False

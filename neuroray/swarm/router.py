@@ -1,0 +1,438 @@
+"""Swarm routing: every hop of every microbatch goes to the best holder of the next layer range.
+
+Under ``swarm.routing=router`` a range has several holders (its DiLoCo replicas) and no fixed
+pipelines. For one inner step the :class:`Router` drives N microbatches hop by hop:
+
+- **Scoring.** A forward hop goes to the holder of the range with the lowest expected finish time,
+  ``latency EWMA x (calls queued + 1) + a penalty per recent failure``. A holder twice as slow gets
+  about half the microbatches: load follows measured throughput.
+- **Buffering and backpressure.** A holder has at most ``queue_depth`` calls queued or running, so it
+  always has the next one ready; an activation it produced waits in the object store until a holder
+  downstream has room, and a holder with ``outbound_depth`` such activations gets no more work. No
+  new microbatch starts while ``max_inflight`` are between their first forward and last backward.
+- **Failover.** A call is late after ``failover_k`` x the p99 of its holder's hop times (clamped to
+  ``[failover_floor_s, failover_ceiling_s]``). A late forward is *hedged*: a copy goes to another
+  holder from the hop's input, still in the object store, and the first to finish wins; nothing is
+  cancelled. A late gradient-applying call (backward, or the Validator's forward+backward) is first
+  *revoked* on its holder's control thread: only if it had not started is it re-sent, so a range
+  applies each microbatch's gradient exactly once. A dead holder's calls are re-sent at once, and the
+  microbatches whose gradient it had applied this step are re-applied on a live holder of its range.
+- **Rejoining.** A dead holder is probed every ``probe_interval_s``; once Ray has restarted it (it
+  restored its newest snapshot) it rejoins at the range's current theta0.
+
+The Router keeps its latency statistics and holder health across steps; the trainer calls
+:meth:`Router.run_step` once per inner step (neuroray/routed_trainer.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from neuroray.config import SwarmConfig
+from neuroray.errors import PipelineError
+
+_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def holder_died(exc: BaseException) -> bool:
+    if isinstance(exc, _DIED):
+        return True
+    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
+
+
+class HolderState:
+    """What the router knows of one holder: its latency, queue, health and this step's work."""
+
+    def __init__(self, handle, stage: int, index: int):
+        self.handle, self.stage, self.index = handle, stage, index
+        self.ewma: float | None = None
+        self.samples: deque[float] = deque(maxlen=200)
+        self.inflight = 0  # calls submitted and not finished, stale ones included: the inbound queue
+        self.outbound = 0  # activations it produced that no downstream hop has taken yet
+        self.last_done = time.monotonic()
+        self.failures, self.failure_t = 0.0, 0.0
+        self.down = self.gone = False
+        self.down_since = 0.0
+        self.up_since = 0.0  # calls sent before this (to the previous process) may still fail
+        self.probe = None
+        self.probe_t = 0.0
+        self.barrier = None  # ref of its last step/rejoin: its next compute call runs after it
+        self.applied: set[int] = set()  # microbatches whose gradient it applied this step
+        self.microbatches = 0  # gradient-applying calls it finished since the last outer round
+        self.total = 0  # ... and over the whole run
+
+    @property
+    def name(self) -> str:
+        return f"r{self.index}-s{self.stage}"
+
+
+@dataclass(eq=False)
+class Flight:
+    """One microbatch on its way through the ranges and back."""
+
+    mb: int
+    inputs: list  # inputs[s]: ref of the activation entering range s (None for range 0: the Driver reads it)
+    grads: list  # grads[s]: ref of the gradient of range s's output
+    fwd: list  # fwd[s]: the holder that ran range s forward (it keeps the graph for the backward)
+    labels: object = None
+    loss: float | None = None
+    next: tuple[str, int] | None = None  # the hop waiting to be sent: (kind, stage)
+    exclude: set = field(default_factory=set)  # holders not to send the next hop to (the late or dead one)
+    origin: float | None = None  # set while the next hop replaces a late or lost call: when that one was due
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Call:
+    flight: Flight
+    kind: str  # f: forward | fb: last range forward+backward | b: backward | rb: forward+backward from the input
+    stage: int
+    holder: HolderState
+    ref: object  # the call's output for the next hop (activation or input gradient)
+    status: object  # a small ref ready with it: labels, loss or a ran flag (never pulls the activation)
+    t_submit: float = 0.0
+    stale: bool = False  # a copy elsewhere won or it was revoked: its result is ignored
+    late: bool = False  # already hedged or revoked
+    repair: bool = False  # re-applies a gradient a dead holder lost; does not advance the flight
+    origin: float | None = None  # for a copy: when the late original was due to start
+
+
+@dataclass
+class RouterStats:
+    hedges: int = 0  # late forwards copied to another holder
+    revoked: int = 0  # late gradient calls taken back and re-sent
+    reroutes: int = 0  # calls re-sent because their holder died
+    repairs: int = 0  # gradients re-applied after their holder died
+    failovers: list[dict] = field(default_factory=list)  # one per hop finished elsewhere than first sent
+    rejoins: int = 0
+
+
+class Router:
+    def __init__(self, holders_by_range: list[list], cfg: SwarmConfig, theta0_of=None, recovery_timeout_s: float = 120.0,
+                 snapshot_dir: str = "", log=print):
+        """``theta0_of(s)`` returns the ref of range s's current theta0 (a restarted holder rejoins there)."""
+        self.cfg, self.log, self.theta0_of = cfg, log, theta0_of
+        self.recovery_timeout_s, self.snapshot_dir = recovery_timeout_s, snapshot_dir
+        self.ranges = [[HolderState(h, s, i) for i, h in enumerate(hs)] for s, hs in enumerate(holders_by_range)]
+        self.S = len(self.ranges)
+        self.calls: dict = {}  # status ref -> Call
+        self.flights: dict[int, Flight] = {}  # this step's microbatches
+        self.control: dict = {}  # revoke/probe/step/rejoin ref -> (what, holder, payload)
+        self.stats = RouterStats()
+
+    # ----- scoring and deadlines --------------------------------------------------------------
+    def deadline(self, h: HolderState) -> float:
+        c = self.cfg
+        if len(h.samples) < 5:
+            return c.failover_ceiling_s
+        p99 = float(np.percentile(np.asarray(h.samples), 99))
+        return min(max(c.failover_k * p99, c.failover_floor_s), c.failover_ceiling_s)
+
+    def _score(self, h: HolderState, now: float) -> float:
+        known = [x.ewma for x in self.ranges[h.stage] if x.ewma is not None]
+        latency = h.ewma if h.ewma is not None else (min(known) if known else 0.0)  # unknown: try it soon
+        decay = 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s)
+        return latency * (h.inflight + 1) + self.cfg.failure_penalty_s * h.failures * decay
+
+    def pick(self, stage: int, exclude=(), capacity: bool = True) -> HolderState | None:
+        now = time.monotonic()
+        c = self.cfg
+        ok = [h for h in self.ranges[stage] if not h.down and h not in exclude
+              and (not capacity or (h.inflight < c.queue_depth
+                                    and (stage == self.S - 1 or h.outbound < c.outbound_depth)))]
+        return min(ok, key=lambda h: (self._score(h, now), h.index)) if ok else None
+
+    # ----- one inner step ---------------------------------------------------------------------
+    def run_step(self, mb_ids: list[int], timeout_s: float) -> float:
+        """Route microbatches ``mb_ids`` forward and back, then submit every live holder's inner step.
+
+        Returns the mean loss. Raises PipelineError when a range has no live holder for
+        ``recovery_timeout_s`` or the step makes no progress for ``timeout_s``.
+        """
+        self.flights = {mb: Flight(mb, [None] * self.S, [None] * self.S, [None] * self.S) for mb in mb_ids}
+        waiting = deque(self.flights.values())
+        active: list[Flight] = []
+        limit = self.cfg.max_inflight or len(mb_ids)
+        losses = []
+        progress = time.monotonic()
+        for hs in self.ranges:
+            for h in hs:
+                h.applied.clear()
+        while waiting or active:
+            while waiting and len(active) < limit:
+                f = waiting.popleft()
+                f.next = ("fb", 0) if self.S == 1 else ("f", 0)
+                active.append(f)
+            for f in active:
+                if f.next is not None:
+                    self._dispatch(f)
+            if self._wait_and_handle():
+                progress = time.monotonic()
+            elif time.monotonic() - progress > timeout_s:
+                raise PipelineError(f"no microbatch moved for {timeout_s:g}s; raise cluster.step_timeout_s or check "
+                                    "the Ray dashboard for stuck holders")
+            self._check_deadlines()
+            self._probe_down()
+            for f in [f for f in active if f.done]:
+                active.remove(f)
+                losses.append(f.loss)
+        for hs in self.ranges:
+            for h in hs:
+                if not h.down:
+                    h.barrier = h.handle.step.remote(mean=True, after=h.barrier)
+                    self.control[h.barrier] = ("step", h, None)
+        return sum(losses) / len(losses)
+
+    def _dispatch(self, f: Flight) -> None:
+        kind, s = f.next
+        if kind == "b":
+            h = f.fwd[s]
+            if h is None or h.down or h in f.exclude:
+                kind = "rb"  # its graph is gone or stuck: recompute the range from its input elsewhere
+            else:
+                self._submit(f, "b", s, h)
+                return
+        h = self.pick(s, exclude=f.exclude)
+        if h is None:
+            self._check_range_alive(s)
+            return  # backpressure: no holder of the range has room; the hop waits in the object store
+        self._submit(f, kind, s, h)
+
+    def _submit(self, f: Flight, kind: str, s: int, h: HolderState, *, repair: bool = False,
+                origin: float | None = None) -> Call:
+        a, two = h.handle, {"num_returns": 2}
+        if kind == "f" and s == 0:
+            ref, status = a.forward_first.options(**two).remote(f.mb, after=h.barrier)
+        elif kind == "f":
+            ref, status = a.forward.options(**two).remote(f.mb, f.inputs[s], after=h.barrier, status=True)
+        elif kind == "fb":
+            status, ref = a.forward_backward.options(**two).remote(f.mb, f.inputs[s], f.labels, 1.0, after=h.barrier)
+        elif kind == "b":
+            ref, status = a.backward.options(**two).remote(f.mb, f.grads[s], status=True)
+        else:
+            ref, status = a.recompute_backward.options(**two).remote(f.mb, f.inputs[s], f.grads[s], after=h.barrier)
+        if not repair and f.next is not None:
+            if kind != "b" and s > 0 and f.fwd[s - 1] is not None:
+                f.fwd[s - 1].outbound = max(f.fwd[s - 1].outbound - 1, 0)  # its activation is taken
+            f.next, origin, f.origin = None, f.origin, None
+        h.inflight += 1
+        call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin)
+        self.calls[status] = call
+        return call
+
+    # ----- completions ------------------------------------------------------------------------
+    def _wait_and_handle(self) -> bool:
+        refs = list(self.calls) + list(self.control)
+        if not refs:
+            return False
+        timeout = min(self._next_deadline() - time.monotonic(), self.cfg.probe_interval_s)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref in self.calls:
+                self._on_call(self.calls.pop(ref))
+            else:
+                self._on_control(ref, *self.control.pop(ref))
+        return any(True for _ in ready)
+
+    def _on_call(self, c: Call) -> None:
+        h, now = c.holder, time.monotonic()
+        h.inflight = max(h.inflight - 1, 0)
+        try:
+            value = ray.get(c.status)
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if c.stale:
+                return  # a copy that lost or was taken back: its outcome no longer matters
+            if not holder_died(exc):
+                raise self._user_error(exc) from None
+            if c.t_submit >= h.up_since:
+                self._holder_down(h, exc)
+            self._resend(c, exclude=h)
+            return
+        h.samples.append(now - max(c.t_submit, h.last_done))
+        h.last_done = now
+        h.ewma = h.samples[-1] if h.ewma is None else \
+            (1 - self.cfg.latency_ewma) * h.ewma + self.cfg.latency_ewma * h.samples[-1]
+        if c.stale:
+            return
+        f = c.flight
+        if value is None or value is False:
+            return  # revoked on the holder before it ran (a race with a copy that won): nothing applied
+        if c.kind in ("fb", "b", "rb"):
+            h.applied.add(f.mb)
+            h.microbatches += 1
+            h.total += 1
+        if c.repair:
+            return
+        for other in [o for o in self.calls.values()
+                      if o.flight is f and o is not c and not o.stale and not o.repair]:
+            other.stale = True  # a hedged copy lost the race: never cancelled, its graph is dropped
+            self._send_control("revoke", other.holder, other.holder.handle.revoke.options(
+                concurrency_group="control").remote([f.mb], "f"))
+        if c.origin is not None:
+            self.stats.failovers.append({"stage": c.stage, "kind": c.kind, "seconds": now - c.origin,
+                                         "healthy_hop_s": self._healthy_hop(c.stage)})
+        s = c.stage
+        if c.kind == "f":
+            f.inputs[s + 1], f.fwd[s] = c.ref, h
+            if s == 0:
+                f.labels = c.status
+            h.outbound += 1
+            f.next = ("fb", s + 1) if s + 1 == self.S - 1 else ("f", s + 1)
+        else:
+            if c.kind == "fb":
+                f.loss = float(value)
+            if s > 0:
+                f.grads[s - 1] = c.ref
+                f.next = ("b", s - 1)
+            else:
+                f.done = True
+        f.exclude = set()
+
+    def _on_control(self, ref, what: str, h: HolderState, payload) -> None:
+        try:
+            value = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            if not holder_died(exc):
+                raise self._user_error(exc) from None
+            if what == "probe":
+                h.probe = None
+                if isinstance(exc, ray.exceptions.ActorDiedError):  # restarts exhausted: it will not come back
+                    h.gone = True
+            else:
+                self._holder_down(h, exc)
+                if what == "revoke" and payload is not None:  # died before the revoke landed: re-send anyway
+                    self._resend(payload, exclude=h)
+            return
+        if what == "revoke" and payload is not None:
+            if value[0]:  # had not started and never will: re-send it elsewhere
+                self.stats.revoked += 1
+                payload.stale = True
+                self._resend(payload, exclude=h, count=False)
+            # else: it is running on a slow but healthy holder; keep waiting, never cancel
+        elif what == "probe":
+            h.probe = None
+            if h.down and not h.gone:
+                self._rejoin(h)
+
+    def _resend(self, c: Call, exclude: HolderState, count: bool = True) -> None:
+        if count:
+            self.stats.reroutes += 1
+        c.stale = True
+        f = c.flight
+        if c.repair:
+            self._repair(f.mb, c.stage, exclude)
+            return
+        if any(o.flight is f and o.stage == c.stage and not o.stale and not o.repair for o in self.calls.values()):
+            return  # a hedged copy of this hop is still running: it carries the microbatch on
+        f.exclude.add(exclude)
+        f.next = (c.kind if c.kind != "b" else "rb", c.stage)
+        f.origin = c.origin if c.origin is not None else max(c.t_submit, exclude.last_done)
+        self._dispatch(f)
+
+    # ----- deadlines: hedge late forwards, revoke late gradient calls ------------------------
+    def _next_deadline(self) -> float:
+        due = [max(c.t_submit, c.holder.last_done) + self.deadline(c.holder)
+               for c in self.calls.values() if not c.stale and not c.late]
+        return min(due, default=time.monotonic() + self.cfg.probe_interval_s)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for c in list(self.calls.values()):
+            if c.stale or c.late:
+                continue
+            start = max(c.t_submit, c.holder.last_done)
+            if now - start <= self.deadline(c.holder):
+                continue
+            h = c.holder
+            h.failures = h.failures * 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s) + 1
+            h.failure_t = now
+            if c.kind == "f":
+                other = self.pick(c.stage, exclude={h} | c.flight.exclude, capacity=False)
+                if other is None:
+                    continue  # no one to hedge with: keep waiting
+                c.late = True
+                self.stats.hedges += 1
+                self._submit(c.flight, "f", c.stage, other, origin=start)
+            else:
+                c.late = True  # take it back first: re-send only if it had not started
+                self._send_control("revoke", h, h.handle.revoke.options(concurrency_group="control").remote(
+                    [c.flight.mb], "b"), payload=c)
+
+    # ----- dead holders ------------------------------------------------------------------------
+    def _holder_down(self, h: HolderState, exc: BaseException) -> None:
+        if h.down:
+            return
+        h.down, h.down_since, h.outbound = True, time.monotonic(), 0
+        h.failures += 1
+        h.failure_t = time.monotonic()
+        self.log(f"router: holder {h.name} is down ({type(exc).__name__}); re-sending its calls")
+        for c in list(self.calls.values()):
+            if c.holder is h and not c.stale:
+                self._resend(c, exclude=h)
+        # Its accumulated gradient died with it: re-apply this step's microbatches on a live holder.
+        lost, h.applied = sorted(h.applied), set()
+        for mb in lost:
+            self._repair(mb, h.stage, h)
+
+    def _repair(self, mb: int, stage: int, exclude: HolderState) -> None:
+        f = self.flights[mb]
+        other = self.pick(stage, exclude={exclude}, capacity=False)
+        if other is None:
+            self._check_range_alive(stage)
+            return
+        self.stats.repairs += 1
+        self._submit(f, "fb" if stage == self.S - 1 else "rb", stage, other, repair=True)
+
+    def _check_range_alive(self, s: int) -> None:
+        hs = self.ranges[s]
+        if not all(h.down for h in hs):
+            return
+        since = min(h.down_since for h in hs)
+        if all(h.gone for h in hs) or time.monotonic() - since > self.recovery_timeout_s:
+            raise PipelineError(
+                f"every holder of layer range {s} is down and none came back within "
+                f"checkpoint.recovery_timeout_s={self.recovery_timeout_s:g}s; the snapshots are kept"
+                + (f" under {self.snapshot_dir}" if self.snapshot_dir else "") + "; rerun with resume=true")
+
+    def _probe_down(self) -> None:
+        now = time.monotonic()
+        for hs in self.ranges:
+            for h in hs:
+                if h.down and not h.gone and h.probe is None and now - h.probe_t >= self.cfg.probe_interval_s:
+                    h.probe_t = now
+                    h.probe = h.handle.counters.options(concurrency_group="control").remote()
+                    self.control[h.probe] = ("probe", h, None)
+
+    def _rejoin(self, h: HolderState) -> None:
+        theta0 = self.theta0_of(h.stage) if self.theta0_of else h.handle.flat_params.remote()
+        h.barrier = h.handle.rejoin.remote(theta0)
+        self.control[h.barrier] = ("rejoin", h, None)
+        h.down, h.samples, h.ewma = False, deque(maxlen=200), None
+        h.last_done = h.up_since = time.monotonic()
+        self.stats.rejoins += 1
+        self.log(f"router: holder {h.name} restarted and rejoins at its range's theta0")
+
+    # ----- helpers ------------------------------------------------------------------------------
+    def _send_control(self, what: str, h: HolderState, ref, payload=None) -> None:
+        self.control[ref] = (what, h, payload)
+
+    def _healthy_hop(self, stage: int) -> float:
+        values = [x.ewma for x in self.ranges[stage] if x.ewma is not None and not x.down]
+        return min(values, default=0.0)
+
+    @staticmethod
+    def _user_error(exc: BaseException) -> BaseException:
+        from neuroray.swarm.swarm import unwrap_ray_error
+
+        cause = unwrap_ray_error(exc)
+        return cause if cause is not exc else PipelineError(f"a routed call failed: {str(exc).splitlines()[0]}")
+
+    def live(self, stage: int) -> list[HolderState]:
+        return [h for h in self.ranges[stage] if not h.down]
