@@ -378,6 +378,8 @@ class Router:
                 self._resend(c, exclude=h)
         # Its accumulated gradient died with it: re-apply this step's microbatches on a live holder.
         lost, h.applied = sorted(h.applied), set()
+        h.microbatches -= len(lost)
+        h.total -= len(lost)
         for mb in lost:
             self._repair(mb, h.stage, h)
 
