@@ -134,8 +134,7 @@ class Router:
         return min(max(c.failover_k * p99, c.failover_floor_s), c.failover_ceiling_s)
 
     def _score(self, h: HolderState, now: float) -> float:
-        known = [x.ewma for x in self.ranges[h.stage] if x.ewma is not None]
-        latency = h.ewma if h.ewma is not None else (min(known) if known else 0.0)  # unknown: try it soon
+        latency = h.ewma if h.ewma is not None else 0.0  # never measured (new or rejoined): try it first
         decay = 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s)
         return latency * (h.inflight + 1) + self.cfg.failure_penalty_s * h.failures * decay
 
