@@ -42,6 +42,8 @@ class RoutedTrainer(Trainer):
                 self._report_failovers(seen)
                 seen = len(self.router.stats.failovers)
                 self._record(step, loss)
+                if self.ledger is not None and step % H == 0:
+                    self._commit_theta0_losses(step)
                 round_end = (step + 1) % H == 0
                 self._boundary(step, round_end, self._snapshot_due())
         finally:
@@ -50,6 +52,15 @@ class RoutedTrainer(Trainer):
         self.flush()
         self.stats.elapsed_s = time.monotonic() - self._t0
         return self.stats
+
+    def _commit_theta0_losses(self, step: int) -> None:
+        """Driver r's proof commits microbatches r*n .. r*n+n-1 of the round's first step: all holders are
+        at theta0 during it, so their losses are the ones a spot check recomputes from the shared ring."""
+        n, N = self.cfg.data.num_microbatches, self.microbatches_per_step
+        for r, driver in enumerate(self.router.ranges[0]):
+            first = step * N + r * n
+            losses = [self.router.flights[mb].loss for mb in range(first, first + n)]
+            driver.handle.set_theta0_losses.remote(losses, data_position=first)
 
     def routing_summary(self) -> dict:
         st = self.router.stats

@@ -250,3 +250,26 @@ def test_validator_recomputes_a_drivers_batch_from_its_shard(tiny_data):
     other = (shard + 1) % len(manifest.train_shards)
     moved = proof(ra, 0, batches=4, data_position=5, shard_id=other, theta0_losses=losses)
     assert not spot_check(moved, recompute, 1e-3, random.Random(0)).ok
+
+
+def test_routed_drivers_losses_are_recomputed_from_the_shared_ring(tiny_data):
+    """Under swarm routing every Driver reads one ring starting at shard 0: ``ring_start=0`` checks it."""
+    from neuroray.genesis import TokenStream
+    from neuroray.ponw.service import make_recompute
+
+    root, manifest, model = tiny_data
+
+    def loss_fn(x, y):
+        with torch.no_grad():
+            return float(model.loss(model(x), y))
+
+    a, ra = next((n, r) for n, r in (node(0) for _ in range(50))
+                 if TokenStream(root, manifest, n.node_id, 16, 2).start_index != 0)  # own ring != shared ring
+    shared = TokenStream(root, manifest, a.node_id, 16, 2, _start=0)
+    shared.seek(6)
+    shard = shared.shard_id
+    losses = tuple(loss_to_micro(loss_fn(*shared.next_microbatch())) for _ in range(2))
+    routed = proof(ra, 0, batches=2, data_position=6, shard_id=shard, theta0_losses=losses)
+    assert all(spot_check(routed, make_recompute(root, manifest, 16, 2, loss_fn, ring_start=0), 1e-3,
+                          random.Random(s)).ok for s in range(4))
+    assert not spot_check(routed, make_recompute(root, manifest, 16, 2, loss_fn), 1e-3, random.Random(0)).ok

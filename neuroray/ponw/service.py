@@ -107,6 +107,11 @@ class RoundProver:
         self._start = (tensor_digest(theta0), microbatches_done, data_position, shard_id)
         self._delta = ""
 
+    def set_data_start(self, data_position: int, shard_id: int | None) -> None:
+        """Driver under swarm routing: the round's committed microbatches start here in the shared ring."""
+        assert self._start is not None, "set_data_start needs start_round first"
+        self._start = (*self._start[:2], data_position, shard_id)
+
     def note_pseudo_gradient(self, delta) -> str:
         """Call with the delta handed to the outer step; returns its digest."""
         self._delta = tensor_digest(delta)
@@ -141,17 +146,20 @@ class RoundProver:
 
 # ----- spot checks ----------------------------------------------------------------------------
 def make_recompute(root: str | Path, manifest, seq_len: int, microbatch_size: int,
-                   loss_fn: Callable[[object, object], float]) -> Callable[[Proof, int], float]:
+                   loss_fn: Callable[[object, object], float], ring_start: int | None = None
+                   ) -> Callable[[Proof, int], float]:
     """A ``recompute(proof, position)`` for :func:`spot_check` that reads a Driver's own data.
 
     It rebuilds the Driver's deterministic token stream (``shard_for(node_id)``), checks that the
     round's first batch really comes from the shard the proof names, and returns
     ``loss_fn(inputs, labels)``. ``loss_fn`` must evaluate the model at the proof's theta0_before.
+    ``ring_start``: a swarm-routing run, whose Drivers all read one ring starting at this shard.
     """
     from neuroray.genesis import TokenStream
 
     def recompute(proof: Proof, position: int) -> float:
-        stream = TokenStream(root, manifest, proof.node_id, seq_len, microbatch_size, prefetch=False)
+        stream = TokenStream(root, manifest, proof.node_id, seq_len, microbatch_size, prefetch=False,
+                             _start=ring_start)
         stream.seek(proof.data_position)
         if stream.shard_id != proof.shard_id:
             raise DataMismatch(f"position {proof.data_position} of node {proof.node_id[:12]}… is in shard "

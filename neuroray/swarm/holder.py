@@ -379,9 +379,15 @@ class StageHolder:
                 self._proof = None
             self._start_proof_round()
 
-    def set_theta0_losses(self, losses: list[float]) -> None:
-        """Driver: the losses of this round's first inner step (at theta0), which its proof commits to."""
+    def set_theta0_losses(self, losses: list[float], data_position: int | None = None) -> None:
+        """Driver: the losses of this round's first inner step (at theta0), which its proof commits to.
+
+        ``data_position`` (swarm routing): where these microbatches start in the shared ring; every holder
+        of a range is at theta0 then, so the losses are this Driver's whichever holders carried them."""
         self._theta0_losses = list(losses)
+        if data_position is not None and self.prover is not None and self.stream is not None:
+            self.stream.seek(data_position)
+            self.prover.set_data_start(data_position, self.stream.shard_id)
 
     def take_proof(self) -> bytes | None:
         """The signed proof of the last finished round (once), for the ledger."""
