@@ -68,7 +68,7 @@ def throughput(cfg, vocab, root, manifest, steps: int, slow: float = 0.0) -> flo
         swarm.shutdown()
 
 
-def failover(cfg, vocab, root, manifest, hangs: int, hang_s: float = 0.5) -> list[dict]:
+def failover(cfg, vocab, root, manifest, hangs: int, hang_s: float = 2.0) -> list[dict]:
     swarm, router = _swarm(cfg, vocab, root, manifest)
     holders = [h for hs in swarm.by_range for h in hs]
     rng = random.Random(0)
@@ -101,9 +101,11 @@ def main(argv: list[str]) -> None:
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:
         routed = throughput(cfg2, vocab, root, manifest, steps)
-        cfg1 = load_config(["diloco.replicas=1", "swarm.num_stages=1", *base])
+        # 8 microbatches per holder and step: a step's work must split finer than 1:1 for the router
+        # to give the fast holder its two thirds
+        cfg1 = load_config(["diloco.replicas=1", "swarm.num_stages=1", "data.num_microbatches=8", *base])
         one = throughput(cfg1, vocab, root, manifest, steps)
-        cfg_pair = load_config(["diloco.replicas=2", "swarm.num_stages=1", *base])
+        cfg_pair = load_config(["diloco.replicas=2", "swarm.num_stages=1", "data.num_microbatches=8", *base])
         pair_slow = throughput(cfg_pair, vocab, root, manifest, steps, slow=2.0)
         events = failover(load_config(["diloco.replicas=2", "swarm.num_stages=2", *base]), vocab, root, manifest, hangs)
     finally:

@@ -17,12 +17,15 @@ def test_deadline_is_k_times_p99_clamped_to_floor_and_ceiling():
     r = _router(1, failover_k=3.0, failover_floor_s=0.05, failover_ceiling_s=2.0)
     h = r.ranges[0][0]
     assert r.deadline(h) == 2.0  # too few observations: the ceiling
-    h.samples.extend([0.030] * 99 + [0.050])
+    for x in [0.030] * 99 + [0.050]:
+        h.observe(x, 0.3)
     assert r.deadline(h) == pytest.approx(3 * (0.030 + 0.01 * 0.020), rel=1e-6)  # p99 interpolated at rank 98.01
-    h.samples.clear()
-    h.samples.extend([0.001] * 10)
+    h.forget()
+    for _ in range(10):
+        h.observe(0.001, 0.3)
     assert r.deadline(h) == 0.05  # floor
-    h.samples.extend([5.0] * 10)
+    for _ in range(10):
+        h.observe(5.0, 0.3)
     assert r.deadline(h) == 2.0  # ceiling
 
 

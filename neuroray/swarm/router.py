@@ -45,6 +45,11 @@ def holder_died(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
 
 
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
 class HolderState:
     """What the router knows of one holder: its latency, queue, health and this step's work."""
 
@@ -52,6 +57,7 @@ class HolderState:
         self.handle, self.stage, self.index = handle, stage, index
         self.ewma: float | None = None
         self.samples: deque[float] = deque(maxlen=200)
+        self.deadline_s: float | None = None
         self.inflight = 0  # calls submitted and not finished, stale ones included: the inbound queue
         self.outbound = 0  # activations it produced that no downstream hop has taken yet
         self.last_done = time.monotonic()
@@ -69,6 +75,16 @@ class HolderState:
     @property
     def name(self) -> str:
         return f"r{self.index}-s{self.stage}"
+
+    def observe(self, seconds: float, ewma_weight: float) -> None:
+        """One more hop time: it updates the latency average and invalidates the cached deadline."""
+        self.samples.append(seconds)
+        self.ewma = seconds if self.ewma is None else (1 - ewma_weight) * self.ewma + ewma_weight * seconds
+        self.deadline_s = None
+
+    def forget(self) -> None:
+        """A restarted holder is a new machine as far as latency goes."""
+        self.samples, self.ewma, self.deadline_s = deque(maxlen=200), None, None
 
 
 @dataclass(eq=False)
@@ -127,11 +143,15 @@ class Router:
 
     # ----- scoring and deadlines --------------------------------------------------------------
     def deadline(self, h: HolderState) -> float:
-        c = self.cfg
-        if len(h.samples) < 5:
-            return c.failover_ceiling_s
-        p99 = float(np.percentile(np.asarray(h.samples), 99))
-        return min(max(c.failover_k * p99, c.failover_floor_s), c.failover_ceiling_s)
+        """How long a call may wait on ``h`` past its due time: k x p99 of its hop times, clamped."""
+        if h.deadline_s is None:  # cached until the next observation
+            c = self.cfg
+            if len(h.samples) < 5:
+                h.deadline_s = c.failover_ceiling_s
+            else:
+                p99 = float(np.percentile(np.asarray(h.samples), 99))
+                h.deadline_s = min(max(c.failover_k * p99, c.failover_floor_s), c.failover_ceiling_s)
+        return h.deadline_s
 
     def _score(self, h: HolderState, now: float) -> float:
         latency = h.ewma if h.ewma is not None else 0.0  # never measured (new or rejoined): try it first
@@ -233,19 +253,33 @@ class Router:
         ready, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
         if ready:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in ready:
+        values = self._read(ready)
+        for ref, value in zip(ready, values):
             if ref in self.calls:
-                self._on_call(self.calls.pop(ref))
+                self._on_call(self.calls.pop(ref), value)
             else:
-                self._on_control(ref, *self.control.pop(ref))
-        return any(True for _ in ready)
+                self._on_control(ref, *self.control.pop(ref), value)
+        return bool(ready)
 
-    def _on_call(self, c: Call) -> None:
+    @staticmethod
+    def _read(refs: list) -> list:
+        """Values of ready refs in one round trip; a failed one comes back as its exception."""
+        try:
+            return ray.get(refs)
+        except Exception:  # noqa: BLE001 - at least one failed: read them one by one
+            out = []
+            for ref in refs:
+                try:
+                    out.append(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(_Failed(exc))
+            return out
+
+    def _on_call(self, c: Call, value) -> None:
         h, now = c.holder, time.monotonic()
         h.inflight = max(h.inflight - 1, 0)
-        try:
-            value = ray.get(c.status)
-        except Exception as exc:  # noqa: BLE001 - sorted below
+        if isinstance(value, _Failed):
+            exc = value.exc
             if c.stale:
                 return  # a copy that lost or was taken back: its outcome no longer matters
             if not holder_died(exc):
@@ -254,10 +288,8 @@ class Router:
                 self._holder_down(h, exc)
             self._resend(c, exclude=h)
             return
-        h.samples.append(now - max(c.t_submit, h.last_done))
+        h.observe(now - max(c.t_submit, h.last_done), self.cfg.latency_ewma)
         h.last_done = now
-        h.ewma = h.samples[-1] if h.ewma is None else \
-            (1 - self.cfg.latency_ewma) * h.ewma + self.cfg.latency_ewma * h.samples[-1]
         if c.stale:
             return
         f = c.flight
@@ -294,10 +326,9 @@ class Router:
                 f.done = True
         f.exclude = set()
 
-    def _on_control(self, ref, what: str, h: HolderState, payload) -> None:
-        try:
-            value = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001
+    def _on_control(self, ref, what: str, h: HolderState, payload, value) -> None:
+        if isinstance(value, _Failed):
+            exc = value.exc
             if not holder_died(exc):
                 raise self._user_error(exc) from None
             if what == "probe":
@@ -415,7 +446,8 @@ class Router:
         theta0 = self.theta0_of(h.stage) if self.theta0_of else h.handle.flat_params.remote()
         h.barrier = h.handle.rejoin.remote(theta0)
         self.control[h.barrier] = ("rejoin", h, None)
-        h.down, h.samples, h.ewma = False, deque(maxlen=200), None
+        h.down = False
+        h.forget()
         h.last_done = h.up_since = time.monotonic()
         self.stats.rejoins += 1
         self.log(f"router: holder {h.name} restarted and rejoins at its range's theta0")
