@@ -36,6 +36,7 @@ class RunResult:
     recoveries: list[dict] = field(default_factory=list)
     snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
     ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
+    upgrades: list[dict] = field(default_factory=list)  # live architecture upgrades (model=auto)
     sample: str = ""
     tokens_per_s: float = 0.0
 
@@ -102,6 +103,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.metrics import TrainMetrics
     from neuroray.plan import format_plan
     from neuroray.planner import plan_for_cluster
+    from neuroray.planner.upgrade import Upgrader
     from neuroray.plots import loss_curve
     from neuroray.trainer import Trainer
 
@@ -117,10 +119,11 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     started_ray = _connect_ray(cfg, log)
     swarm = None
     try:
-        plan = None
+        plan = upgrader = None
         if cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
             plan = plan_for_cluster(cfg)
             log(format_plan(plan))
+            upgrader = Upgrader(cfg, plan, log=log)  # watches joins from now on
             cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
                           diloco=replace(cfg.diloco, replicas=plan.replicas))
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
@@ -128,7 +131,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
                       resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
-                          metrics=TrainMetrics(run_dir.name))
+                          metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
         log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
@@ -137,6 +140,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
             stats = trainer.run(metrics)
+        cfg = trainer.cfg  # a live upgrade may have grown the model
+        result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         result.ledger = trainer.ledger_summary()
         trainer.close()

@@ -50,9 +50,10 @@ def _value_or_none(ref):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print,
-                 metrics: TrainMetrics | None = None):
+                 metrics: TrainMetrics | None = None, upgrades=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
+        self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
                              for s in range(len(swarm.ranges))]
@@ -323,6 +324,8 @@ class Trainer:
                     finish(step)
                 if round_end:
                     self._outer_round(step)
+                    if self.upgrades is not None:  # nothing in flight now: holders may grow (and snapshot grown)
+                        self.upgrades.between_rounds(self)
                 if (round_end and ck.every_round) or due:
                     self._snapshot(step + 1)
                     last_snapshot = time.monotonic()

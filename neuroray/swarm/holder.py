@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -261,6 +261,51 @@ class StageHolder:
     def ponw_registration(self):
         return None if self.prover is None else self.prover.registration()
 
+    # ----- architecture upgrades (neuroray.planner.upgrade) -----------------------------------
+    def param_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every parameter in flat-vector order: the layout of theta0 and momentum."""
+        return [(n, tuple(p.shape)) for n, p in self.module.named_parameters()]
+
+    def grow(self, model: ModelConfig, ranges: list[tuple[int, int]], seed: int) -> dict:
+        """Migrate in place to the bigger ``model`` by function-preserving growth (neuroray.model.growth).
+
+        Weights, theta0 and the AdamW moments grow together, so the range computes what it did and
+        the inner optimizer carries on; ``ranges`` must keep each old layer in its old stage
+        (neuroray.model.growth.new_ranges_for), since a holder only has its own layers to grow from.
+        """
+        from neuroray.model.growth import flat_to_state, grow_optimizer_state, grow_state_dict, state_to_flat
+
+        assert not self._pending, f"{self.name}: grow with microbatches in flight"
+        old, (lo, hi) = self.spec.model, ranges[self.spec.stage]
+        old_names = [n for n, _ in self.module.named_parameters()]
+        weights = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        theta0 = flat_to_state(self.theta0.detach().cpu(), self.module)
+        opt = self.optimizer.state_dict()  # grown on the CPU; load_state_dict moves it to the weights' device
+        opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                        for i, st in opt["state"].items()}
+        self._rebuild(model, ranges)
+        self.module.load_state_dict(grow_state_dict(weights, old, model, seed=seed, layers=range(lo, hi)))
+        self.theta0 = state_to_flat(grow_state_dict(theta0, old, model, seed=seed, layers=range(lo, hi)),
+                                    self.module).to(self.device)
+        self.optimizer.load_state_dict(grow_optimizer_state(
+            opt, old_names, [n for n, _ in self.module.named_parameters()], old, model))
+        if self.prover is not None:  # proofs from now on claim the grown range
+            from neuroray.ponw.service import RoundProver
+
+            self.prover = RoundProver.for_holder(self, self.spec.tokens_per_batch)
+            self._start_proof_round()
+        return self.info()
+
+    def _rebuild(self, model: ModelConfig, ranges: list[tuple[int, int]]) -> None:
+        """A fresh module and AdamW for ``model`` split into ``ranges`` (values are loaded by the caller)."""
+        self.spec = replace(self.spec, model=model, ranges=[tuple(r) for r in ranges])
+        self.module = build_stage(model, self.spec.vocab_size, self.spec.stage, self.spec.ranges,
+                                  seed=self.spec.seed).to(self.device)
+        d = self.spec.diloco
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
+        )
+
     # ----- snapshots ------------------------------------------------------------------------
     def capture(self, step: int):
         """Copy everything a restart needs (weights, AdamW, theta0, counters, RNG, data position)."""
@@ -275,7 +320,8 @@ class StageHolder:
         tensors["theta0"] = self.theta0.detach().cpu().clone()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"slot": self.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
-                "counters": self.counters(), "stream": None if self.stream is None else self.stream.state()}
+                "counters": self.counters(), "stream": None if self.stream is None else self.stream.state(),
+                "model": asdict(self.spec.model), "ranges": [list(r) for r in self.spec.ranges]}
         return Snapshot(step, tensors, meta)
 
     def snapshot(self, step: int) -> int:
@@ -294,6 +340,10 @@ class StageHolder:
 
     def restore(self, snap) -> None:
         t = snap.tensors
+        if "model" in snap.meta:  # taken after an architecture upgrade: the restart began on the old shapes
+            model, ranges = ModelConfig(**snap.meta["model"]), [tuple(r) for r in snap.meta["ranges"]]
+            if (model, ranges) != (self.spec.model, list(self.spec.ranges)):
+                self._rebuild(model, ranges)
         self.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for key, value in t.items():
