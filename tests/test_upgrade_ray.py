@@ -131,3 +131,43 @@ def test_running_holders_grow_in_place_and_training_continues(ray_cluster, tmp_p
             model, mb0, steps = new, mb0 + 10_000, steps + H
     finally:
         swarm.shutdown()
+
+
+def test_a_grown_holder_restarts_from_its_grown_snapshot(ray_cluster, tmp_path):
+    """Ray restarts a holder with the spec it was started with (the small model); its snapshot says which
+    architecture it had grown to, and the restart rebuilds that before restoring, bit for bit."""
+    import time
+
+    from neuroray.swarm.holder import HolderSpec, holder_actor
+
+    ray = ray_cluster
+    spec = HolderSpec(replica=0, stage=0, ranges=[(0, 2)], model=OLD, vocab_size=V, diloco=DilocoConfig(inner_lr=1e-2),
+                      seed=0, key_path=str(tmp_path / "k.pem"), snapshot_root=str(tmp_path / "snaps"))
+    h = holder_actor(spec, num_cpus=0, num_gpus=0, max_restarts=1)
+    g = torch.Generator().manual_seed(1)
+    x, y = _markov_batch(g, n=4, t=16)
+    ray.get(h.forward_backward.options(num_returns=2).remote(0, x, y, 1.0)[0])
+    ray.get(h.step.remote())
+    new = GROWTHS[2][1]
+    info = ray.get(h.grow.remote(new, migration_ranges([(0, 2)], OLD, new), 4))
+    assert info["layers"] == (0, 7)
+    ray.get(h.forward_backward.options(num_returns=2).remote(1, x, y, 1.0)[0])
+    ray.get(h.step.remote())
+    ray.get(h.snapshot.remote(2))
+    ray.get(h.flush_snapshots.remote())
+    before = ray.get(h.state_digest.remote())
+
+    ray.kill(h, no_restart=False)
+    counters = None
+    for _ in range(600):  # ray.kill is asynchronous: poll until the restarted actor (restore done) answers
+        try:
+            counters = ray.get(h.counters.remote(), timeout=60)
+            if counters["restored_step"] is not None:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        time.sleep(0.1)
+    assert counters["restored_step"] == 2 and counters["inner_steps"] == 2
+    assert ray.get(h.info.remote())["layers"] == (0, 7)
+    assert ray.get(h.state_digest.remote()) == before
+    ray.kill(h)
