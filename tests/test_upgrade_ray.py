@@ -170,4 +170,12 @@ def test_a_grown_holder_restarts_from_its_grown_snapshot(ray_cluster, tmp_path):
     assert counters["restored_step"] == 2 and counters["inner_steps"] == 2
     assert ray.get(h.info.remote())["layers"] == (0, 7)
     assert ray.get(h.state_digest.remote()) == before
+    # a restarted holder with no snapshot copies its range from a grown peer, architecture included
+    fresh = holder_actor(dataclasses.replace(spec, snapshot_root=None, key_path=str(tmp_path / "f.pem")),
+                         num_cpus=0, num_gpus=0)
+    ray.get(fresh.import_range.remote(h.export_range.remote()))
+    assert ray.get(fresh.info.remote())["layers"] == (0, 7)
+    mine, theirs = ray.get([fresh.state_dict.remote(), h.state_dict.remote()])
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     ray.kill(h)
+    ray.kill(fresh)

@@ -289,11 +289,7 @@ class StageHolder:
                                     self.module).to(self.device)
         self.optimizer.load_state_dict(grow_optimizer_state(
             opt, old_names, [n for n, _ in self.module.named_parameters()], old, model))
-        if self.prover is not None:  # proofs from now on claim the grown range
-            from neuroray.ponw.service import RoundProver
-
-            self.prover = RoundProver.for_holder(self, self.spec.tokens_per_batch)
-            self._start_proof_round()
+        self._renew_prover()
         return self.info()
 
     def _rebuild(self, model: ModelConfig, ranges: list[tuple[int, int]]) -> None:
@@ -305,6 +301,28 @@ class StageHolder:
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
         )
+
+    def _architecture(self) -> dict:
+        return {"model": asdict(self.spec.model), "ranges": [list(r) for r in self.spec.ranges]}
+
+    def _adopt(self, arch: dict | None) -> bool:
+        """Rebuild for the architecture a snapshot or a peer recorded (True if it did): after an upgrade,
+        a Ray restart begins on the spec the actor was created with, i.e. the old shapes."""
+        if arch is None:  # recorded before upgrades existed: the spec's shapes
+            return False
+        model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        if (model, ranges) == (self.spec.model, list(self.spec.ranges)):
+            return False
+        self._rebuild(model, ranges)
+        return True
+
+    def _renew_prover(self) -> None:
+        """After the range changed shape: proofs from now on claim the new range and start at this theta0."""
+        if getattr(self, "prover", None) is not None:  # absent while __init__ restores a snapshot
+            from neuroray.ponw.service import RoundProver
+
+            self.prover = RoundProver.for_holder(self, self.spec.tokens_per_batch)
+            self._start_proof_round()
 
     # ----- snapshots ------------------------------------------------------------------------
     def capture(self, step: int):
@@ -321,7 +339,7 @@ class StageHolder:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"slot": self.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
                 "counters": self.counters(), "stream": None if self.stream is None else self.stream.state(),
-                "model": asdict(self.spec.model), "ranges": [list(r) for r in self.spec.ranges]}
+                "architecture": self._architecture()}
         return Snapshot(step, tensors, meta)
 
     def snapshot(self, step: int) -> int:
@@ -340,10 +358,7 @@ class StageHolder:
 
     def restore(self, snap) -> None:
         t = snap.tensors
-        if "model" in snap.meta:  # taken after an architecture upgrade: the restart began on the old shapes
-            model, ranges = ModelConfig(**snap.meta["model"]), [tuple(r) for r in snap.meta["ranges"]]
-            if (model, ranges) != (self.spec.model, list(self.spec.ranges)):
-                self._rebuild(model, ranges)
+        self._adopt(snap.meta.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for key, value in t.items():
@@ -366,15 +381,20 @@ class StageHolder:
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
-    def export_range(self) -> dict[str, torch.Tensor]:
-        """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own."""
+    def export_range(self) -> dict:
+        """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own; with the
+        architecture, which a peer restarted on its original spec lacks after an upgrade."""
         return {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
-                "theta0": self.theta0.detach().cpu()}
+                "theta0": self.theta0.detach().cpu(),
+                "architecture": self._architecture()}
 
-    def import_range(self, tensors: dict[str, torch.Tensor]) -> None:
+    def import_range(self, tensors: dict) -> None:
+        rebuilt = self._adopt(tensors.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.theta0 = tensors["theta0"].to(self.device).clone()
         self._pending.clear()
+        if rebuilt:
+            self._renew_prover()
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:
