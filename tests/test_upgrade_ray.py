@@ -136,9 +136,8 @@ def test_running_holders_grow_in_place_and_training_continues(ray_cluster, tmp_p
 def test_a_grown_holder_restarts_from_its_grown_snapshot(ray_cluster, tmp_path):
     """Ray restarts a holder with the spec it was started with (the small model); its snapshot says which
     architecture it had grown to, and the restart rebuilds that before restoring, bit for bit."""
-    import time
-
     from neuroray.swarm.holder import HolderSpec, holder_actor
+    from tests.test_recovery_ray import kill_and_wait_restored
 
     ray = ray_cluster
     spec = HolderSpec(replica=0, stage=0, ranges=[(0, 2)], model=OLD, vocab_size=V, diloco=DilocoConfig(inner_lr=1e-2),
@@ -157,16 +156,7 @@ def test_a_grown_holder_restarts_from_its_grown_snapshot(ray_cluster, tmp_path):
     ray.get(h.flush_snapshots.remote())
     before = ray.get(h.state_digest.remote())
 
-    ray.kill(h, no_restart=False)
-    counters = None
-    for _ in range(600):  # ray.kill is asynchronous: poll until the restarted actor (restore done) answers
-        try:
-            counters = ray.get(h.counters.remote(), timeout=60)
-            if counters["restored_step"] is not None:
-                break
-        except ray.exceptions.RayActorError:
-            pass
-        time.sleep(0.1)
+    counters = kill_and_wait_restored(ray, h)
     assert counters["restored_step"] == 2 and counters["inner_steps"] == 2
     assert ray.get(h.info.remote())["layers"] == (0, 7)
     assert ray.get(h.state_digest.remote()) == before
