@@ -173,9 +173,6 @@ class Upgrader:
         old, new = trainer.cfg.model, event.plan.model
         ranges = migration_ranges(trainer.swarm.ranges, old, new)
         problem = fit_problem(self.plan, list(event.plan.nodes), new, ranges, self.watcher.request)
-        if not problem and trainer.ledger is not None and new.n_layers != old.n_layers:
-            problem = ("the PoNW ledger fixes the model's layer count when it is created, so proofs of the deeper "
-                       "model would be refused; set ponw.enabled=false to allow depth upgrades")
         if problem:
             self.log(f"upgrade to {scaling.describe(new)} refused: {problem}; training goes on with "
                      f"{scaling.describe(old)}")
@@ -185,11 +182,11 @@ class Upgrader:
         migrate(trainer.swarm, trainer.outer, old, new, ranges, seed=self.cfg.seed,
                 timeout_s=self.cfg.cluster.step_timeout_s)
         trainer.cfg = dataclasses.replace(trainer.cfg, model=new)
-        if trainer.ledger is not None:  # proofs now claim the grown ranges: register them
+        if trainer.ledger is not None:  # proofs now claim the grown ranges of a deeper model: tell the ledger
             holders = [h for p in trainer.swarm.replicas for h in p]
             records = trainer.swarm.get([h.ponw_registration.remote() for h in holders],
                                         self.cfg.cluster.step_timeout_s, "re-registering the grown holders")
-            ray.get(trainer.ledger.register.remote([r for r in records if r is not None]),
+            ray.get(trainer.ledger.grow_model.remote(new.n_layers, [r for r in records if r is not None]),
                     timeout=self.cfg.cluster.step_timeout_s)
         record = {"round": trainer.outer.rounds, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
                   "growth": event.growth, "ranges": [list(r) for r in ranges], "seconds": time.monotonic() - t0}
