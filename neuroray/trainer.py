@@ -322,11 +322,13 @@ class Trainer:
                 due = ck.interval_s > 0 and time.monotonic() - last_snapshot >= ck.interval_s
                 if round_end or due:
                     finish(step)
+                grew = False
                 if round_end:
                     self._outer_round(step)
-                    if self.upgrades is not None:  # nothing in flight now: holders may grow (and snapshot grown)
-                        self.upgrades.between_rounds(self)
-                if (round_end and ck.every_round) or due:
+                    if self.upgrades is not None:  # nothing in flight now: holders may grow
+                        grew = self.upgrades.between_rounds(self)
+                # after a growth, snapshot at once: a restart must never fall back to the old shapes
+                if (round_end and ck.every_round) or due or grew:
                     self._snapshot(step + 1)
                     last_snapshot = time.monotonic()
             for step in sorted(pending):

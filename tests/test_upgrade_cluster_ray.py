@@ -53,6 +53,7 @@ def _cfg(tmp_path, run):
 def test_model_auto_trains_and_grows_live_when_a_node_joins(cluster, tmp_path):
     from safetensors.torch import load_file
 
+    from neuroray.snapshot import SnapshotStore
     from neuroray.train import run
 
     # 1. model=auto end to end on the head alone: the law's 8 x 256, planned, placed, trained, no upgrade
@@ -92,7 +93,9 @@ def test_model_auto_trains_and_grows_live_when_a_node_joins(cluster, tmp_path):
     assert grown.losses[H] == pytest.approx(control.losses[H], abs=1e-4)
     assert all(g < c + 0.15 for g, c in zip(grown.losses[H:], control.losses[H:])), (grown.losses, control.losses)
     assert len(grown.losses) == ROUNDS * H and grown.losses[-1] < grown.losses[0]
-    # the checkpoint is the grown model, and the snapshots of later rounds hold it too
+    # the snapshot set taken right after the growth holds the grown model; so does the checkpoint
+    snap = SnapshotStore(str(grown.run_dir / "snapshots"), "r0-s1").read(H)
+    assert snap.meta["architecture"]["model"]["n_layers"] == 16 and snap.meta["architecture"]["ranges"] == [[0, 8], [8, 16]]
     state = load_file(str(grown.checkpoint / "model.safetensors"))
     assert tuple(state["layers.15.attn.wq.weight"].shape) == (512, 512)
     assert json.loads((grown.checkpoint / "meta.json").read_text())["model"]["d_model"] == 512

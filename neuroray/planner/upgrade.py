@@ -28,7 +28,6 @@ fit their nodes' memory by the planner's accounting.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,8 +41,6 @@ from neuroray.planner import scaling
 from neuroray.planner.cluster import ClusterWatcher, WatchEvent
 from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
 from neuroray.planner.partition import NodeSpec, Plan, PlanRequest
-
-log = logging.getLogger(__name__)
 
 
 def migration_ranges(ranges: list[tuple[int, int]], old: ModelConfig, new: ModelConfig) -> list[tuple[int, int]]:
@@ -124,6 +121,10 @@ def fit_problem(placement: Plan, nodes: list[NodeSpec], new: ModelConfig, ranges
     return ""
 
 
+def _short(node_ids: list[str]) -> str:
+    return ", ".join(x[:8] for x in node_ids) or "none"
+
+
 @dataclass
 class Upgrader:
     """Polls the watcher between outer rounds and migrates the swarm when it adopts a bigger model.
@@ -143,20 +144,21 @@ class Upgrader:
             self.watcher = ClusterWatcher(self.cfg, current=self.plan)
         self._last_poll = self.clock()
 
-    def between_rounds(self, trainer) -> WatchEvent | None:
-        """Poll if ``planner.watch_interval_s`` has passed; log what changed; migrate on an upgrade."""
+    def between_rounds(self, trainer) -> bool:
+        """Poll if ``planner.watch_interval_s`` has passed; log what changed; migrate on an upgrade.
+
+        True when the holders grew (the trainer then snapshots at once)."""
         if self.clock() - self._last_poll < self.cfg.planner.watch_interval_s:
-            return None
+            return False
         self._last_poll = self.clock()
         try:
             event = self.watcher.poll()
         except Exception as exc:  # noqa: BLE001 - a failed read of the cluster must not stop training; next poll retries
             self.log(f"cluster watch: {str(exc).splitlines()[0]}")
-            return None
+            return False
         if event is None:
-            return None
-        ids = lambda xs: ", ".join(x[:8] for x in xs) or "none"  # noqa: E731
-        self.log(f"cluster watch: joined {ids(event.joined)}; left {ids(event.left)}")
+            return False
+        self.log(f"cluster watch: joined {_short(event.joined)}; left {_short(event.left)}")
         if event.plan is not None:
             p = event.plan
             self.log(f"cluster watch: recomputed plan: {scaling.describe(p.model)}, {p.num_stages} stages x "
@@ -165,11 +167,9 @@ class Upgrader:
             self.log(f"cluster watch: architecture kept ({event.reason})")
         if event.plan is None:
             self.log(f"cluster watch: {event.reason}; training goes on with the running holders")
-        if event.upgraded:
-            self._upgrade(trainer, event)
-        return event
+        return event.upgraded and self._upgrade(trainer, event)
 
-    def _upgrade(self, trainer, event: WatchEvent) -> None:
+    def _upgrade(self, trainer, event: WatchEvent) -> bool:
         old, new = trainer.cfg.model, event.plan.model
         ranges = migration_ranges(trainer.swarm.ranges, old, new)
         problem = fit_problem(self.plan, list(event.plan.nodes), new, ranges, self.watcher.request)
@@ -177,7 +177,7 @@ class Upgrader:
             self.log(f"upgrade to {scaling.describe(new)} refused: {problem}; training goes on with "
                      f"{scaling.describe(old)}")
             self.watcher.current = event.previous  # the running model stays what the next upgrade grows from
-            return
+            return False
         t0 = time.monotonic()
         migrate(trainer.swarm, trainer.outer, old, new, ranges, seed=self.cfg.seed,
                 timeout_s=self.cfg.cluster.step_timeout_s)
@@ -194,3 +194,4 @@ class Upgrader:
         self.log(f"upgrade: after round {record['round']} grew {scaling.describe(old)} -> {scaling.describe(new)} "
                  f"({event.growth:.2f}x parameters) in place in {record['seconds']:.1f}s; ranges "
                  f"{[(a, b - 1) for a, b in ranges]}; no holders added for the joined nodes")
+        return True
