@@ -262,7 +262,7 @@ def grow_module(module: StageModule, new: ModelConfig, *, seed: int = 0) -> Stag
 
 
 def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[str], old: ModelConfig,
-                         new: ModelConfig) -> dict:
+                         new: ModelConfig, layers=None) -> dict:
     """Grow an ``AdamW.state_dict()`` to the grown model, so the inner optimizer carries on smoothly.
 
     ``old_names`` / ``new_names``: parameter names in the order the optimizers hold them (the modules'
@@ -272,6 +272,8 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
     as a squared gradient (``"grad_sq"``); new entries start at zero and every tensor keeps the step
     count, so the bias corrections stay where they were. A fresh AdamW would instead take a
     sign-sized step (``lr``) on every weight at once, which on a trained model is a loss jump.
+    ``layers``: the new global layer indices this optimizer will hold (as in :func:`grow_state_dict`);
+    a holder passes its grown range, so it does not build moments for other holders' new layers.
     """
     groups = opt_state["param_groups"]
     if len(groups) != 1:
@@ -287,7 +289,7 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
             step = st["step"] if step is None or float(st["step"]) > float(step) else step
     if step is None:  # the optimizer never stepped: nothing to carry
         return {"state": {}, "param_groups": [dict(groups[0], params=list(range(len(new_names))))]}
-    grown = {key: grow_state_dict(sd, old, new, kind="grad" if key == "exp_avg" else "grad_sq")
+    grown = {key: grow_state_dict(sd, old, new, layers=layers, kind="grad" if key == "exp_avg" else "grad_sq")
              for key, sd in moments.items()}
     state = {}
     for i, name in enumerate(new_names):

@@ -288,7 +288,7 @@ class StageHolder:
         self.theta0 = state_to_flat(grow_state_dict(theta0, old, model, seed=seed, layers=range(lo, hi)),
                                     self.module).to(self.device)
         self.optimizer.load_state_dict(grow_optimizer_state(
-            opt, old_names, [n for n, _ in self.module.named_parameters()], old, model))
+            opt, old_names, [n for n, _ in self.module.named_parameters()], old, model, layers=range(lo, hi)))
         self._renew_prover()
         return self.info()
 
