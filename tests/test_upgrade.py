@@ -1,4 +1,7 @@
-"""Upgrade bookkeeping without Ray: where new layers go, and whether grown holders still fit their nodes."""
+"""Upgrade bookkeeping without Ray: where new layers go, whether grown holders still fit their nodes, and the
+trainer's polling of the watcher."""
+
+import dataclasses
 
 from neuroray.config import ClusterConfig, DataConfig, ModelConfig, PlannerConfig, TrainConfig
 from neuroray.planner import plan_for_cluster, request_from_config, scaling
@@ -28,3 +31,33 @@ def test_grown_holders_must_fit_the_nodes_they_run_on():
     big = scaling.shape(16, 1024, running.model)  # the 40 GB model cannot grow on a 2 GiB node
     problem = fit_problem(running, list(running.nodes), big, migration_ranges(running.ranges, running.model, big), req)
     assert problem.startswith("node0(2GiB) would need") and "for its grown holders (and outer step), it offers" in problem
+
+
+def test_the_trainer_polls_at_its_interval_and_refuses_an_upgrade_that_does_not_fit():
+    """The Upgrader between rounds, on a cluster read from a list that gains a big node: polls only every
+    planner.watch_interval_s, logs the join and the recomputed plan, and refuses the law's 16 x 512
+    because the running holders' 2 GiB node cannot take it; the running model stays the one to grow from."""
+    from types import SimpleNamespace
+
+    from neuroray.planner import ClusterWatcher, parse_nodes
+    from neuroray.planner.upgrade import Upgrader
+
+    cfg = _cfg(["2GiB"], stages=2, max_replicas=1, holder_overhead="100MB", upgrade_every_nodes=1,
+               watch_interval_s=10.0)
+    running = plan_for_cluster(cfg)
+    nodes = parse_nodes(["2GiB"])
+    watcher = ClusterWatcher(cfg, read_nodes=lambda: nodes, current=running)
+    now, lines = [0.0], []
+    up = Upgrader(cfg, running, watcher=watcher, log=lines.append, clock=lambda: now[0])
+    # the running state the Upgrader reads before any migration: the model and the swarm's ranges
+    trainer = SimpleNamespace(cfg=dataclasses.replace(cfg, model=running.model),
+                              swarm=SimpleNamespace(ranges=running.ranges), ledger=None)
+    nodes = parse_nodes(["2GiB", "10GiB"])
+    now[0] = 5.0
+    assert up.between_rounds(trainer) is False and lines == []  # not polled yet: the interval has not passed
+    now[0] = 10.0
+    assert up.between_rounds(trainer) is False
+    assert lines[0].startswith("cluster watch: joined node-1; left none")
+    assert lines[1].startswith("cluster watch: recomputed plan: 16 x 512")
+    assert lines[2].startswith("upgrade to 16 x 512") and "refused: node0(2GiB) would need" in lines[2]
+    assert watcher.current is running and up.upgrades == []
