@@ -36,6 +36,7 @@ class RunResult:
     recoveries: list[dict] = field(default_factory=list)
     snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
     ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
+    upgrades: list[dict] = field(default_factory=list)  # live architecture upgrades (model=auto)
     sample: str = ""
     tokens_per_s: float = 0.0
     routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
@@ -103,6 +104,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.metrics import TrainMetrics
     from neuroray.plan import format_plan
     from neuroray.planner import plan_for_cluster
+    from neuroray.planner.upgrade import Upgrader
     from neuroray.plots import loss_curve
     from neuroray.routed_trainer import RoutedTrainer
     from neuroray.trainer import Trainer
@@ -119,10 +121,11 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     started_ray = _connect_ray(cfg, log)
     swarm = None
     try:
-        plan = None
+        plan = upgrader = None
         if cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
             plan = plan_for_cluster(cfg)
             log(format_plan(plan))
+            upgrader = Upgrader(cfg, plan, log=log)  # watches joins from now on
             cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
                           diloco=replace(cfg.diloco, replicas=plan.replicas))
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
@@ -131,7 +134,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
         trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
-                              metrics=TrainMetrics(run_dir.name))
+                              metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
         log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
@@ -140,6 +143,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
             stats = trainer.run(metrics)
+        cfg = trainer.cfg  # a live upgrade may have grown the model
+        result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         if isinstance(trainer, RoutedTrainer):
             result.routing = trainer.routing_summary()

@@ -50,9 +50,10 @@ def _value_or_none(ref):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print,
-                 metrics: TrainMetrics | None = None):
+                 metrics: TrainMetrics | None = None, upgrades=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
+        self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
                              for s in range(len(swarm.ranges))]
@@ -316,9 +317,13 @@ class Trainer:
 
     def _boundary(self, step: int, round_end: bool, due: bool) -> None:
         """After inner step ``step``: the outer round at a round's end, then a snapshot when one is due."""
+        grew = False
         if round_end:
             self._outer_round(step)
-        if (round_end and self.cfg.checkpoint.every_round) or due:
+            if self.upgrades is not None:  # nothing in flight now: holders may grow
+                grew = self.upgrades.between_rounds(self)
+        # after a growth, snapshot at once: a restart must never fall back to the old shapes
+        if (round_end and self.cfg.checkpoint.every_round) or due or grew:
             self._snapshot(step + 1)
             self._last_snapshot = time.monotonic()
 

@@ -447,3 +447,28 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path):
     ray_cluster.kill(actor)
     with pytest.raises(LedgerError, match="could not start"):
         start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS + 1, TPB)  # the file belongs to another model
+
+
+def test_a_grown_model_takes_proofs_of_its_grown_ranges(tmp_path):
+    """A live upgrade deepens the model 4 -> 8 layers: the ledger learns the new count with the holders'
+    grown ranges, then credits their proofs; the count is stored, and a model never shrinks."""
+    from dataclasses import replace
+
+    from neuroray.ponw.verifier import RegistrationError
+
+    clock, path = Clock(), tmp_path / "ledger.sqlite"
+    ledger = make_ledger(path, clock)
+    (a, ra), (b, rb) = node(0), node(1)
+    ledger.register([ra, rb])
+    grown_a, grown_b = replace(ra, layer_end=4), replace(rb, layer_start=4, layer_end=8)
+    with pytest.raises(RegistrationError, match="4 layers"):
+        ledger.register([grown_b])  # the ledger's model has 4 layers until it is told it grew
+    clock.t += 60
+    ledger.grow_model(2 * LAYERS, [grown_a, grown_b])
+    assert credit(ledger, clock, b, grown_b, 1).accepted and credit(ledger, clock, a, grown_a, 1).accepted
+    with pytest.raises(LedgerError, match="only grows"):
+        ledger.grow_model(LAYERS, [])
+    ledger.close()
+    reopened = Ledger(path, PonwConfig(synchronous="OFF"), model_layers=2 * LAYERS, tokens_per_batch=TPB, clock=clock)
+    assert reopened.model_layers == 2 * LAYERS
+    reopened.close()

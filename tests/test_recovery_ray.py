@@ -15,6 +15,21 @@ from tests.test_pipeline_ray import _write_corpus
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
+def kill_and_wait_restored(ray, h) -> dict | None:
+    """Kill ``h`` (Ray restarts it) and return its counters once the restarted actor restored a snapshot."""
+    ray.kill(h, no_restart=False)
+    counters = None
+    for _ in range(600):  # ray.kill is asynchronous: poll until the restarted actor (restore done) answers
+        try:
+            counters = ray.get(h.counters.remote(), timeout=60)
+            if counters["restored_step"] is not None:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        time.sleep(0.1)
+    return counters
+
+
 def test_killed_holder_restores_its_snapshot_bit_for_bit(ray_cluster, tmp_path):
     ray = ray_cluster
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16)
@@ -32,16 +47,7 @@ def test_killed_holder_restores_its_snapshot_bit_for_bit(ray_cluster, tmp_path):
     ray.get(h.step.remote())  # progress after the snapshot is lost by the crash
     assert ray.get(h.state_digest.remote()) != before
 
-    ray.kill(h, no_restart=False)
-    counters = None
-    for _ in range(600):  # ray.kill is asynchronous: poll until the restarted actor (restore done) answers
-        try:
-            counters = ray.get(h.counters.remote(), timeout=60)
-            if counters["restored_step"] is not None:
-                break
-        except ray.exceptions.RayActorError:
-            pass
-        time.sleep(0.1)
+    counters = kill_and_wait_restored(ray, h)
     assert counters == {"inner_steps": 3, "outer_rounds": 0, "microbatches": 3, "restored_step": 3}
     stored = SnapshotStore(str(tmp_path / "snaps"), "r0-s0").read(3)
     assert ray.get(h.state_digest.remote()) == tensors_digest(stored.tensors) == before

@@ -28,8 +28,9 @@ layer's output projections ``attn.wo`` and ``mlp.w2`` are zero, so the block is 
 All random entries come from generators seeded by ``(seed, new shape, parameter name)``, so every
 holder of a range grows its copy identically (DiLoCo needs identical replicas). ``kind="delta"``
 grows a vector that lives in parameter space but is a difference (a pseudo-gradient, the outer
-momentum): the same linear map, with zero instead of random or constant fills. Optimizer moments are
-not grown: a migrated holder starts a fresh AdamW. The vocabulary is grown by neuroray.model.vocab.
+momentum): the same linear map, with zero instead of random or constant fills. AdamW's moments grow
+with :func:`grow_optimizer_state`. Running holders migrate with these functions
+(neuroray.planner.upgrade). The vocabulary is grown by neuroray.model.vocab.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def grow_module(module: StageModule, new: ModelConfig, *, seed: int = 0) -> Stag
 
 
 def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[str], old: ModelConfig,
-                         new: ModelConfig) -> dict:
+                         new: ModelConfig, layers=None) -> dict:
     """Grow an ``AdamW.state_dict()`` to the grown model, so the inner optimizer carries on smoothly.
 
     ``old_names`` / ``new_names``: parameter names in the order the optimizers hold them (the modules'
@@ -271,6 +272,8 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
     as a squared gradient (``"grad_sq"``); new entries start at zero and every tensor keeps the step
     count, so the bias corrections stay where they were. A fresh AdamW would instead take a
     sign-sized step (``lr``) on every weight at once, which on a trained model is a loss jump.
+    ``layers``: the new global layer indices this optimizer will hold (as in :func:`grow_state_dict`);
+    a holder passes its grown range, so it does not build moments for other holders' new layers.
     """
     groups = opt_state["param_groups"]
     if len(groups) != 1:
@@ -286,7 +289,7 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
             step = st["step"] if step is None or float(st["step"]) > float(step) else step
     if step is None:  # the optimizer never stepped: nothing to carry
         return {"state": {}, "param_groups": [dict(groups[0], params=list(range(len(new_names))))]}
-    grown = {key: grow_state_dict(sd, old, new, kind="grad" if key == "exp_avg" else "grad_sq")
+    grown = {key: grow_state_dict(sd, old, new, layers=layers, kind="grad" if key == "exp_avg" else "grad_sq")
              for key, sd in moments.items()}
     state = {}
     for i, name in enumerate(new_names):
@@ -297,17 +300,27 @@ def grow_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[
     return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(new_names))))]}
 
 
-def flat_to_state(vector: torch.Tensor, module: torch.nn.Module) -> dict:
+def _layout(module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) per parameter in flat order, from a module or from such a list itself (what a
+    remote holder reports, neuroray.swarm.holder.StageHolder.param_layout)."""
+    if isinstance(module, torch.nn.Module):
+        return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
+    return [(name, tuple(shape)) for name, shape in module]
+
+
+def flat_to_state(vector: torch.Tensor, module) -> dict:
     """A flat vector in ``module.parameters()`` order (theta0, pseudo-gradients, outer momentum) as a
-    state dict keyed like the module, so it can be grown with :func:`grow_stages`."""
+    state dict keyed like the module, so it can be grown with :func:`grow_stages`. ``module`` may
+    also be a ``[(name, shape)]`` layout."""
     out, i = {}, 0
-    for name, p in module.named_parameters():
-        out[name] = vector[i: i + p.numel()].view_as(p)
-        i += p.numel()
+    for name, shape in _layout(module):
+        n = math.prod(shape)
+        out[name] = vector[i: i + n].view(shape)
+        i += n
     assert i == vector.numel(), f"vector has {vector.numel()} entries, the module {i}"
     return out
 
 
-def state_to_flat(state: dict, module: torch.nn.Module) -> torch.Tensor:
-    """The inverse of :func:`flat_to_state` for (a grown) ``module``."""
-    return torch.cat([state[name].reshape(-1).float() for name, _ in module.named_parameters()])
+def state_to_flat(state: dict, module) -> torch.Tensor:
+    """The inverse of :func:`flat_to_state` for (a grown) ``module`` or ``[(name, shape)]`` layout."""
+    return torch.cat([state[name].reshape(-1).float() for name, _ in _layout(module)])

@@ -249,6 +249,21 @@ class Ledger:
         return NodeFacts(bool(row[0]), row[1], bool(row[2]), row[3], row[4], row[5], row[6])
 
     # ----- nodes ----------------------------------------------------------------------------
+    def grow_model(self, model_layers: int, records: Iterable[NodeRecord | dict]) -> None:
+        """The model grew to ``model_layers`` layers (a live upgrade, neuroray.planner.upgrade): store the
+        new count and register the holders' grown ranges, checked against it, so their proofs verify."""
+        if model_layers < self.model_layers:
+            raise LedgerError(f"a model only grows: {self.model_layers} -> {model_layers} layers")
+        old = self.model_layers
+        self.model_layers = self.verifier.model_layers = model_layers
+        try:
+            self.register(records)
+        except BaseException:
+            self.model_layers = self.verifier.model_layers = old
+            raise
+        with self._tx():
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'model_layers'", (str(model_layers),))
+
     def register(self, records: Iterable[NodeRecord | dict]) -> None:
         """Register (or update the planner's assignment of) nodes; one transaction for all."""
         recs = [r if isinstance(r, NodeRecord) else NodeRecord.from_dict(r) for r in records]

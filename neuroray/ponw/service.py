@@ -216,6 +216,12 @@ class LedgerService:
         self.ledger.register(records)
         return len(records)
 
+    def grow_model(self, model_layers: int, records: Iterable[NodeRecord | dict]) -> int:
+        """A live upgrade grew the model: the new layer count and the holders' grown ranges."""
+        records = list(records)
+        self.ledger.grow_model(model_layers, records)
+        return len(records)
+
     def submit_round(self, items: Iterable[tuple[bytes, Receipt | dict | None]]) -> list[dict]:
         """Verify and credit a round's proofs in one transaction; one outcome dict per proof."""
         return [o.to_dict() for o in self.ledger.submit_many(items)]

@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -397,6 +397,69 @@ class StageHolder:
     def ponw_registration(self):
         return None if self.prover is None else self.prover.registration()
 
+    # ----- architecture upgrades (neuroray.planner.upgrade) -----------------------------------
+    def param_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every parameter in flat-vector order: the layout of theta0 and momentum."""
+        return [(n, tuple(p.shape)) for n, p in self.module.named_parameters()]
+
+    def grow(self, model: ModelConfig, ranges: list[tuple[int, int]], seed: int) -> dict:
+        """Migrate in place to the bigger ``model`` by function-preserving growth (neuroray.model.growth).
+
+        Weights, theta0 and the AdamW moments grow together, so the range computes what it did and
+        the inner optimizer carries on; ``ranges`` must keep each old layer in its old stage
+        (neuroray.model.growth.new_ranges_for), since a holder only has its own layers to grow from.
+        """
+        from neuroray.model.growth import flat_to_state, grow_optimizer_state, grow_state_dict, state_to_flat
+
+        assert not self._pending, f"{self.name}: grow with microbatches in flight"
+        old, (lo, hi) = self.spec.model, ranges[self.spec.stage]
+        old_names = [n for n, _ in self.module.named_parameters()]
+        weights = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        theta0 = flat_to_state(self.theta0.detach().cpu(), self.module)
+        opt = self.optimizer.state_dict()  # grown on the CPU; load_state_dict moves it to the weights' device
+        opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                        for i, st in opt["state"].items()}
+        self._rebuild(model, ranges)
+        self.module.load_state_dict(grow_state_dict(weights, old, model, seed=seed, layers=range(lo, hi)))
+        self.theta0 = state_to_flat(grow_state_dict(theta0, old, model, seed=seed, layers=range(lo, hi)),
+                                    self.module).to(self.device)
+        self.optimizer.load_state_dict(grow_optimizer_state(
+            opt, old_names, [n for n, _ in self.module.named_parameters()], old, model, layers=range(lo, hi)))
+        self._renew_prover()
+        return self.info()
+
+    def _rebuild(self, model: ModelConfig, ranges: list[tuple[int, int]]) -> None:
+        """A fresh module and AdamW for ``model`` split into ``ranges`` (values are loaded by the caller)."""
+        self.spec = replace(self.spec, model=model, ranges=[tuple(r) for r in ranges])
+        self.module = build_stage(model, self.spec.vocab_size, self.spec.stage, self.spec.ranges,
+                                  seed=self.spec.seed).to(self.device)
+        d = self.spec.diloco
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
+        )
+
+    def _architecture(self) -> dict:
+        return {"model": asdict(self.spec.model), "ranges": [list(r) for r in self.spec.ranges]}
+
+    def _adopt(self, arch: dict | None) -> bool:
+        """Rebuild for the architecture a snapshot or a peer recorded (True if it did): after an upgrade,
+        a Ray restart begins on the spec the actor was created with, i.e. the old shapes."""
+        if arch is None:  # recorded before upgrades existed: the spec's shapes
+            return False
+        model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        if (model, ranges) == (self.spec.model, list(self.spec.ranges)):
+            return False
+        self._rebuild(model, ranges)
+        return True
+
+    def _renew_prover(self) -> None:
+        """After the range changed shape: proofs from now on claim the new range and start at this theta0."""
+        if getattr(self, "prover", None) is not None:  # absent while __init__ restores a snapshot
+            from neuroray.ponw.service import RoundProver
+
+            self.prover = RoundProver.for_holder(self, self.spec.tokens_per_batch)
+            self._start_proof_round()
+
     # ----- snapshots ------------------------------------------------------------------------
     def capture(self, step: int):
         """Copy everything a restart needs (weights, AdamW, theta0, counters, RNG, data position)."""
@@ -411,7 +474,8 @@ class StageHolder:
         tensors["theta0"] = self.theta0.detach().cpu().clone()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"slot": self.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
-                "counters": self.counters(), "stream": None if self.stream is None else self.stream.state()}
+                "counters": self.counters(), "stream": None if self.stream is None else self.stream.state(),
+                "architecture": self._architecture()}
         return Snapshot(step, tensors, meta)
 
     def snapshot(self, step: int) -> int:
@@ -430,6 +494,7 @@ class StageHolder:
 
     def restore(self, snap) -> None:
         t = snap.tensors
+        self._adopt(snap.meta.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for key, value in t.items():
@@ -454,15 +519,20 @@ class StageHolder:
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
-    def export_range(self) -> dict[str, torch.Tensor]:
-        """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own."""
+    def export_range(self) -> dict:
+        """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own; with the
+        architecture, which a peer restarted on its original spec lacks after an upgrade."""
         return {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
-                "theta0": self.theta0.detach().cpu()}
+                "theta0": self.theta0.detach().cpu(),
+                "architecture": self._architecture()}
 
-    def import_range(self, tensors: dict[str, torch.Tensor]) -> None:
+    def import_range(self, tensors: dict) -> None:
+        rebuilt = self._adopt(tensors.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.theta0 = tensors["theta0"].to(self.device).clone()
         self._pending.clear()
+        if rebuilt:
+            self._renew_prover()
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:

@@ -1,0 +1,197 @@
+"""Live architecture upgrades: the trainer polls the cluster watcher and migrates running holders.
+
+With ``model=auto`` the trainer asks an :class:`Upgrader` between outer rounds (after the outer step,
+when nothing is in flight and every holder of a range holds theta0). At most once per
+``planner.watch_interval_s`` it polls the :class:`~neuroray.planner.cluster.ClusterWatcher`, logs
+joins, leaves and the recomputed plan, and when the watcher adopts a bigger architecture (every
+``planner.upgrade_every_nodes`` joins, only if ``P(new) >= planner.min_growth x P(current)``:
+:class:`~neuroray.planner.cluster.UpgradeRule`) it migrates the running swarm with :func:`migrate`:
+
+* every holder grows its stage in place by function-preserving growth (neuroray.model.growth):
+  weights, its theta0 and its AdamW moments (``StageHolder.grow``);
+* OuterSync's theta0 (as weights) and outer momentum (as a difference) of every range grow by the
+  same seeded maps in one Ray task per range, so ``theta0`` there equals the holders' grown weights
+  and DiLoCo carries on; the aggregation memory (centered clipping's centre, the stale-replay
+  attack's buffer) restarts empty, as on the first round.
+
+**Where new layers go.** The running swarm keeps its stages, replicas and placement groups; only
+the layer ranges grow. New identity layers are spread evenly between the old ones
+(:func:`~neuroray.model.growth.depth_layout`) and each joins the range of the old layer right before
+it (new layers in front of layer 0 join range 0): :func:`~neuroray.model.growth.new_ranges_for`.
+So every range grows by about the same factor, every holder grows from its own layers only (no
+tensor crosses holders), and the pipeline computes what it did. The new plan's own split, replica
+count and placement are not applied mid-run: no holders are started for joined nodes, and the
+upgrade is refused (logged, training goes on with the current model) if the grown holders would not
+fit their nodes' memory by the planner's accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+import torch
+
+from neuroray.config import ModelConfig, TrainConfig
+from neuroray.model.growth import flat_to_state, grow_state_dict, new_ranges_for, state_to_flat
+from neuroray.planner import scaling
+from neuroray.planner.cluster import ClusterWatcher, WatchEvent
+from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
+from neuroray.planner.partition import NodeSpec, Plan, PlanRequest
+
+
+def migration_ranges(ranges: list[tuple[int, int]], old: ModelConfig, new: ModelConfig) -> list[tuple[int, int]]:
+    """The running split grown to ``new``: each new layer joins the range of the old layer before it."""
+    return new_ranges_for(list(ranges), old.n_layers, new.n_layers)
+
+
+def grow_flat(vector: torch.Tensor, old_layout, new_layout, old: ModelConfig, new: ModelConfig, *, seed: int,
+              kind: str) -> torch.Tensor:
+    """A range's flat vector (theta0: ``kind="weights"``, momentum: ``"delta"``) laid out over the grown range."""
+    layers = sorted({int(name.split(".")[1]) for name, _ in new_layout if name.startswith("layers.")})
+    grown = grow_state_dict(flat_to_state(vector, old_layout), old, new, seed=seed, layers=layers, kind=kind)
+    return state_to_flat(grown, new_layout)
+
+
+# num_cpus=0 like the outer step: holders may occupy every CPU and the migration must still run.
+@ray.remote(num_cpus=0, num_returns=2)
+def _grow_outer_task(theta0, momentum, old_layout, new_layout, old, new, seed):
+    grown = grow_flat(theta0, old_layout, new_layout, old, new, seed=seed, kind="weights")
+    moved = None if momentum is None else grow_flat(momentum, old_layout, new_layout, old, new, seed=seed, kind="delta")
+    return grown, moved
+
+
+def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple[int, int]], *, seed: int,
+            timeout_s: float) -> None:
+    """Grow every holder of ``swarm`` and every range's theta0 and momentum in ``outer`` from ``old`` to ``new``.
+
+    Call between outer rounds (nothing in flight). ``ranges``: :func:`migration_ranges` of the swarm's.
+    """
+    holders = [h for p in swarm.replicas for h in p]
+    old_layouts = swarm.get([hs[0].param_layout.remote() for hs in swarm.by_range], timeout_s, "reading the ranges")
+    infos = swarm.get([h.grow.remote(new, ranges, seed) for h in holders], timeout_s, "growing the stage holders")
+    new_layouts = swarm.get([hs[0].param_layout.remote() for hs in swarm.by_range], timeout_s, "reading the ranges")
+    refs = []
+    for s in range(len(ranges)):
+        theta0, momentum = _grow_outer_task.remote(outer.theta0[s], outer.momentum[s], old_layouts[s], new_layouts[s],
+                                                   old, new, seed)
+        outer.theta0[s] = theta0
+        outer.momentum[s] = None if outer.momentum[s] is None else momentum
+        outer.memory[s] = None  # centered clipping's centre and replay buffers restart, as on round 1
+        refs.append(theta0)
+    ray.get(refs, timeout=timeout_s)  # surface a failed growth here, not at the next outer step
+    swarm.ranges, swarm.infos = list(ranges), infos
+    swarm.numels = [infos[s]["numel"] for s in range(len(ranges))]
+
+
+def fit_problem(placement: Plan, nodes: list[NodeSpec], new: ModelConfig, ranges: list[tuple[int, int]],
+                req: PlanRequest) -> str:
+    """Why the running holders, grown to ``new`` and ``ranges`` on their nodes, would not fit; "" if they do.
+
+    The planner's accounting (neuroray.planner.memory): per GPU holder, its GPUs' memory; per CPU node,
+    the sum of its holders plus, on the outer-step node, the largest range's outer-step task; each
+    within ``safety_fraction``.
+    """
+    by_id = {n.node_id: n for n in placement.nodes} | {n.node_id: n for n in nodes}
+    grown = [holder_memory(new, placement.vocab_size, b - a, has_embedding=s == 0, has_head=s == len(ranges) - 1,
+                           batch=req.batch, overhead=req.holder_overhead) for s, (a, b) in enumerate(ranges)]
+    needs = [m.total for m in grown]
+    used: dict[str, int] = {}
+    for rep in placement.holders:
+        for h in rep:
+            node = by_id[h.node_id]
+            if placement.device == "gpu":
+                cap = h.gpus * node.gpu_memory * req.safety_fraction
+                if needs[h.stage] > cap:
+                    return (f"stage {h.stage} would need {format_bytes(needs[h.stage])} on {node.name}'s GPUs, which "
+                            f"offer {format_bytes(cap)}")
+            else:
+                used[h.node_id] = used.get(h.node_id, 0) + needs[h.stage]
+    if placement.device == "cpu":
+        outer = outer_step_bytes(max(m.params for m in grown), placement.replicas)
+        used[placement.outer.node_id] = used.get(placement.outer.node_id, 0) + outer
+        for node_id, need in used.items():
+            node = by_id[node_id]
+            if need > node.memory * req.safety_fraction:
+                return (f"{node.name} would need {format_bytes(need)} for its grown holders (and outer step), "
+                        f"it offers {format_bytes(node.memory * req.safety_fraction)}")
+    return ""
+
+
+def _short(node_ids: list[str]) -> str:
+    return ", ".join(x[:8] for x in node_ids) or "none"
+
+
+@dataclass
+class Upgrader:
+    """Polls the watcher between outer rounds and migrates the swarm when it adopts a bigger model.
+
+    ``plan``: the plan the swarm was started from (its holders' nodes do not change mid-run).
+    """
+
+    cfg: TrainConfig
+    plan: Plan
+    watcher: ClusterWatcher | None = None
+    log: Callable[[str], None] = print
+    clock: Callable[[], float] = time.monotonic
+    upgrades: list[dict] = field(default_factory=list)  # one record per migration done
+
+    def __post_init__(self):
+        if self.watcher is None:
+            self.watcher = ClusterWatcher(self.cfg, current=self.plan)
+        self._last_poll = self.clock()
+
+    def between_rounds(self, trainer) -> bool:
+        """Poll if ``planner.watch_interval_s`` has passed; log what changed; migrate on an upgrade.
+
+        True when the holders grew (the trainer then snapshots at once)."""
+        if self.clock() - self._last_poll < self.cfg.planner.watch_interval_s:
+            return False
+        self._last_poll = self.clock()
+        try:
+            event = self.watcher.poll()
+        except Exception as exc:  # noqa: BLE001 - a failed read of the cluster must not stop training; next poll retries
+            self.log(f"cluster watch: {str(exc).splitlines()[0]}")
+            return False
+        if event is None:
+            return False
+        self.log(f"cluster watch: joined {_short(event.joined)}; left {_short(event.left)}")
+        if event.plan is not None:
+            p = event.plan
+            self.log(f"cluster watch: recomputed plan: {scaling.describe(p.model)}, {p.num_stages} stages x "
+                     f"{p.replicas} replicas on {len(p.nodes)} nodes ({format_bytes(p.law_memory)})")
+        if event.evaluated and not event.upgraded:
+            self.log(f"cluster watch: architecture kept ({event.reason})")
+        if event.plan is None:
+            self.log(f"cluster watch: {event.reason}; training goes on with the running holders")
+        return event.upgraded and self._upgrade(trainer, event)
+
+    def _upgrade(self, trainer, event: WatchEvent) -> bool:
+        old, new = trainer.cfg.model, event.plan.model
+        ranges = migration_ranges(trainer.swarm.ranges, old, new)
+        problem = fit_problem(self.plan, list(event.plan.nodes), new, ranges, self.watcher.request)
+        if problem:
+            self.log(f"upgrade to {scaling.describe(new)} refused: {problem}; training goes on with "
+                     f"{scaling.describe(old)}")
+            self.watcher.current = event.previous  # the running model stays what the next upgrade grows from
+            return False
+        t0 = time.monotonic()
+        migrate(trainer.swarm, trainer.outer, old, new, ranges, seed=self.cfg.seed,
+                timeout_s=self.cfg.cluster.step_timeout_s)
+        trainer.cfg = dataclasses.replace(trainer.cfg, model=new)
+        if trainer.ledger is not None:  # proofs now claim the grown ranges of a deeper model: tell the ledger
+            holders = [h for p in trainer.swarm.replicas for h in p]
+            records = trainer.swarm.get([h.ponw_registration.remote() for h in holders],
+                                        self.cfg.cluster.step_timeout_s, "re-registering the grown holders")
+            ray.get(trainer.ledger.grow_model.remote(new.n_layers, [r for r in records if r is not None]),
+                    timeout=self.cfg.cluster.step_timeout_s)
+        record = {"round": trainer.outer.rounds, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
+                  "growth": event.growth, "ranges": [list(r) for r in ranges], "seconds": time.monotonic() - t0}
+        self.upgrades.append(record)
+        self.log(f"upgrade: after round {record['round']} grew {scaling.describe(old)} -> {scaling.describe(new)} "
+                 f"({event.growth:.2f}x parameters) in place in {record['seconds']:.1f}s; ranges "
+                 f"{[(a, b - 1) for a, b in ranges]}; no holders added for the joined nodes")
+        return True
