@@ -91,11 +91,12 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     import ray
     from neuroray.train import run
 
-    quorum = ["swarm.outer_quorum=0.5", "swarm.outer_deadline_s=1"]
+    quorum = ["swarm.outer_quorum=0.5", "swarm.outer_deadline_s=1", "swarm.failover_ceiling_s=2"]
     clean = run(_cfg(tmp_path, "clean", *quorum), log=QUIET)
     # Hung from inner step 3 of round 1 on, for longer than the round has left: its microbatches are
     # hedged or re-sent, and the outer step goes on with the quorum (1 of 2) without waiting for it.
-    _after_steps(tmp_path / "hang", 3, lambda p: ray.get_actor(f"{p}r1-s1").hang.remote(6.0))
+    # (detected within failover_ceiling_s=2, the round ends and waits outer_deadline_s=1: well inside 8 s)
+    _after_steps(tmp_path / "hang", 3, lambda p: ray.get_actor(f"{p}r1-s1").hang.remote(8.0))
     lines = []
     hung = run(_cfg(tmp_path, "hang", *quorum), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     total = 3 * 4 * 2 * 2  # rounds x inner steps x microbatches x replicas
