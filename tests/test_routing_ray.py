@@ -39,21 +39,27 @@ def _per_range(result) -> dict[int, int]:
     return counts
 
 
-def _after_steps(run_dir: Path, steps: int, action, timeout_s: float = 300) -> threading.Thread:
-    """Run ``action(holder_name_prefix)`` once the run has logged ``steps`` inner steps."""
+def _after_steps(run_dir: Path, steps: int, action, timeout_s: float = 300) -> dict:
+    """Run ``action(holder_name_prefix)`` once the run has logged ``steps`` inner steps; the returned
+    dict says when it fired (``at_step``) or what it raised (``error``)."""
+    outcome: dict = {}
 
     def wait_then_act():
         deadline = time.monotonic() + timeout_s
         metrics = run_dir / "metrics.jsonl"
         while time.monotonic() < deadline:
-            if metrics.exists() and metrics.read_text().count("\n") >= steps:
-                action(f"neuroray-{run_dir.name}-")
+            logged = metrics.read_text().count("\n") if metrics.exists() else 0
+            if logged >= steps:
+                try:
+                    action(f"neuroray-{run_dir.name}-")
+                    outcome["at_step"] = logged
+                except Exception as exc:  # noqa: BLE001 - reported by the test
+                    outcome["error"] = repr(exc)
                 return
             time.sleep(0.05)
 
-    t = threading.Thread(target=wait_then_act, daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=wait_then_act, daemon=True).start()
+    return outcome
 
 
 def test_routed_training_equals_the_monolith_on_the_same_microbatches(ray_cluster, tmp_path):
@@ -96,14 +102,15 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     # Hung from inner step 3 of round 1 on, for longer than the round has left: its microbatches are
     # hedged or re-sent, and the outer step goes on with the quorum (1 of 2) without waiting for it.
     # (detected within failover_ceiling_s=2, the round ends and waits outer_deadline_s=1: well inside 8 s)
-    _after_steps(tmp_path / "hang", 3, lambda p: ray.get_actor(f"{p}r1-s1").hang.remote(8.0))
+    fault = _after_steps(tmp_path / "hang", 3, lambda p: ray.get_actor(f"{p}r1-s1").hang.remote(8.0))
     lines = []
     hung = run(_cfg(tmp_path, "hang", *quorum), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert fault.get("at_step", 99) <= 5, (fault, lines)  # the hang was injected while the run had work left
     total = 3 * 4 * 2 * 2  # rounds x inner steps x microbatches x replicas
     assert len(hung.losses) == 12
     assert _per_range(hung) == _per_range(clean) == {0: total, 1: total}  # none lost, none applied twice
     r = hung.routing
-    assert r["hedges"] + r["revoked"] >= 1 and r["failovers"], r
+    assert r["hedges"] + r["revoked"] >= 1 and r["failovers"], (r, lines[-25:])
     assert any("finished on another holder" in line for line in lines)
     late = [q for q in r["quorums"] if q["late"]]
     assert late and late[0]["late"] == ["r1-s1"] and late[0]["answered"] == 1, r["quorums"]
