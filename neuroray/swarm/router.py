@@ -179,9 +179,6 @@ class Router:
         limit = self.cfg.max_inflight or len(mb_ids)
         losses = []
         progress = time.monotonic()
-        for hs in self.ranges:
-            for h in hs:
-                h.applied.clear()
         while waiting or active:
             while waiting and len(active) < limit:
                 f = waiting.popleft()
@@ -205,6 +202,7 @@ class Router:
                 if not h.down:
                     h.barrier = h.handle.step.remote(mean=True, after=h.barrier)
                     self.control[h.barrier] = ("step", h, None)
+                h.applied.clear()  # in the step now: a later death loses it with the holder's weights
         return sum(losses) / len(losses)
 
     def _dispatch(self, f: Flight) -> None:
