@@ -209,7 +209,7 @@ class Trainer:
     # ----- outer step and snapshots --------------------------------------------------------------
     def _outer_round(self, step: int) -> None:
         c = self.cfg.cluster
-        saved = (list(self.outer.theta0), list(self.outer.momentum))
+        saved = (list(self.outer.theta0), list(self.outer.momentum), list(self.outer.memory))
         if self.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
             for r, losses in self._theta0_losses.items():
                 self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
@@ -224,7 +224,7 @@ class Trainer:
                 if not _holder_died(exc):
                     raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
                 # Roll the outer state back, bring the replicas back, and redo the outer step.
-                self.outer.theta0, self.outer.momentum = list(saved[0]), list(saved[1])
+                self.outer.theta0, self.outer.momentum, self.outer.memory = map(list, saved)
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
@@ -252,19 +252,29 @@ class Trainer:
             return
         theta0 = ray.get(self.outer.theta0)
         momentum = [None if m is None else ray.get(m) for m in self.outer.momentum]
+        memory = [None if m is None else ray.get(m) for m in self.outer.memory]
         for s, store in enumerate(self.outer_stores):
             tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
-            store.write_async(Snapshot(step, tensors, {"rounds": self.outer.rounds}))
+            meta = {"rounds": self.outer.rounds}
+            if memory[s] is not None:  # the rule's memory (centered clipping's centre, stale replay)
+                extra, extra_meta = memory[s].to_snapshot()
+                tensors, meta = tensors | extra, meta | extra_meta
+            store.write_async(Snapshot(step, tensors, meta))
         self.stats.snapshots.append(step)
         if self.metrics:
             self.metrics.snapshot_taken()
 
     def restore_outer(self, step: int) -> None:
-        """Load each range's theta0 and momentum of snapshot ``step`` into the outer-sync state."""
+        """Load each range's theta0, momentum and outer-step memory of snapshot ``step`` into the outer-sync state."""
+        from neuroray.diloco.sync import OuterMemory
+
         for s, store in enumerate(self.outer_stores):
             snap = store.read(step)
             self.outer.theta0[s] = ray.put(snap.tensors["theta0"])
             self.outer.momentum[s] = ray.put(snap.tensors["momentum"]) if "momentum" in snap.tensors else None
+            # no memory in the snapshot (taken before the first round, or by an older version): start afresh
+            memory = OuterMemory.from_snapshot(snap.tensors, snap.meta) if "memory_replay" in snap.meta else None
+            self.outer.memory[s] = None if memory is None else ray.put(memory)
             self.outer.rounds = snap.meta["rounds"]
 
     def flush(self) -> None:
