@@ -77,8 +77,9 @@ class Trainer:
         records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         ray.get(self.ledger.register.remote([r for r in records if r is not None]))
 
-    def _book_proofs(self) -> None:
-        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do."""
+    def _book_proofs(self, reports: list) -> None:
+        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do,
+        including whether the range's outer step used its pseudo-gradient (``reports``)."""
         from neuroray.ponw.verifier import Receipt
 
         holders = [h for p in self.swarm.replicas for h in p]
@@ -87,18 +88,25 @@ class Trainer:
         proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
         batches = self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches  # routed through every holder
-        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds, batches=batches))
-                 for h, proof in zip(holders, proofs) if proof is not None]
+        # Work the rule rejected or gave weight 0 is accepted but earns nothing (the verifier's aggregated=False).
+        # holders[k] is replica k // stages, stage k % stages; a report indexes a range's holders by replica.
+        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
+        stages = len(self.swarm.ranges)
+        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds, batches=batches,
+                                 aggregated=(k % stages, k // stages) not in unused))
+                 for k, (h, proof) in enumerate(zip(holders, proofs)) if proof is not None]
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
 
         credited = sum(o["reward"] for o in outcomes if o["accepted"]) / UNIT
         refused = [o for o in outcomes if not o["accepted"]]
+        unpaid = sum(1 for o in outcomes if o["accepted"] and not o["reward"])  # e.g. work the rule did not use
+        unpaid_note = f"; {unpaid} earned 0" if unpaid else ""
         for o in refused:
             self.log(f"ledger: proof of {o['node_id'][:12]} refused: {o['reason']}: {o['detail']}")
         self.log(f"ledger: round {self.outer.rounds}: {len(outcomes) - len(refused)}/{len(holders)} proofs credited "
-                 f"({credited:.4f} NEURO), supply {summary['supply_neuro']:.4f} NEURO"
+                 f"({credited:.4f} NEURO{unpaid_note}), supply {summary['supply_neuro']:.4f} NEURO"
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
@@ -230,7 +238,7 @@ class Trainer:
                     self._recover(r, exc)
         reports = results[: len(reports)]
         if self.ledger is not None:
-            self._book_proofs()
+            self._book_proofs(reports)
         if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:

@@ -36,6 +36,16 @@ class OuterReport:
     byzantine: list[int] = field(default_factory=list)  # holders the attack simulation replaced
     dropped: list[int] = field(default_factory=list)  # accepted holders the rule gave weight 0 (e.g. not Krum's pick)
 
+    @property
+    def not_aggregated(self) -> list[int]:
+        """Holders whose pseudo-gradient this step did not use: rejected by screening or given weight 0.
+
+        Proof of Neural Work credits them nothing (``Receipt.aggregated=False``). A refused step uses
+        nobody's, but only the rejected holders caused the refusal: the others did valid work and are
+        not listed, so faulty holders cannot deny honest ones their credit by forcing refusals.
+        """
+        return sorted(set(self.dropped) | {i for i, _ in self.rejected})
+
 
 @dataclass
 class OuterMemory:
