@@ -41,8 +41,9 @@ REPLICAS, BYZANTINE, F = 8, 2, 2
 # The recommended robust setting (`aggregator=robust`: trimmed mean after nearest-neighbour mixing, the
 # recipe of Allouah et al. 2023); docs/aggregation.md says how this table led to it.
 DEFAULT_ROBUST = "trimmed_mean+nnm"
+# + the NNM pre-step on the two rules it suits best, and on Krum (whose single pick NNM turns into an average)
 RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clip",
-         "trimmed_mean+nnm", "geometric_median+nnm"]  # + the NNM pre-step on the two rules it suits best
+         "trimmed_mean+nnm", "geometric_median+nnm", "krum+nnm"]
 ATTACKS = {  # column label -> attack (fraction 2/8)
     "none": AttackConfig("none"),
     "sign_flip": AttackConfig("sign_flip"),
