@@ -296,6 +296,15 @@ def _reject_unknown_keys(values: dict, schema, prefix: str) -> None:
             _reject_unknown_keys(value, sub, f"{prefix}{key}.")
 
 
+def _quote_nan_choice(override: str) -> str:
+    """``attack=nan`` -> ``attack='nan'``: Hydra's grammar reads a bare ``nan`` as a float, and a group
+    choice must be a string, so the NaN attack could not be chosen as documented."""
+    key, sep, value = override.partition("=")
+    if sep and value.lower() == "nan" and (conf_dir() / key).is_dir():
+        return f"{key}='{value}'"
+    return override
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides into a validated :class:`TrainConfig`.
 
@@ -310,7 +319,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         GlobalHydra.instance().clear()  # a notebook may have composed before us
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="neuroray"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=[_quote_nan_choice(o) for o in overrides])
         _reject_unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig, "")
         obj = OmegaConf.to_object(cfg)
     except Exception as exc:  # Hydra and OmegaConf raise a zoo of types; all mean "bad config"

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import ray
 
 from neuroray.errors import PipelineError
 from neuroray.swarm.router import Router, holder_died
 from neuroray.trainer import LoopStats, Trainer
+
+
+@dataclass
+class _Unused:
+    """Per range, the replicas whose pseudo-gradient this round did not use: late, rejected or weight 0."""
+
+    range_index: int
+    not_aggregated: list[int]
 
 
 class RoutedTrainer(Trainer):
@@ -102,9 +111,10 @@ class RoutedTrainer(Trainer):
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()
-        reports, loads = [], []
+        reports, loads, quorums = [], [], []
         for s, items in enumerate(asked):
             answered = self._quorum(s, items, t0)
+            quorums.append([h.index for h, _ in answered])
             theta0, report = outer.reduce(s, [ref for _, ref in answered])
             reports.append(report)
             on_time = {id(h) for h, _ in answered}
@@ -128,8 +138,12 @@ class RoutedTrainer(Trainer):
         ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
         for ref in loads:
             self._read_holder_call(ref)
-        if self.ledger is not None:
-            self._book_proofs()
+        if self.ledger is not None:  # reports index the quorum; the ledger wants replica indices
+            unused = [_Unused(rep.range_index, [quorums[rep.range_index][i] for i in rep.not_aggregated]
+                              + [h.index for h in self.router.ranges[rep.range_index]
+                                 if h.index not in quorums[rep.range_index]])
+                      for rep in results]
+            self._book_proofs(unused)
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0

@@ -78,8 +78,9 @@ class Trainer:
         records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         ray.get(self.ledger.register.remote([r for r in records if r is not None]))
 
-    def _book_proofs(self) -> None:
-        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do."""
+    def _book_proofs(self, reports: list) -> None:
+        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do,
+        including whether the range's outer step used its pseudo-gradient (``reports``)."""
         from neuroray.ponw.verifier import Receipt
 
         holders = [h for p in self.swarm.replicas for h in p]
@@ -87,19 +88,25 @@ class Trainer:
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
         proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
+        # Work the rule rejected or gave weight 0 is accepted but earns nothing (the verifier's aggregated=False).
+        # holders[k] is replica k // stages, stage k % stages; a report indexes a range's holders by replica.
+        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
+        stages = len(self.swarm.ranges)
         items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds,
-                                 batches=self._batches_seen(h)))
-                 for h, proof in zip(holders, proofs) if proof is not None]
+                                 batches=self._batches_seen(h), aggregated=(k % stages, k // stages) not in unused))
+                 for k, (h, proof) in enumerate(zip(holders, proofs)) if proof is not None]
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
 
         credited = sum(o["reward"] for o in outcomes if o["accepted"]) / UNIT
         refused = [o for o in outcomes if not o["accepted"]]
+        unpaid = sum(1 for o in outcomes if o["accepted"] and not o["reward"])  # e.g. work the rule did not use
+        unpaid_note = f"; {unpaid} earned 0" if unpaid else ""
         for o in refused:
             self.log(f"ledger: proof of {o['node_id'][:12]} refused: {o['reason']}: {o['detail']}")
         self.log(f"ledger: round {self.outer.rounds}: {len(outcomes) - len(refused)}/{len(holders)} proofs credited "
-                 f"({credited:.4f} NEURO), supply {summary['supply_neuro']:.4f} NEURO"
+                 f"({credited:.4f} NEURO{unpaid_note}), supply {summary['supply_neuro']:.4f} NEURO"
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
@@ -214,7 +221,7 @@ class Trainer:
     # ----- outer step and snapshots --------------------------------------------------------------
     def _outer_round(self, step: int) -> None:
         c = self.cfg.cluster
-        saved = (list(self.outer.theta0), list(self.outer.momentum))
+        saved = (list(self.outer.theta0), list(self.outer.momentum), list(self.outer.memory))
         if self.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
             for r, losses in self._theta0_losses.items():
                 self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
@@ -229,13 +236,13 @@ class Trainer:
                 if not _holder_died(exc):
                     raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
                 # Roll the outer state back, bring the replicas back, and redo the outer step.
-                self.outer.theta0, self.outer.momentum = list(saved[0]), list(saved[1])
+                self.outer.theta0, self.outer.momentum, self.outer.memory = map(list, saved)
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
         reports = results[: len(reports)]
         if self.ledger is not None:
-            self._book_proofs()
+            self._book_proofs(reports)
         if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:
@@ -257,19 +264,29 @@ class Trainer:
             return
         theta0 = ray.get(self.outer.theta0)
         momentum = [None if m is None else ray.get(m) for m in self.outer.momentum]
+        memory = [None if m is None else ray.get(m) for m in self.outer.memory]
         for s, store in enumerate(self.outer_stores):
             tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
-            store.write_async(Snapshot(step, tensors, {"rounds": self.outer.rounds}))
+            meta = {"rounds": self.outer.rounds}
+            if memory[s] is not None:  # the rule's memory (centered clipping's centre, stale replay)
+                extra, extra_meta = memory[s].to_snapshot()
+                tensors, meta = tensors | extra, meta | extra_meta
+            store.write_async(Snapshot(step, tensors, meta))
         self.stats.snapshots.append(step)
         if self.metrics:
             self.metrics.snapshot_taken()
 
     def restore_outer(self, step: int) -> None:
-        """Load each range's theta0 and momentum of snapshot ``step`` into the outer-sync state."""
+        """Load each range's theta0, momentum and outer-step memory of snapshot ``step`` into the outer-sync state."""
+        from neuroray.diloco.sync import OuterMemory
+
         for s, store in enumerate(self.outer_stores):
             snap = store.read(step)
             self.outer.theta0[s] = ray.put(snap.tensors["theta0"])
             self.outer.momentum[s] = ray.put(snap.tensors["momentum"]) if "momentum" in snap.tensors else None
+            # no memory in the snapshot (taken before the first round, or by an older version): start afresh
+            memory = OuterMemory.from_snapshot(snap.tensors, snap.meta) if "memory_replay" in snap.meta else None
+            self.outer.memory[s] = None if memory is None else ray.put(memory)
             self.outer.rounds = snap.meta["rounds"]
 
     def flush(self) -> None:

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from neuroray.config import AggregatorConfig, load_config
-from neuroray.diloco.aggregate import (
-    AGGREGATORS, AggregationRefused, _augment, _gram, _sq_dists, aggregate, config_problem, merge_exchange_pairs,
-    min_inputs,
-)
+from neuroray.diloco.aggregate import AGGREGATORS, AggregationRefused, aggregate, config_problem, min_inputs
+from neuroray.diloco.numerics import augment, centred_gram, merge_exchange_pairs, sq_dists
 from neuroray.errors import ConfigError
 
 RULES = sorted(AGGREGATORS)
@@ -160,7 +158,7 @@ def test_distances_of_near_identical_inputs_match_float64(n):
     rows = [base + 1e-3 * torch.randn(d, generator=g) for _ in range(n)]
     x = torch.stack(rows).double()
     ref = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    ours = _sq_dists(_gram(rows, n, chunk=1000), _augment(torch.eye(n, dtype=torch.float64)))
+    ours = sq_dists(centred_gram(rows, n, chunk=1000), augment(torch.eye(n, dtype=torch.float64)))
     off = ~torch.eye(n, dtype=torch.bool)
     rel = ((ours - ref).abs()[off] / ref[off]).max()
     assert rel < 1e-4, float(rel)

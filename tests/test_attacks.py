@@ -6,7 +6,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
+from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig, load_config
 from neuroray.diloco.attacks import ATTACKS, alie_z, attack_problem, byzantine_count, simulate
 from neuroray.diloco.sync import OuterMemory, outer_step
 
@@ -83,6 +83,11 @@ def _deltas(n=8, d=64, seed=0):
     return [base + 0.002 * torch.randn(d, generator=g) for _ in range(n)]
 
 
+def test_attack_nan_is_a_valid_override():
+    # Hydra's grammar reads a bare nan as a float; the documented `attack=nan` must still choose the attack
+    assert load_config(["attack=nan", "attack.fraction=0.25"]).attack.name == "nan"
+
+
 def test_nan_holders_are_rejected_and_named():
     theta0, deltas = torch.zeros(64), _deltas()
     new, _, report = outer_step(AggregatorConfig("trimmed_mean", f=2), DilocoConfig(), 3, theta0, None, *deltas,
@@ -90,6 +95,7 @@ def test_nan_holders_are_rejected_and_named():
     assert report.byzantine == [0, 1] and report.accepted == [2, 3, 4, 5, 6, 7] and not report.refused
     assert [(i, "NaN" in why) for i, why in report.rejected] == [(0, True), (1, True)]
     assert torch.isfinite(new).all()
+    assert report.not_aggregated == [0, 1]  # PoNW credits them nothing
 
 
 def test_beyond_tolerance_is_refused_and_theta0_unchanged():
@@ -98,6 +104,7 @@ def test_beyond_tolerance_is_refused_and_theta0_unchanged():
                                     *deltas, attack=AttackConfig("nan", 0.5))
     assert new is theta0 and new_m is momentum and torch.equal(theta0, torch.ones(64))
     assert "4 contributions failed screening" in report.refused and [i for i, _ in report.rejected] == [0, 1, 2, 3]
+    assert report.not_aggregated == [0, 1, 2, 3]  # only the rejected ones: the others' work was valid
 
 
 def test_robust_rule_shrugs_off_scaling_where_mean_does_not():
@@ -118,6 +125,11 @@ def test_krum_reports_the_holders_it_dropped():
     _, _, report = outer_step(AggregatorConfig("krum", f=2), DilocoConfig(), 0, theta0, None, *deltas,
                               attack=AttackConfig("gaussian", 0.25))
     assert len(report.dropped) == 7 and 0 in report.dropped and 1 in report.dropped
+    assert report.not_aggregated == report.dropped
+    _, _, report = outer_step(AggregatorConfig("krum", f=2), DilocoConfig(), 0, theta0, None, *deltas,
+                              attack=AttackConfig("nan", 0.25))
+    assert [i for i, _ in report.rejected] == [0, 1] and len(report.dropped) == 5
+    assert report.not_aggregated == sorted([0, 1] + report.dropped)
 
 
 def test_memory_carries_replay_and_previous_aggregate():

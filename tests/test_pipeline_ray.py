@@ -125,3 +125,50 @@ def test_train_end_to_end(ray_cluster, tmp_path):
         time.sleep(1)
     assert found == wanted, wanted - found
     assert step_line.endswith(" 15.0"), step_line
+
+
+def _proof_rewards(run_dir, key_dir, replicas: int, stages: int) -> dict[tuple[int, int, int], tuple[str, int]]:
+    """``(round, range, replica) -> (status, reward)`` from the run's ledger, node ids mapped back to slots."""
+    import sqlite3
+
+    from neuroray.ponw.identity import Identity
+
+    slot = {Identity.load_or_create(key_dir / f"holder-r{r}-s{s}.pem").node_id: (s, r)
+            for r in range(replicas) for s in range(stages)}
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        rows = db.execute("SELECT node_id, outer_round, status, reward FROM proofs WHERE proof_type = 'training'")
+        return {(rnd, *slot[node]): (status, reward) for node, rnd, status, reward in rows}
+
+
+@pytest.mark.parametrize("rule", ["krum", "nan_rejected"])
+def test_holders_whose_delta_the_rule_did_not_use_earn_nothing(ray_cluster, tmp_path, rule):
+    """PoNW gets the outer step's verdict: a proof for a delta that screening rejected, or that the rule
+    gave weight 0 (not Krum's pick), is accepted (valid work, no slash) and credited 0 NEURO."""
+    from neuroray.config import load_config
+    from neuroray.train import run
+
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    extra = (["aggregator=krum", "aggregator.f=0"] if rule == "krum" else  # n >= 2f+3 = 3; keeps one delta
+             ["aggregator=trimmed_mean", "aggregator.f=1", "attack=nan", "attack.fraction=0.34"])  # replica 0 sends NaN
+    cfg = load_config([
+        f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
+        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        f"swarm.key_dir={tmp_path / 'keys'}", "diloco.replicas=3", "diloco.inner_steps=2", "rounds=2",
+        f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.2", "sample_tokens=2", *extra,
+    ])
+    lines = []
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    proofs = _proof_rewards(result.run_dir, tmp_path / "keys", replicas=3, stages=2)
+    assert len(proofs) == 2 * 2 * 3 and all(status == "credited" for status, _ in proofs.values())  # none refused
+    assert result.ledger["supply_consistent"]
+    for rnd in (1, 2):
+        for s in range(2):
+            paid = [r for r in range(3) if proofs[(rnd, s, r)][1] > 0]
+            if rule == "krum":
+                assert len(paid) == 1  # Krum keeps one holder's delta per range: only that holder earns
+            else:
+                assert paid == [1, 2]  # replica 0's NaN deltas were rejected every round
+    assert any("rejected holder #0" in line for line in lines) == (rule != "krum")
+    assert any(line.startswith("ledger: round 2: 6/6 proofs credited") and "; 4 earned 0" in line for line in lines) \
+        == (rule == "krum")

@@ -82,6 +82,26 @@ def test_resumed_job_continues_the_same_loss_curve(ray_cluster, tmp_path):
     assert (tmp_path / "split" / "metrics.jsonl").read_text().count("\n") == 16
 
 
+def test_resume_with_centered_clip_and_stale_replay_continues_identically(ray_cluster, tmp_path):
+    """The outer-step memory (centered clipping's centre, the stale-replay buffer) is snapshotted with
+    theta0, so the first outer step after a resume aggregates exactly as the uninterrupted run did."""
+    from safetensors.torch import load_file
+
+    from neuroray.train import run
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    # tau=1 so that clipping bites with two holders (at tau=2 it never does, and the centre would not matter)
+    rule = ["aggregator=centered_clip", "aggregator.f=0", "aggregator.tau=1", "attack=stale", "attack.fraction=0.5",
+            "ponw.enabled=false"]
+    full = run(_cfg(tmp_path, "full", 3, *rule), log=quiet)
+    run(_cfg(tmp_path, "split", 2, *rule), log=quiet)  # "killed" after round 2
+    resumed = run(_cfg(tmp_path, "split", 3, "resume=true", *rule), log=quiet)
+    assert resumed.start_step == 8 and resumed.losses == full.losses[8:]
+    want, got = (load_file(str(r.checkpoint / "model.safetensors")) for r in (full, resumed))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # round 3's outer step
+    assert resumed.eval_loss == full.eval_loss
+
+
 def test_resume_skips_a_corrupt_newest_snapshot_set(ray_cluster, tmp_path):
     from neuroray.train import run
 

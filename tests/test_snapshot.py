@@ -107,3 +107,28 @@ def test_holder_restore_is_exact_and_training_continues_identically(tmp_path):
     assert b.state_digest() == tensors_digest(saved.tensors)  # bit for bit
     assert b.counters()["inner_steps"] == 3 and b.restored_step == 3
     assert _train(b, 3, seed=1) == continued  # AdamW state came back too, so the next steps match exactly
+
+
+def test_outer_memory_through_a_snapshot_continues_the_next_round_identically(tmp_path):
+    from neuroray.config import AggregatorConfig, AttackConfig
+    from neuroray.diloco.sync import OuterMemory, outer_step
+
+    g = torch.Generator().manual_seed(0)
+    rounds = [[torch.randn(64, generator=g) * (1 + i) for i in range(8)] for _ in range(2)]
+    cc, stale = AggregatorConfig("centered_clip", f=2, tau=1.0), AttackConfig("stale", 0.25)
+    theta0, momentum, _, memory = outer_step(cc, DilocoConfig(), 0, torch.zeros(64), None, *rounds[0], attack=stale,
+                                             memory=OuterMemory())
+    memory.replay.append("not a tensor")  # what a broken holder might have sent: replayed as zeros either way
+    store = SnapshotStore(str(tmp_path), "outer-s0")
+    tensors, meta = memory.to_snapshot()
+    store.write(Snapshot(1, {"theta0": theta0} | tensors, {"rounds": 1} | meta))
+    snap = store.read(1)
+    restored = OuterMemory.from_snapshot(snap.tensors, snap.meta)
+    assert torch.equal(restored.previous, memory.previous) and len(restored.replay) == 3 and restored.replay[2] is None
+    assert all(torch.equal(a, b) for a, b in zip(restored.replay[:2], memory.replay[:2]))
+    args = (cc, DilocoConfig(), 0, snap.tensors["theta0"], momentum, *rounds[1])
+    want = outer_step(*args, attack=stale, memory=memory, round_index=1)
+    got = outer_step(*args, attack=stale, memory=restored, round_index=1)
+    fresh = outer_step(*args, attack=stale, memory=OuterMemory(), round_index=1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[3].previous, want[3].previous)
+    assert not torch.equal(fresh[0], want[0])  # the memory matters here, so the check above can fail

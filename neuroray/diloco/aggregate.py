@@ -42,13 +42,12 @@ vectors, and the result is ``sum_i a_i x_i``, formed in float64 chunk by chunk. 
 distances of near-identical inputs exact (``torch.cdist`` on the raw rows loses them). Coordinate-
 wise rules sort each chunk with a Batcher merge-exchange network of ``torch.minimum``/``maximum``
 on whole rows, which is far faster than ``torch.sort`` across a short dimension. Extra memory is
-O(n * chunk) either way.
+O(n * chunk) either way. These numeric kernels live in :mod:`neuroray.diloco.numerics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -56,9 +55,10 @@ from typing import Callable, Sequence
 import torch
 
 from neuroray.config import AggregatorConfig
-
-# Above this many rows a comparator network has more comparators (n log^2 n / 4) than it is worth.
-_NETWORK_MAX_ROWS = 64
+from neuroray.diloco.numerics import (
+    NETWORK_MAX_ROWS, accumulate, augment, canonical_order, centred_gram, chunks, combine, median_of,
+    merge_exchange_pairs, pruned, sort_rows, sq_dists, sq_norms, weight_groups,
+)
 
 
 class AggregationRefused(RuntimeError):
@@ -166,114 +166,7 @@ def _all_finite(c: torch.Tensor) -> bool:
     return math.isfinite(float(c.sum())) or math.isfinite(float(c.sum(dtype=torch.float64)))
 
 
-# ----- chunked passes over the parameter dimension ----------------------------------------------
-def _chunks(numel: int, chunk: int):
-    for lo in range(0, numel, chunk):
-        yield lo, min(numel, lo + chunk)
-
-
-def _gram(vectors: list[torch.Tensor], n_rows: int, chunk: int) -> torch.Tensor:
-    """Gram matrix (float64, (k+1) x (k+1)) of ``[v_1 - c, ..., v_k - c, c]``, c = mean of the first n_rows.
-
-    Any vector ``sum_j a_j v_j`` is ``sum_j a_j (v_j - c) + (sum_j a_j) c``: its "augmented" coefficients
-    ``[a, sum(a)]`` against this Gram matrix give its norm, and differences of them give distances,
-    without the cancellation that raw (uncentred) inner products suffer on near-identical inputs.
-    """
-    k, numel = len(vectors), vectors[0].numel()
-    buf = torch.empty(k + 1, min(chunk, numel), dtype=torch.float64)
-    gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-    for lo, hi in _chunks(numel, chunk):
-        b = buf[:, : hi - lo]
-        torch.stack([v[lo:hi] for v in vectors], out=b[:k])  # one op (fewer thread barriers than k copies)
-        torch.mean(b[:n_rows], 0, out=b[k])
-        b[:k].sub_(b[k])
-        gram.addmm_(b, b.T)
-    return gram
-
-
-def _groups(alpha: torch.Tensor) -> list[tuple[float, list[int]]]:
-    """Non-zero coefficients as ``(weight, [indices with that weight])``, by ascending weight."""
-    groups: dict[float, list[int]] = {}
-    for j, a in enumerate(alpha.tolist()):
-        if a != 0.0:
-            groups.setdefault(a, []).append(j)
-    return sorted(groups.items())
-
-
-def _accumulate(groups, parts: list[torch.Tensor], acc: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """``acc = sum_w w * sum_{j in group w} parts[j]`` in float64.
-
-    Vectors with equal weights are summed first and scaled once: a float64 sum of a few float32 values
-    is exact (unless their exponents span more than 29 bits), so means and Multi-Krum depend neither
-    on the input order nor on the chunk size, even in the last float32 bit.
-    """
-    acc.zero_()
-    for w, idx in groups:
-        tmp.copy_(parts[idx[0]])
-        for j in idx[1:]:
-            tmp.add_(parts[j])
-        acc.add_(tmp, alpha=w)
-    return acc
-
-
-def _combine(vectors: list[torch.Tensor], alpha: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``sum_j alpha_j v_j`` as float32, accumulated in float64 one chunk at a time."""
-    groups = _groups(alpha)
-    if len(groups) == 1 and groups[0][0] == 1.0 and len(groups[0][1]) == 1:
-        return vectors[groups[0][1][0]].clone()  # a chosen input comes back bit for bit
-    numel = vectors[0].numel()
-    out = torch.empty(numel, dtype=torch.float32)
-    acc = torch.empty(min(chunk, numel), dtype=torch.float64)
-    tmp = torch.empty_like(acc)
-    for lo, hi in _chunks(numel, chunk):
-        m = hi - lo
-        out[lo:hi].copy_(_accumulate(groups, [v[lo:hi] for v in vectors], acc[:m], tmp[:m]))
-    return out
-
-
-# ----- coordinate-wise rules: sorting networks over whole rows ----------------------------------
-@functools.lru_cache(maxsize=None)
-def merge_exchange_pairs(n: int) -> tuple[tuple[int, int], ...]:
-    """Comparators ``(i, j), i < j`` of Batcher's merge-exchange sort of n items (Knuth 5.2.2, Algorithm M).
-
-    Applying ``(x_i, x_j) <- (min, max)`` for every pair in order sorts any n values ascending.
-    """
-    pairs: list[tuple[int, int]] = []
-    if n < 2:
-        return ()
-    t = (n - 1).bit_length()
-    p = 1 << (t - 1)
-    while p > 0:
-        q, r, d = 1 << (t - 1), 0, p
-        while d > 0:
-            pairs.extend((i, i + d) for i in range(n - d) if i & p == r)
-            d, q, r = q - p, q >> 1, p
-        p >>= 1
-    return tuple(pairs)
-
-
-def _pruned(pairs: tuple[tuple[int, int], ...], wanted: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """The comparators that influence the sorted values at positions ``wanted`` (walked back to front)."""
-    needed, keep = set(wanted), []
-    for i, j in reversed(pairs):
-        if i in needed or j in needed:
-            keep.append((i, j))
-            needed |= {i, j}
-    return tuple(reversed(keep))
-
-
-def _sort_rows(rows: list[torch.Tensor], spare: torch.Tensor, pairs) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sort the columns of ``rows`` (equal-length 1-D tensors) in place of the buffers; returns the
-    buffers in ascending order and the buffer left over. Each comparator is two whole-row ops; the
-    buffers are renamed rather than copied."""
-    r = list(rows)
-    for i, j in pairs:
-        torch.minimum(r[i], r[j], out=spare)
-        torch.maximum(r[i], r[j], out=r[j])
-        r[i], spare = spare, r[i]
-    return r, spare
-
-
+# ----- coordinate-wise rules (sorting networks over whole rows: numerics.py) ---------------------
 def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: torch.Tensor | None) -> torch.Tensor:
     """Median or trimmed mean of the rows ``mix @ vectors`` (or of the vectors themselves), chunk by chunk."""
     numel, chunk = vectors[0].numel(), min(cfg.chunk, vectors[0].numel())
@@ -282,13 +175,13 @@ def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: tor
         wanted = ((q - 1) // 2, q // 2)
     else:
         wanted = tuple(range(cfg.f, q - cfg.f))
-    pairs = _pruned(merge_exchange_pairs(q), wanted) if q <= _NETWORK_MAX_ROWS else None
+    pairs = pruned(merge_exchange_pairs(q), wanted) if q <= NETWORK_MAX_ROWS else None
     dtype = torch.float32 if mix is None else torch.float64
-    mix_groups = None if mix is None else [_groups(row) for row in mix]
+    mix_groups = None if mix is None else [weight_groups(row) for row in mix]
     buf = torch.empty(q + 1, chunk, dtype=dtype)  # q rows and a spare
     acc = torch.empty(chunk, dtype=torch.float64)
     out = torch.empty(numel, dtype=torch.float32)
-    for lo, hi in _chunks(numel, chunk):
+    for lo, hi in chunks(numel, chunk):
         m = hi - lo
         block, spare = buf[:q, :m], buf[q, :m]
         if mix is None:
@@ -296,12 +189,12 @@ def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: tor
         else:
             parts = [v[lo:hi] for v in vectors]
             for g, row in zip(mix_groups, block):
-                _accumulate(g, parts, row, spare)
+                accumulate(g, parts, row, spare)
         rows = list(block.unbind(0))
         if pairs is None:
             srt = list(block.sort(dim=0).values.unbind(0))
         else:
-            srt, _ = _sort_rows(rows, spare, pairs)
+            srt, _ = sort_rows(rows, spare, pairs)
         o = out[lo:hi]
         if cfg.name == "median":
             a, b = srt[wanted[0]], srt[wanted[1]]
@@ -318,29 +211,7 @@ def _coordinatewise(cfg: AggregatorConfig, vectors: list[torch.Tensor], mix: tor
     return out
 
 
-# ----- geometry on coefficient vectors ----------------------------------------------------------
-def _augment(coef: torch.Tensor) -> torch.Tensor:
-    return torch.cat([coef, coef.sum(-1, keepdim=True)], -1)
-
-
-def _sq_norms(gram: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """Squared norms of the vectors with augmented coefficient rows ``aug``."""
-    return ((aug @ gram) * aug).sum(-1).clamp_min(0.0)
-
-
-def _sq_dists(gram: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """(q x q) squared distances; differences of coefficients first, so nothing large cancels."""
-    diff = aug[:, None, :] - aug[None, :, :]
-    d = _sq_norms(gram, diff)
-    d.fill_diagonal_(0.0)
-    return d
-
-
-def _median(t: torch.Tensor) -> float:
-    s = t.sort().values
-    return float((s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2)
-
-
+# ----- vector rules, on coefficient vectors against the centred Gram matrix ------------------------
 def _krum_scores(d: torch.Tensor, f: int) -> torch.Tensor:
     q = d.shape[0]
     others = d + torch.diag(torch.full((q,), math.inf, dtype=d.dtype))  # exclude each row's distance to itself
@@ -351,17 +222,17 @@ def _weiszfeld(gram: torch.Tensor, aug: torch.Tensor, cfg: AggregatorConfig) -> 
     """Smoothed Weiszfeld in coefficient space; returns the weights w (sum 1) with z = sum_i w_i y_i."""
     q = aug.shape[0]
     w = torch.full((q,), 1.0 / q, dtype=torch.float64)
-    dist = _sq_norms(gram, aug - w @ aug).sqrt()
-    scale = _median(dist) or float(dist.max())
+    dist = sq_norms(gram, aug - w @ aug).sqrt()
+    scale = median_of(dist) or float(dist.max())
     if scale == 0.0:  # all inputs identical: the mean is the answer
         return w
     nu = cfg.gm_smoothing * scale
     for _ in range(cfg.gm_max_iter):
         beta = 1.0 / dist.clamp_min(nu)
         new = beta / beta.sum()
-        moved = float(_sq_norms(gram, (new - w) @ aug).sqrt())
+        moved = float(sq_norms(gram, (new - w) @ aug).sqrt())
         w = new
-        dist = _sq_norms(gram, aug - w @ aug).sqrt()
+        dist = sq_norms(gram, aug - w @ aug).sqrt()
         if moved <= cfg.gm_tol * scale:
             break
     return w
@@ -371,9 +242,9 @@ def _centered_clip(gram: torch.Tensor, aug: torch.Tensor, centre: torch.Tensor, 
     """Centered clipping from the augmented coefficients ``centre``; returns augmented coefficients."""
     q = aug.shape[0]
     v = centre
-    tau = cfg.tau * _median(_sq_norms(gram, aug - v).sqrt())
+    tau = cfg.tau * median_of(sq_norms(gram, aug - v).sqrt())
     for _ in range(cfg.iterations):
-        dist = _sq_norms(gram, aug - v).sqrt()
+        dist = sq_norms(gram, aug - v).sqrt()
         keep = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
         # v + (1/q) sum_i keep_i (y_i - v), grouped so that keep == 1 everywhere leaves no v at all
         v = v * (1.0 - float(keep.sum()) / q) + (keep / q) @ aug
@@ -381,31 +252,16 @@ def _centered_clip(gram: torch.Tensor, aug: torch.Tensor, centre: torch.Tensor, 
 
 
 # ----- pre-steps ----------------------------------------------------------------------------------
-def _lex_compare(a: torch.Tensor, b: torch.Tensor, chunk: int) -> int:
-    for lo, hi in _chunks(a.numel(), chunk):
-        diff = torch.ne(a[lo:hi], b[lo:hi]).nonzero()
-        if diff.numel():
-            j = lo + int(diff[0])
-            return -1 if a[j] < b[j] else 1
-    return 0
-
-
-def _canonical_order(rows: list[torch.Tensor], chunk: int) -> list[int]:
-    """Positions of ``rows`` in lexicographic order of their values: the same whatever order they came in."""
-    key = functools.cmp_to_key(lambda i, j: _lex_compare(rows[i], rows[j], chunk))
-    return sorted(range(len(rows)), key=key)
-
-
 def _pre_steps(cfg: AggregatorConfig, gram: torch.Tensor, mix: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply clip -> nnm -> bucketing to the mixing matrix ``mix`` (rows: inputs as combinations of vectors)."""
     if cfg.clip:
-        norms = _sq_norms(gram, _augment(mix)).sqrt()
-        limit = cfg.clip * _median(norms)
+        norms = sq_norms(gram, augment(mix)).sqrt()
+        limit = cfg.clip * median_of(norms)
         scale = torch.where(norms > limit, limit / norms.clamp_min(1e-300), torch.ones_like(norms))
         mix = mix * scale[:, None]
     if cfg.nnm:
         q = mix.shape[0]
-        order = _sq_dists(gram, _augment(mix)).argsort(dim=1, stable=True)[:, : q - cfg.f]
+        order = sq_dists(gram, augment(mix)).argsort(dim=1, stable=True)[:, : q - cfg.f]
         mix = mix[order].mean(1)
     if cfg.bucket > 1:
         q = mix.shape[0]
@@ -442,7 +298,7 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
         raise AggregationRefused(f"{len(accepted)} acceptable contributions, {cfg.name} with f={cfg.f} needs "
                                  f"{need} ({why})")
     if cfg.bucket > 1:  # bucketing shuffles: start from an order the senders cannot influence
-        accepted = [accepted[i] for i in _canonical_order([contributions[i] for i in accepted], cfg.chunk)]
+        accepted = [accepted[i] for i in canonical_order([contributions[i] for i in accepted], cfg.chunk)]
     rows = [contributions[i] for i in accepted]
     n = len(rows)
     centre = previous if cfg.name == "centered_clip" and not screen([previous], numel)[1] else None
@@ -450,7 +306,7 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
     k = len(vectors)
     pre = bool(cfg.clip or cfg.nnm or cfg.bucket > 1)
     geometric = pre or cfg.name in ("krum", "multi_krum", "geometric_median", "centered_clip")
-    gram = _gram(vectors, n, cfg.chunk) if geometric else None
+    gram = centred_gram(vectors, n, cfg.chunk) if geometric else None
     mix = torch.eye(n, k, dtype=torch.float64)  # inputs as combinations of the vectors
     if pre:
         mix = _pre_steps(cfg, gram, mix, seed)
@@ -458,7 +314,7 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
         value = _coordinatewise(cfg, vectors[:n], mix[:, :n] if pre else None)
         return AggregateResult(value, sorted(accepted), rejected)
     alpha = _linear_rule(cfg, gram, mix, centre is not None)
-    value = _combine(vectors, alpha, cfg.chunk)
+    value = combine(vectors, alpha, cfg.chunk)
     weights = dict(sorted(zip(accepted, alpha[:n].tolist())))
     return AggregateResult(value, sorted(accepted), rejected, weights)
 
@@ -468,9 +324,9 @@ def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Te
     q, k = mix.shape
     if cfg.name == "mean":
         return mix.mean(0)
-    aug = _augment(mix)
+    aug = augment(mix)
     if cfg.name in ("krum", "multi_krum"):
-        scores = _krum_scores(_sq_dists(gram, aug), cfg.f)
+        scores = _krum_scores(sq_dists(gram, aug), cfg.f)
         best = scores.argsort(stable=True)
         if cfg.name == "krum":
             return mix[best[0]]

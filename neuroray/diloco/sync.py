@@ -36,6 +36,16 @@ class OuterReport:
     byzantine: list[int] = field(default_factory=list)  # holders the attack simulation replaced
     dropped: list[int] = field(default_factory=list)  # accepted holders the rule gave weight 0 (e.g. not Krum's pick)
 
+    @property
+    def not_aggregated(self) -> list[int]:
+        """Holders whose pseudo-gradient this step did not use: rejected by screening or given weight 0.
+
+        Proof of Neural Work credits them nothing (``Receipt.aggregated=False``). A refused step uses
+        nobody's, but only the rejected holders caused the refusal: the others did valid work and are
+        not listed, so faulty holders cannot deny honest ones their credit by forcing refusals.
+        """
+        return sorted(set(self.dropped) | {i for i, _ in self.rejected})
+
 
 @dataclass
 class OuterMemory:
@@ -43,6 +53,22 @@ class OuterMemory:
 
     previous: torch.Tensor | None = None  # last aggregate: centered clipping's centre
     replay: list = field(default_factory=list)  # stale-replay attack: the Byzantine holders' last true deltas
+
+    def to_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON meta to store beside the range's theta0 and momentum, so a resumed run's next
+        outer step sees the same centre and replay buffer as the uninterrupted run's would."""
+        tensors = {} if self.previous is None else {"memory.previous": self.previous}
+        for i, x in enumerate(self.replay):
+            if isinstance(x, torch.Tensor):
+                tensors[f"memory.replay.{i}"] = x
+        return tensors, {"memory_replay": len(self.replay)}
+
+    @classmethod
+    def from_snapshot(cls, tensors: dict[str, torch.Tensor], meta: dict) -> OuterMemory:
+        # A replay entry that was not a tensor comes back as None: the stale attack replays zeros for
+        # either, so the next round is the same.
+        replay = [tensors.get(f"memory.replay.{i}") for i in range(meta["memory_replay"])]
+        return cls(tensors.get("memory.previous"), replay)
 
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
@@ -86,9 +112,9 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 @ray.remote(num_cpus=0, num_returns=4)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas):
-    # The memory comes boxed in a list so that Ray does not resolve it: if the task that produced it
-    # failed (a holder died mid-round and the trainer rolled theta0 and momentum back), the rule simply
-    # starts its memory afresh instead of failing this round too.
+    # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
+    # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
+    # of failing this round too. The trainer rolls it back with theta0 when it redoes a failed round.
     memory = OuterMemory()
     if memory_box[0] is not None:
         try:
@@ -102,7 +128,7 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
 class OuterSync:
     """Driver-side owner of every range's theta0, momentum and aggregation memory (as object refs).
 
-    ``theta0``, ``momentum`` and ``rounds`` are public: the trainer snapshots and rolls them back.
+    ``theta0``, ``momentum``, ``memory`` and ``rounds`` are public: the trainer snapshots and rolls them back.
     """
 
     def __init__(self, holders_by_range: list[list], diloco: DilocoConfig, aggregator: AggregatorConfig | str,
