@@ -98,6 +98,10 @@ class RoutedTrainer(Trainer):
         self.settle()
         super()._snapshot(step)
 
+    def _take_proof(self, holder):
+        # On the control thread: a late (hung) holder answers at once, with no proof this round.
+        return holder.take_proof.options(concurrency_group="control").remote()
+
     def _batches_seen(self, holder) -> int:
         for hs in self.router.ranges:
             for h in hs:

@@ -84,7 +84,7 @@ class Trainer:
         from neuroray.ponw.verifier import Receipt
 
         holders = [h for p in self.swarm.replicas for h in p]
-        refs = [h.take_proof.remote() for h in holders]
+        refs = [self._take_proof(h) for h in holders]
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
         proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
@@ -110,6 +110,9 @@ class Trainer:
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
+
+    def _take_proof(self, holder):
+        return holder.take_proof.remote()
 
     def _batches_seen(self, holder) -> int:
         """Microbatches the driver routed through ``holder`` this round: fixed pipelines see all of theirs."""
