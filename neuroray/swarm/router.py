@@ -302,6 +302,8 @@ class Router:
         for other in [o for o in self.calls.values()
                       if o.flight is f and o is not c and not o.stale and not o.repair]:
             other.stale = True  # a hedged copy lost the race: never cancelled, its graph is dropped
+            if other.holder is h:
+                continue  # the same holder (re-asked after a copy also went late): its claim refused the repeat
             self._send_control("revoke", other.holder, other.holder.handle.revoke.options(
                 concurrency_group="control").remote([f.mb], "f"))
         if c.origin is not None:
@@ -382,7 +384,8 @@ class Router:
             h.failures = h.failures * 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s) + 1
             h.failure_t = now
             if c.kind == "f":
-                other = self.pick(c.stage, exclude={h} | c.flight.exclude, capacity=False)
+                busy = {o.holder for o in self.calls.values() if o.flight is c.flight and not o.stale}
+                other = self.pick(c.stage, exclude=busy | c.flight.exclude, capacity=False)
                 if other is None:
                     continue  # no one to hedge with: keep waiting
                 c.late = True
