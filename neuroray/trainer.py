@@ -31,7 +31,11 @@ class LoopStats:
     losses: list[float] = field(default_factory=list)  # mean loss per inner step run by this loop
     recoveries: list[dict] = field(default_factory=list)  # one record per recovered replica
     snapshots: list[int] = field(default_factory=list)  # steps at which a snapshot set was taken
+    comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (OuterSync.measure + proofs)
     elapsed_s: float = 0.0
+
+    def bytes_total(self, key: str) -> int:
+        return sum(c[key] for c in self.comm)
 
 
 def _holder_died(exc: BaseException) -> bool:
@@ -89,6 +93,7 @@ class Trainer:
         batches = self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches  # routed through every holder
         items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds, batches=batches))
                  for h, proof in zip(holders, proofs) if proof is not None]
+        self._proof_bytes = sum(len(proof) for proof, _ in items)  # control plane: counted, not sync
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
@@ -228,9 +233,13 @@ class Trainer:
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
-        reports = results[: len(reports)]
+        reports, comm = results[: len(reports)], self.outer.measure(results[len(reports):])
         if self.ledger is not None:
             self._book_proofs()
+            comm["control_bytes"] += self._proof_bytes
+        self.stats.comm.append(comm)
+        if self.metrics:
+            self.metrics.comm(comm)
         if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:
@@ -293,7 +302,10 @@ class Trainer:
             now = time.monotonic()
             elapsed = now - t0
             tps = self.tokens_per_step * done / elapsed
-            record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
+            record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed,
+                      # counted so far: a round's bytes show from the first step record after its outer step
+                      "sync_bytes": self.stats.bytes_total("sync_bytes"),
+                      "control_bytes": self.stats.bytes_total("control_bytes")}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if self.metrics:

@@ -9,6 +9,11 @@ momentum. Every holder of the range then loads the new theta0, so all of them re
 
 A refused step (too few acceptable contributions for the rule to tolerate ``aggregator.f``) returns
 theta0 and the momentum unchanged; the report names every rejected holder and why.
+
+With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the task
+checks and decodes each before anything else, so a malformed one is rejected and named like a NaN one.
+The task then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
+counts the object-store bytes of everything that crossed (docs/diloco.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
 from neuroray.diloco.attacks import byzantine_count, simulate
+from neuroray.diloco.compress import PayloadError, check, decode, encode_update
 from neuroray.diloco.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,24 @@ class OuterMemory:
 
     previous: torch.Tensor | None = None  # last aggregate: centered clipping's centre
     replay: list = field(default_factory=list)  # stale-replay attack: the Byzantine holders' last true deltas
+    residual: torch.Tensor | None = None  # what the compressed broadcast of the outer update dropped so far
+
+
+def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, str]]:
+    """Holders' payloads -> float32 vectors; {index: reason} for the malformed ones (left as None, which
+    screening rejects). Bare tensors pass as they are: in-process callers hand over plain vectors."""
+    out, malformed = [], {}
+    for i, d in enumerate(deltas):
+        if isinstance(d, torch.Tensor):
+            out.append(d)
+            continue
+        try:
+            check(d, diloco.compression, diloco.compression_block, numel)
+            out.append(decode(d))
+        except PayloadError as exc:
+            malformed[i] = f"malformed payload: {exc}"
+            out.append(None)
+    return out, malformed
 
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
@@ -63,28 +87,29 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     attack = attack or AttackConfig()
     mem = memory or OuterMemory()
     step_seed = _seed(seed, range_index, round_index)
+    deltas, malformed = _decode(diloco, theta0.numel(), deltas)
     contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=step_seed)
     report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
     try:
         result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
     except AggregationRefused as exc:
         report.refused = str(exc)
-        report.rejected = [(r.index, r.reason) for r in screen(contributions, theta0.numel())[1]]
+        report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
         out = (theta0, momentum, report)
-        return out + (OuterMemory(mem.previous, replay),) if memory is not None else out
+        return out + (OuterMemory(mem.previous, replay, mem.residual),) if memory is not None else out
     report.accepted = result.accepted
-    report.rejected = [(r.index, r.reason) for r in result.rejected]
+    report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in result.rejected]
     report.dropped = sorted(i for i, w in (result.weights or {}).items() if w == 0.0)
     opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
     opt.buf = None if momentum is None else momentum.clone()
     new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))
     out = (new_theta0, opt.buf, report)
     previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
-    return out + (OuterMemory(previous, replay),) if memory is not None else out
+    return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
-@ray.remote(num_cpus=0, num_returns=4)
+@ray.remote(num_cpus=0, num_returns=5)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas):
     # The memory comes boxed in a list so that Ray does not resolve it: if the task that produced it
     # failed (a holder died mid-round and the trainer rolled theta0 and momentum back), the rule simply
@@ -95,8 +120,15 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
             memory = ray.get(memory_box[0])
         except Exception as exc:  # noqa: BLE001 - any failure of the producing task
             log.warning("range %d: outer-step memory lost (%s); starting it afresh", range_index, type(exc).__name__)
-    return outer_step(aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-                      round_index=round_index, seed=seed)
+    new_theta0, new_momentum, report, memory = outer_step(
+        aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
+        round_index=round_index, seed=seed)
+    if diloco.compression == "none":  # the holders load the dense theta0
+        return new_theta0, new_momentum, report, memory, None
+    # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
+    update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
+                                                        diloco.compression_block, memory.residual)
+    return new_theta0, new_momentum, report, memory, update
 
 
 class OuterSync:
@@ -115,17 +147,51 @@ class OuterSync:
         self.momentum: list = [None] * len(holders_by_range)
         self.memory: list = [None] * len(holders_by_range)
         self.rounds = 0
+        self._round: list[dict] = []  # this round's refs per range, for measure()
 
     def submit(self) -> tuple[list, list]:
         """Submit one outer step for every range; returns (report refs, holder load refs)."""
         reports, loads = [], []
+        self._round = []
         for s, holders in enumerate(self.holders_by_range):
             deltas = [h.pseudo_gradient.remote() for h in holders]
-            theta0, momentum, report, memory = outer_step_task.remote(
+            theta0, momentum, report, memory, update = outer_step_task.remote(
                 self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
                 self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
             self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
             reports.append(report)
-            loads += [h.load_theta0.remote(theta0) for h in holders]
+            if self.diloco.compression == "none":
+                acks = [h.load_theta0.remote(theta0) for h in holders]
+            else:
+                acks = [h.apply_update.remote(update, [theta0]) for h in holders]
+            loads += acks
+            self._round.append({"deltas": deltas, "theta0": theta0, "update": update, "report": report, "acks": acks})
         self.rounds += 1
         return reports, loads
+
+    def measure(self, load_values: list) -> dict:
+        """Bytes that crossed in the round just finished, read from the object store (never a formula).
+
+        ``payload_bytes``: every holder's pseudo-gradient payload (holder -> outer step). ``broadcast_bytes``:
+        what every holder fetched back (the dense theta0, or the compressed update plus the dense theta0
+        for any holder that had to fall back). ``sync_bytes`` is their sum. ``control_bytes``: the outer
+        reports and the holders' acknowledgements (the trainer adds the proofs). Call after the round's
+        refs are ready, with the values of the load refs :meth:`submit` returned.
+        """
+        assert sum(len(r["acks"]) for r in self._round) == len(load_values), "measure() the round submit() made"
+        refs = [x for r in self._round for x in (*r["deltas"], r["theta0"], r["report"], *r["acks"])
+                + ((r["update"],) if r["update"] is not None else ())]
+        size = {ref: info["object_size"] or 0 for ref, info in ray.experimental.get_object_locations(refs).items()}
+        out = {"round": self.rounds, "payload_bytes": 0, "broadcast_bytes": 0, "control_bytes": 0}
+        values = iter(load_values)
+        for r in self._round:
+            out["payload_bytes"] += sum(size[d] for d in r["deltas"])
+            for _ in r["acks"]:
+                fell_back = next(values)  # apply_update: True when the holder fetched the dense theta0
+                if r["update"] is None or fell_back:
+                    out["broadcast_bytes"] += size[r["theta0"]]
+                if r["update"] is not None:
+                    out["broadcast_bytes"] += size[r["update"]]
+            out["control_bytes"] += size[r["report"]] + sum(size[a] for a in r["acks"])
+        out["sync_bytes"] = out["payload_bytes"] + out["broadcast_bytes"]
+        return out
