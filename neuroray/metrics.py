@@ -55,7 +55,8 @@ class TrainMetrics:
 
     def comm(self, counted: dict) -> None:
         for kind in ("payload", "broadcast", "control"):
-            self.sync_bytes.inc(counted[f"{kind}_bytes"], self._t(kind=kind))
+            if counted[f"{kind}_bytes"] > 0:  # Ray's Counter refuses 0
+                self.sync_bytes.inc(counted[f"{kind}_bytes"], self._t(kind=kind))
 
     def holders(self, stats: list[dict]) -> None:
         for s in stats:

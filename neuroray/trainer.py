@@ -233,7 +233,7 @@ class Trainer:
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
-        reports, comm = results[: len(reports)], self.outer.measure(results[len(reports):])
+        reports, comm = results[: len(reports)], self.outer.measure(results[: len(reports)], results[len(reports):])
         if self.ledger is not None:
             self._book_proofs()
             comm["control_bytes"] += self._proof_bytes

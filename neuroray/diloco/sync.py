@@ -19,6 +19,7 @@ counts the object-store bytes of everything that crossed (docs/diloco.md).
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 
 import ray
@@ -41,6 +42,10 @@ class OuterReport:
     refused: str = ""  # non-empty: the step was refused and theta0 left unchanged
     byzantine: list[int] = field(default_factory=list)  # holders the attack simulation replaced
     dropped: list[int] = field(default_factory=list)  # accepted holders the rule gave weight 0 (e.g. not Krum's pick)
+    # Serialized sizes, measured by the task on what it received and what it sends back (see measure())
+    payload_bytes: list[int] = field(default_factory=list)  # each holder's pseudo-gradient payload
+    theta0_bytes: int = 0  # the dense new theta0
+    update_bytes: int = 0  # the compressed outer update (0: compression=none, holders load the dense theta0)
 
 
 @dataclass
@@ -67,6 +72,12 @@ def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, s
             malformed[i] = f"malformed payload: {exc}"
             out.append(None)
     return out, malformed
+
+
+def wire_bytes(obj) -> int:
+    """Serialized size of an object as it crosses a process boundary (pickle protocol 5, as Ray's serializer
+    uses; within ~40 bytes of the object-store size of the same value)."""
+    return len(pickle.dumps(obj, protocol=5))
 
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
@@ -123,11 +134,16 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     new_theta0, new_momentum, report, memory = outer_step(
         aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
         round_index=round_index, seed=seed)
-    if diloco.compression == "none":  # the holders load the dense theta0
-        return new_theta0, new_momentum, report, memory, None
-    # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
-    update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
-                                                        diloco.compression_block, memory.residual)
+    update = None
+    if diloco.compression != "none":
+        # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
+        update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
+                                                            diloco.compression_block, memory.residual)
+        report.update_bytes = wire_bytes(update)
+    # Measured here, on the values themselves: the owner's object-store size of a task's return is
+    # only filled in asynchronously, after the driver has already seen the round finish.
+    report.payload_bytes = [wire_bytes(d) for d in deltas]
+    report.theta0_bytes = wire_bytes(new_theta0)
     return new_theta0, new_momentum, report, memory, update
 
 
@@ -165,33 +181,30 @@ class OuterSync:
             else:
                 acks = [h.apply_update.remote(update, [theta0]) for h in holders]
             loads += acks
-            self._round.append({"deltas": deltas, "theta0": theta0, "update": update, "report": report, "acks": acks})
+            self._round.append({"dense": self.diloco.compression == "none", "acks": acks})
         self.rounds += 1
         return reports, loads
 
-    def measure(self, load_values: list) -> dict:
-        """Bytes that crossed in the round just finished, read from the object store (never a formula).
+    def measure(self, report_values: list, load_values: list) -> dict:
+        """Bytes that crossed in the round just finished (serialized sizes measured, never a formula).
 
         ``payload_bytes``: every holder's pseudo-gradient payload (holder -> outer step). ``broadcast_bytes``:
         what every holder fetched back (the dense theta0, or the compressed update plus the dense theta0
         for any holder that had to fall back). ``sync_bytes`` is their sum. ``control_bytes``: the outer
-        reports and the holders' acknowledgements (the trainer adds the proofs). Call after the round's
-        refs are ready, with the values of the load refs :meth:`submit` returned.
+        reports and the holders' acknowledgements (the trainer adds the proofs). Pass the values of the
+        report and load refs that :meth:`submit` returned.
         """
-        assert sum(len(r["acks"]) for r in self._round) == len(load_values), "measure() the round submit() made"
-        refs = [x for r in self._round for x in (*r["deltas"], r["theta0"], r["report"], *r["acks"])
-                + ((r["update"],) if r["update"] is not None else ())]
-        size = {ref: info["object_size"] or 0 for ref, info in ray.experimental.get_object_locations(refs).items()}
+        assert len(report_values) == len(self._round), "measure() the round submit() made"
         out = {"round": self.rounds, "payload_bytes": 0, "broadcast_bytes": 0, "control_bytes": 0}
         values = iter(load_values)
-        for r in self._round:
-            out["payload_bytes"] += sum(size[d] for d in r["deltas"])
+        for r, report in zip(self._round, report_values):
+            out["payload_bytes"] += sum(report.payload_bytes)
             for _ in r["acks"]:
                 fell_back = next(values)  # apply_update: True when the holder fetched the dense theta0
-                if r["update"] is None or fell_back:
-                    out["broadcast_bytes"] += size[r["theta0"]]
-                if r["update"] is not None:
-                    out["broadcast_bytes"] += size[r["update"]]
-            out["control_bytes"] += size[r["report"]] + sum(size[a] for a in r["acks"])
+                out["broadcast_bytes"] += report.update_bytes
+                if r["dense"] or fell_back:
+                    out["broadcast_bytes"] += report.theta0_bytes
+                out["control_bytes"] += wire_bytes(fell_back)
+            out["control_bytes"] += wire_bytes(report)
         out["sync_bytes"] = out["payload_bytes"] + out["broadcast_bytes"]
         return out
