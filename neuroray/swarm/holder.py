@@ -247,15 +247,19 @@ class StageHolder:
     def apply_update(self, update: dict, theta0_box: list) -> bool:
         """Restart from ``theta0 - decode(update)`` (the compressed outer update, see compress.encode_update).
         If this holder's theta0 is not the one the update applies to, fetch the dense theta0 from
-        ``theta0_box[0]`` (boxed so Ray ships it only on demand). Returns True when it had to."""
+        ``theta0_box[0]`` (an object ref, boxed so Ray ships it only on demand; in-process, the tensor).
+        Returns True when it had to."""
         old = self.theta0.cpu()
         if update["base"] == digest(old):
             self.load_theta0(old - decode(update["payload"]))
             return False
-        import ray
-
         log.warning("%s: theta0 differs from the outer step's; fetching the dense theta0", self.name)
-        self.load_theta0(ray.get(theta0_box[0]))
+        dense = theta0_box[0]
+        if not isinstance(dense, torch.Tensor):
+            import ray
+
+            dense = ray.get(dense)
+        self.load_theta0(dense)
         return True
 
     def load_theta0(self, theta0: torch.Tensor) -> None:
