@@ -214,7 +214,7 @@ class Trainer:
     # ----- outer step and snapshots --------------------------------------------------------------
     def _outer_round(self, step: int) -> None:
         c = self.cfg.cluster
-        saved = (list(self.outer.theta0), list(self.outer.momentum))
+        saved = (list(self.outer.theta0), list(self.outer.momentum), list(self.outer.memory))
         if self.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
             for r, losses in self._theta0_losses.items():
                 self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
@@ -229,7 +229,8 @@ class Trainer:
                 if not _holder_died(exc):
                     raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
                 # Roll the outer state back, bring the replicas back, and redo the outer step.
-                self.outer.theta0, self.outer.momentum = list(saved[0]), list(saved[1])
+                # memory too: its broadcast residual belongs to the update being redone
+                self.outer.theta0, self.outer.momentum, self.outer.memory = list(saved[0]), list(saved[1]), list(saved[2])
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
