@@ -127,8 +127,10 @@ def test_train_end_to_end(ray_cluster, tmp_path):
         found = {name for name in wanted if f"\n{name}{{" in text}
         step_line = next((line for line in text.splitlines()
                           if line.startswith("ray_neuroray_inner_step{") and f'run="{result.run_dir.name}"' in line), "")
-        if found == wanted and step_line.endswith(" 15.0"):
+        if found == wanted and step_line.endswith(" 15.0") and "\nray_neuroray_sync_bytes" in text:
             break
         time.sleep(1)
     assert found == wanted, wanted - found
+    synced = [line for line in text.splitlines() if line.startswith("ray_neuroray_sync_bytes")]
+    assert any('kind="payload"' in line and result.run_dir.name in line for line in synced), synced
     assert step_line.endswith(" 15.0"), step_line
