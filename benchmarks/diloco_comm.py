@@ -2,14 +2,16 @@
 
 Every run goes through the real training path (``neuroray.train.run``: Ray stage-holder actors, the
 outer-step Ray task, compression on the holders) on the tiny model, one stage per replica, and trains
-the same number of tokens: ``steps4`` inner steps for 4 replicas, so M replicas take ``4 * steps4 / M``
-steps. Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with
+the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup): every run takes
+``steps4`` inner steps with the same global batch (``4 x mb`` sequences), split over its M replicas.
+``batch=replica``: every replica takes ``mb`` sequences a step, so M replicas take ``4 * steps4 / M``
+steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run. Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with
 M in {1, 2, 4} and H in {10, 50, 100}, and int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10).
 Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gradient payloads plus the
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
-    flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [steps4=300] [seq_len=64] [mb=4]
-                                                                   [runs=label,...] [write=1]
+    flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [write=1]
 
 Writes docs/diloco_loss.png, appends the table to docs/benchmarks.md (one row per run).
 """
@@ -38,8 +40,12 @@ RUNS = [("sync", 4, 1, "none")] + [(f"M={m} H={h}", m, h, "none") for m in (1, 2
     ("M=4 H=50 int8", 4, 50, "int8"), ("M=4 H=50 fp16", 4, 50, "fp16"), ("M=4 H=10 int8", 4, 10, "int8")]
 
 
-def _overrides(label: str, m: int, h: int, compression: str, steps4: int, seq_len: int, mb: int, run_dir: str):
-    steps = steps4 * 4 // m
+def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir: str):
+    steps4, seq_len, mb = int(args["steps4"]), int(args["seq_len"]), int(args["mb"])
+    if args["batch"] == "global":  # the same global batch and steps for every M
+        steps, mb = steps4, mb * 4 // m
+    else:  # the same per-replica batch: fewer replicas take more steps
+        steps = steps4 * 4 // m
     assert steps % h == 0, f"{label}: {steps} steps is not a whole number of rounds of {h}"
     return [
         *(["diloco=sync"] if label == "sync" else []),
@@ -52,13 +58,14 @@ def _overrides(label: str, m: int, h: int, compression: str, steps4: int, seq_le
 
 def _one(label, m, h, compression, args, tmp) -> dict:
     run_dir = str(Path(tmp) / label.replace(" ", "_").replace("=", ""))
-    cfg = load_config(_overrides(label, m, h, compression, int(args["steps4"]), int(args["seq_len"]),
-                                 int(args["mb"]), run_dir))
+    cfg = load_config(_overrides(label, m, h, compression, args, run_dir))
     t0 = time.monotonic()
     result = run(cfg, log=lambda *a, **k: None)
+    # batch=replica: every run has the same microbatch, so train.run's own eval set is the same for all
+    eval_loss = result.eval_loss if args["batch"] == "replica" else _eval(cfg, result.checkpoint, int(args["mb"]) * 4)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     tokens_per_step = result.tokens / len(result.losses)
-    out = {"label": label, "m": m, "h": h, "compression": compression, "eval_loss": result.eval_loss,
+    out = {"label": label, "m": m, "h": h, "compression": compression, "eval_loss": eval_loss,
            "tokens": result.tokens, "sync_bytes": result.sync_bytes, "control_bytes": result.control_bytes,
            "payload_bytes": sum(c["payload_bytes"] for c in result.comm),
            "broadcast_bytes": sum(c["broadcast_bytes"] for c in result.comm),
@@ -66,6 +73,25 @@ def _one(label, m, h, compression, args, tmp) -> dict:
     print(f"{label:>16}: eval {out['eval_loss']:.4f}, {out['sync_bytes'] / out['tokens']:,.1f} sync B/token, "
           f"{out['control_bytes'] / out['tokens']:,.2f} control B/token, {out['seconds']:.0f}s", flush=True)
     return out
+
+
+def _eval(cfg, checkpoint: Path, microbatch: int) -> float:
+    """Eval loss of a run's checkpoint on the same batches for every run (train.run's own eval uses the
+    run's microbatch size, which differs between runs when the global batch is split over M replicas)."""
+    import torch
+
+    from neuroray.checkpoint import load_checkpoint
+    from neuroray.genesis import ensure_dataset, eval_batches
+    from neuroray.model import build_monolith
+
+    root, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
+    state, meta = load_checkpoint(checkpoint)
+    model = build_monolith(cfg.model, meta["vocab_size"], seed=cfg.seed)
+    model.load_state_dict(state)
+    model.eval()
+    batches = eval_batches(root, manifest, cfg.data.seq_len, microbatch, max_batches=16)
+    with torch.no_grad():
+        return sum(float(model.loss(model(x), y)) for x, y in batches) / len(batches)
 
 
 def _plot(results: list[dict], path: Path, title: str) -> None:
@@ -107,7 +133,10 @@ def _goals(r: dict, sync: dict, ratio: float) -> str:
 
 
 def main(argv: list[str]) -> None:
-    args = {"steps4": "300", "seq_len": "64", "mb": "4", "write": "1", **dict(a.split("=", 1) for a in argv)}
+    args = {"batch": "global", "steps4": "300", "seq_len": "64", "mb": "4", "write": "1",
+            **dict(a.split("=", 1) for a in argv)}
+    if args["batch"] not in ("global", "replica"):
+        raise SystemExit(f"batch={args['batch']}: choose global or replica")
     wanted = set(args["runs"].split(",")) if "runs" in args else None
     runs = [r for r in RUNS if wanted is None or r[0] in wanted or r[0] == "sync"]
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
@@ -121,11 +150,12 @@ def main(argv: list[str]) -> None:
     sync_bpt = sync["sync_bytes"] / sync["tokens"]
     int8_vs = {r["h"]: r for r in results if r["m"] == 4 and r["compression"] == "none"}
     tokens = sync["tokens"]
-    title = (f"tiny model, 1 stage, {tokens:,} tokens per run (sync: 4 replicas, H=1); "
-             f"seq {args['seq_len']} x mb {args['mb']}")
+    title = (f"tiny model, 1 stage, {tokens:,} tokens per run (sync: 4 replicas, H=1), seq {args['seq_len']}, "
+             + (f"global batch 4 x {args['mb']} sequences split over M replicas, {args['steps4']} steps"
+                if args["batch"] == "global" else f"{args['mb']} sequences per replica and step"))
     if args["write"] == "0":
         return
-    _plot(results, PNG, title)
+    _plot(results, PNG if args["batch"] == "global" else PNG.with_name("diloco_loss_replica_batch.png"), title)
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py " + " ".join(argv)
     for r in results:
         bpt = r["sync_bytes"] / r["tokens"]
@@ -138,7 +168,7 @@ def main(argv: list[str]) -> None:
             goals += f"; {cost:+.2%} vs fp32" + (f" (<= +0.5%: {'met' if cost <= 0.005 else 'NOT met'})"
                                                   if r["compression"] == "int8" else "")
         append_row(
-            "DiLoCo: counted bytes and loss at equal tokens",
+            f"DiLoCo: counted bytes and loss at equal tokens ({args['batch']} batch fixed)",
             ["run", "M", "H", "compression", "eval loss", "vs sync", "sync B/token", "ratio to sync",
              "payload / broadcast MB", "control B/token", "goals", "s", "machine", "command"],
             [r["label"], str(r["m"]), str(r["h"]), r["compression"], f"{r['eval_loss']:.4f}", f"{loss:+.2%}",
@@ -148,7 +178,8 @@ def main(argv: list[str]) -> None:
                   "pseudo-gradient payload and of what every holder fetched back (docs/diloco.md); "
                   "ratio = sync's bytes per token / the run's. Goals: ratio >= 0.95 H (fp32), >= 3.8 H (int8); "
                   "M=4 H=50 within +3 % of sync; M=1 at or below sync; int8 at most +0.5 % vs fp32 at the same "
-                  "M and H. Loss curves: [diloco_loss.png](diloco_loss.png)."))
+                  "M and H. Loss curves: [diloco_loss.png](diloco_loss.png) (global batch), "
+                  "[diloco_loss_replica_batch.png](diloco_loss_replica_batch.png) (per-replica batch)."))
 
 
 if __name__ == "__main__":
