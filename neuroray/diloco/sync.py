@@ -13,7 +13,7 @@ theta0 and the momentum unchanged; the report names every rejected holder and wh
 With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the task
 checks and decodes each before anything else, so a malformed one is rejected and named like a NaN one.
 The task then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
-counts the object-store bytes of everything that crossed (docs/diloco.md).
+counts the serialized bytes of everything that crossed (docs/diloco.md).
 """
 
 from __future__ import annotations
@@ -74,10 +74,24 @@ def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, s
     return out, malformed
 
 
+class _Counter:
+    """A file that only counts what is written to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, data) -> int:
+        self.n += len(data)
+        return len(data)
+
+
 def wire_bytes(obj) -> int:
     """Serialized size of an object as it crosses a process boundary (pickle protocol 5, as Ray's serializer
-    uses; within ~40 bytes of the object-store size of the same value)."""
-    return len(pickle.dumps(obj, protocol=5))
+    uses; within ~40 bytes of the object-store size of the same value). Counted as it streams, so the
+    serialized copy of a large theta0 is never held in memory at once."""
+    sink = _Counter()
+    pickle.Pickler(sink, protocol=5).dump(obj)
+    return sink.n
 
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
@@ -163,7 +177,7 @@ class OuterSync:
         self.momentum: list = [None] * len(holders_by_range)
         self.memory: list = [None] * len(holders_by_range)
         self.rounds = 0
-        self._round: list[dict] = []  # this round's refs per range, for measure()
+        self._round: list[dict] = []  # per range of the round in flight: dense broadcast?, holders' load refs
 
     def submit(self) -> tuple[list, list]:
         """Submit one outer step for every range; returns (report refs, holder load refs)."""
