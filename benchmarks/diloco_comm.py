@@ -174,8 +174,9 @@ def main(argv: list[str]) -> None:
             [r["label"], str(r["m"]), str(r["h"]), r["compression"], f"{r['eval_loss']:.4f}", f"{loss:+.2%}",
              f"{bpt:,.1f}", f"**{ratio:,.1f}**", f"{r['payload_bytes'] / 1e6:,.1f} / {r['broadcast_bytes'] / 1e6:,.1f}",
              f"{r['control_bytes'] / r['tokens']:,.2f}", goals, f"{r['seconds']:.0f}", machine(), f"`{cmd}`"],
-            note=(f"Real training path (`neuroray.train.run`), {title}. Bytes: object-store sizes of every "
-                  "pseudo-gradient payload and of what every holder fetched back (docs/diloco.md); "
+            note=(f"Real training path (`neuroray.train.run`), {title}. Bytes: serialized sizes, measured by the "
+                  "outer-step task (a test checks them against Ray's object store), of every pseudo-gradient "
+                  "payload and of what every holder fetched back (docs/diloco.md); "
                   "ratio = sync's bytes per token / the run's. Goals: ratio >= 0.95 H (fp32), >= 3.8 H (int8); "
                   "M=4 H=50 within +3 % of sync; M=1 at or below sync; int8 at most +0.5 % vs fp32 at the same "
                   "M and H. Loss curves: [diloco_loss.png](diloco_loss.png) (global batch), "
