@@ -111,7 +111,7 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
                 label=f"{r['label']} (eval {r['eval_loss']:.3f})")
     ax.set_xlabel("training tokens (all replicas)")
     ax.set_ylabel("train loss (nats, mean of replicas)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=8, wrap=True)  # the setup line is long
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
