@@ -73,6 +73,10 @@ class DilocoConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
+    # Pseudo-gradients (holder -> outer step) and the outer update (outer step -> holders) cross as:
+    # none (float32) | fp16 | int8 (one float32 scale per compression_block values), with error feedback
+    compression: str = "none"
+    compression_block: int = 256
 
 
 @dataclass
@@ -385,6 +389,10 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     _check_routing(s)
+    if dl.compression not in ("none", "fp16", "int8"):  # compress.MODES; that module imports torch
+        raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16 or int8")
+    if not 1 <= dl.compression_block <= 1 << 20:
+        raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
     from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
 
     check_planner_config(cfg)

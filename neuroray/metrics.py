@@ -32,6 +32,9 @@ class TrainMetrics:
         self.rejected = Counter("neuroray_contributions_rejected_total", "pseudo-gradients rejected by the outer step",
                                 ("run", "reason"))
         self.balance = Gauge("neuroray_neuro_balance", "NEURO balance of a node in the ledger", ("run", "node"))
+        self.sync_bytes = Counter("neuroray_sync_bytes_total", "bytes counted crossing for DiLoCo synchronisation "
+                                  "(kind: payload = pseudo-gradients, broadcast = theta0 or updates, control)",
+                                  ("run", "kind"))
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
         self._last_snapshot = time.monotonic()
 
@@ -49,6 +52,11 @@ class TrainMetrics:
         self.outer_round.set(rounds, self._t())
         for reason in rejected_reasons:
             self.rejected.inc(1, self._t(reason=reason.split(" (")[0][:60]))
+
+    def comm(self, counted: dict) -> None:
+        for kind in ("payload", "broadcast", "control"):
+            if counted[f"{kind}_bytes"] > 0:  # Ray's Counter refuses 0
+                self.sync_bytes.inc(counted[f"{kind}_bytes"], self._t(kind=kind))
 
     def holders(self, stats: list[dict]) -> None:
         for s in stats:

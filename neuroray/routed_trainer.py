@@ -116,10 +116,11 @@ class RoutedTrainer(Trainer):
                  for hs in self.router.ranges]
         t0 = time.monotonic()
         reports, loads, quorums = [], [], []
+        outer.begin_round()
         for s, items in enumerate(asked):
             answered = self._quorum(s, items, t0)
             quorums.append([h.index for h, _ in answered])
-            theta0, report = outer.reduce(s, [ref for _, ref in answered])
+            theta0, report, update = outer.reduce(s, [ref for _, ref in answered])
             reports.append(report)
             on_time = {id(h) for h, _ in answered}
             late = [h.name for h, _ in items if id(h) not in on_time]
@@ -128,10 +129,10 @@ class RoutedTrainer(Trainer):
                 self.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
                          f"late {late} catch up from the new theta0")
             for h, pg in items:
-                h.barrier = h.handle.load_theta0.remote(theta0, after=pg)
+                h.barrier = outer.broadcast(s, h.handle, theta0, update, after=pg, counted=id(h) in on_time)
                 if id(h) in on_time:
                     loads.append(h.barrier)
-                else:  # read when it lands, like any other holder call
+                else:  # read when it lands, like any other holder call (its bytes are not counted)
                     self.router.control[h.barrier] = ("load", h, None)
                     self.router.control[pg] = ("late pseudo-gradient", h, None)
         outer.rounds += 1
@@ -140,14 +141,18 @@ class RoutedTrainer(Trainer):
         except ray.exceptions.GetTimeoutError:
             raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
         ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
-        for ref in loads:
-            self._read_holder_call(ref)
+        acks = [ray.get(ref) if self._read_holder_call(ref) else False for ref in loads]
+        comm = outer.measure(results, acks)
         if self.ledger is not None:  # reports index the quorum; the ledger wants replica indices
             unused = [_Unused(rep.range_index, [quorums[rep.range_index][i] for i in rep.not_aggregated]
                               + [h.index for h in self.router.ranges[rep.range_index]
                                  if h.index not in quorums[rep.range_index]])
                       for rep in results]
             self._book_proofs(unused)
+            comm["control_bytes"] += self._proof_bytes
+        self.stats.comm.append(comm)
+        if self.metrics:
+            self.metrics.comm(comm)
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0

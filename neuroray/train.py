@@ -40,6 +40,17 @@ class RunResult:
     sample: str = ""
     tokens_per_s: float = 0.0
     routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
+    tokens: int = 0  # training tokens processed by this run (all replicas)
+    comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (docs/diloco.md)
+
+    @property
+    def sync_bytes(self) -> int:
+        """Pseudo-gradient payloads + broadcasts to holders, as counted in the object store."""
+        return sum(c["sync_bytes"] for c in self.comm)
+
+    @property
+    def control_bytes(self) -> int:
+        return sum(c["control_bytes"] for c in self.comm)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -148,6 +159,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         if isinstance(trainer, RoutedTrainer):
             result.routing = trainer.routing_summary()
+        result.comm, result.tokens = stats.comm, trainer.tokens_per_step * len(stats.losses)
+        (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()
         trainer.close()
         if result.ledger is not None:
@@ -180,6 +193,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     last = result.losses[-1] if result.losses else float("nan")
     log(f"done: train loss {first:.3f} -> {last:.3f}, eval loss {result.eval_loss:.3f}, "
         f"{result.tokens_per_s:,.0f} tok/s, {elapsed:.0f}s")
+    log(f"sync: {result.sync_bytes:,} bytes ({result.sync_bytes / max(result.tokens, 1):.1f}/token, "
+        f"compression {dl.compression}), control: {result.control_bytes:,} bytes")
     log(f"checkpoint: {result.checkpoint}")
     log(f"sample: {result.sample!r}")
     return result

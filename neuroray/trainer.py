@@ -31,7 +31,11 @@ class LoopStats:
     losses: list[float] = field(default_factory=list)  # mean loss per inner step run by this loop
     recoveries: list[dict] = field(default_factory=list)  # one record per recovered replica
     snapshots: list[int] = field(default_factory=list)  # steps at which a snapshot set was taken
+    comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (OuterSync.measure + proofs)
     elapsed_s: float = 0.0
+
+    def bytes_total(self, key: str) -> int:
+        return sum(c[key] for c in self.comm)
 
 
 def _holder_died(exc: BaseException) -> bool:
@@ -95,6 +99,7 @@ class Trainer:
         items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds,
                                  batches=self._batches_seen(h), aggregated=(k % stages, k // stages) not in unused))
                  for k, (h, proof) in enumerate(zip(holders, proofs)) if proof is not None]
+        self._proof_bytes = sum(len(proof) for proof, _ in items)  # control plane: counted, not sync
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
@@ -239,13 +244,18 @@ class Trainer:
                 if not _holder_died(exc):
                     raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
                 # Roll the outer state back, bring the replicas back, and redo the outer step.
+                # memory too: its broadcast residual belongs to the update being redone
                 self.outer.theta0, self.outer.momentum, self.outer.memory = map(list, saved)
                 self.outer.rounds -= 1
                 for r in range(len(self.swarm.replicas)):
                     self._recover(r, exc)
-        reports = results[: len(reports)]
+        reports, comm = results[: len(reports)], self.outer.measure(results[: len(reports)], results[len(reports):])
         if self.ledger is not None:
             self._book_proofs(reports)
+            comm["control_bytes"] += self._proof_bytes
+        self.stats.comm.append(comm)
+        if self.metrics:
+            self.metrics.comm(comm)
         if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:
@@ -317,7 +327,10 @@ class Trainer:
         now = time.monotonic()
         elapsed = now - self._t0
         tps = self.tokens_per_step * done / elapsed
-        record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed}
+        record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed,
+                  # counted so far: a round's bytes show from the first step record after its outer step
+                  "sync_bytes": self.stats.bytes_total("sync_bytes"),
+                  "control_bytes": self.stats.bytes_total("control_bytes")}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         if self.metrics:

@@ -1,5 +1,6 @@
 """Stage holders on Ray: cross-actor backward equals the monolith, and training runs end to end."""
 
+import json
 import math
 import time
 import urllib.request
@@ -99,6 +100,12 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     assert "embed.weight" in state and "lm_head.weight" in state and "layers.2.attn.wq.weight" in state
     assert (result.checkpoint / "meta.json").is_file() and (result.checkpoint / "tokenizer.json").is_file()
     assert (result.run_dir / "metrics.jsonl").read_text().count("\n") == 15
+    # counted bytes: every round, both directions (dense float32 here), control plane apart
+    assert [c["round"] for c in result.comm] == [1, 2, 3] and result.tokens == 15 * 2 * 4 * 32 * 2
+    assert all(c["payload_bytes"] > 0 and c["broadcast_bytes"] > 0 and 0 < c["control_bytes"] < c["sync_bytes"]
+               for c in result.comm)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[10]["sync_bytes"] == result.comm[0]["sync_bytes"] + result.comm[1]["sync_bytes"]
     assert any(line.startswith("round 3/3 step 15/15") for line in lines)
     assert isinstance(result.sample, str) and result.sample.startswith(cfg.sample_prompt)
     # Proofs of Neural Work: every holder's proof of each round was verified and credited
@@ -120,10 +127,12 @@ def test_train_end_to_end(ray_cluster, tmp_path):
         found = {name for name in wanted if f"\n{name}{{" in text}
         step_line = next((line for line in text.splitlines()
                           if line.startswith("ray_neuroray_inner_step{") and f'run="{result.run_dir.name}"' in line), "")
-        if found == wanted and step_line.endswith(" 15.0"):
+        if found == wanted and step_line.endswith(" 15.0") and "\nray_neuroray_sync_bytes" in text:
             break
         time.sleep(1)
     assert found == wanted, wanted - found
+    synced = [line for line in text.splitlines() if line.startswith("ray_neuroray_sync_bytes")]
+    assert any('kind="payload"' in line and result.run_dir.name in line for line in synced), synced
     assert step_line.endswith(" 15.0"), step_line
 
 

@@ -7,13 +7,27 @@ aggregation, so the robust rules see ordinary vectors.
 
 int8 layout: the vector is cut into blocks of ``block`` values; each block stores ``round(x / s)`` as int8
 with ``s = max|x| / 127`` (a float32 per block). The error per value is at most ``s / 2``.
+
+The way back (outer step -> holders) is compressed the same way: the task sends the *update*
+``theta0_old - theta0_new`` (:func:`encode_update`) with its own error feedback, and the new theta0 is by
+definition ``theta0_old - decode(update)``, computed bit-identically by the task and by every holder
+(float32 subtraction on CPU). The update names the digest of the theta0 it applies to, so a holder whose
+theta0 differs (restored from an older snapshot) notices and fetches the dense theta0 instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 MODES = ("none", "fp16", "int8")
+_LAYOUT = {"none": {"fp32": torch.float32}, "fp16": {"fp16": torch.float16},
+           "int8": {"int8": torch.int8, "scale": torch.float32, "block": None}}
+
+
+class PayloadError(ValueError):
+    """A payload that is not what the run's compression produces (wrong kind, keys, dtypes or sizes)."""
 
 
 def encode(x: torch.Tensor, mode: str, block: int = 256) -> dict[str, torch.Tensor]:
@@ -45,6 +59,53 @@ def decode(payload: dict[str, torch.Tensor]) -> torch.Tensor:
         blocks = torch.nn.functional.pad(q.to(torch.float32), (0, pad)).view(-1, block)
         return (blocks * scale[:, None]).view(-1)[:n]
     raise ValueError(f"not a pseudo-gradient payload (keys {sorted(payload)})")
+
+
+def check(payload, mode: str, block: int, numel: int) -> None:
+    """Raise :class:`PayloadError` naming what is wrong unless ``payload`` is a well-formed ``mode`` payload
+    of ``numel`` values. Cheap (no math on values): the outer step runs it before decoding anything, so a
+    malformed contribution is rejected like any other bad one instead of crashing the step."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"not a payload ({type(payload).__name__})")
+    kind = next((k for k, layout in _LAYOUT.items() if set(payload) == set(layout)), None)
+    if kind is None:
+        raise PayloadError(f"payload keys {sorted(map(str, payload))} match no compression")
+    if kind != mode:
+        raise PayloadError(f"payload is {kind}, the run uses {mode}")
+    for key, dtype in _LAYOUT[kind].items():
+        t = payload[key]
+        if not isinstance(t, torch.Tensor):
+            raise PayloadError(f"payload {key} is {type(t).__name__}, not a tensor")
+        if dtype is not None and (t.dtype != dtype or t.dim() != 1):
+            raise PayloadError(f"payload {key} is {t.dtype} {tuple(t.shape)}, expected 1-D {dtype}")
+    data = payload[next(iter(_LAYOUT[kind]))]
+    if data.numel() != numel:
+        raise PayloadError(f"payload holds {data.numel()} values, expected {numel}")
+    if kind == "int8":
+        b = payload["block"]
+        if b.numel() != 1 or b.is_floating_point() or int(b) != block:
+            raise PayloadError(f"payload block {b.tolist()}, the run uses {block}")
+        if payload["scale"].numel() != -(-numel // block):
+            raise PayloadError(f"payload has {payload['scale'].numel()} scales, expected {-(-numel // block)}")
+
+
+def digest(theta: torch.Tensor) -> str:
+    """SHA-256 of a float32 vector's bytes: names the theta0 an update applies to."""
+    return hashlib.sha256(theta.detach().cpu().contiguous().numpy()).hexdigest()
+
+
+def encode_update(old: torch.Tensor, new: torch.Tensor, mode: str, block: int,
+                  residual: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Compress the outer update ``old - new`` (plus the carried residual) for the holders.
+
+    Returns ``(update, applied, residual)``: ``update`` is what is broadcast (``{"base": digest(old),
+    "payload": ...}``), ``applied = old - decode(payload)`` is the new theta0 every holder will compute,
+    and ``residual`` is what the broadcast dropped this round, sent in a later one.
+    """
+    wanted = old - new if residual is None else old - new + residual
+    payload = encode(wanted, mode, block)
+    sent = decode(payload)
+    return {"base": digest(old), "payload": payload}, old - sent, wanted - sent
 
 
 def payload_bytes(payload: dict[str, torch.Tensor]) -> int:

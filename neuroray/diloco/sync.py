@@ -9,11 +9,17 @@ momentum. Every holder of the range then loads the new theta0, so all of them re
 
 A refused step (too few acceptable contributions for the rule to tolerate ``aggregator.f``) returns
 theta0 and the momentum unchanged; the report names every rejected holder and why.
+
+With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the task
+checks and decodes each before anything else, so a malformed one is rejected and named like a NaN one.
+The task then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
+counts the serialized bytes of everything that crossed (docs/diloco.md).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 
 import ray
@@ -22,6 +28,7 @@ import torch
 from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
 from neuroray.diloco.attacks import byzantine_count, simulate
+from neuroray.diloco.compress import PayloadError, check, decode, encode_update
 from neuroray.diloco.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,10 @@ class OuterReport:
     refused: str = ""  # non-empty: the step was refused and theta0 left unchanged
     byzantine: list[int] = field(default_factory=list)  # holders the attack simulation replaced
     dropped: list[int] = field(default_factory=list)  # accepted holders the rule gave weight 0 (e.g. not Krum's pick)
+    # Serialized sizes, measured by the task on what it received and what it sends back (see measure())
+    payload_bytes: list[int] = field(default_factory=list)  # each holder's pseudo-gradient payload
+    theta0_bytes: int = 0  # the dense new theta0
+    update_bytes: int = 0  # the compressed outer update (0: compression=none, holders load the dense theta0)
 
     @property
     def not_aggregated(self) -> list[int]:
@@ -53,6 +64,44 @@ class OuterMemory:
 
     previous: torch.Tensor | None = None  # last aggregate: centered clipping's centre
     replay: list = field(default_factory=list)  # stale-replay attack: the Byzantine holders' last true deltas
+    residual: torch.Tensor | None = None  # what the compressed broadcast of the outer update dropped so far
+
+
+def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, str]]:
+    """Holders' payloads -> float32 vectors; {index: reason} for the malformed ones (left as None, which
+    screening rejects). Bare tensors pass as they are: in-process callers hand over plain vectors."""
+    out, malformed = [], {}
+    for i, d in enumerate(deltas):
+        if isinstance(d, torch.Tensor):
+            out.append(d)
+            continue
+        try:
+            check(d, diloco.compression, diloco.compression_block, numel)
+            out.append(decode(d))
+        except PayloadError as exc:
+            malformed[i] = f"malformed payload: {exc}"
+            out.append(None)
+    return out, malformed
+
+
+class _Counter:
+    """A file that only counts what is written to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, data) -> int:
+        self.n += len(data)
+        return len(data)
+
+
+def wire_bytes(obj) -> int:
+    """Serialized size of an object as it crosses a process boundary (pickle protocol 5, as Ray's serializer
+    uses; within ~40 bytes of the object-store size of the same value). Counted as it streams, so the
+    serialized copy of a large theta0 is never held in memory at once."""
+    sink = _Counter()
+    pickle.Pickler(sink, protocol=5).dump(obj)
+    return sink.n
 
     def to_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and JSON meta to store beside the range's theta0 and momentum, so a resumed run's next
@@ -89,28 +138,29 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     attack = attack or AttackConfig()
     mem = memory or OuterMemory()
     step_seed = _seed(seed, range_index, round_index)
+    deltas, malformed = _decode(diloco, theta0.numel(), deltas)
     contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=step_seed)
     report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
     try:
         result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
     except AggregationRefused as exc:
         report.refused = str(exc)
-        report.rejected = [(r.index, r.reason) for r in screen(contributions, theta0.numel())[1]]
+        report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
         out = (theta0, momentum, report)
-        return out + (OuterMemory(mem.previous, replay),) if memory is not None else out
+        return out + (OuterMemory(mem.previous, replay, mem.residual),) if memory is not None else out
     report.accepted = result.accepted
-    report.rejected = [(r.index, r.reason) for r in result.rejected]
+    report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in result.rejected]
     report.dropped = sorted(i for i, w in (result.weights or {}).items() if w == 0.0)
     opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
     opt.buf = None if momentum is None else momentum.clone()
     new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))
     out = (new_theta0, opt.buf, report)
     previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
-    return out + (OuterMemory(previous, replay),) if memory is not None else out
+    return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
-@ray.remote(num_cpus=0, num_returns=4)
+@ray.remote(num_cpus=0, num_returns=5)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas):
     # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
     # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
@@ -121,8 +171,20 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
             memory = ray.get(memory_box[0])
         except Exception as exc:  # noqa: BLE001 - any failure of the producing task
             log.warning("range %d: outer-step memory lost (%s); starting it afresh", range_index, type(exc).__name__)
-    return outer_step(aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-                      round_index=round_index, seed=seed)
+    new_theta0, new_momentum, report, memory = outer_step(
+        aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
+        round_index=round_index, seed=seed)
+    update = None
+    if diloco.compression != "none":
+        # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
+        update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
+                                                            diloco.compression_block, memory.residual)
+        report.update_bytes = wire_bytes(update)
+    # Measured here, on the values themselves: the owner's object-store size of a task's return is
+    # only filled in asynchronously, after the driver has already seen the round finish.
+    report.payload_bytes = [wire_bytes(d) for d in deltas]
+    report.theta0_bytes = wire_bytes(new_theta0)
+    return new_theta0, new_momentum, report, memory, update
 
 
 class OuterSync:
@@ -141,23 +203,66 @@ class OuterSync:
         self.momentum: list = [None] * len(holders_by_range)
         self.memory: list = [None] * len(holders_by_range)
         self.rounds = 0
+        self._round: list[dict] = []  # per range of the round in flight: dense broadcast?, holders' load refs
+
+    def begin_round(self) -> None:
+        """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
+        self._round = []
 
     def submit(self) -> tuple[list, list]:
         """Submit one outer step for every range; returns (report refs, holder load refs)."""
         reports, loads = [], []
+        self.begin_round()
         for s, holders in enumerate(self.holders_by_range):
-            theta0, report = self.reduce(s, [h.pseudo_gradient.remote() for h in holders])
+            theta0, report, update = self.reduce(s, [h.pseudo_gradient.remote() for h in holders])
             reports.append(report)
-            loads += [h.load_theta0.remote(theta0) for h in holders]
+            loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1
         return reports, loads
 
     def reduce(self, s: int, deltas: list):
-        """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0 ref, report ref).
+        """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0, report, update) refs.
 
         Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
-        theta0, momentum, report, memory = outer_step_task.remote(
+        theta0, momentum, report, memory, update = outer_step_task.remote(
             self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
             self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
-        return theta0, report
+        self._round.append({"dense": self.diloco.compression == "none", "acks": []})
+        return theta0, report, update
+
+    def broadcast(self, s: int, holder, theta0, update, after=None, counted: bool = True):
+        """Send range ``s``'s new theta0 to one holder: dense, or as the compressed update. Returns its ack.
+
+        ``counted``: the ack's value goes to :meth:`measure` (swarm routing leaves out late holders)."""
+        if self.diloco.compression == "none":
+            ack = holder.load_theta0.remote(theta0, after=after)
+        else:
+            ack = holder.apply_update.remote(update, [theta0], after=after)
+        if counted:
+            self._round[s]["acks"].append(ack)
+        return ack
+
+    def measure(self, report_values: list, load_values: list) -> dict:
+        """Bytes that crossed in the round just finished (serialized sizes measured, never a formula).
+
+        ``payload_bytes``: every holder's pseudo-gradient payload (holder -> outer step). ``broadcast_bytes``:
+        what every holder fetched back (the dense theta0, or the compressed update plus the dense theta0
+        for any holder that had to fall back). ``sync_bytes`` is their sum. ``control_bytes``: the outer
+        reports and the holders' acknowledgements (the trainer adds the proofs). Pass the values of the
+        report and load refs that :meth:`submit` returned.
+        """
+        assert len(report_values) == len(self._round), "measure() the round submit() made"
+        out = {"round": self.rounds, "payload_bytes": 0, "broadcast_bytes": 0, "control_bytes": 0}
+        values = iter(load_values)
+        for r, report in zip(self._round, report_values):
+            out["payload_bytes"] += sum(report.payload_bytes)
+            for _ in r["acks"]:
+                fell_back = next(values)  # apply_update: True when the holder fetched the dense theta0
+                out["broadcast_bytes"] += report.update_bytes
+                if r["dense"] or fell_back:
+                    out["broadcast_bytes"] += report.theta0_bytes
+                out["control_bytes"] += wire_bytes(fell_back)
+            out["control_bytes"] += wire_bytes(report)
+        out["sync_bytes"] = out["payload_bytes"] + out["broadcast_bytes"]
+        return out

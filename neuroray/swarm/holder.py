@@ -22,6 +22,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.diloco.compress import ErrorFeedback, decode, digest
 from neuroray.model import build_stage
 from neuroray.ponw.identity import Identity
 
@@ -110,6 +111,9 @@ class StageHolder:
             self.module.parameters(), lr=d.inner_lr, weight_decay=d.weight_decay, betas=(0.9, 0.95)
         )
         self.theta0 = parameters_to_vector(self.module.parameters()).detach().clone()
+        # What compression dropped from this holder's pseudo-gradients, sent in later rounds (docs/diloco.md)
+        self.feedback = ErrorFeedback(d.compression, d.compression_block)
+        self._feedback_round: tuple[int, torch.Tensor | None] | None = None  # (outer round, residual before it)
         self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.inner_steps = 0
         self.outer_rounds = 0
@@ -355,14 +359,38 @@ class StageHolder:
         """This range's weights as one flat float32 vector (the layout pseudo-gradients use)."""
         return parameters_to_vector(self.module.parameters()).detach().cpu()
 
-    def pseudo_gradient(self, after=None) -> torch.Tensor:
-        """``theta0 - theta``: what this holder learned since it last loaded theta0.
+    def pseudo_gradient(self, after=None) -> dict[str, torch.Tensor]:
+        """``theta0 - theta`` (what this holder learned since it last loaded theta0), compressed with error
+        feedback as ``diloco.compression`` says: the payload is what crosses to the outer step.
 
         ``after`` (swarm routing): a ref of this holder's last inner step, so the delta includes it."""
         delta = (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
         if self.prover is not None:
             self.prover.note_pseudo_gradient(delta)
-        return delta
+        # A redone outer step (a peer died mid-round) asks again in the same round: start from the
+        # residual the round began with, or the first attempt's quantization error would count twice.
+        if self._feedback_round is not None and self._feedback_round[0] == self.outer_rounds:
+            self.feedback.residual = self._feedback_round[1]
+        self._feedback_round = (self.outer_rounds, self.feedback.residual)
+        return self.feedback.compress(delta)
+
+    def apply_update(self, update: dict, theta0_box: list, after=None) -> bool:
+        """Restart from ``theta0 - decode(update)`` (the compressed outer update, see compress.encode_update).
+        If this holder's theta0 is not the one the update applies to, fetch the dense theta0 from
+        ``theta0_box[0]`` (an object ref, boxed so Ray ships it only on demand; in-process, the tensor).
+        Returns True when it had to."""
+        old = self.theta0.cpu()
+        if update["base"] == digest(old):
+            self.load_theta0(old - decode(update["payload"]))
+            return False
+        log.warning("%s: theta0 differs from the outer step's; fetching the dense theta0", self.name)
+        dense = theta0_box[0]
+        if not isinstance(dense, torch.Tensor):
+            import ray
+
+            dense = ray.get(dense)
+        self.load_theta0(dense)
+        return True
 
     def load_theta0(self, theta0: torch.Tensor, after=None) -> None:
         """Restart this range from the outer step's new theta0 (identical on every holder of the range)."""
@@ -472,6 +500,8 @@ class StageHolder:
             for key, value in state.items():
                 tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
         tensors["theta0"] = self.theta0.detach().cpu().clone()
+        if self.feedback.residual is not None:
+            tensors["feedback.residual"] = self.feedback.residual.clone()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"slot": self.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
                 "counters": self.counters(), "stream": None if self.stream is None else self.stream.state(),
@@ -503,6 +533,8 @@ class StageHolder:
                 state.setdefault(int(idx), {})[name] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": snap.meta["param_groups"]})
         self.theta0 = t["theta0"].to(self.device).clone()
+        self.feedback.residual = t["feedback.residual"].clone() if "feedback.residual" in t else None
+        self._feedback_round = None
         torch.set_rng_state(t["rng.torch"])
         c = snap.meta["counters"]
         self.inner_steps, self.outer_rounds, self.microbatches_done = c["inner_steps"], c["outer_rounds"], c["microbatches"]
