@@ -350,7 +350,7 @@ class Router:
             h.probe = None
             if h.down and not h.gone:
                 self._rejoin(h)
-        elif what in ("step", "load", "rejoin") and ref is h.barrier:
+        elif what in ("step", "load", "rejoin") and ref == h.barrier:
             # Calls queued behind this wait for it legitimately: time them from here, so neither their
             # deadline nor the hop-time statistics count an optimizer step or a theta0 load.
             h.last_done = max(h.last_done, time.monotonic())
