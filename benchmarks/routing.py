@@ -107,30 +107,32 @@ def main(argv: list[str]) -> None:
         one = throughput(cfg1, vocab, root, manifest, steps)
         cfg_pair = load_config(["diloco.replicas=2", "swarm.num_stages=1", "data.num_microbatches=8", *base])
         pair_slow = throughput(cfg_pair, vocab, root, manifest, steps, slow=2.0)
-        events = failover(load_config(["diloco.replicas=2", "swarm.num_stages=2", *base]), vocab, root, manifest, hangs)
+        events = {k: failover(load_config(["diloco.replicas=2", "swarm.num_stages=2", *base, f"swarm.failover_k={k}"]),
+                              vocab, root, manifest, hangs) for k in (3.0, 1.5)}
     finally:
         ray.shutdown()
     local = single_process(cfg2, vocab, root, Manifest.load(root), "bench", steps, 3, threads=2)
-    excess = np.asarray([e["seconds"] - e["healthy_hop_s"] for e in events]) * 1e3
-    hop = np.asarray([e["healthy_hop_s"] for e in events]) * 1e3
-    p50, p99 = (np.percentile(excess, 50), np.percentile(excess, 99)) if len(excess) else (float("nan"),) * 2
     cmd = " ".join(["python benchmarks/routing.py", *argv])
-    print(f"failover: {len(excess)} hops re-sent; excess over a healthy hop p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-          f"(healthy hop median {np.median(hop) if len(hop) else float('nan'):.0f} ms)")
+    for k, evs in events.items():
+        excess = np.asarray([e["seconds"] - e["healthy_hop_s"] for e in evs]) * 1e3
+        hop = np.median([e["healthy_hop_s"] for e in evs]) * 1e3 if evs else float("nan")
+        p50, p99 = (np.percentile(excess, 50), np.percentile(excess, 99)) if len(excess) else (float("nan"),) * 2
+        print(f"failover (k={k:g}): {len(excess)} hops re-sent; excess over a healthy hop p50 {p50:.0f} ms, "
+              f"p99 {p99:.0f} ms (healthy hop median {hop:.0f} ms)")
+        append_row(
+            "Swarm routing: failover latency",
+            ["swarm.failover_k", "hops re-sent", "p50 excess ms", "p99 excess ms", "healthy hop ms (median)",
+             "goal p99 <= 100 ms", "machine", "command"],
+            [f"{k:g}", str(len(excess)), f"{p50:.0f}", f"**{p99:.0f}**", f"{hop:.0f}", "met" if p99 <= 100 else "not met",
+             machine(), f"`{cmd}`"],
+            note=("2 stages x 2 holders; holders hung (`hang`, 2 s) at random moments. Per hop finished on another "
+                  "holder: time from when the hung holder was due to start it to its completion elsewhere, minus the "
+                  "range's healthy hop time (EWMA). Detection is `swarm.failover_k` x p99 of the holder's hop times "
+                  "(default 3), floored at `swarm.failover_floor_s`. The seed claims 200 ms; torchft detects in "
+                  "~5 s; Petals bans a peer for 15 s."),
+        )
     print(f"pipeline efficiency: routed {routed:,.0f} tok/s / one process {local:,.0f} tok/s = {routed / local:.2f}")
     print(f"2x slower holder: {pair_slow:,.0f} tok/s / ideal 1.5 x {one:,.0f} = {pair_slow / (1.5 * one):.2f}")
-    append_row(
-        "Swarm routing: failover latency",
-        ["hops re-sent", "p50 excess ms", "p99 excess ms", "healthy hop ms (median)", "goal p99 <= 100 ms", "machine",
-         "command"],
-        [str(len(excess)), f"{p50:.0f}", f"**{p99:.0f}**", f"{np.median(hop) if len(hop) else float('nan'):.0f}",
-         "met" if p99 <= 100 else "not met", machine(), f"`{cmd}`"],
-        note=("2 stages x 2 holders; holders hung (`hang`) at random moments. Per hop finished on another holder: "
-              "time from when the hung holder was due to start it to its completion elsewhere, minus the range's "
-              "healthy hop time (EWMA). Detection is `swarm.failover_k` x p99 of the holder's hop times "
-              "(default 3), floored at `swarm.failover_floor_s`. The seed claims 200 ms; torchft detects in ~5 s; "
-              "Petals bans a peer for 15 s."),
-    )
     append_row(
         "Swarm routing: pipeline efficiency and a 2x slower holder",
         ["routed 2 stages tok/s", "one process tok/s", "efficiency", "1 holder tok/s", "fast + 2x slow tok/s",
