@@ -130,7 +130,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     snapshot_root = cfg.checkpoint.dir or str(run_dir / "snapshots")
     resume_step = _resume_step(cfg, snapshot_root, log) if cfg.resume else None
     started_ray = _connect_ray(cfg, log)
-    swarm = None
+    swarm = trainer = None
     try:
         plan = upgrader = None
         if cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
@@ -162,7 +162,6 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         result.comm, result.tokens = stats.comm, trainer.tokens_per_step * len(stats.losses)
         (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()
-        trainer.close()
         if result.ledger is not None:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
         result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
@@ -171,6 +170,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         state = merge_state_dicts(swarm.get([h.state_dict.remote() for h in swarm.replicas[0]], c.step_timeout_s,
                                             "collecting the final weights"))
     finally:
+        if trainer is not None:  # its ledger actor too, even when training failed
+            trainer.close()
         if swarm is not None:
             swarm.shutdown()
         if started_ray:

@@ -66,6 +66,24 @@ class OuterMemory:
     replay: list = field(default_factory=list)  # stale-replay attack: the Byzantine holders' last true deltas
     residual: torch.Tensor | None = None  # what the compressed broadcast of the outer update dropped so far
 
+    def to_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON meta to store beside the range's theta0 and momentum, so a resumed run's next
+        outer step sees the same centre and replay buffer as the uninterrupted run's would."""
+        tensors = {} if self.previous is None else {"memory.previous": self.previous}
+        if self.residual is not None:
+            tensors["memory.residual"] = self.residual
+        for i, x in enumerate(self.replay):
+            if isinstance(x, torch.Tensor):
+                tensors[f"memory.replay.{i}"] = x
+        return tensors, {"memory_replay": len(self.replay)}
+
+    @classmethod
+    def from_snapshot(cls, tensors: dict[str, torch.Tensor], meta: dict) -> OuterMemory:
+        # A replay entry that was not a tensor comes back as None: the stale attack replays zeros for
+        # either, so the next round is the same.
+        replay = [tensors.get(f"memory.replay.{i}") for i in range(meta["memory_replay"])]
+        return cls(tensors.get("memory.previous"), replay, tensors.get("memory.residual"))
+
 
 def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, str]]:
     """Holders' payloads -> float32 vectors; {index: reason} for the malformed ones (left as None, which
@@ -102,23 +120,6 @@ def wire_bytes(obj) -> int:
     sink = _Counter()
     pickle.Pickler(sink, protocol=5).dump(obj)
     return sink.n
-
-    def to_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors and JSON meta to store beside the range's theta0 and momentum, so a resumed run's next
-        outer step sees the same centre and replay buffer as the uninterrupted run's would."""
-        tensors = {} if self.previous is None else {"memory.previous": self.previous}
-        for i, x in enumerate(self.replay):
-            if isinstance(x, torch.Tensor):
-                tensors[f"memory.replay.{i}"] = x
-        return tensors, {"memory_replay": len(self.replay)}
-
-    @classmethod
-    def from_snapshot(cls, tensors: dict[str, torch.Tensor], meta: dict) -> OuterMemory:
-        # A replay entry that was not a tensor comes back as None: the stale attack replays zeros for
-        # either, so the next round is the same.
-        replay = [tensors.get(f"memory.replay.{i}") for i in range(meta["memory_replay"])]
-        return cls(tensors.get("memory.previous"), replay)
-
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
     """A distinct, reproducible seed per (run seed, range, round) for bucketing and Gaussian noise."""
@@ -235,10 +236,11 @@ class OuterSync:
         """Send range ``s``'s new theta0 to one holder: dense, or as the compressed update. Returns its ack.
 
         ``counted``: the ack's value goes to :meth:`measure` (swarm routing leaves out late holders)."""
+        extra = {} if after is None else {"after": after}
         if self.diloco.compression == "none":
-            ack = holder.load_theta0.remote(theta0, after=after)
+            ack = holder.load_theta0.remote(theta0, **extra)
         else:
-            ack = holder.apply_update.remote(update, [theta0], after=after)
+            ack = holder.apply_update.remote(update, [theta0], **extra)
         if counted:
             self._round[s]["acks"].append(ack)
         return ack

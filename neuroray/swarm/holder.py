@@ -334,6 +334,9 @@ class StageHolder:
         ``mean`` (swarm routing): the gradients were accumulated unscaled over however many microbatches
         the router sent here, so divide by that count; a holder that got none skips the step.
         """
+        if not mean:  # fixed routing runs calls in order, so no late copy of this step can still arrive
+            with self._claim_lock:
+                self._claims.clear()
         if mean:
             if self._pending:  # graphs of calls revoked after they ran: nothing will backpropagate them
                 log.warning("%s: dropping %d unfinished microbatches at the step", self.name, len(self._pending))
