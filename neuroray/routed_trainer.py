@@ -150,20 +150,10 @@ class RoutedTrainer(Trainer):
                       for rep in results]
             self._book_proofs(unused)
             comm["control_bytes"] += self._proof_bytes
-        self.stats.comm.append(comm)
-        if self.metrics:
-            self.metrics.comm(comm)
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
-        if self.metrics:
-            self.metrics.round(outer.rounds, [reason for rep in results for _, reason in rep.rejected])
-        for report in results:
-            for holder, reason in report.rejected:
-                self.log(f"outer round {outer.rounds}: range {report.range_index} rejected holder #{holder}: {reason}")
-            if report.refused:
-                self.log(f"outer round {outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
-                         f"{report.refused}")
+        self._finish_round(results, comm)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""

@@ -253,10 +253,13 @@ class Trainer:
         if self.ledger is not None:
             self._book_proofs(reports)
             comm["control_bytes"] += self._proof_bytes
+        self._finish_round(reports, comm)
+
+    def _finish_round(self, reports: list, comm: dict) -> None:
+        """Book a finished outer round: its counted bytes, its metrics, and every rejection or refusal."""
         self.stats.comm.append(comm)
         if self.metrics:
             self.metrics.comm(comm)
-        if self.metrics:
             self.metrics.round(self.outer.rounds, [reason for rep in reports for _, reason in rep.rejected])
         for report in reports:
             for holder, reason in report.rejected:
