@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -25,6 +24,7 @@ from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.diloco.compress import ErrorFeedback, decode, digest
 from neuroray.model import build_stage
 from neuroray.ponw.identity import Identity
+from neuroray.swarm.claims import Claims
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,7 @@ class StageHolder:
     def __init__(self, spec: HolderSpec):
         self._busy_s, self._window_start, self._slowdown = 0.0, time.perf_counter(), 1.0
         self.spec = spec
-        # Swarm routing: (microbatch, "f"|"b") -> "started" | "revoked" | "discard". The router revokes a
-        # call it re-sent elsewhere from a control thread; the compute thread claims a call before running
-        # it, so a microbatch's gradient is applied by at most one holder of a range, and only once.
-        self._claims: dict[tuple[int, str], str] = {}
-        self._claim_lock = threading.Lock()
+        self.claims = Claims()  # swarm routing: a gradient is applied once per range, never twice here
         torch.set_num_threads(spec.torch_threads)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         if spec.use_gpu and self.device.type == "cpu":
@@ -212,12 +208,11 @@ class StageHolder:
         return (out, out is not None) if status else out
 
     def _forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor | None:
-        if not self._claim(mb_id, "f"):
+        if not self.claims.claim(mb_id, "f"):
             return None
         inp, out = self._run(mb_id, x)
-        with self._claim_lock:  # revoked while running (a hedge elsewhere won): keep no graph
-            if self._claims.get((mb_id, "f")) != "discard":
-                self._pending[mb_id] = (inp, out)
+        # revoked while running (a hedge elsewhere won): keep no graph
+        self.claims.keep(mb_id, lambda: self._pending.__setitem__(mb_id, (inp, out)))
         return out.detach().cpu()
 
     @_busy
@@ -237,7 +232,7 @@ class StageHolder:
 
         With ``x`` None (one-stage swarm routing) the holder reads microbatch ``mb_id`` itself.
         """
-        if not self._claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b"):
             return None, None
         if x is None:
             x, labels = self._batch_at(mb_id)
@@ -250,7 +245,7 @@ class StageHolder:
     @_busy
     def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
-        if not self._claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b"):
             return (None, False) if status else None
         inp, out = self._pending.pop(mb_id)
         out.backward(grad.to(self.device))
@@ -263,7 +258,7 @@ class StageHolder:
         """Failover of a backward whose holder died or hung: forward ``x`` (the range's input, still in the
         object store; None on a Driver, which re-reads microbatch ``mb_id``) and backpropagate ``grad``.
         Returns ``(gradient of the input, ran)``."""
-        if not self._claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b"):
             return None, False
         if x is None:
             x, _ = self._batch_at(mb_id)
@@ -279,35 +274,9 @@ class StageHolder:
         return self.stream.next_microbatch()
 
     # ----- swarm routing: claims, revocation, fault injection -------------------------------------
-    def _claim(self, mb_id: int, kind: str) -> bool:
-        with self._claim_lock:
-            if (mb_id, kind) in self._claims:  # revoked, or already run: a gradient is applied once
-                return False
-            self._claims[(mb_id, kind)] = "started"
-            if len(self._claims) > 8192:  # microbatch ids are never reused: forget the oldest half
-                for key in list(self._claims)[:4096]:
-                    del self._claims[key]
-            return True
-
     def revoke(self, mb_ids: list[int], kind: str) -> list[bool]:
-        """Router (control thread): this holder must not run these calls, they were re-sent elsewhere.
-
-        Per microbatch, True when the call had not started and now never will; False when it already
-        started (a backward then is applied here, and the router keeps waiting for it). Revoking a forward
-        or a backward also drops the microbatch's kept graph.
-        """
-        out = []
-        with self._claim_lock:
-            for mb in mb_ids:
-                state = self._claims.get((mb, kind))
-                if state is None:
-                    self._claims[(mb, kind)] = "revoked"
-                elif kind == "f" and state == "started":
-                    self._claims[(mb, kind)] = "discard"
-                if kind == "f" or state is None:
-                    self._pending.pop(mb, None)
-                out.append(state is None)
-        return out
+        """Router (control thread): these calls were re-sent elsewhere; see :meth:`Claims.revoke`."""
+        return self.claims.revoke(mb_ids, kind, drop=lambda mb: self._pending.pop(mb, None))
 
     def hang(self, seconds: float) -> None:
         """Fault injection (tests, benchmarks): block the compute thread, as a stuck holder would."""
@@ -323,8 +292,7 @@ class StageHolder:
         self.theta0 = theta0.to(self.device).clone()
         with torch.no_grad():
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
-        with self._claim_lock:
-            self._claims.clear()
+        self.claims.clear()
         return self.counters()
 
     @_busy
@@ -335,8 +303,7 @@ class StageHolder:
         the router sent here, so divide by that count; a holder that got none skips the step.
         """
         if not mean:  # fixed routing runs calls in order, so no late copy of this step can still arrive
-            with self._claim_lock:
-                self._claims.clear()
+            self.claims.clear()
         if mean:
             if self._pending:  # graphs of calls revoked after they ran: nothing will backpropagate them
                 log.warning("%s: dropping %d unfinished microbatches at the step", self.name, len(self._pending))
@@ -549,8 +516,7 @@ class StageHolder:
     def abort_step(self) -> None:
         """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
         self._pending.clear()
-        with self._claim_lock:
-            self._claims.clear()
+        self.claims.clear()
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
