@@ -28,8 +28,8 @@ class TrainMetrics:
                                  ("run", "holder"))
         self.queue_depth = Gauge("neuroray_holder_queue_depth", "microbatches in flight at a stage holder",
                                  ("run", "holder"))
-        self.failovers = Counter("neuroray_failovers_total", "replicas recovered after a holder died (fixed routing) or hops finished on "
-                                 "another holder (swarm routing)", tags)
+        self.failovers = Counter("neuroray_failovers_total", "replicas recovered after a holder died (fixed routing) "
+                                 "or hops finished on another holder (swarm routing)", tags)
         self.rejected = Counter("neuroray_contributions_rejected_total", "pseudo-gradients rejected by the outer step",
                                 ("run", "reason"))
         self.balance = Gauge("neuroray_neuro_balance", "NEURO balance of a node in the ledger", ("run", "node"))
