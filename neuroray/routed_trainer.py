@@ -57,6 +57,7 @@ class RoutedTrainer(Trainer):
                 self._boundary(step, round_end, self._snapshot_due())
         finally:
             self._bar.close()
+        self._await_rejoins()
         self.settle()
         self.flush()
         self.stats.elapsed_s = time.monotonic() - self._t0
@@ -88,6 +89,15 @@ class RoutedTrainer(Trainer):
         self.log(f"router: {len(new)} hop(s) finished on another holder this step (slowest {worst * 1e3:.0f} ms "
                  f"from when the first holder was due); hedges {self.router.stats.hedges}, "
                  f"re-sent {self.router.stats.reroutes + self.router.stats.revoked}")
+
+    def _await_rejoins(self) -> None:
+        """Let holders that Ray is restarting rejoin at the final theta0 before the run ends, so every
+        holder (replica 0's give the checkpoint) ends on the same weights; bounded by recovery_timeout_s."""
+        router, deadline = self.router, time.monotonic() + self.cfg.checkpoint.recovery_timeout_s
+        while any(h.down and not h.gone for hs in router.ranges for h in hs) and time.monotonic() < deadline:
+            router._probe_down()
+            if not router._wait_and_handle():
+                time.sleep(0.05)  # nothing in flight: the next probe is due later
 
     def settle(self) -> None:
         """Wait until every live holder has run its last inner step (before snapshots and the end)."""
