@@ -95,8 +95,8 @@ class RoutedTrainer(Trainer):
         holder (replica 0's give the checkpoint) ends on the same weights; bounded by recovery_timeout_s."""
         router, deadline = self.router, time.monotonic() + self.cfg.checkpoint.recovery_timeout_s
         while any(h.down and not h.gone for hs in router.ranges for h in hs) and time.monotonic() < deadline:
-            router._probe_down()
-            if not router._wait_and_handle():
+            router.probe_down()
+            if not router.pump():
                 time.sleep(0.05)  # nothing in flight: the next probe is due later
 
     def settle(self) -> None:
@@ -195,5 +195,5 @@ class RoutedTrainer(Trainer):
             if not holder_died(exc):
                 raise self._unwrap(exc, "outer step") from None
             if h is not None:
-                self.router._holder_down(h, exc)
+                self.router.holder_down(h, exc)
             return False

@@ -187,13 +187,13 @@ class Router:
             for f in active:
                 if f.next is not None:
                     self._dispatch(f)
-            if self._wait_and_handle():
+            if self.pump():
                 progress = time.monotonic()
             elif time.monotonic() - progress > timeout_s:
                 raise PipelineError(f"no microbatch moved for {timeout_s:g}s; raise cluster.step_timeout_s or check "
                                     "the Ray dashboard for stuck holders")
             self._check_deadlines()
-            self._probe_down()
+            self.probe_down()
             for f in [f for f in active if f.done]:
                 active.remove(f)
                 losses.append(f.loss)
@@ -243,7 +243,8 @@ class Router:
         return call
 
     # ----- completions ------------------------------------------------------------------------
-    def _wait_and_handle(self) -> bool:
+    def pump(self) -> bool:
+        """Wait for the next finished call or control reply (or deadline) and handle what is ready."""
         refs = list(self.calls) + list(self.control)
         if not refs:
             return False
@@ -283,7 +284,7 @@ class Router:
             if not holder_died(exc):
                 raise self._user_error(exc) from None
             if c.t_submit >= h.up_since:
-                self._holder_down(h, exc)
+                self.holder_down(h, exc)
             self._resend(c, exclude=h)
             return
         h.observe(now - max(c.t_submit, h.last_done), self.cfg.latency_ewma)
@@ -336,7 +337,7 @@ class Router:
                 if isinstance(exc, ray.exceptions.ActorDiedError):  # restarts exhausted: it will not come back
                     h.gone = True
             else:
-                self._holder_down(h, exc)
+                self.holder_down(h, exc)
                 if what == "revoke" and payload is not None:  # died before the revoke landed: re-send anyway
                     self._resend(payload, exclude=h)
             return
@@ -401,7 +402,7 @@ class Router:
                     [c.flight.mb], "b"), payload=c)
 
     # ----- dead holders ------------------------------------------------------------------------
-    def _holder_down(self, h: HolderState, exc: BaseException) -> None:
+    def holder_down(self, h: HolderState, exc: BaseException) -> None:
         if h.down:
             return
         h.down, h.down_since, h.outbound = True, time.monotonic(), 0
@@ -438,7 +439,7 @@ class Router:
                 f"checkpoint.recovery_timeout_s={self.recovery_timeout_s:g}s; the snapshots are kept"
                 + (f" under {self.snapshot_dir}" if self.snapshot_dir else "") + "; rerun with resume=true")
 
-    def _probe_down(self) -> None:
+    def probe_down(self) -> None:
         now = time.monotonic()
         for hs in self.ranges:
             for h in hs:
