@@ -117,6 +117,12 @@ class SwarmConfig:
 
     name: str = "default"
     num_stages: int = 2
+    # Where the layer ranges are cut, as torchtitan's pipeline split points: the first layer of every
+    # stage after the first ([3] on 4 layers: [0-2], [3]). Empty: cut by swarm.balance.
+    split_points: list[int] = field(default_factory=list)
+    # "layers": equal layer counts (earlier stages take the extra layer). "compute": equal forward FLOPs,
+    # counting the embedding and the head + loss (on small models the head costs several layers).
+    balance: str = "layers"
     key_dir: str = "~/.cache/neuroray/keys"  # one persistent secp256k1 key per holder name
     # "fixed": replica r's microbatches always cross pipeline r. "router": every hop of every microbatch
     # goes to the best-scored holder of the next range (docs/routing.md), with failover and hedging.
@@ -125,6 +131,9 @@ class SwarmConfig:
     outbound_depth: int = 2  # router: finished activations of one holder waiting for a downstream slot
     max_inflight: int = 0  # router: microbatches between first forward and last backward; 0: a whole step
     latency_ewma: float = 0.3  # router: weight of the newest hop time in a holder's latency average
+    # router: a queued call that has not started start_grace_s after its turn came (the holder's previous
+    # call finished) is taken back and re-sent: the holder's compute thread is stuck on something else
+    start_grace_s: float = 0.03
     failover_k: float = 3.0  # router: a call is late after failover_k x p99 of its holder's hop times ...
     failover_floor_s: float = 0.05  # ... but never before this ...
     failover_ceiling_s: float = 10.0  # ... and always after this (also the deadline before 5 hop times are known)
@@ -389,6 +398,7 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     _check_routing(s)
+    _check_split(s, cfg.model.n_layers, cfg.model.name)
     if dl.compression not in ("none", "fp16", "int8"):  # compress.MODES; that module imports torch
         raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16 or int8")
     if not 1 <= dl.compression_block <= 1 << 20:
@@ -405,6 +415,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(problem)
 
 
+def _check_split(s: SwarmConfig, n_layers: int, model_name: str) -> None:
+    if s.balance not in ("layers", "compute"):
+        raise ConfigError(f"swarm.balance={s.balance} must be layers or compute")
+    if not s.split_points:
+        return
+    if model_name == "auto":
+        raise ConfigError("swarm.split_points cannot be combined with model=auto: the planner cuts the ranges "
+                          "it sizes; drop swarm.split_points or pick a fixed model")
+    pts = list(s.split_points)
+    if len(pts) != s.num_stages - 1:
+        raise ConfigError(f"swarm.split_points={pts} gives {len(pts) + 1} stages but swarm.num_stages={s.num_stages}; "
+                          f"give num_stages - 1 = {s.num_stages - 1} first layers, or leave split_points empty")
+    if any(not isinstance(p, int) for p in pts) or pts != sorted(set(pts)) or pts[0] < 1 or pts[-1] >= n_layers:
+        raise ConfigError(f"swarm.split_points={pts} must be increasing layer indices in [1, {n_layers - 1}] "
+                          f"(model.n_layers={n_layers}), each the first layer of a later stage")
+
+
 def _check_routing(s: SwarmConfig) -> None:
     if s.routing not in ("fixed", "router"):
         raise ConfigError(f"swarm.routing={s.routing} must be fixed or router")
@@ -415,6 +442,8 @@ def _check_routing(s: SwarmConfig) -> None:
     if s.failover_k <= 0 or not 0 < s.failover_floor_s <= s.failover_ceiling_s:
         raise ConfigError(f"swarm.failover_k={s.failover_k} must be positive and 0 < swarm.failover_floor_s="
                           f"{s.failover_floor_s} <= swarm.failover_ceiling_s={s.failover_ceiling_s}")
+    if s.start_grace_s <= 0:
+        raise ConfigError(f"swarm.start_grace_s={s.start_grace_s} must be positive")
     if s.failure_penalty_s < 0 or s.probe_interval_s <= 0 or s.outer_deadline_s <= 0:
         raise ConfigError("swarm.failure_penalty_s must be >= 0, swarm.probe_interval_s and "
                           "swarm.outer_deadline_s positive")

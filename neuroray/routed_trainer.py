@@ -75,7 +75,7 @@ class RoutedTrainer(Trainer):
     def routing_summary(self) -> dict:
         st = self.router.stats
         return {"hedges": st.hedges, "revoked": st.revoked, "reroutes": st.reroutes, "repairs": st.repairs,
-                "rejoins": st.rejoins, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
+                "rejoins": st.rejoins, "stuck": st.stuck, "taken_back": st.taken_back, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
                 "microbatches_per_holder": {h.name: h.total for hs in self.router.ranges for h in hs}}
 
     def _report_failovers(self, seen: int) -> None:
@@ -88,6 +88,7 @@ class RoutedTrainer(Trainer):
         worst = max(f["seconds"] for f in new)
         self.log(f"router: {len(new)} hop(s) finished on another holder this step (slowest {worst * 1e3:.0f} ms "
                  f"from when the first holder was due); hedges {self.router.stats.hedges}, "
+                 f"taken back from stuck holders {self.router.stats.taken_back}, "
                  f"re-sent {self.router.stats.reroutes + self.router.stats.revoked}")
 
     def _await_rejoins(self) -> None:

@@ -45,6 +45,19 @@ def test_revoked_calls_never_run_and_a_started_backward_cannot_be_revoked(tmp_pa
     assert h.revoke([6], "f") == [True] and h.forward(6, x) is None and 6 not in h._pending
 
 
+def test_a_start_probe_takes_back_only_calls_that_have_not_started(tmp_path):
+    """The router's take-back of an overdue call (keep_started): a started forward keeps its graph."""
+    h = _holder(tmp_path, 1)
+    x = torch.randn(2, 8, 32)
+    out = h.forward(5, x)
+    assert h.revoke([5], "f", keep_started=True) == [False] and 5 in h._pending
+    assert h.backward(5, torch.randn_like(out)) is not None  # the graph is still there and applies
+    assert h.revoke([6, 7], "f", keep_started=True) == [True, True]
+    assert h.forward(6, x) is None and 6 not in h._pending
+    assert h.revoke([8], "b", keep_started=True) == [True]
+    assert h.forward_backward(8, x, torch.randint(0, 64, (2, 8)), 1.0) == (None, None)
+
+
 def test_mean_step_averages_over_the_microbatches_this_holder_got(tmp_path):
     a, b = _holder(tmp_path, 1), _holder(tmp_path, 1)
     x = torch.randn(2, 8, 32)

@@ -94,7 +94,7 @@ def test_routed_training_equals_the_monolith_on_the_same_microbatches(ray_cluste
 
 
 def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
-    """A Validator hung mid-round: its queued gradient calls are revoked and re-sent, the outer step
+    """A Validator hung mid-round: its queued gradient calls are taken back and re-sent, the outer step
     (quorum 1.0: all) waits for it, and the run learns what a clean run learns."""
     import ray
     from neuroray.train import run
@@ -113,7 +113,8 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     assert len(hung.losses) == 12
     assert _per_range(hung) == _per_range(clean) == {0: total, 1: total}  # none lost, none applied twice
     r = hung.routing
-    assert r["revoked"] >= 1 and r["failovers"], "\n".join(map(str, [r, fault] + lines))
+    assert r["stuck"] >= 1 and r["taken_back"] >= 1 and r["failovers"], "\n".join(map(str, [r, fault] + lines))
+    assert any("did not start a call within swarm.start_grace_s" in line for line in lines)
     assert any("finished on another holder" in line for line in lines)
     # Routing is timing-dependent (which holder gets which microbatch), so two clean runs already differ
     # by several percent on this 12-step run; a lost or doubled microbatch shows up in the counts above.
@@ -179,9 +180,10 @@ def test_losing_every_holder_of_a_range_is_a_clear_error_and_keeps_the_snapshots
     assert kept, "the snapshots taken before the loss must be kept"
 
 
-def test_a_late_forward_is_hedged_on_another_driver(ray_cluster, tmp_path):
-    """A Driver hung before a step starts: the router sends it forwards (its queue looks empty), they go
-    late, copies run on the other Driver, and the step finishes with every microbatch applied once."""
+def test_a_slow_forward_is_hedged_and_a_stuck_driver_s_queue_taken_back(ray_cluster, tmp_path):
+    """A Driver slowed 1000x: its forwards start, run long and are hedged on the other Driver (never taken
+    back or cancelled). Then a Driver hung before a step: the forwards queued on it never start, so they
+    are taken back and re-sent. Both steps finish with every microbatch applied once."""
     import ray
     from neuroray.genesis import ensure_dataset, load_tokenizer
     from neuroray.swarm.router import Router
@@ -197,11 +199,18 @@ def test_a_late_forward_is_hedged_on_another_driver(ray_cluster, tmp_path):
         for step in range(3):
             router.run_step(list(range(step * n, (step + 1) * n)), 120)
         ray.get([h.barrier for hs in router.ranges for h in hs])
-        swarm.by_range[0][1].hang.remote(4.0)
+        ray.get(swarm.by_range[0][1].slow_down.remote(1000.0))  # seconds a call: past the 1 s ceiling
         loss = router.run_step(list(range(3 * n, 4 * n)), 120)
         assert loss == loss and router.stats.hedges >= 1, router.stats
         assert any(f["stage"] == 0 and f["kind"] == "f" for f in router.stats.failovers), router.stats.failovers
+        ray.get([h.barrier for hs in router.ranges for h in hs])
+        ray.get(swarm.by_range[0][1].slow_down.remote(1.0))
+        hedged = len(router.stats.failovers)
+        swarm.by_range[0][1].hang.remote(4.0)
+        loss = router.run_step(list(range(4 * n, 5 * n)), 120)
+        assert loss == loss and router.stats.stuck >= 1 and router.stats.taken_back >= 1, router.stats
+        assert len(router.stats.failovers) > hedged
         applied = [sum(h.total for h in hs) for hs in router.ranges]
-        assert applied == [4 * n, 4 * n]  # none lost, none applied twice
+        assert applied == [5 * n, 5 * n]  # none lost, none applied twice
     finally:
         swarm.shutdown()

@@ -36,19 +36,23 @@ class Claims:
             if self._state.get((mb, "f")) != "discard":
                 store()
 
-    def revoke(self, mb_ids: list[int], kind: str, drop: Callable[[int], None]) -> list[bool]:
+    def revoke(self, mb_ids: list[int], kind: str, drop: Callable[[int], None],
+               keep_started: bool = False) -> list[bool]:
         """Control thread: per microbatch, True when the call had not started and now never will; False
         when it started (a backward is then applied here). ``drop(mb)`` forgets the microbatch's graph,
-        which a revoked forward or a revoked backward no longer needs."""
+        which a revoked forward or a revoked backward no longer needs.
+
+        ``keep_started``: take the call back only if it has not started, and leave a started forward's
+        graph alone (the router asks this of a call that is overdue to start, not of a hedge loser)."""
         out = []
         with self._lock:
             for mb in mb_ids:
                 state = self._state.get((mb, kind))
                 if state is None:
                     self._state[(mb, kind)] = "revoked"
-                elif kind == "f" and state == "started":
+                elif kind == "f" and state == "started" and not keep_started:
                     self._state[(mb, kind)] = "discard"
-                if kind == "f" or state is None:
+                if state is None or (kind == "f" and not keep_started):
                     drop(mb)
                 out.append(state is None)
         return out

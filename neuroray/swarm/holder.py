@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -96,6 +97,8 @@ class StageHolder:
         self._busy_s, self._window_start, self._slowdown = 0.0, time.perf_counter(), 1.0
         self.spec = spec
         self.claims = Claims()  # swarm routing: a gradient is applied once per range, never twice here
+        # a routed holder's failover thread runs calls beside its compute thread: guard what both touch
+        self._shared = threading.Lock()
         torch.set_num_threads(spec.torch_threads)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         if spec.use_gpu and self.device.type == "cpu":
@@ -239,7 +242,7 @@ class StageHolder:
         inp, logits = self._run(mb_id, x)
         loss = self.module.loss(logits, labels.to(self.device))
         (loss * scale).backward()
-        self._step_microbatches += 1
+        self._count_microbatch()
         return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
 
     @_busy
@@ -249,7 +252,7 @@ class StageHolder:
             return (None, False) if status else None
         inp, out = self._pending.pop(mb_id)
         out.backward(grad.to(self.device))
-        self._step_microbatches += 1
+        self._count_microbatch()
         g = None if inp is None else inp.grad.detach().cpu()
         return (g, True) if status else g
 
@@ -264,19 +267,24 @@ class StageHolder:
             x, _ = self._batch_at(mb_id)
         inp, out = self._run(mb_id, x)
         out.backward(grad.to(self.device))
-        self._step_microbatches += 1
+        self._count_microbatch()
         return None if inp is None else inp.grad.detach().cpu(), True
+
+    def _count_microbatch(self) -> None:
+        with self._shared:
+            self._step_microbatches += 1
 
     def _batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stream is None:
             raise RuntimeError(f"{self.name} has no data stream: only the Driver (stage 0) reads shards")
-        self.stream.seek(position)
-        return self.stream.next_microbatch()
+        with self._shared:
+            self.stream.seek(position)
+            return self.stream.next_microbatch()
 
     # ----- swarm routing: claims, revocation, fault injection -------------------------------------
-    def revoke(self, mb_ids: list[int], kind: str) -> list[bool]:
+    def revoke(self, mb_ids: list[int], kind: str, keep_started: bool = False) -> list[bool]:
         """Router (control thread): these calls were re-sent elsewhere; see :meth:`Claims.revoke`."""
-        return self.claims.revoke(mb_ids, kind, drop=lambda mb: self._pending.pop(mb, None))
+        return self.claims.revoke(mb_ids, kind, drop=lambda mb: self._pending.pop(mb, None), keep_started=keep_started)
 
     def hang(self, seconds: float) -> None:
         """Fault injection (tests, benchmarks): block the compute thread, as a stuck holder would."""
@@ -586,7 +594,10 @@ def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_
     """
     import ray
 
-    cls = ray.remote(concurrency_groups={"control": 1})(StageHolder) if routed else ray.remote(StageHolder)
+    # control: revokes, probes and proofs answer while the compute thread is busy or stuck. failover: a
+    # call re-sent from a stuck or dead holder runs beside this holder's queued work instead of behind it.
+    groups = {"control": 1, "failover": 1}
+    cls = ray.remote(concurrency_groups=groups)(StageHolder) if routed else ray.remote(StageHolder)
     opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1, "max_restarts": max_restarts}
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy

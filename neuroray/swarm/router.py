@@ -45,6 +45,11 @@ def holder_died(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
 
 
+def _claim_kind(kind: str) -> str:
+    """The claim a call takes on its holder: "f" for a forward, "b" for anything applying a gradient."""
+    return "f" if kind == "f" else "b"
+
+
 @dataclass
 class _Failed:
     exc: BaseException
@@ -59,6 +64,10 @@ class HolderState:
         self.samples: deque[float] = deque(maxlen=200)
         self.deadline_s: float | None = None
         self.inflight = 0  # calls submitted and not finished, stale ones included: the inbound queue
+        self.queue: deque[Call] = deque()  # its compute thread's calls in the order they will run
+        self.stuck = False  # a call overdue to start was taken back: no work until it answers again
+        self.probing = False  # a start probe is on its way
+        self.barrier_seen = None  # the last barrier (step, load, rejoin) known to have finished
         self.outbound = 0  # activations it produced that no downstream hop has taken yet
         self.last_done = time.monotonic()
         self.failures, self.failure_t = 0.0, 0.0
@@ -85,6 +94,8 @@ class HolderState:
     def forget(self) -> None:
         """A restarted holder is a new machine as far as latency goes."""
         self.samples, self.ewma, self.deadline_s = deque(maxlen=200), None, None
+        self.queue.clear()
+        self.stuck = self.probing = False
 
 
 @dataclass(eq=False)
@@ -116,6 +127,10 @@ class Call:
     late: bool = False  # already hedged or revoked
     repair: bool = False  # re-applies a gradient a dead holder lost; does not advance the flight
     origin: float | None = None  # for a copy: when the late original was due to start
+    urgent: bool = False  # replaces a late or lost call: runs on the holder's failover thread, beside its queue
+    started: bool = False  # a start probe found it running
+    taken_back: bool = False  # taken back before it started: it will return at once, having done nothing
+    recheck_at: float = 0.0  # late, but no holder was free to hedge with: look again at this time
 
 
 @dataclass
@@ -126,6 +141,8 @@ class RouterStats:
     repairs: int = 0  # gradients re-applied after their holder died
     failovers: list[dict] = field(default_factory=list)  # one per hop finished elsewhere than first sent
     rejoins: int = 0
+    stuck: int = 0  # times a holder did not start a call within swarm.start_grace_s of its due time
+    taken_back: int = 0  # calls taken back from stuck holders and re-sent
 
 
 class Router:
@@ -161,7 +178,7 @@ class Router:
     def pick(self, stage: int, exclude=(), capacity: bool = True) -> HolderState | None:
         now = time.monotonic()
         c = self.cfg
-        ok = [h for h in self.ranges[stage] if not h.down and h not in exclude
+        ok = [h for h in self.ranges[stage] if not h.down and not h.stuck and h not in exclude
               and (not capacity or (h.inflight < c.queue_depth
                                     and (stage == self.S - 1 or h.outbound < c.outbound_depth)))]
         return min(ok, key=lambda h: (self._score(h, now), h.index)) if ok else None
@@ -209,12 +226,13 @@ class Router:
         kind, s = f.next
         if kind == "b":
             h = f.fwd[s]
-            if h is None or h.down or h in f.exclude:
+            if h is None or h.down or h.stuck or h in f.exclude:
                 kind = "rb"  # its graph is gone or stuck: recompute the range from its input elsewhere
             else:
                 self._submit(f, "b", s, h)
                 return
-        h = self.pick(s, exclude=f.exclude)
+        # a re-sent hop runs on the failover thread, beside the holder's queue: it needs no room in it
+        h = self.pick(s, exclude=f.exclude, capacity=f.origin is None)
         if h is None:
             self._check_range_alive(s)
             return  # backpressure: no holder of the range has room; the hop waits in the object store
@@ -222,7 +240,12 @@ class Router:
 
     def _submit(self, f: Flight, kind: str, s: int, h: HolderState, *, repair: bool = False,
                 origin: float | None = None) -> Call:
-        a, two = h.handle, {"num_returns": 2}
+        if not repair and f.next is not None:
+            if kind != "b" and s > 0 and f.fwd[s - 1] is not None:
+                f.fwd[s - 1].outbound = max(f.fwd[s - 1].outbound - 1, 0)  # its activation is taken
+            f.next, origin, f.origin = None, f.origin, None
+        urgent = origin is not None  # it replaces a late or lost call
+        a, two = h.handle, {"num_returns": 2, **({"concurrency_group": "failover"} if urgent else {})}
         if kind == "f" and s == 0:
             ref, status = a.forward_first.options(**two).remote(f.mb, after=h.barrier)
         elif kind == "f":
@@ -233,12 +256,10 @@ class Router:
             ref, status = a.backward.options(**two).remote(f.mb, f.grads[s], status=True)
         else:
             ref, status = a.recompute_backward.options(**two).remote(f.mb, f.inputs[s], f.grads[s], after=h.barrier)
-        if not repair and f.next is not None:
-            if kind != "b" and s > 0 and f.fwd[s - 1] is not None:
-                f.fwd[s - 1].outbound = max(f.fwd[s - 1].outbound - 1, 0)  # its activation is taken
-            f.next, origin, f.origin = None, f.origin, None
         h.inflight += 1
-        call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin)
+        call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin, urgent=urgent)
+        if not urgent:
+            h.queue.append(call)
         self.calls[status] = call
         return call
 
@@ -277,6 +298,8 @@ class Router:
     def _on_call(self, c: Call, value) -> None:
         h, now = c.holder, time.monotonic()
         h.inflight = max(h.inflight - 1, 0)
+        if not c.urgent and c in h.queue:
+            h.queue.remove(c)
         if isinstance(value, _Failed):
             exc = value.exc
             if c.stale:
@@ -287,13 +310,17 @@ class Router:
                 self.holder_down(h, exc)
             self._resend(c, exclude=h)
             return
-        h.observe(now - max(c.t_submit, h.last_done), self.cfg.latency_ewma)
-        h.last_done = now
-        if c.stale:
+        ran = value is not None and value is not False  # else revoked before it ran: nothing applied
+        if ran:  # a taken-back call's wait is not a hop time
+            h.observe(now - (c.t_submit if c.urgent else max(c.t_submit, h.last_done)), self.cfg.latency_ewma)
+        if not c.urgent:
+            h.last_done = now
+            if h.stuck:
+                h.stuck = False  # its compute thread answers again
+                self.log(f"router: holder {h.name} answers again")
+        if c.stale or not ran:
             return
         f = c.flight
-        if value is None or value is False:
-            return  # revoked on the holder before it ran (a race with a copy that won): nothing applied
         if c.kind in ("fb", "b", "rb"):
             h.applied.add(f.mb)
             h.microbatches += 1
@@ -347,6 +374,20 @@ class Router:
                 payload.stale = True
                 self._resend(payload, exclude=h, count=False)
             # else: it is running on a slow but healthy holder; keep waiting, never cancel
+        elif what == "start":
+            h.probing = False
+            if h.down:
+                return  # its calls were re-sent when it went down
+            if value[0]:
+                self._stuck(h, payload)
+            else:
+                payload.started = True  # running (slow or not): the hop-time deadline applies from here on
+        elif what == "take back" and not h.down:
+            for c, not_started in zip(payload, value):
+                if not_started:
+                    self._take_back(c, h)
+                else:
+                    c.started = True
         elif what == "probe":
             h.probe = None
             if h.down and not h.gone:
@@ -355,6 +396,7 @@ class Router:
             # Calls queued behind this wait for it legitimately: time them from here, so neither their
             # deadline nor the hop-time statistics count an optimizer step or a theta0 load.
             h.last_done = max(h.last_done, time.monotonic())
+            h.barrier_seen = ref
 
     def _resend(self, c: Call, exclude: HolderState, count: bool = True) -> None:
         if count:
@@ -371,28 +413,75 @@ class Router:
         f.origin = c.origin if c.origin is not None else max(c.t_submit, exclude.last_done)
         self._dispatch(f)
 
-    # ----- deadlines: hedge late forwards, revoke late gradient calls ------------------------
+    # ----- deadlines: take back calls a holder does not start, hedge late forwards, revoke late ---
+    # gradient calls
+    def _barrier_done(self, h: HolderState) -> bool:
+        """Whether h's last step/load/rejoin finished (calls queued behind it are not due before)."""
+        if h.barrier is None or h.barrier is h.barrier_seen:
+            return True
+        if not ray.wait([h.barrier], timeout=0)[0]:
+            return False
+        h.barrier_seen = h.barrier
+        h.last_done = max(h.last_done, time.monotonic())
+        return True
+
+    def _start_of(self, c: Call) -> float | None:
+        """When ``c`` was due to start: failover calls at once, queued ones after the holder's previous call
+        (None while the holder's optimizer step or theta0 load runs ahead of it)."""
+        if c.urgent:
+            return c.t_submit
+        return max(c.t_submit, c.holder.last_done) if self._barrier_done(c.holder) else None
+
+    def _head(self, h: HolderState) -> Call | None:
+        """The queued call h's compute thread should be running now, if the router may probe it."""
+        if h.down or h.stuck or h.probing:
+            return None
+        head = next((c for c in h.queue if not c.taken_back), None)
+        # a hedge loser may be running for as long as it takes: nothing is due behind it yet
+        return head if head is not None and not head.stale and not head.started else None
+
     def _next_deadline(self) -> float:
-        due = [max(c.t_submit, c.holder.last_done) + self.deadline(c.holder)
-               for c in self.calls.values() if not c.stale and not c.late]
+        due = []
+        for c in self.calls.values():
+            start = None if c.stale or c.late else self._start_of(c)
+            if start is not None:
+                due.append(max(start + self.deadline(c.holder), c.recheck_at))
+        for hs in self.ranges:
+            for h in hs:
+                head = self._head(h)
+                start = None if head is None else self._start_of(head)
+                if start is not None:
+                    due.append(start + self.cfg.start_grace_s)
         return min(due, default=time.monotonic() + self.cfg.probe_interval_s)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for hs in self.ranges:
+            for h in hs:
+                # The head of a queue has no reason to wait once due: if it has not started within
+                # start_grace_s, the compute thread is stuck elsewhere. Take it back, never a started call.
+                head = self._head(h)
+                start = None if head is None else self._start_of(head)
+                if start is not None and now - start > self.cfg.start_grace_s:
+                    h.probing = True
+                    self._send_control("start", h, h.handle.revoke.options(concurrency_group="control").remote(
+                        [head.flight.mb], _claim_kind(head.kind), keep_started=True), payload=head)
         for c in list(self.calls.values()):
             if c.stale or c.late:
                 continue
-            start = max(c.t_submit, c.holder.last_done)
-            if now - start <= self.deadline(c.holder):
+            start = self._start_of(c)
+            if start is None or now - start <= self.deadline(c.holder) or now < c.recheck_at:
                 continue
             h = c.holder
-            h.failures = h.failures * 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s) + 1
-            h.failure_t = now
             if c.kind == "f":
                 busy = {o.holder for o in self.calls.values() if o.flight is c.flight and not o.stale}
                 other = self.pick(c.stage, exclude=busy | c.flight.exclude, capacity=False)
                 if other is None:
-                    continue  # no one to hedge with: keep waiting
+                    c.recheck_at = now + self.cfg.probe_interval_s  # no one to hedge with: keep waiting
+                    continue
+            h.failures = h.failures * 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s) + 1
+            h.failure_t = now
+            if c.kind == "f":
                 c.late = True
                 self.stats.hedges += 1
                 self._submit(c.flight, "f", c.stage, other, origin=start)
@@ -400,6 +489,30 @@ class Router:
                 c.late = True  # take it back first: re-send only if it had not started
                 self._send_control("revoke", h, h.handle.revoke.options(concurrency_group="control").remote(
                     [c.flight.mb], "b"), payload=c)
+
+    def _stuck(self, h: HolderState, head: Call) -> None:
+        """``head`` was due and had not started: take it and the calls queued behind it elsewhere."""
+        now = time.monotonic()
+        h.stuck = True
+        h.failures = h.failures * 0.5 ** ((now - h.failure_t) / self.cfg.failover_ceiling_s) + 1
+        h.failure_t = now
+        self.stats.stuck += 1
+        self.log(f"router: holder {h.name} did not start a call within swarm.start_grace_s="
+                 f"{self.cfg.start_grace_s:g}s of its turn; re-sending its queue")
+        self._take_back(head, h)
+        rest = [c for c in h.queue if not c.stale and not c.taken_back and not c.started]
+        for kind in ("f", "b"):
+            calls = [c for c in rest if _claim_kind(c.kind) == kind]
+            if calls:
+                self._send_control("take back", h, h.handle.revoke.options(concurrency_group="control").remote(
+                    [c.flight.mb for c in calls], kind, keep_started=True), payload=calls)
+
+    def _take_back(self, c: Call, h: HolderState) -> None:
+        c.taken_back = True
+        if c.stale:
+            return  # a copy elsewhere already carries it
+        self.stats.taken_back += 1
+        self._resend(c, exclude=h, count=False)
 
     # ----- dead holders ------------------------------------------------------------------------
     def holder_down(self, h: HolderState, exc: BaseException) -> None:

@@ -16,6 +16,8 @@ import ray
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
 from neuroray.model import split_layers
+from neuroray.planner import scaling
+from neuroray.planner.partition import partition_layers
 from neuroray.planner.placement import bundle_strategy, release, reserve_plan, reserve_replicas
 from neuroray.swarm.holder import HolderSpec, holder_actor
 
@@ -42,6 +44,25 @@ class DataPlan:
     manifest: dict
 
 
+def stage_ranges(cfg: TrainConfig, vocab_size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` layer range of every stage of a fixed model: ``swarm.split_points`` if given,
+    else equal layer counts (``swarm.balance=layers``) or equal forward FLOPs (``compute``)."""
+    s, n = cfg.swarm, cfg.model.n_layers
+    if s.split_points:
+        cuts = [0, *s.split_points, n]
+        return [(a, b) for a, b in zip(cuts, cuts[1:])]
+    if s.balance == "layers":
+        return split_layers(n, s.num_stages)
+    if s.num_stages > n:
+        split_layers(n, s.num_stages)  # raises the same clear error as the even split
+    layer = scaling.layer_flops_per_token(cfg.model, cfg.data.seq_len)
+    costs = [layer] * n
+    costs[-1] += scaling.head_flops_per_token(cfg.model, vocab_size)
+    ranges = partition_layers(costs, s.num_stages)
+    assert ranges is not None, "partition_layers has no memory veto here"
+    return ranges
+
+
 class Swarm:
     def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print,
                  snapshot_root: str | None = None, resume_step: int | None = None, name_prefix: str | None = None,
@@ -55,7 +76,7 @@ class Swarm:
             self.ranges = list(plan.ranges)
             self.groups = reserve_plan(plan, c.actor_start_timeout_s)
         else:
-            self.ranges = split_layers(cfg.model.n_layers, cfg.swarm.num_stages)
+            self.ranges = stage_ranges(cfg, vocab_size)
             self.groups = reserve_replicas(
                 cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
             )
