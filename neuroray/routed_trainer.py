@@ -75,7 +75,8 @@ class RoutedTrainer(Trainer):
     def routing_summary(self) -> dict:
         st = self.router.stats
         return {"hedges": st.hedges, "revoked": st.revoked, "reroutes": st.reroutes, "repairs": st.repairs,
-                "rejoins": st.rejoins, "stuck": st.stuck, "taken_back": st.taken_back, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
+                "rejoins": st.rejoins, "stuck": st.stuck, "taken_back": st.taken_back,
+                "stolen": st.stolen, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
                 "microbatches_per_holder": {h.name: h.total for hs in self.router.ranges for h in hs}}
 
     def _report_failovers(self, seen: int) -> None:

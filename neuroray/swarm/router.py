@@ -131,6 +131,7 @@ class Call:
     started: bool = False  # a start probe found it running
     taken_back: bool = False  # taken back before it started: it will return at once, having done nothing
     recheck_at: float = 0.0  # late, but no holder was free to hedge with: look again at this time
+    steal: bool = False  # an idle holder of its range asked to take it over
 
 
 @dataclass
@@ -143,6 +144,7 @@ class RouterStats:
     rejoins: int = 0
     stuck: int = 0  # times a holder did not start a call within swarm.start_grace_s of its due time
     taken_back: int = 0  # calls taken back from stuck holders and re-sent
+    stolen: int = 0  # queued calls an idle holder took over from a slower one
 
 
 class Router:
@@ -210,6 +212,7 @@ class Router:
                 raise PipelineError(f"no microbatch moved for {timeout_s:g}s; raise cluster.step_timeout_s or check "
                                     "the Ray dashboard for stuck holders")
             self._check_deadlines()
+            self._steal()
             self.probe_down()
             for f in [f for f in active if f.done]:
                 active.remove(f)
@@ -359,6 +362,8 @@ class Router:
             exc = value.exc
             if not holder_died(exc):
                 raise self._user_error(exc) from None
+            if what == "steal":
+                payload[1].inflight = max(payload[1].inflight - 1, 0)
             if what == "probe":
                 h.probe = None
                 if isinstance(exc, ray.exceptions.ActorDiedError):  # restarts exhausted: it will not come back
@@ -382,6 +387,13 @@ class Router:
                 self._stuck(h, payload)
             else:
                 payload.started = True  # running (slow or not): the hop-time deadline applies from here on
+        elif what == "steal":
+            c, idle = payload
+            idle.inflight = max(idle.inflight - 1, 0)
+            if value[0] and not h.down:
+                self._take_back(c, h)
+            else:
+                c.steal = False  # it started meanwhile: leave it where it is
         elif what == "take back" and not h.down:
             for c, not_started in zip(payload, value):
                 if not_started:
@@ -398,7 +410,9 @@ class Router:
             h.last_done = max(h.last_done, time.monotonic())
             h.barrier_seen = ref
 
-    def _resend(self, c: Call, exclude: HolderState, count: bool = True) -> None:
+    def _resend(self, c: Call, exclude: HolderState, count: bool = True, failover: bool = True) -> None:
+        """Send ``c``'s hop again, not to ``exclude``. ``failover``: it replaces a late or lost call (timed,
+        and run on the new holder's failover thread); else it is work moved to an idle holder."""
         if count:
             self.stats.reroutes += 1
         c.stale = True
@@ -410,7 +424,8 @@ class Router:
             return  # a hedged copy of this hop is still running: it carries the microbatch on
         f.exclude.add(exclude)
         f.next = (c.kind if c.kind != "b" else "rb", c.stage)
-        f.origin = c.origin if c.origin is not None else max(c.t_submit, exclude.last_done)
+        if failover:
+            f.origin = c.origin if c.origin is not None else max(c.t_submit, exclude.last_done)
         self._dispatch(f)
 
     # ----- deadlines: take back calls a holder does not start, hedge late forwards, revoke late ---
@@ -511,8 +526,41 @@ class Router:
         c.taken_back = True
         if c.stale:
             return  # a copy elsewhere already carries it
+        if c.steal:
+            self.stats.stolen += 1
+            self._resend(c, exclude=h, count=False, failover=False)
+            return
         self.stats.taken_back += 1
         self._resend(c, exclude=h, count=False)
+
+    # ----- work stealing: an idle holder takes queued work from a slower one --------------------
+    def _steal(self) -> None:
+        """At a step's tail, a holder with nothing to do takes back the last queued, not yet started call
+        of a busier holder of its range, when it would finish it sooner (load follows throughput)."""
+        hops_waiting = {f.next[1] for f in self.flights.values() if f.next is not None and not f.done}
+        for s, hs in enumerate(self.ranges):
+            if s in hops_waiting:
+                continue  # the idle holder gets new work from the waiting hop anyway
+            for idle in hs:
+                if idle.down or idle.stuck or idle.inflight or idle.ewma is None:
+                    continue
+                best = None
+                for h in hs:
+                    if h is idle or h.down or h.stuck or h.probing:
+                        continue
+                    for i, c in enumerate(h.queue):
+                        # a backward needs the graph its holder kept; a claimed or copied call is no one's to move
+                        if i == 0 or c.kind == "b" or c.stale or c.taken_back or c.started or c.steal or c.repair:
+                            continue
+                        owner_finish = (i + 0.5) * (h.ewma or 0.0)  # the head half done, on average
+                        if idle.ewma < owner_finish and (best is None or owner_finish > best[0]):
+                            best = (owner_finish, h, c)
+                if best is not None:
+                    _, h, c = best
+                    c.steal = True
+                    idle.inflight += 1  # reserved for the stolen call until the take-back answers
+                    self._send_control("steal", h, h.handle.revoke.options(concurrency_group="control").remote(
+                        [c.flight.mb], _claim_kind(c.kind), keep_started=True), payload=(c, idle))
 
     # ----- dead holders ------------------------------------------------------------------------
     def holder_down(self, h: HolderState, exc: BaseException) -> None:
