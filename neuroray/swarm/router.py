@@ -393,7 +393,7 @@ class Router:
             if value[0] and not h.down:
                 self._take_back(c, h)
             else:
-                c.steal = False  # it started meanwhile: leave it where it is
+                c.steal, c.started = False, True  # it started meanwhile: leave it where it is
         elif what == "take back" and not h.down:
             for c, not_started in zip(payload, value):
                 if not_started:
