@@ -180,6 +180,9 @@ class Router:
     def pick(self, stage: int, exclude=(), capacity: bool = True) -> HolderState | None:
         now = time.monotonic()
         c = self.cfg
+        for h in self.ranges[stage]:
+            if h.stuck and not h.queue:
+                h.stuck = False  # everything it held has come back: it is answering again
         ok = [h for h in self.ranges[stage] if not h.down and not h.stuck and h not in exclude
               and (not capacity or (h.inflight < c.queue_depth
                                     and (stage == self.S - 1 or h.outbound < c.outbound_depth)))]
@@ -270,7 +273,8 @@ class Router:
     def pump(self) -> bool:
         """Wait for the next finished call or control reply (or deadline) and handle what is ready."""
         refs = list(self.calls) + list(self.control)
-        if not refs:
+        if not refs:  # nothing in flight: every hop waits for a holder with room (or a range is down)
+            time.sleep(min(self.cfg.start_grace_s, self.cfg.probe_interval_s))
             return False
         timeout = min(self._next_deadline() - time.monotonic(), self.cfg.probe_interval_s)
         ready, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
@@ -383,8 +387,10 @@ class Router:
             h.probing = False
             if h.down:
                 return  # its calls were re-sent when it went down
-            if value[0]:
-                self._stuck(h, payload)
+            if value[0] and payload in h.queue:
+                self._stuck(h, payload)  # still queued behind whatever holds the compute thread
+            elif value[0]:
+                self._take_back(payload, h)  # it came back empty before this answer: the holder moves again
             else:
                 payload.started = True  # running (slow or not): the hop-time deadline applies from here on
         elif what == "steal":
