@@ -132,6 +132,7 @@ class Call:
     taken_back: bool = False  # taken back before it started: it will return at once, having done nothing
     recheck_at: float = 0.0  # late, but no holder was free to hedge with: look again at this time
     steal: bool = False  # an idle holder of its range asked to take it over
+    due: float | None = None  # queued behind a stuck call: when it would have started on a healthy holder
 
 
 @dataclass
@@ -239,6 +240,10 @@ class Router:
                 return
         # a re-sent hop runs on the failover thread, beside the holder's queue: it needs no room in it
         h = self.pick(s, exclude=f.exclude, capacity=f.origin is None)
+        if h is None and f.exclude:
+            # exclusions are a preference: once a holder is neither down nor stuck it may take the hop back
+            f.exclude = {x for x in f.exclude if x.down or x.stuck}
+            h = self.pick(s, exclude=f.exclude, capacity=f.origin is None)
         if h is None:
             self._check_range_alive(s)
             return  # backpressure: no holder of the range has room; the hop waits in the object store
@@ -431,7 +436,8 @@ class Router:
         f.exclude.add(exclude)
         f.next = (c.kind if c.kind != "b" else "rb", c.stage)
         if failover:
-            f.origin = c.origin if c.origin is not None else max(c.t_submit, exclude.last_done)
+            f.origin = c.origin if c.origin is not None else c.due if c.due is not None else max(c.t_submit,
+                                                                                                  exclude.last_done)
         self._dispatch(f)
 
     # ----- deadlines: take back calls a holder does not start, hedge late forwards, revoke late ---
@@ -520,8 +526,12 @@ class Router:
         self.stats.stuck += 1
         self.log(f"router: holder {h.name} did not start a call within swarm.start_grace_s="
                  f"{self.cfg.start_grace_s:g}s of its turn; re-sending its queue")
+        due = self._start_of(head) or now
         self._take_back(head, h)
         rest = [c for c in h.queue if not c.stale and not c.taken_back and not c.started]
+        for i, c in enumerate(rest, 1):
+            # the i-th call behind the head was due i healthy hops later: its failover is timed from there
+            c.due = max(c.t_submit, due + i * (h.ewma or 0.0))
         for kind in ("f", "b"):
             calls = [c for c in rest if _claim_kind(c.kind) == kind]
             if calls:
