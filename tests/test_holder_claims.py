@@ -58,6 +58,20 @@ def test_a_start_probe_takes_back_only_calls_that_have_not_started(tmp_path):
     assert h.forward_backward(8, x, torch.randint(0, 64, (2, 8)), 1.0) == (None, None)
 
 
+def test_a_later_attempt_may_run_where_an_earlier_one_was_taken_back_but_nothing_runs_twice(tmp_path):
+    """The router may send a hop back to a holder it took it from (no other holder of the range could take
+    it): only the attempts a take-back names are refused, and once one ran every other is."""
+    h = _holder(tmp_path, 1)
+    x, labels = torch.randn(2, 8, 32), torch.randint(0, 64, (2, 8))
+    assert h.revoke([9], "b", keep_started=True, attempts=[3]) == [True]
+    assert h.forward_backward(9, x, labels, 1.0, attempt=3) == (None, None)  # the taken-back call itself
+    assert h.revoke([9], "b", keep_started=True, attempts=[2]) == [False]  # an older attempt: already refused
+    loss, _ = h.forward_backward(9, x, labels, 1.0, attempt=5)
+    assert loss > 0 and h._step_microbatches == 1
+    assert h.forward_backward(9, x, labels, 1.0, attempt=6) == (None, None)  # applied once here, never twice
+    assert h.revoke([9], "b", attempts=[6]) == [False] and h._step_microbatches == 1
+
+
 def test_mean_step_averages_over_the_microbatches_this_holder_got(tmp_path):
     a, b = _holder(tmp_path, 1), _holder(tmp_path, 1)
     x = torch.randn(2, 8, 32)

@@ -200,18 +200,19 @@ class StageHolder:
         return inp, self.module(x)
 
     @_busy
-    def forward(self, mb_id: int, x: torch.Tensor, after=None, status: bool = False):
+    def forward(self, mb_id: int, x: torch.Tensor, after=None, status: bool = False, attempt: int = 0):
         """Run this range forward, keep the graph for :meth:`backward`, return the activation.
 
         Swarm routing passes ``after``, an object ref that orders this call after the holder's previous
         inner step (Ray resolves it first), and ``status``: return ``(activation, ran)`` so the router
         learns the outcome from a tiny object without pulling the activation. None: the call was revoked.
+        ``attempt`` identifies the routed call for :class:`Claims`.
         """
-        out = self._forward(mb_id, x)
+        out = self._forward(mb_id, x, attempt)
         return (out, out is not None) if status else out
 
-    def _forward(self, mb_id: int, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.claims.claim(mb_id, "f"):
+    def _forward(self, mb_id: int, x: torch.Tensor, attempt: int = 0) -> torch.Tensor | None:
+        if not self.claims.claim(mb_id, "f", attempt):
             return None
         inp, out = self._run(mb_id, x)
         # revoked while running (a hedge elsewhere won): keep no graph
@@ -219,23 +220,23 @@ class StageHolder:
         return out.detach().cpu()
 
     @_busy
-    def forward_first(self, mb_id: int, after=None):
+    def forward_first(self, mb_id: int, after=None, attempt: int = 0):
         """Driver under swarm routing: read microbatch ``mb_id`` of the shared ring and run it forward.
 
         Returns (activation, labels); the labels travel to the Validator as their own object.
         """
         x, labels = self._batch_at(mb_id)
-        out = self._forward(mb_id, x)
+        out = self._forward(mb_id, x, attempt)
         return (None, None) if out is None else (out, labels)
 
     @_busy
     def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,
-                         after=None):
+                         after=None, attempt: int = 0):
         """Last stage: forward, loss, backward. Returns (loss, gradient of the input activation).
 
         With ``x`` None (one-stage swarm routing) the holder reads microbatch ``mb_id`` itself.
         """
-        if not self.claims.claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b", attempt):
             return None, None
         if x is None:
             x, labels = self._batch_at(mb_id)
@@ -246,9 +247,9 @@ class StageHolder:
         return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
 
     @_busy
-    def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False):
+    def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False, attempt: int = 0):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
-        if not self.claims.claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b", attempt):
             return (None, False) if status else None
         inp, out = self._pending.pop(mb_id)
         out.backward(grad.to(self.device))
@@ -257,14 +258,16 @@ class StageHolder:
         return (g, True) if status else g
 
     @_busy
-    def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, after=None):
+    def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, after=None,
+                           attempt: int = 0):
         """Failover of a backward whose holder died or hung: forward ``x`` (the range's input, still in the
         object store; None on a Driver, which re-reads microbatch ``mb_id``) and backpropagate ``grad``.
         Returns ``(gradient of the input, ran)``."""
-        if not self.claims.claim(mb_id, "b"):
+        if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         if x is None:
             x, _ = self._batch_at(mb_id)
+        self._pending.pop(mb_id, None)  # a graph this holder kept for the microbatch is recomputed here
         inp, out = self._run(mb_id, x)
         out.backward(grad.to(self.device))
         self._count_microbatch()
@@ -282,9 +285,11 @@ class StageHolder:
             return self.stream.next_microbatch()
 
     # ----- swarm routing: claims, revocation, fault injection -------------------------------------
-    def revoke(self, mb_ids: list[int], kind: str, keep_started: bool = False) -> list[bool]:
+    def revoke(self, mb_ids: list[int], kind: str, keep_started: bool = False,
+               attempts: list[int] | None = None) -> list[bool]:
         """Router (control thread): these calls were re-sent elsewhere; see :meth:`Claims.revoke`."""
-        return self.claims.revoke(mb_ids, kind, drop=lambda mb: self._pending.pop(mb, None), keep_started=keep_started)
+        return self.claims.revoke(mb_ids, kind, drop=lambda mb: self._pending.pop(mb, None), keep_started=keep_started,
+                                  attempts=attempts)
 
     def hang(self, seconds: float) -> None:
         """Fault injection (tests, benchmarks): block the compute thread, as a stuck holder would."""

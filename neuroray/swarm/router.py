@@ -133,6 +133,7 @@ class Call:
     recheck_at: float = 0.0  # late, but no holder was free to hedge with: look again at this time
     steal: bool = False  # an idle holder of its range asked to take it over
     due: float | None = None  # queued behind a stuck call: when it would have started on a healthy holder
+    attempt: int = 0  # the call's id in the holder's claims (increasing over the run)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Router:
         self.flights: dict[int, Flight] = {}  # this step's microbatches
         self.control: dict = {}  # revoke/probe/step/rejoin ref -> (what, holder, payload)
         self.stats = RouterStats()
+        self._attempts = 0  # ids of routed calls: a take-back refuses only the attempts it names
 
     # ----- scoring and deadlines --------------------------------------------------------------
     def deadline(self, h: HolderState) -> float:
@@ -257,18 +259,23 @@ class Router:
             f.next, origin, f.origin = None, f.origin, None
         urgent = origin is not None  # it replaces a late or lost call
         a, two = h.handle, {"num_returns": 2, **({"concurrency_group": "failover"} if urgent else {})}
+        self._attempts += 1
+        at = {"attempt": self._attempts}
         if kind == "f" and s == 0:
-            ref, status = a.forward_first.options(**two).remote(f.mb, after=h.barrier)
+            ref, status = a.forward_first.options(**two).remote(f.mb, after=h.barrier, **at)
         elif kind == "f":
-            ref, status = a.forward.options(**two).remote(f.mb, f.inputs[s], after=h.barrier, status=True)
+            ref, status = a.forward.options(**two).remote(f.mb, f.inputs[s], after=h.barrier, status=True, **at)
         elif kind == "fb":
-            status, ref = a.forward_backward.options(**two).remote(f.mb, f.inputs[s], f.labels, 1.0, after=h.barrier)
+            status, ref = a.forward_backward.options(**two).remote(f.mb, f.inputs[s], f.labels, 1.0, after=h.barrier,
+                                                                   **at)
         elif kind == "b":
-            ref, status = a.backward.options(**two).remote(f.mb, f.grads[s], status=True)
+            ref, status = a.backward.options(**two).remote(f.mb, f.grads[s], status=True, **at)
         else:
-            ref, status = a.recompute_backward.options(**two).remote(f.mb, f.inputs[s], f.grads[s], after=h.barrier)
+            ref, status = a.recompute_backward.options(**two).remote(f.mb, f.inputs[s], f.grads[s], after=h.barrier,
+                                                                     **at)
         h.inflight += 1
-        call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin, urgent=urgent)
+        call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin, urgent=urgent,
+                    attempt=self._attempts)
         if not urgent:
             h.queue.append(call)
         self.calls[status] = call
@@ -345,7 +352,7 @@ class Router:
             if other.holder is h:
                 continue  # the same holder (re-asked after a copy also went late): its claim refused the repeat
             self._send_control("revoke", other.holder, other.holder.handle.revoke.options(
-                concurrency_group="control").remote([f.mb], "f"))
+                concurrency_group="control").remote([f.mb], "f", attempts=[other.attempt]))
         if c.origin is not None:
             self.stats.failovers.append({"stage": c.stage, "kind": c.kind, "seconds": now - c.origin,
                                          "healthy_hop_s": self._healthy_hop(c.stage)})
@@ -492,7 +499,8 @@ class Router:
                 if start is not None and now - start > self.cfg.start_grace_s:
                     h.probing = True
                     self._send_control("start", h, h.handle.revoke.options(concurrency_group="control").remote(
-                        [head.flight.mb], _claim_kind(head.kind), keep_started=True), payload=head)
+                        [head.flight.mb], _claim_kind(head.kind), keep_started=True, attempts=[head.attempt]),
+                        payload=head)
         for c in list(self.calls.values()):
             if c.stale or c.late:
                 continue
@@ -515,7 +523,7 @@ class Router:
             else:
                 c.late = True  # take it back first: re-send only if it had not started
                 self._send_control("revoke", h, h.handle.revoke.options(concurrency_group="control").remote(
-                    [c.flight.mb], "b"), payload=c)
+                    [c.flight.mb], "b", attempts=[c.attempt]), payload=c)
 
     def _stuck(self, h: HolderState, head: Call) -> None:
         """``head`` was due and had not started: take it and the calls queued behind it elsewhere."""
@@ -536,7 +544,8 @@ class Router:
             calls = [c for c in rest if _claim_kind(c.kind) == kind]
             if calls:
                 self._send_control("take back", h, h.handle.revoke.options(concurrency_group="control").remote(
-                    [c.flight.mb for c in calls], kind, keep_started=True), payload=calls)
+                    [c.flight.mb for c in calls], kind, keep_started=True, attempts=[c.attempt for c in calls]),
+                    payload=calls)
 
     def _take_back(self, c: Call, h: HolderState) -> None:
         c.taken_back = True
@@ -576,7 +585,8 @@ class Router:
                     c.steal = True
                     idle.inflight += 1  # reserved for the stolen call until the take-back answers
                     self._send_control("steal", h, h.handle.revoke.options(concurrency_group="control").remote(
-                        [c.flight.mb], _claim_kind(c.kind), keep_started=True), payload=(c, idle))
+                        [c.flight.mb], _claim_kind(c.kind), keep_started=True, attempts=[c.attempt]),
+                        payload=(c, idle))
 
     # ----- dead holders ------------------------------------------------------------------------
     def holder_down(self, h: HolderState, exc: BaseException) -> None:
