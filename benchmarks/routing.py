@@ -122,22 +122,35 @@ def main(argv: list[str]) -> None:
     cmd = " ".join(["python benchmarks/routing.py", *argv])
     grace = load_config(base).swarm.start_grace_s
     evs = events["default"]
-    excess = np.asarray([e["seconds"] - e["healthy_hop_s"] for e in evs]) * 1e3
+
+    def excess_ms(rows):
+        return np.asarray([e["seconds"] - e["healthy_hop_s"] for e in rows]) * 1e3
+
+    def pct(x, q):
+        return float(np.percentile(x, q)) if len(x) else float("nan")
+
+    first = excess_ms([e for e in evs if not e["queued_behind"]])
+    behind = excess_ms([e for e in evs if e["queued_behind"]])
     hop = np.median([e["healthy_hop_s"] for e in evs]) * 1e3 if evs else float("nan")
-    p50, p99 = (np.percentile(excess, 50), np.percentile(excess, 99)) if len(excess) else (float("nan"),) * 2
-    print(f"failover: {len(excess)} hops re-sent; excess over a healthy hop p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-          f"(healthy hop median {hop:.0f} ms); {false_alarms} false alarms in the healthy runs")
+    p50, p99 = pct(first, 50), pct(first, 99)
+    print(f"failover: {len(first)} hit hops re-sent; excess over a healthy hop p50 {p50:.0f} ms, p99 {p99:.0f} ms "
+          f"(healthy hop median {hop:.0f} ms); {len(behind)} queued behind them, p99 {pct(behind, 99):.0f} ms from "
+          f"the hang; {false_alarms} false alarms in the healthy runs")
     append_row(
         "Swarm routing: failover latency (start detection)",
-        ["swarm.start_grace_s", "hops re-sent", "p50 excess ms", "p99 excess ms", "healthy hop ms (median)",
-         "false alarms (healthy runs)", "goal p99 <= 100 ms", "machine", "command"],
-        [f"{grace:g}", str(len(excess)), f"{p50:.0f}", f"**{p99:.0f}**", f"{hop:.0f}", str(false_alarms),
-         "met" if p99 <= 100 else "not met", machine(), f"`{cmd}`"],
+        ["swarm.start_grace_s", "hops hit", "p50 excess ms", "p99 excess ms", "healthy hop ms (median)",
+         "queued behind: hops, p99 excess from the hang ms", "false alarms (healthy runs)", "goal p99 <= 100 ms",
+         "machine", "command"],
+        [f"{grace:g}", str(len(first)), f"{p50:.0f}", f"**{p99:.0f}**", f"{hop:.0f}",
+         f"{len(behind)}, {pct(behind, 99):.0f}", str(false_alarms), "met" if p99 <= 100 else "not met", machine(),
+         f"`{cmd}`"],
         note=("2 stages x 2 holders; holders hung (`hang`, 2 s) at random moments. Per hop finished on another "
               "holder: time from when the hung holder was due to start it (its previous call finished) to its "
               "completion elsewhere, minus the range's healthy hop time (EWMA). A queued call not started "
-              "`swarm.start_grace_s` after its turn is taken back and re-sent to the other holder's failover thread; "
-              "calls queued behind it count from the same moment. False alarms: holders found stuck in the two "
+              "`swarm.start_grace_s` after its turn is taken back and re-sent to the other holder's failover thread. "
+              "Hops hit: the call the hang hit (and dead or late hops); the goal is on these. Queued behind: the "
+              "calls waiting behind it, also re-sent, timed from the same moment (so their wait for the calls ahead "
+              "of them is counted: an upper bound). False alarms: holders found stuck in the two "
               "healthy efficiency runs. The seed claims 200 ms; torchft detects in ~5 s; Petals bans a peer for 15 s."),
     )
     print(f"pipeline efficiency: routed {routed:,.0f} tok/s / one process {local:,.0f} tok/s = {routed / local:.2f}; "

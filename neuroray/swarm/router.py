@@ -111,6 +111,7 @@ class Flight:
     next: tuple[str, int] | None = None  # the hop waiting to be sent: (kind, stage)
     exclude: set = field(default_factory=set)  # holders not to send the next hop to (the late or dead one)
     origin: float | None = None  # set while the next hop replaces a late or lost call: when that one was due
+    behind: bool = False  # ... and that call was queued behind a stuck one
     done: bool = False
 
 
@@ -132,7 +133,8 @@ class Call:
     taken_back: bool = False  # taken back before it started: it will return at once, having done nothing
     recheck_at: float = 0.0  # late, but no holder was free to hedge with: look again at this time
     steal: bool = False  # an idle holder of its range asked to take it over
-    due: float | None = None  # queued behind a stuck call: when it would have started on a healthy holder
+    due: float | None = None  # queued behind a stuck call: when the holder got stuck
+    behind: bool = False  # queued behind the stuck call (or a copy of such a call)
     attempt: int = 0  # the call's id in the holder's claims (increasing over the run)
 
 
@@ -257,6 +259,7 @@ class Router:
             if kind != "b" and s > 0 and f.fwd[s - 1] is not None:
                 f.fwd[s - 1].outbound = max(f.fwd[s - 1].outbound - 1, 0)  # its activation is taken
             f.next, origin, f.origin = None, f.origin, None
+        behind, f.behind = f.behind, False
         urgent = origin is not None  # it replaces a late or lost call
         a, two = h.handle, {"num_returns": 2, **({"concurrency_group": "failover"} if urgent else {})}
         self._attempts += 1
@@ -275,7 +278,7 @@ class Router:
                                                                      **at)
         h.inflight += 1
         call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin, urgent=urgent,
-                    attempt=self._attempts)
+                    attempt=self._attempts, behind=behind and origin is not None)
         if not urgent:
             h.queue.append(call)
         self.calls[status] = call
@@ -355,7 +358,7 @@ class Router:
                 concurrency_group="control").remote([f.mb], "f", attempts=[other.attempt]))
         if c.origin is not None:
             self.stats.failovers.append({"stage": c.stage, "kind": c.kind, "seconds": now - c.origin,
-                                         "healthy_hop_s": self._healthy_hop(c.stage)})
+                                         "healthy_hop_s": self._healthy_hop(c.stage), "queued_behind": c.behind})
         s = c.stage
         if c.kind == "f":
             f.inputs[s + 1], f.fwd[s] = c.ref, h
@@ -443,6 +446,7 @@ class Router:
         f.exclude.add(exclude)
         f.next = (c.kind if c.kind != "b" else "rb", c.stage)
         if failover:
+            f.behind = c.behind
             f.origin = c.origin if c.origin is not None else c.due if c.due is not None else max(c.t_submit,
                                                                                                   exclude.last_done)
         self._dispatch(f)
@@ -537,9 +541,10 @@ class Router:
         due = self._start_of(head) or now
         self._take_back(head, h)
         rest = [c for c in h.queue if not c.stale and not c.taken_back and not c.started]
-        for i, c in enumerate(rest, 1):
-            # the i-th call behind the head was due i healthy hops later: its failover is timed from there
-            c.due = max(c.t_submit, due + i * (h.ewma or 0.0))
+        for c in rest:
+            # timed from when the head was due (when the holder got stuck): the wait for the calls ahead of
+            # it on a healthy holder is counted too, so these failover times are upper bounds
+            c.due, c.behind = max(c.t_submit, due), True
         for kind in ("f", "b"):
             calls = [c for c in rest if _claim_kind(c.kind) == kind]
             if calls:
