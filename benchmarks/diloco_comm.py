@@ -40,7 +40,7 @@ RUNS = [("sync", 4, 1, "none")] + [(f"M={m} H={h}", m, h, "none") for m in (1, 2
     ("M=4 H=50 int8", 4, 50, "int8"), ("M=4 H=50 fp16", 4, 50, "fp16"), ("M=4 H=10 int8", 4, 10, "int8")]
 
 
-def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir: str):
+def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir: str, extra=()):
     steps4, seq_len, mb = int(args["steps4"]), int(args["seq_len"]), int(args["mb"])
     if args["batch"] == "global":  # the same global batch and steps for every M
         steps, mb = steps4, mb * 4 // m
@@ -53,12 +53,14 @@ def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir
         f"rounds={steps // h}", "swarm.num_stages=1", f"data.seq_len={seq_len}", f"data.microbatch_size={mb}",
         "data.num_microbatches=1", f"cluster.cpus_per_holder={2 / 4}", "checkpoint.interval_s=0",
         f"run_dir={run_dir}", "sample_tokens=1", f"log_every={max(steps // 4, 1)}", "progress_bar=false",
+        *extra,
     ]
 
 
-def _one(label, m, h, compression, args, tmp) -> dict:
-    run_dir = str(Path(tmp) / label.replace(" ", "_").replace("=", ""))
-    cfg = load_config(_overrides(label, m, h, compression, args, run_dir))
+def one_run(label, m, h, compression, args, tmp, extra=(), tag="") -> dict:
+    """Train one run of the table (``extra``: more overrides, e.g. the outer optimizer) and measure it."""
+    run_dir = str(Path(tmp) / (tag + label.replace(" ", "_").replace("=", "")))
+    cfg = load_config(_overrides(label, m, h, compression, args, run_dir, extra))
     t0 = time.monotonic()
     result = run(cfg, log=lambda *a, **k: None)
     # batch=replica: every run has the same microbatch, so train.run's own eval set is the same for all
@@ -70,7 +72,7 @@ def _one(label, m, h, compression, args, tmp) -> dict:
            "payload_bytes": sum(c["payload_bytes"] for c in result.comm),
            "broadcast_bytes": sum(c["broadcast_bytes"] for c in result.comm),
            "curve": [(r["step"] * tokens_per_step, r["loss"]) for r in rows], "seconds": time.monotonic() - t0}
-    print(f"{label:>16}: eval {out['eval_loss']:.4f}, {out['sync_bytes'] / out['tokens']:,.1f} sync B/token, "
+    print(f"{tag}{label:>16}: eval {out['eval_loss']:.4f}, {out['sync_bytes'] / out['tokens']:,.1f} sync B/token, "
           f"{out['control_bytes'] / out['tokens']:,.2f} control B/token, {out['seconds']:.0f}s", flush=True)
     return out
 
@@ -143,7 +145,7 @@ def main(argv: list[str]) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="diloco-comm-") as tmp:
-            results = [_one(*r, args, tmp) for r in runs]
+            results = [one_run(*r, args, tmp) for r in runs]
     finally:
         ray.shutdown()
     sync = results[0]
