@@ -11,7 +11,7 @@ from neuroray.diloco.streaming import due_fragment, fragment_slices
 from neuroray.diloco.sync import OuterMemory, outer_step_task, wire_bytes
 from neuroray.errors import ConfigError
 from neuroray.model import build_stage
-from neuroray.swarm.holder import HolderSpec, StageHolder
+from tests.test_diloco_comm import _holder, _train
 
 
 def test_fragments_sync_at_staggered_steps():
@@ -67,26 +67,13 @@ def test_config_accepts_streaming():
     assert load_config(["diloco.streaming_fragments=2", "diloco.inner_steps=10"]).diloco.streaming_fragments == 2
 
 
-def _holder(tmp_path, replica, diloco):
-    spec = HolderSpec(replica=replica, stage=0, ranges=[(0, 4)], model=_model(4), vocab_size=64, diloco=diloco,
-                      seed=0, key_path=str(tmp_path / f"k{replica}.pem"))
-    return StageHolder(spec)
-
-
-def _train(h, g, steps=2):
-    for i in range(steps):
-        x = torch.randint(0, 64, (2, 8), generator=g)
-        h.forward_backward(i, x, torch.roll(x, -1, 1), 1.0)
-        h.step()
-
-
 @pytest.mark.parametrize("mode", ["none", "int8"])
 def test_a_fragment_outer_step_touches_only_its_slice(tmp_path, mode):
     """Two holders, fragments 1, 0, 1 through the task's function: payloads and updates hold one slice,
     theta0 and momentum change only there, holders restart only that slice from theta0 (bit for bit) and
     keep training the other; error feedback covers exactly the slice sent."""
     dl = DilocoConfig(compression=mode, compression_block=64, streaming_fragments=2, inner_steps=4)
-    holders = [_holder(tmp_path, r, dl) for r in range(2)]
+    holders = [_holder(tmp_path, r, dl, layers=4) for r in range(2)]
     slices = holders[0].fragment_slices()
     g = torch.Generator().manual_seed(0)
     theta0, momentum = holders[0].flat_params(), None
