@@ -166,7 +166,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
         result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
-        # After an outer step every replica holds theta0: replica 0's ranges are the model.
+        # After an outer step every replica holds theta0: replica 0's ranges are the model. With streaming
+        # only the last fragment synced is at theta0; the others carry replica 0's steps since their sync.
         state = merge_state_dicts(swarm.get([h.state_dict.remote() for h in swarm.replicas[0]], c.step_timeout_s,
                                             "collecting the final weights"))
     finally:

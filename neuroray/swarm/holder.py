@@ -452,6 +452,8 @@ class StageHolder:
                                     self.module).to(self.device)
         self.optimizer.load_state_dict(grow_optimizer_state(
             opt, old_names, [n for n, _ in self.module.named_parameters()], old, model, layers=range(lo, hi)))
+        # the residual is laid out as the old range: drop it (at most one round's quantisation error is lost)
+        self.feedback.residual, self._feedback_round = None, None
         self._renew_prover()
         return self.info()
 
