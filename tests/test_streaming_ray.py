@@ -3,7 +3,7 @@
 A streaming run syncs twice as often, each time about half of every range: the peak bytes of one sync
 fall by about F while the bytes per H stay those of the unstreamed run; every holder's proof of every
 sync is credited; and a job resumed from a snapshot taken between two fragments' syncs (mid-H, int8 with
-error feedback) continues exactly as the uninterrupted run.
+error feedback, centered clipping and stale replays) continues exactly as the uninterrupted run.
 """
 
 import math
@@ -48,7 +48,9 @@ def test_streaming_int8_resume_mid_h_continues_identically(ray_cluster, tmp_path
     from neuroray.train import run
 
     quiet = lambda *a, **k: None  # noqa: E731
-    extra = [*STREAM, "diloco.compression=int8", "diloco.compression_block=64"]
+    # with the rule's memory in play too: centered clipping's centre and the stale replays, per fragment slice
+    extra = [*STREAM, "diloco.compression=int8", "diloco.compression_block=64", "aggregator=centered_clip",
+             "aggregator.f=0", "aggregator.tau=1", "attack=stale", "attack.fraction=0.5", "ponw.enabled=false"]
     full = run(_cfg(tmp_path, "full", 3, *extra), log=quiet)
     run(_cfg(tmp_path, "split", 2, *extra), log=quiet)  # "killed" after step 8 ...
     part = tmp_path / "split" / "snapshots" / "r1-s1" / "step-00000008" / "tensors.safetensors"

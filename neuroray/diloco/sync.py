@@ -183,7 +183,6 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
-# num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas):
     """One streaming fragment's outer step: slice ``part`` of theta0, momentum and memory goes through
     :func:`outer_step`; the rest of the range is left as it is. The fragment's update always crosses as
@@ -203,6 +202,7 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
     return new_theta0, momentum, report, memory.merged(memory_part, lo, hi, theta0.numel()), update
 
 
+# num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 @ray.remote(num_cpus=0, num_returns=5)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
                     part=None):
