@@ -5,11 +5,13 @@ outer-step Ray task, compression on the holders) on the tiny model, one stage pe
 the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup): every run takes
 ``steps4`` inner steps with the same global batch (``4 x mb`` sequences), split over its M replicas.
 ``batch=replica``: every replica takes ``mb`` sequences a step, so M replicas take ``4 * steps4 / M``
-steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run. Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with
-M in {1, 2, 4} and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10), and
-Streaming DiLoCo at M=4, H=50 with F=2 and F=4 fragments (F=2 also in int8), whose peak bytes per outer step
-go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from ``conf/diloco/<preset>.yaml``
-(default: lr 0.7, Nesterov 0.9; the setting was chosen with ``benchmarks/diloco_outer_sweep.py``).
+steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run.
+Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with M in {1, 2, 4}
+and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
+at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
+outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
+``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept``: the setting chosen with
+``benchmarks/diloco_outer_sweep.py``).
 Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gradient payloads plus the
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
@@ -41,7 +43,7 @@ PNG = ROOT / "docs" / "diloco_loss.png"
 # (label, replicas M, inner steps H, compression, streaming fragments F); "sync" uses the diloco=sync preset
 RUNS = [("sync", 4, 1, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
     ("M=4 H=50 int8", 4, 50, "int8", 1), ("M=4 H=50 fp16", 4, 50, "fp16", 1), ("M=4 H=10 int8", 4, 10, "int8", 1),
-    ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=50 F=4", 4, 50, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2)]
+    ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2)]
 
 
 def _overrides(label: str, m: int, h: int, compression: str, fragments: int, args: dict, run_dir: str, extra=()):
@@ -149,6 +151,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"batch={args['batch']}: choose global or replica")
     wanted = set(args["runs"].split(",")) if "runs" in args else None
     runs = [r for r in RUNS if wanted is None or r[0] in wanted or r[0] == "sync"]
+    for r in runs:  # a bad run's config fails here, not after the others have trained for half an hour
+        load_config(_overrides(*r, args, "unused"))
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
