@@ -121,3 +121,23 @@ def test_fragment_memory_keeps_full_size_vectors():
     back = merged.part(2, 5)
     assert torch.equal(back.previous, part.previous) and torch.equal(back.residual, part.residual)
     assert merged.part(0, 2).previous.isnan().all()  # screening rejects it: that fragment starts without a centre
+
+
+def test_one_replica_with_outer_lr_1_streams_to_plain_training(tmp_path):
+    """M=1, outer lr 1 without momentum: every fragment's outer step sets theta0 to the holder's own weights,
+    so a streaming holder must train exactly like one that never syncs (up to float32 rounding of
+    theta0 - (theta0 - theta)): nothing of the other fragments' progress may be lost or reset at a sync."""
+    dl = DilocoConfig(outer_lr=1.0, outer_momentum=0.0, nesterov=False, streaming_fragments=2, inner_steps=4)
+    streamed, plain = _holder(tmp_path, 0, dl, layers=4), _holder(tmp_path, 1, dl, layers=4)
+    slices, theta0, momentum = streamed.fragment_slices(), streamed.flat_params(), None
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for t in range(1, 13):
+        _train(streamed, g1, steps=1)
+        _train(plain, g2, steps=1)
+        frag = due_fragment(t, 4, 2)
+        if frag is not None:
+            theta0, momentum, _, _, update = outer_step_task._function(
+                AggregatorConfig("mean"), None, dl, 0, t, 0, theta0, momentum, [None],
+                streamed.pseudo_gradient(fragment=frag), part=slices[frag])
+            streamed.apply_update(update, [theta0])
+        torch.testing.assert_close(streamed.flat_params(), plain.flat_params(), rtol=0, atol=1e-5)
