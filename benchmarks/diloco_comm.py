@@ -214,7 +214,9 @@ def _write_streaming(results: list[dict], sync: dict, section: str, cmd: str) ->
     whole = {(r["m"], r["h"], r["compression"]): r for r in results if r["fragments"] == 1}
     for r in results:
         base = whole.get((r["m"], r["h"], r["compression"]))
-        if base is None or not any(x["fragments"] > 1 and x["h"] == r["h"] and x["m"] == r["m"] for x in results):
+        if base is None or not any(x["fragments"] > 1 and (x["m"], x["h"], x["compression"]) == (r["m"], r["h"],
+                                                                                        r["compression"])
+                                   for x in results):
             continue
         append_row(
             section.replace("counted bytes and loss", "streaming, peak bytes per outer step,"),
