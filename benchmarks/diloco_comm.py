@@ -5,15 +5,20 @@ outer-step Ray task, compression on the holders) on the tiny model, one stage pe
 the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup): every run takes
 ``steps4`` inner steps with the same global batch (``4 x mb`` sequences), split over its M replicas.
 ``batch=replica``: every replica takes ``mb`` sequences a step, so M replicas take ``4 * steps4 / M``
-steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run. Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with
-M in {1, 2, 4} and H in {10, 50, 100}, and int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10).
+steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run.
+Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with M in {1, 2, 4}
+and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
+at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
+outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
+``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept``: the setting chosen with
+``benchmarks/diloco_outer_sweep.py``).
 Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gradient payloads plus the
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
-                                                   [seq_len=64] [mb=4] [runs=label,...] [write=1]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [write=1]
 
-Writes docs/diloco_loss.png, appends the table to docs/benchmarks.md (one row per run).
+Writes docs/diloco_loss[_replica_batch][_<outer>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from neuroray.config import load_config  # noqa: E402
 from neuroray.train import run  # noqa: E402
 
 PNG = ROOT / "docs" / "diloco_loss.png"
-# (label, replicas M, inner steps H, compression); "sync" uses the diloco=sync preset
-RUNS = [("sync", 4, 1, "none")] + [(f"M={m} H={h}", m, h, "none") for m in (1, 2, 4) for h in (10, 50, 100)] + [
-    ("M=4 H=50 int8", 4, 50, "int8"), ("M=4 H=50 fp16", 4, 50, "fp16"), ("M=4 H=10 int8", 4, 10, "int8")]
+# (label, replicas M, inner steps H, compression, streaming fragments F); "sync" uses the diloco=sync preset
+RUNS = [("sync", 4, 1, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
+    ("M=4 H=50 int8", 4, 50, "int8", 1), ("M=4 H=50 fp16", 4, 50, "fp16", 1), ("M=4 H=10 int8", 4, 10, "int8", 1),
+    ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2)]
 
 
-def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir: str):
+def _overrides(label: str, m: int, h: int, compression: str, fragments: int, args: dict, run_dir: str, extra=()):
     steps4, seq_len, mb = int(args["steps4"]), int(args["seq_len"]), int(args["mb"])
     if args["batch"] == "global":  # the same global batch and steps for every M
         steps, mb = steps4, mb * 4 // m
@@ -49,28 +55,34 @@ def _overrides(label: str, m: int, h: int, compression: str, args: dict, run_dir
     assert steps % h == 0, f"{label}: {steps} steps is not a whole number of rounds of {h}"
     return [
         *(["diloco=sync"] if label == "sync" else []),
+        # the outer optimizer of every DiLoCo run: a diloco preset (outer=default: lr 0.7, Nesterov 0.9)
+        *([] if label == "sync" or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
         f"diloco.replicas={m}", f"diloco.inner_steps={h}", f"diloco.compression={compression}",
+        f"diloco.streaming_fragments={fragments}",
         f"rounds={steps // h}", "swarm.num_stages=1", f"data.seq_len={seq_len}", f"data.microbatch_size={mb}",
         "data.num_microbatches=1", f"cluster.cpus_per_holder={2 / 4}", "checkpoint.interval_s=0",
         f"run_dir={run_dir}", "sample_tokens=1", f"log_every={max(steps // 4, 1)}", "progress_bar=false",
+        *extra,
     ]
 
 
-def _one(label, m, h, compression, args, tmp) -> dict:
-    run_dir = str(Path(tmp) / label.replace(" ", "_").replace("=", ""))
-    cfg = load_config(_overrides(label, m, h, compression, args, run_dir))
+def one_run(label, m, h, compression, fragments, args, tmp, extra=(), tag="") -> dict:
+    """Train one run of the table (``extra``: more overrides, e.g. the outer optimizer) and measure it."""
+    run_dir = str(Path(tmp) / (tag + label.replace(" ", "_").replace("=", "")))
+    cfg = load_config(_overrides(label, m, h, compression, fragments, args, run_dir, extra))
     t0 = time.monotonic()
     result = run(cfg, log=lambda *a, **k: None)
     # batch=replica: every run has the same microbatch, so train.run's own eval set is the same for all
     eval_loss = result.eval_loss if args["batch"] == "replica" else _eval(cfg, result.checkpoint, int(args["mb"]) * 4)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     tokens_per_step = result.tokens / len(result.losses)
-    out = {"label": label, "m": m, "h": h, "compression": compression, "eval_loss": eval_loss,
+    out = {"label": label, "m": m, "h": h, "compression": compression, "fragments": fragments, "eval_loss": eval_loss,
+           "outer_steps": len(result.comm), "peak_sync_bytes": max(c["sync_bytes"] for c in result.comm),
            "tokens": result.tokens, "sync_bytes": result.sync_bytes, "control_bytes": result.control_bytes,
            "payload_bytes": sum(c["payload_bytes"] for c in result.comm),
            "broadcast_bytes": sum(c["broadcast_bytes"] for c in result.comm),
            "curve": [(r["step"] * tokens_per_step, r["loss"]) for r in rows], "seconds": time.monotonic() - t0}
-    print(f"{label:>16}: eval {out['eval_loss']:.4f}, {out['sync_bytes'] / out['tokens']:,.1f} sync B/token, "
+    print(f"{tag}{label:>16}: eval {out['eval_loss']:.4f}, {out['sync_bytes'] / out['tokens']:,.1f} sync B/token, "
           f"{out['control_bytes'] / out['tokens']:,.2f} control B/token, {out['seconds']:.0f}s", flush=True)
     return out
 
@@ -125,7 +137,7 @@ def _goals(r: dict, sync: dict, ratio: float) -> str:
     if r["label"] != "sync":
         need = 3.8 if r["compression"] == "int8" else 0.95
         goals.append(f"bytes >= {need}H: {'met' if ratio >= need * r['h'] else 'NOT met'}")
-    if r["m"] == 4 and r["h"] == 50 and r["compression"] == "none":
+    if r["m"] == 4 and r["h"] == 50 and r["compression"] == "none" and r["fragments"] == 1:
         goals.append(f"loss <= +3%: {'met' if loss <= 0.03 else 'NOT met'}")
     if r["m"] == 1:
         goals.append(f"loss <= sync: {'met' if loss <= 0 else 'NOT met'}")
@@ -139,36 +151,49 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"batch={args['batch']}: choose global or replica")
     wanted = set(args["runs"].split(",")) if "runs" in args else None
     runs = [r for r in RUNS if wanted is None or r[0] in wanted or r[0] == "sync"]
+    for r in runs:  # a bad run's config fails here, not after the others have trained for half an hour
+        load_config(_overrides(*r, args, "unused"))
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="diloco-comm-") as tmp:
-            results = [_one(*r, args, tmp) for r in runs]
+            results = [one_run(*r, args, tmp) for r in runs]
     finally:
         ray.shutdown()
-    sync = results[0]
-    sync_bpt = sync["sync_bytes"] / sync["tokens"]
-    int8_vs = {r["h"]: r for r in results if r["m"] == 4 and r["compression"] == "none"}
-    tokens = sync["tokens"]
-    title = (f"tiny model, 1 stage, {tokens:,} tokens per run (sync: 4 replicas, H=1), seq {args['seq_len']}, "
-             + (f"global batch 4 x {args['mb']} sequences split over M replicas, {args['steps4']} steps"
-                if args["batch"] == "global" else f"{args['mb']} sequences per replica and step"))
     if args["write"] == "0":
         return
-    _plot(results, PNG if args["batch"] == "global" else PNG.with_name("diloco_loss_replica_batch.png"), title)
-    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py " + " ".join(argv)
+    _write(results, args, "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py " + " ".join(argv))
+
+
+def _write(results: list[dict], args: dict, cmd: str) -> None:
+    """The loss-curve PNG and the tables in docs/benchmarks.md (the main one; streaming's peak bytes apart)."""
+    sync = results[0]
+    sync_bpt = sync["sync_bytes"] / sync["tokens"]
+    # fp32 at the same M, H and F: what compression's own cost is measured against
+    fp32 = {(r["h"], r["fragments"]): r for r in results if r["m"] == 4 and r["compression"] == "none"}
+    tokens = sync["tokens"]
+    outer = args.get("outer", "default")
+    title = (f"tiny model, 1 stage, {tokens:,} tokens per run (sync: 4 replicas, H=1), seq {args['seq_len']}, "
+             + (f"global batch 4 x {args['mb']} sequences split over M replicas, {args['steps4']} steps"
+                if args["batch"] == "global" else f"{args['mb']} sequences per replica and step")
+             + (f", outer optimizer diloco={outer}" if outer != "default" else ""))
+    suffix = ("" if args["batch"] == "global" else "_replica_batch") + ("" if outer == "default" else f"_{outer}")
+    png = PNG.with_name(f"diloco_loss{suffix}.png")
+    _plot(results, png, title)
+    section = f"DiLoCo: counted bytes and loss at equal tokens ({args['batch']} batch fixed" + (
+        ")" if outer == "default" else f", diloco={outer})")
     for r in results:
         bpt = r["sync_bytes"] / r["tokens"]
         ratio = sync_bpt / bpt
         loss = r["eval_loss"] / sync["eval_loss"] - 1
         goals = _goals(r, sync, ratio)
-        base = int8_vs.get(r["h"]) if r["compression"] != "none" else None
-        if base is not None:  # compression's own cost, against the same M and H in fp32
+        base = fp32.get((r["h"], r["fragments"])) if r["compression"] != "none" else None
+        if base is not None:  # compression's own cost, against the same M, H and F in fp32
             cost = r["eval_loss"] / base["eval_loss"] - 1
             goals += f"; {cost:+.2%} vs fp32" + (f" (<= +0.5%: {'met' if cost <= 0.005 else 'NOT met'})"
                                                   if r["compression"] == "int8" else "")
         append_row(
-            f"DiLoCo: counted bytes and loss at equal tokens ({args['batch']} batch fixed)",
+            section,
             ["run", "M", "H", "compression", "eval loss", "vs sync", "sync B/token", "ratio to sync",
              "payload / broadcast MB", "control B/token", "goals", "s", "machine", "command"],
             [r["label"], str(r["m"]), str(r["h"]), r["compression"], f"{r['eval_loss']:.4f}", f"{loss:+.2%}",
@@ -179,8 +204,32 @@ def main(argv: list[str]) -> None:
                   "payload and of what every holder fetched back (docs/diloco.md); "
                   "ratio = sync's bytes per token / the run's. Goals: ratio >= 0.95 H (fp32), >= 3.8 H (int8); "
                   "M=4 H=50 within +3 % of sync; M=1 at or below sync; int8 at most +0.5 % vs fp32 at the same "
-                  "M and H. Loss curves: [diloco_loss.png](diloco_loss.png) (global batch), "
-                  "[diloco_loss_replica_batch.png](diloco_loss_replica_batch.png) (per-replica batch)."))
+                  f"M and H. Loss curves: [{png.name}]({png.name}). F: Streaming DiLoCo fragments per range."))
+    _write_streaming(results, sync, section, cmd)
+
+
+def _write_streaming(results: list[dict], sync: dict, section: str, cmd: str) -> None:
+    """Streaming rows beside the unstreamed run of the same M, H and compression: the peak bytes of one
+    outer step (the largest round's payloads + broadcasts) against the bytes of the whole run."""
+    whole = {(r["m"], r["h"], r["compression"]): r for r in results if r["fragments"] == 1}
+    for r in results:
+        base = whole.get((r["m"], r["h"], r["compression"]))
+        if base is None or not any(x["fragments"] > 1 and (x["m"], x["h"], x["compression"]) == (r["m"], r["h"],
+                                                                                        r["compression"])
+                                   for x in results):
+            continue
+        append_row(
+            section.replace("counted bytes and loss", "streaming, peak bytes per outer step,"),
+            ["run", "F", "outer steps", "eval loss", "vs sync", "vs F=1", "peak sync MB per outer step",
+             "F=1 peak / this peak", "total sync MB", "total vs F=1", "machine", "command"],
+            [r["label"], str(r["fragments"]), str(r["outer_steps"]), f"{r['eval_loss']:.4f}",
+             f"{r['eval_loss'] / sync['eval_loss'] - 1:+.2%}", f"{r['eval_loss'] / base['eval_loss'] - 1:+.2%}",
+             f"{r['peak_sync_bytes'] / 1e6:,.2f}", f"**{base['peak_sync_bytes'] / r['peak_sync_bytes']:.2f}**",
+             f"{r['sync_bytes'] / 1e6:,.1f}", f"{r['sync_bytes'] / base['sync_bytes']:.4f}", machine(), f"`{cmd}`"],
+            note=("Same runs as the table above. An outer step's bytes: every holder's payload plus what every "
+                  "holder fetched back, in one sync (a fragment's, with streaming). Fragments are groups of the "
+                  "range's layers (embedding with the first, norm and head with the last), so they are not "
+                  "equal: the peak falls by less than F when one fragment is larger."))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ class DilocoConfig:
     # none (float32) | fp16 | int8 (one float32 scale per compression_block values), with error feedback
     compression: str = "none"
     compression_block: int = 256
+    # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
+    # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
+    streaming_fragments: int = 1
 
 
 @dataclass
@@ -403,6 +406,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16 or int8")
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
+    _check_streaming(cfg)
     from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
 
     check_planner_config(cfg)
@@ -430,6 +434,31 @@ def _check_split(s: SwarmConfig, n_layers: int, model_name: str) -> None:
     if any(not isinstance(p, int) for p in pts) or pts != sorted(set(pts)) or pts[0] < 1 or pts[-1] >= n_layers:
         raise ConfigError(f"swarm.split_points={pts} must be increasing layer indices in [1, {n_layers - 1}] "
                           f"(model.n_layers={n_layers}), each the first layer of a later stage")
+
+
+def _check_streaming(cfg: TrainConfig) -> None:
+    F, H = cfg.diloco.streaming_fragments, cfg.diloco.inner_steps
+    if F < 1:
+        raise ConfigError(f"diloco.streaming_fragments={F} must be >= 1 (1 = off: every range syncs whole)")
+    if F == 1:
+        return
+    if F > H:
+        raise ConfigError(f"diloco.streaming_fragments={F} exceeds diloco.inner_steps={H}: "
+                          "fragments sync H/F steps apart, so at most one fragment per inner step")
+    if H % F:
+        raise ConfigError(f"diloco.inner_steps={H} is not a multiple of diloco.streaming_fragments={F}: "
+                          "fragments sync every H/F steps; pick F dividing H")
+    cuts = [0, *cfg.swarm.split_points, cfg.model.n_layers]
+    # the smallest range the split makes (balance=compute is checked when the ranges are cut)
+    per_stage = (min(b - a for a, b in zip(cuts, cuts[1:])) if cfg.swarm.split_points
+                 else cfg.model.n_layers // cfg.swarm.num_stages)
+    if cfg.model.name != "auto" and F > per_stage:
+        raise ConfigError(f"diloco.streaming_fragments={F} exceeds the {per_stage} layers of the smallest range "
+                          f"(model.n_layers={cfg.model.n_layers} over swarm.num_stages={cfg.swarm.num_stages}): "
+                          "a fragment is a group of a range's layers")
+    if cfg.swarm.routing != "fixed":
+        raise ConfigError("diloco.streaming_fragments>1 needs swarm.routing=fixed "
+                          "(the routed outer step syncs whole ranges)")
 
 
 def _check_routing(s: SwarmConfig) -> None:

@@ -148,8 +148,10 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
                               metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
-        log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps, {trainer.tokens_per_step} tokens/step, "
-            f"vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}"
+        streaming = (f" (streaming: {dl.streaming_fragments} fragments, one every {trainer.sync_every} steps)"
+                     if dl.streaming_fragments > 1 else "")
+        log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps{streaming}, {trainer.tokens_per_step} "
+            f"tokens/step, vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}"
             + (f", resuming at step {resume_step}" if resume_step is not None else ""))
         result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
         with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
@@ -166,7 +168,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
         result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
-        # After an outer step every replica holds theta0: replica 0's ranges are the model.
+        # After an outer step every replica holds theta0: replica 0's ranges are the model. With streaming
+        # only the last fragment synced is at theta0; the others carry replica 0's steps since their sync.
         state = merge_state_dicts(swarm.get([h.state_dict.remote() for h in swarm.replicas[0]], c.step_timeout_s,
                                             "collecting the final weights"))
     finally:

@@ -64,6 +64,8 @@ class Trainer:
         d = cfg.data
         self.tokens_per_step = d.microbatch_size * d.seq_len * d.num_microbatches * cfg.diloco.replicas
         self.total_steps = cfg.rounds * cfg.diloco.inner_steps
+        # An outer step every sync_every inner steps: every H, or with streaming one fragment every H/F
+        self.sync_every = cfg.diloco.inner_steps // cfg.diloco.streaming_fragments
         self.stats = LoopStats()
         self.pending: dict[int, list] = {}  # step -> per-replica StepRefs submitted but not yet collected
         self.ledger = None
@@ -121,7 +123,7 @@ class Trainer:
 
     def _batches_seen(self, holder) -> int:
         """Microbatches the driver routed through ``holder`` this round: fixed pipelines see all of theirs."""
-        return self.cfg.diloco.inner_steps * self.cfg.data.num_microbatches
+        return self.sync_every * self.cfg.data.num_microbatches
 
     def ledger_summary(self) -> dict | None:
         return None if self.ledger is None else ray.get(self.ledger.summary.remote())
@@ -145,7 +147,7 @@ class Trainer:
                 try:
                     values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
                     losses += values[: len(refs[r].losses)]
-                    if step % self.cfg.diloco.inner_steps == 0:  # computed at theta0: what the Driver's proof commits
+                    if step % self.sync_every == 0:  # computed at the round's start: what the Driver's proof commits
                         self._theta0_losses[r] = values[: len(refs[r].losses)]
                     break
                 except ray.exceptions.GetTimeoutError:
@@ -227,6 +229,13 @@ class Trainer:
                             "rerun with resume=true from the kept snapshots")
 
     # ----- outer step and snapshots --------------------------------------------------------------
+    def _fragment(self, step: int) -> int | None:
+        """Streaming: the fragment whose outer step follows inner step ``step``; None without streaming."""
+        from neuroray.diloco.streaming import due_fragment
+
+        d = self.cfg.diloco
+        return None if d.streaming_fragments == 1 else due_fragment(step + 1, d.inner_steps, d.streaming_fragments)
+
     def _outer_round(self, step: int) -> None:
         c = self.cfg.cluster
         saved = (list(self.outer.theta0), list(self.outer.momentum), list(self.outer.memory))
@@ -234,7 +243,7 @@ class Trainer:
             for r, losses in self._theta0_losses.items():
                 self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
         while True:
-            reports, loads = self.outer.submit()
+            reports, loads = self.outer.submit(self._fragment(step))
             try:
                 results = ray.get(reports + loads, timeout=c.step_timeout_s)
                 break
@@ -368,7 +377,6 @@ class Trainer:
         return ck.interval_s > 0 and time.monotonic() - self._last_snapshot >= ck.interval_s
 
     def run(self, metrics_file) -> LoopStats:
-        H = self.cfg.diloco.inner_steps
         pending = self.pending = {}
         self._begin(metrics_file)
         try:
@@ -377,7 +385,7 @@ class Trainer:
                 pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
                 if step - 1 in pending:
                     self._record(step - 1, self._collect(step - 1, pending.pop(step - 1)))
-                round_end = (step + 1) % H == 0
+                round_end = (step + 1) % self.sync_every == 0
                 due = self._snapshot_due()
                 if round_end or due:
                     self._record(step, self._collect(step, pending.pop(step)))

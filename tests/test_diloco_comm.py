@@ -71,9 +71,9 @@ def test_compressed_update_is_what_every_holder_computes_and_its_error_is_fed_ba
         theta = applied
 
 
-def _holder(tmp_path, replica, diloco=INT8):
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16)
-    spec = HolderSpec(replica=replica, stage=0, ranges=[(0, 2)], model=cfg, vocab_size=64, diloco=diloco, seed=0,
+def _holder(tmp_path, replica, diloco=INT8, layers=2):
+    cfg = ModelConfig(d_model=32, n_layers=layers, n_heads=2, n_kv_heads=2, max_seq_len=16)
+    spec = HolderSpec(replica=replica, stage=0, ranges=[(0, layers)], model=cfg, vocab_size=64, diloco=diloco, seed=0,
                       key_path=str(tmp_path / f"k{replica}.pem"))
     return StageHolder(spec)
 

@@ -95,17 +95,23 @@ def digest(theta: torch.Tensor) -> str:
 
 
 def encode_update(old: torch.Tensor, new: torch.Tensor, mode: str, block: int,
-                  residual: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                  residual: torch.Tensor | None, base: torch.Tensor | None = None,
+                  part: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
     """Compress the outer update ``old - new`` (plus the carried residual) for the holders.
 
     Returns ``(update, applied, residual)``: ``update`` is what is broadcast (``{"base": digest(old),
     "payload": ...}``), ``applied = old - decode(payload)`` is the new theta0 every holder will compute,
-    and ``residual`` is what the broadcast dropped this round, sent in a later one.
+    and ``residual`` is what the broadcast dropped this round, sent in a later one (None for fp32).
+    Streaming: ``old`` and ``new`` are the slice ``part`` of the range's full theta0 ``base``; the update
+    names the digest of ``base`` and the slice.
     """
     wanted = old - new if residual is None else old - new + residual
     payload = encode(wanted, mode, block)
     sent = decode(payload)
-    return {"base": digest(old), "payload": payload}, old - sent, wanted - sent
+    update = {"base": digest(old if base is None else base), "payload": payload}
+    if part is not None:
+        update["slice"] = tuple(part)
+    return update, old - sent, None if mode == "none" else wanted - sent
 
 
 def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
@@ -122,10 +128,19 @@ class ErrorFeedback:
         self.mode, self.block = mode, block
         self.residual: torch.Tensor | None = None
 
-    def compress(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compress(self, delta: torch.Tensor, lo: int = 0, numel: int | None = None) -> dict[str, torch.Tensor]:
+        """Payload of ``delta`` plus its residual. Streaming sends one slice ``[lo, lo + len(delta))`` of a
+        ``numel`` vector at a time: only that slice's residual is used and renewed. The residual is replaced,
+        never changed in place, so a copy kept to redo a round stays what it was."""
         if self.mode == "none":
             return encode(delta, "none")
-        corrected = delta if self.residual is None else delta + self.residual
+        hi, numel = lo + delta.numel(), delta.numel() if numel is None else numel
+        corrected = delta if self.residual is None else delta + self.residual[lo:hi]
         payload = encode(corrected, self.mode, self.block)
-        self.residual = corrected - decode(payload)
+        error = corrected - decode(payload)
+        if (lo, hi) == (0, numel):
+            self.residual = error
+        else:
+            self.residual = torch.zeros(numel) if self.residual is None else self.residual.clone()
+            self.residual[lo:hi] = error
         return payload

@@ -77,6 +77,29 @@ class OuterMemory:
                 tensors[f"memory.replay.{i}"] = x
         return tensors, {"memory_replay": len(self.replay)}
 
+    def part(self, lo: int, hi: int) -> OuterMemory:
+        """The memory of one streaming fragment: every vector's slice ``[lo, hi)``."""
+        cut = lambda x: x[lo:hi] if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return OuterMemory(cut(self.previous), [cut(x) for x in self.replay], cut(self.residual))
+
+    def merged(self, part: OuterMemory, lo: int, hi: int, numel: int) -> OuterMemory:
+        """This memory with slice ``[lo, hi)`` replaced by a fragment's ``part``, each vector kept full-size
+        so snapshots look the same with or without streaming. Filling what no fragment has written yet:
+        NaN for the centre (screening rejects it, so that fragment starts without a centre, as a whole range
+        does) and zeros for residuals and replays (what None means to them)."""
+
+        def put(full, piece, fill):
+            if piece is None and full is None:
+                return None
+            out = torch.full((numel,), fill) if not isinstance(full, torch.Tensor) else full.clone()
+            out[lo:hi] = fill if piece is None else piece
+            return out
+
+        replay = [put(self.replay[i] if i < len(self.replay) else None,
+                      x if isinstance(x, torch.Tensor) else None, 0.0) for i, x in enumerate(part.replay)]
+        return OuterMemory(put(self.previous, part.previous, float("nan")), replay,
+                           put(self.residual, part.residual, 0.0))
+
     @classmethod
     def from_snapshot(cls, tensors: dict[str, torch.Tensor], meta: dict) -> OuterMemory:
         # A replay entry that was not a tensor comes back as None: the stale attack replays zeros for
@@ -160,9 +183,29 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
+def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas):
+    """One streaming fragment's outer step: slice ``part`` of theta0, momentum and memory goes through
+    :func:`outer_step`; the rest of the range is left as it is. The fragment's update always crosses as
+    an update (fp32 when compression is none), since holders keep their own weights outside the slice."""
+    lo, hi = part
+    new_part, momentum_part, report, memory_part = outer_step(
+        aggregator, diloco, range_index, theta0[lo:hi], None if momentum is None else momentum[lo:hi], *deltas,
+        attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed)
+    update, new_part, memory_part.residual = encode_update(
+        theta0[lo:hi], new_part, diloco.compression, diloco.compression_block, memory_part.residual,
+        base=theta0, part=part)
+    new_theta0 = theta0.clone()
+    new_theta0[lo:hi] = new_part
+    if momentum_part is not None:  # zeros elsewhere: a fragment's first outer step sees buf = delta, as unstreamed
+        momentum = torch.zeros_like(theta0) if momentum is None else momentum.clone()
+        momentum[lo:hi] = momentum_part
+    return new_theta0, momentum, report, memory.merged(memory_part, lo, hi, theta0.numel()), update
+
+
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 @ray.remote(num_cpus=0, num_returns=5)
-def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas):
+def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
+                    part=None):
     # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
     # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
     # of failing this round too. The trainer rolls it back with theta0 when it redoes a failed round.
@@ -172,19 +215,24 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
             memory = ray.get(memory_box[0])
         except Exception as exc:  # noqa: BLE001 - any failure of the producing task
             log.warning("range %d: outer-step memory lost (%s); starting it afresh", range_index, type(exc).__name__)
-    new_theta0, new_momentum, report, memory = outer_step(
-        aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-        round_index=round_index, seed=seed)
     update = None
-    if diloco.compression != "none":
-        # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
-        update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
-                                                            diloco.compression_block, memory.residual)
+    if part is not None:  # streaming: one fragment of the range, always sent as an update
+        new_theta0, new_momentum, report, memory, update = _streamed_step(
+            aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas)
+    else:
+        new_theta0, new_momentum, report, memory = outer_step(
+            aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
+            round_index=round_index, seed=seed)
+        if diloco.compression != "none":
+            # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
+            update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
+                                                                diloco.compression_block, memory.residual)
+    if update is not None:
         report.update_bytes = wire_bytes(update)
     # Measured here, on the values themselves: the owner's object-store size of a task's return is
     # only filled in asynchronously, after the driver has already seen the round finish.
     report.payload_bytes = [wire_bytes(d) for d in deltas]
-    report.theta0_bytes = wire_bytes(new_theta0)
+    report.theta0_bytes = wire_bytes(new_theta0)  # streaming: fetched only by a holder that falls back
     return new_theta0, new_momentum, report, memory, update
 
 
@@ -204,32 +252,46 @@ class OuterSync:
         self.momentum: list = [None] * len(holders_by_range)
         self.memory: list = [None] * len(holders_by_range)
         self.rounds = 0
+        self.fragments = diloco.streaming_fragments
+        self.slices: list | None = None  # streaming: per range, each fragment's (lo, hi); None: ask the holders
         self._round: list[dict] = []  # per range of the round in flight: dense broadcast?, holders' load refs
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
         self._round = []
 
-    def submit(self) -> tuple[list, list]:
-        """Submit one outer step for every range; returns (report refs, holder load refs)."""
+    def fragment_slices(self) -> list[list[tuple[int, int]]]:
+        """Per range, the flat-vector slice of every streaming fragment, as the range's holders cut it
+        (asked once; an architecture upgrade resets ``slices``, since grown ranges are cut anew)."""
+        if self.slices is None:
+            self.slices = ray.get([holders[0].fragment_slices.remote() for holders in self.holders_by_range])
+        return self.slices
+
+    def submit(self, fragment: int | None = None) -> tuple[list, list]:
+        """Submit one outer step for every range (streaming: of fragment ``fragment`` of every range);
+        returns (report refs, holder load refs)."""
         reports, loads = [], []
         self.begin_round()
+        streamed = fragment is not None and self.fragments > 1
+        asked = {"fragment": fragment} if streamed else {}
         for s, holders in enumerate(self.holders_by_range):
-            theta0, report, update = self.reduce(s, [h.pseudo_gradient.remote() for h in holders])
+            part = self.fragment_slices()[s][fragment] if streamed else None
+            theta0, report, update = self.reduce(s, [h.pseudo_gradient.remote(**asked) for h in holders], part)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1
         return reports, loads
 
-    def reduce(self, s: int, deltas: list):
+    def reduce(self, s: int, deltas: list, part: tuple[int, int] | None = None):
         """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0, report, update) refs.
+        ``part``: streaming, the fragment's slice of the range.
 
         Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
         theta0, momentum, report, memory, update = outer_step_task.remote(
             self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
-            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas)
+            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
-        self._round.append({"dense": self.diloco.compression == "none", "acks": []})
+        self._round.append({"dense": self._dense, "acks": []})
         return theta0, report, update
 
     def broadcast(self, s: int, holder, theta0, update, after=None, counted: bool = True):
@@ -237,13 +299,18 @@ class OuterSync:
 
         ``counted``: the ack's value goes to :meth:`measure` (swarm routing leaves out late holders)."""
         extra = {} if after is None else {"after": after}
-        if self.diloco.compression == "none":
+        if self._dense:
             ack = holder.load_theta0.remote(theta0, **extra)
         else:
             ack = holder.apply_update.remote(update, [theta0], **extra)
         if counted:
             self._round[s]["acks"].append(ack)
         return ack
+
+    @property
+    def _dense(self) -> bool:
+        """Holders get the dense theta0 (uncompressed, whole ranges); else the outer update."""
+        return self.diloco.compression == "none" and self.fragments == 1
 
     def measure(self, report_values: list, load_values: list) -> dict:
         """Bytes that crossed in the round just finished (serialized sizes measured, never a formula).

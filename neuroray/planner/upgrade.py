@@ -83,6 +83,7 @@ def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple
         outer.memory[s] = None  # centered clipping's centre and replay buffers restart, as on round 1
         refs.append(theta0)
     ray.get(refs, timeout=timeout_s)  # surface a failed growth here, not at the next outer step
+    outer.slices = None  # streaming: grown ranges are cut into fragments anew
     swarm.ranges, swarm.infos = list(ranges), infos
     swarm.numels = [infos[s]["numel"] for s in range(len(ranges))]
 

@@ -142,7 +142,10 @@ class StageHolder:
     def _start_proof_round(self) -> None:
         position = self.stream.position if self.stream is not None else 0
         shard = getattr(self.stream, "shard_id", None) if self.stream is not None else None
-        self.prover.start_round(self.theta0, self.microbatches_done, position, shard)
+        # The proof commits the weights the round starts from, at which the Driver's committed losses are
+        # computed: theta0, except with streaming, where only the fragment just synced is at theta0.
+        start = self.theta0 if self.spec.diloco.streaming_fragments == 1 else self.flat_params()
+        self.prover.start_round(start, self.microbatches_done, position, shard)
 
     def _restore_on_start(self) -> None:
         """A Ray restart restores the newest good snapshot; a resumed job restores the step it was told."""
@@ -342,12 +345,24 @@ class StageHolder:
         """This range's weights as one flat float32 vector (the layout pseudo-gradients use)."""
         return parameters_to_vector(self.module.parameters()).detach().cpu()
 
-    def pseudo_gradient(self, after=None) -> dict[str, torch.Tensor]:
+    def fragment_slices(self) -> list[tuple[int, int]]:
+        """Streaming: each fragment's ``(lo, hi)`` in this range's flat vector (neuroray/diloco/streaming.py)."""
+        from neuroray.diloco.streaming import fragment_slices
+
+        params = [(n, p.numel()) for n, p in self.module.named_parameters()]
+        return fragment_slices(params, self.spec.ranges[self.spec.stage], self.spec.diloco.streaming_fragments)
+
+    def pseudo_gradient(self, after=None, fragment: int | None = None) -> dict[str, torch.Tensor]:
         """``theta0 - theta`` (what this holder learned since it last loaded theta0), compressed with error
         feedback as ``diloco.compression`` says: the payload is what crosses to the outer step.
 
-        ``after`` (swarm routing): a ref of this holder's last inner step, so the delta includes it."""
+        ``after`` (swarm routing): a ref of this holder's last inner step, so the delta includes it.
+        ``fragment`` (streaming): only that fragment's slice, against the theta0 it last synced."""
         delta = (self.theta0 - parameters_to_vector(self.module.parameters()).detach()).cpu()
+        lo = 0
+        if fragment is not None:
+            lo, hi = self.fragment_slices()[fragment]
+            delta = delta[lo:hi].clone()  # a view would pickle its whole storage: the full range would cross
         if self.prover is not None:
             self.prover.note_pseudo_gradient(delta)
         # A redone outer step (a peer died mid-round) asks again in the same round: start from the
@@ -355,16 +370,23 @@ class StageHolder:
         if self._feedback_round is not None and self._feedback_round[0] == self.outer_rounds:
             self.feedback.residual = self._feedback_round[1]
         self._feedback_round = (self.outer_rounds, self.feedback.residual)
-        return self.feedback.compress(delta)
+        return self.feedback.compress(delta, lo, self.theta0.numel())
 
     def apply_update(self, update: dict, theta0_box: list, after=None) -> bool:
         """Restart from ``theta0 - decode(update)`` (the compressed outer update, see compress.encode_update).
         If this holder's theta0 is not the one the update applies to, fetch the dense theta0 from
         ``theta0_box[0]`` (an object ref, boxed so Ray ships it only on demand; in-process, the tensor).
-        Returns True when it had to."""
+        Returns True when it had to. Streaming: the update holds one fragment's slice (``update["slice"]``);
+        only that slice of theta0 and of the weights changes, and a fallback restarts the whole range."""
         old = self.theta0.cpu()
         if update["base"] == digest(old):
-            self.load_theta0(old - decode(update["payload"]))
+            part = update.get("slice")
+            if part is None:
+                self.load_theta0(old - decode(update["payload"]))
+            else:
+                new = old.clone()
+                new[part[0]:part[1]] -= decode(update["payload"])  # the task's float32 subtraction, bit for bit
+                self.load_theta0(new, part=part)
             return False
         log.warning("%s: theta0 differs from the outer step's; fetching the dense theta0", self.name)
         dense = theta0_box[0]
@@ -375,11 +397,18 @@ class StageHolder:
         self.load_theta0(dense)
         return True
 
-    def load_theta0(self, theta0: torch.Tensor, after=None) -> None:
-        """Restart this range from the outer step's new theta0 (identical on every holder of the range)."""
+    def load_theta0(self, theta0: torch.Tensor, after=None, part: tuple[int, int] | None = None) -> None:
+        """Restart this range from the outer step's new theta0 (identical on every holder of the range).
+
+        ``part`` (streaming): only that fragment restarts from theta0; the other fragments keep training
+        from where they are, towards their own next outer step."""
         self.theta0 = theta0.to(self.device).clone()
+        weights = self.theta0.clone()
+        if part is not None:
+            weights = parameters_to_vector(self.module.parameters()).detach().clone()
+            weights[part[0]:part[1]] = self.theta0[part[0]:part[1]]
         with torch.no_grad():
-            vector_to_parameters(self.theta0.clone(), self.module.parameters())
+            vector_to_parameters(weights, self.module.parameters())
         self.outer_rounds += 1
         if self.prover is not None:
             try:
@@ -436,6 +465,8 @@ class StageHolder:
                                     self.module).to(self.device)
         self.optimizer.load_state_dict(grow_optimizer_state(
             opt, old_names, [n for n, _ in self.module.named_parameters()], old, model, layers=range(lo, hi)))
+        # the residual is laid out as the old range: drop it (at most one round's quantisation error is lost)
+        self.feedback.residual, self._feedback_round = None, None
         self._renew_prover()
         return self.info()
 
