@@ -39,6 +39,7 @@ def test_compute_balance_gives_the_head_its_weight():
     (["swarm.balance=flops"], "swarm.balance=flops must be layers or compute"),
     (["swarm.split_points=[2]", "model=auto"], "cannot be combined with model=auto"),
     (["swarm.start_grace_s=0"], "swarm.start_grace_s=0"),
+    (["swarm.split_points=[3]", "diloco.streaming_fragments=2", "diloco.inner_steps=4"], "exceeds the 1 layers"),
 ])
 def test_bad_split_config_is_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=None) as err:
