@@ -217,6 +217,7 @@ class PlannerConfig:
     upgrade_every_nodes: int = 50  # recompute the architecture after this many nodes joined
     min_growth: float = 1.3  # adopt a new architecture only if it has this many times the parameters
     watch_interval_s: float = 10.0  # ClusterWatcher polling period
+    add_replicas: bool = True  # model=auto: start new replicas on joined nodes between rounds (fixed routing)
 
 
 @dataclass

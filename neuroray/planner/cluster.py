@@ -256,13 +256,14 @@ class ClusterWatcher:
     on_change: Callable[[WatchEvent], None] | None = None
     joins_since_upgrade: int = 0
     known: set = field(default_factory=set)
+    nodes: list = field(default_factory=list)  # what the last read saw (new replicas are placed on these)
 
     def __post_init__(self):
         if self.read_nodes is None:
             self.read_nodes = lambda: cluster_nodes(self.cfg)
         self.request = request_from_config(self.cfg)
         self.rule = UpgradeRule(self.cfg.planner.upgrade_every_nodes, self.cfg.planner.min_growth)
-        nodes = self.read_nodes()
+        nodes = self.nodes = self.read_nodes()
         self.known = {n.node_id for n in nodes if n.alive}
         if self.current is None:
             self.current = plan(nodes, self.request)
@@ -271,7 +272,7 @@ class ClusterWatcher:
 
     def poll(self) -> WatchEvent | None:
         """One look at the cluster; None when no node joined or left."""
-        nodes = self.read_nodes()
+        nodes = self.nodes = self.read_nodes()
         ids = {n.node_id for n in nodes if n.alive}
         joined, left = sorted(ids - self.known), sorted(self.known - ids)
         if not joined and not left:

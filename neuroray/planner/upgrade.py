@@ -19,10 +19,15 @@ the layer ranges grow. New identity layers are spread evenly between the old one
 (:func:`~neuroray.model.growth.depth_layout`) and each joins the range of the old layer right before
 it (new layers in front of layer 0 join range 0): :func:`~neuroray.model.growth.new_ranges_for`.
 So every range grows by about the same factor, every holder grows from its own layers only (no
-tensor crosses holders), and the pipeline computes what it did. The new plan's own split, replica
-count and placement are not applied mid-run: no holders are started for joined nodes, and the
-upgrade is refused (logged, training goes on with the current model) if the grown holders would not
-fit their nodes' memory by the planner's accounting.
+tensor crosses holders), and the pipeline computes what it did. The new plan's own split and
+placement are not applied mid-run, and the upgrade is refused (logged, training goes on with the
+current model) if the grown holders would not fit their nodes' memory by the planner's accounting.
+
+**New holders on joined nodes** (``planner.add_replicas``): after the poll's migration, if any, as
+many new replicas of the running model and split as fit beside the running holders
+(:func:`~neuroray.planner.expand.place_ranges`) start in placement groups of their own and join the
+next round (``Swarm.add_replicas``, ``Trainer.replicas_added``): new holders start on the new
+architecture.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ from neuroray.config import ModelConfig, TrainConfig
 from neuroray.model.growth import flat_to_state, grow_state_dict, new_ranges_for, state_to_flat
 from neuroray.planner import scaling
 from neuroray.planner.cluster import ClusterWatcher, WatchEvent
+from neuroray.planner.expand import place_ranges
 from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
-from neuroray.planner.partition import NodeSpec, Plan, PlanRequest
+from neuroray.planner.partition import NodeSpec, Plan, PlanError, PlanRequest
+
+MAX_ADDED = 1024  # replicas one poll may add without planner.max_replicas: a bound on trying, not a policy
 
 
 def migration_ranges(ranges: list[tuple[int, int]], old: ModelConfig, new: ModelConfig) -> list[tuple[int, int]]:
@@ -83,7 +91,7 @@ def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple
         outer.memory[s] = None  # centered clipping's centre and replay buffers restart, as on round 1
         refs.append(theta0)
     ray.get(refs, timeout=timeout_s)  # surface a failed growth here, not at the next outer step
-    swarm.ranges, swarm.infos = list(ranges), infos
+    swarm.ranges, swarm.infos, swarm.model = list(ranges), infos, new
     swarm.numels = [infos[s]["numel"] for s in range(len(ranges))]
 
 
@@ -138,6 +146,7 @@ class Upgrader:
     log: Callable[[str], None] = print
     clock: Callable[[], float] = time.monotonic
     upgrades: list[dict] = field(default_factory=list)  # one record per migration done
+    additions: list[dict] = field(default_factory=list)  # one record per set of replicas added mid-run
 
     def __post_init__(self):
         if self.watcher is None:
@@ -167,7 +176,59 @@ class Upgrader:
             self.log(f"cluster watch: architecture kept ({event.reason})")
         if event.plan is None:
             self.log(f"cluster watch: {event.reason}; training goes on with the running holders")
-        return event.upgraded and self._upgrade(trainer, event)
+        grew = event.upgraded and self._upgrade(trainer, event)
+        # after a growth: new holders start on the new architecture
+        added = bool(event.joined) and self._add_replicas(trainer)
+        return grew or added
+
+    def _add_replicas(self, trainer) -> bool:
+        """Start as many new replicas as fit in what the running holders leave free (planner.add_replicas).
+
+        At the running model and split (just grown, if it grew), numbered after the running replicas, in
+        placement groups of their own pinned where :func:`~neuroray.planner.expand.place_ranges` counted
+        them; they take replica 0's range at theta0 and join the next round's outer step."""
+        req, model = self.watcher.request, trainer.cfg.model
+        if not self.cfg.planner.add_replicas or req.replicas:  # planner.replicas fixes the count
+            return False
+        if trainer.cfg.swarm.routing == "router":
+            self.log("cluster watch: no replicas added: swarm.routing=router keeps the holders it started with")
+            return False
+        running = self.plan.replicas
+        most = req.max_replicas - running if req.max_replicas else MAX_ADDED
+        if most < 1:
+            self.log(f"cluster watch: no replicas added: planner.max_replicas={req.max_replicas} are running")
+            return False
+        try:
+            extra = place_ranges(self.watcher.nodes, req, model, trainer.swarm.ranges, running=list(self.plan.holders),
+                                 device=self.plan.device, most=most)
+        except PlanError as exc:
+            self.log(f"cluster watch: no replicas added: {exc}")
+            return False
+        if not extra.holders:
+            self.log(f"cluster watch: no replica of {scaling.describe(model)} fits in what the running holders "
+                     "leave free")
+            return False
+        t0 = time.monotonic()
+        try:
+            new = trainer.swarm.add_replicas(extra, trainer.outer.rounds)
+        except Exception as exc:  # noqa: BLE001 - no room after all, a node gone: training goes on as it was
+            self.log(f"cluster watch: adding {extra.replicas} replicas failed ({str(exc).splitlines()[0]}); "
+                     f"training goes on with {running}")
+            return False
+        trainer.replicas_added(new)
+        by_id = {n.node_id: n for n in self.plan.nodes + extra.nodes}
+        self.plan = dataclasses.replace(self.plan, holders=self.plan.holders + extra.holders,
+                                        nodes=tuple(by_id.values()), outer=extra.outer)
+        nodes = sorted({h.node_name for rep in extra.holders for h in rep})
+        infos = trainer.swarm.infos[running * len(trainer.swarm.ranges):]
+        record = {"round": trainer.outer.rounds, "replicas": [rep[0].replica for rep in extra.holders],
+                  "nodes": nodes, "model": dataclasses.asdict(model), "node_ids": [i["node_id"] for i in infos],
+                  "seconds": time.monotonic() - t0}
+        self.additions.append(record)
+        self.log(f"grow: after round {record['round']} added replica(s) {record['replicas']} of "
+                 f"{scaling.describe(model)} on {', '.join(nodes)} in {record['seconds']:.1f}s; "
+                 f"{len(trainer.swarm.replicas)} replicas from round {record['round'] + 1}")
+        return True
 
     def _upgrade(self, trainer, event: WatchEvent) -> bool:
         old, new = trainer.cfg.model, event.plan.model
@@ -193,5 +254,5 @@ class Upgrader:
         self.upgrades.append(record)
         self.log(f"upgrade: after round {record['round']} grew {scaling.describe(old)} -> {scaling.describe(new)} "
                  f"({event.growth:.2f}x parameters) in place in {record['seconds']:.1f}s; ranges "
-                 f"{[(a, b - 1) for a, b in ranges]}; no holders added for the joined nodes")
+                 f"{[(a, b - 1) for a, b in ranges]}")
         return True

@@ -520,20 +520,42 @@ class StageHolder:
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
-    def export_range(self) -> dict:
+    def export_range(self, optimizer: bool = False) -> dict:
         """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own; with the
-        architecture, which a peer restarted on its original spec lacks after an upgrade."""
-        return {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
-                "theta0": self.theta0.detach().cpu(),
-                "architecture": self._architecture()}
+        architecture, which a peer restarted on its original spec lacks after an upgrade. ``optimizer``:
+        the AdamW state too, for a holder added mid-run (:meth:`join`)."""
+        out = {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
+               "theta0": self.theta0.detach().cpu(),
+               "architecture": self._architecture()}
+        if optimizer:
+            opt = self.optimizer.state_dict()
+            opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                            for i, st in opt["state"].items()}
+            out["optimizer"] = opt
+        return out
 
     def import_range(self, tensors: dict) -> None:
         rebuilt = self._adopt(tensors.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.theta0 = tensors["theta0"].to(self.device).clone()
         self._pending.clear()
+        if "optimizer" in tensors:  # load_state_dict moves the moments to the weights' device
+            self.optimizer.load_state_dict(tensors["optimizer"])
         if rebuilt:
             self._renew_prover()
+
+    def join(self, tensors: dict, outer_rounds: int) -> dict:
+        """A holder added mid-run (neuroray.planner.upgrade) takes a peer's range (:meth:`export_range` with
+        the optimizer) at theta0 between rounds, and the swarm's round count, so that its first proof names
+        the round the ledger's receipt does and starts at the theta0 the range's outer step knows.
+
+        The peer's AdamW moments come along: a fresh AdamW's first steps are sign-sized on every weight,
+        and that pseudo-gradient would pull the range's next outer step off the curve."""
+        self.import_range(tensors)
+        self.outer_rounds = outer_rounds
+        if self.prover is not None:
+            self._start_proof_round()
+        return self.counters()
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:
