@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -286,13 +287,21 @@ class StageHolder:
         """Fault injection (benchmarks): every compute call takes ``factor`` x as long from now on."""
         self._slowdown = float(factor)
 
-    def rejoin(self, theta0: torch.Tensor) -> dict:
-        """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older)."""
+    def fail_at(self, method: str) -> None:
+        """Fault injection (tests): the process exits at the start of the next call to ``method`` ("grow"), as
+        a crash there would; Ray restarts it on the spec it was created with (``max_restarts``)."""
+        self._fail_at = method
+
+    def rejoin(self, theta0: torch.Tensor, outer_rounds: int | None = None) -> dict:
+        """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older);
+        ``outer_rounds``: and at the swarm's round count, so its next proof names the round the ledger expects."""
         self.abort_step()
         self.theta0 = theta0.to(self.device).clone()
         with torch.no_grad():
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
         self.claims.clear()
+        if outer_rounds is not None:
+            self.outer_rounds = outer_rounds
         return self.counters()
 
     @_busy
@@ -409,6 +418,8 @@ class StageHolder:
         """
         from neuroray.model.growth import flat_to_state, grow_optimizer_state, grow_state_dict, state_to_flat
 
+        if getattr(self, "_fail_at", None) == "grow":
+            os._exit(1)
         assert not self._pending, f"{self.name}: grow with microbatches in flight"
         old, (lo, hi) = self.spec.model, ranges[self.spec.stage]
         old_names = [n for n, _ in self.module.named_parameters()]
