@@ -151,8 +151,9 @@ def test_resume_after_an_upgrade_continues_on_the_grown_model(workdir, grown):
     assert f"resume: continuing from the snapshot set of step {ROUNDS * H} in {grown.run_dir / 'snapshots'}" in lines
     assert "\nmodel: 16 x 512" in "\n".join(lines), lines[:8]  # the recorded model is what is placed
     assert len(resumed.losses) == H and resumed.upgrades == []
-    # on the grown model's curve where the run left it, nowhere near a fresh model's ln(320) = 5.8
-    assert abs(resumed.losses[0] - grown.losses[-1]) < 0.3, (resumed.losses, grown.losses)
+    # the learned state came back: well below where the run started (~5.5-5.8) and a fresh model's ln(320) = 5.8
+    # (measured 4.3 and 4.1 after 3.8 at the end of round 3; single steps' batches differ by ~0.5, so no closer)
+    assert max(resumed.losses) < min(grown.losses[:H]) - 0.5, (resumed.losses, grown.losses)
     assert json.loads((resumed.checkpoint / "meta.json").read_text())["model"]["d_model"] == 512
     # the same ledger goes on: the resumed holders' proofs of the deeper model verify and are credited
     assert resumed.ledger["proofs_rejected"] == 0 and resumed.ledger["proofs_credited"] == (ROUNDS + 1) * 2
@@ -187,7 +188,12 @@ def test_a_joined_node_gets_a_new_replica_on_the_grown_model(cluster, workdir, c
     assert snap.meta["architecture"]["model"]["d_model"] == 512 and snap.meta["counters"]["outer_rounds"] == 1
     # identical to the 1-replica run until the join; then the mean over both replicas stays on its curve
     assert result.losses[:H] == pytest.approx(control.losses[:H], rel=1e-6)
-    assert all(g < c + 0.3 for g, c in zip(result.losses[H:], control.losses[H:])), (result.losses, control.losses)
+    # A step's loss is now the mean over two replicas' batches, the new one from its own shard: single steps
+    # differ by batch noise (measured up to +0.31), the mean over the rounds after the join by up to +0.16. A
+    # new replica that came up untrained (~5.8) would add ~+1 to every step, and its delta would drag theta0.
+    after, before = result.losses[H:], control.losses[H:]
+    assert all(g < c + 0.6 for g, c in zip(after, before)), (result.losses, control.losses)
+    assert sum(after) / len(after) < sum(before) / len(before) + 0.3, (result.losses, control.losses)
     assert result.losses[-1] < result.losses[0]
     # round 1: 2 holders; rounds 2 and 3: 4. Each new holder's first round was aggregated (else 0 NEURO)
     assert result.ledger["proofs_rejected"] == 0 and result.ledger["proofs_credited"] == 2 + 4 * (ROUNDS - 1)
