@@ -225,9 +225,11 @@ class PlannerConfig:
     exclude_small_nodes: bool = False  # true: leave out nodes too small for one layer instead of failing
     gpu_memory_resource: str = "gpu_memory_gib"  # custom Ray resource: total GiB of GPU memory on the node
     probe_gpu_memory: bool = True  # no resource and unknown accelerator type: ask torch.cuda on the node
+    gpu_probe_timeout_s: float = 60.0  # how long that probe may wait for a free GPU on the node (then: unknown)
     upgrade_every_nodes: int = 50  # recompute the architecture after this many nodes joined
     min_growth: float = 1.3  # adopt a new architecture only if it has this many times the parameters
     watch_interval_s: float = 10.0  # ClusterWatcher polling period
+    add_replicas: bool = True  # model=auto: start new replicas on joined nodes between rounds (fixed routing)
 
 
 @dataclass

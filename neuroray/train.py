@@ -37,6 +37,7 @@ class RunResult:
     snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
     ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
     upgrades: list[dict] = field(default_factory=list)  # live architecture upgrades (model=auto)
+    additions: list[dict] = field(default_factory=list)  # replicas added mid-run on joined nodes (model=auto)
     sample: str = ""
     tokens_per_s: float = 0.0
     routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
@@ -78,27 +79,66 @@ def _connect_ray(cfg: TrainConfig, log) -> bool:
     return True
 
 
+def _slots(replicas: int, stages: int) -> list[str]:
+    return [f"r{r}-s{s}" for r in range(replicas) for s in range(stages)] + [f"outer-s{s}" for s in range(stages)]
+
+
+def _readable(snapshot_root: str, slots: list[str], step: int, log) -> bool:
+    """Every slot has a snapshot of ``step`` that verifies."""
+    from neuroray.snapshot import SnapshotStore
+
+    try:
+        for slot in slots:
+            SnapshotStore(snapshot_root, slot).read(step)
+    except ValueError as exc:
+        log(f"resume: snapshot set of step {step} is unusable ({exc}); trying the previous one")
+        return False
+    return True
+
+
 def _resume_step(cfg: TrainConfig, snapshot_root: str, log) -> int:
     """The newest step for which every holder and every range's outer state has a good snapshot."""
     from neuroray.model import split_layers
     from neuroray.snapshot import SnapshotStore
 
-    slots = [f"r{r}-s{s}" for r in range(cfg.diloco.replicas) for s in range(cfg.swarm.num_stages)]
-    slots += [f"outer-s{s}" for s in range(len(split_layers(cfg.model.n_layers, cfg.swarm.num_stages)))]
+    slots = _slots(cfg.diloco.replicas, len(split_layers(cfg.model.n_layers, cfg.swarm.num_stages)))
     stores = [SnapshotStore(snapshot_root, slot) for slot in slots]
     common = set.intersection(*(set(st.steps()) for st in stores))
     for step in sorted(common, reverse=True):
+        if _readable(snapshot_root, slots, step, log):
+            log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
+            return step
+    raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set for "
+                        f"{cfg.diloco.replicas} replicas x {cfg.swarm.num_stages} stages; start a new run instead")
+
+
+def _resume_auto(snapshot_root: str, log):
+    """``model=auto``: the newest complete snapshot set and what it records -- ``(step, model, ranges, replicas)``.
+
+    After a live upgrade or added replicas the run is not what the law would plan for today's cluster:
+    the holders' snapshots record the model and split they trained (``architecture``), and the replicas
+    are the ``r<i>-s0`` slots that hold the step."""
+    from neuroray.config import ModelConfig
+    from neuroray.snapshot import SnapshotStore
+
+    first = SnapshotStore(snapshot_root, "r0-s0")
+    for step in reversed(first.steps()):
         try:
-            for st in stores:
-                st.read(step)
+            arch = first.read(step).meta.get("architecture")
         except ValueError as exc:
             log(f"resume: snapshot set of step {step} is unusable ({exc}); trying the previous one")
             continue
-        log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
-        return step
-
-    raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set for "
-                        f"{cfg.diloco.replicas} replicas x {cfg.swarm.num_stages} stages; start a new run instead")
+        if arch is None:  # written before snapshots recorded it: nothing says what model this was
+            continue
+        model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        replicas = 1
+        while step in SnapshotStore(snapshot_root, f"r{replicas}-s0").steps():
+            replicas += 1
+        if _readable(snapshot_root, _slots(replicas, len(ranges)), step, log):
+            log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
+            return step, model, ranges, replicas
+    raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set that records its model "
+                        "(model=auto resumes the architecture its snapshots hold); start a new run instead")
 
 
 def run(cfg: TrainConfig, log=print) -> RunResult:
@@ -115,6 +155,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     from neuroray.metrics import TrainMetrics
     from neuroray.plan import format_plan
     from neuroray.planner import plan_for_cluster
+    from neuroray.planner.expand import plan_recorded
     from neuroray.planner.upgrade import Upgrader
     from neuroray.plots import loss_curve
     from neuroray.routed_trainer import RoutedTrainer
@@ -128,13 +169,20 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     vocab = tok.get_vocab_size()
 
     snapshot_root = cfg.checkpoint.dir or str(run_dir / "snapshots")
-    resume_step = _resume_step(cfg, snapshot_root, log) if cfg.resume else None
+    resume_step = recorded = None
+    if cfg.resume and cfg.model.name == "auto":
+        resume_step, *recorded = _resume_auto(snapshot_root, log)
+    elif cfg.resume:
+        resume_step = _resume_step(cfg, snapshot_root, log)
     started_ray = _connect_ray(cfg, log)
     swarm = trainer = None
     try:
         plan = upgrader = None
-        if cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
+        if recorded:  # model=auto resumed: the snapshots' model, split and replicas, placed on today's nodes
+            plan = plan_recorded(cfg, *recorded)
+        elif cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
             plan = plan_for_cluster(cfg)
+        if plan is not None:
             log(format_plan(plan))
             upgrader = Upgrader(cfg, plan, log=log)  # watches joins from now on
             cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
@@ -158,15 +206,16 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             stats = trainer.run(metrics)
         cfg = trainer.cfg  # a live upgrade may have grown the model
         result.upgrades = [] if upgrader is None else upgrader.upgrades
+        result.additions = [] if upgrader is None else upgrader.additions
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         if isinstance(trainer, RoutedTrainer):
             result.routing = trainer.routing_summary()
-        result.comm, result.tokens = stats.comm, trainer.tokens_per_step * len(stats.losses)
+        result.comm, result.tokens = stats.comm, trainer.tokens
         (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()
         if result.ledger is not None:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
-        result.tokens_per_s = trainer.tokens_per_step * len(stats.losses) / max(stats.elapsed_s, 1e-9)
+        result.tokens_per_s = trainer.tokens / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
         # After an outer step every replica holds theta0: replica 0's ranges are the model. With streaming
         # only the last fragment synced is at theta0; the others carry replica 0's steps since their sync.

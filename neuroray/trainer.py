@@ -66,6 +66,7 @@ class Trainer:
         self.total_steps = cfg.rounds * cfg.diloco.inner_steps
         # An outer step every sync_every inner steps: every H, or with streaming one fragment every H/F
         self.sync_every = cfg.diloco.inner_steps // cfg.diloco.streaming_fragments
+        self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
         self.pending: dict[int, list] = {}  # step -> per-replica StepRefs submitted but not yet collected
         self.ledger = None
@@ -132,6 +133,26 @@ class Trainer:
         if self.ledger is not None:
             ray.kill(self.ledger)
             self.ledger = None
+
+    # ----- replicas added mid-run ----------------------------------------------------------------
+    def replicas_added(self, pipelines: list[list]) -> None:
+        """New replicas joined the swarm between rounds (neuroray.planner.upgrade): the next outer step
+        reduces over them too, the loop submits their inner steps, and the ledger knows their keys."""
+        from dataclasses import replace
+
+        self.outer.holders_by_range = self.swarm.by_range
+        self.cfg = replace(self.cfg, diloco=replace(self.cfg.diloco, replicas=len(self.swarm.replicas)))
+        d = self.cfg.data
+        self.tokens_per_step = d.microbatch_size * d.seq_len * d.num_microbatches * len(self.swarm.replicas)
+        holders = [h for p in pipelines for h in p]
+        if hasattr(self, "_holders"):  # utilisation windows (the loop's _begin made the list)
+            self._holders += holders
+            self._utilisation += [h.utilisation.remote() for h in holders]
+        if self.ledger is not None:
+            records = self.swarm.get([h.ponw_registration.remote() for h in holders], self.cfg.cluster.step_timeout_s,
+                                     "registering the added holders")
+            ray.get(self.ledger.register.remote([r for r in records if r is not None]),
+                    timeout=self.cfg.cluster.step_timeout_s)
 
     # ----- submission -------------------------------------------------------------------------
     def _submit(self, step: int, replica: int):
@@ -335,10 +356,11 @@ class Trainer:
         """Book one finished inner step: metrics.jsonl, Ray metrics, the bar and the progress line."""
         cfg, H = self.cfg, self.cfg.diloco.inner_steps
         self.stats.losses.append(loss)
+        self.tokens += self.tokens_per_step
         done = len(self.stats.losses)
         now = time.monotonic()
         elapsed = now - self._t0
-        tps = self.tokens_per_step * done / elapsed
+        tps = self.tokens / elapsed
         record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed,
                   # counted so far: a round's bytes show from the first step record after its outer step
                   "sync_bytes": self.stats.bytes_total("sync_bytes"),

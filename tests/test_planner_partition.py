@@ -206,6 +206,14 @@ def test_memory_in_wrong_units(nodes, says):
         load_config(["planner.holder_overhead=400"])
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_gpu_probe_timeout_must_be_positive(value):
+    with pytest.raises(ConfigError, match=r"planner.gpu_probe_timeout_s=.* must be positive") as info:
+        load_config([f"planner.gpu_probe_timeout_s={value}"])
+    assert "\n" not in str(info.value)
+    assert load_config(["planner.gpu_probe_timeout_s=5"]).planner.gpu_probe_timeout_s == 5.0
+
+
 def test_impossible_partition_of_a_fixed_model():
     big = ModelConfig(name="big", d_model=2048, n_layers=8, n_heads=32, n_kv_heads=8)
     cfg = _cfg(["8GB", "8GB"], model=big)

@@ -108,12 +108,32 @@ def test_a_joining_node_triggers_a_recompute(cluster):
     assert added.node_id in {h.node_id for rep in event.plan.holders for h in rep}
 
 
-def test_undeclared_gpu_memory_is_probed_then_a_clear_error(cluster):
+def test_undeclared_gpu_memory_is_probed_then_a_clear_error(cluster, caplog):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     c, _, _ = cluster
-    c.add_node(num_cpus=1, num_gpus=1, memory=2 * GiB, object_store_memory=80 * 2**20)
+    added = c.add_node(num_cpus=1, num_gpus=1, memory=2 * GiB, object_store_memory=80 * 2**20)
     c.wait_for_nodes()
     nodes = read_ray_nodes(PlannerConfig())
     probed = [n for n in nodes if n.gpus and not n.gpu_memory]
     assert len(probed) == 1 and probed[0].gpu_memory_source == "probe"  # CUDA absent here: the probe says 0
     with pytest.raises(PlanError, match="GPUs of unknown memory"):
         plan_for_cluster(_cfg(), nodes=nodes)
+
+    # With the node's GPU taken, the probe cannot start: it gives up after planner.gpu_probe_timeout_s (not the
+    # default 60 s) with a warning, and the memory stays unknown. (An idle probe here says 0 without a warning.)
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Busy:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    busy = Busy.options(scheduling_strategy=NodeAffinitySchedulingStrategy(added.node_id, soft=False)).remote()
+    try:
+        assert ray.get(busy.node.remote(), timeout=60) == added.node_id
+        with caplog.at_level("WARNING", logger="neuroray.planner.cluster"):
+            nodes = read_ray_nodes(PlannerConfig(gpu_probe_timeout_s=1.0))
+        assert [n.gpu_memory for n in nodes if n.node_id == added.node_id] == [0]
+        assert any(f"GPU memory probe on node {added.node_id[:8]} failed" in r.getMessage() for r in caplog.records)
+    finally:
+        ray.kill(busy)

@@ -61,3 +61,48 @@ def test_the_trainer_polls_at_its_interval_and_refuses_an_upgrade_that_does_not_
     assert lines[1].startswith("cluster watch: recomputed plan: 16 x 512")
     assert lines[2].startswith("upgrade to 16 x 512") and "refused: node0(2GiB) would need" in lines[2]
     assert watcher.current is running and up.upgrades == []
+
+
+def _usage(plans, req) -> dict:
+    """Host bytes per node: every plan's holders plus the last plan's outer-step room."""
+    used = {}
+    for p in plans:
+        for rep in p.holders:
+            for h in rep:
+                used[h.node_id] = used.get(h.node_id, 0) + p.stages[h.stage].memory.total
+    used[plans[-1].outer.node_id] = used.get(plans[-1].outer.node_id, 0) + plans[-1].outer.task_bytes
+    return used
+
+
+def test_new_replicas_fit_in_what_the_running_holders_leave_free():
+    """place_ranges (planner.add_replicas) puts new replicas of the running model and split beside the running
+    holders, numbered after them, never beyond any node's safety fraction counting the outer step of all
+    replicas; a grown model counts grown, so fewer fit; max_replicas-style caps hold; a node that cannot
+    take a whole replica gets none."""
+    from neuroray.planner import parse_nodes
+    from neuroray.planner.expand import place_ranges
+
+    cfg = _cfg(["2GiB"], stages=2, max_replicas=1, holder_overhead="100MB")
+    running = plan_for_cluster(cfg)
+    req = request_from_config(cfg)
+    nodes = parse_nodes(["2GiB", "3GiB"])
+    extra = place_ranges(nodes, req, running.model, running.ranges, running=list(running.holders),
+                         device=running.device, most=100)
+    assert extra.replicas >= 2 and extra.ranges == running.ranges and extra.model == running.model
+    assert [rep[0].replica for rep in extra.holders] == list(range(1, extra.replicas + 1))
+    by_id = {n.node_id: n for n in nodes}
+    for node_id, used in _usage([running, extra], req).items():
+        assert used <= by_id[node_id].memory * req.safety_fraction, (node_id, used)
+    assert place_ranges(nodes, req, running.model, running.ranges, running=list(running.holders),
+                        device=running.device, most=1).replicas == 1
+    # grown to 16 x 512 the running holders take more of node0 and each new replica is bigger: fewer fit
+    deep = scaling.shape(16, 512, running.model)
+    grown = migration_ranges(running.ranges, running.model, deep)
+    bigger = place_ranges(nodes, req, deep, grown, running=list(running.holders), device=running.device, most=100)
+    assert 1 <= bigger.replicas < extra.replicas
+    for node_id, used in _usage([dataclasses.replace(running, stages=bigger.stages), bigger], req).items():
+        assert used <= by_id[node_id].memory * req.safety_fraction, (node_id, used)
+    # a joined node too small for a whole replica of the running model: nothing is placed
+    tiny = parse_nodes(["2GiB", "500MB"])
+    assert place_ranges(tiny, req, deep, grown, running=list(running.holders), device=running.device,
+                        most=100).replicas == 0

@@ -32,54 +32,88 @@ def cluster():
     c.shutdown()
 
 
-def _cfg(tmp_path, run):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One corpus, data store and key folder for every run here: the same holder keys read the same shards,
+    so runs that differ only after a join see the same batches before it."""
+    return tmp_path_factory.mktemp("upgrade")
+
+
+def _cfg(workdir, run, **more):
+    """The runs' config; ``more``: overrides by key with "__" for ".", e.g. ``planner__max_replicas=2``."""
     from neuroray.config import load_config
     from tests.test_pipeline_ray import _write_corpus
 
-    corpus = tmp_path / "corpus.txt"
+    corpus = workdir / "corpus.txt"
     if not corpus.exists():
         _write_corpus(corpus)
-    return load_config([
-        "model=auto", "model.max_seq_len=64", f"data.source={corpus}", f"data.store={tmp_path / 'store'}",
-        "data.vocab_size=320", "data.shard_tokens=4096", "data.seq_len=16", "data.microbatch_size=2",
-        "data.num_microbatches=2", f"swarm.key_dir={tmp_path / 'keys'}", f"diloco.inner_steps={H}",
-        "diloco.inner_lr=0.003", f"rounds={ROUNDS}", f"run_dir={tmp_path / run}", "cluster.cpus_per_holder=0.25",
-        "sample_tokens=4", "planner.stages=2", "planner.max_replicas=1", "planner.holder_overhead=100MB",
-        "planner.upgrade_every_nodes=1", "planner.watch_interval_s=0.001", "checkpoint.every_round=true",
-        "checkpoint.interval_s=0",
-    ])
+    overrides = {
+        "model": "auto", "model.max_seq_len": 64, "data.source": corpus, "data.store": workdir / "store",
+        "data.vocab_size": 320, "data.shard_tokens": 4096, "data.seq_len": 16, "data.microbatch_size": 2,
+        "data.num_microbatches": 2, "swarm.key_dir": workdir / "keys", "diloco.inner_steps": H,
+        "diloco.inner_lr": 0.003, "rounds": ROUNDS, "run_dir": workdir / run, "cluster.cpus_per_holder": 0.25,
+        "sample_tokens": 4, "planner.stages": 2, "planner.max_replicas": 1, "planner.holder_overhead": "100MB",
+        "planner.upgrade_every_nodes": 1, "planner.watch_interval_s": 0.001, "checkpoint.every_round": "true",
+        "checkpoint.interval_s": 0,
+    } | {k.replace("__", "."): v for k, v in more.items()}
+    return load_config([f"{k}={v}" for k, v in overrides.items()])
 
 
-def test_model_auto_trains_and_grows_live_when_a_node_joins(cluster, tmp_path):
-    from safetensors.torch import load_file
-
-    from neuroray.snapshot import SnapshotStore
-    from neuroray.train import run
-
-    # 1. model=auto end to end on the head alone: the law's 8 x 256, planned, placed, trained, no upgrade
-    lines = []
-    control = run(_cfg(tmp_path, "control"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    assert "\nmodel: 8 x 256" in "\n".join(lines), lines[:5]  # the plan, printed before training
-    assert len(control.losses) == ROUNDS * H and all(math.isfinite(v) for v in control.losses)
-    assert control.upgrades == [] and not any("cluster watch" in line for line in lines)
-    assert json.loads((control.checkpoint / "meta.json").read_text())["model"]["d_model"] == 256
-    assert math.isfinite(control.eval_loss) and control.eval_loss < control.losses[0]
-
-    # 2. the same run, with a node joining once the swarm is up (the log line "train: ..." comes right
-    #    before the loop starts, after the watcher took its first look)
-    lines, added = [], []
-
+def _logger(lines, on_train=None):
+    """Collect log lines; call ``on_train()`` once, at "train: ...", logged once the watcher took its first look
+    and right before the loop starts."""
     def log(*a, **k):
         line = " ".join(map(str, a))
         lines.append(line)
-        if line.startswith("train:") and not added:
-            added.append(cluster.add_node(num_cpus=1, **JOINER))
-            cluster.wait_for_nodes()
+        if line.startswith("train:") and on_train is not None and not any(x.startswith("train:") for x in lines[:-1]):
+            on_train()
+    return log
 
-    grown = run(_cfg(tmp_path, "grown"), log=log)
-    assert any(line.startswith(f"cluster watch: joined {added[0].node_id[:8]}") for line in lines), lines
+
+@pytest.fixture(scope="module")
+def control(cluster, workdir):
+    """model=auto end to end on the head alone: the law's 8 x 256, one replica, no join."""
+    from neuroray.train import run
+
+    lines = []
+    return run(_cfg(workdir, "control"), log=_logger(lines)), lines
+
+
+@pytest.fixture(scope="module")
+def grown(cluster, workdir, control):
+    """The same run with a 10 GiB node joining once the swarm is up: it upgrades after round 1."""
+    from neuroray.train import run
+
+    lines, added = [], []
+
+    def join():
+        added.append(cluster.add_node(num_cpus=1, **JOINER))
+        cluster.wait_for_nodes()
+
+    result = run(_cfg(workdir, "grown"), log=_logger(lines, join))
+    return result, lines, added[0]
+
+
+def test_model_auto_trains_and_grows_live_when_a_node_joins(control, grown):
+    from safetensors.torch import load_file
+
+    from neuroray.snapshot import SnapshotStore
+
+    # 1. model=auto end to end on the head alone: the law's 8 x 256, planned, placed, trained, no upgrade
+    control, lines = control
+    assert "\nmodel: 8 x 256" in "\n".join(lines), lines[:5]  # the plan, printed before training
+    assert len(control.losses) == ROUNDS * H and all(math.isfinite(v) for v in control.losses)
+    assert control.upgrades == [] and control.additions == [] and not any("cluster watch" in line for line in lines)
+    assert json.loads((control.checkpoint / "meta.json").read_text())["model"]["d_model"] == 256
+    assert math.isfinite(control.eval_loss) and control.eval_loss < control.losses[0]
+
+    # 2. the same run, with a node joining once the swarm is up
+    grown, lines, added = grown
+    assert any(line.startswith(f"cluster watch: joined {added.node_id[:8]}") for line in lines), lines
     assert any(line.startswith("cluster watch: recomputed plan: 16 x 512") for line in lines), lines
     assert len(grown.upgrades) == 1, [line for line in lines if "watch" in line or "upgrade" in line]
+    # planner.max_replicas=1: the joined node gets no replica of its own here (test_a_joined_node_gets... does)
+    assert grown.additions == [] and any("no replicas added: planner.max_replicas=1" in line for line in lines)
     up = grown.upgrades[0]
     assert up["round"] == 1 and up["growth"] >= 1.3
     assert (up["from"]["n_layers"], up["from"]["d_model"], up["to"]["n_layers"], up["to"]["d_model"]) == (8, 256, 16, 512)
@@ -103,3 +137,66 @@ def test_model_auto_trains_and_grows_live_when_a_node_joins(cluster, tmp_path):
     # Proofs of Neural Work went on after the growth (the ledger learned the deeper model and the grown
     # ranges): every proof of every round verified and credited
     assert grown.ledger["proofs_rejected"] == 0 and grown.ledger["proofs_credited"] == ROUNDS * 2
+
+
+def test_resume_after_an_upgrade_continues_on_the_grown_model(workdir, grown):
+    """resume=true of the run that grew: the driver takes 16 x 512, its ranges and its one replica from the
+    snapshots (not the law's plan for the cluster today) and carries on from the last round's snapshot set."""
+    from neuroray.train import run
+
+    grown, _, _ = grown
+    lines = []
+    resumed = run(_cfg(workdir, "grown", rounds=ROUNDS + 1, resume="true"), log=_logger(lines))
+    assert resumed.start_step == ROUNDS * H
+    assert f"resume: continuing from the snapshot set of step {ROUNDS * H} in {grown.run_dir / 'snapshots'}" in lines
+    assert "\nmodel: 16 x 512" in "\n".join(lines), lines[:8]  # the recorded model is what is placed
+    assert len(resumed.losses) == H and resumed.upgrades == []
+    # the learned state came back: well below where the run started (~5.5-5.8) and a fresh model's ln(320) = 5.8
+    # (measured 4.3 and 4.1 after 3.8 at the end of round 3; single steps' batches differ by ~0.5, so no closer)
+    assert max(resumed.losses) < min(grown.losses[:H]) - 0.5, (resumed.losses, grown.losses)
+    assert json.loads((resumed.checkpoint / "meta.json").read_text())["model"]["d_model"] == 512
+    # the same ledger goes on: the resumed holders' proofs of the deeper model verify and are credited
+    assert resumed.ledger["proofs_rejected"] == 0 and resumed.ledger["proofs_credited"] == (ROUNDS + 1) * 2
+
+
+def test_a_joined_node_gets_a_new_replica_on_the_grown_model(cluster, workdir, control, grown):
+    """planner.add_replicas: a 10 GiB node joins a 1-replica run (1 CPU per holder: the head's 3 CPUs take one
+    replica and the outer-step reserve). After round 1 the holders grow to 16 x 512 and a second replica
+    starts on the joined node at 16 x 512, at theta0 and with replica 0's AdamW state; round 2's outer step
+    reduces both replicas, the loss stays on the 1-replica run's curve, and every proof, the new holders'
+    too, is credited."""
+    from neuroray.snapshot import SnapshotStore
+    from neuroray.train import run
+
+    control, _ = control
+    cluster.remove_node(grown[2])  # the head alone again, as when the control run started
+    lines, added = [], []
+
+    def join():
+        added.append(cluster.add_node(num_cpus=3, **JOINER))
+        cluster.wait_for_nodes()
+
+    result = run(_cfg(workdir, "added", cluster__cpus_per_holder=1.0, planner__max_replicas=2),
+                 log=_logger(lines, join))
+    assert len(result.upgrades) == 1 and result.upgrades[0]["round"] == 1, [x for x in lines if "watch" in x]
+    assert len(result.additions) == 1, [line for line in lines if "watch" in line or "grow" in line]
+    add = result.additions[0]
+    assert add["round"] == 1 and add["replicas"] == [1] and (add["model"]["n_layers"], add["model"]["d_model"]) == (16, 512)
+    assert any(line.startswith("grow: after round 1 added replica(s) [1] of 16 x 512") for line in lines), lines
+    # the new replica's holders run on the joined node and were snapshotted at once, grown
+    snap = SnapshotStore(str(result.run_dir / "snapshots"), "r1-s1").read(H)
+    assert snap.meta["architecture"]["model"]["d_model"] == 512 and snap.meta["counters"]["outer_rounds"] == 1
+    # identical to the 1-replica run until the join; then the mean over both replicas stays on its curve
+    assert result.losses[:H] == pytest.approx(control.losses[:H], rel=1e-6)
+    # A step's loss is now the mean over two replicas' batches, the new one from its own shard: single steps
+    # differ by batch noise (measured up to +0.31), the mean over the rounds after the join by up to +0.16. A
+    # new replica that came up untrained (~5.8) would add ~+1 to every step, and its delta would drag theta0.
+    after, before = result.losses[H:], control.losses[H:]
+    assert all(g < c + 0.6 for g, c in zip(after, before)), (result.losses, control.losses)
+    assert sum(after) / len(after) < sum(before) / len(before) + 0.3, (result.losses, control.losses)
+    assert result.losses[-1] < result.losses[0]
+    # round 1: 2 holders; rounds 2 and 3: 4. Each new holder's first round was aggregated (else 0 NEURO)
+    assert result.ledger["proofs_rejected"] == 0 and result.ledger["proofs_credited"] == 2 + 4 * (ROUNDS - 1)
+    assert all(result.ledger["balances_neuro"].get(node, 0) > 0 for node in add["node_ids"]), result.ledger
+    assert not any("rejected holder" in line for line in lines)
+    assert json.loads((result.checkpoint / "meta.json").read_text())["model"]["d_model"] == 512

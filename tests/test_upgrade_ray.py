@@ -171,3 +171,40 @@ def test_a_grown_holder_restarts_from_its_grown_snapshot(ray_cluster, tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     ray.kill(h)
     ray.kill(fresh)
+
+
+def test_holders_dying_during_the_growth_come_back_grown(ray_cluster, tmp_path):
+    """Holders that die inside grow() (fault injection: the process exits) come back -- Ray restarts them on
+    their original, small spec -- and the migration completes: r1-s0 copies its grown peer r0-s0; r0-s1 has no
+    grown peer (r1-s1 died too), so it rejoins at range 1's theta0 from before the growth and grows again
+    (seeded: where the others landed), and r1-s1 then copies it. The logits are those of before the growth,
+    every holder holds the grown theta0 at the swarm's round, and training goes on."""
+    ray = ray_cluster
+    swarm, outer = _swarm(tmp_path)
+    try:
+        g = torch.Generator().manual_seed(0)
+        held_out = _markov_batch(torch.Generator().manual_seed(99), n=16, t=24)
+        _round(ray, swarm, outer, g, 0)
+        before = [_look(ray, p, *held_out) for p in swarm.replicas]
+        new = GROWTHS[2][1]  # depth and width at once, 2 x 64 -> 7 x 192
+        ranges = migration_ranges(swarm.ranges, OLD, new)
+        ray.get([h.fail_at.remote("grow") for h in (swarm.replicas[1][0], swarm.replicas[0][1], swarm.replicas[1][1])])
+        lines = []
+        migrate(swarm, outer, OLD, new, ranges, seed=4, timeout_s=120, recovery_timeout_s=120, log=lines.append)
+        assert swarm.ranges == ranges and [i["layers"] for i in swarm.infos] == ranges + ranges
+        assert lines == ["upgrade: holder r0-s1 died during its growth; restarted and grew again from the range's theta0",
+                         "upgrade: holder r1-s0 died during its growth; restarted and copied its grown range from a peer",
+                         "upgrade: holder r1-s1 died during its growth; restarted and copied its grown range from a peer"]
+        for p, (logits, loss) in zip(swarm.replicas, before):
+            after, after_loss = _look(ray, p, *held_out)
+            torch.testing.assert_close(after, logits, rtol=0, atol=1e-5)
+        for s, holders in enumerate(swarm.by_range):
+            theta0 = ray.get(outer.theta0[s])
+            for h in holders:
+                torch.testing.assert_close(ray.get(h.flat_params.remote()), theta0, rtol=0, atol=0)
+                assert ray.get(h.counters.remote())["outer_rounds"] == outer.rounds
+        losses, _ = _round(ray, swarm, outer, g, 10_000)
+        _, after_round = _look(ray, swarm.replicas[0], *held_out)
+        assert all(torch.isfinite(torch.tensor(losses))) and after_round < before[0][1] + 0.05
+    finally:
+        swarm.shutdown()

@@ -7,7 +7,8 @@ tasks and actors may use). Ray does not track GPU memory, so per GPU node it is 
    node's total GPU memory in GiB, e.g. ``ray start --num-gpus=8 --resources='{"gpu_memory_gib": 640}'``;
 2. the accelerator type Ray detected (``accelerator_type:H100`` -> 80 GiB, table below, the smaller
    variant where a type comes in several);
-3. a probe task pinned to the node that asks ``torch.cuda.mem_get_info()`` (``planner.probe_gpu_memory``).
+3. a probe task pinned to the node that asks ``torch.cuda.mem_get_info()`` (``planner.probe_gpu_memory``),
+   waiting at most ``planner.gpu_probe_timeout_s`` for a GPU there (busy GPUs: the memory stays unknown).
 
 Or from ``cluster.nodes``: one entry per node, ``"24GB"`` (host memory), ``"64GB+8x80GB"`` (host and
 8 GPUs of 80 GB each), ``"10x4GB"`` (ten nodes of 4 GB). CPUs are then unknown and do not limit holders.
@@ -102,7 +103,7 @@ def nodes_from_ray(raw: list[dict], planner: PlannerConfig, probe: Callable[[str
     return out
 
 
-def _probe_gpu_memory(node_id: str, timeout_s: float = 60.0) -> int:
+def _probe_gpu_memory(node_id: str, timeout_s: float) -> int:
     """Total memory of one GPU on ``node_id``, asked of torch.cuda by a task pinned there; 0 if unknown."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -125,10 +126,10 @@ def _probe_gpu_memory(node_id: str, timeout_s: float = 60.0) -> int:
 _probed: dict[str, int] = {}  # node id -> bytes per GPU; a node's GPUs do not change while it lives
 
 
-def _cached_probe(node_id: str) -> int:
+def _cached_probe(node_id: str, timeout_s: float) -> int:
     """Probe once per node; a failed probe (0) is retried at the next read, e.g. once GPUs are free."""
     if not _probed.get(node_id):
-        _probed[node_id] = _probe_gpu_memory(node_id)
+        _probed[node_id] = _probe_gpu_memory(node_id, timeout_s)
     return _probed[node_id]
 
 
@@ -138,7 +139,7 @@ def read_ray_nodes(planner: PlannerConfig) -> list[NodeSpec]:
 
     if not ray.is_initialized():
         raise PlanError("not connected to Ray; call ray.init(address=...) first, or plan for cluster.nodes=[8GB,...]")
-    return nodes_from_ray(ray.nodes(), planner, _cached_probe)
+    return nodes_from_ray(ray.nodes(), planner, lambda node_id: _cached_probe(node_id, planner.gpu_probe_timeout_s))
 
 
 # ----- config -> request -> plan -----------------------------------------------------------------
@@ -167,6 +168,9 @@ def check_planner_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"planner.min_growth={p.min_growth} must be >= 1 (an upgrade never shrinks the model)")
     if p.watch_interval_s <= 0:
         raise ConfigError(f"planner.watch_interval_s={p.watch_interval_s} must be positive")
+    if not p.gpu_probe_timeout_s > 0:  # "not >": NaN fails too
+        raise ConfigError(f"planner.gpu_probe_timeout_s={p.gpu_probe_timeout_s} must be positive (seconds the GPU "
+                          "memory probe waits for a free GPU)")
     parse_nodes(cfg.cluster.nodes)
 
 
@@ -252,13 +256,14 @@ class ClusterWatcher:
     on_change: Callable[[WatchEvent], None] | None = None
     joins_since_upgrade: int = 0
     known: set = field(default_factory=set)
+    nodes: list = field(default_factory=list)  # what the last read saw (new replicas are placed on these)
 
     def __post_init__(self):
         if self.read_nodes is None:
             self.read_nodes = lambda: cluster_nodes(self.cfg)
         self.request = request_from_config(self.cfg)
         self.rule = UpgradeRule(self.cfg.planner.upgrade_every_nodes, self.cfg.planner.min_growth)
-        nodes = self.read_nodes()
+        nodes = self.nodes = self.read_nodes()
         self.known = {n.node_id for n in nodes if n.alive}
         if self.current is None:
             self.current = plan(nodes, self.request)
@@ -267,7 +272,7 @@ class ClusterWatcher:
 
     def poll(self) -> WatchEvent | None:
         """One look at the cluster; None when no node joined or left."""
-        nodes = self.read_nodes()
+        nodes = self.nodes = self.read_nodes()
         ids = {n.node_id for n in nodes if n.alive}
         joined, left = sorted(ids - self.known), sorted(self.known - ids)
         if not joined and not left:

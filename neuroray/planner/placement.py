@@ -93,8 +93,9 @@ def reserve_plan(plan: Plan, timeout_s: float, name: str = "neuroray") -> list:
         )
     groups = []
     for r in range(plan.replicas):
+        # named by the holders' replica number: a plan of replicas added mid-run starts after the running ones
         groups.append(placement_group(
-            plan.bundles(r), strategy=plan.within_replica, name=f"{name}-replica-{r}",
+            plan.bundles(r), strategy=plan.within_replica, name=f"{name}-replica-{plan.holders[r][0].replica}",
             bundle_label_selector=[{NODE_LABEL: node} for node in plan.node_ids(r)],
         ))
     _wait_all(groups, timeout_s, lambda r: f"{plan.num_stages} stage(s) on {', '.join(sorted(set(plan.node_ids(r))))}",

@@ -19,10 +19,16 @@ the layer ranges grow. New identity layers are spread evenly between the old one
 (:func:`~neuroray.model.growth.depth_layout`) and each joins the range of the old layer right before
 it (new layers in front of layer 0 join range 0): :func:`~neuroray.model.growth.new_ranges_for`.
 So every range grows by about the same factor, every holder grows from its own layers only (no
-tensor crosses holders), and the pipeline computes what it did. The new plan's own split, replica
-count and placement are not applied mid-run: no holders are started for joined nodes, and the
-upgrade is refused (logged, training goes on with the current model) if the grown holders would not
-fit their nodes' memory by the planner's accounting.
+tensor crosses holders), and the pipeline computes what it did. The new plan's own split and
+placement are not applied mid-run, and the upgrade is refused (logged, training goes on with the
+current model) if the grown holders would not fit their nodes' memory by the planner's accounting.
+A holder that dies inside its growth is brought back grown (:func:`_recover_grown`).
+
+**New holders on joined nodes** (``planner.add_replicas``): after the poll's migration, if any, as
+many new replicas of the running model and split as fit beside the running holders
+(:func:`~neuroray.planner.expand.place_ranges`) start in placement groups of their own and join the
+next round (``Swarm.add_replicas``, ``Trainer.replicas_added``): new holders start on the new
+architecture.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ import ray
 import torch
 
 from neuroray.config import ModelConfig, TrainConfig
+from neuroray.errors import PipelineError
 from neuroray.model.growth import flat_to_state, grow_state_dict, new_ranges_for, state_to_flat
 from neuroray.planner import scaling
 from neuroray.planner.cluster import ClusterWatcher, WatchEvent
+from neuroray.planner.expand import place_ranges
 from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
-from neuroray.planner.partition import NodeSpec, Plan, PlanRequest
+from neuroray.planner.partition import NodeSpec, Plan, PlanError, PlanRequest
+
+MAX_ADDED = 1024  # replicas one poll may add without planner.max_replicas: a bound on trying, not a policy
 
 
 def migration_ranges(ranges: list[tuple[int, int]], old: ModelConfig, new: ModelConfig) -> list[tuple[int, int]]:
@@ -65,18 +75,36 @@ def _grow_outer_task(theta0, momentum, old_layout, new_layout, old, new, seed):
 
 
 def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple[int, int]], *, seed: int,
-            timeout_s: float) -> None:
+            timeout_s: float, recovery_timeout_s: float = 0.0, log: Callable[[str], None] = print) -> None:
     """Grow every holder of ``swarm`` and every range's theta0 and momentum in ``outer`` from ``old`` to ``new``.
 
     Call between outer rounds (nothing in flight). ``ranges``: :func:`migration_ranges` of the swarm's.
+    A holder that dies during its growth is waited for (``recovery_timeout_s``; 0: fail at once) and brought
+    to where the others are: :func:`_recover_grown`.
     """
     holders = [h for p in swarm.replicas for h in p]
     old_layouts = swarm.get([hs[0].param_layout.remote() for hs in swarm.by_range], timeout_s, "reading the ranges")
-    infos = swarm.get([h.grow.remote(new, ranges, seed) for h in holders], timeout_s, "growing the stage holders")
+    old_theta0 = list(outer.theta0)  # the ranges' theta0 before the growth: a restarted holder re-grows from it
+    refs = [h.grow.remote(new, ranges, seed) for h in holders]
+    if ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[1]:
+        raise PipelineError(f"growing the stage holders took longer than {timeout_s:g}s; raise cluster.step_timeout_s "
+                            "or check the Ray dashboard for stuck holders")
+    infos, died = [], []
+    for k, ref in enumerate(refs):
+        try:
+            infos.append(ray.get(ref))
+        except Exception as exc:  # noqa: BLE001 - a death is recovered below; anything else is the holder's error
+            if not _died(exc) or recovery_timeout_s <= 0:
+                swarm.get(ref, timeout_s, "growing the stage holders")  # raises it, unwrapped from Ray's
+            infos.append(None)
+            died.append(k)
+    for k in died:
+        infos[k] = _recover_grown(swarm, holders, infos, k, old_theta0, new, ranges, seed=seed, rounds=outer.rounds,
+                                  timeout_s=timeout_s, deadline=time.monotonic() + recovery_timeout_s, log=log)
     new_layouts = swarm.get([hs[0].param_layout.remote() for hs in swarm.by_range], timeout_s, "reading the ranges")
     refs = []
     for s in range(len(ranges)):
-        theta0, momentum = _grow_outer_task.remote(outer.theta0[s], outer.momentum[s], old_layouts[s], new_layouts[s],
+        theta0, momentum = _grow_outer_task.remote(old_theta0[s], outer.momentum[s], old_layouts[s], new_layouts[s],
                                                    old, new, seed)
         outer.theta0[s] = theta0
         outer.momentum[s] = None if outer.momentum[s] is None else momentum
@@ -84,8 +112,49 @@ def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple
         refs.append(theta0)
     ray.get(refs, timeout=timeout_s)  # surface a failed growth here, not at the next outer step
     outer.slices = None  # streaming: grown ranges are cut into fragments anew
-    swarm.ranges, swarm.infos = list(ranges), infos
+    swarm.ranges, swarm.infos, swarm.model = list(ranges), infos, new
     swarm.numels = [infos[s]["numel"] for s in range(len(ranges))]
+
+
+def _died(exc: BaseException) -> bool:
+    from neuroray.trainer import _holder_died
+
+    return _holder_died(exc)
+
+
+def _recover_grown(swarm, holders: list, infos: list, k: int, old_theta0: list, new: ModelConfig,
+                   ranges: list[tuple[int, int]], *, seed: int, rounds: int, timeout_s: float, deadline: float,
+                   log: Callable[[str], None]) -> dict:
+    """Holder ``k`` died during its growth: wait for Ray's restart (on its original spec; it restores its
+    newest snapshot, taken before this growth), then bring it to the grown state of its range.
+
+    With a peer of its range that grew, it copies that peer's range (grown weights = grown theta0, the
+    architecture, AdamW state), as a holder added mid-run does. Without one (a single replica, or every
+    holder of the range died) it rejoins at the range's theta0 from before the growth and grows again:
+    the growth is seeded, so it lands where the others did. Either way it takes the swarm's round count.
+    """
+    from neuroray.trainer import Trainer
+
+    stages = len(ranges)
+    r, s, h = k // stages, k % stages, holders[k]
+    try:
+        Trainer._wait_alive(h, deadline)
+        peers = [holders[j] for j in range(s, len(holders), stages) if j != k and infos[j] is not None]
+        if peers:
+            ray.get(h.join.remote(peers[0].export_range.remote(optimizer=True), rounds), timeout=timeout_s)
+            info = ray.get(h.info.remote(), timeout=timeout_s)
+            how = "copied its grown range from a peer"
+        else:
+            ray.get(h.rejoin.remote(old_theta0[s], rounds), timeout=timeout_s)
+            info = ray.get(h.grow.remote(new, ranges, seed), timeout=timeout_s)
+            how = "grew again from the range's theta0"
+    except Exception as exc:  # noqa: BLE001 - restarts exhausted, node lost, or it died once more
+        raise PipelineError(
+            f"holder r{r}-s{s} died during the upgrade to {scaling.describe(new)} and could not be brought back "
+            f"({type(exc).__name__}); the snapshot set before the upgrade is kept: rerun with resume=true, or raise "
+            "checkpoint.max_restarts / checkpoint.recovery_timeout_s") from None
+    log(f"upgrade: holder r{r}-s{s} died during its growth; restarted and {how}")
+    return info
 
 
 def fit_problem(placement: Plan, nodes: list[NodeSpec], new: ModelConfig, ranges: list[tuple[int, int]],
@@ -139,6 +208,7 @@ class Upgrader:
     log: Callable[[str], None] = print
     clock: Callable[[], float] = time.monotonic
     upgrades: list[dict] = field(default_factory=list)  # one record per migration done
+    additions: list[dict] = field(default_factory=list)  # one record per set of replicas added mid-run
 
     def __post_init__(self):
         if self.watcher is None:
@@ -168,7 +238,59 @@ class Upgrader:
             self.log(f"cluster watch: architecture kept ({event.reason})")
         if event.plan is None:
             self.log(f"cluster watch: {event.reason}; training goes on with the running holders")
-        return event.upgraded and self._upgrade(trainer, event)
+        grew = event.upgraded and self._upgrade(trainer, event)
+        # after a growth: new holders start on the new architecture
+        added = bool(event.joined) and self._add_replicas(trainer)
+        return grew or added
+
+    def _add_replicas(self, trainer) -> bool:
+        """Start as many new replicas as fit in what the running holders leave free (planner.add_replicas).
+
+        At the running model and split (just grown, if it grew), numbered after the running replicas, in
+        placement groups of their own pinned where :func:`~neuroray.planner.expand.place_ranges` counted
+        them; they take replica 0's range at theta0 and join the next round's outer step."""
+        req, model = self.watcher.request, trainer.cfg.model
+        if not self.cfg.planner.add_replicas or req.replicas:  # planner.replicas fixes the count
+            return False
+        if trainer.cfg.swarm.routing == "router":
+            self.log("cluster watch: no replicas added: swarm.routing=router keeps the holders it started with")
+            return False
+        running = self.plan.replicas
+        most = req.max_replicas - running if req.max_replicas else MAX_ADDED
+        if most < 1:
+            self.log(f"cluster watch: no replicas added: planner.max_replicas={req.max_replicas} are running")
+            return False
+        try:
+            extra = place_ranges(self.watcher.nodes, req, model, trainer.swarm.ranges, running=list(self.plan.holders),
+                                 device=self.plan.device, most=most)
+        except PlanError as exc:
+            self.log(f"cluster watch: no replicas added: {exc}")
+            return False
+        if not extra.holders:
+            self.log(f"cluster watch: no replica of {scaling.describe(model)} fits in what the running holders "
+                     "leave free")
+            return False
+        t0 = time.monotonic()
+        try:
+            new = trainer.swarm.add_replicas(extra, trainer.outer.rounds)
+        except Exception as exc:  # noqa: BLE001 - no room after all, a node gone: training goes on as it was
+            self.log(f"cluster watch: adding {extra.replicas} replicas failed ({str(exc).splitlines()[0]}); "
+                     f"training goes on with {running}")
+            return False
+        trainer.replicas_added(new)
+        by_id = {n.node_id: n for n in self.plan.nodes + extra.nodes}
+        self.plan = dataclasses.replace(self.plan, holders=self.plan.holders + extra.holders,
+                                        nodes=tuple(by_id.values()), outer=extra.outer)
+        nodes = sorted({h.node_name for rep in extra.holders for h in rep})
+        infos = trainer.swarm.infos[running * len(trainer.swarm.ranges):]
+        record = {"round": trainer.outer.rounds, "replicas": [rep[0].replica for rep in extra.holders],
+                  "nodes": nodes, "model": dataclasses.asdict(model), "node_ids": [i["node_id"] for i in infos],
+                  "seconds": time.monotonic() - t0}
+        self.additions.append(record)
+        self.log(f"grow: after round {record['round']} added replica(s) {record['replicas']} of "
+                 f"{scaling.describe(model)} on {', '.join(nodes)} in {record['seconds']:.1f}s; "
+                 f"{len(trainer.swarm.replicas)} replicas from round {record['round'] + 1}")
+        return True
 
     def _upgrade(self, trainer, event: WatchEvent) -> bool:
         old, new = trainer.cfg.model, event.plan.model
@@ -181,7 +303,8 @@ class Upgrader:
             return False
         t0 = time.monotonic()
         migrate(trainer.swarm, trainer.outer, old, new, ranges, seed=self.cfg.seed,
-                timeout_s=self.cfg.cluster.step_timeout_s)
+                timeout_s=self.cfg.cluster.step_timeout_s,
+                recovery_timeout_s=self.cfg.checkpoint.recovery_timeout_s, log=self.log)
         trainer.cfg = dataclasses.replace(trainer.cfg, model=new)
         if trainer.ledger is not None:  # proofs now claim the grown ranges of a deeper model: tell the ledger
             holders = [h for p in trainer.swarm.replicas for h in p]
@@ -194,5 +317,5 @@ class Upgrader:
         self.upgrades.append(record)
         self.log(f"upgrade: after round {record['round']} grew {scaling.describe(old)} -> {scaling.describe(new)} "
                  f"({event.growth:.2f}x parameters) in place in {record['seconds']:.1f}s; ranges "
-                 f"{[(a, b - 1) for a, b in ranges]}; no holders added for the joined nodes")
+                 f"{[(a, b - 1) for a, b in ranges]}")
         return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -302,13 +303,21 @@ class StageHolder:
         """Fault injection (benchmarks): every compute call takes ``factor`` x as long from now on."""
         self._slowdown = float(factor)
 
-    def rejoin(self, theta0: torch.Tensor) -> dict:
-        """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older)."""
+    def fail_at(self, method: str) -> None:
+        """Fault injection (tests): the process exits at the start of the next call to ``method`` ("grow"), as
+        a crash there would; Ray restarts it on the spec it was created with (``max_restarts``)."""
+        self._fail_at = method
+
+    def rejoin(self, theta0: torch.Tensor, outer_rounds: int | None = None) -> dict:
+        """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older);
+        ``outer_rounds``: and at the swarm's round count, so its next proof names the round the ledger expects."""
         self.abort_step()
         self.theta0 = theta0.to(self.device).clone()
         with torch.no_grad():
             vector_to_parameters(self.theta0.clone(), self.module.parameters())
         self.claims.clear()
+        if outer_rounds is not None:
+            self.outer_rounds = outer_rounds
         return self.counters()
 
     @_busy
@@ -451,6 +460,8 @@ class StageHolder:
         """
         from neuroray.model.growth import flat_to_state, grow_optimizer_state, grow_state_dict, state_to_flat
 
+        if getattr(self, "_fail_at", None) == "grow":
+            os._exit(1)
         assert not self._pending, f"{self.name}: grow with microbatches in flight"
         old, (lo, hi) = self.spec.model, ranges[self.spec.stage]
         old_names = [n for n, _ in self.module.named_parameters()]
@@ -564,20 +575,42 @@ class StageHolder:
         self._step_microbatches = 0
         self.optimizer.zero_grad(set_to_none=True)
 
-    def export_range(self) -> dict:
+    def export_range(self, optimizer: bool = False) -> dict:
         """Weights and theta0 of this range, for a restarted peer that has no snapshot of its own; with the
-        architecture, which a peer restarted on its original spec lacks after an upgrade."""
-        return {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
-                "theta0": self.theta0.detach().cpu(),
-                "architecture": self._architecture()}
+        architecture, which a peer restarted on its original spec lacks after an upgrade. ``optimizer``:
+        the AdamW state too, for a holder added mid-run (:meth:`join`)."""
+        out = {**{f"model.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()},
+               "theta0": self.theta0.detach().cpu(),
+               "architecture": self._architecture()}
+        if optimizer:
+            opt = self.optimizer.state_dict()
+            opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                            for i, st in opt["state"].items()}
+            out["optimizer"] = opt
+        return out
 
     def import_range(self, tensors: dict) -> None:
         rebuilt = self._adopt(tensors.get("architecture"))
         self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.theta0 = tensors["theta0"].to(self.device).clone()
         self._pending.clear()
+        if "optimizer" in tensors:  # load_state_dict moves the moments to the weights' device
+            self.optimizer.load_state_dict(tensors["optimizer"])
         if rebuilt:
             self._renew_prover()
+
+    def join(self, tensors: dict, outer_rounds: int) -> dict:
+        """A holder added mid-run (neuroray.planner.upgrade) takes a peer's range (:meth:`export_range` with
+        the optimizer) at theta0 between rounds, and the swarm's round count, so that its first proof names
+        the round the ledger's receipt does and starts at the theta0 the range's outer step knows.
+
+        The peer's AdamW moments come along: a fresh AdamW's first steps are sign-sized on every weight,
+        and that pseudo-gradient would pull the range's next outer step off the curve."""
+        self.import_range(tensors)
+        self.outer_rounds = outer_rounds
+        if self.prover is not None:
+            self._start_proof_round()
+        return self.counters()
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:

@@ -80,29 +80,16 @@ class Swarm:
             self.groups = reserve_replicas(
                 cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
             )
-        key_dir = Path(cfg.swarm.key_dir).expanduser()
-        routed = cfg.swarm.routing == "router"
+        self.model, self.vocab_size, self.data = cfg.model, vocab_size, data
+        self.snapshot_root, self.name_prefix = snapshot_root, name_prefix
         self.replicas: list[list] = []
         for r in range(cfg.diloco.replicas):
             pipeline = []
             for s in range(len(self.ranges)):
-                spec = HolderSpec(
-                    replica=r, stage=s, ranges=self.ranges, model=cfg.model, vocab_size=vocab_size,
-                    diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_dir / f"holder-r{r}-s{s}.pem"),
-                    torch_threads=c.torch_threads, use_gpu=c.gpus_per_holder > 0,
-                    snapshot_root=snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
-                    tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
-                )
-                if s == 0 and data is not None:
-                    spec = replace(spec, data_root=data.root, manifest=data.manifest, seq_len=cfg.data.seq_len,
-                                   microbatch_size=cfg.data.microbatch_size, data_start=0 if routed else None)
                 cpus, gpus = c.cpus_per_holder, c.gpus_per_holder
                 if plan is not None:
                     cpus, gpus = plan.holders[r][s].cpus, plan.holders[r][s].gpus
-                    spec = replace(spec, use_gpu=gpus > 0)
-                pipeline.append(holder_actor(spec, cpus, gpus, bundle_strategy(self.groups[r], s),
-                                             name=None if name_prefix is None else f"{name_prefix}{spec.slot}",
-                                             max_restarts=cfg.checkpoint.max_restarts, routed=routed))
+                pipeline.append(self._holder(r, s, cpus, gpus, bundle_strategy(self.groups[r], s), resume_step))
             self.replicas.append(pipeline)
         t0 = time.monotonic()
         self.infos = self.get([h.info.remote() for p in self.replicas for h in p], c.actor_start_timeout_s,
@@ -110,6 +97,53 @@ class Swarm:
         log(f"swarm: {len(self.replicas)} replicas x {len(self.ranges)} stages up in {time.monotonic() - t0:.1f}s; "
             f"ranges {[(lo, hi - 1) for lo, hi in self.ranges]}")
         self.numels = [self.infos[s]["numel"] for s in range(len(self.ranges))]
+
+    def _holder(self, r: int, s: int, cpus: float, gpus: float, strategy, resume_step: int | None):
+        """Start the holder of range ``s`` in replica ``r`` at the swarm's current model and split."""
+        cfg, c = self.cfg, self.cfg.cluster
+        key_path = Path(cfg.swarm.key_dir).expanduser() / f"holder-r{r}-s{s}.pem"
+        spec = HolderSpec(
+            replica=r, stage=s, ranges=self.ranges, model=self.model, vocab_size=self.vocab_size,
+            diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_path),
+            torch_threads=c.torch_threads, use_gpu=gpus > 0,
+            snapshot_root=self.snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
+            tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
+        )
+        routed = cfg.swarm.routing == "router"
+        if s == 0 and self.data is not None:
+            spec = replace(spec, data_root=self.data.root, manifest=self.data.manifest, seq_len=cfg.data.seq_len,
+                           microbatch_size=cfg.data.microbatch_size, data_start=0 if routed else None)
+        return holder_actor(spec, cpus, gpus, strategy,
+                            name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
+                            max_restarts=cfg.checkpoint.max_restarts, routed=routed)
+
+    def add_replicas(self, plan, outer_rounds: int) -> list[list]:
+        """Start the replicas of ``plan`` (neuroray.planner.expand: pinned to nodes, numbered after the running
+        ones) at the running model and split, between outer rounds: each holder takes replica 0's range (at
+        theta0, with its AdamW state) and the round count. Returns the new pipelines, already in
+        ``replicas``; on any failure nothing is added (the started holders and groups are removed)."""
+        c = self.cfg.cluster
+        groups = reserve_plan(plan, c.actor_start_timeout_s,
+                              name=f"{self.name_prefix or 'neuroray-'}added-{len(self.replicas)}")
+        new = []
+        try:
+            for g, rep in enumerate(plan.holders):
+                new.append([self._holder(h.replica, h.stage, h.cpus, h.gpus, bundle_strategy(groups[g], h.stage), None)
+                            for h in rep])
+            infos = self.get([h.info.remote() for p in new for h in p], c.actor_start_timeout_s,
+                             "starting the added holders")
+            peers = self.replicas[0]
+            self.get([h.join.remote(peers[s].export_range.remote(optimizer=True), outer_rounds)
+                      for p in new for s, h in enumerate(p)], c.step_timeout_s, "loading the added holders")
+        except BaseException:
+            for h in (h for p in new for h in p):
+                ray.kill(h)
+            release(groups)
+            raise
+        self.replicas += new
+        self.groups += groups
+        self.infos += infos
+        return new
 
     @property
     def by_range(self) -> list[list]:
