@@ -89,39 +89,8 @@ def failover(cfg, vocab, root, manifest, hangs: int, hang_s: float = 2.0) -> lis
         swarm.shutdown()
 
 
-def main(argv: list[str]) -> None:
-    import ray
-
-    opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("steps", "hangs"))
-    steps, hangs = int(opts.get("steps", 40)), int(opts.get("hangs", 20))
-    overrides = [a for a in argv if a.split("=", 1)[0] not in ("steps", "hangs")]
-    base = ["swarm=router", "cluster.cpus_per_holder=0.5", "cluster.torch_threads=1", "ponw.enabled=false", *overrides]
-    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
-    cfg2 = load_config(["diloco.replicas=1", "swarm.num_stages=2", *base])
-    root, manifest = ensure_dataset(cfg2.data, log=QUIET)
-    vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    cfg8 = load_config(["diloco.replicas=1", "swarm.num_stages=2", "data.num_microbatches=8", "swarm.balance=compute",
-                        *base])
-    try:
-        routed, healthy = throughput(cfg2, vocab, root, manifest, steps)
-        routed8, healthy8 = throughput(cfg8, vocab, root, manifest, max(steps // 4, 5))
-        # 8 microbatches per holder and step: a step's work must split finer than 1:1 for the router
-        # to give the fast holder its two thirds
-        cfg1 = load_config(["diloco.replicas=1", "swarm.num_stages=1", "data.num_microbatches=8", *base])
-        one, _ = throughput(cfg1, vocab, root, manifest, steps)
-        cfg_pair = load_config(["diloco.replicas=2", "swarm.num_stages=1", "data.num_microbatches=8", *base])
-        pair_slow, slow_stats = throughput(cfg_pair, vocab, root, manifest, steps, slow=2.0)
-        events = {"default": failover(load_config(["diloco.replicas=2", "swarm.num_stages=2", *base]),
-                                      vocab, root, manifest, hangs)}
-    finally:
-        ray.shutdown()
-    local = single_process(cfg2, vocab, root, Manifest.load(root), "bench", steps, 3, threads=2)
-    local8 = single_process(cfg8, vocab, root, Manifest.load(root), "bench", max(steps // 4, 5), 3, threads=2)
-    false_alarms = healthy.stuck + healthy8.stuck
-    cmd = " ".join(["python benchmarks/routing.py", *argv])
-    grace = load_config(base).swarm.start_grace_s
-    evs = events["default"]
+def report_failover(evs: list[dict], false_alarms, grace: float, stages: int, cmd: str) -> None:
+    """The failover table: the goal is on the hops a hang hit; calls queued behind them are reported apart."""
 
     def excess_ms(rows):
         return np.asarray([e["seconds"] - e["healthy_hop_s"] for e in rows]) * 1e3
@@ -137,14 +106,14 @@ def main(argv: list[str]) -> None:
           f"(healthy hop median {hop:.0f} ms); {len(behind)} queued behind them, p99 {pct(behind, 99):.0f} ms from "
           f"the hang; {false_alarms} false alarms in the healthy runs")
     append_row(
-        "Swarm routing: failover latency (start detection)",
+        "Swarm routing: failover latency (start detection)" + ("" if stages == 2 else f", {stages} stage x 2 holders"),
         ["swarm.start_grace_s", "hops hit", "p50 excess ms", "p99 excess ms", "healthy hop ms (median)",
          "queued behind: hops, p99 excess from the hang ms", "false alarms (healthy runs)", "goal p99 <= 100 ms",
          "machine", "command"],
         [f"{grace:g}", str(len(first)), f"{p50:.0f}", f"**{p99:.0f}**", f"{hop:.0f}",
-         f"{len(behind)}, {pct(behind, 99):.0f}", str(false_alarms), "met" if p99 <= 100 else "not met", machine(),
-         f"`{cmd}`"],
-        note=("2 stages x 2 holders; holders hung (`hang`, 2 s) at random moments. Per hop finished on another "
+         f"{len(behind)}, {pct(behind, 99):.0f}", "-" if false_alarms is None else str(false_alarms),
+         "met" if p99 <= 100 else "not met", machine(), f"`{cmd}`"],
+        note=(f"{stages} stage(s) x 2 holders; holders hung (`hang`, 2 s) at random moments. Per hop finished on another "
               "holder: time from when the hung holder was due to start it (its previous call finished) to its "
               "completion elsewhere, minus the range's healthy hop time (EWMA). A queued call not started "
               "`swarm.start_grace_s` after its turn is taken back and re-sent to the other holder's failover thread. "
@@ -153,6 +122,50 @@ def main(argv: list[str]) -> None:
               "of them is counted: an upper bound). False alarms: holders found stuck in the two "
               "healthy efficiency runs. The seed claims 200 ms; torchft detects in ~5 s; Petals bans a peer for 15 s."),
     )
+
+
+def main(argv: list[str]) -> None:
+    import ray
+
+    own = ("steps", "hangs", "only", "failover_stages")
+    opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in own)
+    steps, hangs = int(opts.get("steps", 40)), int(opts.get("hangs", 20))
+    # only=failover: just the failover table; failover_stages=1 hangs holders of a 1-stage x 2-holder swarm
+    # (2 holder processes on the cores instead of 4), to separate detection from CPU contention
+    only, fs = opts.get("only", "all"), int(opts.get("failover_stages", 2))
+    overrides = [a for a in argv if a.split("=", 1)[0] not in own]
+    base = ["swarm=router", "cluster.cpus_per_holder=0.5", "cluster.torch_threads=1", "ponw.enabled=false", *overrides]
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
+    cfg2 = load_config(["diloco.replicas=1", "swarm.num_stages=2", *base])
+    root, manifest = ensure_dataset(cfg2.data, log=QUIET)
+    vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    cfg8 = load_config(["diloco.replicas=1", "swarm.num_stages=2", "data.num_microbatches=8", "swarm.balance=compute",
+                        *base])
+    try:
+        if only == "failover":
+            events = {"default": failover(load_config(["diloco.replicas=2", f"swarm.num_stages={fs}", *base]),
+                                          vocab, root, manifest, hangs)}
+            report_failover(events["default"], None, load_config(base).swarm.start_grace_s, fs,
+                            " ".join(["python benchmarks/routing.py", *argv]))
+            return
+        routed, healthy = throughput(cfg2, vocab, root, manifest, steps)
+        routed8, healthy8 = throughput(cfg8, vocab, root, manifest, max(steps // 4, 5))
+        # 8 microbatches per holder and step: a step's work must split finer than 1:1 for the router
+        # to give the fast holder its two thirds
+        cfg1 = load_config(["diloco.replicas=1", "swarm.num_stages=1", "data.num_microbatches=8", *base])
+        one, _ = throughput(cfg1, vocab, root, manifest, steps)
+        cfg_pair = load_config(["diloco.replicas=2", "swarm.num_stages=1", "data.num_microbatches=8", *base])
+        pair_slow, slow_stats = throughput(cfg_pair, vocab, root, manifest, steps, slow=2.0)
+        events = {"default": failover(load_config(["diloco.replicas=2", f"swarm.num_stages={fs}", *base]),
+                                      vocab, root, manifest, hangs)}
+    finally:
+        ray.shutdown()
+    local = single_process(cfg2, vocab, root, Manifest.load(root), "bench", steps, 3, threads=2)
+    local8 = single_process(cfg8, vocab, root, Manifest.load(root), "bench", max(steps // 4, 5), 3, threads=2)
+    false_alarms = healthy.stuck + healthy8.stuck
+    cmd = " ".join(["python benchmarks/routing.py", *argv])
+    report_failover(events["default"], false_alarms, load_config(base).swarm.start_grace_s, fs, cmd)
     print(f"pipeline efficiency: routed {routed:,.0f} tok/s / one process {local:,.0f} tok/s = {routed / local:.2f}; "
           f"buffered {routed8:,.0f} / {local8:,.0f} = {routed8 / local8:.2f}")
     print(f"2x slower holder: {pair_slow:,.0f} tok/s / ideal 1.5 x {one:,.0f} = {pair_slow / (1.5 * one):.2f} "
