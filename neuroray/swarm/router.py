@@ -10,13 +10,19 @@ pipelines. For one inner step the :class:`Router` drives N microbatches hop by h
   always has the next one ready; an activation it produced waits in the object store until a holder
   downstream has room, and a holder with ``outbound_depth`` such activations gets no more work. No
   new microbatch starts while ``max_inflight`` are between their first forward and last backward.
-- **Failover.** A call is late after ``failover_k`` x the p99 of its holder's hop times (clamped to
-  ``[failover_floor_s, failover_ceiling_s]``). A late forward is *hedged*: a copy goes to another
-  holder from the hop's input, still in the object store, and the first to finish wins; nothing is
-  cancelled. A late gradient-applying call (backward, or the Validator's forward+backward) is first
-  *revoked* on its holder's control thread: only if it had not started is it re-sent, so a range
-  applies each microbatch's gradient exactly once. A dead holder's calls are re-sent at once, and the
-  microbatches whose gradient it had applied this step are re-applied on a live holder of its range.
+- **Stuck holders.** A holder runs its calls in order; if the head of its queue has not started
+  ``start_grace_s`` after its turn came, it is *taken back* on the holder's control thread (only if it
+  has not started: one lock decides), with the calls queued behind it, and all are re-sent. Re-sent and
+  hedged calls run on the new holder's ``failover`` thread, beside its own queue.
+- **Slow holders.** A started call is late after ``failover_k`` x the p99 of its holder's hop times
+  (clamped to ``[failover_floor_s, failover_ceiling_s]``). A late forward is *hedged*: a copy goes to
+  another holder from the hop's input, still in the object store, and the first to finish wins; nothing
+  is cancelled. A late gradient-applying call is revoked only if it had not started, so a range applies
+  each microbatch's gradient exactly once (claims carry an attempt id per call, so a hop may go back to
+  a holder it was taken from, but never runs twice there). At a step's tail an idle holder steals a
+  slower one's queued, unstarted calls.
+- **Dead holders.** Their calls are re-sent at once, and the microbatches whose gradient they had
+  applied this step are re-applied on a live holder of the range.
 - **Rejoining.** A dead holder is probed every ``probe_interval_s``; once Ray has restarted it (it
   restored its newest snapshot) it rejoins at the range's current theta0.
 
@@ -37,6 +43,7 @@ from neuroray.errors import PipelineError
 from neuroray.swarm.route_state import Call, Flight, HolderState, RouterStats, claim_kind, Failed, holder_died
 
 __all__ = ["Call", "Flight", "HolderState", "Router", "RouterStats", "holder_died"]
+
 
 class Router:
     def __init__(self, holders_by_range: list[list], cfg: SwarmConfig, theta0_of=None, recovery_timeout_s: float = 120.0,
