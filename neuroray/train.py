@@ -217,9 +217,11 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
         result.tokens_per_s = trainer.tokens / max(stats.elapsed_s, 1e-9)
         elapsed = stats.elapsed_s
-        # After an outer step every replica holds theta0: replica 0's ranges are the model. With streaming
-        # only the last fragment synced is at theta0; the others carry replica 0's steps since their sync.
-        state = merge_state_dicts(swarm.get([h.state_dict.remote() for h in swarm.replicas[0]], c.step_timeout_s,
+        # The model is theta0, the one every holder of a range agrees on: after the last outer step it is
+        # every replica's weights. With streaming only the fragment synced last is; the others would carry
+        # replica 0's own steps since their sync, which cost +5 % eval loss at M=4 (docs/diloco.md).
+        state = merge_state_dicts(swarm.get([h.state_dict.remote(at_theta0=True) for h in swarm.replicas[0]],
+                                            c.step_timeout_s,
                                             "collecting the final weights"))
     finally:
         if trainer is not None:  # its ledger actor too, even when training failed

@@ -110,6 +110,14 @@ def test_a_fragment_outer_step_touches_only_its_slice(tmp_path, mode):
             assert torch.equal(now[lo:hi], new[lo:hi]) and torch.equal(now[:lo], w[:lo]) and torch.equal(now[hi:], w[hi:])
         theta0 = new
     assert holders[0].outer_rounds == 3
+    # the final checkpoint is theta0 (the model every holder agrees on), not one holder's unsynced fragment
+    live = holders[0].flat_params()
+    assert not torch.equal(live, theta0)
+    at_theta0 = holders[0].state_dict(at_theta0=True)
+    names = [n for n, _ in holders[0].module.named_parameters()]
+    assert torch.equal(torch.cat([at_theta0[n].reshape(-1) for n in names]), theta0)
+    assert torch.equal(holders[0].flat_params(), live)  # the live weights are left as they were
+    assert torch.equal(torch.cat([holders[0].state_dict()[n].reshape(-1) for n in names]), live)
 
 
 def test_fragment_memory_keeps_full_size_vectors():

@@ -626,8 +626,17 @@ class StageHolder:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+    def state_dict(self, at_theta0: bool = False) -> dict[str, torch.Tensor]:
+        """This range's weights; ``at_theta0``: its theta0 instead, the model every holder of the range agrees on."""
+        if not at_theta0:
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        params = list(self.module.parameters())
+        with torch.no_grad():  # load theta0 in place and back, so tied weights follow as in load_theta0
+            current = parameters_to_vector(params).detach().clone()
+            vector_to_parameters(self.theta0.clone(), params)
+            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+            vector_to_parameters(current, params)
+        return state
 
     def counters(self) -> dict:
         return {"inner_steps": self.inner_steps, "outer_rounds": self.outer_rounds,
