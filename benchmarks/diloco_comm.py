@@ -41,9 +41,14 @@ from neuroray.train import run  # noqa: E402
 
 PNG = ROOT / "docs" / "diloco_loss.png"
 # (label, replicas M, inner steps H, compression, streaming fragments F); "sync" uses the diloco=sync preset
-RUNS = [("sync", 4, 1, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
+# "plain AdamW": one replica whose outer step (lr 1, no momentum) sets theta0 to its own weights, i.e. no
+# DiLoCo at all: one AdamW on the whole batch, so with batch=global the gradient data-parallel training averages
+RUNS = [("sync", 4, 1, "none", 1), ("plain AdamW", 1, 100, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
     ("M=4 H=50 int8", 4, 50, "int8", 1), ("M=4 H=50 fp16", 4, 50, "fp16", 1), ("M=4 H=10 int8", 4, 10, "int8", 1),
     ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2)]
+
+
+REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
 
 
 def _overrides(label: str, m: int, h: int, compression: str, fragments: int, args: dict, run_dir: str, extra=()):
@@ -56,7 +61,10 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
     return [
         *(["diloco=sync"] if label == "sync" else []),
         # the outer optimizer of every DiLoCo run: a diloco preset (outer=default: lr 0.7, Nesterov 0.9)
-        *([] if label == "sync" or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
+        *([] if label in REFERENCES or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
+        *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
+        # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
+        *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
         f"diloco.replicas={m}", f"diloco.inner_steps={h}", f"diloco.compression={compression}",
         f"diloco.streaming_fragments={fragments}",
         f"rounds={steps // h}", "swarm.num_stages=1", f"data.seq_len={seq_len}", f"data.microbatch_size={mb}",
@@ -118,7 +126,7 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
         k = max(len(ys) // 60, 1)  # smooth: mean of k consecutive steps, so 1200-step runs stay readable
         xs = [sum(xs[i:i + k]) / len(xs[i:i + k]) for i in range(0, len(xs), k)]
         ys = [sum(ys[i:i + k]) / len(ys[i:i + k]) for i in range(0, len(ys), k)]
-        style = "-" if r["label"] == "sync" else "--" if r["compression"] != "none" else ":"
+        style = "-" if r["label"] in REFERENCES else "--" if r["compression"] != "none" else ":"
         ax.plot(xs, ys, style, lw=2.2 if r["label"] == "sync" else 1.2,
                 label=f"{r['label']} (eval {r['eval_loss']:.3f})")
     ax.set_xlabel("training tokens (all replicas)")
@@ -132,11 +140,11 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def _goals(r: dict, sync: dict, ratio: float) -> str:
+    if r["label"] in REFERENCES:
+        return ""
     loss = r["eval_loss"] / sync["eval_loss"] - 1
-    goals = []
-    if r["label"] != "sync":
-        need = 3.8 if r["compression"] == "int8" else 0.95
-        goals.append(f"bytes >= {need}H: {'met' if ratio >= need * r['h'] else 'NOT met'}")
+    need = 3.8 if r["compression"] == "int8" else 0.95
+    goals = [f"bytes >= {need}H: {'met' if ratio >= need * r['h'] else 'NOT met'}"]
     if r["m"] == 4 and r["h"] == 50 and r["compression"] == "none" and r["fragments"] == 1:
         goals.append(f"loss <= +3%: {'met' if loss <= 0.03 else 'NOT met'}")
     if r["m"] == 1:

@@ -80,6 +80,11 @@ class DilocoConfig:
     # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
     # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
     streaming_fragments: int = 1
+    # Inner learning rate per step (neuroray/diloco/lr.py): constant | cosine (from inner_lr down to
+    # inner_lr * min_lr_ratio at the last step), after warmup_steps of linear warmup
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
@@ -409,6 +414,13 @@ def validate(cfg: TrainConfig) -> None:
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
     _check_streaming(cfg)
+    if dl.lr_schedule not in ("constant", "cosine"):  # lr.SCHEDULES
+        raise ConfigError(f"diloco.lr_schedule={dl.lr_schedule} is unknown; choose constant or cosine")
+    if not 0 <= dl.warmup_steps < cfg.rounds * dl.inner_steps:
+        raise ConfigError(f"diloco.warmup_steps={dl.warmup_steps} must be in [0, rounds x inner_steps = "
+                          f"{cfg.rounds * dl.inner_steps}); lower it or train longer")
+    if not 0 <= dl.min_lr_ratio <= 1:
+        raise ConfigError(f"diloco.min_lr_ratio={dl.min_lr_ratio} must be in [0, 1]")
     from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
 
     check_planner_config(cfg)

@@ -47,7 +47,8 @@ class RoutedTrainer(Trainer):
         seen = 0
         try:
             for step in range(self.start_step, self.total_steps):
-                loss = self.router.run_step(list(range(step * N, (step + 1) * N)), self.cfg.cluster.step_timeout_s)
+                loss = self.router.run_step(list(range(step * N, (step + 1) * N)), self.cfg.cluster.step_timeout_s,
+                                            self.inner_lr(step))
                 self._report_failovers(seen)
                 seen = len(self.router.stats.failovers)
                 self._record(step, loss)

@@ -157,7 +157,14 @@ class Trainer:
     # ----- submission -------------------------------------------------------------------------
     def _submit(self, step: int, replica: int):
         n = self.cfg.data.num_microbatches
-        return submit_inner_step(self.swarm.replicas[replica], n, step * n)
+        return submit_inner_step(self.swarm.replicas[replica], n, step * n, self.inner_lr(step))
+
+    def inner_lr(self, step: int) -> float:
+        """The inner learning rate of (0-based) inner step ``step``: diloco.lr_schedule over the whole run."""
+        from neuroray.diloco.lr import inner_lr_at
+
+        d = self.cfg.diloco
+        return inner_lr_at(step, self.total_steps, d.inner_lr, d.lr_schedule, d.warmup_steps, d.min_lr_ratio)
 
     def _collect(self, step: int, refs: list) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died."""
@@ -361,7 +368,8 @@ class Trainer:
         now = time.monotonic()
         elapsed = now - self._t0
         tps = self.tokens / elapsed
-        record = {"step": step + 1, "round": step // H + 1, "loss": loss, "tokens_per_s": tps, "elapsed_s": elapsed,
+        record = {"step": step + 1, "round": step // H + 1, "loss": loss, "lr": self.inner_lr(step),
+                  "tokens_per_s": tps, "elapsed_s": elapsed,
                   # counted so far: a round's bytes show from the first step record after its outer step
                   "sync_bytes": self.stats.bytes_total("sync_bytes"),
                   "control_bytes": self.stats.bytes_total("control_bytes")}

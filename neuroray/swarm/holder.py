@@ -321,11 +321,12 @@ class StageHolder:
         return self.counters()
 
     @_busy
-    def step(self, mean: bool = False, after=None) -> float:
+    def step(self, mean: bool = False, after=None, lr: float | None = None) -> float:
         """One inner AdamW step on the accumulated gradients; returns the pre-clip gradient norm.
 
         ``mean`` (swarm routing): the gradients were accumulated unscaled over however many microbatches
         the router sent here, so divide by that count; a holder that got none skips the step.
+        ``lr``: this step's inner learning rate (the driver's schedule, neuroray/diloco/lr.py).
         """
         if not mean:  # fixed routing runs calls in order, so no late copy of this step can still arrive
             self.claims.clear()
@@ -341,6 +342,9 @@ class StageHolder:
         assert not self._pending, f"{self.name}: step with {len(self._pending)} microbatches still in flight"
         clip = self.spec.diloco.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.inner_steps += 1

@@ -88,7 +88,7 @@ class Router:
         return min(ok, key=lambda h: (self._score(h, now), h.index)) if ok else None
 
     # ----- one inner step ---------------------------------------------------------------------
-    def run_step(self, mb_ids: list[int], timeout_s: float) -> float:
+    def run_step(self, mb_ids: list[int], timeout_s: float, lr: float | None = None) -> float:
         """Route microbatches ``mb_ids`` forward and back, then submit every live holder's inner step.
 
         Returns the mean loss. Raises PipelineError when a range has no live holder for
@@ -122,7 +122,7 @@ class Router:
         for hs in self.ranges:
             for h in hs:
                 if not h.down:
-                    h.barrier = h.handle.step.remote(mean=True, after=h.barrier)
+                    h.barrier = h.handle.step.remote(mean=True, after=h.barrier, lr=lr)
                     self.control[h.barrier] = ("step", h, None)
                 h.applied.clear()  # in the step now: a later death loses it with the holder's weights
         return sum(losses) / len(losses)

@@ -21,8 +21,9 @@ class StepRefs:
     tails: list  # the Driver's backward returns (None): kept so a failure in them is read, not leaked
 
 
-def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 0) -> StepRefs:
-    """Submit forward, backward and the optimizer step of one inner step; return the refs."""
+def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 0, lr: float | None = None) -> StepRefs:
+    """Submit forward, backward and the optimizer step (at inner learning rate ``lr``; None: the holders'
+    own) of one inner step; return the refs."""
     assert pipeline, "a pipeline needs at least one holder"
     first, last, middle = pipeline[0], pipeline[-1], pipeline[1:-1]
     scale = 1.0 / num_microbatches
@@ -43,5 +44,5 @@ def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 
         for holder in reversed(pipeline[:-1]):
             grad = holder.backward.remote(mb, grad)
         tails.append(grad)
-    steps = [holder.step.remote() for holder in pipeline]
+    steps = [holder.step.remote(lr=lr) for holder in pipeline]
     return StepRefs(losses, steps, tails)
