@@ -11,12 +11,13 @@ and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H
 at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
 outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
 ``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept``: the setting chosen with
-``benchmarks/diloco_outer_sweep.py``).
+``benchmarks/diloco_outer_sweep.py``). ``lr=cosine``: every run's inner lr warms up over its first 10 % of
+steps and decays to a tenth by its last (``diloco.lr_schedule=cosine``); without it the lr is constant.
 Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gradient payloads plus the
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
-                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [write=1]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [write=1]
 
 Writes docs/diloco_loss[_replica_batch][_<outer>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
@@ -184,12 +185,15 @@ def _write(results: list[dict], args: dict, cmd: str) -> None:
     title = (f"tiny model, 1 stage, {tokens:,} tokens per run (sync: 4 replicas, H=1), seq {args['seq_len']}, "
              + (f"global batch 4 x {args['mb']} sequences split over M replicas, {args['steps4']} steps"
                 if args["batch"] == "global" else f"{args['mb']} sequences per replica and step")
-             + (f", outer optimizer diloco={outer}" if outer != "default" else ""))
-    suffix = ("" if args["batch"] == "global" else "_replica_batch") + ("" if outer == "default" else f"_{outer}")
+             + (f", outer optimizer diloco={outer}" if outer != "default" else "")
+             + (", inner lr cosine (10 % warmup, decay to a tenth)" if args.get("lr") == "cosine" else ""))
+    suffix = ("" if args["batch"] == "global" else "_replica_batch") + ("" if outer == "default" else f"_{outer}") + (
+        "_cosine" if args.get("lr") == "cosine" else "") + ("" if args["steps4"] == "300" else f"_{args['steps4']}")
     png = PNG.with_name(f"diloco_loss{suffix}.png")
     _plot(results, png, title)
     section = f"DiLoCo: counted bytes and loss at equal tokens ({args['batch']} batch fixed" + (
-        ")" if outer == "default" else f", diloco={outer})")
+        "" if outer == "default" else f", diloco={outer}") + (", cosine lr" if args.get("lr") == "cosine" else "") + (
+        "" if args["steps4"] == "300" else f", {args['steps4']} steps") + ")"
     for r in results:
         bpt = r["sync_bytes"] / r["tokens"]
         ratio = sync_bpt / bpt
