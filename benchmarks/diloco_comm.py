@@ -17,7 +17,7 @@ Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gr
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
-                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [write=1]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1]
 
 Writes docs/diloco_loss[_replica_batch][_<outer>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
@@ -66,6 +66,7 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
         *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
         # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
         *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
+        *([f"seed={args['seed']}"] if "seed" in args else []),  # the initial weights; the same data and eval
         f"diloco.replicas={m}", f"diloco.inner_steps={h}", f"diloco.compression={compression}",
         f"diloco.streaming_fragments={fragments}",
         f"rounds={steps // h}", "swarm.num_stages=1", f"data.seq_len={seq_len}", f"data.microbatch_size={mb}",
@@ -188,12 +189,14 @@ def _write(results: list[dict], args: dict, cmd: str) -> None:
              + (f", outer optimizer diloco={outer}" if outer != "default" else "")
              + (", inner lr cosine (10 % warmup, decay to a tenth)" if args.get("lr") == "cosine" else ""))
     suffix = ("" if args["batch"] == "global" else "_replica_batch") + ("" if outer == "default" else f"_{outer}") + (
-        "_cosine" if args.get("lr") == "cosine" else "") + ("" if args["steps4"] == "300" else f"_{args['steps4']}")
+        "_cosine" if args.get("lr") == "cosine" else "") + ("" if args["steps4"] == "300" else f"_{args['steps4']}") + (
+        f"_seed{args['seed']}" if "seed" in args else "")
     png = PNG.with_name(f"diloco_loss{suffix}.png")
     _plot(results, png, title)
     section = f"DiLoCo: counted bytes and loss at equal tokens ({args['batch']} batch fixed" + (
         "" if outer == "default" else f", diloco={outer}") + (", cosine lr" if args.get("lr") == "cosine" else "") + (
-        "" if args["steps4"] == "300" else f", {args['steps4']} steps") + ")"
+        "" if args["steps4"] == "300" else f", {args['steps4']} steps") + (
+        f", seed {args['seed']}" if "seed" in args else "") + ")"
     for r in results:
         bpt = r["sync_bytes"] / r["tokens"]
         ratio = sync_bpt / bpt
