@@ -8,7 +8,7 @@ of the main table is chosen from measured rows rather than taken from the papers
 ``lr:0`` momentum means plain outer SGD without momentum (``diloco.nesterov=false``).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_outer_sweep.py [grid=0.4:0.8,0.4:0.9,...]
-                                                   [runs=M=4 H=50,M=1 H=50] [steps4=300] [write=1]
+                                                   [runs=M=4 H=50,M=1 H=50] [steps4=300] [lr=cosine] [write=1]
 
 Appends one row per (setting, run) to docs/benchmarks.md.
 """
@@ -65,12 +65,15 @@ def main(argv: list[str]) -> None:
         elif r["m"] == 1:
             goal = f"<= sync: {'met' if loss <= 0 else 'NOT met'}"
         append_row(
-            "DiLoCo: outer optimizer sweep (global batch fixed)",
+            "DiLoCo: outer optimizer sweep (global batch fixed" + (", cosine lr" if args.get("lr") == "cosine" else "")
+            + ("" if args["steps4"] == "300" else f", {args['steps4']} steps") + ")",
             ["outer lr", "outer momentum", "run", "M", "H", "eval loss", "vs sync", "goal", "s", "machine", "command"],
             [lr, mom, r["label"], str(r["m"]), str(r["h"]), f"{r['eval_loss']:.4f}", f"**{loss:+.2%}**", goal,
              f"{r['seconds']:.0f}", machine(), f"`{cmd}`"],
-            note=("Setup of `benchmarks/diloco_comm.py` (batch=global): tiny model, 1 stage, 307,200 tokens per "
-                  "run, 300 steps of 16 x 64 tokens split over M replicas, eval on the same 16 batches. "
+            note=("Setup of `benchmarks/diloco_comm.py` (batch=global): tiny model, 1 stage, "
+                  f"{sync['tokens']:,} tokens per run, {args['steps4']} steps of 16 x 64 tokens split over M replicas"
+                  + (", cosine inner lr (10 % warmup, decay to a tenth)" if args.get("lr") == "cosine" else "")
+                  + ", eval on the same 16 batches. "
                   "Outer momentum is Nesterov; momentum 0 is plain outer SGD (lr 1.0, momentum 0 = averaging). "
                   "The first row of a sweep is its synchronous baseline (`diloco=sync`)."))
 
