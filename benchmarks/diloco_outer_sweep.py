@@ -8,7 +8,7 @@ of the main table is chosen from measured rows rather than taken from the papers
 ``lr:0`` momentum means plain outer SGD without momentum (``diloco.nesterov=false``).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_outer_sweep.py [grid=0.4:0.8,0.4:0.9,...]
-                                                   [runs=M=4 H=50,M=1 H=50] [steps4=300] [lr=cosine] [write=1]
+                                                   [runs=M=4 H=50,M=1 H=50] [steps4=300] [lr=cosine] [seed=0] [write=1]
 
 Appends one row per (setting, run) to docs/benchmarks.md.
 """
@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
             goal = f"<= sync: {'met' if loss <= 0 else 'NOT met'}"
         append_row(
             "DiLoCo: outer optimizer sweep (global batch fixed" + (", cosine lr" if args.get("lr") == "cosine" else "")
-            + ("" if args["steps4"] == "300" else f", {args['steps4']} steps") + ")",
+            + ("" if args["steps4"] == "300" else f", {args['steps4']} steps")
+            + (f", seed {args['seed']}" if "seed" in args else "") + ")",
             ["outer lr", "outer momentum", "run", "M", "H", "eval loss", "vs sync", "goal", "s", "machine", "command"],
             [lr, mom, r["label"], str(r["m"]), str(r["h"]), f"{r['eval_loss']:.4f}", f"**{loss:+.2%}**", goal,
              f"{r['seconds']:.0f}", machine(), f"`{cmd}`"],
