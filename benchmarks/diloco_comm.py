@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> None:
         ray.shutdown()
     if args["write"] == "0":
         return
-    _write(results, args, "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py " + " ".join(argv))
+    _write(results, args, "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py " + shlex.join(argv))
 
 
 def _write(results: list[dict], args: dict, cmd: str) -> None:

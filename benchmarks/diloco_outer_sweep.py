@@ -16,6 +16,7 @@ Appends one row per (setting, run) to docs/benchmarks.md.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
         ray.shutdown()
     if args["write"] == "0":
         return
-    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_outer_sweep.py " + " ".join(argv)
+    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_outer_sweep.py " + shlex.join(argv)
     for lr, mom, r in [("1.0", "0 (sync)", sync), *rows]:
         loss = r["eval_loss"] / sync["eval_loss"] - 1
         goal = ""

@@ -32,6 +32,13 @@ def test_defaults_compose_to_plain_dataclasses():
     assert cfg.diloco.replicas == 2 and cfg.aggregator.name == "mean"
 
 
+@pytest.mark.parametrize("preset, outer", [("sync", (1.0, 0.0)), ("swept", (0.4, 0.7)), ("tuned", (0.5, 0.5))])
+def test_diloco_presets_compose_with_their_outer_optimizer(preset, outer):
+    # the benchmarks' tables name these presets; a preset that drifts from docs/diloco.md must fail here
+    d = load_config([f"diloco={preset}"]).diloco
+    assert (d.outer_lr, d.outer_momentum) == outer
+
+
 def test_overrides_are_applied_and_typed():
     cfg = load_config(["diloco.inner_steps=7", "swarm.num_stages=3", "model=small", "cluster.cpus_per_holder=0.25"])
     assert cfg.diloco.inner_steps == 7 and isinstance(cfg.diloco.inner_steps, int)
