@@ -25,7 +25,7 @@ test: venv
 	$(PY) -m pytest -q tests notebooks --nbmake $(ARGS)
 
 # the DiLoCo table of docs/diloco.md's headline (the script's defaults reproduce the older constant-lr table)
-DILOCO_BENCH := steps4=600 outer=swept lr=cosine
+DILOCO_BENCH := steps4=600 outer=tuned lr=cosine
 bench: venv
 	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f $$(test $$f = benchmarks/diloco_comm.py && echo "$(DILOCO_BENCH)") || exit 1; done
 
