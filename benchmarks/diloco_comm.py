@@ -10,8 +10,8 @@ Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step
 and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
 at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
 outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
-``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept``: the setting chosen with
-``benchmarks/diloco_outer_sweep.py``). ``lr=cosine``: every run's inner lr warms up over its first 10 % of
+``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept`` and ``tuned``: the settings chosen
+with ``benchmarks/diloco_outer_sweep.py``, ``tuned`` at the headline setup that ``make bench`` runs). ``lr=cosine``: every run's inner lr warms up over its first 10 % of
 steps and decays to a tenth by its last (``diloco.lr_schedule=cosine``); without it the lr is constant.
 Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gradient payloads plus the
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
@@ -19,7 +19,7 @@ broadcasts to every holder); control-plane bytes (outer reports, acknowledgement
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
                                                    [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1]
 
-Writes docs/diloco_loss[_replica_batch][_<outer>].png, appends the tables to docs/benchmarks.md (a row per run).
+Writes docs/diloco_loss[_replica_batch][_<outer>][_cosine][_<steps4>][_seed<N>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
 
 from __future__ import annotations
