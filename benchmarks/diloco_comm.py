@@ -1,6 +1,6 @@
 """DiLoCo measured: counted bytes and final eval loss at equal tokens, against the synchronous baseline.
 
-Every run goes through the real training path (``neuroray.train.run``: Ray stage-holder actors, the
+Every run goes through the real training path (``neuroray.training.run``: Ray stage-holder actors, the
 outer-step Ray task, compression on the holders) on the tiny model, one stage per replica, and trains
 the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup): every run takes
 ``steps4`` inner steps with the same global batch (``4 x mb`` sequences), split over its M replicas.
@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
-from neuroray.config import load_config  # noqa: E402
-from neuroray.train import run  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
+from neuroray.training.run import run  # noqa: E402
 
 PNG = ROOT / "docs" / "diloco_loss.png"
 # (label, replicas M, inner steps H, compression, streaming fragments F); "sync" uses the diloco=sync preset
@@ -215,7 +215,7 @@ def _write(results: list[dict], args: dict, cmd: str) -> None:
             [r["label"], str(r["m"]), str(r["h"]), r["compression"], f"{r['eval_loss']:.4f}", f"{loss:+.2%}",
              f"{bpt:,.1f}", f"**{ratio:,.1f}**", f"{r['payload_bytes'] / 1e6:,.1f} / {r['broadcast_bytes'] / 1e6:,.1f}",
              f"{r['control_bytes'] / r['tokens']:,.2f}", goals, f"{r['seconds']:.0f}", machine(), f"`{cmd}`"],
-            note=(f"Real training path (`neuroray.train.run`), {title}. Bytes: serialized sizes, measured by the "
+            note=(f"Real training path (`neuroray.training.run`), {title}. Bytes: serialized sizes, measured by the "
                   "outer-step task (a test checks them against Ray's object store), of every pseudo-gradient "
                   "payload and of what every holder fetched back (docs/diloco.md); "
                   "ratio = sync's bytes per token / the run's. Goals: ratio >= 0.95 H (fp32), >= 3.8 H (int8); "

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
-from neuroray.config import load_config  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
 from neuroray.generate import LoadedCheckpoint, LocalEngine, Sampler, Session, run_sessions  # noqa: E402
 from neuroray.genesis import train_tokenizer  # noqa: E402
 from neuroray.genesis.tokenizer import tokenizer_hash  # noqa: E402

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from neuroray.config import load_config  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
 from neuroray.genesis import Manifest, TokenStream, ensure_dataset, load_tokenizer  # noqa: E402
 from neuroray.model import build_monolith  # noqa: E402
 from benchmarks._report import append_row, machine  # noqa: E402

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
-from neuroray.config import load_config  # noqa: E402
-from neuroray.train import run  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
+from neuroray.training.run import run  # noqa: E402
 
 
 def _cfg(run_dir: str, rounds: int, extra: list[str]):

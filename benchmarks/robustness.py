@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
-from neuroray.config import AttackConfig, load_config  # noqa: E402
+from neuroray.config import AttackConfig  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
 from neuroray.diloco.sync import OuterMemory, outer_step  # noqa: E402
 
 REPLICAS, BYZANTINE, F = 8, 2, 2

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
 from benchmarks.pipeline_throughput import single_process  # noqa: E402
-from neuroray.config import load_config  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
 from neuroray.genesis import Manifest, ensure_dataset, load_tokenizer  # noqa: E402
 
 QUIET = lambda *a, **k: None  # noqa: E731

@@ -1,20 +1,19 @@
-"""Checkpoints: tensors in safetensors, metadata in JSON. Nothing here ever unpickles.
+"""The final model checkpoint: ``model.safetensors``, ``meta.json`` and a copy of ``tokenizer.json``.
 
-A checkpoint directory holds ``model.safetensors``, ``meta.json`` (model config, vocabulary size,
-tokenizer hash, training counters) and a copy of ``tokenizer.json``. It is written into a temporary
-sibling directory and renamed into place, so a half-written checkpoint is never visible.
+``meta.json`` holds the model config, vocabulary size, tokenizer hash and training counters. The folder
+is written by neuroray/artifacts.py like every snapshot: parts first, the manifest last, every part
+checked against it on load, so a half-written checkpoint is never loaded. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
+import fsspec
 import torch
-from safetensors.torch import load_file, save_file
 
+from neuroray.artifacts import ArtifactError, read_artifact, tensor_bytes, tensors_from, write_artifact
 from neuroray.errors import NeurorayError
 
 MODEL_FILE, META_FILE, TOKENIZER_FILE = "model.safetensors", "meta.json", "tokenizer.json"
@@ -26,15 +25,10 @@ class CheckpointError(NeurorayError):
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict, tokenizer_file: str | Path | None = None) -> Path:
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / MODEL_FILE))
+    parts = {MODEL_FILE: tensor_bytes(state), META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode()}
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+        parts[TOKENIZER_FILE] = Path(tokenizer_file).read_bytes()
+    write_artifact(fsspec.filesystem("file"), str(path.resolve()), parts)
     return path
 
 
@@ -43,8 +37,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not (path / META_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected {MODEL_FILE} and {META_FILE}); pass the run's checkpoint directory")
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        state = load_file(str(path / MODEL_FILE))
-    except Exception as exc:
+        parts = read_artifact(fsspec.filesystem("file"), str(path.resolve()), (MODEL_FILE, META_FILE), what="checkpoint")
+        meta = json.loads(parts[META_FILE])
+        state = tensors_from(parts[MODEL_FILE])
+    except (ArtifactError, ValueError) as exc:
         raise CheckpointError(f"checkpoint at {path} is unreadable ({exc}); retrain or use another checkpoint") from None
     return state, meta

@@ -8,7 +8,7 @@ Layout, one folder per holder slot (``r<replica>-s<stage>``) and per global inne
 
 A snapshot exists only once its manifest does, and is used only if both parts hash to what the
 manifest says; a torn or corrupt newest snapshot is skipped, with a warning, for the previous one.
-Nothing is ever unpickled: tensors go through safetensors, everything else through JSON.
+Writing and checking go through neuroray/artifacts.py, the project's one artefact writer.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import fsspec
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from neuroray.artifacts import is_complete, read_artifact, tensor_bytes, tensors_from, write_artifact
 
 log = logging.getLogger(__name__)
 
-TENSORS, META, MANIFEST = "tensors.safetensors", "meta.json", "MANIFEST.json"
+TENSORS, META = "tensors.safetensors", "meta.json"
 FORMAT_VERSION = 1
 
 
@@ -36,10 +36,6 @@ class Snapshot:
     step: int
     tensors: dict[str, torch.Tensor]
     meta: dict
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class SnapshotStore:
@@ -60,16 +56,9 @@ class SnapshotStore:
     # ----- writing ------------------------------------------------------------------------------
     def write(self, snap: Snapshot) -> None:
         """Write synchronously: parts first, then the manifest; then prune beyond ``keep``."""
-        d = self._step_dir(snap.step)
-        self.fs.makedirs(d, exist_ok=True)
-        tensors = st_save({k: v.detach().cpu().contiguous() for k, v in snap.tensors.items()})
         meta = json.dumps({**snap.meta, "format_version": FORMAT_VERSION, "step": snap.step}, sort_keys=True).encode()
-        for name, data in ((TENSORS, tensors), (META, meta)):
-            with self.fs.open(f"{d}/{name}", "wb") as f:
-                f.write(data)
-        manifest = {"step": snap.step, "created": time.time(), "parts": {TENSORS: _sha256(tensors), META: _sha256(meta)}}
-        with self.fs.open(f"{d}/{MANIFEST}", "wb") as f:
-            f.write(json.dumps(manifest, sort_keys=True).encode())
+        write_artifact(self.fs, self._step_dir(snap.step), {TENSORS: tensor_bytes(snap.tensors), META: meta},
+                       step=snap.step, created=time.time())
         self._prune()
 
     def write_async(self, snap: Snapshot) -> Future:
@@ -98,23 +87,14 @@ class SnapshotStore:
         for path in self.fs.ls(self.dir, detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("step-") and name[5:].isdigit():
-                if not complete_only or self.fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
+                if not complete_only or is_complete(self.fs, path.rstrip("/")):
                     out.append(int(name[5:]))
         return sorted(out)
 
     def read(self, step: int) -> Snapshot:
         """Read and verify one snapshot; ``ValueError`` naming the part when it is torn or corrupt."""
-        d = self._step_dir(step)
-        try:
-            manifest = json.loads(self.fs.cat_file(f"{d}/{MANIFEST}"))
-            parts = {name: self.fs.cat_file(f"{d}/{name}") for name in (TENSORS, META)}
-        except (FileNotFoundError, json.JSONDecodeError) as exc:
-            raise ValueError(f"snapshot {d} is incomplete ({exc})") from None
-        for name, data in parts.items():
-            if _sha256(data) != manifest["parts"].get(name):
-                raise ValueError(f"snapshot {d}/{name} does not match its manifest's SHA-256")
-        meta = json.loads(parts[META])
-        return Snapshot(step, st_load(parts[TENSORS]), meta)
+        parts = read_artifact(self.fs, self._step_dir(step), (TENSORS, META), what="snapshot")
+        return Snapshot(step, tensors_from(parts[TENSORS]), json.loads(parts[META]))
 
     def latest(self, at_most: int | None = None) -> Snapshot | None:
         """The newest snapshot that verifies (optionally at or before ``at_most``), skipping bad ones."""
@@ -136,12 +116,3 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def latest_common_step(stores: list[SnapshotStore]) -> int | None:
-    """The newest step for which every slot has a complete snapshot: a consistent set to resume."""
-    common = None
-    for store in stores:
-        steps = set(store.steps())
-        common = steps if common is None else common & steps
-    return max(common) if common else None

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroray.config import AggregatorConfig, load_config
+from neuroray.config import AggregatorConfig
+from neuroray.configure import load_config
 from neuroray.diloco.aggregate import AGGREGATORS, AggregationRefused, aggregate, config_problem, min_inputs
 from neuroray.diloco.numerics import augment, centred_gram, merge_exchange_pairs, sq_dists
 from neuroray.errors import ConfigError

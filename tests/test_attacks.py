@@ -6,7 +6,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig, load_config
+from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
+from neuroray.configure import load_config
 from neuroray.diloco.attacks import ATTACKS, alie_z, attack_problem, byzantine_count, simulate
 from neuroray.diloco.sync import OuterMemory, outer_step
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from neuroray.config import TrainConfig, load_config
+from neuroray.config import TrainConfig
+from neuroray.configure import load_config
 from neuroray.errors import ConfigError
 
 

@@ -4,7 +4,8 @@ and snapshots, and bytes counted from the serialized objects (checked against Ra
 import pytest
 import torch
 
-from neuroray.config import AggregatorConfig, DilocoConfig, ModelConfig, load_config
+from neuroray.config import AggregatorConfig, DilocoConfig, ModelConfig
+from neuroray.configure import load_config
 from neuroray.diloco.compress import PayloadError, check, decode, digest, encode, encode_update
 from neuroray.diloco.sync import OuterMemory, outer_step, outer_step_task, wire_bytes
 from neuroray.errors import ConfigError

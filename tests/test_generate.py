@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from neuroray.checkpoint import CheckpointError, save_checkpoint
 from neuroray.config import ModelConfig, to_dict
@@ -248,6 +249,7 @@ def test_checkpoint_that_does_not_fit_its_config(ckpt, tmp_path):
     bad = make_checkpoint(tmp_path / "bad")
     meta = json.loads((bad / "meta.json").read_text())
     meta["model"]["d_model"] = 64
-    (bad / "meta.json").write_text(json.dumps(meta))
+    # written through the checkpoint writer, so its manifest vouches for the mismatched meta.json
+    save_checkpoint(bad, load_file(str(bad / "model.safetensors")), meta, bad / "tokenizer.json")
     with pytest.raises(CheckpointError, match="does not fit its own meta.json"):
         load_for_inference(bad).monolith()

@@ -17,7 +17,7 @@ from neuroray.genesis import (
     ensure_dataset, load_shard, load_tokenizer, tokenizer_hash, verify_dataset,
 )
 from neuroray.genesis import build as build_mod
-from neuroray.genesis.__main__ import main as cli
+from neuroray.cli.genesis import main as cli
 from neuroray.genesis.store import Store
 from tests.test_genesis_corpus import SHARD_TOKENS, VOCAB, corpus_file, paragraphs, quiet, small_cfg, write_corpus
 
@@ -292,7 +292,7 @@ def test_token_stream_refuses_a_corrupt_local_shard_before_use(built_copy):
 
 
 def test_data_config_checks():
-    from neuroray.config import load_config
+    from neuroray.configure import load_config
     from neuroray.errors import ConfigError
 
     cfg = load_config(["data.source=hf:owner/name", "data.store=s3://bucket/genesis", "data.cache_size_mb=16"]).data

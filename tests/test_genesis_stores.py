@@ -20,7 +20,7 @@ from neuroray.errors import DataError, ShardCorruptError
 from neuroray.genesis import (
     Manifest, TokenStream, build_dataset, dataset_url, ensure_dataset, shard_order, verify_dataset,
 )
-from neuroray.genesis.__main__ import main as cli
+from neuroray.cli.genesis import main as cli
 from neuroray.genesis.store import Store
 from tests.test_genesis_corpus import corpus_file, quiet, small_cfg
 

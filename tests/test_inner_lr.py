@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from neuroray.config import DilocoConfig, load_config
+from neuroray.config import DilocoConfig
+from neuroray.configure import load_config
 from neuroray.diloco.lr import inner_lr_at
 from neuroray.errors import ConfigError
 from tests.test_diloco_comm import _holder

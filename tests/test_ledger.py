@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuroray import ledger as cli
+from neuroray.cli import ledger as cli
 from neuroray.config import PonwConfig
 from neuroray.ponw.ledger import Ledger, LedgerError
 from neuroray.ponw.proof import canonical_json

@@ -77,8 +77,8 @@ def _write_corpus(path):
 def test_train_end_to_end(ray_cluster, tmp_path):
     from safetensors.torch import load_file
 
-    from neuroray.config import load_config
-    from neuroray.train import run
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
 
     corpus = tmp_path / "corpus.txt"
     _write_corpus(corpus)
@@ -153,8 +153,8 @@ def _proof_rewards(run_dir, key_dir, replicas: int, stages: int) -> dict[tuple[i
 def test_holders_whose_delta_the_rule_did_not_use_earn_nothing(ray_cluster, tmp_path, rule):
     """PoNW gets the outer step's verdict: a proof for a delta that screening rejected, or that the rule
     gave weight 0 (not Krum's pick), is accepted (valid work, no slash) and credited 0 NEURO."""
-    from neuroray.config import load_config
-    from neuroray.train import run
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
 
     corpus = tmp_path / "corpus.txt"
     _write_corpus(corpus)

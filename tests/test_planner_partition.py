@@ -6,9 +6,11 @@ import random
 
 import pytest
 
-from neuroray.config import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig, load_config
+from neuroray.config import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
+from neuroray.configure import load_config
 from neuroray.errors import ConfigError
-from neuroray.plan import format_plan, main
+from neuroray.cli.plan import main
+from neuroray.planner.report import format_plan
 from neuroray.planner import ClusterWatcher, NodeSpec, PlanError, architecture_for_memory, parse_nodes, plan_for_cluster
 from neuroray.planner.cluster import UpgradeRule, nodes_from_ray
 from neuroray.planner.memory import outer_step_bytes

@@ -11,7 +11,15 @@ import pytest
 from neuroray.config import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
 from neuroray.planner import ClusterWatcher, PlanError, plan_for_cluster
 from neuroray.planner.cluster import read_ray_nodes
-from neuroray.planner.placement import PlacementError, bundle_strategy, placed_nodes, release, reserve_plan
+from neuroray.planner.placement import PlacementError, bundle_strategy, release, reserve_plan
+
+
+def placed_nodes(pg) -> list[str]:
+    """Node id of each bundle of a ready placement group, in bundle order."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in sorted(table)]
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

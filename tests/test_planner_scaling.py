@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroray.config import DataConfig, ModelConfig, TrainConfig, validate
+from neuroray.config import DataConfig, ModelConfig, TrainConfig
+from neuroray.config_checks import validate
 from neuroray.model.layers import Block, RMSNorm
 from neuroray.model.stage import StageModule
 from neuroray.planner import scaling

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from neuroray.config import DilocoConfig, ModelConfig, load_config
+from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.configure import load_config
 from neuroray.snapshot import SnapshotStore, tensors_digest
 from neuroray.swarm.holder import HolderSpec, holder_actor
 from tests.test_pipeline_ray import _write_corpus
@@ -68,7 +69,7 @@ def _cfg(tmp_path, run, rounds, *extra):
 
 
 def test_resumed_job_continues_the_same_loss_curve(ray_cluster, tmp_path):
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     quiet = lambda *a, **k: None  # noqa: E731
     full = run(_cfg(tmp_path, "full", 4), log=quiet)
@@ -87,7 +88,7 @@ def test_resume_with_centered_clip_and_stale_replay_continues_identically(ray_cl
     theta0, so the first outer step after a resume aggregates exactly as the uninterrupted run did."""
     from safetensors.torch import load_file
 
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     quiet = lambda *a, **k: None  # noqa: E731
     # tau=1 so that clipping bites with two holders (at tau=2 it never does, and the centre would not matter)
@@ -103,7 +104,7 @@ def test_resume_with_centered_clip_and_stale_replay_continues_identically(ray_cl
 
 
 def test_resume_skips_a_corrupt_newest_snapshot_set(ray_cluster, tmp_path):
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     quiet = lambda *a, **k: None  # noqa: E731
     run(_cfg(tmp_path, "c", 2), log=quiet)
@@ -116,7 +117,7 @@ def test_resume_skips_a_corrupt_newest_snapshot_set(ray_cluster, tmp_path):
 
 
 def test_training_survives_a_holder_killed_mid_run(ray_cluster, tmp_path):
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     ray = ray_cluster
     lines = []
@@ -136,7 +137,7 @@ def test_training_survives_a_holder_killed_mid_run(ray_cluster, tmp_path):
 
 def test_a_holder_without_snapshot_copies_its_range_from_a_live_peer(ray_cluster, tmp_path):
     """No snapshot yet (snapshots off): the restarted holder is refilled from the other replica's holder."""
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     ray = ray_cluster
     lines = []

@@ -5,7 +5,9 @@ import heapq
 
 import pytest
 
-from neuroray.config import ConfigError, SwarmConfig, load_config
+from neuroray.config import SwarmConfig
+from neuroray.errors import ConfigError
+from neuroray.configure import load_config
 from neuroray.swarm.router import HolderState, Router
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroray.config import load_config
+from neuroray.configure import load_config
 from neuroray.errors import PipelineError
 from tests.test_pipeline_ray import _write_corpus
 
@@ -67,7 +67,7 @@ def test_routed_training_equals_the_monolith_on_the_same_microbatches(ray_cluste
     microbatches 0, 1, 2, ... of the shared ring with the same AdamW (clipping off: it is per stage)."""
     from neuroray.genesis import Manifest, TokenStream, ensure_dataset, load_tokenizer
     from neuroray.model import build_monolith
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     cfg = _cfg(tmp_path, "mono", "diloco.replicas=1", "rounds=1", "diloco.inner_steps=3", "diloco.grad_clip=0")
     result = run(cfg, log=QUIET)
@@ -97,7 +97,7 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     """A Validator hung mid-round: its queued gradient calls are taken back and re-sent, the outer step
     (quorum 1.0: all) waits for it, and the run learns what a clean run learns."""
     import ray
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     # One call per holder at a time and 8 microbatches a step: the hung holder has queued work when it
     # hangs (with room to spare, the router could simply route around it).
@@ -127,7 +127,7 @@ def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_clus
     (1 of 2 per range) after outer_deadline_s, the late ones load each new theta0 once they are back,
     earn nothing for the rounds they missed, and no microbatch is lost."""
     import ray
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     def hang(prefix):
         for slot in ("r1-s0", "r1-s1"):
@@ -151,7 +151,7 @@ def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_clus
 
 def test_a_killed_holder_is_failed_over_and_rejoins(ray_cluster, tmp_path):
     import ray
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     _after_steps(tmp_path / "kill", 5, lambda p: ray.kill(ray.get_actor(f"{p}r0-s0"), no_restart=False))
     lines = []
@@ -168,7 +168,7 @@ def test_a_killed_holder_is_failed_over_and_rejoins(ray_cluster, tmp_path):
 
 def test_losing_every_holder_of_a_range_is_a_clear_error_and_keeps_the_snapshots(ray_cluster, tmp_path):
     import ray
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     def kill_range(prefix):
         for r in (0, 1):

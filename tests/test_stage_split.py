@@ -2,7 +2,8 @@
 
 import pytest
 
-from neuroray.config import ConfigError, load_config
+from neuroray.errors import ConfigError
+from neuroray.configure import load_config
 from neuroray.planner import scaling
 from neuroray.swarm.swarm import stage_ranges
 

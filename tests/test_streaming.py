@@ -5,7 +5,8 @@ bytes per sync and per H, proofs credited, and an exact resume from a snapshot t
 import pytest
 import torch
 
-from neuroray.config import AggregatorConfig, DilocoConfig, ModelConfig, load_config
+from neuroray.config import AggregatorConfig, DilocoConfig, ModelConfig
+from neuroray.configure import load_config
 from neuroray.diloco.compress import decode
 from neuroray.diloco.streaming import due_fragment, fragment_slices
 from neuroray.diloco.sync import OuterMemory, outer_step_task, wire_bytes

@@ -20,7 +20,7 @@ STREAM = ["model.n_layers=4", "diloco.streaming_fragments=2"]
 
 
 def test_streaming_run_trains_counts_bytes_and_credits_every_sync(ray_cluster, tmp_path):
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     quiet = lambda *a, **k: None  # noqa: E731
     # the unstreamed run also checks the cosine inner lr reaches metrics.jsonl, step by step
@@ -53,7 +53,7 @@ def test_streaming_run_trains_counts_bytes_and_credits_every_sync(ray_cluster, t
 def test_streaming_int8_resume_mid_h_continues_identically(ray_cluster, tmp_path):
     from safetensors.torch import load_file
 
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     quiet = lambda *a, **k: None  # noqa: E731
     # with the rule's memory in play too: centered clipping's centre and the stale replays, per fragment slice

@@ -41,7 +41,7 @@ def workdir(tmp_path_factory):
 
 def _cfg(workdir, run, **more):
     """The runs' config; ``more``: overrides by key with "__" for ".", e.g. ``planner__max_replicas=2``."""
-    from neuroray.config import load_config
+    from neuroray.configure import load_config
     from tests.test_pipeline_ray import _write_corpus
 
     corpus = workdir / "corpus.txt"
@@ -73,7 +73,7 @@ def _logger(lines, on_train=None):
 @pytest.fixture(scope="module")
 def control(cluster, workdir):
     """model=auto end to end on the head alone: the law's 8 x 256, one replica, no join."""
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     lines = []
     return run(_cfg(workdir, "control"), log=_logger(lines)), lines
@@ -82,7 +82,7 @@ def control(cluster, workdir):
 @pytest.fixture(scope="module")
 def grown(cluster, workdir, control):
     """The same run with a 10 GiB node joining once the swarm is up: it upgrades after round 1."""
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     lines, added = [], []
 
@@ -142,7 +142,7 @@ def test_model_auto_trains_and_grows_live_when_a_node_joins(control, grown):
 def test_resume_after_an_upgrade_continues_on_the_grown_model(workdir, grown):
     """resume=true of the run that grew: the driver takes 16 x 512, its ranges and its one replica from the
     snapshots (not the law's plan for the cluster today) and carries on from the last round's snapshot set."""
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     grown, _, _ = grown
     lines = []
@@ -166,7 +166,7 @@ def test_a_joined_node_gets_a_new_replica_on_the_grown_model(cluster, workdir, c
     reduces both replicas, the loss stays on the 1-replica run's curve, and every proof, the new holders'
     too, is credited."""
     from neuroray.snapshot import SnapshotStore
-    from neuroray.train import run
+    from neuroray.training.run import run
 
     control, _ = control
     cluster.remove_node(grown[2])  # the head alone again, as when the control run started

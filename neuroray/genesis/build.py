@@ -33,7 +33,7 @@ from neuroray.genesis.manifest import DTYPES, FORMAT_VERSION, MANIFEST_FILE, Man
 from neuroray.genesis.shards import verify_dataset
 from neuroray.genesis.store import DatasetRoot, Store, atomic_write, join, normalize
 from neuroray.genesis.tokenizer import (
-    BOS_ID, EOS_ID, check_tokenizer, encode_documents, grow_tokenizer, tokenizer_from_bytes, tokenizer_hash,
+    BOS_ID, EOS_ID, encode_documents, grow_tokenizer, read_checked_tokenizer, tokenizer_from_bytes, tokenizer_hash,
     train_tokenizer,
 )
 
@@ -155,10 +155,8 @@ def read_base_tokenizer(url: str) -> bytes:
     if not url.endswith(".json"):
         store = Store(url)
         manifest = read_manifest(store)
-        data = store.read(manifest.tokenizer_file)
-        check_tokenizer(hashlib.sha256(data).hexdigest(), manifest.tokenizer_sha256,
-                        f"data.base_tokenizer's tokenizer in {url}", "its manifest", "rebuild or republish that dataset")
-        return data
+        return read_checked_tokenizer(store, manifest, f"data.base_tokenizer's tokenizer in {url}", "its manifest",
+                                      "rebuild or republish that dataset")
     parent, _, name = url.rpartition("/")
     try:
         return Store(parent).read(name)
@@ -293,13 +291,7 @@ def _check_remote(store: Store) -> Manifest:
     make every start as slow as a full `verify`.
     """
     manifest = read_manifest(store)
-    try:
-        tok = store.read(manifest.tokenizer_file)
-    except FileNotFoundError:
-        raise DataError(f"tokenizer {store.url_of(manifest.tokenizer_file)} is missing; rebuild or republish the "
-                        "dataset") from None
-    check_tokenizer(hashlib.sha256(tok).hexdigest(), manifest.tokenizer_sha256,
-                    f"tokenizer {store.url_of(manifest.tokenizer_file)}", "the manifest", "rebuild or republish the dataset")
+    read_checked_tokenizer(store, manifest)
     sizes = store.sizes()
     for s in manifest.shards if sizes is not None else ():
         if s["file"] not in sizes:
@@ -317,9 +309,7 @@ def _root(cfg: DataConfig, store: Store, manifest: Manifest) -> DatasetRoot:
     if store.is_local:
         return DatasetRoot(store.url, store.local_path, cfg.cache_dir, cache_bytes)
     mirror = Path(cfg.cache_dir).expanduser() / "datasets" / hashlib.sha256(store.url.encode()).hexdigest()[:16]
-    tok = store.read(manifest.tokenizer_file)
-    check_tokenizer(hashlib.sha256(tok).hexdigest(), manifest.tokenizer_sha256,
-                    f"tokenizer {store.url_of(manifest.tokenizer_file)}", "the manifest", "rebuild or republish the dataset")
+    tok = read_checked_tokenizer(store, manifest)
     atomic_write(mirror / manifest.tokenizer_file, tok)
     atomic_write(mirror / MANIFEST_FILE, (manifest.to_json() + "\n").encode("utf-8"))
     (mirror / "url.txt").write_text(store.url + "\n", encoding="utf-8")  # for humans browsing the cache

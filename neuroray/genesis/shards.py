@@ -23,7 +23,7 @@ from neuroray.errors import DataError
 from neuroray.genesis.fetch import ShardSource, corrupt_error
 from neuroray.genesis.manifest import SPLITS, Manifest, read_manifest
 from neuroray.genesis.store import DatasetRoot, Store, root_url
-from neuroray.genesis.tokenizer import check_tokenizer
+from neuroray.genesis.tokenizer import read_checked_tokenizer
 
 
 def shard_for(node_id: str, num_shards: int) -> int:
@@ -236,14 +236,7 @@ def verify_dataset(root: str | os.PathLike,
     """
     store = Store(root_url(root))
     manifest = read_manifest(store)
-    try:
-        tok = store.read(manifest.tokenizer_file)
-    except FileNotFoundError:
-        raise DataError(f"tokenizer {store.url_of(manifest.tokenizer_file)} is missing; rebuild the dataset "
-                        "(python -m neuroray.genesis build)") from None
-    check_tokenizer(hashlib.sha256(tok).hexdigest(), manifest.tokenizer_sha256,
-                    f"tokenizer {store.url_of(manifest.tokenizer_file)}", "the manifest",
-                    "rebuild or republish the dataset")
+    read_checked_tokenizer(store, manifest)
     failures: list[DataError] = []
     for shard in manifest.shards:
         where = f"{shard['id']} ({store.url_of(shard['file'])})"

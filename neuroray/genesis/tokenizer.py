@@ -139,6 +139,18 @@ def check_tokenizer(actual_sha256: str, expected_sha256: str, what: str = "the d
                         f"{expected_sha256[:12]}…; {fix}")
 
 
+def read_checked_tokenizer(store, manifest, what: str = "", expected_by: str = "the manifest",
+                           fix: str = "rebuild or republish the dataset") -> bytes:
+    """The bytes of the dataset's ``tokenizer.json``, checked against its manifest before any id is trusted."""
+    where = what or f"tokenizer {store.url_of(manifest.tokenizer_file)}"
+    try:
+        data = store.read(manifest.tokenizer_file)
+    except FileNotFoundError:
+        raise DataError(f"{where} is missing; {fix}") from None
+    check_tokenizer(hashlib.sha256(data).hexdigest(), manifest.tokenizer_sha256, where, expected_by, fix)
+    return data
+
+
 def tokenizer_hash(tok: Tokenizer) -> str:
     """SHA-256 hex of the tokenizer's canonical JSON (= the SHA-256 of the ``tokenizer.json`` a build writes)."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()

@@ -41,7 +41,8 @@ import re
 import torch
 
 from neuroray.config import ModelConfig
-from neuroray.model.stage import StageModule, _name_seed
+from neuroray.model.seeds import named_seed
+from neuroray.model.stage import StageModule
 from neuroray.planner.scaling import ffn_width, growth_blockers
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -99,7 +100,7 @@ class _Grower:
         if self.kind != "weights":
             return self._blank(shape, key)
         tag = f"grow:{self.new.n_layers}x{self.new.d_model}:{name}"
-        g = torch.Generator(device="cpu").manual_seed(_name_seed(self.seed, tag))
+        g = torch.Generator(device="cpu").manual_seed(named_seed(self.seed, tag))
         return torch.empty(shape).normal_(0.0, self.new.init_std, generator=g)
 
     def _norm(self, old: torch.Tensor | None, key: str) -> torch.Tensor:

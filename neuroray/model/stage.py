@@ -12,7 +12,6 @@ interchangeable with the monolith:
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -22,15 +21,10 @@ from torch import nn
 from neuroray.config import ModelConfig
 from neuroray.model.kv_cache import PackedKV, SessionKV
 from neuroray.model.layers import Block, RMSNorm, rope_cache
+from neuroray.model.seeds import named_seed
 
 # Residual-stream output projections: scaled down at init so the residual variance stays O(1) in depth.
 _RESIDUAL_PROJECTIONS = ("attn.wo.weight", "mlp.w2.weight")
-
-
-def _name_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed for one parameter (Python's hash() is salted per process, so not that)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class StageModule(nn.Module):
@@ -81,7 +75,7 @@ class StageModule(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
-            g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
+            g = torch.Generator(device="cpu").manual_seed(named_seed(seed, name))
             std = residual_std if name.endswith(_RESIDUAL_PROJECTIONS) else self.cfg.init_std
             p.normal_(0.0, std, generator=g)
 

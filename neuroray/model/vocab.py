@@ -16,24 +16,19 @@ rows keep ``exp_avg`` / ``exp_avg_sq``, new rows start at zero, ``step`` is kept
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
 
+from neuroray.model.seeds import named_seed
+
 NEW_ROW_NOISE = 0.1  # noise std, as a fraction of the old rows' per-coordinate std
-
-
-def _seed(seed: int, name: str, old_rows: int, new_rows: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}:grow:{old_rows}->{new_rows}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def new_rows(old: torch.Tensor, count: int, seed: int, name: str) -> torch.Tensor:
     """``count`` rows for a ``[rows, dim]`` weight: the old rows' mean plus seeded noise."""
     old32 = old.detach().float()
     mean, std = old32.mean(dim=0), old32.std(dim=0, unbiased=False)
-    g = torch.Generator(device="cpu").manual_seed(_seed(seed, name, old.shape[0], old.shape[0] + count))
+    g = torch.Generator(device="cpu").manual_seed(named_seed(seed, f"{name}:grow:{old.shape[0]}->{old.shape[0] + count}"))
     noise = torch.randn(count, old.shape[1], generator=g)
     return (mean.cpu() + NEW_ROW_NOISE * std.cpu() * noise).to(dtype=old.dtype, device=old.device)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -245,15 +244,13 @@ class WatchEvent:
 class ClusterWatcher:
     """Re-reads the nodes and replans on joins and leaves; applies the upgrade rule.
 
-    ``read_nodes`` defaults to the connected Ray cluster; tests pass their own. ``poll()`` is
-    synchronous; ``start()`` polls every ``planner.watch_interval_s`` on a daemon thread and calls
-    ``on_change(event)``.
+    ``read_nodes`` defaults to the connected Ray cluster; tests pass their own. The trainer calls
+    ``poll()`` between rounds, at most every ``planner.watch_interval_s`` (neuroray/planner/upgrade.py).
     """
 
     cfg: TrainConfig
     read_nodes: Callable[[], list[NodeSpec]] | None = None
     current: Plan | None = None
-    on_change: Callable[[WatchEvent], None] | None = None
     joins_since_upgrade: int = 0
     known: set = field(default_factory=set)
     nodes: list = field(default_factory=list)  # what the last read saw (new replicas are placed on these)
@@ -267,8 +264,6 @@ class ClusterWatcher:
         self.known = {n.node_id for n in nodes if n.alive}
         if self.current is None:
             self.current = plan(nodes, self.request)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def poll(self) -> WatchEvent | None:
         """One look at the cluster; None when no node joined or left."""
@@ -302,27 +297,3 @@ class ClusterWatcher:
         if event.plan is not None:
             self.current = event.plan
         return event
-
-    def start(self, interval_s: float | None = None) -> None:
-        """Poll on a daemon thread until :meth:`stop`; each event goes to ``on_change``."""
-        interval = interval_s or self.cfg.planner.watch_interval_s
-
-        def loop():
-            while not self._stop.wait(interval):
-                try:
-                    event = self.poll()
-                except Exception as exc:  # a failed read must not kill the watcher; the next poll retries
-                    log.warning("cluster watch: %s", exc)
-                    continue
-                if event is not None and self.on_change is not None:
-                    self.on_change(event)
-
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, name="neuroray-cluster-watcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None

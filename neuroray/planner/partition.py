@@ -26,7 +26,6 @@ Pure code (no Ray): the inputs are :class:`NodeSpec` values, however they were o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 

@@ -20,7 +20,7 @@ raise :class:`PlacementError` naming each bundle that cannot be placed and what 
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neuroray.planner.memory import format_bytes
@@ -130,12 +130,6 @@ def reserve_replicas(replicas: int, num_stages: int, cpus: float, gpus: float, t
 def bundle_strategy(pg, index: int):
     """Scheduling strategy that runs an actor in bundle ``index`` of ``pg`` (None: no group)."""
     return None if pg is None else PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
-
-
-def placed_nodes(pg) -> list[str]:
-    """Node id of each bundle of a ready placement group, in bundle order."""
-    table = placement_group_table(pg)["bundles_to_node_id"]
-    return [table[i] for i in sorted(table)]
 
 
 def release(groups: list) -> None:

@@ -1,0 +1,148 @@
+"""Cross-field config checks that types alone cannot express, including those the domain packages own.
+
+Config sits at the bottom of the package; checks that need domain knowledge (which aggregators and
+attacks exist, what the planner accepts) live in their packages and are called from here, above both.
+"""
+
+from __future__ import annotations
+
+from neuroray.config import SwarmConfig, TrainConfig
+from neuroray.errors import ConfigError
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, d, s, dl = cfg.model, cfg.data, cfg.swarm, cfg.diloco
+    positive = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.n_kv_heads, "model.max_seq_len": m.max_seq_len,
+        "data.vocab_size": d.vocab_size, "data.shard_tokens": d.shard_tokens, "data.seq_len": d.seq_len,
+        "data.microbatch_size": d.microbatch_size, "data.num_microbatches": d.num_microbatches,
+        "swarm.num_stages": s.num_stages, "diloco.replicas": dl.replicas,
+        "diloco.inner_steps": dl.inner_steps, "rounds": cfg.rounds, "log_every": cfg.log_every,
+        "cluster.torch_threads": cfg.cluster.torch_threads,
+        "cluster.actor_start_timeout_s": cfg.cluster.actor_start_timeout_s,
+        "cluster.step_timeout_s": cfg.cluster.step_timeout_s,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.recovery_timeout_s": cfg.checkpoint.recovery_timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if s.num_stages > m.n_layers:
+        raise ConfigError(
+            f"swarm.num_stages={s.num_stages} is more than model.n_layers={m.n_layers}; "
+            "every stage needs at least one layer: lower swarm.num_stages or raise model.n_layers"
+        )
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"head size {m.d_model // m.n_heads} must be even for RoPE; change model.n_heads")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if d.vocab_size < 300:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} is below 300: byte-level BPE needs 256 bytes + specials")
+    if d.vocab_size > 2**32 - 1:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} does not fit in uint32 shards")
+    if d.eval_shards < 0 or d.tokenizer_docs < 0 or d.cache_size_mb <= 0:
+        raise ConfigError(f"data.eval_shards={d.eval_shards} and data.tokenizer_docs={d.tokenizer_docs} must be "
+                          f">= 0 and data.cache_size_mb={d.cache_size_mb} positive")
+    if d.encoding_errors not in ("strict", "replace", "ignore"):
+        raise ConfigError(f"data.encoding_errors={d.encoding_errors} must be strict, replace or ignore")
+    if not d.source or not (d.store or d.dataset):
+        raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
+    if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:
+        raise ConfigError("cluster.cpus_per_holder and cluster.gpus_per_holder must be >= 0")
+    if cfg.resume and not cfg.run_dir:
+        raise ConfigError("resume=true needs run_dir=<the run to continue> (its snapshots are under run_dir/snapshots)")
+    if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:
+        raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
+    if not 0 <= dl.outer_momentum < 1:
+        raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
+    _check_routing(s)
+    _check_split(s, cfg.model.n_layers, cfg.model.name)
+    if dl.compression not in ("none", "fp16", "int8"):  # compress.MODES; that module imports torch
+        raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16 or int8")
+    if not 1 <= dl.compression_block <= 1 << 20:
+        raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
+    _check_streaming(cfg)
+    if dl.lr_schedule not in ("constant", "cosine"):  # lr.SCHEDULES
+        raise ConfigError(f"diloco.lr_schedule={dl.lr_schedule} is unknown; choose constant or cosine")
+    if not 0 <= dl.warmup_steps < cfg.rounds * dl.inner_steps:
+        raise ConfigError(f"diloco.warmup_steps={dl.warmup_steps} must be in [0, rounds x inner_steps = "
+                          f"{cfg.rounds * dl.inner_steps}); lower it or train longer")
+    if not 0 <= dl.min_lr_ratio <= 1:
+        raise ConfigError(f"diloco.min_lr_ratio={dl.min_lr_ratio} must be in [0, 1]")
+    from neuroray.planner.cluster import check_planner_config  # lazy: the planner imports torch-free modules only
+
+    check_planner_config(cfg)
+    from neuroray.diloco.aggregate import config_problem  # lazy: aggregate imports torch
+    from neuroray.diloco.attacks import attack_problem
+
+    # n = holders per range = replicas: a rule that cannot tolerate f among them fails here, not mid-run
+    problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _check_split(s: SwarmConfig, n_layers: int, model_name: str) -> None:
+    if s.balance not in ("layers", "compute"):
+        raise ConfigError(f"swarm.balance={s.balance} must be layers or compute")
+    if not s.split_points:
+        return
+    if model_name == "auto":
+        raise ConfigError("swarm.split_points cannot be combined with model=auto: the planner cuts the ranges "
+                          "it sizes; drop swarm.split_points or pick a fixed model")
+    pts = list(s.split_points)
+    if len(pts) != s.num_stages - 1:
+        raise ConfigError(f"swarm.split_points={pts} gives {len(pts) + 1} stages but swarm.num_stages={s.num_stages}; "
+                          f"give num_stages - 1 = {s.num_stages - 1} first layers, or leave split_points empty")
+    if any(not isinstance(p, int) for p in pts) or pts != sorted(set(pts)) or pts[0] < 1 or pts[-1] >= n_layers:
+        raise ConfigError(f"swarm.split_points={pts} must be increasing layer indices in [1, {n_layers - 1}] "
+                          f"(model.n_layers={n_layers}), each the first layer of a later stage")
+
+
+def _check_streaming(cfg: TrainConfig) -> None:
+    F, H = cfg.diloco.streaming_fragments, cfg.diloco.inner_steps
+    if F < 1:
+        raise ConfigError(f"diloco.streaming_fragments={F} must be >= 1 (1 = off: every range syncs whole)")
+    if F == 1:
+        return
+    if F > H:
+        raise ConfigError(f"diloco.streaming_fragments={F} exceeds diloco.inner_steps={H}: "
+                          "fragments sync H/F steps apart, so at most one fragment per inner step")
+    if H % F:
+        raise ConfigError(f"diloco.inner_steps={H} is not a multiple of diloco.streaming_fragments={F}: "
+                          "fragments sync every H/F steps; pick F dividing H")
+    cuts = [0, *cfg.swarm.split_points, cfg.model.n_layers]
+    # the smallest range the split makes (balance=compute is checked when the ranges are cut)
+    per_stage = (min(b - a for a, b in zip(cuts, cuts[1:])) if cfg.swarm.split_points
+                 else cfg.model.n_layers // cfg.swarm.num_stages)
+    if cfg.model.name != "auto" and F > per_stage:
+        raise ConfigError(f"diloco.streaming_fragments={F} exceeds the {per_stage} layers of the smallest range "
+                          f"(model.n_layers={cfg.model.n_layers} over swarm.num_stages={cfg.swarm.num_stages}): "
+                          "a fragment is a group of a range's layers")
+    if cfg.swarm.routing != "fixed":
+        raise ConfigError("diloco.streaming_fragments>1 needs swarm.routing=fixed "
+                          "(the routed outer step syncs whole ranges)")
+
+
+def _check_routing(s: SwarmConfig) -> None:
+    if s.routing not in ("fixed", "router"):
+        raise ConfigError(f"swarm.routing={s.routing} must be fixed or router")
+    if s.queue_depth < 1 or s.outbound_depth < 1 or s.max_inflight < 0:
+        raise ConfigError("swarm.queue_depth and swarm.outbound_depth must be >= 1 and swarm.max_inflight >= 0")
+    if not 0 < s.latency_ewma <= 1:
+        raise ConfigError(f"swarm.latency_ewma={s.latency_ewma} must be in (0, 1]")
+    if s.failover_k <= 0 or not 0 < s.failover_floor_s <= s.failover_ceiling_s:
+        raise ConfigError(f"swarm.failover_k={s.failover_k} must be positive and 0 < swarm.failover_floor_s="
+                          f"{s.failover_floor_s} <= swarm.failover_ceiling_s={s.failover_ceiling_s}")
+    if s.start_grace_s <= 0:
+        raise ConfigError(f"swarm.start_grace_s={s.start_grace_s} must be positive")
+    if s.failure_penalty_s < 0 or s.probe_interval_s <= 0 or s.outer_deadline_s <= 0:
+        raise ConfigError("swarm.failure_penalty_s must be >= 0, swarm.probe_interval_s and "
+                          "swarm.outer_deadline_s positive")
+    if not 0 < s.outer_quorum <= 1:
+        raise ConfigError(f"swarm.outer_quorum={s.outer_quorum} must be in (0, 1]: a fraction of a range's holders")

@@ -1,0 +1,185 @@
+"""One training run, end to end: data -> plan -> swarm -> DiLoCo loop -> eval, checkpoint and sample.
+
+``run(cfg)`` is what ``python -m neuroray.train`` calls; notebooks, tests and benchmarks call it too.
+It starts a local Ray when neither ``cluster.address`` nor ``RAY_ADDRESS`` is set (``ray job submit``
+sets the latter), builds or loads the Genesis data, trains R pipeline replicas with H inner steps per
+outer round, then writes a safetensors checkpoint and generates a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from neuroray.config import TrainConfig, to_dict, to_yaml
+from neuroray.training.resume import resume_auto, resume_step_of
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    losses: list[float] = field(default_factory=list)  # mean training loss per inner step
+    eval_loss: float = float("nan")
+    start_step: int = 0  # > 0 when the run resumed from a snapshot
+    recoveries: list[dict] = field(default_factory=list)
+    snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
+    ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
+    upgrades: list[dict] = field(default_factory=list)  # live architecture upgrades (model=auto)
+    additions: list[dict] = field(default_factory=list)  # replicas added mid-run on joined nodes (model=auto)
+    sample: str = ""
+    tokens_per_s: float = 0.0
+    routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
+    tokens: int = 0  # training tokens processed by this run (all replicas)
+    comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (docs/diloco.md)
+
+    @property
+    def sync_bytes(self) -> int:
+        """Pseudo-gradient payloads + broadcasts to holders, as counted in the object store."""
+        return sum(c["sync_bytes"] for c in self.comm)
+
+    @property
+    def control_bytes(self) -> int:
+        return sum(c["control_bytes"] for c in self.comm)
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    path = Path(cfg.run_dir or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _connect_ray(cfg: TrainConfig, log) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it and must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        log(f"ray: connected to {address}")
+    else:
+        # Ray kills idle task workers after 1 s once actors fill the CPUs, so every outer step's
+        # reduce task would pay a fresh worker start (~1.5 s of importing torch). Keep them around.
+        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None)
+        log(f"ray: started a local cluster with {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    return True
+
+
+def run(cfg: TrainConfig, log=print) -> RunResult:
+    """Train with a resolved config. Usable from notebooks and tests as well as the CLI."""
+    import ray
+    import torch
+
+    from neuroray.checkpoint import save_checkpoint
+    from neuroray.diloco.sync import OuterSync
+    from neuroray.generate import sample
+    from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
+    from neuroray.model import build_monolith, merge_state_dicts
+    from neuroray.swarm.swarm import DataPlan, Swarm
+    from neuroray.metrics import TrainMetrics
+    from neuroray.planner.report import format_plan
+    from neuroray.planner import plan_for_cluster
+    from neuroray.planner.expand import plan_recorded
+    from neuroray.planner.upgrade import Upgrader
+    from neuroray.plots import loss_curve
+    from neuroray.routed_trainer import RoutedTrainer
+    from neuroray.trainer import Trainer
+
+    run_dir = _run_dir(cfg)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    root, manifest = ensure_dataset(cfg.data, log=log)
+    tokenizer_file = Path(root) / manifest.tokenizer_file
+    tok = load_tokenizer(tokenizer_file)
+    vocab = tok.get_vocab_size()
+
+    snapshot_root = cfg.checkpoint.dir or str(run_dir / "snapshots")
+    resume_step = recorded = None
+    if cfg.resume and cfg.model.name == "auto":
+        resume_step, *recorded = resume_auto(snapshot_root, log)
+    elif cfg.resume:
+        resume_step = resume_step_of(cfg, snapshot_root, log)
+    started_ray = _connect_ray(cfg, log)
+    swarm = trainer = None
+    try:
+        plan = upgrader = None
+        if recorded:  # model=auto resumed: the snapshots' model, split and replicas, placed on today's nodes
+            plan = plan_recorded(cfg, *recorded)
+        elif cfg.model.name == "auto":  # size the model from the cluster's memory and place every holder
+            plan = plan_for_cluster(cfg)
+        if plan is not None:
+            log(format_plan(plan))
+            upgrader = Upgrader(cfg, plan, log=log)  # watches joins from now on
+            cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
+                          diloco=replace(cfg.diloco, replicas=plan.replicas))
+        d, dl, c = cfg.data, cfg.diloco, cfg.cluster
+        swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
+                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
+        trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
+        trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
+                              metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
+        if resume_step is not None:
+            trainer.restore_outer(resume_step)
+        streaming = (f" (streaming: {dl.streaming_fragments} fragments, one every {trainer.sync_every} steps)"
+                     if dl.streaming_fragments > 1 else "")
+        log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps{streaming}, {trainer.tokens_per_step} "
+            f"tokens/step, vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}"
+            + (f", resuming at step {resume_step}" if resume_step is not None else ""))
+        result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
+        with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
+            stats = trainer.run(metrics)
+        cfg = trainer.cfg  # a live upgrade may have grown the model
+        result.upgrades = [] if upgrader is None else upgrader.upgrades
+        result.additions = [] if upgrader is None else upgrader.additions
+        result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
+        if isinstance(trainer, RoutedTrainer):
+            result.routing = trainer.routing_summary()
+        result.comm, result.tokens = stats.comm, trainer.tokens
+        (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
+        result.ledger = trainer.ledger_summary()
+        if result.ledger is not None:
+            (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
+        result.tokens_per_s = trainer.tokens / max(stats.elapsed_s, 1e-9)
+        elapsed = stats.elapsed_s
+        # The model is theta0, the one every holder of a range agrees on: after the last outer step it is
+        # every replica's weights. With streaming only the fragment synced last is; the others would carry
+        # replica 0's own steps since their sync, which cost +5 % eval loss at M=4 (docs/diloco.md).
+        state = merge_state_dicts(swarm.get([h.state_dict.remote(at_theta0=True) for h in swarm.replicas[0]],
+                                            c.step_timeout_s,
+                                            "collecting the final weights"))
+    finally:
+        if trainer is not None:  # its ledger actor too, even when training failed
+            trainer.close()
+        if swarm is not None:
+            swarm.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+    model = build_monolith(cfg.model, vocab, seed=cfg.seed)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        batches = eval_batches(root, manifest, d.seq_len, d.microbatch_size, max_batches=8)
+        result.eval_loss = sum(float(model.loss(model(x), y)) for x, y in batches) / max(len(batches), 1)
+    meta = {"model": to_dict(cfg.model), "vocab_size": vocab, "tokenizer_sha256": manifest.tokenizer_sha256,
+            "rounds": cfg.rounds, "inner_steps": dl.inner_steps, "eval_loss": result.eval_loss, "seed": cfg.seed}
+    save_checkpoint(result.checkpoint, state, meta, tokenizer_file)
+    loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", dl.inner_steps,
+               title=f"{cfg.model.name} model, {dl.replicas} replicas x {cfg.swarm.num_stages} stages, H={dl.inner_steps}")
+    prompt_ids = encode(tok, cfg.sample_prompt)
+    result.sample = cfg.sample_prompt + decode(tok, sample(model, prompt_ids, cfg.sample_tokens, seed=cfg.seed))
+    first = result.losses[0] if result.losses else float("nan")
+    last = result.losses[-1] if result.losses else float("nan")
+    log(f"done: train loss {first:.3f} -> {last:.3f}, eval loss {result.eval_loss:.3f}, "
+        f"{result.tokens_per_s:,.0f} tok/s, {elapsed:.0f}s")
+    log(f"sync: {result.sync_bytes:,} bytes ({result.sync_bytes / max(result.tokens, 1):.1f}/token, "
+        f"compression {dl.compression}), control: {result.control_bytes:,} bytes")
+    log(f"checkpoint: {result.checkpoint}")
+    log(f"sample: {result.sample!r}")
+    return result
