@@ -5,7 +5,10 @@
 * :mod:`~neuroray.planner.partition` -- layers -> stages, replicas -> nodes: :func:`plan` (pure);
 * :mod:`~neuroray.planner.cluster` -- node specs from Ray or ``cluster.nodes``, :func:`plan_for_cluster`,
   the upgrade rule and :class:`ClusterWatcher`;
-* :mod:`~neuroray.planner.placement` -- Ray placement groups for a plan (the only module that needs Ray).
+* :mod:`~neuroray.planner.placement` -- Ray placement groups for a plan;
+* :mod:`~neuroray.planner.upgrade` -- the trainer's watch between rounds: live growth and added replicas;
+* :mod:`~neuroray.planner.expand` -- where replicas of the running model go (joins, ``resume=true``);
+* :mod:`~neuroray.planner.report` -- a plan as text (``python -m neuroray.plan``).
 """
 
 from neuroray.planner.cluster import (
