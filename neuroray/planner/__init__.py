@@ -2,7 +2,10 @@
 
 * :mod:`~neuroray.planner.scaling` -- the scaling law (memory -> architecture) and parameter counts;
 * :mod:`~neuroray.planner.memory` -- bytes per holder (weights, gradients, AdamW, DiLoCo, activations);
-* :mod:`~neuroray.planner.partition` -- layers -> stages, replicas -> nodes: :func:`plan` (pure);
+* :mod:`~neuroray.planner.plan_types` -- the values: :class:`PlanRequest`, :class:`NodeSpec`, :class:`Plan`;
+* :mod:`~neuroray.planner.search` -- :func:`plan` (pure): device, architecture, stage count, replicas;
+* :mod:`~neuroray.planner.partition` -- layers -> stages, by dynamic programming over layer costs;
+* :mod:`~neuroray.planner.assign` -- replicas -> nodes, holder by holder;
 * :mod:`~neuroray.planner.cluster` -- node specs from Ray or ``cluster.nodes``, :func:`plan_for_cluster`,
   the upgrade rule and :class:`ClusterWatcher`;
 * :mod:`~neuroray.planner.placement` -- Ray placement groups for a plan;
@@ -21,7 +24,8 @@ from neuroray.planner.cluster import (
     request_from_config,
 )
 from neuroray.planner.memory import parse_memory
-from neuroray.planner.partition import NodeSpec, Plan, PlanError, PlanRequest, plan
+from neuroray.planner.plan_types import NodeSpec, Plan, PlanError, PlanRequest
+from neuroray.planner.search import plan
 from neuroray.planner.scaling import architecture_for_memory, param_count
 
 __all__ = [

@@ -31,7 +31,8 @@ from neuroray.config import ModelConfig, PlannerConfig, TrainConfig
 from neuroray.errors import ConfigError
 from neuroray.planner import scaling
 from neuroray.planner.memory import Batch, MemoryUnitError, parse_memory
-from neuroray.planner.partition import STRATEGIES, NodeSpec, Plan, PlanError, PlanRequest, plan
+from neuroray.planner.plan_types import STRATEGIES, NodeSpec, Plan, PlanError, PlanRequest
+from neuroray.planner.search import plan
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,8 @@ from neuroray.config import ModelConfig, TrainConfig
 from neuroray.planner import scaling
 from neuroray.planner.cluster import cluster_nodes, request_from_config
 from neuroray.planner.memory import outer_step_bytes
-from neuroray.planner.partition import (
-    HolderPlacement,
-    NodeSpec,
-    OuterReserve,
-    Plan,
-    PlanError,
-    PlanRequest,
-    _device,
-    _pool,
-    _stage_plans,
-    assign,
-)
+from neuroray.planner.assign import assign, node_pool, pick_device, stage_plans
+from neuroray.planner.plan_types import HolderPlacement, NodeSpec, OuterReserve, Plan, PlanError, PlanRequest
 
 
 def remaining(pool: list[NodeSpec], running: list[HolderPlacement], needs: list[int], req: PlanRequest,
@@ -73,9 +63,9 @@ def place_ranges(nodes: list[NodeSpec], req: PlanRequest, model: ModelConfig, ra
     None: as :func:`~neuroray.planner.partition.plan` decides it. The plan's ``holders`` are the new
     replicas only; its ``outer`` is where the outer step of all of them is counted.
     """
-    device = device or _device(nodes, req)
-    pool, excluded = _pool(nodes, req, device)
-    stages = _stage_plans(model, list(ranges), req)
+    device = device or pick_device(nodes, req)
+    pool, excluded = node_pool(nodes, req, device)
+    stages = stage_plans(model, list(ranges), req)
     running_holders = [h for rep in running for h in rep]
     free = remaining(pool, running_holders, [st.memory.total for st in stages], req, device)
     base = len(running)

@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neuroray.planner.memory import format_bytes
-from neuroray.planner.partition import Plan, PlanError
+from neuroray.planner.plan_types import Plan, PlanError
 
 NODE_LABEL = "ray.io/node-id"  # Ray labels every node with its id; bundles select on it
 

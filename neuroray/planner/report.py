@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neuroray.planner.memory import format_bytes
-from neuroray.planner.partition import Plan
+from neuroray.planner.plan_types import Plan
 from neuroray.planner.scaling import PARAM_FORMULA, describe, kv_width, ffn_width
 
 

@@ -48,7 +48,7 @@ from neuroray.planner import scaling
 from neuroray.planner.cluster import ClusterWatcher, WatchEvent
 from neuroray.planner.expand import place_ranges
 from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
-from neuroray.planner.partition import NodeSpec, Plan, PlanError, PlanRequest
+from neuroray.planner.plan_types import NodeSpec, Plan, PlanError, PlanRequest
 
 MAX_ADDED = 1024  # replicas one poll may add without planner.max_replicas: a bound on trying, not a policy
 

@@ -1,0 +1,153 @@
+"""The planner's values: what it is asked (:class:`PlanRequest`), what it sees (:class:`NodeSpec`) and
+what it answers (:class:`Plan`: stages, holder placements, the outer step's reserve)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuroray.config import ModelConfig
+from neuroray.errors import NeurorayError
+from neuroray.planner import scaling
+from neuroray.planner.memory import Batch, HolderMemory
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+EXTRA_STAGES = 2  # beyond the fewest stages that fit, how many more stage counts are tried
+LAW_STEP = 1.25  # walking down the law: M -> M / 1.25
+
+
+class PlanError(NeurorayError):
+    """The cluster cannot host the requested model, partition or replicas."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What the planner knows about one node. ``cpus=None``: unknown (a hand-written node list)."""
+
+    node_id: str
+    name: str
+    memory: int  # host memory available to Ray tasks and actors, bytes
+    cpus: float | None = None
+    gpus: float = 0.0
+    gpu_memory: int = 0  # bytes per GPU; 0 when there are no GPUs
+    gpu_memory_source: str = ""  # where gpu_memory came from: resource, accelerator:<type>, probe, list
+    is_head: bool = False
+    alive: bool = True
+
+    def device_memory(self, device: str) -> int:
+        """Memory the scaling law counts: all GPU memory on a GPU node, else host memory."""
+        return int(self.gpus * self.gpu_memory) if device == "gpu" else self.memory
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything the planner needs besides the nodes (``from_config`` builds it from a TrainConfig)."""
+
+    vocab_size: int
+    batch: Batch
+    base_model: ModelConfig  # sequence length, RoPE base, norm eps, init scale of the law's models
+    model: ModelConfig | None = None  # a fixed architecture; None: the scaling law
+    device: str = "auto"
+    cpus_per_holder: float = 0.5
+    gpus_per_holder: float = 0.0  # on GPU nodes 0 means 1
+    safety_fraction: float = 0.8
+    holder_overhead: int = 400_000_000
+    stages: int = 0
+    replicas: int = 0
+    max_replicas: int = 0
+    within_replica: str = "PACK"
+    across_replicas: str = "SPREAD"
+    reserve_cpus: float = 1.0
+    exclude_small_nodes: bool = False
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    start: int
+    end: int  # exclusive
+    has_embedding: bool
+    has_head: bool
+    memory: HolderMemory
+    flops_per_token: float  # forward
+
+    @property
+    def params(self) -> int:
+        return self.memory.params
+
+
+@dataclass(frozen=True)
+class HolderPlacement:
+    replica: int
+    stage: int
+    node_id: str
+    node_name: str
+    cpus: float
+    gpus: float
+    host_memory: int  # bytes reserved in the bundle (Ray's "memory" resource)
+    device_memory: int  # bytes the holder needs on its device (= host_memory on CPU holders)
+
+    def bundle(self) -> dict:
+        """The placement-group bundle: CPUs, GPUs and host memory."""
+        b = {"CPU": self.cpus} if self.cpus > 0 else {}
+        if self.gpus > 0:
+            b["GPU"] = self.gpus
+        b["memory"] = float(self.host_memory)
+        return b
+
+
+@dataclass(frozen=True)
+class OuterReserve:
+    node_id: str
+    node_name: str
+    cpus: float
+    task_bytes: int  # host memory of the largest range's outer-step task
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelConfig
+    vocab_size: int
+    device: str  # "gpu" or "cpu"
+    law_memory: int  # total memory M of the pool the architecture was sized from
+    nodes: tuple[NodeSpec, ...]  # the pool
+    stages: tuple[StagePlan, ...]
+    holders: tuple[tuple[HolderPlacement, ...], ...]  # [replica][stage]
+    within_replica: str
+    across_replicas: str
+    outer: OuterReserve
+    safety_fraction: float
+    excluded: tuple[tuple[str, str], ...] = ()  # (node name, why)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def replicas(self) -> int:
+        return len(self.holders)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(s.start, s.end) for s in self.stages]
+
+    @property
+    def params(self) -> scaling.ParamCount:
+        return scaling.param_count(self.model, self.vocab_size)
+
+    def bundles(self, replica: int) -> list[dict]:
+        return [h.bundle() for h in self.holders[replica]]
+
+    def node_ids(self, replica: int) -> list[str]:
+        return [h.node_id for h in self.holders[replica]]
+
+    def node_usage(self) -> dict[str, int]:
+        """Device bytes the plan puts on each node (for 'never exceeds any node's memory')."""
+        used: dict[str, int] = {}
+        for rep in self.holders:
+            for h in rep:
+                used[h.node_id] = used.get(h.node_id, 0) + h.device_memory
+        return used
+
+
+# ----- partition ---------------------------------------------------------------------------------
