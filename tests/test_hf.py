@@ -211,7 +211,8 @@ def llama(tmp_path_factory):
 def test_import_gives_the_same_logits(llama):
     hf, path = llama
     cfg, state = load_hf_llama(path)
-    assert (cfg.n_layers, cfg.n_kv_heads, ffn_hidden_size(cfg), cfg.rope_theta, cfg.norm_eps) == (3, 2, 96, 5000.0, 1e-6)
+    got = (cfg.n_layers, cfg.n_kv_heads, ffn_hidden_size(cfg), cfg.rope_theta, cfg.norm_eps)
+    assert got == (3, 2, 96, 5000.0, 1e-6)
     model = build_monolith(cfg, 300)
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
@@ -283,7 +284,8 @@ def test_import_refuses_llama_variants_neuroray_cannot_run(llama):
 def test_import_refuses_a_config_that_does_not_fit(llama):
     path = llama[1]
     cfg, _ = load_hf_llama(path, keys=())
-    with pytest.raises(InteropError, match=r"model\.d_model=128 but hidden_size=64.*model\.n_layers=4 but num_hidden_layers=3"):
+    both = r"model\.d_model=128 but hidden_size=64.*model\.n_layers=4 but num_hidden_layers=3"
+    with pytest.raises(InteropError, match=both):
         load_hf_llama(path, dataclasses.replace(cfg, d_model=128, n_layers=4))
     with pytest.raises(InteropError, match="embeds 300 tokens but the tokenizer has 299"):
         load_hf_llama(path, cfg, vocab_size=299)
@@ -297,7 +299,8 @@ def test_import_refuses_a_tensor_of_the_wrong_shape(llama, tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:80].clone()
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     cfg, _ = load_hf_llama(path, keys=())
-    with pytest.raises(InteropError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[80, 64\] but .* \[96, 64\]"):
+    named = r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[80, 64\] but .* \[96, 64\]"
+    with pytest.raises(InteropError, match=named):
         load_hf_llama(tmp_path, cfg)
     tensors["model.layers.1.mlp.up_proj.bias"] = torch.zeros(96)
     del tensors["model.layers.1.mlp.up_proj.weight"]

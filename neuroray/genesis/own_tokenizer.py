@@ -20,8 +20,10 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from neuroray.errors import DataError
-from neuroray.genesis.tokenizer import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, check_tokenizer, tokenizer_from_bytes, \
-    tokenizer_hash
+from neuroray.genesis.manifest import Manifest
+from neuroray.genesis.tokenizer import (
+    BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, check_tokenizer, tokenizer_from_bytes, tokenizer_hash,
+)
 
 TOKENIZER_JSON = "tokenizer.json"
 _ROLES = (("bos_token", BOS, BOS_ID), ("eos_token", EOS, EOS_ID), ("pad_token", PAD, PAD_ID))
@@ -78,8 +80,8 @@ def load_user_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, str]:
     return tok, tokenizer_hash(tok)
 
 
-def check_tokenizer_matches_manifest(tok_sha256: str, manifest) -> None:
-    """DataError naming both hashes unless the tokenizer is the one ``manifest`` (a Manifest) was tokenized with."""
+def check_tokenizer_matches_manifest(tok_sha256: str, manifest: Manifest) -> None:
+    """DataError naming both hashes unless the tokenizer is the one ``manifest``'s shards were tokenized with."""
     check_tokenizer(tok_sha256, manifest.tokenizer_sha256, "data.tokenizer", "the dataset's manifest",
                     "its ids would not mean what the shards' ids mean: rebuild the dataset with this "
                     "tokenizer (a new data.name), or pass the dataset's own tokenizer.json")

@@ -211,7 +211,8 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InteropError(f"out={out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise InteropError(f"out={out} exists and is not empty; pass force=true to replace it, or choose a new directory")
+        raise InteropError(f"out={out} exists and is not empty; pass force=true to replace it, "
+                           "or choose a new directory")
 
 
 def _tokenizer_files(tok, max_seq_len: int) -> dict[str, dict]:
@@ -320,7 +321,8 @@ def _weight_files(path: Path) -> tuple[Path, list[Path]]:
             raise InteropError(f"{path / INDEX_FILE} is unreadable ({exc!r}); re-save the checkpoint") from None
         bad = [n for n in names if not (plain_name(n) and n.endswith(".safetensors"))]
         if bad:  # names come from the file: never follow one out of the directory
-            raise InteropError(f"{path / INDEX_FILE} names {bad[0]!r}, not a safetensors file beside it; re-save the checkpoint")
+            raise InteropError(f"{path / INDEX_FILE} names {bad[0]!r}, not a safetensors file beside it; "
+                               "re-save the checkpoint")
         return path, [path / n for n in names]
     if (path / WEIGHTS_FILE).is_file():
         return path, [path / WEIGHTS_FILE]
