@@ -28,6 +28,10 @@ class ShardCorruptError(DataError):
         )
 
 
+class InteropError(NeurorayError, ValueError):
+    """A Hugging Face export or import that cannot be done as asked (not Llama, shapes differ, pickle, ...)."""
+
+
 class PipelineError(NeurorayError):
     """A stage holder failed in a way training cannot recover from."""
 
