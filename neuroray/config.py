@@ -72,9 +72,11 @@ class DilocoConfig:
     outer_momentum: float = 0.9
     nesterov: bool = True
     # Pseudo-gradients (holder -> outer step) and the outer update (outer step -> holders) cross as:
-    # none (float32) | fp16 | int8 (one float32 scale per compression_block values), with error feedback
+    # none (float32) | fp16 | int8 (one float32 scale per compression_block values) | sparse (the largest
+    # sparse_density of each compression_block values, 2 bits each plus their position), with error feedback
     compression: str = "none"
     compression_block: int = 256
+    sparse_density: float = 0.015
     # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
     # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
     streaming_fragments: int = 1

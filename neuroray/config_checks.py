@@ -63,8 +63,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     _check_routing(s)
     _check_split(s, cfg.model.n_layers, cfg.model.name)
-    if dl.compression not in ("none", "fp16", "int8"):  # compress.MODES; that module imports torch
-        raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16 or int8")
+    if dl.compression not in ("none", "fp16", "int8", "sparse"):  # compress.MODES; that module imports torch
+        raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16, int8 or sparse")
+    if not 0 < dl.sparse_density <= 1:
+        raise ConfigError(f"diloco.sparse_density={dl.sparse_density} must be in (0, 1], e.g. 0.015")
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
     _check_streaming(cfg)

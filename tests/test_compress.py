@@ -52,3 +52,61 @@ def test_error_feedback_carries_the_residual_across_rounds():
     plain = sum(decode(encode(d, "int8", 64)) for d in deltas)
     exact = torch.stack(deltas).sum(0)
     assert (sent_total - exact).abs().max() < (plain - exact).abs().max()
+
+
+def test_sparse_keeps_the_largest_values_per_chunk_with_their_signs():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10_000, generator=g) * torch.logspace(-3, 0, 10_000)
+    p = encode(x, "sparse", block=256, density=0.015)
+    y = decode(p)
+    k = 4  # ceil(0.015 x 256)
+    chunks = torch.nn.functional.pad(x, (0, (-10_000) % 256)).view(-1, 256)
+    want = torch.zeros_like(chunks).scatter_(1, chunks.abs().topk(k, dim=1).indices, 1).view(-1)[:10_000].bool()
+    assert torch.equal(y != 0, want)  # exactly the top k of every chunk survive
+    assert torch.equal(torch.sign(y[want]), torch.sign(x[want]))
+    # each kept value is its chunk half's mean magnitude: within the spread of the values it stands for
+    assert ((y[want].abs() - x[want].abs()).abs() <= x[want].abs() + 1e-3).all()
+    # 1 index byte + 2 bits per kept value, two float16 levels per chunk, 3 int64 of metadata
+    chunks_n = -(-10_000 // 256)
+    assert payload_bytes(p) == chunks_n * k + -(-chunks_n * k // 4) + 4 * chunks_n + 24
+    assert 4 * x.numel() / payload_bytes(p) > 100
+
+
+def test_sparse_error_feedback_sends_everything_eventually():
+    g = torch.Generator().manual_seed(4)
+    ef = ErrorFeedback("sparse", block=64, density=0.05)
+    deltas = [torch.randn(640, generator=g) for _ in range(40)]
+    sent_total = torch.zeros(640)
+    for d in deltas:
+        before = torch.zeros(640) if ef.residual is None else ef.residual.clone()
+        sent = decode(ef.compress(d))
+        torch.testing.assert_close(sent + ef.residual, d + before, rtol=0, atol=1e-5)
+        sent_total += sent
+    exact = torch.stack(deltas).sum(0)
+    torch.testing.assert_close(sent_total + ef.residual, exact, rtol=0, atol=1e-4)
+    # the residual stays bounded (it does not grow with the rounds): what is held back is sent later
+    assert ef.residual.abs().max() < 0.5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("block", [64, 4096])
+def test_sparse_payload_checks_reject_what_cannot_decode(block):
+    from neuroray.diloco.compress import PayloadError, check
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(5))
+    good = encode(x, "sparse", block=block)
+    check(good, "sparse", block, 5000)
+    bad_index = dict(good, sp_index=good["sp_index"].clone())
+    bad_index["sp_index"][-1] = -1 if block > 256 else 255  # int16: negative; uint8: past a 64-value chunk
+    with pytest.raises(PayloadError, match="out of range"):
+        check(bad_index, "sparse", block, 5000)
+    cases = {
+        "values, block, k": dict(good, sp_meta=torch.tensor([5001, block, good["sp_meta"][2]])),
+        "code bytes": dict(good, sp_code=good["sp_code"][:-1]),
+        "not finite": dict(good, sp_level=torch.full_like(good["sp_level"], float("inf"))),
+        "indices are": dict(good, sp_index=good["sp_index"].to(torch.int64)),
+    }
+    for match, payload in cases.items():
+        with pytest.raises(PayloadError, match=match):
+            check(payload, "sparse", block, 5000)
+    with pytest.raises(PayloadError, match="the run uses"):
+        check(good, "sparse", block, 5000, density=0.5)

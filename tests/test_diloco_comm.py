@@ -129,7 +129,7 @@ def test_snapshot_keeps_the_error_feedback_residual(tmp_path):
 
 def test_config_rejects_bad_compression():
     assert load_config(["diloco.compression=int8"]).diloco.compression == "int8"
-    with pytest.raises(ConfigError, match="diloco.compression=int4 is unknown; choose none, fp16 or int8"):
+    with pytest.raises(ConfigError, match="diloco.compression=int4 is unknown; choose none, fp16, int8 or sparse"):
         load_config(["diloco.compression=int4"])
     with pytest.raises(ConfigError, match="compression_block=0"):
         load_config(["diloco.compression_block=0"])

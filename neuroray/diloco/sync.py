@@ -117,7 +117,7 @@ def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, s
             out.append(d)
             continue
         try:
-            check(d, diloco.compression, diloco.compression_block, numel)
+            check(d, diloco.compression, diloco.compression_block, numel, diloco.sparse_density)
             out.append(decode(d))
         except PayloadError as exc:
             malformed[i] = f"malformed payload: {exc}"
@@ -193,7 +193,7 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
         attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed)
     update, new_part, memory_part.residual = encode_update(
         theta0[lo:hi], new_part, diloco.compression, diloco.compression_block, memory_part.residual,
-        base=theta0, part=part)
+        base=theta0, part=part, density=diloco.sparse_density)
     new_theta0 = theta0.clone()
     new_theta0[lo:hi] = new_part
     if momentum_part is not None:  # zeros elsewhere: a fragment's first outer step sees buf = delta, as unstreamed
@@ -226,7 +226,8 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
         if diloco.compression != "none":
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
-                                                                diloco.compression_block, memory.residual)
+                                                                diloco.compression_block, memory.residual,
+                                                                density=diloco.sparse_density)
     if update is not None:
         report.update_bytes = wire_bytes(update)
     # Measured here, on the values themselves: the owner's object-store size of a task's return is
