@@ -45,7 +45,13 @@ def _mbit(bits) -> str:
 def _run(argv: list[str] | None) -> int:
     import neuroray.lab as lab
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # overrides may also follow options (shape h1 20mbit --upload 5mbit lab_dir=...): argparse leaves those over
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.verb == "up":
         cfg = lab.load_lab_config(args.overrides)
         lab.up(cfg)
