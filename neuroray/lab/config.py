@@ -54,7 +54,8 @@ class LabConfig:
     dashboard_port: int = 8265
     num_cpus: int = 2  # logical CPUs each Ray node advertises; all hosts share this machine's cores
     object_store_mb: int = 256  # per host; bounded so N hosts do not each reserve 30% of RAM
-    memory_per_host_mb: int = 700  # measured RSS of one idle Ray node + slack, for the fits-in-memory check
+    # fits-in-memory check: an idle head measured ~640 MiB PSS, a worker node ~180 MiB, plus its object store
+    memory_per_host_mb: int = 700
     ray_start_timeout_s: float = 180.0
     nodes_alive_timeout_s: float = 120.0
     command_timeout_s: float = 30.0  # any ip/tc/mount call
