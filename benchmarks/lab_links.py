@@ -43,8 +43,8 @@ def main(argv: list[str]) -> int:
                 shape(ov, host, rate)
             nbytes = UNSHAPED_BYTES if rate is None else int(rate_bits(rate) / 8 * seconds)
             got = [probe.transfer(ov, "h0", "h1", nbytes, timeout_s=30) for _ in range(repeats)]
-            mbit = statistics.median(g["mbit_s"] for g in got)
-            rows.append((rate or "unshaped", nbytes, mbit, min(g["mbit_s"] for g in got), max(g["mbit_s"] for g in got)))
+            rates = [g["mbit_s"] for g in got]
+            rows.append((rate or "unshaped", nbytes, statistics.median(rates), min(rates), max(rates)))
     finally:
         down(cfg)
     print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, kernel {os.uname().release}, "

@@ -135,6 +135,14 @@ def test_cut_without_a_lab_is_one_line(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_failed_up_cleans_up_after_itself(tmp_path):
+    # the bridge, h0's namespace, link, disk and holder exist by the time h0's disk cannot be mounted
+    lab_dir, host_root = str(tmp_path / "lab"), "/proc/neuroray-no-such-dir"
+    res = _cli("up", "ray=false", "hosts=2", f"prefix={OTHER}", f"lab_dir={lab_dir}", f"host_root={host_root}")
+    _one_line_error(res, "lab up failed and was cleaned up")
+    assert _leftovers(OTHER, lab_dir, host_root) == []
+
+
 def test_down_after_up_crashed_halfway_removes_everything(tmp_path):
     lab_dir, host_root = str(tmp_path / "lab"), HOST_ROOT + "-crash"
     args = [f"prefix={OTHER}", "hosts=2", f"lab_dir={lab_dir}", f"host_root={host_root}"]

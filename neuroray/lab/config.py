@@ -105,7 +105,8 @@ def validate(cfg: LabConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"subnet={cfg.subnet} is not an IPv4 network ({exc}); write e.g. 10.231.0.0/24") from None
     if net.version != 4 or not net.is_private:
-        raise ConfigError(f"subnet={cfg.subnet} must be a private IPv4 network: the lab only talks to its own addresses")
+        raise ConfigError(f"subnet={cfg.subnet} must be a private IPv4 network: the lab talks only to its own "
+                          "addresses")
     if cfg.hosts < 1:
         raise ConfigError(f"hosts={cfg.hosts} must be >= 1")
     if cfg.hosts > net.num_addresses - 3:  # network, broadcast and the bridge's address are taken

@@ -54,7 +54,7 @@ def up(cfg: LabConfig) -> dict:
         return state
     except BaseException as exc:
         down(cfg)
-        if isinstance(exc, LabError):
+        if isinstance(exc, (LabError, OSError)):  # OSError: a path the lab could not create or mount
             raise LabError(f"lab up failed and was cleaned up: {exc}") from exc
         raise
 
@@ -65,16 +65,18 @@ def down(cfg: LabConfig) -> list[str]:
     if saved:
         cfg = load_lab_config(base=saved["config"])
     t = cfg.command_timeout_s
-    names = sorted(set(hosts.namespaces(cfg.prefix, t)) | ({cfg.netns(i) for i in range(cfg.hosts)} if saved else set()))
+    saved = saved or {}
+    names = set(hosts.namespaces(cfg.prefix, t)) | ({cfg.netns(i) for i in range(cfg.hosts)} if saved else set())
+    names = sorted(names)
     removed = []
-    recorded = [list(p) for p in (saved or {}).get("pids", [])] + list((saved or {}).get("holders", {}).values())
+    recorded = [list(p) for p in saved.get("pids", [])] + [list(p) for p in saved.get("holders", {}).values()]
     # kill by PID only: recorded ones whose start time still matches, then whatever each namespace still
     # holds; repeat, because a dying raylet's children can appear between two listings
     for _ in range(5):
         live = [ident for ns in names for p in netns_pids(ns, t) if (ident := identity(p))]
         idents = recorded + live
         recorded = []
-        if not live and not idents:
+        if not idents:
             break
         kill(idents, cfg.kill_grace_s)
         removed += [f"pid {p}" for p, _ in live]
