@@ -1,12 +1,13 @@
 # make demo   train the tiny default across Ray stage actors (creates .venv on first use)
 # make test   run the test suite
 # make bench  run benchmarks/*.py and append results to docs/benchmarks.md
+# make lab-up / lab-down  start / remove the multi-host lab (root; docs/lab.md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean lab-up lab-down
 
 venv: $(VENV)/.installed
 
@@ -28,6 +29,13 @@ test: venv
 DILOCO_BENCH := steps4=600 outer=tuned lr=cosine
 bench: venv
 	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f $$(test $$f = benchmarks/diloco_comm.py && echo "$(DILOCO_BENCH)") || exit 1; done
+
+# the multi-host lab (root): N emulated hosts in network namespaces, e.g. make lab-up ARGS="hosts=4 rate=100mbit"
+lab-up: venv
+	$(PY) -m neuroray.lab up $(ARGS)
+
+lab-down: venv
+	$(PY) -m neuroray.lab down $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

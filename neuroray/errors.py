@@ -40,6 +40,10 @@ class GenerationError(NeurorayError, ValueError):
     """A generation request that cannot run: an empty prompt, a prompt longer than the context, bad sampling."""
 
 
+class LabError(NeurorayError):
+    """The multi-host lab cannot start, stop or change: no root, no network namespaces, a clash, a bad host."""
+
+
 def run_cli(action, interrupted: str = "neuroray: interrupted") -> int:
     """Run an entry point's body: a user error is one ``neuroray: error:`` line and exit 2, Ctrl-C exit 130."""
     import sys

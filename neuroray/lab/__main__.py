@@ -1,0 +1,3 @@
+from neuroray.cli.lab import main
+
+main()
