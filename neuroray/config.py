@@ -161,6 +161,9 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads inside each holder
     actor_start_timeout_s: float = 180.0
     step_timeout_s: float = 600.0
+    # joining a cluster: how long every node's Python may take to report missing dependencies (a worker
+    # start imports nothing of ours, but a node under load can take seconds to start one)
+    node_check_timeout_s: float = 120.0
     # Plan for these nodes instead of the live Ray cluster (python -m neuroray.plan): one entry per node,
     # "24GB" (host memory), "64GB+8x80GB" (host + 8 GPUs of 80 GB), "10x4GB" (ten such nodes).
     nodes: list[str] = field(default_factory=list)
