@@ -1,12 +1,13 @@
 # make demo   train the tiny default across Ray stage actors (creates .venv on first use)
 # make test   run the test suite
+# make test-fast  the suite without the tests marked slow (real Ray jobs, wheel builds)
 # make bench  run benchmarks/*.py and append results to docs/benchmarks.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests notebooks --nbmake $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
 
 # the DiLoCo table of docs/diloco.md's headline (the script's defaults reproduce the older constant-lr table)
 DILOCO_BENCH := steps4=600 outer=tuned lr=cosine
