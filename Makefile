@@ -1,5 +1,6 @@
 # make demo   train the tiny default across Ray stage actors (creates .venv on first use)
 # make test   run the test suite
+# make test-fast  the suite without the tests marked slow (real Ray jobs, wheel builds)
 # make bench  run benchmarks/*.py and append results to docs/benchmarks.md
 # make lab-up / lab-down  start / remove the multi-host lab (root; docs/lab.md)
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench venv clean lab-up lab-down
+.PHONY: demo test test-fast bench venv clean lab-up lab-down
 
 venv: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests notebooks --nbmake $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
 
 # the DiLoCo table of docs/diloco.md's headline (the script's defaults reproduce the older constant-lr table)
 DILOCO_BENCH := steps4=600 outer=tuned lr=cosine

@@ -20,29 +20,29 @@ SCHEMA_NAME = "neuroray_schema"
 class ModelConfig:
     """Decoder-only transformer shape. The vocabulary size comes from the tokenizer at run time."""
 
-    name: str = "tiny"
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
+    name: str = "tiny"  # which conf/model/ file this came from; auto: size from the cluster (neuroray/planner)
+    d_model: int = 128  # hidden size
+    n_layers: int = 4  # transformer blocks, split into swarm.num_stages layer ranges
+    n_heads: int = 4  # attention heads (d_model must divide by it)
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention; divides n_heads)
     ffn_hidden: int = 0  # 0: SwiGLU default, 8/3 * d_model rounded up to a multiple of 64
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    max_seq_len: int = 256  # longest context (RoPE tables); data.seq_len must fit
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # standard deviation of the initial weights
 
 
 @dataclass
 class DataConfig:
     """Genesis data: where the text comes from, how it is tokenized and sharded, how it is batched."""
 
-    name: str = "embedded"
+    name: str = "embedded"  # which conf/data/ file this came from
     # "embedded" (text that ships with Python); a .txt/.md/.json/.jsonl/.parquet file, a directory or a glob
     # of them; or "hf:<owner>/<name>" for a Hugging Face Hub dataset
     source: str = "embedded"
     text_field: str = "text"  # the text column of json/jsonl/parquet/Hub sources
     hub_config: str = ""  # Hub sources: the dataset configuration ("" for its default)
-    hub_split: str = "train"
+    hub_split: str = "train"  # Hub sources: the split to read
     encoding_errors: str = "strict"  # non-UTF-8 bytes: strict (stop, naming the file) | replace | ignore
     store: str = "~/.cache/neuroray/genesis"  # fsspec URL (path, s3://, memory://); datasets keyed by settings
     dataset: str = ""  # URL of a built dataset (also https://) to use as-is; "": <store>/<name>-<settings hash>
@@ -50,11 +50,11 @@ class DataConfig:
     cache_size_mb: int = 4096  # shard cache limit; least recently used shards are evicted
     base_tokenizer: str = ""  # tokenizer.json or dataset URL to grow: keeps every id, appends new ones
     tokenizer_docs: int = 0  # documents the tokenizer trains on; 0: all of them
-    vocab_size: int = 4096
-    shard_tokens: int = 2_500_000
-    eval_shards: int = 1
-    seq_len: int = 128
-    microbatch_size: int = 8
+    vocab_size: int = 4096  # BPE tokenizer size (ln of it is the loss of a uniform guess)
+    shard_tokens: int = 2_500_000  # tokens per uint16 shard
+    eval_shards: int = 1  # shards held out for the eval loss
+    seq_len: int = 128  # tokens per training sequence
+    microbatch_size: int = 8  # sequences per microbatch
     num_microbatches: int = 2  # gradient accumulation: microbatches per inner step
 
 
@@ -62,29 +62,29 @@ class DataConfig:
 class DilocoConfig:
     """R data-parallel pipeline replicas, H inner AdamW steps, then an outer Nesterov step on theta0."""
 
-    name: str = "default"
-    replicas: int = 2
-    inner_steps: int = 20
-    inner_lr: float = 1e-3
-    weight_decay: float = 0.1
+    name: str = "default"  # which conf/diloco/ file this came from
+    replicas: int = 2  # R: data-parallel pipeline replicas
+    inner_steps: int = 20  # H: inner AdamW steps between outer steps
+    inner_lr: float = 1e-3  # AdamW learning rate (peak, with a schedule)
+    weight_decay: float = 0.1  # AdamW weight decay
     grad_clip: float = 1.0  # 0 disables; clipped per stage holder, on its own parameters
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
+    outer_lr: float = 0.7  # outer SGD learning rate on theta0
+    outer_momentum: float = 0.9  # outer momentum
+    nesterov: bool = True  # Nesterov momentum for the outer step
     # Pseudo-gradients (holder -> outer step) and the outer update (outer step -> holders) cross as:
     # none (float32) | fp16 | int8 (one float32 scale per compression_block values) | sparse (the largest
     # sparse_density of each compression_block values, 2 bits each plus their position), with error feedback
     compression: str = "none"
-    compression_block: int = 256
-    sparse_density: float = 0.015
+    compression_block: int = 256  # int8: values per float32 scale; sparse: values per chunk
+    sparse_density: float = 0.015  # sparse: the fraction of each chunk's values sent
     # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
     # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
     streaming_fragments: int = 1
     # Inner learning rate per step (neuroray/diloco/lr.py): constant | cosine (from inner_lr down to
     # inner_lr * min_lr_ratio at the last step), after warmup_steps of linear warmup
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0  # inner steps of linear warmup (0: none)
+    min_lr_ratio: float = 0.1  # cosine: the last step's learning rate as a fraction of inner_lr
 
 
 @dataclass
@@ -93,7 +93,7 @@ class AggregatorConfig:
     and neuroray/diloco/aggregate.py). ``f`` is the number of Byzantine holders per range to tolerate."""
 
     name: str = "mean"  # mean | median | trimmed_mean | krum | multi_krum | geometric_median | centered_clip
-    f: int = 0
+    f: int = 0  # Byzantine holders per range to tolerate (rules that need it refuse too many)
     m: int = 0  # multi_krum: how many best-scored inputs to average; 0 = n - f
     tau: float = 2.0  # centered_clip radius, in units of the median distance of the inputs to the centre (>= 1)
     iterations: int = 3  # centered_clip iterations
@@ -112,7 +112,7 @@ class AttackConfig:
     ``fraction`` of the holders (rounded half up) send the attack's vector instead of their pseudo-gradient."""
 
     name: str = "none"  # none | sign_flip | scaled | gaussian | alie | ipm | mimic | zero | stale | nan
-    fraction: float = 0.0
+    fraction: float = 0.0  # share of each range's holders that attack (0: none)
     scale: float = 1e6  # scaled: multiply the holder's own pseudo-gradient by this
     std: float = 1.0  # gaussian: standard deviation of the noise sent
     z: Optional[float] = None  # alie: honest mean - z x honest std per coordinate; null: the paper's z_max
@@ -123,8 +123,8 @@ class AttackConfig:
 class SwarmConfig:
     """How the model is split into stage holders."""
 
-    name: str = "default"
-    num_stages: int = 2
+    name: str = "default"  # which conf/swarm/ file this came from
+    num_stages: int = 2  # layer ranges (stage holders) per replica
     # Where the layer ranges are cut, as torchtitan's pipeline split points: the first layer of every
     # stage after the first ([3] on 4 layers: [0-2], [3]). Empty: cut by swarm.balance.
     split_points: list[int] = field(default_factory=list)
@@ -155,14 +155,17 @@ class SwarmConfig:
 class ClusterConfig:
     """Where to run and what each stage holder asks of Ray."""
 
-    name: str = "local"
+    name: str = "local"  # which conf/cluster/ file this came from
     address: str = ""  # "": RAY_ADDRESS if set, else start a local Ray; "auto" or "ray://..." to connect
     num_cpus: int = 0  # CPUs of a locally started Ray; 0 means all of this machine's
-    cpus_per_holder: float = 0.5
-    gpus_per_holder: float = 0.0
+    cpus_per_holder: float = 0.5  # Ray CPUs each stage holder reserves
+    gpus_per_holder: float = 0.0  # Ray GPUs each stage holder reserves (> 0 puts its layers on CUDA)
     torch_threads: int = 1  # intra-op threads inside each holder
-    actor_start_timeout_s: float = 180.0
-    step_timeout_s: float = 600.0
+    actor_start_timeout_s: float = 180.0  # how long the holders may take to start and load
+    step_timeout_s: float = 600.0  # how long one inner step (or an outer step) may take before it counts as failed
+    # joining a cluster: how long every node's Python may take to report missing dependencies (a worker
+    # start imports nothing of ours, but a node under load can take seconds to start one)
+    node_check_timeout_s: float = 120.0
     # Plan for these nodes instead of the live Ray cluster (python -m neuroray.plan): one entry per node,
     # "24GB" (host memory), "64GB+8x80GB" (host + 8 GPUs of 80 GB), "10x4GB" (ten such nodes).
     nodes: list[str] = field(default_factory=list)
@@ -172,7 +175,7 @@ class ClusterConfig:
 class CheckpointConfig:
     """Hot snapshots of every holder (and of each range's outer state) on any fsspec store."""
 
-    name: str = "local"
+    name: str = "local"  # which conf/checkpoint/ file this came from
     dir: str = ""  # fsspec URL of the snapshot store; "": <run_dir>/snapshots
     interval_s: float = 120.0  # snapshot every this many seconds (at the next inner-step boundary); 0: never
     every_round: bool = False  # also snapshot at each outer-round boundary
@@ -185,25 +188,25 @@ class CheckpointConfig:
 class PonwConfig:
     """Proof of Neural Work and the NEURO ledger (docs/ponw.md). Amounts are in NEURO."""
 
-    name: str = "default"
-    enabled: bool = True
+    name: str = "default"  # which conf/ponw/ file this came from
+    enabled: bool = True  # false: no proofs, no ledger
     ledger_path: str = ""  # "": <run_dir>/ledger.sqlite
-    actor_name: str = "neuroray-ledger"
+    actor_name: str = "neuroray-ledger"  # name of the Ray actor that owns the ledger (one per concurrent run)
     synchronous: str = "FULL"  # SQLite WAL sync: FULL survives power loss, NORMAL only process crashes
     backend: str = "auto"  # signatures: auto (coincurve if installed, else ecdsa), ecdsa, coincurve
-    max_proof_bytes: int = 4096
-    timestamp_window_s: int = 300
-    rate_limit_per_hour: int = 120
+    max_proof_bytes: int = 4096  # larger proofs are refused unread
+    timestamp_window_s: int = 300  # proofs older or newer than this are refused
+    rate_limit_per_hour: int = 120  # proofs per node per hour at most
     require_receipts: bool = True  # credit only work the orchestrator observed
     reward_per_batch_layer: float = 0.001  # training: per microbatch x layer held
     embedding_bonus: float = 0.2  # role bonus (fraction) for the embedding holder
     lm_head_bonus: float = 0.2  # and for the LM head holder
-    reward_per_inference_token: float = 0.00001
+    reward_per_inference_token: float = 0.00001  # inference: per token served
     validation_fee_per_batch: float = 0.002  # per recomputed batch
-    max_reward_per_proof: float = 10.0
+    max_reward_per_proof: float = 10.0  # cap per proof
     max_reward_per_day: float = 1000.0  # per node, per UTC day
     stake_multiplier_max: float = 1.5  # reward x (1 + bonus), bonus linear in stake up to this bound
-    stake_for_max_multiplier: float = 100.0
+    stake_for_max_multiplier: float = 100.0  # stake that earns the full stake_multiplier_max
     slash_fraction: float = 0.5  # of stake + balance, stake first
     slash_burn_fraction: float = 0.5  # the rest goes to the reporting validator (all burned if none)
     free_rider_norm_fraction: float = 0.1  # pseudo-gradient norm below this x range median earns 0
@@ -216,7 +219,7 @@ class PonwConfig:
 class PlannerConfig:
     """How ``model=auto`` sizes the model from cluster memory and places stage holders (neuroray/planner)."""
 
-    name: str = "default"
+    name: str = "default"  # which conf/planner/ file this came from
     device: str = "auto"  # auto: GPU nodes if the cluster has any, else CPU nodes; gpu: demand GPUs; cpu: ignore them
     safety_fraction: float = 0.8  # share of each node's (GPU or host) memory a plan may fill
     holder_overhead: str = "400MB"  # per holder: Python + torch + Ray worker (host) or the CUDA context (GPU)
@@ -249,14 +252,16 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     ponw: PonwConfig = field(default_factory=PonwConfig)
-    seed: int = 0
+    seed: int = 0  # seeds the model init, data order, attacks and sampling
     rounds: int = 10  # outer DiLoCo rounds
-    run_dir: str = ""  # "": outputs/<timestamp> under the current directory
+    # "": outputs/<timestamp> under the current directory; under `ray job submit`, a relative or empty run_dir
+    # is under $NEURORAY_OUTPUT_ROOT or ~/neuroray on the driver's host (Ray deletes the job's working dir)
+    run_dir: str = ""
     resume: bool = False  # continue the run in run_dir from its newest complete snapshot set
     log_every: int = 5  # inner steps between progress lines
     progress_bar: bool = True  # a live tqdm bar when stderr is a terminal (log lines otherwise)
-    sample_prompt: str = "The"
-    sample_tokens: int = 40
+    sample_prompt: str = "The"  # the prompt of the sample generated at the end of a run
+    sample_tokens: int = 40  # tokens generated for that sample (0: none)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -16,12 +16,14 @@ from neuroray.errors import ConfigError
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` directory: $NEURORAY_CONF_DIR, else the one beside the package (repo checkout)."""
+    """The ``conf/`` directory: $NEURORAY_CONF_DIR, else the package's own ``neuroray/conf`` (in a checkout
+    a link to the repo's ``conf/``; in an installed wheel a copy, shipped as package data)."""
     env = os.environ.get("NEURORAY_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     if not (path / "config.yaml").is_file():
-        raise ConfigError(f"no config.yaml in {path}; run from the neuroray checkout or set NEURORAY_CONF_DIR")
-    return path
+        raise ConfigError(f"no config.yaml in {path}; reinstall neuroray (pip install .) or set NEURORAY_CONF_DIR "
+                          "to a directory like the repo's conf/")
+    return path.resolve()
 
 
 def _register() -> None:

@@ -1,6 +1,7 @@
 """The NEURO ledger: rewards, caps, stake, slashing, the supply invariant, crash safety, CLI, Ray actor."""
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -419,7 +420,7 @@ def test_cli_missing_ledger_and_module_entry_point(tmp_path):
 
 # ----- the named Ray actor ---------------------------------------------------------------------
 @pytest.mark.ray
-def test_ledger_actor_round_trip(ray_cluster, tmp_path):
+def test_ledger_actor_round_trip(ray_cluster, tmp_path, capsys):
     import torch
 
     from neuroray.ponw.service import RoundProver, observe_delta, round_receipts, start_ledger_actor
@@ -444,7 +445,13 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path):
     assert ray_cluster.get(same.balances.remote())[ids[0].node_id]["balance"] == 24_000
     with pytest.raises(LedgerError, match="already runs on"):  # a second run must pick its own name
         start_ledger_actor(cfg, tmp_path / "other.sqlite", LAYERS, TPB)
-    ray_cluster.kill(actor)
+    ray_cluster.kill(actor)  # as a run ends: killed, never closed
+    # the .sqlite alone is the ledger: copy it without its -wal/-shm and audit the copy
+    alone = tmp_path / "copy" / "ledger.sqlite"
+    alone.parent.mkdir()
+    shutil.copyfile(tmp_path / "ledger.sqlite", alone)
+    assert cli.main(["--ledger", str(alone), "verify"]) == 0
+    assert "2 proofs re-verified" in capsys.readouterr().out
     with pytest.raises(LedgerError, match="could not start"):
         start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS + 1, TPB)  # the file belongs to another model
 

@@ -19,6 +19,8 @@ raise :class:`PlacementError` naming each bundle that cannot be placed and what 
 
 from __future__ import annotations
 
+import math
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -116,9 +118,13 @@ def reserve_replicas(replicas: int, num_stages: int, cpus: float, gpus: float, t
     short = {k: (v, have.get(k, 0.0)) for k, v in total.items() if have.get(k, 0.0) + 1e-9 < v}
     if short:
         missing = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        holders = replicas * num_stages
+        # the largest per-holder share that fits, rounded down to what an override can say exactly
+        fits = "; ".join(f"cluster.{'cpus' if k == 'CPU' else 'gpus'}_per_holder={math.floor(h / holders * 100) / 100:g} "
+                         "fits" for k, (_, h) in short.items() if h / holders >= 0.01)
         raise PlacementError(
             f"cannot place {replicas} replicas x {num_stages} stages ({missing}); lower diloco.replicas, "
-            "swarm.num_stages or cluster.cpus_per_holder/gpus_per_holder, or add nodes"
+            "swarm.num_stages or cluster.cpus_per_holder/gpus_per_holder, or add nodes" + (f" ({fits})" if fits else "")
         )
     groups = [placement_group([dict(bundle) for _ in range(num_stages)], strategy=strategy, name=f"neuroray-replica-{r}")
               for r in range(replicas)]

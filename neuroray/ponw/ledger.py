@@ -223,7 +223,16 @@ class Ledger:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the main file and truncate it, so that ``ledger.sqlite`` alone
+        holds every committed proof: the run's ledger actor is killed, not closed, and a copied or
+        archived .sqlite without its -wal would otherwise be an empty ledger."""
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # another connection (a `neuroray.ledger` CLI call) is reading: the next checkpoint catches up
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
+        self.checkpoint()
         self._db.close()
 
     def _event(self, now: int, node_id: str, kind: str, amount: int, proof_id: str = "", note: str = "") -> None:

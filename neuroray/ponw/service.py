@@ -214,23 +214,32 @@ class LedgerService:
     def register(self, records: Iterable[NodeRecord | dict]) -> int:
         records = list(records)
         self.ledger.register(records)
+        self.ledger.checkpoint()
         return len(records)
 
     def grow_model(self, model_layers: int, records: Iterable[NodeRecord | dict]) -> int:
         """A live upgrade grew the model: the new layer count and the holders' grown ranges."""
         records = list(records)
         self.ledger.grow_model(model_layers, records)
+        self.ledger.checkpoint()
         return len(records)
 
     def submit_round(self, items: Iterable[tuple[bytes, Receipt | dict | None]]) -> list[dict]:
-        """Verify and credit a round's proofs in one transaction; one outcome dict per proof."""
-        return [o.to_dict() for o in self.ledger.submit_many(items)]
+        """Verify and credit a round's proofs in one transaction; one outcome dict per proof.
+
+        The WAL is folded into the main file after every round: the run ends with ``ray.kill`` of this
+        actor, and the .sqlite must hold every round on its own (``Ledger.checkpoint``)."""
+        outcomes = [o.to_dict() for o in self.ledger.submit_many(items)]
+        self.ledger.checkpoint()
+        return outcomes
 
     def submit(self, data: bytes, receipt: Receipt | dict | None = None) -> dict:
         return self.ledger.submit(data, receipt).to_dict()
 
     def invalidate(self, proof_id: str, reason: str, reporter: str | None = None) -> dict:
-        return self.ledger.invalidate(proof_id, reason, reporter).to_dict()
+        outcome = self.ledger.invalidate(proof_id, reason, reporter).to_dict()
+        self.ledger.checkpoint()
+        return outcome
 
     def balances(self) -> dict[str, dict]:
         """``{node_id: {"balance": micro-NEURO, "stake": micro-NEURO}}``."""
