@@ -162,3 +162,32 @@ def test_resume_restores_holders_on_hosts_whose_disks_never_held_a_snapshot(lab)
     good = [p for p, data in now.items() if hashlib.sha256(data).hexdigest() == p.stem]
     assert set(now) == set(good) | {p for p, data in now.items() if damaged.get(p) == data}  # nothing unverified
     assert set(good), "no resumed Driver read a shard through its cache"
+
+
+# ---------------------------------------------------------------- bytes on the wire vs the project's own counts
+
+BIG = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=4", "rounds=8",
+       "diloco.inner_steps=1", "checkpoint.interval_s=0", "checkpoint.every_round=false"]
+
+
+def test_bytes_on_the_wire_agree_with_the_counted_bytes(lab):
+    """The lab's veth counters against what the run counts (docs/lab.md, "Bytes on the wire"): DiLoCo's
+    sync bytes that cross hosts plus what the driver-hosted store moved to and from other hosts."""
+    cfg, ov = lab
+    before = counters(cfg)
+    out = _train(cfg, ov, f"run_dir={_run_dir(cfg, 'bytes')}", *BIG)
+    after = counters(cfg)
+    tx = sum(after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in after)
+    rx = sum(after[h]["rx_bytes"] - before[h]["rx_bytes"] for h in after)
+    wire = (tx + rx) / 2  # every byte between two hosts leaves one veth and enters another
+    line = next(ln for ln in out["log"] if ln.startswith("stores: the driver's node served"))
+    served, taken = (int(w.replace(",", "")) for w in line.split() if w.replace(",", "").isdigit())
+    # one holder per host, so for every round exactly one of the three holders shares the outer step's node:
+    # 2/3 of what OuterSync counted (payloads up, theta0 down) crosses the wire
+    sync_cross = out["sync_bytes"] * 2 / 3
+    counted = sync_cross + served + taken + out["control_bytes"]
+    weights = out["comm"][0]["payload_bytes"] / 3  # one holder's dense payload: the size of its weights
+    print(f"\nwire {wire:,.0f} B (tx {tx:,} rx {rx:,}); counted {counted:,.0f} B = sync across hosts "
+          f"{sync_cross:,.0f} + store {served + taken:,} + control {out['control_bytes']:,}; one weight copy "
+          f"{weights:,.0f} B; wire/counted {wire / counted:.3f}")
+    assert abs(wire - counted) <= 0.10 * counted
