@@ -166,6 +166,13 @@ class ClusterConfig:
     # joining a cluster: how long every node's Python may take to report missing dependencies (a worker
     # start imports nothing of ours, but a node under load can take seconds to start one)
     node_check_timeout_s: float = 120.0
+    # Local paths (data.store, checkpoint.dir) when the cluster has several nodes: "serve" has the driver's
+    # node serve them to every node through Ray (neuroray/hoststore, docs/lab.md); "shared" says they are a
+    # mount every node sees. Either way every node proves at start that it reads the data.
+    local_stores: str = "serve"
+    store_timeout_s: float = 120.0  # one call to the driver-hosted store
+    store_chunk_mb: int = 16  # the most bytes of a file one call to the driver-hosted store moves
+    store_probe_timeout_s: float = 120.0  # every node reading the data's manifest at start
     # Plan for these nodes instead of the live Ray cluster (python -m neuroray.plan): one entry per node,
     # "24GB" (host memory), "64GB+8x80GB" (host + 8 GPUs of 80 GB), "10x4GB" (ten such nodes).
     nodes: list[str] = field(default_factory=list)

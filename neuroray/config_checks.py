@@ -23,6 +23,8 @@ def validate(cfg: TrainConfig) -> None:
         "cluster.torch_threads": cfg.cluster.torch_threads,
         "cluster.actor_start_timeout_s": cfg.cluster.actor_start_timeout_s,
         "cluster.step_timeout_s": cfg.cluster.step_timeout_s,
+        "cluster.store_timeout_s": cfg.cluster.store_timeout_s, "cluster.store_chunk_mb": cfg.cluster.store_chunk_mb,
+        "cluster.store_probe_timeout_s": cfg.cluster.store_probe_timeout_s,
         "checkpoint.keep": cfg.checkpoint.keep,
         "checkpoint.recovery_timeout_s": cfg.checkpoint.recovery_timeout_s,
     }
@@ -55,6 +57,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:
         raise ConfigError("cluster.cpus_per_holder and cluster.gpus_per_holder must be >= 0")
+    if cfg.cluster.local_stores not in ("serve", "shared"):
+        raise ConfigError(f"cluster.local_stores={cfg.cluster.local_stores} must be serve (the driver's node serves "
+                          "local paths to every node) or shared (they are a mount every node sees)")
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the run to continue> (its snapshots are under run_dir/snapshots)")
     if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:

@@ -44,6 +44,10 @@ class LabError(NeurorayError):
     """The multi-host lab cannot start, stop or change: no root, no network namespaces, a clash, a bad host."""
 
 
+class StoreError(NeurorayError):
+    """A data or snapshot store that some node of the cluster cannot read (caught at start)."""
+
+
 def run_cli(action, interrupted: str = "neuroray: interrupted") -> int:
     """Run an entry point's body: a user error is one ``neuroray: error:`` line and exit 2, Ctrl-C exit 130."""
     import sys

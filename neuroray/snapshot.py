@@ -24,6 +24,7 @@ import fsspec
 import torch
 
 from neuroray.artifacts import is_complete, read_artifact, tensor_bytes, tensors_from, write_artifact
+from neuroray.hoststore import register
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class SnapshotStore:
     def __init__(self, root: str, slot: str, keep: int = 5, storage_options: dict | None = None):
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be at least 1")
+        register()  # nrhost://, the driver-hosted store of a multi-node run
         self.fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
         self.dir = f"{base.rstrip('/')}/{slot}"
         self.keep = keep

@@ -55,6 +55,9 @@ class Store:
     def __init__(self, url: str | os.PathLike):
         import fsspec  # lazy: importing fsspec's backends costs time holders without data never pay
 
+        from neuroray.hoststore import register
+
+        register()  # nrhost://, the driver-hosted store of a multi-node run
         self.url = normalize(url)
         self.protocol = self.url.split("://", 1)[0] if is_remote(self.url) else "file"
         self.read_only = self.protocol in READ_ONLY_PROTOCOLS

@@ -105,8 +105,10 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
     elif cfg.resume:
         resume_step = resume_step_of(cfg, snapshot_root, log)
     started_ray = _connect_ray(cfg, log)
-    swarm = trainer = None
+    swarm = trainer = stores = None
     try:
+        from neuroray.hoststore.share import share_stores  # several nodes: the driver's node serves local paths
+        stores = share_stores(cfg.cluster, str(root), root, snapshot_root, log)
         plan = upgrader = None
         if recorded:  # model=auto resumed: the snapshots' model, split and replicas, placed on today's nodes
             plan = plan_recorded(cfg, *recorded)
@@ -118,8 +120,9 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             cfg = replace(cfg, model=plan.model, swarm=replace(cfg.swarm, num_stages=plan.num_stages),
                           diloco=replace(cfg.diloco, replicas=plan.replicas))
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
-        swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
-                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
+        swarm = Swarm(cfg, vocab, DataPlan(stores.data_url, manifest.to_json()), log=log,
+                      snapshot_root=stores.snapshot_root, resume_step=resume_step,
+                      name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
         trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
@@ -158,6 +161,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
             trainer.close()
         if swarm is not None:
             swarm.shutdown()
+        if stores is not None:
+            stores.close(log)
         if started_ray:
             ray.shutdown()
 
