@@ -141,14 +141,14 @@ def _resume_auto(snapshot_root: str, log):
                         "(model=auto resumes the architecture its snapshots hold); start a new run instead")
 
 
-def run(cfg: TrainConfig, log=print) -> RunResult:
+def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     """Train with a resolved config. Usable from notebooks and tests as well as the CLI."""
     import ray
     import torch
 
     from neuroray.checkpoint import save_checkpoint
     from neuroray.diloco.sync import OuterSync
-    from neuroray.generate import sample
+    from neuroray.inference.sessions import sample
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
@@ -189,7 +189,8 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
                           diloco=replace(cfg.diloco, replicas=plan.replicas))
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
         swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=log, snapshot_root=snapshot_root,
-                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
+                      resume_step=resume_step, name_prefix=f"neuroray-{run_dir.name}-", plan=plan,
+                      holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
         trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,

@@ -1,0 +1,1 @@
+"""Thin `python -m neuroray.<cmd>` entry points: parse, call the library, print."""
