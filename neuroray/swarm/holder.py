@@ -84,6 +84,8 @@ def _busy(method):
 
 
 class StageHolder:
+    """One layer range's holder: the actor surface, composed of compute, outer state, proving and lifecycle."""
+
     def __init__(self, spec: HolderSpec):
         self.clock = BusyClock()
         device = open_device(spec.torch_threads, spec.use_gpu)
@@ -101,6 +103,7 @@ class StageHolder:
         self.proving = RoundProving()
         self.lifecycle = RangeLifecycle(self.compute, self.outer, self.node_id)
         self.lifecycle.restore_on_start()
+        # proofs start after a restore: the first round must commit the weights the holder restarted from
         if spec.tokens_per_batch > 0:
             self.proving.start(self, spec.tokens_per_batch)
             self._start_proof_round()
