@@ -25,7 +25,9 @@ import torch  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
-from neuroray.generate import LoadedCheckpoint, LocalEngine, Sampler, Session, run_sessions  # noqa: E402
+from neuroray.inference.loading import LoadedCheckpoint  # noqa: E402
+from neuroray.inference.sampling import Sampler  # noqa: E402
+from neuroray.inference.sessions import LocalEngine, Session, run_sessions  # noqa: E402
 from neuroray.genesis import train_tokenizer  # noqa: E402
 from neuroray.genesis.tokenizer import tokenizer_hash  # noqa: E402
 from neuroray.model import build_monolith  # noqa: E402
@@ -75,7 +77,8 @@ def main(argv: list[str]) -> None:
 
     import ray
 
-    from neuroray.swarm.inference import PipelineEngine, start_holders
+    from neuroray.inference.discovery import start_holders
+    from neuroray.inference.engine import PipelineEngine
 
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:

@@ -36,10 +36,12 @@ QUIET = lambda *a, **k: None  # noqa: E731
 
 
 def _swarm(cfg, vocab, root, manifest):
+    from neuroray.swarm.faults import FaultyStageHolder
     from neuroray.swarm.router import Router
     from neuroray.swarm.swarm import DataPlan, Swarm
 
-    swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=QUIET)
+    # hang and slow_down: the fault-injecting holder
+    swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=QUIET, holder_cls=FaultyStageHolder)
     return swarm, Router(swarm.by_range, cfg.swarm, log=QUIET)
 
 

@@ -13,18 +13,10 @@ from safetensors.torch import load_file
 from neuroray.checkpoint import CheckpointError, save_checkpoint
 from neuroray.config import ModelConfig, to_dict
 from neuroray.errors import ConfigError, GenerationError
-from neuroray.generate import (
-    LocalEngine,
-    Sampler,
-    Session,
-    TextStream,
-    filter_logits,
-    load_for_inference,
-    main,
-    parse_overrides,
-    run_sessions,
-    sample,
-)
+from neuroray.cli.generate import main, parse_overrides
+from neuroray.inference.loading import TextStream, load_for_inference
+from neuroray.inference.sampling import Sampler, filter_logits
+from neuroray.inference.sessions import LocalEngine, Session, run_sessions, sample
 from neuroray.genesis import train_tokenizer
 from neuroray.genesis.tokenizer import tokenizer_hash
 from neuroray.model import build_monolith

@@ -25,7 +25,8 @@ from neuroray.checkpoint import save_checkpoint  # noqa: E402
 from neuroray.cli.export import main as export_main  # noqa: E402
 from neuroray.config import ModelConfig  # noqa: E402
 from neuroray.errors import DataError, InteropError  # noqa: E402
-from neuroray.generate import encode_prompt, sample  # noqa: E402
+from neuroray.inference.loading import encode_prompt  # noqa: E402
+from neuroray.inference.sessions import sample  # noqa: E402
 from neuroray.genesis.manifest import Manifest  # noqa: E402
 from neuroray.genesis.own_tokenizer import check_tokenizer_matches_manifest, load_user_tokenizer  # noqa: E402
 from neuroray.genesis.tokenizer import EOS_ID, decode, encode, tokenizer_hash, train_tokenizer  # noqa: E402

@@ -8,14 +8,20 @@ import time
 import pytest
 import torch
 
+from neuroray.cli.generate import main
 from neuroray.config import PonwConfig
 from neuroray.errors import GenerationError, PipelineError
-from neuroray.generate import Sampler, Session, load_for_inference, main, run_sessions, sample
+from neuroray.inference.discovery import start_holders
+from neuroray.inference.engine import PipelineEngine
+from neuroray.inference.holder import InferenceHolder, InferenceSpec
+from neuroray.inference.loading import load_for_inference
+from neuroray.inference.proofs import credit_proofs
+from neuroray.inference.sampling import Sampler
+from neuroray.inference.sessions import Session, run_sessions, sample
 from neuroray.model import build_stage, split_layers
 from neuroray.ponw import crypto
 from neuroray.ponw.ledger import Ledger
 from neuroray.ponw.proof import SignedProof
-from neuroray.swarm.inference import InferenceHolder, InferenceSpec, PipelineEngine, credit_proofs, start_holders
 from tests.test_generate import make_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

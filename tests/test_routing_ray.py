@@ -10,6 +10,7 @@ import torch
 
 from neuroray.configure import load_config
 from neuroray.errors import PipelineError
+from neuroray.swarm.faults import FaultyStageHolder
 from tests.test_pipeline_ray import _write_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -107,7 +108,8 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     # round's end instead, the outer step (quorum 1.0) would simply wait it out and no hop would be late.
     fault = _after_steps(tmp_path / "hang", 1, lambda p: ray.get_actor(f"{p}r1-s1").hang.remote(3.0))
     lines = []
-    hung = run(_cfg(tmp_path, "hang", *busy), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    hung = run(_cfg(tmp_path, "hang", *busy), log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+               holder_cls=FaultyStageHolder)
     assert fault.get("at_step", 99) <= 2, (fault, lines)  # the hang was injected while round 1 had work left
     total = 3 * 4 * 4 * 2  # rounds x inner steps x microbatches x replicas
     assert len(hung.losses) == 12
@@ -137,7 +139,8 @@ def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_clus
     lines = []
     result = run(_cfg(tmp_path, "quorum", "swarm.outer_quorum=0.5", "swarm.outer_deadline_s=1",
                       "swarm.failover_ceiling_s=2", "swarm.queue_depth=1", "data.num_microbatches=4",
-                      "ponw.enabled=true"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+                      "ponw.enabled=true"), log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                 holder_cls=FaultyStageHolder)
     assert fault.get("at_step", 99) <= 5, (fault, lines)
     assert len(result.losses) == 12 and _per_range(result) == {0: 96, 1: 96}
     late = [q for q in result.routing["quorums"] if q["late"]]
@@ -193,7 +196,7 @@ def test_a_slow_forward_is_hedged_and_a_stuck_driver_s_queue_taken_back(ray_clus
     cfg = _cfg(tmp_path, "hedge", "swarm.failover_ceiling_s=1", "swarm.queue_depth=1", "data.num_microbatches=4")
     root, manifest = ensure_dataset(cfg.data, log=QUIET)
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
-    swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=QUIET)
+    swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=QUIET, holder_cls=FaultyStageHolder)
     try:
         router = Router(swarm.by_range, cfg.swarm, log=QUIET)
         n = 8  # microbatches per step: 4 x 2 replicas

@@ -270,7 +270,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, force: bool = Fal
     ``out_dir`` must not exist or be empty unless ``force``; it appears complete or not at all.
     """
     from neuroray.checkpoint import TOKENIZER_FILE
-    from neuroray.generate import load_for_inference
+    from neuroray.inference.loading import load_for_inference
     from neuroray.genesis.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
     loaded = load_for_inference(checkpoint_dir)  # also refuses a tokenizer that is not the model's

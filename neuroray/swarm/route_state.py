@@ -7,15 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import ray
-
-_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-def holder_died(exc: BaseException) -> bool:
-    if isinstance(exc, _DIED):
-        return True
-    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
+from neuroray.swarm.ray_errors import holder_died  # noqa: F401 - the router imports it from here
 
 
 def claim_kind(kind: str) -> str:

@@ -6,7 +6,6 @@ holder of range ``s`` (the group one outer step reduces over).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,23 +18,8 @@ from neuroray.model import split_layers
 from neuroray.planner import scaling
 from neuroray.planner.partition import partition_layers
 from neuroray.planner.placement import bundle_strategy, release, reserve_plan, reserve_replicas
-from neuroray.swarm.holder import HolderSpec, holder_actor
-
-
-def unwrap_ray_error(exc: BaseException) -> BaseException:
-    """Ray wraps an actor's exception in RayTaskError/RayActorError; return the user's cause.
-
-    An actor whose ``__init__`` raised comes back as ActorDiedError whose text ends with the original
-    ``Type: message`` line; that line is what a user needs, not Ray's traceback around it.
-    """
-    cause = getattr(exc, "cause", None)
-    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
-        return cause
-    if isinstance(exc, ray.exceptions.RayActorError) and getattr(exc, "actor_init_failed", False):
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)), lines[-1])
-        return PipelineError(f"a stage holder could not start: {last}")
-    return exc
+from neuroray.swarm.holder import HolderSpec, StageHolder, holder_actor
+from neuroray.swarm.ray_errors import unwrap_ray_error
 
 
 @dataclass
@@ -66,11 +50,12 @@ def stage_ranges(cfg: TrainConfig, vocab_size: int) -> list[tuple[int, int]]:
 class Swarm:
     def __init__(self, cfg: TrainConfig, vocab_size: int, data: DataPlan | None, log=print,
                  snapshot_root: str | None = None, resume_step: int | None = None, name_prefix: str | None = None,
-                 plan=None):
+                 plan=None, holder_cls: type | None = None):
         """``plan`` (from :func:`neuroray.planner.plan_for_cluster`, for ``model=auto``) pins every holder to the
         node and resources the planner chose; without one, holders get ``cluster.cpus_per_holder``/``gpus_per_holder``
-        in one PACK placement group per replica."""
-        self.cfg = cfg
+        in one PACK placement group per replica. ``holder_cls``: the class every holder runs, StageHolder by
+        default (tests and benchmarks pass :class:`neuroray.swarm.faults.FaultyStageHolder` to inject faults)."""
+        self.cfg, self.holder_cls = cfg, holder_cls or StageHolder
         c = cfg.cluster
         if plan is not None:
             self.ranges = list(plan.ranges)
@@ -115,7 +100,7 @@ class Swarm:
                            microbatch_size=cfg.data.microbatch_size, data_start=0 if routed else None)
         return holder_actor(spec, cpus, gpus, strategy,
                             name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
-                            max_restarts=cfg.checkpoint.max_restarts, routed=routed)
+                            max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls)
 
     def add_replicas(self, plan, outer_rounds: int) -> list[list]:
         """Start the replicas of ``plan`` (neuroray.planner.expand: pinned to nodes, numbered after the running

@@ -71,14 +71,17 @@ def _connect_ray(cfg: TrainConfig, log) -> bool:
     return True
 
 
-def run(cfg: TrainConfig, log=print) -> RunResult:
-    """Train with a resolved config. Usable from notebooks and tests as well as the CLI."""
+def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
+    """Train with a resolved config. Usable from notebooks and tests as well as the CLI.
+
+    ``holder_cls``: the stage-holder class to run (tests and benchmarks pass neuroray.swarm.faults'
+    fault-injecting subclass); None is the production :class:`~neuroray.swarm.holder.StageHolder`."""
     import ray
     import torch
 
     from neuroray.checkpoint import save_checkpoint
     from neuroray.diloco.sync import OuterSync
-    from neuroray.generate import sample
+    from neuroray.inference.sessions import sample
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
@@ -122,7 +125,7 @@ def run(cfg: TrainConfig, log=print) -> RunResult:
         d, dl, c = cfg.data, cfg.diloco, cfg.cluster
         swarm = Swarm(cfg, vocab, DataPlan(stores.data_url, manifest.to_json()), log=log,
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
-                      name_prefix=f"neuroray-{run_dir.name}-", plan=plan)
+                      name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
         trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,

@@ -1,0 +1,175 @@
+"""A range's life beyond training steps: snapshots and restore, growth, and copies between peers.
+
+Everything here moves a range's whole state at once (weights, AdamW moments, theta0, error feedback,
+counters, RNG and data position) between a holder and a snapshot store, a grown architecture, or a
+peer holder: a restarted holder restores its snapshot or copies a peer's range (``export_range`` /
+``import_range``), and a live upgrade grows the range in place (neuroray.planner.upgrade).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import torch
+
+from neuroray.config import ModelConfig
+from neuroray.swarm.compute import RangeCompute
+from neuroray.swarm.outer_state import OuterState
+
+log = logging.getLogger(__name__)
+
+
+def optimizer_state_to_cpu(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with its moments on the CPU (``load_state_dict`` moves them back to the
+    device of the weights it is loaded beside)."""
+    opt = optimizer.state_dict()
+    opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                    for i, st in opt["state"].items()}
+    return opt
+
+
+def was_reconstructed() -> bool:
+    """True inside an actor that Ray restarted after a crash (``max_restarts``)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor
+        return False
+
+
+class RangeLifecycle:
+    """Snapshots, growth and peer copies of the range that ``compute`` trains and ``outer`` syncs."""
+
+    def __init__(self, compute: RangeCompute, outer: OuterState, node_id: str):
+        self.compute, self.outer, self.node_id = compute, outer, node_id
+        self.snapshots = None
+        self.restored_step: int | None = None
+        spec = compute.spec
+        if spec.snapshot_root:
+            from neuroray.snapshot import SnapshotStore
+
+            self.snapshots = SnapshotStore(spec.snapshot_root, spec.slot, keep=spec.snapshot_keep)
+
+    def counters(self) -> dict:
+        c = self.compute
+        return {"inner_steps": c.inner_steps, "outer_rounds": self.outer.outer_rounds,
+                "microbatches": c.microbatches_done, "restored_step": self.restored_step}
+
+    def restore_on_start(self) -> None:
+        """A Ray restart restores the newest good snapshot; a resumed job restores the step it was told."""
+        spec, name = self.compute.spec, self.compute.name
+        if self.snapshots is None:
+            return
+        if was_reconstructed():
+            snap = self.snapshots.latest()
+        elif spec.resume_step is not None:
+            snap = self.snapshots.latest(at_most=spec.resume_step)
+            if snap is None or snap.step != spec.resume_step:
+                raise RuntimeError(f"{name}: no good snapshot at step {spec.resume_step} in {self.snapshots.dir}")
+        else:
+            return
+        if snap is not None:
+            self.restore(snap)
+            log.warning("%s: restored snapshot of step %d", name, snap.step)
+
+    # ----- snapshots --------------------------------------------------------------------------
+    def capture(self, step: int):
+        """Copy everything a restart needs (weights, AdamW, theta0, counters, RNG, data position)."""
+        from neuroray.snapshot import Snapshot
+
+        c, o = self.compute, self.outer
+        assert not c.pending, f"{c.name}: snapshot with microbatches in flight"
+        tensors = {f"model.{k}": v for k, v in c.weights().items()}
+        opt = c.optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        tensors["theta0"] = o.theta0.detach().cpu().clone()
+        if o.feedback.residual is not None:
+            tensors["feedback.residual"] = o.feedback.residual.clone()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"slot": c.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
+                "counters": self.counters(), "stream": None if c.stream is None else c.stream.state(),
+                "architecture": self.architecture()}
+        return Snapshot(step, tensors, meta)
+
+    def restore(self, snap) -> None:
+        c, o, t = self.compute, self.outer, snap.tensors
+        self.adopt(snap.meta.get("architecture"))
+        c.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in t.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        c.optimizer.load_state_dict({"state": state, "param_groups": snap.meta["param_groups"]})
+        o.theta0 = t["theta0"].to(c.device).clone()
+        o.feedback.residual = t["feedback.residual"].clone() if "feedback.residual" in t else None
+        o.feedback_round = None
+        torch.set_rng_state(t["rng.torch"])
+        n = snap.meta["counters"]
+        c.inner_steps, o.outer_rounds, c.microbatches_done = n["inner_steps"], n["outer_rounds"], n["microbatches"]
+        if c.stream is not None and snap.meta.get("stream"):
+            c.stream.seek(snap.meta["stream"]["position"])
+        c.pending.clear()
+        self.restored_step = snap.step
+
+    # ----- architecture -------------------------------------------------------------------------
+    def architecture(self) -> dict:
+        spec = self.compute.spec
+        return {"model": asdict(spec.model), "ranges": [list(r) for r in spec.ranges]}
+
+    def adopt(self, arch: dict | None) -> bool:
+        """Rebuild for the architecture a snapshot or a peer recorded (True if it did): after an upgrade,
+        a Ray restart begins on the spec the actor was created with, i.e. the old shapes."""
+        if arch is None:  # recorded before upgrades existed: the spec's shapes
+            return False
+        model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        spec = self.compute.spec
+        if (model, ranges) == (spec.model, list(spec.ranges)):
+            return False
+        self.compute.rebuild(model, ranges)
+        return True
+
+    def grow(self, model: ModelConfig, ranges: list[tuple[int, int]], seed: int) -> None:
+        """Grow weights, theta0 and the AdamW moments together to ``model`` (neuroray.model.growth)."""
+        from neuroray.model.growth import flat_to_state, grow_optimizer_state, grow_state_dict, state_to_flat
+
+        c, o = self.compute, self.outer
+        assert not c.pending, f"{c.name}: grow with microbatches in flight"
+        old, (lo, hi) = c.spec.model, ranges[c.spec.stage]
+        old_names = [n for n, _ in c.module.named_parameters()]
+        weights = {k: v.detach().cpu() for k, v in c.module.state_dict().items()}
+        theta0 = flat_to_state(o.theta0.detach().cpu(), c.module)
+        opt = optimizer_state_to_cpu(c.optimizer)  # grown on the CPU; load_state_dict moves it to the weights' device
+        c.rebuild(model, ranges)
+        c.module.load_state_dict(grow_state_dict(weights, old, model, seed=seed, layers=range(lo, hi)))
+        o.theta0 = state_to_flat(grow_state_dict(theta0, old, model, seed=seed, layers=range(lo, hi)),
+                                 c.module).to(c.device)
+        c.optimizer.load_state_dict(grow_optimizer_state(
+            opt, old_names, [n for n, _ in c.module.named_parameters()], old, model, layers=range(lo, hi)))
+        # the residual is laid out as the old range: drop it (at most one round's quantisation error is lost)
+        o.drop_residual()
+
+    # ----- copies between peers -------------------------------------------------------------------
+    def export_range(self, optimizer: bool = False) -> dict:
+        c = self.compute
+        out = {**{f"model.{k}": v.detach().cpu() for k, v in c.module.state_dict().items()},
+               "theta0": self.outer.theta0.detach().cpu(),
+               "architecture": self.architecture()}
+        if optimizer:
+            out["optimizer"] = optimizer_state_to_cpu(c.optimizer)
+        return out
+
+    def import_range(self, tensors: dict) -> bool:
+        """Load a peer's :meth:`export_range`; True if the range was rebuilt to the peer's architecture."""
+        c = self.compute
+        rebuilt = self.adopt(tensors.get("architecture"))
+        c.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.outer.theta0 = tensors["theta0"].to(c.device).clone()
+        c.pending.clear()
+        if "optimizer" in tensors:  # load_state_dict moves the moments to the weights' device
+            c.optimizer.load_state_dict(tensors["optimizer"])
+        return rebuilt

@@ -1,0 +1,66 @@
+"""A stage holder's Proofs of Neural Work: one signed training proof per outer round (neuroray/ponw).
+
+The holder opens a round when it starts from new weights, commits the pseudo-gradient it hands to the
+outer step, and signs the proof when the round's theta0 arrives; the trainer takes the proof (once)
+for the ledger. Without ``tokens_per_batch`` a holder proves nothing and every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class RoundProving:
+    """The holder's :class:`~neuroray.ponw.service.RoundProver` (or None), its last proof and theta0 losses."""
+
+    def __init__(self):
+        self.prover = None
+        self.proof: bytes | None = None
+        self.theta0_losses: list[float] = []
+
+    def start(self, holder, tokens_per_batch: int) -> None:
+        """A prover for ``holder``'s identity and range as they are now (after a growth: the new range)."""
+        from neuroray.ponw.service import RoundProver
+
+        self.prover = RoundProver.for_holder(holder, tokens_per_batch)
+
+    @property
+    def enabled(self) -> bool:
+        return self.prover is not None
+
+    def start_round(self, weights: torch.Tensor, microbatches_done: int, stream) -> None:
+        """The round starts from ``weights``; the Driver's ``stream`` says where its data starts."""
+        position = stream.position if stream is not None else 0
+        shard = getattr(stream, "shard_id", None) if stream is not None else None
+        self.prover.start_round(weights, microbatches_done, position, shard)
+
+    def note_pseudo_gradient(self, delta: torch.Tensor) -> None:
+        if self.prover is not None:
+            self.prover.note_pseudo_gradient(delta)
+
+    def finish_round(self, outer_round: int, theta0: torch.Tensor, microbatches_done: int, name: str) -> None:
+        """Sign the proof of the round that ended at ``theta0``; :meth:`take` hands it out."""
+        try:
+            self.proof = self.prover.finish_round(outer_round, theta0, microbatches_done,
+                                                  theta0_losses=self.theta0_losses)
+        except RuntimeError as exc:  # restarted mid-round: this round's start was lost with the process
+            log.warning("%s: no proof for round %d (%s)", name, outer_round, exc)
+            self.proof = None
+
+    def set_theta0_losses(self, losses: list[float], data_position: int | None, stream) -> None:
+        """Driver: the losses the proof commits to; under swarm routing, where their data starts in the ring."""
+        self.theta0_losses = list(losses)
+        if data_position is not None and self.prover is not None and stream is not None:
+            stream.seek(data_position)
+            self.prover.set_data_start(data_position, stream.shard_id)
+
+    def take(self) -> bytes | None:
+        proof, self.proof = self.proof, None
+        return proof
+
+    def registration(self):
+        return None if self.prover is None else self.prover.registration()
