@@ -47,7 +47,7 @@ def single_process(cfg, vocab, root, manifest, node_id, steps, warmup, threads) 
 def ray_pipeline(cfg, vocab, root, manifest, steps, warmup) -> tuple[float, str]:
     import ray
 
-    from neuroray.swarm.schedule import submit_inner_step
+    from neuroray.training.schedule import submit_inner_step
     from neuroray.swarm.swarm import DataPlan, Swarm
 
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")

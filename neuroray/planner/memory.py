@@ -22,7 +22,7 @@ neuroray.model.layers actually saves (tests/test_planner_partition.py measures i
 (the fused attention kernels keep only the log-sum-exp; a math-path kernel would also keep the
 ``H x T`` attention probabilities). Every non-last holder keeps the graphs of all
 ``num_microbatches`` microbatches of an inner step alive until their backwards arrive (GPipe order,
-neuroray.swarm.schedule), plus each microbatch's output (d per token); the last holder runs forward
+neuroray.training.schedule), plus each microbatch's output (d per token); the last holder runs forward
 and backward per microbatch, so it keeps one, plus the head: the final norm (3d + 1), the logits,
 their log-softmax and the logits' gradient (3V). Backward needs one more layer's worth of
 activations as working space.

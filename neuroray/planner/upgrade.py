@@ -49,6 +49,7 @@ from neuroray.planner.cluster import ClusterWatcher, WatchEvent
 from neuroray.planner.expand import place_ranges
 from neuroray.planner.memory import format_bytes, holder_memory, outer_step_bytes
 from neuroray.planner.plan_types import NodeSpec, Plan, PlanError, PlanRequest
+from neuroray.swarm.ray_errors import holder_died
 
 MAX_ADDED = 1024  # replicas one poll may add without planner.max_replicas: a bound on trying, not a policy
 
@@ -94,7 +95,7 @@ def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple
         try:
             infos.append(ray.get(ref))
         except Exception as exc:  # noqa: BLE001 - a death is recovered below; anything else is the holder's error
-            if not _died(exc) or recovery_timeout_s <= 0:
+            if not holder_died(exc) or recovery_timeout_s <= 0:
                 swarm.get(ref, timeout_s, "growing the stage holders")  # raises it, unwrapped from Ray's
             infos.append(None)
             died.append(k)
@@ -116,12 +117,6 @@ def migrate(swarm, outer, old: ModelConfig, new: ModelConfig, ranges: list[tuple
     swarm.numels = [infos[s]["numel"] for s in range(len(ranges))]
 
 
-def _died(exc: BaseException) -> bool:
-    from neuroray.trainer import _holder_died
-
-    return _holder_died(exc)
-
-
 def _recover_grown(swarm, holders: list, infos: list, k: int, old_theta0: list, new: ModelConfig,
                    ranges: list[tuple[int, int]], *, seed: int, rounds: int, timeout_s: float, deadline: float,
                    log: Callable[[str], None]) -> dict:
@@ -133,12 +128,12 @@ def _recover_grown(swarm, holders: list, infos: list, k: int, old_theta0: list, 
     holder of the range died) it rejoins at the range's theta0 from before the growth and grows again:
     the growth is seeded, so it lands where the others did. Either way it takes the swarm's round count.
     """
-    from neuroray.trainer import Trainer
+    from neuroray.training.trainer import wait_alive
 
     stages = len(ranges)
     r, s, h = k // stages, k % stages, holders[k]
     try:
-        Trainer._wait_alive(h, deadline)
+        wait_alive(h, deadline)
         peers = [holders[j] for j in range(s, len(holders), stages) if j != k and infos[j] is not None]
         if peers:
             ray.get(h.join.remote(peers[0].export_range.remote(optimizer=True), rounds), timeout=timeout_s)

@@ -27,7 +27,7 @@ pipelines. For one inner step the :class:`Router` drives N microbatches hop by h
   restored its newest snapshot) it rejoins at the range's current theta0.
 
 The Router keeps its latency statistics and holder health across steps; the trainer calls
-:meth:`Router.run_step` once per inner step (neuroray/routed_trainer.py).
+:meth:`Router.run_step` once per inner step (neuroray/training/routed.py).
 """
 
 from __future__ import annotations

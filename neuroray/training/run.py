@@ -85,14 +85,14 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
-    from neuroray.metrics import TrainMetrics
     from neuroray.planner.report import format_plan
     from neuroray.planner import plan_for_cluster
     from neuroray.planner.expand import plan_recorded
     from neuroray.planner.upgrade import Upgrader
-    from neuroray.plots import loss_curve
-    from neuroray.routed_trainer import RoutedTrainer
-    from neuroray.trainer import Trainer
+    from neuroray.training.executor import make_executor
+    from neuroray.training.metrics import TrainMetrics
+    from neuroray.training.plots import loss_curve
+    from neuroray.training.trainer import Trainer
 
     run_dir = _run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -127,9 +127,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
-        trainer_cls = RoutedTrainer if cfg.swarm.routing == "router" else Trainer
-        trainer = trainer_cls(cfg, swarm, outer, run_dir, snapshot_root, start_step=resume_step or 0, log=log,
-                              metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
+        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, make_executor(cfg), start_step=resume_step or 0,
+                          log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
         streaming = (f" (streaming: {dl.streaming_fragments} fragments, one every {trainer.sync_every} steps)"
@@ -144,8 +143,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.additions = [] if upgrader is None else upgrader.additions
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
-        if isinstance(trainer, RoutedTrainer):
-            result.routing = trainer.routing_summary()
+        result.routing = trainer.routing_summary()
         result.comm, result.tokens = stats.comm, trainer.tokens
         (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()

@@ -1,9 +1,9 @@
-"""The DiLoCo training loop over a swarm: inner steps, outer rounds, snapshots and crash recovery.
+"""The one DiLoCo training loop over a swarm: inner steps, outer rounds, snapshots, proofs and crash recovery.
 
-The driver submits work and reads results one step late, so holders never wait on it. When a
-holder dies, Ray restarts it (``checkpoint.max_restarts``) and it restores its newest good snapshot
-in ``__init__`` (or, with none, copies its range from a live peer replica); the driver then drops
-the half-done microbatches of that replica and re-runs its lost steps. Other replicas keep going.
+Fixed pipelines and swarm routing differ only in the step executor the :class:`Trainer` is given
+(neuroray.training.executor): it runs the inner steps and gathers the outer step, and observes how many
+microbatches each holder did; the loop records every step, books every round (metrics, logs, the
+ledger's receipts), snapshots and brings back replicas whose holders Ray restarted.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
-from neuroray.metrics import TrainMetrics
 from neuroray.snapshot import Snapshot, SnapshotStore
-from neuroray.swarm.schedule import submit_inner_step
-
-_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+from neuroray.swarm.router import holder_died
+from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error, value_or_none
+from neuroray.training.metrics import TrainMetrics
 
 
 @dataclass
@@ -38,23 +37,20 @@ class LoopStats:
         return sum(c[key] for c in self.comm)
 
 
-def _holder_died(exc: BaseException) -> bool:
-    if isinstance(exc, _DIED):
-        return True
-    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
-
-
-def _value_or_none(ref):
-    """A finished ref's value, or None when its holder died meanwhile (metrics must not stop training)."""
-    try:
-        return ray.get(ref, timeout=0)
-    except Exception:
-        return None
+def wait_alive(holder, deadline: float) -> dict:
+    """Poll a holder until it answers: while Ray restarts it, calls fail fast with ActorUnavailableError."""
+    while True:
+        try:
+            return ray.get(holder.counters.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, start_step: int = 0, log=print,
-                 metrics: TrainMetrics | None = None, upgrades=None):
+    def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, executor: StepExecutor,
+                 start_step: int = 0, log=print, metrics: TrainMetrics | None = None, upgrades=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
         self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
@@ -68,11 +64,16 @@ class Trainer:
         self.sync_every = cfg.diloco.inner_steps // cfg.diloco.streaming_fragments
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
-        self.pending: dict[int, list] = {}  # step -> per-replica StepRefs submitted but not yet collected
         self.ledger = None
-        self._theta0_losses: dict[int, list[float]] = {}  # replica -> losses of the round's first inner step
         if cfg.ponw.enabled:
             self._start_ledger()
+        self.executor = executor
+        executor.attach(self)
+
+    @property
+    def snapshot_dir(self) -> str:
+        """Where every slot's snapshots are kept (named in the errors that ask for resume=true)."""
+        return self.outer_stores[0].dir.rsplit("/", 1)[0]
 
     # ----- Proof of Neural Work -----------------------------------------------------------------
     def _start_ledger(self) -> None:
@@ -85,24 +86,23 @@ class Trainer:
         records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         ray.get(self.ledger.register.remote([r for r in records if r is not None]))
 
-    def _book_proofs(self, reports: list) -> None:
-        """Every holder's signed proof of the round goes to the ledger with what the driver saw it do,
-        including whether the range's outer step used its pseudo-gradient (``reports``)."""
+    def _book_proofs(self, result: RoundResult) -> int:
+        """Every holder's signed proof of the round goes to the ledger with what the executor saw it do,
+        including whether the range's outer step used its pseudo-gradient. Returns the proofs' bytes."""
         from neuroray.ponw.verifier import Receipt
 
         holders = [h for p in self.swarm.replicas for h in p]
-        refs = [self._take_proof(h) for h in holders]
+        refs = [self.executor.take_proof(h) for h in holders]
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
-        proofs = [_value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
+        proofs = [value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
         # Work the rule rejected or gave weight 0 is accepted but earns nothing (the verifier's aggregated=False).
-        # holders[k] is replica k // stages, stage k % stages; a report indexes a range's holders by replica.
-        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
+        # holders[k] is replica k // stages, stage k % stages.
         stages = len(self.swarm.ranges)
         items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds,
-                                 batches=self._batches_seen(h), aggregated=(k % stages, k // stages) not in unused))
+                                 batches=result.batches.get((k % stages, k // stages), 0),
+                                 aggregated=(k % stages, k // stages) not in result.unused))
                  for k, (h, proof) in enumerate(zip(holders, proofs)) if proof is not None]
-        self._proof_bytes = sum(len(proof) for proof, _ in items)  # control plane: counted, not sync
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
@@ -118,13 +118,10 @@ class Trainer:
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
+        return sum(len(proof) for proof, _ in items)  # control plane: counted, not sync
 
-    def _take_proof(self, holder):
-        return holder.take_proof.remote()
-
-    def _batches_seen(self, holder) -> int:
-        """Microbatches the driver routed through ``holder`` this round: fixed pipelines see all of theirs."""
-        return self.sync_every * self.cfg.data.num_microbatches
+    def routing_summary(self) -> dict | None:
+        return self.executor.routing_summary()
 
     def ledger_summary(self) -> dict | None:
         return None if self.ledger is None else ray.get(self.ledger.summary.remote())
@@ -154,11 +151,7 @@ class Trainer:
             ray.get(self.ledger.register.remote([r for r in records if r is not None]),
                     timeout=self.cfg.cluster.step_timeout_s)
 
-    # ----- submission -------------------------------------------------------------------------
-    def _submit(self, step: int, replica: int):
-        n = self.cfg.data.num_microbatches
-        return submit_inner_step(self.swarm.replicas[replica], n, step * n, self.inner_lr(step))
-
+    # ----- inner steps -------------------------------------------------------------------------
     def inner_lr(self, step: int) -> float:
         """The inner learning rate of (0-based) inner step ``step``: diloco.lr_schedule over the whole run."""
         from neuroray.diloco.lr import inner_lr_at
@@ -166,46 +159,8 @@ class Trainer:
         d = self.cfg.diloco
         return inner_lr_at(step, self.total_steps, d.inner_lr, d.lr_schedule, d.warmup_steps, d.min_lr_ratio)
 
-    def _collect(self, step: int, refs: list) -> float:
-        """Wait for one step on every replica, recovering replicas whose holders died."""
-        c = self.cfg.cluster
-        losses = []
-        for r in range(len(refs)):
-            while True:
-                try:
-                    values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
-                    losses += values[: len(refs[r].losses)]
-                    if step % self.sync_every == 0:  # computed at the round's start: what the Driver's proof commits
-                        self._theta0_losses[r] = values[: len(refs[r].losses)]
-                    break
-                except ray.exceptions.GetTimeoutError:
-                    raise PipelineError(f"inner step {step + 1} of replica {r} took longer than {c.step_timeout_s:g}s; "
-                                        "raise cluster.step_timeout_s or check the Ray dashboard") from None
-                except Exception as exc:
-                    if not _holder_died(exc):
-                        raise self._unwrap(exc, f"inner step {step + 1}") from None
-                    # Every call already queued on this replica (this step's and later ones) must settle
-                    # before the reset, or a stale backward could land after it. Then redo them all.
-                    later = sorted(s for s in self.pending if s > step)
-                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)]
-                             for x in sr.losses + sr.steps + sr.tails]
-                    ray.wait(stale, num_returns=len(stale), timeout=c.step_timeout_s)
-                    for x in stale:  # read the failures, so Ray does not report them as unhandled
-                        _value_or_none(x)
-                    self._recover(r, exc)
-                    refs[r] = self._submit(step, r)
-                    for s in later:
-                        self.pending[s][r] = self._submit(s, r)
-        return sum(losses) / len(losses)
-
-    def _unwrap(self, exc: BaseException, what: str) -> BaseException:
-        from neuroray.swarm.swarm import unwrap_ray_error
-
-        cause = unwrap_ray_error(exc)
-        return cause if cause is not exc else PipelineError(f"{what} failed: {str(exc).strip().splitlines()[0]}")
-
     # ----- recovery ---------------------------------------------------------------------------
-    def _recover(self, replica: int, exc: BaseException) -> None:
+    def recover(self, replica: int, exc: BaseException) -> None:
         """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step."""
         t0 = time.monotonic()
         timeout = self.cfg.checkpoint.recovery_timeout_s
@@ -214,11 +169,11 @@ class Trainer:
         counters = []
         for s, h in enumerate(pipeline):
             try:
-                counters.append(self._wait_alive(h, t0 + timeout))
+                counters.append(wait_alive(h, t0 + timeout))
             except Exception:
                 raise PipelineError(
                     f"holder r{replica}-s{s} did not come back within {timeout:g}s (restarts exhausted or node lost); "
-                    f"its snapshots are kept under {self.outer_stores[0].dir.rsplit('/', 1)[0]}; "
+                    f"its snapshots are kept under {self.snapshot_dir}; "
                     "rerun with resume=true"
                 ) from None
         for s, (h, c) in enumerate(zip(pipeline, counters)):
@@ -234,17 +189,6 @@ class Trainer:
         self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
                  f"{record['restored_steps']}); re-running its lost step")
 
-    @staticmethod
-    def _wait_alive(holder, deadline: float) -> dict:
-        """Poll a holder until it answers: while Ray restarts it, calls fail fast with ActorUnavailableError."""
-        while True:
-            try:
-                return ray.get(holder.counters.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
     def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
         for peer in peers:
             try:
@@ -257,40 +201,11 @@ class Trainer:
                             "rerun with resume=true from the kept snapshots")
 
     # ----- outer step and snapshots --------------------------------------------------------------
-    def _fragment(self, step: int) -> int | None:
-        """Streaming: the fragment whose outer step follows inner step ``step``; None without streaming."""
-        from neuroray.diloco.streaming import due_fragment
-
-        d = self.cfg.diloco
-        return None if d.streaming_fragments == 1 else due_fragment(step + 1, d.inner_steps, d.streaming_fragments)
-
     def _outer_round(self, step: int) -> None:
-        c = self.cfg.cluster
-        saved = (list(self.outer.theta0), list(self.outer.momentum), list(self.outer.memory))
-        if self.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
-            for r, losses in self._theta0_losses.items():
-                self.swarm.replicas[r][0].set_theta0_losses.remote(losses)
-        while True:
-            reports, loads = self.outer.submit(self._fragment(step))
-            try:
-                results = ray.get(reports + loads, timeout=c.step_timeout_s)
-                break
-            except ray.exceptions.GetTimeoutError:
-                raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
-            except Exception as exc:
-                if not _holder_died(exc):
-                    raise self._unwrap(exc, f"outer step after inner step {step + 1}") from None
-                # Roll the outer state back, bring the replicas back, and redo the outer step.
-                # memory too: its broadcast residual belongs to the update being redone
-                self.outer.theta0, self.outer.momentum, self.outer.memory = map(list, saved)
-                self.outer.rounds -= 1
-                for r in range(len(self.swarm.replicas)):
-                    self._recover(r, exc)
-        reports, comm = results[: len(reports)], self.outer.measure(results[: len(reports)], results[len(reports):])
+        result = self.executor.outer_step(step)
         if self.ledger is not None:
-            self._book_proofs(reports)
-            comm["control_bytes"] += self._proof_bytes
-        self._finish_round(reports, comm)
+            result.comm["control_bytes"] += self._book_proofs(result)
+        self._finish_round(result.reports, result.comm)
 
     def _finish_round(self, reports: list, comm: dict) -> None:
         """Book a finished outer round: its counted bytes, its metrics, and every rejection or refusal."""
@@ -307,12 +222,13 @@ class Trainer:
 
     def _snapshot(self, step: int) -> None:
         """Snapshot every holder and each range's outer state at the boundary after ``step`` steps."""
+        self.executor.settle()
         holders = [h for p in self.swarm.replicas for h in p]
         try:
             ray.get([h.snapshot.remote(step) for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         except Exception as exc:
-            if not _holder_died(exc):
-                raise self._unwrap(exc, f"snapshot at step {step}") from None
+            if not holder_died(exc):
+                raise unwrap_error(exc, f"snapshot at step {step}") from None
             self.log(f"snapshot at step {step} skipped: a holder died; the next inner step recovers it")
             return
         theta0 = ray.get(self.outer.theta0)
@@ -387,7 +303,7 @@ class Trainer:
             if self.metrics:  # read the previous window's numbers, ask for the next: never wait on holders
                 ready, _ = ray.wait(self._utilisation, num_returns=len(self._utilisation), timeout=0)
                 if len(ready) == len(self._utilisation):
-                    self.metrics.holders([u for u in map(_value_or_none, self._utilisation) if u is not None])
+                    self.metrics.holders([u for u in map(value_or_none, self._utilisation) if u is not None])
                     self._utilisation = [h.utilisation.remote() for h in self._holders]
 
     def _boundary(self, step: int, round_end: bool, due: bool) -> None:
@@ -407,23 +323,27 @@ class Trainer:
         return ck.interval_s > 0 and time.monotonic() - self._last_snapshot >= ck.interval_s
 
     def run(self, metrics_file) -> LoopStats:
-        pending = self.pending = {}
+        ex = self.executor
         self._begin(metrics_file)
+        uncollected = None  # the step submitted last and not collected yet
         try:
             for step in range(self.start_step, self.total_steps):
                 # submit this step before waiting on the previous one, so holders never idle on the driver
-                pending[step] = [self._submit(step, r) for r in range(len(self.swarm.replicas))]
-                if step - 1 in pending:
-                    self._record(step - 1, self._collect(step - 1, pending.pop(step - 1)))
+                ex.submit(step)
+                if uncollected is not None:
+                    self._record(uncollected, ex.collect(uncollected))
+                uncollected = step
                 round_end = (step + 1) % self.sync_every == 0
                 due = self._snapshot_due()
                 if round_end or due:
-                    self._record(step, self._collect(step, pending.pop(step)))
+                    self._record(step, ex.collect(step))
+                    uncollected = None
                 self._boundary(step, round_end, due)
-            for step in sorted(pending):
-                self._record(step, self._collect(step, pending.pop(step)))
+            if uncollected is not None:
+                self._record(uncollected, ex.collect(uncollected))
         finally:
             self._bar.close()
+        ex.finish()
         self.flush()
         self.stats.elapsed_s = time.monotonic() - self._t0
         return self.stats

@@ -1,9 +1,8 @@
-"""The DiLoCo loop under swarm routing (``swarm.routing=router``).
+"""Swarm routing (``swarm.routing=router``): inner steps go through :class:`neuroray.swarm.router.Router`.
 
-Inner steps go through :class:`neuroray.swarm.router.Router`: no fixed pipelines, every hop goes to
-the best holder of its range, late calls are hedged and dead holders failed over, so a dead or hung
-holder costs time, never a microbatch. Holders of a range may therefore have seen different
-microbatches; each averages the gradient of those it saw.
+No fixed pipelines: every hop goes to the best holder of its range, late calls are hedged and dead
+holders failed over, so a dead or hung holder costs time, never a microbatch. Holders of a range may
+therefore have seen different microbatches; each averages the gradient of those it saw.
 
 The outer step waits for ``swarm.outer_quorum`` of each range's live holders, at most
 ``swarm.outer_deadline_s`` beyond the first quorum... then reduces whoever answered. Every live holder,
@@ -14,64 +13,59 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import ray
 
 from neuroray.errors import PipelineError
 from neuroray.swarm.router import Router, holder_died
-from neuroray.trainer import LoopStats, Trainer
+from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error
 
 
-@dataclass
-class _Unused:
-    """Per range, the replicas whose pseudo-gradient this round did not use: late, rejected or weight 0."""
-
-    range_index: int
-    not_aggregated: list[int]
-
-
-class RoutedTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        c = self.cfg
-        self.router = Router(self.swarm.by_range, c.swarm, theta0_of=lambda s: self.outer.theta0[s],
+class RoutedSwarm(StepExecutor):
+    def attach(self, trainer) -> None:
+        super().attach(trainer)
+        c = trainer.cfg
+        self.router = Router(trainer.swarm.by_range, c.swarm, theta0_of=lambda s: trainer.outer.theta0[s],
                              recovery_timeout_s=c.checkpoint.recovery_timeout_s,
-                             snapshot_dir=self.outer_stores[0].dir.rsplit("/", 1)[0], log=self.log)
+                             snapshot_dir=trainer.snapshot_dir, log=trainer.log)
         self.microbatches_per_step = c.data.num_microbatches * c.diloco.replicas
         self.quorum_log: list[dict] = []  # per outer round and range: who made the quorum, who was late
+        self._failovers_seen = 0
 
-    def run(self, metrics_file) -> LoopStats:
-        H, N = self.cfg.diloco.inner_steps, self.microbatches_per_step
-        self._begin(metrics_file)
-        seen = 0
-        try:
-            for step in range(self.start_step, self.total_steps):
-                loss = self.router.run_step(list(range(step * N, (step + 1) * N)), self.cfg.cluster.step_timeout_s,
-                                            self.inner_lr(step))
-                self._report_failovers(seen)
-                seen = len(self.router.stats.failovers)
-                self._record(step, loss)
-                if self.ledger is not None and step % H == 0:
-                    self._commit_theta0_losses(step)
-                round_end = (step + 1) % H == 0
-                self._boundary(step, round_end, self._snapshot_due())
-        finally:
-            self._bar.close()
-        self._await_rejoins()
-        self.settle()
-        self.flush()
-        self.stats.elapsed_s = time.monotonic() - self._t0
-        return self.stats
+    def submit(self, step: int) -> None:
+        """Nothing to queue: the router drives a step hop by hop from the driver, so it runs in :meth:`collect`."""
+
+    def collect(self, step: int) -> float:
+        t, N = self.trainer, self.microbatches_per_step
+        loss = self.router.run_step(list(range(step * N, (step + 1) * N)), t.cfg.cluster.step_timeout_s, t.inner_lr(step))
+        self._report_failovers()
+        if t.ledger is not None and step % t.cfg.diloco.inner_steps == 0:
+            self._commit_theta0_losses(step)
+        return loss
 
     def _commit_theta0_losses(self, step: int) -> None:
         """Driver r's proof commits microbatches r*n .. r*n+n-1 of the round's first step: all holders are
         at theta0 during it, so their losses are the ones a spot check recomputes from the shared ring."""
-        n, N = self.cfg.data.num_microbatches, self.microbatches_per_step
+        n, N = self.trainer.cfg.data.num_microbatches, self.microbatches_per_step
         for r, driver in enumerate(self.router.ranges[0]):
             first = step * N + r * n
             losses = [self.router.flights[mb].loss for mb in range(first, first + n)]
             driver.handle.set_theta0_losses.remote(losses, data_position=first)
+
+    def _report_failovers(self) -> None:
+        t, st = self.trainer, self.router.stats
+        new = st.failovers[self._failovers_seen:]
+        self._failovers_seen = len(st.failovers)
+        if not new:
+            return
+        if t.metrics:
+            for _ in new:
+                t.metrics.failover()
+        worst = max(f["seconds"] for f in new)
+        t.log(f"router: {len(new)} hop(s) finished on another holder this step (slowest {worst * 1e3:.0f} ms "
+              f"from when the first holder was due); hedges {st.hedges}, "
+              f"taken back from stuck holders {st.taken_back}, "
+              f"re-sent {st.reroutes + st.revoked}")
 
     def routing_summary(self) -> dict:
         st = self.router.stats
@@ -80,51 +74,28 @@ class RoutedTrainer(Trainer):
                 "stolen": st.stolen, "failovers": list(st.failovers), "quorums": list(self.quorum_log),
                 "microbatches_per_holder": {h.name: h.total for hs in self.router.ranges for h in hs}}
 
-    def _report_failovers(self, seen: int) -> None:
-        new = self.router.stats.failovers[seen:]
-        if not new:
-            return
-        if self.metrics:
-            for _ in new:
-                self.metrics.failover()
-        worst = max(f["seconds"] for f in new)
-        self.log(f"router: {len(new)} hop(s) finished on another holder this step (slowest {worst * 1e3:.0f} ms "
-                 f"from when the first holder was due); hedges {self.router.stats.hedges}, "
-                 f"taken back from stuck holders {self.router.stats.taken_back}, "
-                 f"re-sent {self.router.stats.reroutes + self.router.stats.revoked}")
-
-    def _await_rejoins(self) -> None:
+    def finish(self) -> None:
         """Let holders that Ray is restarting rejoin at the final theta0 before the run ends, so every
         holder (replica 0's give the checkpoint) ends on the same weights; bounded by recovery_timeout_s."""
-        router, deadline = self.router, time.monotonic() + self.cfg.checkpoint.recovery_timeout_s
+        router, deadline = self.router, time.monotonic() + self.trainer.cfg.checkpoint.recovery_timeout_s
         while any(h.down and not h.gone for hs in router.ranges for h in hs) and time.monotonic() < deadline:
             router.probe_down()
             if not router.pump():
                 time.sleep(0.05)  # nothing in flight: the next probe is due later
+        self.settle()
 
     def settle(self) -> None:
-        """Wait until every live holder has run its last inner step (before snapshots and the end)."""
         refs = [h.barrier for hs in self.router.ranges for h in hs if not h.down and h.barrier is not None]
-        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
+        ray.wait(refs, num_returns=len(refs), timeout=self.trainer.cfg.cluster.step_timeout_s)
 
-    def _snapshot(self, step: int) -> None:
-        self.settle()
-        super()._snapshot(step)
-
-    def _take_proof(self, holder):
+    def take_proof(self, holder):
         # On the control thread: a late (hung) holder answers at once, with no proof this round.
         return holder.take_proof.options(concurrency_group="control").remote()
 
-    def _batches_seen(self, holder) -> int:
-        for hs in self.router.ranges:
-            for h in hs:
-                if h.handle is holder:
-                    return h.microbatches
-        return 0
-
     # ----- the outer step with a quorum ------------------------------------------------------------
-    def _outer_round(self, step: int) -> None:
-        c, sw, outer = self.cfg.cluster, self.cfg.swarm, self.outer
+    def outer_step(self, step: int) -> RoundResult:
+        t = self.trainer
+        c, outer = t.cfg.cluster, t.outer
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()
@@ -139,8 +110,8 @@ class RoutedTrainer(Trainer):
             late = [h.name for h, _ in items if id(h) not in on_time]
             self.quorum_log.append({"round": outer.rounds + 1, "range": s, "answered": len(answered), "late": late})
             if late:
-                self.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
-                         f"late {late} catch up from the new theta0")
+                t.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
+                      f"late {late} catch up from the new theta0")
             for h, pg in items:
                 h.barrier = outer.broadcast(s, h.handle, theta0, update, after=pg, counted=id(h) in on_time)
                 if id(h) in on_time:
@@ -156,21 +127,18 @@ class RoutedTrainer(Trainer):
         ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
         acks = [ray.get(ref) if self._read_holder_call(ref) else False for ref in loads]
         comm = outer.measure(results, acks)
-        if self.ledger is not None:  # reports index the quorum; the ledger wants replica indices
-            unused = [_Unused(rep.range_index, [quorums[rep.range_index][i] for i in rep.not_aggregated]
-                              + [h.index for h in self.router.ranges[rep.range_index]
-                                 if h.index not in quorums[rep.range_index]])
-                      for rep in results]
-            self._book_proofs(unused)
-            comm["control_bytes"] += self._proof_bytes
+        # a report indexes its range's quorum; the ledger wants replica indices, and the late were not used
+        unused = {(rep.range_index, quorums[rep.range_index][i]) for rep in results for i in rep.not_aggregated}
+        unused |= {(s, h.index) for s, hs in enumerate(self.router.ranges) for h in hs if h.index not in quorums[s]}
+        batches = {(h.stage, h.index): h.microbatches for hs in self.router.ranges for h in hs}
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
-        self._finish_round(results, comm)
+        return RoundResult(results, comm, unused, batches)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""
-        sw, c = self.cfg.swarm, self.cfg.cluster
+        sw, c = self.trainer.cfg.swarm, self.trainer.cfg.cluster
         refs = [ref for _, ref in items]
         ray.wait(refs, num_returns=len(refs), timeout=max(t0 + sw.outer_deadline_s - time.monotonic(), 0))
         while True:
@@ -196,7 +164,7 @@ class RoutedTrainer(Trainer):
             return True
         except Exception as exc:  # noqa: BLE001
             if not holder_died(exc):
-                raise self._unwrap(exc, "outer step") from None
+                raise unwrap_error(exc, "outer step") from None
             if h is not None:
                 self.router.holder_down(h, exc)
             return False

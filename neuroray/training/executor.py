@@ -1,0 +1,91 @@
+"""The contract between the training loop and its step executor, and what both of them share.
+
+The :class:`~neuroray.training.trainer.Trainer` runs rounds, snapshots, proofs and recovery the same way
+for every swarm. How one inner step runs, how the outer step gathers the pseudo-gradients and how many
+microbatches each holder was seen to do belong to the executor it is given (:func:`make_executor`):
+:class:`~neuroray.training.fixed.FixedPipelines` (``swarm.routing=fixed``) or
+:class:`~neuroray.training.routed.RoutedSwarm` (``swarm.routing=router``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import ray
+
+from neuroray.config import TrainConfig
+from neuroray.errors import PipelineError
+
+
+@dataclass
+class RoundResult:
+    """One finished outer step, as the loop books it: metrics, logs and the ledger's receipts."""
+
+    reports: list  # per range, OuterSync's report: rejected holders, refusals
+    comm: dict  # bytes counted (OuterSync.measure); the loop adds the proofs' control bytes
+    unused: set[tuple[int, int]]  # (range, replica) whose pseudo-gradient the step did not use: late, rejected, weight 0
+    batches: dict[tuple[int, int], int]  # (range, replica) -> microbatches the executor saw that holder do this round
+
+
+class StepExecutor(ABC):
+    """How the inner steps and the outer step of one swarm are carried out.
+
+    The Trainer calls, in this order per step: :meth:`submit` (step s), :meth:`collect` (step s-1 or s, one at
+    a time, in order), at a round's end :meth:`outer_step`, and before snapshots :meth:`settle`.
+    """
+
+    trainer = None  # the loop whose cfg, swarm, outer state, log, metrics, lr schedule and recovery it uses
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    @abstractmethod
+    def submit(self, step: int) -> None:
+        """Start inner step ``step`` (0-based) where the executor can run ahead of the loop."""
+
+    @abstractmethod
+    def collect(self, step: int) -> float:
+        """Finish inner step ``step`` and return its mean loss."""
+
+    @abstractmethod
+    def outer_step(self, step: int) -> RoundResult:
+        """Run the outer step after inner step ``step``: gather pseudo-gradients, reduce, load the new theta0."""
+
+    def take_proof(self, holder):
+        """The ref of ``holder``'s signed proof of the round just finished."""
+        return holder.take_proof.remote()
+
+    def settle(self) -> None:
+        """Return once every live holder has applied its last inner step (before snapshots)."""
+
+    def finish(self) -> None:
+        """After the last step: leave every holder on the run's final weights."""
+
+    def routing_summary(self) -> dict | None:
+        """What routing did over the run (None: the replicas' holders were fixed)."""
+        return None
+
+
+def make_executor(cfg: TrainConfig) -> StepExecutor:
+    """The executor for ``swarm.routing`` (validated by neuroray.config: fixed or router)."""
+    from neuroray.training.fixed import FixedPipelines
+    from neuroray.training.routed import RoutedSwarm
+
+    return RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
+
+
+def value_or_none(ref):
+    """A finished ref's value, or None when its holder died meanwhile (metrics must not stop training)."""
+    try:
+        return ray.get(ref, timeout=0)
+    except Exception:
+        return None
+
+
+def unwrap_error(exc: BaseException, what: str) -> BaseException:
+    """The user's error inside a failed holder call, else a PipelineError naming ``what`` failed."""
+    from neuroray.swarm.swarm import unwrap_ray_error
+
+    cause = unwrap_ray_error(exc)
+    return cause if cause is not exc else PipelineError(f"{what} failed: {str(exc).strip().splitlines()[0]}")

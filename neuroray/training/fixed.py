@@ -1,0 +1,106 @@
+"""Fixed pipelines (``swarm.routing=fixed``): replica r's microbatches always go through replica r's holders.
+
+The driver submits work and reads results one step late, so holders never wait on it. When a holder
+dies, Ray restarts it (``checkpoint.max_restarts``) and it restores its newest good snapshot in
+``__init__``; the trainer brings the replica back (:meth:`~neuroray.training.trainer.Trainer.recover`),
+then this executor drops the half-done microbatches of that replica and re-runs its lost steps. Other
+replicas keep going. The outer step waits for every holder of every range.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from neuroray.errors import PipelineError
+from neuroray.swarm.router import holder_died
+from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error, value_or_none
+from neuroray.training.schedule import StepRefs, submit_inner_step
+
+
+class FixedPipelines(StepExecutor):
+    def __init__(self):
+        self.pending: dict[int, list[StepRefs]] = {}  # step -> per-replica refs submitted but not yet collected
+        self._theta0_losses: dict[int, list[float]] = {}  # replica -> losses of the round's first inner step
+        self._batches: dict[tuple[int, int], int] = {}  # (range, replica) -> microbatches collected this round
+
+    def submit(self, step: int) -> None:
+        self.pending[step] = [self._submit(step, r) for r in range(len(self.trainer.swarm.replicas))]
+
+    def _submit(self, step: int, replica: int) -> StepRefs:
+        t = self.trainer
+        n = t.cfg.data.num_microbatches
+        return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step))
+
+    def collect(self, step: int) -> float:
+        """Wait for one step on every replica, recovering replicas whose holders died."""
+        t, c = self.trainer, self.trainer.cfg.cluster
+        refs = self.pending.pop(step)
+        losses = []
+        for r in range(len(refs)):
+            while True:
+                try:
+                    values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
+                    losses += values[: len(refs[r].losses)]
+                    if step % t.sync_every == 0:  # computed at the round's start: what the Driver's proof commits
+                        self._theta0_losses[r] = values[: len(refs[r].losses)]
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    raise PipelineError(f"inner step {step + 1} of replica {r} took longer than {c.step_timeout_s:g}s; "
+                                        "raise cluster.step_timeout_s or check the Ray dashboard") from None
+                except Exception as exc:
+                    if not holder_died(exc):
+                        raise unwrap_error(exc, f"inner step {step + 1}") from None
+                    # Every call already queued on this replica (this step's and later ones) must settle
+                    # before the reset, or a stale backward could land after it. Then redo them all.
+                    later = sorted(s for s in self.pending if s > step)
+                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)]
+                             for x in sr.losses + sr.steps + sr.tails]
+                    ray.wait(stale, num_returns=len(stale), timeout=c.step_timeout_s)
+                    for x in stale:  # read the failures, so Ray does not report them as unhandled
+                        value_or_none(x)
+                    t.recover(r, exc)
+                    refs[r] = self._submit(step, r)
+                    for s in later:
+                        self.pending[s][r] = self._submit(s, r)
+            # counted once the step is through, so a step re-run after a recovery counts once
+            for s in range(len(refs[r].steps)):
+                self._batches[s, r] = self._batches.get((s, r), 0) + len(refs[r].losses)
+        return sum(losses) / len(losses)
+
+    def _fragment(self, step: int) -> int | None:
+        """Streaming: the fragment whose outer step follows inner step ``step``; None without streaming."""
+        from neuroray.diloco.streaming import due_fragment
+
+        d = self.trainer.cfg.diloco
+        return None if d.streaming_fragments == 1 else due_fragment(step + 1, d.inner_steps, d.streaming_fragments)
+
+    def outer_step(self, step: int) -> RoundResult:
+        """Every holder's pseudo-gradient; a holder dying meanwhile rolls the outer state back, every
+        replica is recovered and the outer step is redone."""
+        t = self.trainer
+        c, outer = t.cfg.cluster, t.outer
+        saved = (list(outer.theta0), list(outer.momentum), list(outer.memory))
+        if t.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
+            for r, losses in self._theta0_losses.items():
+                t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
+        while True:
+            reports, loads = outer.submit(self._fragment(step))
+            try:
+                results = ray.get(reports + loads, timeout=c.step_timeout_s)
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
+            except Exception as exc:
+                if not holder_died(exc):
+                    raise unwrap_error(exc, f"outer step after inner step {step + 1}") from None
+                # memory too: its broadcast residual belongs to the update being redone
+                outer.theta0, outer.momentum, outer.memory = map(list, saved)
+                outer.rounds -= 1
+                for r in range(len(t.swarm.replicas)):
+                    t.recover(r, exc)
+        reports, loaded = results[: len(reports)], results[len(reports):]
+        comm = outer.measure(reports, loaded)
+        # every replica's pseudo-gradient was asked for: a report's indices are replica indices
+        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
+        batches, self._batches = self._batches, {}
+        return RoundResult(reports, comm, unused, batches)
