@@ -25,7 +25,8 @@ from neuroray.inference.proofs import sign_inference_proof
 from neuroray.model import build_stage
 from neuroray.model.kv_cache import KVCache
 from neuroray.ponw.identity import Identity
-from neuroray.swarm.compute import BusyClock, RangeRole, open_device
+from neuroray.swarm.compute import BusyClock, open_device
+from neuroray.swarm.spec import RangeRole
 
 log = logging.getLogger(__name__)
 

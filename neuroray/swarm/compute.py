@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -24,40 +23,9 @@ from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
 
-if TYPE_CHECKING:
-    from neuroray.swarm.holder import HolderSpec
+from neuroray.swarm.spec import HolderSpec
 
 log = logging.getLogger(__name__)
-
-
-class RangeRole:
-    """Where a range sits in the pipeline, for any spec with ``stage``, ``ranges`` and ``replica``.
-
-    The **Driver** holds the first range and the embedding, **Workers** the middle ranges, the
-    **Validator** the last range, the final norm and the LM head.
-    """
-
-    stage: int
-    ranges: list[tuple[int, int]]
-    replica: int
-
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == len(self.ranges) - 1
-
-    @property
-    def role(self) -> str:
-        return "driver" if self.is_first else "validator" if self.is_last else "worker"
-
-    @property
-    def label(self) -> str:
-        """``role[r<replica> L<first>-<last layer>]``, the name in logs and error messages."""
-        lo, hi = self.ranges[self.stage]
-        return f"{self.role}[r{self.replica} L{lo}-{hi - 1}]"
 
 
 def open_device(torch_threads: int, use_gpu: bool) -> torch.device:

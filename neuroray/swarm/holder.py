@@ -21,52 +21,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.config import ModelConfig
 from neuroray.ponw.identity import Identity
-from neuroray.swarm.compute import BusyClock, RangeCompute, RangeRole, open_device
+from neuroray.swarm.compute import BusyClock, RangeCompute, open_device
 from neuroray.swarm.lifecycle import RangeLifecycle
 from neuroray.swarm.outer_state import OuterState
 from neuroray.swarm.proving import RoundProving
+from neuroray.swarm.spec import HolderSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HolderSpec(RangeRole):
-    """Everything a holder needs, as plain values (no Hydra objects cross into actors)."""
-
-    replica: int
-    stage: int
-    ranges: list[tuple[int, int]]
-    model: ModelConfig
-    vocab_size: int
-    diloco: DilocoConfig
-    seed: int
-    key_path: str
-    torch_threads: int = 1
-    use_gpu: bool = False
-    # Driver only: where its Genesis shards live
-    data_root: str | None = None
-    manifest: dict | None = None
-    seq_len: int = 0
-    microbatch_size: int = 0
-    # Snapshots: where this holder's slot lives, how many to keep, and which step a resumed job restores
-    snapshot_root: str | None = None
-    snapshot_keep: int = 5
-    resume_step: int | None = None
-    # Proofs of Neural Work: tokens in one microbatch (0 disables proofs)
-    tokens_per_batch: int = 0
-    # Swarm routing: every Driver reads one shared ring from this shard, so microbatch m is the same data
-    # whichever Driver the router sends it to (None: this node's own shard, as in fixed routing)
-    data_start: int | None = None
-
-    @property
-    def slot(self) -> str:
-        return f"r{self.replica}-s{self.stage}"
 
 
 def _busy(method):

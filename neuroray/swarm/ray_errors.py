@@ -40,3 +40,9 @@ def holder_died(exc: BaseException) -> bool:
     if isinstance(exc, _DIED):
         return True
     return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), _DIED)
+
+
+def user_error(exc: BaseException, what: str) -> BaseException:
+    """The user's error inside a failed holder call, else a PipelineError saying ``what`` failed."""
+    cause = unwrap_ray_error(exc)
+    return cause if cause is not exc else PipelineError(f"{what} failed: {str(exc).strip().splitlines()[0]}")

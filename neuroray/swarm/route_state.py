@@ -7,7 +7,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from neuroray.swarm.ray_errors import holder_died  # noqa: F401 - the router imports it from here
 
 
 def claim_kind(kind: str) -> str:

@@ -40,7 +40,8 @@ import ray
 
 from neuroray.config import SwarmConfig
 from neuroray.errors import PipelineError
-from neuroray.swarm.route_state import Call, Flight, HolderState, RouterStats, claim_kind, Failed, holder_died
+from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.swarm.route_state import Call, Flight, HolderState, RouterStats, claim_kind, Failed
 
 __all__ = ["Call", "Flight", "HolderState", "Router", "RouterStats", "holder_died"]
 
@@ -221,7 +222,7 @@ class Router:
             if c.stale:
                 return  # a copy that lost or was taken back: its outcome no longer matters
             if not holder_died(exc):
-                raise self._user_error(exc) from None
+                raise user_error(exc, "a routed call") from None
             if c.t_submit >= h.up_since:
                 self.holder_down(h, exc)
             self._resend(c, exclude=h)
@@ -274,7 +275,7 @@ class Router:
         if isinstance(value, Failed):
             exc = value.exc
             if not holder_died(exc):
-                raise self._user_error(exc) from None
+                raise user_error(exc, "a routed call") from None
             if what == "steal":
                 payload[1].inflight = max(payload[1].inflight - 1, 0)
             if what == "probe":
@@ -551,13 +552,6 @@ class Router:
     def _healthy_hop(self, stage: int) -> float:
         values = [x.ewma for x in self.ranges[stage] if x.ewma is not None and not x.down]
         return min(values, default=0.0)
-
-    @staticmethod
-    def _user_error(exc: BaseException) -> BaseException:
-        from neuroray.swarm.swarm import unwrap_ray_error
-
-        cause = unwrap_ray_error(exc)
-        return cause if cause is not exc else PipelineError(f"a routed call failed: {str(exc).splitlines()[0]}")
 
     def live(self, stage: int) -> list[HolderState]:
         return [h for h in self.ranges[stage] if not h.down]

@@ -2,7 +2,7 @@
 
 The :class:`~neuroray.training.trainer.Trainer` runs rounds, snapshots, proofs and recovery the same way
 for every swarm. How one inner step runs, how the outer step gathers the pseudo-gradients and how many
-microbatches each holder was seen to do belong to the executor it is given (:func:`make_executor`):
+microbatches each holder was seen to do belong to the executor it is given (``training/run.py`` picks it from ``swarm.routing``):
 :class:`~neuroray.training.fixed.FixedPipelines` (``swarm.routing=fixed``) or
 :class:`~neuroray.training.routed.RoutedSwarm` (``swarm.routing=router``).
 """
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import ray
 
-from neuroray.config import TrainConfig
-from neuroray.errors import PipelineError
 
 
 @dataclass
@@ -67,14 +65,6 @@ class StepExecutor(ABC):
         return None
 
 
-def make_executor(cfg: TrainConfig) -> StepExecutor:
-    """The executor for ``swarm.routing`` (validated by neuroray.config: fixed or router)."""
-    from neuroray.training.fixed import FixedPipelines
-    from neuroray.training.routed import RoutedSwarm
-
-    return RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
-
-
 def value_or_none(ref):
     """A finished ref's value, or None when its holder died meanwhile (metrics must not stop training)."""
     try:
@@ -83,9 +73,3 @@ def value_or_none(ref):
         return None
 
 
-def unwrap_error(exc: BaseException, what: str) -> BaseException:
-    """The user's error inside a failed holder call, else a PipelineError naming ``what`` failed."""
-    from neuroray.swarm.swarm import unwrap_ray_error
-
-    cause = unwrap_ray_error(exc)
-    return cause if cause is not exc else PipelineError(f"{what} failed: {str(exc).strip().splitlines()[0]}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ray
 
 from neuroray.errors import PipelineError
-from neuroray.swarm.router import holder_died
-from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error, value_or_none
+from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.training.executor import RoundResult, StepExecutor, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
 
 
@@ -49,7 +49,7 @@ class FixedPipelines(StepExecutor):
                                         "raise cluster.step_timeout_s or check the Ray dashboard") from None
                 except Exception as exc:
                     if not holder_died(exc):
-                        raise unwrap_error(exc, f"inner step {step + 1}") from None
+                        raise user_error(exc, f"inner step {step + 1}") from None
                     # Every call already queued on this replica (this step's and later ones) must settle
                     # before the reset, or a stale backward could land after it. Then redo them all.
                     later = sorted(s for s in self.pending if s > step)
@@ -92,7 +92,7 @@ class FixedPipelines(StepExecutor):
                 raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
             except Exception as exc:
                 if not holder_died(exc):
-                    raise unwrap_error(exc, f"outer step after inner step {step + 1}") from None
+                    raise user_error(exc, f"outer step after inner step {step + 1}") from None
                 # memory too: its broadcast residual belongs to the update being redone
                 outer.theta0, outer.momentum, outer.memory = map(list, saved)
                 outer.rounds -= 1

@@ -17,8 +17,9 @@ import time
 import ray
 
 from neuroray.errors import PipelineError
-from neuroray.swarm.router import Router, holder_died
-from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error
+from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.swarm.router import Router
+from neuroray.training.executor import RoundResult, StepExecutor
 
 
 class RoutedSwarm(StepExecutor):
@@ -164,7 +165,7 @@ class RoutedSwarm(StepExecutor):
             return True
         except Exception as exc:  # noqa: BLE001
             if not holder_died(exc):
-                raise unwrap_error(exc, "outer step") from None
+                raise user_error(exc, "outer step") from None
             if h is not None:
                 self.router.holder_down(h, exc)
             return False

@@ -89,9 +89,10 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.planner import plan_for_cluster
     from neuroray.planner.expand import plan_recorded
     from neuroray.planner.upgrade import Upgrader
-    from neuroray.training.executor import make_executor
+    from neuroray.training.fixed import FixedPipelines
     from neuroray.training.metrics import TrainMetrics
     from neuroray.training.plots import loss_curve
+    from neuroray.training.routed import RoutedSwarm
     from neuroray.training.trainer import Trainer
 
     run_dir = _run_dir(cfg)
@@ -127,7 +128,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
-        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, make_executor(cfg), start_step=resume_step or 0,
+        executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
+        trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, executor, start_step=resume_step or 0,
                           log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)

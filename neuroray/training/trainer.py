@@ -20,8 +20,8 @@ from tqdm import tqdm
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
 from neuroray.snapshot import Snapshot, SnapshotStore
-from neuroray.swarm.router import holder_died
-from neuroray.training.executor import RoundResult, StepExecutor, unwrap_error, value_or_none
+from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.training.executor import RoundResult, StepExecutor, value_or_none
 from neuroray.training.metrics import TrainMetrics
 
 
@@ -228,7 +228,7 @@ class Trainer:
             ray.get([h.snapshot.remote(step) for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         except Exception as exc:
             if not holder_died(exc):
-                raise unwrap_error(exc, f"snapshot at step {step}") from None
+                raise user_error(exc, f"snapshot at step {step}") from None
             self.log(f"snapshot at step {step} skipped: a holder died; the next inner step recovers it")
             return
         theta0 = ray.get(self.outer.theta0)
