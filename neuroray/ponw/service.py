@@ -55,26 +55,31 @@ def observe_delta(delta) -> tuple[str, float]:
 
 
 def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Sequence[int],
-                   observations: Sequence[tuple[str, float]], aggregated: Sequence[bool] | None = None,
+                   observations: Sequence[tuple[str, float] | None], aggregated: Sequence[bool] | None = None,
                    theta0_before: str = "", theta0_after: str = "",
                    data_positions: Sequence[int | None] | None = None) -> list[Receipt]:
-    """Receipts for the holders of ONE layer range in one round.
+    """Receipts for the holders of ONE layer range in one round (sign them: ``Coordinator.sign_receipts``).
 
     ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
-    each); ``observations``: :func:`observe_delta` of each holder's delta, in the same order;
-    ``aggregated``: False for holders whose delta the robust aggregator dropped. The range's median
-    norm feeds the free-rider rule.
+    each), counted by the orchestrator; ``observations``: :func:`observe_delta` of each holder's delta,
+    in the same order (``OuterReport.observations``; None: nothing usable was received, and the digest
+    "" is not compared); ``aggregated``: False for holders whose delta the robust aggregator dropped;
+    ``theta0_before``/``theta0_after``: digests of the range's theta0 (``OuterReport``);
+    ``data_positions``: each Driver's first committed stream position (None for the others). Every
+    non-empty field is compared with the proof; the range's median norm feeds the free-rider rule.
     """
     n = len(node_ids)
     counts = [batches] * n if isinstance(batches, int) else list(batches)
     assert len(counts) == n and len(observations) == n, "one batch count and one observation per holder"
-    median = statistics.median(norm for _, norm in observations) if observations else 0.0
+    norms = [o[1] for o in observations if o is not None]
+    median = statistics.median(norms) if norms else 0.0
     agg = list(aggregated) if aggregated is not None else [True] * n
     pos = list(data_positions) if data_positions is not None else [None] * n
+    obs = [o if o is not None else ("", None) for o in observations]
     return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
-                    pseudo_gradient=observations[i][0], pseudo_gradient_norm=observations[i][1],
-                    range_median_norm=median, aggregated=agg[i], data_position=pos[i],
-                    theta0_before=theta0_before, theta0_after=theta0_after)
+                    pseudo_gradient=obs[i][0], pseudo_gradient_norm=obs[i][1],
+                    range_median_norm=median, aggregated=agg[i] and observations[i] is not None,
+                    data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after)
             for i, node in enumerate(node_ids)]
 
 
