@@ -62,8 +62,9 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
 
     ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
     each), counted by the orchestrator; ``observations``: :func:`observe_delta` of each holder's delta,
-    in the same order (``OuterReport.observations``; None: nothing usable was received, and the digest
-    "" is not compared); ``aggregated``: False for holders whose delta the robust aggregator dropped;
+    in the same order (``OuterReport.observations``; None: nothing observed, e.g. streaming fragments or
+    a malformed payload, which the outer step already lists as not aggregated: no digest or norm is
+    compared); ``aggregated``: False for holders whose delta the robust aggregator dropped;
     ``theta0_before``/``theta0_after``: digests of the range's theta0 (``OuterReport``);
     ``data_positions``: each Driver's first committed stream position (None for the others). Every
     non-empty field is compared with the proof; the range's median norm feeds the free-rider rule.
@@ -78,7 +79,7 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
     obs = [o if o is not None else ("", None) for o in observations]
     return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
                     pseudo_gradient=obs[i][0], pseudo_gradient_norm=obs[i][1],
-                    range_median_norm=median, aggregated=agg[i] and observations[i] is not None,
+                    range_median_norm=median, aggregated=agg[i],
                     data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after)
             for i, node in enumerate(node_ids)]
 
