@@ -23,12 +23,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.config import PonwConfig  # noqa: E402
 from neuroray.ponw import crypto  # noqa: E402
+from neuroray.ponw.authority import Coordinator  # noqa: E402
 from neuroray.ponw.identity import Identity  # noqa: E402
 from neuroray.ponw.ledger import Ledger  # noqa: E402
 from neuroray.ponw.proof import Proof, new_nonce  # noqa: E402
 from neuroray.ponw.verifier import NodeRecord, Receipt  # noqa: E402
 
 LAYERS, TOKENS_PER_BATCH, BATCHES = 4, 1024, 40
+COORDINATOR = Coordinator(Identity.from_secret(b"\x0c" * 32))  # signs the receipts, as the driver does
 PROOFS_PER_NODE = 100  # below the 120/hour rate limit
 REPEATS = 3
 
@@ -50,7 +52,7 @@ def make_work(n_proofs: int, seed: int = 0):
                   theta0_losses=(3_200_000, 3_100_000))
         receipt = Receipt(ident.node_id, rnd, "training", batches=BATCHES, pseudo_gradient=f"{k:064x}",
                           pseudo_gradient_norm=1.0, range_median_norm=1.0)
-        items.append((p.sign(ident).to_bytes(), receipt))
+        items.append((p.sign(ident).to_bytes(), COORDINATOR.sign_receipt(receipt)))
     return records, items
 
 
@@ -59,8 +61,9 @@ def booked_per_s(records, items, batch: int, synchronous: str) -> tuple[float, f
     with tempfile.TemporaryDirectory() as d:
         # generous bound so the benchmark's back-to-back rounds stay plausible
         cfg = PonwConfig(synchronous=synchronous, max_batches_per_s=1e9, max_reward_per_day=1e9)
-        ledger = Ledger(Path(d) / "ledger.sqlite", cfg, model_layers=LAYERS, tokens_per_batch=TOKENS_PER_BATCH)
-        ledger.register(records)
+        ledger = Ledger(Path(d) / "ledger.sqlite", cfg, model_layers=LAYERS, tokens_per_batch=TOKENS_PER_BATCH,
+                        coordinator_key=COORDINATOR.public_key)
+        ledger.register(COORDINATOR.sign_registration(records))
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(items), batch):
             outcomes = ledger.submit_many(items[i:i + batch])

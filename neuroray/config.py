@@ -46,6 +46,8 @@ class DataConfig:
     encoding_errors: str = "strict"  # non-UTF-8 bytes: strict (stop, naming the file) | replace | ignore
     store: str = "~/.cache/neuroray/genesis"  # fsspec URL (path, s3://, memory://); datasets keyed by settings
     dataset: str = ""  # URL of a built dataset (also https://) to use as-is; "": <store>/<name>-<settings hash>
+    manifest_sha256: str = ""  # pin: the sha256 of manifest.json as published; another manifest is refused
+    manifest_publisher: str = ""  # or: the publisher's public key (66 hex); manifest.sig must verify under it
     cache_dir: str = "~/.cache/neuroray/cache"  # local: verified shards from remote stores, embedded corpus
     cache_size_mb: int = 4096  # shard cache limit; least recently used shards are evicted
     base_tokenizer: str = ""  # tokenizer.json or dataset URL to grow: keeps every id, appends new ones
@@ -199,6 +201,7 @@ class PonwConfig:
     enabled: bool = True  # false: no proofs, no ledger
     ledger_path: str = ""  # "": <run_dir>/ledger.sqlite
     actor_name: str = "neuroray-ledger"  # name of the Ray actor that owns the ledger (one per concurrent run)
+    coordinator_key: str = ""  # the driver's key file (signs receipts, registrations); "": <swarm.key_dir>/coordinator.pem
     synchronous: str = "FULL"  # SQLite WAL sync: FULL survives power loss, NORMAL only process crashes
     backend: str = "auto"  # signatures: auto (coincurve if installed, else ecdsa), ecdsa, coincurve
     max_proof_bytes: int = 4096  # larger proofs are refused unread

@@ -6,6 +6,8 @@ attacks exist, what the planner accepts) live in their packages and are called f
 
 from __future__ import annotations
 
+import re
+
 from neuroray.config import SwarmConfig, TrainConfig
 from neuroray.errors import ConfigError
 
@@ -53,6 +55,12 @@ def validate(cfg: TrainConfig) -> None:
                           f">= 0 and data.cache_size_mb={d.cache_size_mb} positive")
     if d.encoding_errors not in ("strict", "replace", "ignore"):
         raise ConfigError(f"data.encoding_errors={d.encoding_errors} must be strict, replace or ignore")
+    if d.manifest_sha256 and not re.fullmatch(r"[0-9a-f]{64}", d.manifest_sha256):
+        raise ConfigError(f"data.manifest_sha256={d.manifest_sha256!r} must be 64 lowercase hex digits "
+                          "(the sha256 of manifest.json that `python -m neuroray.genesis info` prints)")
+    if d.manifest_publisher and not re.fullmatch(r"0[23][0-9a-f]{64}", d.manifest_publisher):
+        raise ConfigError(f"data.manifest_publisher={d.manifest_publisher!r} must be a compressed secp256k1 "
+                          "public key: 66 lowercase hex digits starting 02 or 03")
     if not d.source or not (d.store or d.dataset):
         raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:

@@ -1,4 +1,8 @@
-"""Shared builders for the PoNW tests: a settable clock, ledgers, nodes, proofs and receipts."""
+"""Shared builders for the PoNW tests: a settable clock, ledgers, nodes, proofs and receipts.
+
+Every ledger here belongs to the test coordinator ``COORD``: its registrations and receipts are real
+secp256k1 signatures, as in a run.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,18 @@ from dataclasses import replace
 from itertools import count
 
 from neuroray.config import PonwConfig
+from neuroray.ponw.authority import EVIDENCE_DOMAIN, Coordinator, Evidence
+from neuroray.ponw.envelope import seal
 from neuroray.ponw.identity import Identity
 from neuroray.ponw.ledger import Ledger
-from neuroray.ponw.proof import Proof, new_nonce
+from neuroray.ponw.proof import Proof, SignedProof, loss_to_micro, new_nonce
 from neuroray.ponw.verifier import NodeRecord, Receipt
 
 LAYERS = 4
 TPB = 64  # tokens per batch
 T0 = 1_800_000_000.0  # a fixed wall-clock start (seconds) for reproducible days and windows
 _secrets = count(1)
+COORD = Coordinator(Identity.from_secret(hashlib.sha256(b"ponw test coordinator").digest()))
 
 
 class Clock:
@@ -32,7 +39,15 @@ class Clock:
 
 def make_ledger(path, clock=None, **cfg) -> Ledger:
     cfg.setdefault("synchronous", "OFF")  # crash safety is tested separately, with FULL
-    return Ledger(path, PonwConfig(**cfg), model_layers=LAYERS, tokens_per_batch=TPB, clock=clock or Clock())
+    return Ledger(path, PonwConfig(**cfg), model_layers=LAYERS, tokens_per_batch=TPB, clock=clock or Clock(),
+                  coordinator_key=COORD.public_key)
+
+
+def registration(records, validators=None, model_layers=None) -> bytes:
+    """``records`` signed by the test coordinator; every node is also a validator unless ``validators`` says."""
+    records = list(records)
+    validators = [r.node_id for r in records] if validators is None else validators
+    return COORD.sign_registration(records, model_layers, validators)
 
 
 def identity() -> Identity:
@@ -68,8 +83,25 @@ def signed(ident: Identity, rec: NodeRecord, now_ms: int, rnd: int = 1, batches:
     return proof(rec, now_ms, rnd, batches, **changes).sign(ident).to_bytes()
 
 
-def receipt(rec: NodeRecord, rnd: int = 1, batches: int = 10, norm: float = 1.0, median: float = 1.0,
-            **changes) -> Receipt:
+def plain_receipt(rec: NodeRecord, rnd: int = 1, batches: int = 10, norm: float = 1.0, median: float = 1.0,
+                  **changes) -> Receipt:
     r = Receipt(rec.node_id, rnd, "training", batches=batches, pseudo_gradient=digest(f"delta {rec.node_id} {rnd}"),
                 pseudo_gradient_norm=norm, range_median_norm=median)
     return replace(r, **changes)
+
+
+def receipt(rec: NodeRecord, rnd: int = 1, batches: int = 10, norm: float = 1.0, median: float = 1.0,
+            **changes) -> bytes:
+    """The coordinator-signed receipt (wire bytes) the ledger takes."""
+    return COORD.sign_receipt(plain_receipt(rec, rnd, batches, norm, median, **changes))
+
+
+def evidence(validator: Identity, wire: bytes, recomputed: float | None = 9.0, shard: int | None = None,
+             **changes) -> bytes:
+    """``validator``'s signed evidence that the stored proof ``wire`` is false: its first committed batch
+    recomputes to ``recomputed`` nats (or, with ``recomputed=None``, lies in ``shard``)."""
+    p = SignedProof.from_bytes(wire).proof
+    ev = Evidence(p.proof_id, p.node_id, validator.node_id, p.data_position,
+                  p.theta0_losses[0] if p.theta0_losses else 0,
+                  None if recomputed is None else loss_to_micro(recomputed), shard)
+    return seal(EVIDENCE_DOMAIN, replace(ev, **changes).payload(), validator)

@@ -20,7 +20,9 @@ from neuroray.ponw.ledger import Ledger, LedgerError
 from neuroray.ponw.proof import canonical_json
 from neuroray.ponw.rules import UNIT, Rules, format_units, parse_amount
 from neuroray.ponw.verifier import Receipt
-from tests._ponw import LAYERS, TPB, Clock, identity, make_ledger, node, receipt, signed
+from tests._ponw import (
+    COORD, LAYERS, TPB, Clock, evidence, identity, make_ledger, node, receipt, registration, signed,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,7 @@ def env(tmp_path):
     clock = Clock()
     ledger = make_ledger(tmp_path / "ledger.sqlite", clock)
     (a, ra), (b, rb) = node(0), node(1)
-    ledger.register([ra, rb])
+    ledger.register(registration([ra, rb]))
     clock.t += 60
     yield ledger, clock, (a, ra), (b, rb)
     ledger.close()
@@ -62,14 +64,14 @@ def test_inference_and_validation_rewards(env):
     ledger, clock, (a, ra), (b, rb) = env
     inf = signed(b, rb, clock.ms, batches=0, proof_type="inference", tokens_processed=5000, theta0_before="",
                  theta0_after="", pseudo_gradient="")
-    out = ledger.submit(inf, Receipt(rb.node_id, 1, "inference", tokens=5000))
+    out = ledger.submit(inf, COORD.sign_receipt(Receipt(rb.node_id, 1, "inference", tokens=5000)))
     assert out.accepted and out.reward == 50_000  # 5000 tokens x 0.00001 NEURO
     val = signed(b, rb, clock.ms, batches=3, proof_type="validation")
-    out = ledger.submit(val, Receipt(rb.node_id, 1, "validation", batches=3))
+    out = ledger.submit(val, COORD.sign_receipt(Receipt(rb.node_id, 1, "validation", batches=3)))
     assert out.accepted and out.reward == 6_000  # 3 recomputed batches x 0.002 NEURO
     over = signed(b, rb, clock.ms, rnd=2, batches=0, proof_type="inference", tokens_processed=5001,
                   theta0_before="", theta0_after="", pseudo_gradient="")
-    assert ledger.submit(over, Receipt(rb.node_id, 2, "inference", tokens=5000)).reason == "implausible"
+    assert ledger.submit(over, COORD.sign_receipt(Receipt(rb.node_id, 2, "inference", tokens=5000))).reason == "implausible"
 
 
 def test_stake_multiplier_is_bounded():
@@ -90,7 +92,7 @@ def test_caps_per_proof_and_per_day(tmp_path):
     clock = Clock()
     ledger = make_ledger(tmp_path / "l.sqlite", clock, max_reward_per_proof=0.02, max_reward_per_day=0.05)
     a, ra = node(0)
-    ledger.register([ra])
+    ledger.register(registration([ra]))
     clock.t += 60
     assert [credit(ledger, clock, a, ra, r).reward for r in (1, 2, 3, 4)] == [20_000, 20_000, 10_000, 0]
     clock.t += 86_400  # the next day has a fresh cap
@@ -149,14 +151,18 @@ def test_invalidate_claws_back_and_slashes(env):
     ledger, clock, (a, ra), (b, rb) = env
     out = credit(ledger, clock, a, ra, 1)
     credit(ledger, clock, a, ra, 2)
-    inv = ledger.invalidate(out.proof_id, "spot check failed", reporter=rb.node_id)
+    proof_wire = ledger.wire(out.proof_id)
+    inv = ledger.invalidate(evidence(b, proof_wire))  # rb, a registered validator, recomputed 9.0 vs 3.0
+    assert inv.reason == "invalidated" and "recomputed 9.000000" in inv.detail
     assert inv.reward == -24_000 and inv.slashed == 12_000  # half of the 24000 left
     assert ledger.account(ra.node_id).balance == 12_000
+    assert ledger.account(rb.node_id).balance == 6_000  # the validator's half of the slash
     assert ledger.supply().consistent
-    with pytest.raises(LedgerError, match="invalidated"):
-        ledger.invalidate(out.proof_id, "again")
-    with pytest.raises(LedgerError, match="no proof"):
-        ledger.invalidate("00" * 32, "x")
+    before = dump(ledger)
+    again = ledger.invalidate(evidence(b, proof_wire, recomputed=8.0))  # new evidence, proof already invalidated
+    assert (again.accepted, again.reason) == (False, "not_credited")
+    nothing = ledger.invalidate(evidence(b, proof_wire, proof_id="00" * 32))
+    assert nothing.reason == "no_proof" and dump(ledger) == before
     # the round stays taken: a fresh proof for it is not credited again
     assert ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1)).reason == "duplicate_round"
 
@@ -189,7 +195,7 @@ def test_reopen_keeps_everything_and_checks_the_model(tmp_path):
     path = tmp_path / "l.sqlite"
     ledger = make_ledger(path, clock)
     a, ra = node(0)
-    ledger.register([ra])
+    ledger.register(registration([ra]))
     clock.t += 60
     out = credit(ledger, clock, a, ra, 1)
     ledger.close()
@@ -238,7 +244,7 @@ def test_supply_invariant_holds_after_every_transaction(ops):
     with tempfile.TemporaryDirectory() as d:
         clock = Clock()
         ledger = make_ledger(Path(d) / "l.sqlite", clock, max_reward_per_day=0.2, stake_for_max_multiplier=0.05)
-        ledger.register([rec for _, rec in NODES])
+        ledger.register(registration([rec for _, rec in NODES]))
         rounds = [0, 0, 0]
         credited = []
         for op in ops:
@@ -259,7 +265,10 @@ def test_supply_invariant_holds_after_every_transaction(ops):
                 elif kind == "unstake":
                     ledger.unstake(NODES[op[1]][1].node_id, op[2])
                 elif kind == "invalidate" and credited:
-                    ledger.invalidate(credited.pop(op[1] % len(credited)), "audit")
+                    # NODES[1] validates: its own proofs (conflict) and Worker proofs (no committed batch) are
+                    # refused, which must change nothing; Driver proofs are invalidated
+                    out = ledger.invalidate(evidence(NODES[1][0], ledger.wire(credited.pop(op[1] % len(credited)))))
+                    assert out.reason in ("invalidated", "conflict", "unfounded"), out
                 elif kind == "spot":
                     ident, rec = NODES[op[1]]
                     rounds[op[1]] += 1
@@ -305,7 +314,7 @@ class KillAfterWrites:
 
 ledger._db = KillAfterWrites(ledger._db, kill_after)
 item = json.loads(open(proof_file).read())
-out = ledger.submit(item["proof"].encode(), item["receipt"])
+out = ledger.submit(item["proof"].encode(), item["receipt"].encode())
 print("credited" if out.accepted else out.reason, flush=True)
 """
 
@@ -315,11 +324,12 @@ def test_a_credited_proof_is_never_lost_or_credited_twice_across_a_kill(tmp_path
     outcomes = {}
     for kill_after in range(1, 8):  # the credit writes 6 statements (the 6th is COMMIT); 7 = not killed
         path = tmp_path / f"l{kill_after}.sqlite"
-        setup = Ledger(path, PonwConfig(synchronous="FULL"), model_layers=LAYERS, tokens_per_batch=TPB)
-        setup.register([ra])
+        setup = Ledger(path, PonwConfig(synchronous="FULL"), model_layers=LAYERS, tokens_per_batch=TPB,
+                       coordinator_key=COORD.public_key)
+        setup.register(registration([ra]))
         now = setup.now_ms()
         setup.close()
-        item = {"proof": signed(a, ra, now, 1).decode(), "receipt": receipt(ra, 1).__dict__}
+        item = {"proof": signed(a, ra, now, 1).decode(), "receipt": receipt(ra, 1).decode()}
         (tmp_path / "proof.json").write_text(json.dumps(item))
         child = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tmp_path / "proof.json"), str(kill_after)],
                                capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -330,7 +340,7 @@ def test_a_credited_proof_is_never_lost_or_credited_twice_across_a_kill(tmp_path
         booked = [p for p in ledger.proofs() if p["status"] == "credited"]
         outcomes[kill_after] = bool(booked)
         # the client retries the same bytes: credited now if the kill lost it, a replay if it was booked
-        retry = ledger.submit(item["proof"].encode(), item["receipt"])
+        retry = ledger.submit(item["proof"].encode(), item["receipt"].encode())
         assert retry.accepted != bool(booked) and retry.reason in ("ok", "replay")
         assert len([p for p in ledger.proofs() if p["status"] == "credited"]) == 1
         assert ledger.account(ra.node_id).balance == 24_000 and ledger.supply().minted == 24_000
@@ -346,7 +356,7 @@ def cli_ledger(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = make_ledger(path, clock)
     (a, ra), (b, rb) = node(0), node(1)
-    ledger.register([ra, rb])
+    ledger.register(registration([ra, rb]))
     clock.t += 60
     out = credit(ledger, clock, a, ra, 1)
     proof_file = tmp_path / "proof.json"
@@ -426,17 +436,18 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path, capsys):
     from neuroray.ponw.service import RoundProver, observe_delta, round_receipts, start_ledger_actor
 
     cfg = PonwConfig(actor_name="test-ledger", synchronous="NORMAL")
-    actor = start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS, TPB)
+    actor = start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS, TPB, COORD.public_key)
     ids = [identity(), identity()]
     provers = [RoundProver(ids[0], 0, 2, True, False, TPB), RoundProver(ids[1], 2, 4, False, True, TPB)]
-    assert ray_cluster.get(actor.register.remote([p.registration() for p in provers])) == 2
+    assert ray_cluster.get(actor.register.remote(COORD.sign_registration([p.registration() for p in provers]))) == 2
     thetas, deltas = [torch.randn(8), torch.randn(6)], [torch.randn(8), torch.randn(6)]
     items = []
     for p, theta, delta in zip(provers, thetas, deltas):
         p.start_round(theta, microbatches_done=0, data_position=0, shard_id=0 if p.has_embedding else None)
         p.note_pseudo_gradient(delta)
         proof = p.finish_round(1, theta - delta, microbatches_done=10, theta0_losses=[3.0] * 2)
-        items.append((proof, round_receipts([p.identity.node_id], 1, 10, [observe_delta(delta)])[0]))
+        rc = round_receipts([p.identity.node_id], 1, 10, [observe_delta(delta)])[0]
+        items.append((proof, COORD.sign_receipts([rc])[0]))
     outcomes = ray_cluster.get(actor.submit_round.remote(items))
     assert [o["accepted"] for o in outcomes] == [True, True] and all(o["reward"] == 24_000 for o in outcomes)
     same = ray_cluster.get_actor("test-ledger")
@@ -444,7 +455,7 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path, capsys):
     assert summary["supply_consistent"] and summary["proofs_credited"] == 2 and summary["minted_neuro"] == 0.048
     assert ray_cluster.get(same.balances.remote())[ids[0].node_id]["balance"] == 24_000
     with pytest.raises(LedgerError, match="already runs on"):  # a second run must pick its own name
-        start_ledger_actor(cfg, tmp_path / "other.sqlite", LAYERS, TPB)
+        start_ledger_actor(cfg, tmp_path / "other.sqlite", LAYERS, TPB, COORD.public_key)
     ray_cluster.kill(actor)  # as a run ends: killed, never closed
     # the .sqlite alone is the ledger: copy it without its -wal/-shm and audit the copy
     alone = tmp_path / "copy" / "ledger.sqlite"
@@ -453,7 +464,7 @@ def test_ledger_actor_round_trip(ray_cluster, tmp_path, capsys):
     assert cli.main(["--ledger", str(alone), "verify"]) == 0
     assert "2 proofs re-verified" in capsys.readouterr().out
     with pytest.raises(LedgerError, match="could not start"):
-        start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS + 1, TPB)  # the file belongs to another model
+        start_ledger_actor(cfg, tmp_path / "ledger.sqlite", LAYERS + 1, TPB, COORD.public_key)  # another model
 
 
 def test_a_grown_model_takes_proofs_of_its_grown_ranges(tmp_path):
@@ -466,15 +477,15 @@ def test_a_grown_model_takes_proofs_of_its_grown_ranges(tmp_path):
     clock, path = Clock(), tmp_path / "ledger.sqlite"
     ledger = make_ledger(path, clock)
     (a, ra), (b, rb) = node(0), node(1)
-    ledger.register([ra, rb])
+    ledger.register(registration([ra, rb]))
     grown_a, grown_b = replace(ra, layer_end=4), replace(rb, layer_start=4, layer_end=8)
     with pytest.raises(RegistrationError, match="4 layers"):
-        ledger.register([grown_b])  # the ledger's model has 4 layers until it is told it grew
+        ledger.register(registration([grown_b]))  # the ledger's model has 4 layers until it is told it grew
     clock.t += 60
-    ledger.grow_model(2 * LAYERS, [grown_a, grown_b])
+    ledger.grow_model(registration([grown_a, grown_b], model_layers=2 * LAYERS))
     assert credit(ledger, clock, b, grown_b, 1).accepted and credit(ledger, clock, a, grown_a, 1).accepted
     with pytest.raises(LedgerError, match="only grows"):
-        ledger.grow_model(LAYERS, [])
+        ledger.grow_model(registration([], model_layers=LAYERS))
     ledger.close()
     reopened = Ledger(path, PonwConfig(synchronous="OFF"), model_layers=2 * LAYERS, tokens_per_batch=TPB, clock=clock)
     assert reopened.model_layers == 2 * LAYERS

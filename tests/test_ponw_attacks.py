@@ -10,7 +10,7 @@ from ecdsa.util import sigencode_string_canonize
 from neuroray.ponw import crypto
 from neuroray.ponw.proof import SignedProof
 from neuroray.ponw.service import RoundProver, observe_delta, round_receipts
-from tests._ponw import TPB, Clock, make_ledger, node, proof, receipt, signed
+from tests._ponw import COORD, TPB, Clock, make_ledger, node, proof, receipt, registration, signed
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def env(tmp_path):
     clock = Clock()
     ledger = make_ledger(tmp_path / "l.sqlite", clock)
     (a, ra), (b, rb) = node(0), node(1)
-    ledger.register([ra, rb])
+    ledger.register(registration([ra, rb]))
     clock.t += 60
     yield ledger, clock, (a, ra), (b, rb)
     ledger.close()
@@ -140,7 +140,7 @@ def test_inflation_is_bounded_even_without_receipts(tmp_path):
     clock = Clock()
     ledger = make_ledger(tmp_path / "l.sqlite", clock, require_receipts=False, max_batches_per_s=10)
     a, ra = node(0)
-    ledger.register([ra])
+    ledger.register(registration([ra]))
     clock.t += 60  # 60 s at 10 batches/s (+1 s slack): 610 batches is the physical bound
     assert ledger.submit(signed(a, ra, clock.ms, 1, batches=10**6)).reason == "implausible"
     out = ledger.submit(signed(a, ra, clock.ms, 2, batches=610))
@@ -152,7 +152,7 @@ def test_sybils_without_stake_earn_nothing_beyond_their_observed_work(tmp_path):
     ledger = make_ledger(tmp_path / "l.sqlite", clock)
     honest_id, honest = node(0)
     sybils = [node(0) for _ in range(10)]
-    ledger.register([honest] + [rec for _, rec in sybils])
+    ledger.register(registration([honest] + [rec for _, rec in sybils]))
     clock.t += 60
     # the swarm saw the honest node do 100 batches, and each Sybil 10 (the same 100 in total)
     honest_reward = ledger.submit(signed(honest_id, honest, clock.ms, 1, 100), receipt(honest, 1, 100)).reward
@@ -173,7 +173,7 @@ def test_free_rider_earns_at_most_a_tenth_of_an_honest_holder_over_10_rounds(tmp
     ledger = make_ledger(tmp_path / "l.sqlite", clock)
     (h, _), (f, _), (g, _) = node(0), node(0), node(0)
     provers = [RoundProver(ident, 0, 2, True, False, TPB) for ident in (h, f, g)]  # 3 holders of range 0
-    ledger.register([p.registration() for p in provers])
+    ledger.register(registration([p.registration() for p in provers]))
     torch.manual_seed(0)
     theta = torch.randn(64)
     for rnd in range(1, 11):
@@ -185,7 +185,7 @@ def test_free_rider_earns_at_most_a_tenth_of_an_honest_holder_over_10_rounds(tmp
         theta = theta - (deltas[0] + deltas[2]) / 3
         wires = [p.finish_round(rnd, theta, 40 * rnd, theta0_losses=[3.0], timestamp_ms=clock.ms) for p in provers]
         receipts = round_receipts([p.identity.node_id for p in provers], rnd, 40, [observe_delta(d) for d in deltas])
-        outcomes = ledger.submit_many(list(zip(wires, receipts)))
+        outcomes = ledger.submit_many(list(zip(wires, COORD.sign_receipts(receipts))))
         assert all(o.accepted for o in outcomes), outcomes
     honest = ledger.account(h.node_id).balance
     free = ledger.account(f.node_id).balance
@@ -196,7 +196,7 @@ def test_free_rider_earns_at_most_a_tenth_of_an_honest_holder_over_10_rounds(tmp
     p.note_pseudo_gradient(deltas[0])
     wire = p.finish_round(11, theta, 440, theta0_losses=[3.0], timestamp_ms=clock.ms)
     rc = round_receipts([f.node_id], 11, 40, [observe_delta(torch.zeros(64))])[0]
-    assert ledger.submit(wire, rc).reason == "implausible"
+    assert ledger.submit(wire, COORD.sign_receipt(rc)).reason == "implausible"
 
 
 def test_proof_id_ignores_the_signature():

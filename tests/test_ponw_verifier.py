@@ -7,7 +7,9 @@ import torch
 
 from neuroray.ponw.proof import SignedProof, loss_to_micro
 from neuroray.ponw.verifier import DataMismatch, NodeRecord, Receipt, RegistrationError, spot_check
-from tests._ponw import LAYERS, TPB, Clock, digest, identity, make_ledger, node, proof, receipt, signed
+from tests._ponw import (
+    LAYERS, TPB, Clock, digest, identity, make_ledger, node, plain_receipt, proof, receipt, registration, signed,
+)
 
 
 @pytest.fixture
@@ -15,7 +17,7 @@ def env(tmp_path):
     clock = Clock()
     ledger = make_ledger(tmp_path / "l.sqlite", clock)
     (a, ra), (b, rb) = node(0), node(1)
-    ledger.register([ra, rb])
+    ledger.register(registration([ra, rb]))
     clock.t += 60  # a minute of work since registration
     yield ledger, clock, (a, ra), (b, rb)
     ledger.close()
@@ -33,7 +35,8 @@ class CountingBackend:
 
 
 def verdict(ledger, data, clock, rc=None):
-    return ledger.verifier.verify(data, ledger, clock.ms, rc)
+    """The verifier's verdict, with the signed receipt opened as the ledger opens it."""
+    return ledger.verifier.verify(data, ledger, clock.ms, None if rc is None else ledger.authority.receipt(rc))
 
 
 def test_honest_proofs_pass_every_check(env):
@@ -134,7 +137,7 @@ def test_unobserved_and_mismatched_receipts_earn_nothing_but_are_not_slashed(env
     v = verdict(ledger, signed(a, ra, clock.ms, rnd=2), clock, receipt(ra, rnd=1))
     assert v.reason == "receipt_mismatch"
     loose = make_ledger(tmp_path / "loose.sqlite", clock, require_receipts=False)
-    loose.register([ra])
+    loose.register(registration([ra]))
     assert verdict(loose, signed(a, ra, clock.ms), clock, None).accepted
 
 
@@ -143,7 +146,7 @@ def test_physical_bound_from_measured_throughput(tmp_path):
     ledger = make_ledger(tmp_path / "l.sqlite", clock)
     a, ra = node(0)
     slow = NodeRecord(ra.node_id, ra.public_key, 0, 2, True, False, max_batches_per_s=1.0)
-    ledger.register([slow])
+    ledger.register(registration([slow]))
     clock.t += 10  # 10 s at 1 batch/s, plus one second of slack: at most 11 batches
     assert verdict(ledger, signed(a, slow, clock.ms, batches=11), clock, receipt(slow, batches=50)).accepted
     v = verdict(ledger, signed(a, slow, clock.ms, batches=12), clock, receipt(slow, batches=50))
@@ -171,7 +174,7 @@ def test_registration_and_receipt_validation():
         Receipt(ra.node_id, 1, pseudo_gradient_norm=float("inf"))
     with pytest.raises(RegistrationError):
         Receipt.coerce({"node_id": ra.node_id, "outer_round": 1, "bonus": 1})
-    assert Receipt.coerce(receipt(ra).__dict__) == receipt(ra)
+    assert Receipt.coerce(plain_receipt(ra).__dict__) == plain_receipt(ra)
 
 
 # ----- spot checks ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ overrides would use: ``data.dataset`` if set, else ``<data.store>/<name>-<settin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 
 from neuroray.config import DataConfig
@@ -138,13 +139,16 @@ def _verify(cfg: DataConfig) -> int:
 
 def _info(cfg: DataConfig, as_json: bool, node: str | None) -> int:
     from neuroray.genesis.build import dataset_url
-    from neuroray.genesis.manifest import read_manifest
+    from neuroray.genesis.manifest import MANIFEST_FILE, read_manifest
     from neuroray.genesis.shards import shard_order
     from neuroray.genesis.store import Store
 
     url = dataset_url(cfg)
-    manifest = read_manifest(Store(url))
+    store = Store(url)
+    manifest = read_manifest(store)
     print(manifest.to_json() if as_json else summary(url, manifest))
+    if not as_json:  # what a run pins to refuse any other manifest (and with it, other shards)
+        print(f"{'pin':<10} data.manifest_sha256={hashlib.sha256(store.read(MANIFEST_FILE)).hexdigest()}")
     if node is not None:
         order = [s["id"] for s in shard_order(manifest, node)]
         more = f" … ({len(order)} in all)" if len(order) > 8 else ""

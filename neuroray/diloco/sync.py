@@ -19,6 +19,7 @@ counts the serialized bytes of everything that crossed (docs/diloco.md).
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from dataclasses import dataclass, field
 
@@ -46,6 +47,13 @@ class OuterReport:
     payload_bytes: list[int] = field(default_factory=list)  # each holder's pseudo-gradient payload
     theta0_bytes: int = 0  # the dense new theta0
     update_bytes: int = 0  # the compressed outer update (0: compression=none, holders load the dense theta0)
+    # What the coordinator observed, for PoNW receipts (neuroray.ponw.service.round_receipts); whole-range
+    # steps only (streaming fragments see slices, not what a holder commits to):
+    # per holder (delta digest, L2 norm), None for a malformed payload. The digest is "" under compression:
+    # the holder commits to its raw delta, the step only sees the decoded payload (the norm still counts).
+    observations: list[tuple[str, float] | None] = field(default_factory=list)
+    theta0_before: str = ""  # digest of the theta0 the round started from
+    theta0_after: str = ""  # digest of the theta0 the holders load (exactly, also under compression)
 
     @property
     def not_aggregated(self) -> list[int]:
@@ -151,12 +159,13 @@ def _seed(seed: int, range_index: int, round_index: int) -> int:
 
 def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
                momentum: torch.Tensor | None, *deltas, attack: AttackConfig | None = None,
-               memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0):
+               memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0, observe: bool = False):
     """Simulate the attack, aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
 
     Returns ``(new_theta0, new_momentum, report)``, plus the next :class:`OuterMemory` as a fourth value
     when ``memory`` is passed (pass ``OuterMemory()`` on the first round). A refused step returns
-    theta0 and momentum unchanged (the very objects passed in).
+    theta0 and momentum unchanged (the very objects passed in). ``observe``: fill the report's
+    ``observations`` and ``theta0_before`` for PoNW receipts.
     """
     cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
     attack = attack or AttackConfig()
@@ -165,6 +174,15 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     deltas, malformed = _decode(diloco, theta0.numel(), deltas)
     contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=step_seed)
     report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
+    if observe:  # before the attack simulation: what each holder really sent
+        from neuroray.ponw.service import observe_delta, tensor_digest
+
+        seen = [None if d is None else observe_delta(d) for d in deltas]
+        # a non-finite delta has no norm to compare: screening rejects it, the receipt says aggregated=False
+        report.observations = [o if o is not None and math.isfinite(o[1]) else None for o in seen]
+        if diloco.compression != "none":
+            report.observations = [None if o is None else ("", o[1]) for o in report.observations]
+        report.theta0_before = tensor_digest(theta0)
     try:
         result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
     except AggregationRefused as exc:
@@ -222,12 +240,16 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     else:
         new_theta0, new_momentum, report, memory = outer_step(
             aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-            round_index=round_index, seed=seed)
+            round_index=round_index, seed=seed, observe=True)
         if diloco.compression != "none":
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
                                                                 diloco.compression_block, memory.residual,
                                                                 density=diloco.sparse_density)
+    if part is None:
+        from neuroray.ponw.service import tensor_digest
+
+        report.theta0_after = tensor_digest(new_theta0)
     if update is not None:
         report.update_bytes = wire_bytes(update)
     # Measured here, on the values themselves: the owner's object-store size of a task's return is

@@ -29,7 +29,9 @@ from tokenizers import Tokenizer
 from neuroray.config import DataConfig
 from neuroray.errors import DataError
 from neuroray.genesis.corpus import Source, open_source
-from neuroray.genesis.manifest import DTYPES, FORMAT_VERSION, MANIFEST_FILE, Manifest, dtype_for, read_manifest
+from neuroray.genesis.manifest import (
+    DTYPES, FORMAT_VERSION, MANIFEST_FILE, Manifest, check_pinned, dtype_for, read_manifest,
+)
 from neuroray.genesis.shards import verify_dataset
 from neuroray.genesis.store import DatasetRoot, Store, atomic_write, join, normalize
 from neuroray.genesis.tokenizer import (
@@ -327,6 +329,8 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
     url = dataset_url(cfg)
     store = Store(url)
     if store.exists(MANIFEST_FILE):
+        # a manifest that is not the pinned one is refused, never rebuilt over: it may be an attack
+        check_pinned(store, cfg.manifest_sha256, cfg.manifest_publisher)
         try:
             manifest = verify_dataset(url) if store.is_local else _check_remote(store)
         except DataError as exc:
@@ -341,6 +345,7 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
                         "`python -m neuroray.genesis build data.store=...` or fix the URL")
     log(f"genesis: building dataset from {cfg.source} into {url}")
     manifest = build_dataset(cfg, url, log=log, progress=progress)
+    check_pinned(store, cfg.manifest_sha256, cfg.manifest_publisher)  # a pinned run trains on that data or none
     log(f"genesis: built dataset {url} ({len(manifest.shards)} shards, {manifest.total_tokens} tokens)")
     return _root(cfg, store, manifest), manifest
 

@@ -7,6 +7,7 @@ may come from a remote store and it decides which bytes a node trusts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -15,8 +16,15 @@ import numpy as np
 
 from neuroray.errors import DataError
 
+
+class ManifestPinError(DataError):
+    """The dataset's manifest is not the pinned one (data.manifest_sha256) or not signed by the pinned
+    publisher (data.manifest_publisher): whoever controls the store may have replaced it and its shards."""
+
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # optional: the publisher's signature of manifest.json's sha256
+SIGNATURE_DOMAIN = b"NEURORAY-MANIFEST-v1\n"
 SPLITS = ("train", "eval")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SHARD_KEYS = ("id", "file", "split", "tokens", "bytes", "sha256")
@@ -161,3 +169,54 @@ def read_manifest(store) -> Manifest:
         raise DataError(f"no dataset at {store.url}: {MANIFEST_FILE} is missing (a build that did not finish "
                         "leaves none); build it with `python -m neuroray.genesis build` or fix the URL") from None
     return Manifest.from_json(data, where=where)
+
+
+def check_pinned(store, sha256: str = "", publisher: str = "") -> str:
+    """Refuse a manifest that is not the pinned one: ``sha256`` of manifest.json's bytes as stored, and/or
+    a ``manifest.sig`` that verifies under ``publisher`` (compressed public key, hex). Returns the hash.
+
+    The manifest holds every shard's SHA-256, so authenticating it authenticates the shards: a store
+    that swaps shards and manifest together is refused here, before any shard is read.
+    """
+    if not (sha256 or publisher):
+        return ""
+    where = store.url_of(MANIFEST_FILE)
+    try:
+        actual = hashlib.sha256(store.read(MANIFEST_FILE)).hexdigest()
+    except FileNotFoundError:
+        raise ManifestPinError(f"no {MANIFEST_FILE} at {store.url}, and the run pins one; fix data.dataset") from None
+    if sha256 and actual != sha256:
+        raise ManifestPinError(f"{where} has sha256 {actual[:16]}…, the run pins data.manifest_sha256={sha256[:16]}…: "
+                               "the dataset was replaced; point data.dataset at the pinned one or update the pin")
+    if publisher:
+        _check_signature(store, actual, publisher)
+    return actual
+
+
+def _check_signature(store, actual: str, publisher: str) -> None:
+    from neuroray.ponw.crypto import backend
+    from neuroray.ponw.envelope import EnvelopeError, open_envelope
+
+    where = store.url_of(SIGNATURE_FILE)
+    fix = "re-sign it with `neuroray.genesis.manifest.sign_manifest` or fix data.manifest_publisher"
+    try:
+        payload, sig, digest = open_envelope(store.read(SIGNATURE_FILE), SIGNATURE_DOMAIN, 4096, "manifest signature")
+        key = backend().load_public_key(bytes.fromhex(publisher))
+    except FileNotFoundError:
+        raise ManifestPinError(f"{where} is missing and the run trusts only publisher {publisher[:16]}…; {fix}") from None
+    except (EnvelopeError, ValueError) as exc:
+        raise ManifestPinError(f"{where} is malformed ({exc}); {fix}") from None
+    if payload != {"manifest_sha256": actual, "v": 1}:
+        raise ManifestPinError(f"{where} signs another manifest than {MANIFEST_FILE} (sha256 {actual[:16]}…): the "
+                               f"dataset was replaced; {fix}")
+    if not backend().verify(key, digest, sig):
+        raise ManifestPinError(f"{where} is not signed by publisher {publisher[:16]}…: the dataset was replaced; {fix}")
+
+
+def sign_manifest(store, identity) -> str:
+    """Publish ``manifest.sig``: the publisher's signature of manifest.json's sha256. Returns the hash."""
+    from neuroray.ponw.envelope import seal
+
+    actual = hashlib.sha256(store.read(MANIFEST_FILE)).hexdigest()
+    store.write(SIGNATURE_FILE, seal(SIGNATURE_DOMAIN, {"manifest_sha256": actual, "v": 1}, identity))
+    return actual

@@ -20,15 +20,17 @@ import random
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
 from neuroray.config import PonwConfig
-from neuroray.errors import NeurorayError
 from neuroray.ponw import crypto
-from neuroray.ponw.proof import Proof
+from neuroray.ponw.authority import Authority, AuthorityError, evidence_problem
+from neuroray.ponw.identity import node_id_of
+from neuroray.ponw.proof import Proof, ProofError, SignedProof
 from neuroray.ponw.rules import Rules, format_units
+from neuroray.ponw.records import FACTS_SQL, SCHEMA, Account, LedgerError, Outcome, Supply, log, refused
 from neuroray.ponw.verifier import (
     HOUR_MS, NodeFacts, NodeRecord, Receipt, RegistrationError, Verdict, Verifier, spot_check,
 )
@@ -36,93 +38,6 @@ from neuroray.ponw.verifier import (
 SCHEMA_VERSION = 1
 DAY_MS = 86_400_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, layer_start INTEGER NOT NULL,
-    layer_end INTEGER NOT NULL, has_embedding INTEGER NOT NULL, has_lm_head INTEGER NOT NULL,
-    max_batches_per_s REAL NOT NULL, registered_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS accounts (
-    node_id TEXT PRIMARY KEY REFERENCES nodes(node_id),
-    balance INTEGER NOT NULL CHECK (balance >= 0), stake INTEGER NOT NULL CHECK (stake >= 0),
-    last_credit_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS proofs (
-    seq INTEGER PRIMARY KEY, proof_id TEXT NOT NULL UNIQUE, node_id TEXT NOT NULL, nonce TEXT NOT NULL,
-    proof_type TEXT NOT NULL,
-    outer_round INTEGER NOT NULL, timestamp_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('credited', 'rejected', 'invalidated')),
-    reason TEXT NOT NULL, reward INTEGER NOT NULL, slashed INTEGER NOT NULL, wire BLOB NOT NULL,
-    UNIQUE (node_id, nonce));
-CREATE INDEX IF NOT EXISTS proofs_by_time ON proofs (node_id, received_ms);
-CREATE UNIQUE INDEX IF NOT EXISTS proofs_one_per_round ON proofs (node_id, proof_type, outer_round)
-    WHERE status != 'rejected';
-CREATE TABLE IF NOT EXISTS daily (
-    node_id TEXT NOT NULL, day INTEGER NOT NULL, earned INTEGER NOT NULL,
-    PRIMARY KEY (node_id, day)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS supply (
-    id INTEGER PRIMARY KEY CHECK (id = 1), minted INTEGER NOT NULL, burned INTEGER NOT NULL);
-INSERT OR IGNORE INTO supply VALUES (1, 0, 0);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, node_id TEXT NOT NULL,
-    kind TEXT NOT NULL, amount INTEGER NOT NULL, proof_id TEXT NOT NULL, note TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, seq);
-"""
-
-
-# The replay key (proof id or node+nonce), the rate-limit window count, the one-credit-per-round rule,
-# the account and today's earnings: one statement instead of six.
-_FACTS_SQL = """
-SELECT EXISTS (SELECT 1 FROM proofs WHERE proof_id = :pid)
-           OR EXISTS (SELECT 1 FROM proofs WHERE node_id = :node AND nonce = :nonce),
-       (SELECT COUNT(*) FROM proofs WHERE node_id = :node AND received_ms > :since),
-       EXISTS (SELECT 1 FROM proofs WHERE node_id = :node AND proof_type = :ptype AND outer_round = :rnd
-               AND status != 'rejected'),
-       a.last_credit_ms, a.balance, a.stake,
-       COALESCE((SELECT earned FROM daily WHERE node_id = :node AND day = :day), 0)
-FROM accounts AS a WHERE a.node_id = :node
-"""
-
-
-class LedgerError(NeurorayError, ValueError):
-    """A ledger operation that cannot be done (unknown node, bad amount, not enough stake...)."""
-
-
-@dataclass
-class Outcome:
-    """What happened to one submitted proof. Amounts in micro-NEURO."""
-
-    proof_id: str  # "" when the bytes did not parse
-    node_id: str
-    accepted: bool
-    reason: str  # "ok" or the failed check (see verifier.py)
-    detail: str = ""
-    reward: int = 0
-    slashed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Account:
-    node_id: str
-    balance: int
-    stake: int
-
-
-@dataclass(frozen=True)
-class Supply:
-    minted: int
-    burned: int
-    held: int  # sum of balances and stakes
-
-    @property
-    def total(self) -> int:
-        return self.minted - self.burned
-
-    @property
-    def consistent(self) -> bool:
-        return self.total == self.held
 
 
 class Ledger:
@@ -130,11 +45,15 @@ class Ledger:
 
     ``model_layers`` and ``tokens_per_batch`` are fixed when the file is created and checked on reopen;
     the CLI reopens without them. ``clock`` returns seconds (injectable for tests).
+
+    ``coordinator_key`` (compressed secp256k1 public key) is stored when the file is created and checked
+    on reopen: only that key signs receipts and registrations (authority.py). A ledger without one can
+    be read and audited, but registers nothing, credits no receipt and takes no evidence.
     """
 
     def __init__(self, path: str | Path, cfg: PonwConfig | None = None, *, model_layers: int | None = None,
                  tokens_per_batch: int | None = None, clock: Callable[[], float] = time.time,
-                 create: bool = True):
+                 create: bool = True, coordinator_key: bytes | None = None):
         self.path = Path(path).expanduser()
         if not create and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path}; pass --ledger PATH of a run's ledger.sqlite")
@@ -152,7 +71,7 @@ class Ledger:
                 raise LedgerError(f"{self.path} is not a neuroray ledger (no meta table); pass --ledger PATH "
                                   "of a run's ledger.sqlite")
             with self._tx():  # statement by statement: executescript() would commit on its own
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                for stmt in filter(str.strip, SCHEMA.split(";")):
                     self._db.execute(stmt)
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path} is not a usable SQLite ledger ({exc}); move it away or pick "
@@ -164,11 +83,35 @@ class Ledger:
         self.model_layers, self.tokens_per_batch = self._model_facts(model_layers, tokens_per_batch)
         self.backend = crypto.backend(self.cfg.backend)
         self.verifier = Verifier(self.rules, self.backend, self.model_layers, self.tokens_per_batch)
+        self.authority = self._coordinator(coordinator_key)
         self._nodes: dict[str, tuple[NodeRecord, object]] = {}
         for row in self._db.execute("SELECT node_id, public_key, layer_start, layer_end, has_embedding, "
                                     "has_lm_head, max_batches_per_s FROM nodes"):
             rec = NodeRecord(row[0], bytes(row[1]), row[2], row[3], bool(row[4]), bool(row[5]), row[6])
             self._nodes[rec.node_id] = (rec, self.backend.load_public_key(rec.public_key))
+        self._validators = {r[0] for r in self._db.execute("SELECT node_id FROM validators")}
+
+    def _coordinator(self, key: bytes | None) -> Authority | None:
+        """The coordinator's authority: stored at creation, the same key required on every reopen."""
+        row = self._one("SELECT value FROM meta WHERE key = 'coordinator_public_key'")
+        stored = bytes.fromhex(row[0]) if row else None
+        if key is not None and stored is not None and bytes(key) != stored:
+            raise LedgerError(f"{self.path} belongs to coordinator {node_id_of(stored)[:12]}…, not "
+                              f"{node_id_of(bytes(key))[:12]}…; start the run with that ledger's coordinator key "
+                              "(ponw.coordinator_key) or use a fresh ponw.ledger_path")
+        if key is not None and stored is None:
+            # a new ledger (or one from before coordinator keys): whoever creates it names its authority
+            authority = Authority(bytes(key), self.backend)
+            with self._tx():
+                self._db.execute("INSERT INTO meta VALUES ('coordinator_public_key', ?)", (bytes(key).hex(),))
+            return authority
+        return None if stored is None else Authority(stored, self.backend)
+
+    def _need_authority(self, what: str) -> Authority:
+        if self.authority is None:
+            raise LedgerError(f"{self.path} has no coordinator key, so it cannot {what}; open it with the run's "
+                              "coordinator key (start_ledger_actor(..., coordinator_public_key))")
+        return self.authority
 
     # ----- plumbing -------------------------------------------------------------------------
     @contextmanager
@@ -251,31 +194,53 @@ class Ledger:
 
     def facts(self, p: Proof, now_ms: int) -> NodeFacts:
         """Everything the checks and the booking need to know about ``p``'s node, in ONE query (hot path)."""
-        row = self._one(_FACTS_SQL, {"pid": p.proof_id, "node": p.node_id, "nonce": p.nonce,
+        row = self._one(FACTS_SQL, {"pid": p.proof_id, "node": p.node_id, "nonce": p.nonce,
                                      "since": now_ms - HOUR_MS, "ptype": p.proof_type, "rnd": p.outer_round,
                                      "day": now_ms // DAY_MS})
         assert row is not None, "a registered node always has an account"
         return NodeFacts(bool(row[0]), row[1], bool(row[2]), row[3], row[4], row[5], row[6])
 
     # ----- nodes ----------------------------------------------------------------------------
-    def grow_model(self, model_layers: int, records: Iterable[NodeRecord | dict]) -> None:
-        """The model grew to ``model_layers`` layers (a live upgrade, neuroray.planner.upgrade): store the
-        new count and register the holders' grown ranges, checked against it, so their proofs verify."""
+    def grow_model(self, signed: bytes) -> int:
+        """A live upgrade (neuroray.planner.upgrade): a coordinator-signed registration of the holders'
+        grown ranges that names the new ``model_layers``. Same as :meth:`register`."""
+        return self.register(signed)
+
+    def _grow(self, model_layers: int, reg) -> None:
+        """Store the grown layer count and register the grown ranges, checked against it."""
         if model_layers < self.model_layers:
             raise LedgerError(f"a model only grows: {self.model_layers} -> {model_layers} layers")
         old = self.model_layers
         self.model_layers = self.verifier.model_layers = model_layers
         try:
-            self.register(records)
+            self._register(reg)
         except BaseException:
             self.model_layers = self.verifier.model_layers = old
             raise
         with self._tx():
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'model_layers'", (str(model_layers),))
 
-    def register(self, records: Iterable[NodeRecord | dict]) -> None:
-        """Register (or update the planner's assignment of) nodes; one transaction for all."""
-        recs = [r if isinstance(r, NodeRecord) else NodeRecord.from_dict(r) for r in records]
+    def register(self, signed: bytes) -> int:
+        """Register (or update the planner's assignment of) nodes, authorized by the coordinator's signature
+        (:meth:`Coordinator.sign_registration`); one transaction for all. A registration that names a larger
+        ``model_layers`` also records that the model grew (a live upgrade). Returns the number of nodes."""
+        try:
+            reg = self._need_authority("register nodes").registration(signed)
+        except AuthorityError as exc:
+            log.warning("ledger: refused a registration: %s: %s", exc.code, exc)
+            raise
+        if reg.model_layers is not None and reg.model_layers != self.model_layers:
+            self._grow(reg.model_layers, reg)
+        else:
+            self._register(reg)
+        return len(reg.records)
+
+    def _register(self, reg) -> None:
+        recs = list(reg.records)
+        known = set(self._nodes) | {r.node_id for r in recs}
+        stray = [v for v in reg.validators if v not in known]
+        if stray:
+            raise RegistrationError(f"validator {stray[0][:12]}… is not a registered node; register its key first")
         keys = {}
         for rec in recs:
             if not (isinstance(rec.public_key, bytes) and isinstance(rec.node_id, str)):
@@ -287,6 +252,10 @@ class Ledger:
                 raise RegistrationError(f"node {rec.node_id[:12]}…: {exc}") from None
         now = self.now_ms()
         with self._tx():
+            if self._one("SELECT 1 FROM authorizations WHERE auth_id = ?", (reg.auth_id,)) is not None:
+                raise LedgerError(f"registration {reg.auth_id[:12]}… was already applied (a replay); sign a new one")
+            self._db.execute("INSERT INTO authorizations VALUES (?, 'registration', ?, ?, ?)",
+                             (reg.auth_id, self.authority.node_id, now, b""))
             for rec in recs:
                 self._db.execute(
                     "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
@@ -296,37 +265,62 @@ class Ledger:
                     (rec.node_id, rec.public_key, rec.layer_start, rec.layer_end, int(rec.has_embedding),
                      int(rec.has_lm_head), float(rec.max_batches_per_s), now))
                 self._db.execute("INSERT OR IGNORE INTO accounts VALUES (?, 0, 0, ?)", (rec.node_id, now))
+            self._db.executemany("INSERT OR IGNORE INTO validators VALUES (?)", [(v,) for v in reg.validators])
         for rec in recs:  # only after the commit: a rolled-back registration leaves no trace
             self._nodes[rec.node_id] = (rec, keys[rec.node_id])
+        self._validators.update(reg.validators)
 
     def nodes(self) -> list[NodeRecord]:
         return [rec for rec, _ in self._nodes.values()]
 
     # ----- proofs ---------------------------------------------------------------------------
-    def submit(self, data: bytes, receipt: Receipt | dict | None = None, *,
+    def submit(self, data: bytes, receipt: bytes | None = None, *,
                recompute: Callable[[Proof, int], float] | None = None, reporter: str | None = None,
                rng: random.Random | None = None) -> Outcome:
         """Verify one proof and book it in its own transaction. See :meth:`submit_many`."""
         return self.submit_many([(data, receipt)], recompute=recompute, reporter=reporter, rng=rng)[0]
 
-    def submit_many(self, items: Iterable[tuple[bytes, Receipt | dict | None]], *,
+    def submit_many(self, items: Iterable[tuple[bytes, bytes | None]], *,
                     recompute: Callable[[Proof, int], float] | None = None, reporter: str | None = None,
                     rng: random.Random | None = None) -> list[Outcome]:
         """Verify and book proofs in ONE transaction (a group commit: one fsync for the batch).
 
-        ``recompute``, when given, spot-checks every accepted Driver training proof (see
+        Each proof comes with its receipt signed by the coordinator (:meth:`Coordinator.sign_receipts`),
+        or None. A receipt that is malformed or not the coordinator's refuses its proof (reason
+        ``receipt`` / ``receipt_signature``) and writes nothing for it, so it can be resubmitted with a
+        good one. ``recompute``, when given, spot-checks every accepted Driver training proof (see
         :func:`verifier.spot_check`); a mismatch rejects the proof and slashes the node, paying part
-        of the slash to ``reporter`` (the validator's node id). Rejections are results, not
-        exceptions; an exception means nothing of the batch was written.
+        of the slash to ``reporter`` (a validator the coordinator registered). Rejections are results,
+        not exceptions; an exception means nothing of the batch was written.
         """
-        items = [(d, Receipt.coerce(r)) for d, r in items]  # a bad receipt aborts before anything is written
-        if reporter is not None and reporter not in self._nodes:
-            raise LedgerError(f"reporter {reporter[:16]}… is not a registered node")
+        if reporter is not None and reporter not in self._validators:
+            raise LedgerError(f"reporter {reporter[:16]}… is not a validator the coordinator registered")
         now = self.now_ms()
         with self._tx():
             return [self._book(data, receipt, now, recompute, reporter, rng) for data, receipt in items]
 
+    def _open_receipt(self, data: bytes, receipt) -> tuple[Receipt | None, Outcome | None]:
+        """The receipt opened under the coordinator's key, or the refusal of its proof."""
+        if receipt is None:
+            return None, None
+        try:
+            if self.authority is None:
+                raise AuthorityError("receipt_signature", "this ledger has no coordinator key, so no receipt is "
+                                                          "authentic; create it with start_ledger_actor(..., "
+                                                          "coordinator_public_key)")
+            return self.authority.receipt(receipt), None
+        except AuthorityError as exc:
+            try:  # attribute the refusal to the proof it came with, when that parses
+                p = SignedProof.from_bytes(data, self.rules.max_proof_bytes).proof
+                pid, node = p.proof_id, p.node_id
+            except ProofError:
+                pid, node = "", ""
+            return None, Outcome(pid, node, False, exc.code, str(exc))
+
     def _book(self, data: bytes, receipt, now: int, recompute, reporter, rng) -> Outcome:
+        receipt, bad_receipt = self._open_receipt(data, receipt)
+        if bad_receipt is not None:
+            return refused("receipt for proof", bad_receipt)
         v: Verdict = self.verifier.verify(data, self, now, receipt)
         if v.accepted and recompute is not None:
             check = spot_check(v.proof, recompute, self.rules.spot_check_tolerance, rng)
@@ -335,7 +329,9 @@ class Ledger:
         p = v.proof
         out = Outcome(p.proof_id if p else "", p.node_id if p else "", v.accepted, v.reason, v.detail)
         if not v.authentic:
-            return out  # unauthenticated: nothing is written (the ledger is unchanged)
+            return refused("proof", out)  # unauthenticated: nothing is written (the ledger is unchanged)
+        if not v.accepted:
+            refused("proof", out)
         if v.accepted:
             out.reward = self._reward(p, v.facts, v.useful, now)
         self._db.execute("INSERT INTO proofs VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -376,21 +372,32 @@ class Ledger:
             self._event(now, reporter, "fee", fee, proof_id, f"reported {node_id[:12]}…")
         return amount
 
-    def invalidate(self, proof_id: str, reason: str, reporter: str | None = None) -> Outcome:
-        """A credited proof found false later (e.g. a failed spot check): take back its reward and slash.
+    def invalidate(self, evidence: bytes) -> Outcome:
+        """Take back a credited proof's reward and slash its node, on a validator's signed evidence
+        (:func:`authority.sign_evidence`). The ledger first re-verifies the evidence against the proof it
+        stored (the committed loss, the tolerance, the shard); an evidence record is used once.
 
-        The reward is clawed back from balance, then stake (as much as is there) and burned.
+        The reward is clawed back from balance, then stake (as much as is there) and burned; part of the
+        slash goes to the validator when it is a registered node (none when the coordinator filed it).
+        A refusal (reason evidence, replay, unknown_validator, signature, conflict, no_proof,
+        not_credited, unfounded) is logged and changes nothing.
         """
-        if reporter is not None and reporter not in self._nodes:
-            raise LedgerError(f"reporter {reporter[:16]}… is not a registered node")
+        authority = self._need_authority("take evidence")
+        try:
+            ev = authority.evidence(evidence, self._validator_key)
+        except AuthorityError as exc:
+            return refused("evidence", Outcome("", "", False, exc.code, str(exc)))
         now = self.now_ms()
         with self._tx():
-            row = self._one("SELECT node_id, status, reward FROM proofs WHERE proof_id = ?", (proof_id,))
-            if row is None:
-                raise LedgerError(f"no proof {proof_id[:16]}… in this ledger")
-            node_id, status, reward = row
-            if status != "credited":
-                raise LedgerError(f"proof {proof_id[:16]}… is {status}, only a credited proof can be invalidated")
+            if self._one("SELECT 1 FROM authorizations WHERE auth_id = ?", (ev.evidence_id,)) is not None:
+                return refused("evidence", Outcome(ev.proof_id, ev.node_id, False, "replay",
+                                                    f"evidence {ev.evidence_id[:12]}… was already filed"), ev.validator)
+            row = self._one("SELECT status, reward, wire FROM proofs WHERE proof_id = ?", (ev.proof_id,))
+            stored = None if row is None else SignedProof.from_bytes(bytes(row[2]), 2**31).proof
+            problem = evidence_problem(ev, stored, row[0] if row else "", self.rules.spot_check_tolerance)
+            if problem is not None:
+                return refused("evidence", Outcome(ev.proof_id, ev.node_id, False, *problem), ev.validator)
+            node_id, reason, reward = ev.node_id, ev.reason, row[1]
             acct = self._account(node_id)
             from_balance = min(reward, acct.balance)
             from_stake = min(reward - from_balance, acct.stake)
@@ -398,11 +405,18 @@ class Ledger:
             self._db.execute("UPDATE accounts SET balance = balance - ?, stake = stake - ? WHERE node_id = ?",
                              (from_balance, from_stake, node_id))
             self._burn_pending += clawed
-            self._event(now, node_id, "clawback", -clawed, proof_id, reason)
-            slashed = self._slash(node_id, reporter, proof_id, reason, now)
+            self._event(now, node_id, "clawback", -clawed, ev.proof_id, reason)
+            reporter = ev.validator if ev.validator in self._nodes else None
+            slashed = self._slash(node_id, reporter, ev.proof_id, reason, now)
             self._db.execute("UPDATE proofs SET status = 'invalidated', reason = ?, slashed = ? WHERE proof_id = ?",
-                             (reason, slashed, proof_id))
-        return Outcome(proof_id, node_id, False, "invalidated", reason, -clawed, slashed)
+                             (reason, slashed, ev.proof_id))
+            self._db.execute("INSERT INTO authorizations VALUES (?, 'evidence', ?, ?, ?)",
+                             (ev.evidence_id, ev.validator, now, bytes(evidence)))
+        return Outcome(ev.proof_id, node_id, False, "invalidated", reason, -clawed, slashed)
+
+    def _validator_key(self, node_id: str):
+        entry = self._nodes.get(node_id) if node_id in self._validators else None
+        return None if entry is None else entry[1]
 
     # ----- stake ----------------------------------------------------------------------------
     def stake(self, node_id: str, amount: int) -> Account:

@@ -5,9 +5,10 @@ Per outer round::
     holder (each)        RoundProver.start_round(...)  at the round's start (theta0, counters, data position)
                          RoundProver.note_pseudo_gradient(delta)  when it hands its delta to the outer step
                          RoundProver.finish_round(...) -> proof bytes  after it loaded the new theta0
-    orchestrator         observe_delta(delta) in the outer-step task, round_receipts(...) per range
-    ledger actor         LedgerService.submit_round([(proof, receipt), ...])  verify + credit, one commit
-    orchestrator         audit_round(...) spot checks -> LedgerService.invalidate(...) on a mismatch
+    orchestrator         observe_delta(delta) in the outer-step task, round_receipts(...) per range,
+                         Coordinator.sign_receipts(receipts)  (only the coordinator's key makes a receipt)
+    ledger actor         LedgerService.submit_round([(proof, signed receipt), ...])  verify + credit, one commit
+    validator            audit_evidence(...) spot checks -> LedgerService.invalidate(evidence) on a mismatch
 
 :class:`LedgerService` is a plain class (tests use it in-process); :func:`start_ledger_actor` runs it
 as a Ray actor pinned to the driver's node, so the SQLite file lives in the run directory there.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from neuroray.config import PonwConfig
+from neuroray.ponw.authority import COORDINATOR_KEY_FILE, Coordinator, sign_evidence
 from neuroray.ponw.identity import Identity
 from neuroray.ponw.ledger import Ledger, LedgerError
 from neuroray.ponw.proof import MAX_LOSSES, Proof, SignedProof, loss_to_micro, new_nonce, now_ms
@@ -53,26 +55,32 @@ def observe_delta(delta) -> tuple[str, float]:
 
 
 def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Sequence[int],
-                   observations: Sequence[tuple[str, float]], aggregated: Sequence[bool] | None = None,
+                   observations: Sequence[tuple[str, float] | None], aggregated: Sequence[bool] | None = None,
                    theta0_before: str = "", theta0_after: str = "",
                    data_positions: Sequence[int | None] | None = None) -> list[Receipt]:
-    """Receipts for the holders of ONE layer range in one round.
+    """Receipts for the holders of ONE layer range in one round (sign them: ``Coordinator.sign_receipts``).
 
     ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
-    each); ``observations``: :func:`observe_delta` of each holder's delta, in the same order;
-    ``aggregated``: False for holders whose delta the robust aggregator dropped. The range's median
-    norm feeds the free-rider rule.
+    each), counted by the orchestrator; ``observations``: :func:`observe_delta` of each holder's delta,
+    in the same order (``OuterReport.observations``; None: nothing observed, e.g. streaming fragments or
+    a malformed payload, which the outer step already lists as not aggregated: no digest or norm is
+    compared); ``aggregated``: False for holders whose delta the robust aggregator dropped;
+    ``theta0_before``/``theta0_after``: digests of the range's theta0 (``OuterReport``);
+    ``data_positions``: each Driver's first committed stream position (None for the others). Every
+    non-empty field is compared with the proof; the range's median norm feeds the free-rider rule.
     """
     n = len(node_ids)
     counts = [batches] * n if isinstance(batches, int) else list(batches)
     assert len(counts) == n and len(observations) == n, "one batch count and one observation per holder"
-    median = statistics.median(norm for _, norm in observations) if observations else 0.0
+    norms = [o[1] for o in observations if o is not None]
+    median = statistics.median(norms) if norms else 0.0
     agg = list(aggregated) if aggregated is not None else [True] * n
     pos = list(data_positions) if data_positions is not None else [None] * n
+    obs = [o if o is not None else ("", None) for o in observations]
     return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
-                    pseudo_gradient=observations[i][0], pseudo_gradient_norm=observations[i][1],
-                    range_median_norm=median, aggregated=agg[i], data_position=pos[i],
-                    theta0_before=theta0_before, theta0_after=theta0_after)
+                    pseudo_gradient=obs[i][0], pseudo_gradient_norm=obs[i][1],
+                    range_median_norm=median, aggregated=agg[i],
+                    data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after)
             for i, node in enumerate(node_ids)]
 
 
@@ -163,7 +171,7 @@ def make_recompute(root: str | Path, manifest, seq_len: int, microbatch_size: in
         stream.seek(proof.data_position)
         if stream.shard_id != proof.shard_id:
             raise DataMismatch(f"position {proof.data_position} of node {proof.node_id[:12]}… is in shard "
-                               f"{stream.shard_id}, the proof names {proof.shard_id}")
+                               f"{stream.shard_id}, the proof names {proof.shard_id}", stream.shard_id)
         stream.seek(position)
         inputs, labels = stream.next_microbatch()
         return float(loss_fn(inputs, labels))
@@ -171,13 +179,7 @@ def make_recompute(root: str | Path, manifest, seq_len: int, microbatch_size: in
     return recompute
 
 
-def audit_round(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float], cfg: PonwConfig,
-                rng: random.Random | None = None, rate: float | None = None) -> list[tuple[str, SpotCheck]]:
-    """Spot-check a sample (``cfg.spot_check_rate``) of a round's Driver proofs; return the failures.
-
-    Pass each failure to :meth:`LedgerService.invalidate` (reason ``check.detail``), which takes the
-    reward back and slashes the node.
-    """
+def _failed_checks(proofs, recompute, cfg: PonwConfig, rng, rate) -> list[tuple[Proof, SpotCheck]]:
     rng = rng or random.SystemRandom()
     rate = cfg.spot_check_rate if rate is None else rate
     failures = []
@@ -187,8 +189,36 @@ def audit_round(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float
             continue
         check = spot_check(proof, recompute, cfg.spot_check_tolerance, rng)
         if check is not None and not check.ok:
-            failures.append((proof.proof_id, check))
+            failures.append((proof, check))
     return failures
+
+
+def audit_round(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float], cfg: PonwConfig,
+                rng: random.Random | None = None, rate: float | None = None) -> list[tuple[str, SpotCheck]]:
+    """Spot-check a sample (``cfg.spot_check_rate``) of a round's Driver proofs; return the failures
+    as ``(proof_id, check)``. :func:`audit_evidence` turns them into evidence the ledger accepts."""
+    return [(proof.proof_id, check) for proof, check in _failed_checks(proofs, recompute, cfg, rng, rate)]
+
+
+def audit_evidence(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float], cfg: PonwConfig,
+                   validator: Identity | Coordinator, rng: random.Random | None = None,
+                   rate: float | None = None) -> list[bytes]:
+    """:func:`audit_round`, each failure signed as evidence by ``validator`` (the coordinator, or a node
+    the coordinator registered as a validator). Pass each to :meth:`LedgerService.invalidate`, which
+    re-verifies it, takes the reward back and slashes the node."""
+    signer = validator.identity if isinstance(validator, Coordinator) else validator
+    return [sign_evidence(signer, proof, check, cfg.backend)
+            for proof, check in _failed_checks(proofs, recompute, cfg, rng, rate)]
+
+
+def coordinator_key_path(cfg: PonwConfig, key_dir: str | Path) -> Path:
+    """``ponw.coordinator_key``, or ``<key_dir>/coordinator.pem`` (the driver's persistent key)."""
+    return Path(cfg.coordinator_key or Path(key_dir) / COORDINATOR_KEY_FILE).expanduser()
+
+
+def load_coordinator(cfg: PonwConfig, key_dir: str | Path) -> Coordinator:
+    """The driver's coordinator key (created on first use, mode 0600); it signs receipts and registrations."""
+    return Coordinator.load_or_create(coordinator_key_path(cfg, key_dir), cfg.backend)
 
 
 # ----- the ledger service ---------------------------------------------------------------------
@@ -201,43 +231,45 @@ class LedgerService:
     """The ledger behind a small, Ray-friendly API: plain values in and out (bytes, dicts, lists)."""
 
     def __init__(self, path: str | Path, cfg: PonwConfig, model_layers: int, tokens_per_batch: int,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, coordinator_public_key: bytes | None = None):
         self.cfg = cfg
-        self.ledger = Ledger(path, cfg, model_layers=model_layers, tokens_per_batch=tokens_per_batch, clock=clock)
+        self.ledger = Ledger(path, cfg, model_layers=model_layers, tokens_per_batch=tokens_per_batch, clock=clock,
+                             coordinator_key=coordinator_public_key)
 
     def info(self) -> dict:
-        """Which ledger this is (path and the model facts it was created for)."""
+        """Which ledger this is (path, the model facts it was created for, its coordinator)."""
         led = self.ledger
         return {"path": str(led.path.resolve()), "model_layers": led.model_layers,
-                "tokens_per_batch": led.tokens_per_batch, "backend": led.backend.name}
+                "tokens_per_batch": led.tokens_per_batch, "backend": led.backend.name,
+                "coordinator": led.authority.node_id if led.authority else ""}
 
-    def register(self, records: Iterable[NodeRecord | dict]) -> int:
-        records = list(records)
-        self.ledger.register(records)
+    # Every write below is authorized by a signature the ledger checks, never by who calls: any member
+    # of the Ray cluster can reach this actor. The WAL is folded into the main file after every write:
+    # the run ends with ``ray.kill`` of this actor, and the .sqlite must hold every round on its own.
+    def register(self, signed: bytes) -> int:
+        """A registration signed by the coordinator (:meth:`Coordinator.sign_registration`)."""
+        count = self.ledger.register(signed)
         self.ledger.checkpoint()
-        return len(records)
+        return count
 
-    def grow_model(self, model_layers: int, records: Iterable[NodeRecord | dict]) -> int:
-        """A live upgrade grew the model: the new layer count and the holders' grown ranges."""
-        records = list(records)
-        self.ledger.grow_model(model_layers, records)
+    def grow_model(self, signed: bytes) -> int:
+        """A live upgrade: a coordinator-signed registration naming the grown ``model_layers``."""
+        count = self.ledger.grow_model(signed)
         self.ledger.checkpoint()
-        return len(records)
+        return count
 
-    def submit_round(self, items: Iterable[tuple[bytes, Receipt | dict | None]]) -> list[dict]:
-        """Verify and credit a round's proofs in one transaction; one outcome dict per proof.
-
-        The WAL is folded into the main file after every round: the run ends with ``ray.kill`` of this
-        actor, and the .sqlite must hold every round on its own (``Ledger.checkpoint``)."""
+    def submit_round(self, items: Iterable[tuple[bytes, bytes | None]]) -> list[dict]:
+        """Verify and credit a round's proofs, each with its coordinator-signed receipt, in one transaction."""
         outcomes = [o.to_dict() for o in self.ledger.submit_many(items)]
         self.ledger.checkpoint()
         return outcomes
 
-    def submit(self, data: bytes, receipt: Receipt | dict | None = None) -> dict:
+    def submit(self, data: bytes, receipt: bytes | None = None) -> dict:
         return self.ledger.submit(data, receipt).to_dict()
 
-    def invalidate(self, proof_id: str, reason: str, reporter: str | None = None) -> dict:
-        outcome = self.ledger.invalidate(proof_id, reason, reporter).to_dict()
+    def invalidate(self, evidence: bytes) -> dict:
+        """Evidence signed by a registered validator (:func:`audit_evidence`); re-verified by the ledger."""
+        outcome = self.ledger.invalidate(evidence).to_dict()
         self.ledger.checkpoint()
         return outcome
 
@@ -261,8 +293,12 @@ class LedgerService:
         self.ledger.close()
 
 
-def start_ledger_actor(cfg: PonwConfig, path: str | Path, model_layers: int, tokens_per_batch: int):
+def start_ledger_actor(cfg: PonwConfig, path: str | Path, model_layers: int, tokens_per_batch: int,
+                       coordinator_public_key: bytes):
     """Start (or reuse) the named ledger actor on this (the driver's) node; returns its handle.
+
+    ``coordinator_public_key`` (``Coordinator.public_key``) is the only key whose receipts and
+    registrations the ledger accepts; it is stored in a new ledger file and must match on reopen.
 
     One actor, one thread: every ledger write is serialized through it. It needs no CPU reservation
     (``num_cpus=0``) so it always fits beside the holders.
@@ -273,14 +309,17 @@ def start_ledger_actor(cfg: PonwConfig, path: str | Path, model_layers: int, tok
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(LedgerService).options(
         name=cfg.actor_name, get_if_exists=True, num_cpus=0, max_concurrency=1, scheduling_strategy=here)
-    handle = actor.remote(str(path), cfg, model_layers, tokens_per_batch)
+    handle = actor.remote(str(path), cfg, model_layers, tokens_per_batch, coordinator_public_key=coordinator_public_key)
     try:
         info = ray.get(handle.info.remote())
     except ray.exceptions.RayActorError as exc:  # the constructor raised (bad path, other model...)
         cause = getattr(exc, "cause", None) or exc
         raise LedgerError(f"the ledger actor could not start: {str(cause).strip().splitlines()[-1]}") from None
     want = str(Path(path).expanduser().resolve())
-    if (info["path"], info["model_layers"], info["tokens_per_batch"]) != (want, model_layers, tokens_per_batch):
+    from neuroray.ponw.identity import node_id_of
+
+    mine = (want, model_layers, tokens_per_batch, node_id_of(coordinator_public_key))
+    if (info["path"], info["model_layers"], info["tokens_per_batch"], info["coordinator"]) != mine:
         # get_if_exists handed back an actor another run started under the same name
         raise LedgerError(f"a ledger actor named {cfg.actor_name!r} already runs on {info['path']}; "
                           "set ponw.actor_name to a name of its own for this run")

@@ -287,7 +287,13 @@ class Verifier:
 
 # ----- 7. spot checks -----------------------------------------------------------------------
 class DataMismatch(Exception):
-    """Raised by a recompute callable when the proof's data claims cannot be true (wrong shard)."""
+    """Raised by a recompute callable when the proof's data claims cannot be true (wrong shard).
+
+    ``shard``: the shard the position really lies in (evidence carries it to the ledger)."""
+
+    def __init__(self, message: str, shard: int | None = None):
+        super().__init__(message)
+        self.shard = shard
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,8 @@ class SpotCheck:
     ok: bool
     position: int  # stream position of the recomputed microbatch
     claimed: float  # nats, from the proof
-    recomputed: float
+    recomputed: float  # nan when the position is not in the claimed shard
+    recomputed_shard: int | None = None  # where the position really lies, on a data mismatch
 
     @property
     def detail(self) -> str:
@@ -321,7 +328,7 @@ def spot_check(proof: Proof, recompute: Callable[[Proof, int], float], tolerance
     position = proof.data_position + j
     try:
         recomputed = float(recompute(proof, position))
-    except DataMismatch:  # e.g. the claimed shard is not where that position lies: a false claim
-        return SpotCheck(False, position, claimed, float("nan"))
+    except DataMismatch as exc:  # e.g. the claimed shard is not where that position lies: a false claim
+        return SpotCheck(False, position, claimed, float("nan"), exc.shard)
     ok = math.isfinite(recomputed) and abs(claimed - recomputed) <= tolerance * max(1.0, abs(recomputed))
     return SpotCheck(ok, position, claimed, recomputed)
