@@ -99,7 +99,7 @@ def run_pipeline(cfg: GenerateConfig, loaded: LoadedCheckpoint, expected_ids: li
         tokens = sorted((r["tokens"] for _, r in proofs), reverse=True)
         log(f"generate: {len(proofs)} signed inference proofs (tokens per holder {tokens})")
         if cfg.ledger:
-            credit_proofs(cfg.ledger, engine.registrations(), proofs, log)
+            credit_proofs(cfg.ledger, engine.registrations(), proofs, log, cfg.key_dir)
         return session
     finally:
         if owned and holders is not None:

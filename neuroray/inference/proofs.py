@@ -22,19 +22,27 @@ def sign_inference_proof(identity: Identity, tokens: int, window: int, layer_sta
     return proof.sign(identity).to_bytes()
 
 
-def credit_proofs(ledger_file: str, registrations: list[dict], proofs: list[tuple[bytes, dict]], log) -> list[dict]:
-    """Register the holders with an existing ledger and submit their proofs with receipts; one commit."""
+def credit_proofs(ledger_file: str, registrations: list[dict], proofs: list[tuple[bytes, dict]], log,
+                  key_dir: str = "~/.cache/neuroray/keys") -> list[dict]:
+    """Register the holders with an existing ledger and submit their proofs with receipts; one commit.
+
+    The ledger takes keys and receipts only under its coordinator's signature: this machine must hold the
+    training run's coordinator key (``<key_dir>/coordinator.pem``, or ``ponw.coordinator_key``)."""
+    from neuroray.config import PonwConfig
     from neuroray.ponw.ledger import Ledger, LedgerError
     from neuroray.ponw.rules import format_units
+    from neuroray.ponw.service import load_coordinator
 
     path = Path(ledger_file).expanduser()
     if not path.is_file():
         raise LedgerError(f"no ledger at {path}; pass ledger=<run_dir>/ledger.sqlite of a training run, or leave "
                           "ledger= empty")
-    ledger = Ledger(path, create=False)
+    coordinator = load_coordinator(PonwConfig(), key_dir)
+    ledger = Ledger(path, create=False, coordinator_key=coordinator.public_key)
     try:
-        ledger.register(registrations)
-        outcomes = [o.to_dict() for o in ledger.submit_many(proofs)]
+        ledger.register(coordinator.sign_registration(registrations))
+        outcomes = [o.to_dict() for o in ledger.submit_many(
+            [(proof, None if receipt is None else coordinator.sign_receipt(receipt)) for proof, receipt in proofs])]
     finally:
         ledger.close()
     credited = [o for o in outcomes if o["accepted"]]

@@ -305,7 +305,7 @@ class Upgrader:
             holders = [h for p in trainer.swarm.replicas for h in p]
             records = trainer.swarm.get([h.ponw_registration.remote() for h in holders],
                                         self.cfg.cluster.step_timeout_s, "re-registering the grown holders")
-            ray.get(trainer.ledger.grow_model.remote(new.n_layers, [r for r in records if r is not None]),
+            ray.get(trainer.ledger.grow_model.remote(trainer.coordinator.sign_registration(records, new.n_layers)),
                     timeout=self.cfg.cluster.step_timeout_s)
         record = {"round": trainer.outer.rounds, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
                   "growth": event.growth, "ranges": [list(r) for r in ranges], "seconds": time.monotonic() - t0}

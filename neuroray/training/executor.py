@@ -10,7 +10,7 @@ microbatches each holder was seen to do belong to the executor it is given (``tr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -24,6 +24,9 @@ class RoundResult:
     comm: dict  # bytes counted (OuterSync.measure); the loop adds the proofs' control bytes
     unused: set[tuple[int, int]]  # (range, replica) whose pseudo-gradient the step did not use: late, rejected, weight 0
     batches: dict[tuple[int, int], int]  # (range, replica) -> microbatches the executor saw that holder do this round
+    # (range, replica) -> (digest, norm) of the pseudo-gradient the outer step received from it (the receipts'
+    # observation; absent where nothing was compared: streaming fragments, compressed or malformed payloads)
+    observed: dict[tuple[int, int], tuple[str, float] | None] = field(default_factory=dict)
 
 
 class StepExecutor(ABC):

@@ -103,4 +103,5 @@ class FixedPipelines(StepExecutor):
         # every replica's pseudo-gradient was asked for: a report's indices are replica indices
         unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
         batches, self._batches = self._batches, {}
-        return RoundResult(reports, comm, unused, batches)
+        observed = {(rep.range_index, i): obs for rep in reports for i, obs in enumerate(rep.observations)}
+        return RoundResult(reports, comm, unused, batches, observed)

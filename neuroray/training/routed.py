@@ -135,7 +135,9 @@ class RoutedSwarm(StepExecutor):
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
-        return RoundResult(results, comm, unused, batches)
+        observed = {(rep.range_index, quorums[rep.range_index][i]): obs
+                    for rep in results for i, obs in enumerate(rep.observations)}
+        return RoundResult(results, comm, unused, batches, observed)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""

@@ -64,7 +64,7 @@ class Trainer:
         self.sync_every = cfg.diloco.inner_steps // cfg.diloco.streaming_fragments
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
-        self.ledger = None
+        self.ledger = self.coordinator = None
         if cfg.ponw.enabled:
             self._start_ledger()
         self.executor = executor
@@ -77,32 +77,46 @@ class Trainer:
 
     # ----- Proof of Neural Work -----------------------------------------------------------------
     def _start_ledger(self) -> None:
-        from neuroray.ponw.service import ledger_path, start_ledger_actor
+        """The ledger actor, created under this driver's coordinator key: the ledger takes receipts and
+        holder keys only when that key signed them, whoever in the cluster calls it."""
+        from neuroray.ponw.service import ledger_path, load_coordinator, start_ledger_actor
 
         d = self.cfg.data
+        self.coordinator = load_coordinator(self.cfg.ponw, self.cfg.swarm.key_dir)
         self.ledger = start_ledger_actor(self.cfg.ponw, ledger_path(self.cfg.ponw, self.run_dir), self.cfg.model.n_layers,
-                                         d.seq_len * d.microbatch_size)
+                                         d.seq_len * d.microbatch_size, self.coordinator.public_key)
         holders = [h for p in self.swarm.replicas for h in p]
         records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
-        ray.get(self.ledger.register.remote([r for r in records if r is not None]))
+        ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)))
 
     def _book_proofs(self, result: RoundResult) -> int:
         """Every holder's signed proof of the round goes to the ledger with what the executor saw it do,
         including whether the range's outer step used its pseudo-gradient. Returns the proofs' bytes."""
-        from neuroray.ponw.verifier import Receipt
+        from neuroray.ponw.service import round_receipts
 
         holders = [h for p in self.swarm.replicas for h in p]
         refs = [self.executor.take_proof(h) for h in holders]
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
         proofs = [value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
         infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
-        # Work the rule rejected or gave weight 0 is accepted but earns nothing (the verifier's aggregated=False).
-        # holders[k] is replica k // stages, stage k % stages.
-        stages = len(self.swarm.ranges)
-        items = [(proof, Receipt(node_id=infos[id(h)]["node_id"], outer_round=self.outer.rounds,
-                                 batches=result.batches.get((k % stages, k // stages), 0),
-                                 aggregated=(k % stages, k // stages) not in result.unused))
-                 for k, (h, proof) in enumerate(zip(holders, proofs)) if proof is not None]
+        # One receipt per holder, signed by the coordinator: the microbatches the executor saw it do, whether
+        # the range's outer step used its pseudo-gradient (work the rule rejected or gave weight 0 is accepted
+        # but earns nothing), and what the outer step received from it. holders[k] is replica k // stages,
+        # stage k % stages; a range's receipts are made together (the free-rider rule compares their norms).
+        stages, receipts = len(self.swarm.ranges), {}
+        reports = {rep.range_index: rep for rep in result.reports}
+        for s in range(stages):
+            ks = list(range(s, len(holders), stages))
+            keys = [(s, k // stages) for k in ks]
+            report = reports.get(s)
+            made = round_receipts([infos[id(holders[k])]["node_id"] for k in ks], self.outer.rounds,
+                                  [result.batches.get(key, 0) for key in keys],
+                                  [result.observed.get(key) for key in keys],
+                                  [key not in result.unused for key in keys],
+                                  getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""))
+            receipts.update(zip(ks, made))
+        signed = dict(zip(receipts, self.coordinator.sign_receipts(list(receipts.values()))))
+        items = [(proof, signed[k]) for k, proof in enumerate(proofs) if proof is not None]
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
         summary = ray.get(self.ledger.summary.remote())
         from neuroray.ponw.rules import UNIT
@@ -148,7 +162,7 @@ class Trainer:
         if self.ledger is not None:
             records = self.swarm.get([h.ponw_registration.remote() for h in holders], self.cfg.cluster.step_timeout_s,
                                      "registering the added holders")
-            ray.get(self.ledger.register.remote([r for r in records if r is not None]),
+            ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)),
                     timeout=self.cfg.cluster.step_timeout_s)
 
     # ----- inner steps -------------------------------------------------------------------------
