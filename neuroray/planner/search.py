@@ -26,6 +26,7 @@ Pure code (no Ray): the inputs are :class:`NodeSpec` values, however they were o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from neuroray.config import ModelConfig
@@ -40,6 +41,7 @@ from neuroray.planner.plan_types import (
     EXTRA_STAGES, LAW_STEP, STRATEGIES, NodeSpec, OuterReserve, Plan, PlanError, PlanRequest,
 )
 from neuroray.planner.partition import memory_table, item_costs, partition_layers
+from neuroray.planner.explain import Choice, explain, throughput
 from neuroray.planner.assign import pick_device, holder_capacity, outer_node, node_pool, holder_slots, stage_plans, assign
 
 
@@ -58,11 +60,15 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
     s_lower = max(1, math.ceil(table[cfg.n_layers, True, True] / cap))
     candidates = [req.stages] if req.stages else list(range(min(s_lower, cfg.n_layers), cfg.n_layers + 1))
     best, reason, s_min = None, "", None
+    # planner.fill_cores on CPU nodes whose cores are known: every stage count that fits is tried and the one
+    # with the most predicted tokens/s kept (explain.throughput); else the fewest stages with the most replicas.
+    by_cores = req.fills_cores and device == "cpu" and all(n.cpus is not None for n in pool)
+    tried: list[tuple[int, int, float]] = []  # (stages, replicas, predicted cores' worth of work)
     for s in candidates:
         if s > cfg.n_layers:
             reason = f"planner.stages={s} is more than the model's {cfg.n_layers} layers"
             break
-        if s_min is not None and s > s_min + EXTRA_STAGES:
+        if s_min is not None and s > s_min + EXTRA_STAGES and not by_cores:
             break
         if s > max_slots:
             reason = reason or f"{s} stages need {s} holder slots but the cluster has {max_slots:g}"
@@ -105,19 +111,23 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
                       f"{', '.join(format_bytes(st.memory.total) for st in stages)}; usable memory per node is "
                       f"{', '.join(format_bytes(holder_capacity(n, req, device)) for n in pool)}")
             continue
-        key = (len(placed), -s)
+        tput = throughput(stages, len(placed), req.batch.num_microbatches)
+        tried.append((s, len(placed), tput))
+        key = (round(tput, 9), len(placed), -s) if by_cores else (len(placed), -s)
         if best is None or key > best[0]:
             best = (key, stages, placed, by_outer)
     if best is None:
         return None, reason or "no stage count fits"
     _, stages, placed, by_outer = best
+    bounds = {"holder slots": max_slots / len(stages), "memory": usable / sum(st.memory.total for st in stages),
+              "the outer step's host memory": by_outer}
     outer_res = OuterReserve(outer.node_id, outer.name, req.reserve_cpus,
-                             outer_step_bytes(max(st.params for st in stages), len(placed)))
+                             outer_step_bytes(max(st.params for st in stages), len(placed)), outer.link_bps)
     note = ""
     if len(placed) == by_outer and not req.replicas:
         note = (f"replicas are limited to {by_outer} by the outer step's host memory on {outer.name} "
                 f"({format_bytes(outer_res.task_bytes)} per range task); nodes with more host memory allow more")
-    return (stages, placed, outer_res, note), ""
+    return (stages, placed, outer_res, note, Choice(tried, by_cores, bounds)), ""
 
 
 def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
@@ -175,13 +185,15 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
     if cfg != law_cfg:
         notes.append(f"the law gives {scaling.describe(law_cfg)} for {format_bytes(law_memory)} but it does not fit "
                      f"({first_reason}); planned the law's model for {format_bytes(m)} instead")
-    stages, placed, outer, note = result
+    stages, placed, outer, note, choice = result
     if note:
         notes.append(note)
     holders = tuple(tuple(rep) for rep in placed)
-    return Plan(
+    out = Plan(
         model=cfg, vocab_size=req.vocab_size, device=device, law_memory=law_memory, nodes=tuple(pool),
         stages=tuple(stages), holders=holders, within_replica=req.within_replica,
         across_replicas=req.across_replicas, outer=outer, safety_fraction=req.safety_fraction,
-        excluded=tuple(excluded), notes=tuple(notes),
+        excluded=tuple(excluded), notes=tuple(notes), batch=req.batch, inner_steps=req.inner_steps,
+        compression=req.compression, sync_value_bytes=req.sync_value_bytes,
     )
+    return dataclasses.replace(out, why=tuple(explain(out, req, choice, [n for n in nodes if n.alive])))
