@@ -40,6 +40,7 @@ class Choice:
     tried: list = field(default_factory=list)  # (stages, replicas, throughput)
     by_cores: bool = False
     bounds: dict = field(default_factory=dict)  # what limits replicas -> the most it allows
+    key: tuple = ()  # the search's score of the kept candidate (compared across outer-step nodes)
 
 
 def _memory_line(plan, nodes) -> str:
@@ -94,8 +95,9 @@ def _links_line(plan, nodes) -> str | None:
         return None
     cost = link_cost(nodes)
     slow = max(nodes, key=lambda n: cost[n.node_id])
-    line = (f"links: outer step on {plan.outer.node_name}, the best-connected; a byte on a node's uplink costs "
-            f"fastest/its rate, SPREAD counts replicas x that cost")
+    line = (f"links: outer step on {plan.outer.node_name} (of the best-connected nodes, the one whose plan has the "
+            f"fewest s/step on its busiest link); a byte on a node's uplink costs fastest/its rate, SPREAD counts "
+            f"replicas x that cost")
     if cost[slow.node_id] > 1:
         line += f" ({slow.name} at {format_rate(slow.link_bps)}: x{cost[slow.node_id]:.3g}, takes replicas last)"
     return line

@@ -42,6 +42,7 @@ from neuroray.planner.plan_types import (
 )
 from neuroray.planner.partition import memory_table, item_costs, partition_layers
 from neuroray.planner.explain import Choice, explain, throughput
+from neuroray.planner.links import link_cost, link_loads
 from neuroray.planner.assign import pick_device, holder_capacity, outer_node, node_pool, holder_slots, stage_plans, assign
 
 
@@ -118,7 +119,7 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
             best = (key, stages, placed, by_outer)
     if best is None:
         return None, reason or "no stage count fits"
-    _, stages, placed, by_outer = best
+    key, stages, placed, by_outer = best
     bounds = {"holder slots": max_slots / len(stages), "memory": usable / sum(st.memory.total for st in stages),
               "the outer step's host memory": by_outer}
     outer_res = OuterReserve(outer.node_id, outer.name, req.reserve_cpus,
@@ -127,7 +128,43 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
     if len(placed) == by_outer and not req.replicas:
         note = (f"replicas are limited to {by_outer} by the outer step's host memory on {outer.name} "
                 f"({format_bytes(outer_res.task_bytes)} per range task); nodes with more host memory allow more")
-    return (stages, placed, outer_res, note, Choice(tried, by_cores, bounds)), ""
+    return (stages, placed, outer_res, note, Choice(tried, by_cores, bounds, key)), ""
+
+
+OUTER_CANDIDATES = 8  # with link rates: how many nodes (distinct rate and memory) are tried for the outer step
+
+
+def _try_outers(cfg: ModelConfig, pool: list[NodeSpec], alive: list[NodeSpec], req: PlanRequest, device: str,
+                assemble):
+    """:func:`_try_architecture` with the outer step's node chosen.
+
+    Without link rates: :func:`outer_node` (most host memory), as always. With them, the best-connected
+    nodes first, up to OUTER_CANDIDATES of distinct (rate, memory), each keeping the outer step in turn;
+    kept is the best plan by the stage search's own key (replicas, or predicted work), then the fewest
+    seconds per step on its busiest link: the outer node's room can push a replica onto a slow link, and
+    the best-connected node is not always the best place for it.
+    """
+    first = outer_node(alive)
+    if not any(n.link_bps > 0 for n in alive):
+        return _try_architecture(cfg, pool, first, req, device)
+    cost = link_cost(alive)
+    order = sorted(alive, key=lambda n: (cost[n.node_id], -n.memory, n is not first, not n.is_head))
+    seen, best, reason = set(), None, ""
+    for n in order:
+        if (cost[n.node_id], n.memory) in seen:
+            continue
+        seen.add((cost[n.node_id], n.memory))
+        if len(seen) > OUTER_CANDIDATES:
+            break
+        result, why = _try_architecture(cfg, pool, n, req, device)
+        if result is None:
+            reason = reason or why
+            continue
+        busiest = max((ld.seconds_per_step or 0.0 for ld in link_loads(assemble(result))), default=0.0)
+        key = (result[4].key, -busiest)
+        if best is None or key > best[0]:
+            best = (key, result)
+    return (best[1], "") if best else (None, reason)
 
 
 def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
@@ -166,9 +203,20 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
             raise PlanError("every node is too small for one layer; add memory or plan a smaller model")
     law_cfg, first_reason, m = cfg, "", float(law_memory)
     # The outer-step tasks run on host memory: any alive node may keep their room, GPU or not.
-    outer = outer_node([n for n in nodes if n.alive])
+    alive = [n for n in nodes if n.alive]
+
+    def assemble(result) -> Plan:
+        stages, placed, outer, _, _ = result
+        return Plan(
+            model=cfg, vocab_size=req.vocab_size, device=device, law_memory=law_memory, nodes=tuple(pool),
+            stages=tuple(stages), holders=tuple(tuple(rep) for rep in placed), within_replica=req.within_replica,
+            across_replicas=req.across_replicas, outer=outer, safety_fraction=req.safety_fraction,
+            excluded=tuple(excluded), batch=req.batch, inner_steps=req.inner_steps,
+            compression=req.compression, sync_value_bytes=req.sync_value_bytes,
+        )
+
     while True:
-        result, reason = _try_architecture(cfg, pool, outer, req, device)
+        result, reason = _try_outers(cfg, pool, alive, req, device, assemble)
         if result is not None:
             break
         first_reason = first_reason or reason
@@ -185,15 +233,8 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
     if cfg != law_cfg:
         notes.append(f"the law gives {scaling.describe(law_cfg)} for {format_bytes(law_memory)} but it does not fit "
                      f"({first_reason}); planned the law's model for {format_bytes(m)} instead")
-    stages, placed, outer, note, choice = result
+    note, choice = result[3], result[4]
     if note:
         notes.append(note)
-    holders = tuple(tuple(rep) for rep in placed)
-    out = Plan(
-        model=cfg, vocab_size=req.vocab_size, device=device, law_memory=law_memory, nodes=tuple(pool),
-        stages=tuple(stages), holders=holders, within_replica=req.within_replica,
-        across_replicas=req.across_replicas, outer=outer, safety_fraction=req.safety_fraction,
-        excluded=tuple(excluded), notes=tuple(notes), batch=req.batch, inner_steps=req.inner_steps,
-        compression=req.compression, sync_value_bytes=req.sync_value_bytes,
-    )
-    return dataclasses.replace(out, why=tuple(explain(out, req, choice, [n for n in nodes if n.alive])))
+    out = dataclasses.replace(assemble(result), notes=tuple(notes))
+    return dataclasses.replace(out, why=tuple(explain(out, req, choice, alive)))
