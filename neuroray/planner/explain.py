@@ -43,7 +43,7 @@ class Choice:
     key: tuple = ()  # the search's score of the kept candidate (compared across outer-step nodes)
 
 
-def _memory_line(plan, nodes) -> str:
+def _memory_line(plan, req, nodes) -> str:
     sources = sorted({n.memory_source or "ray resource" for n in plan.nodes})
     what = "GPU memory" if plan.device == "gpu" else "host memory"
     line = (f"memory: {format_bytes(plan.law_memory)} of {what} on {len(plan.nodes)} node"
@@ -54,7 +54,8 @@ def _memory_line(plan, nodes) -> str:
         if ray_mem:
             line += (f"; Ray's memory resource says {format_bytes(sum(n.ray_memory for n in ray_mem))} (about 70 % "
                      "of what was free when Ray started, so it varies run to run); bundles ask for that share")
-    return line + f" -> the law's {scaling.describe(plan.model)}"
+    what = "the config's" if req.model is not None else "the law's"
+    return line + f" -> {what} {scaling.describe(plan.model)}"
 
 
 def _cores_line(plan, req) -> str:
@@ -76,7 +77,8 @@ def _choice_line(plan, req, choice: Choice) -> str:
         m = req.batch.num_microbatches
         return (f"stages x replicas: chose {S} x {R} for the most predicted work, replicas x balance x m/(m+S-1) "
                 f"with m={m} microbatches (GPipe bubble), in cores' worth: {seen}")
-    return f"stages x replicas: the fewest stages with the most replicas (tried {seen})"
+    tried = ", ".join(f"{s}x{r}" for s, r, _ in choice.tried)
+    return f"stages x replicas: the fewest stages with the most replicas (tried {tried})"
 
 
 def _replica_line(plan, req, choice: Choice) -> str:
@@ -105,7 +107,7 @@ def _links_line(plan, nodes) -> str | None:
 
 def explain(plan, req, choice: Choice, nodes) -> list[str]:
     """The why lines of ``plan`` (printed by ``format_plan``)."""
-    lines = [_memory_line(plan, nodes)]
+    lines = [_memory_line(plan, req, nodes)]
     if choice.by_cores:
         lines.append(_cores_line(plan, req))
     lines += [_choice_line(plan, req, choice), _replica_line(plan, req, choice)]
