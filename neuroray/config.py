@@ -178,6 +178,9 @@ class ClusterConfig:
     # Plan for these nodes instead of the live Ray cluster (python -m neuroray.plan): one entry per node,
     # "24GB" (host memory), "64GB+8x80GB" (host + 8 GPUs of 80 GB), "10x4GB" (ten such nodes).
     nodes: list[str] = field(default_factory=list)
+    # Uplink rate of live nodes, for placement that knows the links (docs/planner.md): "<address or node-id
+    # prefix>@<rate>", e.g. ["10.0.0.2@100mbit", "*@1gbit"]; cluster.nodes entries take "24GB@1gbit" instead
+    links: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -248,6 +251,16 @@ class PlannerConfig:
     min_growth: float = 1.3  # adopt a new architecture only if it has this many times the parameters
     watch_interval_s: float = 10.0  # ClusterWatcher polling period
     add_replicas: bool = True  # model=auto: start new replicas on joined nodes between rounds (fixed routing)
+    # Host memory per node: total (its MemTotal, read by a zero-CPU probe task: the same on every run) | ray
+    # (Ray's memory resource: ray start --memory, else about 70 % of what was free when Ray started)
+    host_memory: str = "total"
+    memory_probe_timeout_s: float = 30.0  # how long the host-memory probe may take per node (then: Ray's resource)
+    # CPU holders take cluster.torch_threads cores each (no oversubscription: stages x replicas <= CPUs -
+    # reserve_cpus), and the stage count is chosen for the most predicted tokens/s (docs/planner.md)
+    fill_cores: bool = True
+    probe_links: bool = False  # measure each node's link to the driver's node at start (a timed ray.get)
+    link_probe_bytes: str = "8MB"  # bytes one link probe moves
+    link_probe_timeout_s: float = 20.0  # how long one link probe may take (then: the link stays unknown)
 
 
 @dataclass

@@ -44,6 +44,8 @@ def cluster():
 
 
 def _cfg(model=None, **planner):
+    # The nodes here share one machine, so their MemTotal is the same: plan from the injected Ray resource.
+    planner.setdefault("host_memory", "ray")
     return TrainConfig(model=model or ModelConfig(name="auto"), cluster=ClusterConfig(),
                        planner=PlannerConfig(**planner))
 
@@ -65,7 +67,7 @@ def _node_of_actor(pg, index, cpus, gpus):
 
 def test_placement_lands_where_the_plan_says(cluster):
     _, gpu_nodes, cpu_node = cluster
-    nodes = read_ray_nodes(PlannerConfig())
+    nodes = read_ray_nodes(PlannerConfig(host_memory="ray"))
     by_id = {n.node_id: n for n in nodes}
     assert by_id[gpu_nodes[0]].gpu_memory == 16 * GiB and by_id[gpu_nodes[0]].gpu_memory_source.startswith("resource")
     assert by_id[cpu_node].memory == 8 * GiB and sum(n.is_head for n in nodes) == 1
@@ -123,7 +125,7 @@ def test_undeclared_gpu_memory_is_probed_then_a_clear_error(cluster, caplog):
     c, _, _ = cluster
     added = c.add_node(num_cpus=1, num_gpus=1, memory=2 * GiB, object_store_memory=80 * 2**20)
     c.wait_for_nodes()
-    nodes = read_ray_nodes(PlannerConfig())
+    nodes = read_ray_nodes(PlannerConfig(host_memory="ray"))
     probed = [n for n in nodes if n.gpus and not n.gpu_memory]
     assert len(probed) == 1 and probed[0].gpu_memory_source == "probe"  # CUDA absent here: the probe says 0
     with pytest.raises(PlanError, match="GPUs of unknown memory"):
@@ -140,8 +142,40 @@ def test_undeclared_gpu_memory_is_probed_then_a_clear_error(cluster, caplog):
     try:
         assert ray.get(busy.node.remote(), timeout=60) == added.node_id
         with caplog.at_level("WARNING", logger="neuroray.planner.cluster"):
-            nodes = read_ray_nodes(PlannerConfig(gpu_probe_timeout_s=1.0))
+            nodes = read_ray_nodes(PlannerConfig(host_memory="ray", gpu_probe_timeout_s=1.0))
         assert [n.gpu_memory for n in nodes if n.node_id == added.node_id] == [0]
         assert any(f"GPU memory probe on node {added.node_id[:8]} failed" in r.getMessage() for r in caplog.records)
     finally:
         ray.kill(busy)
+
+
+def test_host_memory_is_memtotal_and_links_are_probed(cluster):
+    """planner.host_memory=total reads every node's MemTotal (the same on every read, whatever Ray's resource
+    says); bundles then ask for their share of Ray's smaller resource, so the groups still get placed; and
+    the link probe measures every node but the driver's."""
+    import psutil
+    import ray
+
+    _, _, cpu_node = cluster
+    planner = PlannerConfig(probe_links=True, link_probe_bytes="1MB", link_probe_timeout_s=30.0)
+    nodes = read_ray_nodes(planner)
+    total = psutil.virtual_memory().total
+    assert {n.memory for n in nodes} == {total} and {n.memory_source for n in nodes} == {"MemTotal"}
+    assert {n.node_id: n.ray_memory for n in nodes}[cpu_node] == 8 * GiB
+    here = ray.get_runtime_context().get_node_id()
+    assert all(n.link_bps > 0 and n.link_source == "probe" for n in nodes if n.node_id != here)
+    assert [n.link_bps for n in nodes if n.node_id == here] == [0.0]
+    assert [n.memory for n in read_ray_nodes(planner)] == [n.memory for n in nodes]
+
+    cfg = TrainConfig(model=TINY, cluster=ClusterConfig(), planner=PlannerConfig(device="cpu", stages=2, replicas=2,
+                                                                                  reserve_cpus=0))
+    plan = plan_for_cluster(cfg, nodes=nodes)
+    for rep in plan.holders:
+        for h in rep:
+            ray_mem = {n.node_id: n.ray_memory for n in nodes}[h.node_id]
+            assert h.bundle()["memory"] <= ray_mem * h.device_memory / (total * plan.safety_fraction) + 1
+    groups = reserve_plan(plan, timeout_s=60)
+    try:
+        assert [placed_nodes(pg) for pg in groups] == [plan.node_ids(r) for r in range(plan.replicas)]
+    finally:
+        release(groups)

@@ -54,7 +54,7 @@ def _cfg(workdir, run, **more):
         "diloco.inner_lr": 0.003, "rounds": ROUNDS, "run_dir": workdir / run, "cluster.cpus_per_holder": 0.25,
         "sample_tokens": 4, "planner.stages": 2, "planner.max_replicas": 1, "planner.holder_overhead": "100MB",
         "planner.upgrade_every_nodes": 1, "planner.watch_interval_s": 0.001, "checkpoint.every_round": "true",
-        "checkpoint.interval_s": 0,
+        "checkpoint.interval_s": 0, "planner.host_memory": "ray",  # one machine: plan from the injected memory
     } | {k.replace("__", "."): v for k, v in more.items()}
     return load_config([f"{k}={v}" for k, v in overrides.items()])
 

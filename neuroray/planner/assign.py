@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from neuroray.config import ModelConfig
 from neuroray.planner import scaling
+from neuroray.planner.links import link_cost
 from neuroray.planner.memory import holder_memory
 from neuroray.planner.plan_types import HolderPlacement, NodeSpec, PlanError, PlanRequest, StagePlan
 
@@ -21,8 +22,15 @@ class _Free:
     replicas: set = field(default_factory=set)
 
 
+def holder_cpus(req: PlanRequest, device: str, node: NodeSpec | None = None) -> float:
+    """CPUs a holder takes: with planner.fill_cores a CPU holder on a node of known CPUs takes the cores it
+    computes on (a hand-written node list has no CPU count, and its bundles ask what they always did)."""
+    known = node is None or node.cpus is not None
+    return req.cores_per_holder if req.fills_cores and device == "cpu" and known else req.cpus_per_holder
+
+
 def _holder_fits(f: _Free, need: int, req: PlanRequest, device: str, gpus_per: float) -> bool:
-    if f.cpus + 1e-9 < req.cpus_per_holder:
+    if f.cpus + 1e-9 < holder_cpus(req, device, f.node):
         return False
     if device == "gpu":
         slot = gpus_per * f.node.gpu_memory * req.safety_fraction
@@ -35,8 +43,14 @@ def assign(stages: list[StagePlan], nodes: list[NodeSpec], req: PlanRequest, dev
     """Place up to ``max_replicas`` whole replicas (see the module docstring for the order).
 
     ``reserve`` = (node_id, cpus, host bytes) withheld from holders for the outer-step tasks.
+
+    With link rates declared, a byte on a node's uplink costs ``fastest rate / its rate``: SPREAD counts a
+    node's replicas times that cost (a 10x slower node takes a replica once the fast ones hold ten each, or
+    are full), and among otherwise equal nodes the faster one wins, so a replica that must span nodes is
+    cut on the fastest links. Without rates every cost is 1 and the order is exactly the one above.
     """
     gpus_per = (req.gpus_per_holder or 1.0) if device == "gpu" else 0.0
+    cost = link_cost(nodes)
     free = []
     for n in nodes:
         f = _Free(n, n.memory * req.safety_fraction, math.inf if n.cpus is None else n.cpus, n.gpus)
@@ -62,16 +76,18 @@ def assign(stages: list[StagePlan], nodes: list[NodeSpec], req: PlanRequest, dev
                 if req.within_replica == "STRICT_PACK" and used and idx not in used:
                     continue
                 inside = 0 if (idx in used) == (req.within_replica in ("PACK", "STRICT_PACK")) else 1
-                across = len(f.replicas) if req.across_replicas == "SPREAD" else -len(f.replicas)
+                c = cost[f.node.node_id]
+                across = (len(f.replicas) + 1) * c if req.across_replicas == "SPREAD" else -len(f.replicas)
                 room = f.gpus * f.node.gpu_memory if device == "gpu" else f.host
-                key = (inside, across, -room, idx)
+                key = (inside, across, c, -room, idx)
                 if best is None or key < best[0]:
                     best = (key, idx)
             if best is None:
                 ok = False
                 break
             f = free[best[1]]
-            f.cpus -= req.cpus_per_holder
+            cpus_per = holder_cpus(req, device, f.node)
+            f.cpus -= cpus_per
             if device == "gpu":
                 f.gpus -= gpus_per
                 f.host -= req.holder_overhead
@@ -81,13 +97,22 @@ def assign(stages: list[StagePlan], nodes: list[NodeSpec], req: PlanRequest, dev
                 host = need
             f.replicas.add(r)
             used.add(best[1])
-            mine[s] = HolderPlacement(r, s, f.node.node_id, f.node.name, req.cpus_per_holder, gpus_per, int(host), need)
+            mine[s] = HolderPlacement(r, s, f.node.node_id, f.node.name, cpus_per, gpus_per, int(host), need,
+                                      int(host * _bundle_scale(f.node, req)))
         if not ok:
             for f, (h, c, g, reps) in zip(free, snapshot):
                 f.host, f.cpus, f.gpus, f.replicas = h, c, g, reps
             break
         placed.append([mine[s] for s in range(len(stages))])
     return placed
+
+
+def _bundle_scale(n: NodeSpec, req: PlanRequest) -> float:
+    """Ray's ``memory`` resource may be less than the memory planned for (about 70 % of what was free when
+    Ray started, against MemTotal): bundles then ask for proportionally less, so a plan that fits the
+    node's memory also fits Ray's resource, which is only bookkeeping (Ray does not cap a process's memory)."""
+    planned = n.memory * req.safety_fraction
+    return min(1.0, n.ray_memory / planned) if n.ray_memory and planned > 0 else 1.0
 
 
 # ----- the planner ---------------------------------------------------------------------------------
@@ -118,8 +143,11 @@ def node_pool(nodes: list[NodeSpec], req: PlanRequest, device: str) -> tuple[lis
     for n in nodes:
         if not n.alive:
             continue
-        if n.cpus is not None and n.cpus + 1e-9 < req.cpus_per_holder:
-            excluded.append((n.name, f"{n.cpus:g} CPUs < cluster.cpus_per_holder={req.cpus_per_holder:g}"))
+        if n.cpus is not None and n.cpus + 1e-9 < holder_cpus(req, device, n):
+            per = holder_cpus(req, device, n)
+            why = (f"cluster.cpus_per_holder={per:g}" if per == req.cpus_per_holder
+                   else f"{per:g} per holder (planner.fill_cores: cluster.torch_threads)")
+            excluded.append((n.name, f"{n.cpus:g} CPUs < {why}"))
         elif device == "gpu" and n.gpus + 1e-9 < gpus_per:
             excluded.append((n.name, f"{n.gpus:g} GPUs < {gpus_per:g} per holder"))
         elif device == "gpu" and n.gpu_memory <= 0:
@@ -147,12 +175,15 @@ def stage_plans(cfg: ModelConfig, ranges: list[tuple[int, int]], req: PlanReques
 
 
 def outer_node(nodes: list[NodeSpec]) -> NodeSpec:
-    """The node kept free for outer-step tasks: most host memory, the head on ties (the driver runs there)."""
-    return max(nodes, key=lambda n: (n.memory, n.is_head))
+    """The node kept free for outer-step tasks: the best-connected (every remote holder's pseudo-gradient
+    crosses its link; all equal without declared rates), then most host memory, the head on ties."""
+    cost = link_cost(nodes)
+    return max(nodes, key=lambda n: (-cost[n.node_id], n.memory, n.is_head))
 
 
 def holder_slots(n: NodeSpec, req: PlanRequest, device: str) -> float:
     """How many holders ``n`` could take by CPUs and GPUs alone (inf when unknown)."""
-    by_cpu = math.inf if n.cpus is None or req.cpus_per_holder <= 0 else n.cpus // req.cpus_per_holder
+    per = holder_cpus(req, device, n)
+    by_cpu = math.inf if n.cpus is None or per <= 0 else n.cpus // per
     by_gpu = n.gpus // (req.gpus_per_holder or 1.0) if device == "gpu" else math.inf
     return min(by_cpu, by_gpu)

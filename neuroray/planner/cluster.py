@@ -1,7 +1,9 @@
 """The cluster side of planning: node specs (from Ray or a memory list), the plan, and watching joins.
 
-Node specs come from ``ray.nodes()``: CPUs, GPUs, host memory (Ray's ``memory`` resource, what
-tasks and actors may use). Ray does not track GPU memory, so per GPU node it is read, in order, from
+Node specs come from ``ray.nodes()``: CPUs, GPUs, and host memory: each node's MemTotal, read by a
+zero-CPU probe task (``planner.host_memory=total``), the same on every run; Ray's ``memory``
+resource is about 70 % of what was free when Ray started and so varies (``planner.host_memory=ray``
+uses it, e.g. for nodes started with ``ray start --memory``). Ray does not track GPU memory, so per GPU node it is read, in order, from
 
 1. a declared custom resource, ``planner.gpu_memory_resource`` (default ``gpu_memory_gib``): the
    node's total GPU memory in GiB, e.g. ``ray start --num-gpus=8 --resources='{"gpu_memory_gib": 640}'``;
@@ -11,7 +13,9 @@ tasks and actors may use). Ray does not track GPU memory, so per GPU node it is 
    waiting at most ``planner.gpu_probe_timeout_s`` for a GPU there (busy GPUs: the memory stays unknown).
 
 Or from ``cluster.nodes``: one entry per node, ``"24GB"`` (host memory), ``"64GB+8x80GB"`` (host and
-8 GPUs of 80 GB each), ``"10x4GB"`` (ten nodes of 4 GB). CPUs are then unknown and do not limit holders.
+8 GPUs of 80 GB each), ``"10x4GB"`` (ten nodes of 4 GB), ``"24GB@100mbit"`` (with its uplink rate).
+CPUs are then unknown and do not limit holders. Live nodes' uplinks come from ``cluster.links``
+(``["10.0.0.2@100mbit", "*@1gbit"]``) or, with ``planner.probe_links=true``, a timed transfer.
 
 **Watching.** :class:`ClusterWatcher` re-reads the nodes; on any join or leave it recomputes the plan
 for the current architecture. Every ``planner.upgrade_every_nodes`` joins it asks the scaling law
@@ -30,6 +34,7 @@ from typing import Callable
 from neuroray.config import ModelConfig, PlannerConfig, TrainConfig
 from neuroray.errors import ConfigError
 from neuroray.planner import scaling
+from neuroray.planner.links import RateError, format_rate, parse_rate, sync_bytes_per_value
 from neuroray.planner.memory import Batch, MemoryUnitError, parse_memory
 from neuroray.planner.plan_types import STRATEGIES, NodeSpec, Plan, PlanError, PlanRequest
 from neuroray.planner.search import plan
@@ -51,33 +56,68 @@ _NODE = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?([^+]+?)\s*(?:\+\s*(\d+(?:\.\d+)?)
 # ----- node specs ----------------------------------------------------------------------------------
 
 def parse_nodes(entries: list) -> list[NodeSpec]:
-    """``["8GB", "64GB+8x80GB", "10x4GB"]`` -> node specs; a bad entry raises ConfigError naming it."""
+    """``["8GB", "64GB+8x80GB", "10x4GB", "24GB@100mbit"]`` -> node specs; a bad entry raises ConfigError
+    naming it. ``@<rate>`` is the node's uplink (neuroray.planner.links)."""
     nodes: list[NodeSpec] = []
     for entry in entries:
         text = str(entry)
-        m = _NODE.match(text)
+        spec, at, rate_text = text.partition("@")
         try:
+            if "@" in rate_text:
+                raise RateError("has more than one '@'; write one uplink rate per entry, e.g. 24GB@1gbit")
+            rate = parse_rate(rate_text, "uplink rate") if at else 0.0
+            m = _NODE.match(spec)
             if m is None:
                 raise MemoryUnitError("expected <host memory>[+<gpus>x<memory per GPU>], optionally <count>x in front")
             count = int(m.group(1) or 1)
             host = parse_memory(m.group(2), "node memory")
             gpus = float(m.group(3) or 0)
             gpu_mem = parse_memory(m.group(4), "GPU memory") if m.group(4) else 0
-        except MemoryUnitError as exc:
-            raise ConfigError(f"bad cluster.nodes entry '{text}': {exc} (one entry per node: 24GB, 64GB+8x80GB "
-                              "or 10x4GB)") from None
+        except (MemoryUnitError, RateError) as exc:
+            raise ConfigError(f"bad cluster.nodes entry '{text}': {exc} (one entry per node: 24GB, 64GB+8x80GB, "
+                              "10x4GB, 24GB@1gbit)") from None
         if count < 1:
             raise ConfigError(f"bad cluster.nodes entry '{text}': the node count must be at least 1")
-        for _ in range(count):
+        for _i in range(count):
             i = len(nodes)
             label = f"{m.group(2).strip()}" + (f"+{gpus:g}x{m.group(4).strip()}" if gpus else "")
+            label += f"@{format_rate(rate)}" if rate else ""
             nodes.append(NodeSpec(node_id=f"node-{i}", name=f"node{i}({label})", memory=host, cpus=None, gpus=gpus,
-                                  gpu_memory=gpu_mem, gpu_memory_source="list" if gpus else "", is_head=i == 0))
+                                  gpu_memory=gpu_mem, gpu_memory_source="list" if gpus else "", is_head=i == 0,
+                                  memory_source="cluster.nodes", link_bps=rate,
+                                  link_source="declared" if rate else ""))
     return nodes
 
 
-def nodes_from_ray(raw: list[dict], planner: PlannerConfig, probe: Callable[[str], int] | None = None) -> list[NodeSpec]:
-    """Node specs from ``ray.nodes()`` records (pure; ``probe(node_id) -> bytes per GPU`` is the fallback)."""
+def parse_links(entries: list) -> list[tuple[str, float]]:
+    """``cluster.links``: ``["10.0.0.2@100mbit", "*@1gbit"]`` -> (address, node-id prefix or "*", bits/s)."""
+    out = []
+    for entry in entries:
+        text = str(entry)
+        where, at, rate_text = text.rpartition("@")
+        try:
+            if not at or not where.strip():
+                raise RateError("expected <address or node-id prefix or *>@<rate>, e.g. 10.0.0.2@100mbit")
+            out.append((where.strip(), parse_rate(rate_text, "uplink rate")))
+        except RateError as exc:
+            raise ConfigError(f"bad cluster.links entry '{text}': {exc}") from None
+    return out
+
+
+def _declared_rate(node_id: str, address: str, links: list[tuple[str, float]]) -> float:
+    """The first cluster.links entry naming the node (its address or a node-id prefix), else a "*" entry."""
+    for where, bps in links:
+        if where == address or (len(where) >= 4 and node_id.startswith(where)):
+            return bps
+    return next((bps for where, bps in links if where == "*"), 0.0)
+
+
+def nodes_from_ray(raw: list[dict], planner: PlannerConfig, probe: Callable[[str], int] | None = None,
+                   host_memory: Callable[[str], int] | None = None, links: list[tuple[str, float]] = (),
+                   measured: dict[str, float] | None = None) -> list[NodeSpec]:
+    """Node specs from ``ray.nodes()`` records (pure). ``probe(node_id) -> bytes per GPU`` is the GPU
+    memory fallback; ``host_memory(node_id) -> MemTotal bytes`` (0: unknown) is used when
+    ``planner.host_memory=total``; ``links`` are cluster.links, ``measured`` probed rates (bits/s)."""
     out = []
     for n in raw:
         if not n.get("Alive", n.get("alive", False)):
@@ -95,10 +135,20 @@ def nodes_from_ray(raw: list[dict], planner: PlannerConfig, probe: Callable[[str
                 gpu_mem, source = ACCELERATOR_GIB[types[0]] * GiB, f"accelerator {types[0]}"
             elif planner.probe_gpu_memory and probe is not None:
                 gpu_mem, source = int(probe(node_id)), "probe"
+        ray_mem = int(res.get("memory", 0))
+        memory, mem_source = ray_mem, "ray resource"
+        total = host_memory(node_id) if planner.host_memory == "total" and host_memory is not None else 0
+        if total > 0:
+            memory, mem_source = total, "MemTotal"
+        address = n.get("NodeManagerAddress", "?")
+        rate, link_source = _declared_rate(node_id, address, list(links)), "declared"
+        if measured and measured.get(node_id) and not rate:
+            rate, link_source = measured[node_id], "probe"
         out.append(NodeSpec(
-            node_id=node_id, name=f"{n.get('NodeManagerAddress', '?')}/{node_id[:8]}", memory=int(res.get("memory", 0)),
+            node_id=node_id, name=f"{address}/{node_id[:8]}", memory=memory,
             cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory=gpu_mem, gpu_memory_source=source,
-            is_head="node:__internal_head__" in res,
+            is_head="node:__internal_head__" in res, ray_memory=ray_mem if memory != ray_mem else 0,
+            memory_source=mem_source, link_bps=rate, link_source=link_source if rate else "",
         ))
     return out
 
@@ -133,13 +183,21 @@ def _cached_probe(node_id: str, timeout_s: float) -> int:
     return _probed[node_id]
 
 
-def read_ray_nodes(planner: PlannerConfig) -> list[NodeSpec]:
-    """Alive nodes of the connected Ray cluster."""
+def read_ray_nodes(planner: PlannerConfig, links: list[tuple[str, float]] = ()) -> list[NodeSpec]:
+    """Alive nodes of the connected Ray cluster (host memory and links probed as configured, neuroray.planner.probes)."""
     import ray
+
+    from neuroray.planner import probes
 
     if not ray.is_initialized():
         raise PlanError("not connected to Ray; call ray.init(address=...) first, or plan for cluster.nodes=[8GB,...]")
-    return nodes_from_ray(ray.nodes(), planner, lambda node_id: _cached_probe(node_id, planner.gpu_probe_timeout_s))
+    raw = ray.nodes()
+    alive = [n["NodeID"] for n in raw if n.get("Alive", n.get("alive", False))]
+    totals = probes.host_memory(alive, planner.memory_probe_timeout_s) if planner.host_memory == "total" else {}
+    measured = (probes.link_rates(alive, parse_memory(planner.link_probe_bytes, "planner.link_probe_bytes"),
+                                  planner.link_probe_timeout_s) if planner.probe_links else None)
+    return nodes_from_ray(raw, planner, lambda node_id: _cached_probe(node_id, planner.gpu_probe_timeout_s),
+                          lambda node_id: totals.get(node_id, 0), links, measured)
 
 
 # ----- config -> request -> plan -----------------------------------------------------------------
@@ -171,7 +229,18 @@ def check_planner_config(cfg: TrainConfig) -> None:
     if not p.gpu_probe_timeout_s > 0:  # "not >": NaN fails too
         raise ConfigError(f"planner.gpu_probe_timeout_s={p.gpu_probe_timeout_s} must be positive (seconds the GPU "
                           "memory probe waits for a free GPU)")
+    if p.host_memory not in ("total", "ray"):
+        raise ConfigError(f"planner.host_memory={p.host_memory} is unknown; use total (each node's MemTotal) or ray "
+                          "(Ray's memory resource)")
+    for key in ("memory_probe_timeout_s", "link_probe_timeout_s"):
+        if not getattr(p, key) > 0:
+            raise ConfigError(f"planner.{key}={getattr(p, key)} must be positive (seconds)")
+    try:
+        parse_memory(p.link_probe_bytes, "planner.link_probe_bytes")
+    except MemoryUnitError as exc:
+        raise ConfigError(str(exc)) from None
     parse_nodes(cfg.cluster.nodes)
+    parse_links(cfg.cluster.links)
 
 
 def request_from_config(cfg: TrainConfig) -> PlanRequest:
@@ -186,12 +255,25 @@ def request_from_config(cfg: TrainConfig) -> PlanRequest:
         holder_overhead=parse_memory(p.holder_overhead), stages=p.stages, replicas=p.replicas,
         max_replicas=p.max_replicas, within_replica=p.within_replica, across_replicas=p.across_replicas,
         reserve_cpus=p.reserve_cpus, exclude_small_nodes=p.exclude_small_nodes,
+        threads_per_holder=float(max(c.torch_threads, 1)) if p.fill_cores else 0.0,
+        inner_steps=cfg.diloco.inner_steps, compression=cfg.diloco.compression,
+        sync_value_bytes=_sync_value_bytes(cfg),
     )
+
+
+def _sync_value_bytes(cfg: TrainConfig) -> float:
+    dl = cfg.diloco
+    try:
+        return sync_bytes_per_value(dl.compression, dl.compression_block, dl.sparse_density)
+    except ValueError:  # an unknown mode is the diloco checks' error to report; count float32 meanwhile
+        return 4.0
 
 
 def cluster_nodes(cfg: TrainConfig) -> list[NodeSpec]:
     """``cluster.nodes`` when given, else the connected Ray cluster's alive nodes."""
-    return parse_nodes(cfg.cluster.nodes) if cfg.cluster.nodes else read_ray_nodes(cfg.planner)
+    if cfg.cluster.nodes:
+        return parse_nodes(cfg.cluster.nodes)
+    return read_ray_nodes(cfg.planner, parse_links(cfg.cluster.links))
 
 
 def plan_for_cluster(cfg: TrainConfig, nodes: list[NodeSpec] | None = None) -> Plan:

@@ -25,13 +25,17 @@ class NodeSpec:
 
     node_id: str
     name: str
-    memory: int  # host memory available to Ray tasks and actors, bytes
+    memory: int  # host memory the plan may fill a safety_fraction of, bytes (MemTotal, or Ray's resource)
     cpus: float | None = None
     gpus: float = 0.0
     gpu_memory: int = 0  # bytes per GPU; 0 when there are no GPUs
     gpu_memory_source: str = ""  # where gpu_memory came from: resource, accelerator:<type>, probe, list
     is_head: bool = False
     alive: bool = True
+    ray_memory: int = 0  # Ray's ``memory`` resource where it differs from ``memory`` (bundles must fit it); 0: same
+    memory_source: str = ""  # where ``memory`` came from: MemTotal, ray resource, list
+    link_bps: float = 0.0  # the node's uplink, bits per second; 0: unknown (links do not steer placement)
+    link_source: str = ""  # declared, probe
 
     def device_memory(self, device: str) -> int:
         """Memory the scaling law counts: all GPU memory on a GPU node, else host memory."""
@@ -58,6 +62,21 @@ class PlanRequest:
     across_replicas: str = "SPREAD"
     reserve_cpus: float = 1.0
     exclude_small_nodes: bool = False
+    # planner.fill_cores: cores one CPU holder computes on (cluster.torch_threads); 0: CPUs limit holders
+    # only by cpus_per_holder and the stage count is the fewest that gives the most replicas
+    threads_per_holder: float = 0.0
+    inner_steps: int = 20  # H: sync traffic is counted per round of H inner steps
+    compression: str = "none"  # diloco.compression, for the report
+    sync_value_bytes: float = 4.0  # bytes per parameter of a pseudo-gradient on the wire (links.sync_bytes_per_value)
+
+    @property
+    def fills_cores(self) -> bool:
+        return self.threads_per_holder > 0
+
+    @property
+    def cores_per_holder(self) -> float:
+        """CPUs one holder is counted (and reserved) for: what it computes on, or what the config asks if more."""
+        return max(self.cpus_per_holder, self.threads_per_holder)
 
 
 @dataclass(frozen=True)
@@ -83,15 +102,16 @@ class HolderPlacement:
     node_name: str
     cpus: float
     gpus: float
-    host_memory: int  # bytes reserved in the bundle (Ray's "memory" resource)
+    host_memory: int  # host bytes the holder needs (the plan's accounting)
     device_memory: int  # bytes the holder needs on its device (= host_memory on CPU holders)
+    ray_memory: int = -1  # bytes the bundle reserves of Ray's "memory" resource; -1: host_memory
 
     def bundle(self) -> dict:
         """The placement-group bundle: CPUs, GPUs and host memory."""
         b = {"CPU": self.cpus} if self.cpus > 0 else {}
         if self.gpus > 0:
             b["GPU"] = self.gpus
-        b["memory"] = float(self.host_memory)
+        b["memory"] = float(self.host_memory if self.ray_memory < 0 else self.ray_memory)
         return b
 
 
@@ -101,6 +121,7 @@ class OuterReserve:
     node_name: str
     cpus: float
     task_bytes: int  # host memory of the largest range's outer-step task
+    link_bps: float = 0.0  # the outer node's uplink (every remote holder's sync crosses it)
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,11 @@ class Plan:
     safety_fraction: float
     excluded: tuple[tuple[str, str], ...] = ()  # (node name, why)
     notes: tuple[str, ...] = ()
+    why: tuple[str, ...] = ()  # the reasoning behind the choice, printed as "why: ..." lines
+    batch: Batch | None = None  # what the activations and the hop traffic are counted for
+    inner_steps: int = 20
+    compression: str = "none"
+    sync_value_bytes: float = 4.0
 
     @property
     def replicas(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from neuroray.planner.links import format_rate, link_loads
 from neuroray.planner.memory import format_bytes
 from neuroray.planner.plan_types import Plan
 from neuroray.planner.scaling import PARAM_FORMULA, describe, kv_width, ffn_width
@@ -65,8 +66,25 @@ def format_plan(plan: Plan) -> str:
     o = plan.outer
     out.append(f"outer step: {o.node_name} keeps CPU {o.cpus:g} and {format_bytes(o.task_bytes)} of host memory free "
                "for one range's task")
+    out += _links(plan)
+    for line in plan.why:
+        out.append(f"why: {line}")
     for name, why in plan.excluded:
         out.append(f"left out: {name}: {why}")
     for note in plan.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def _links(plan: Plan) -> list[str]:
+    """Per node uplink: predicted hop bytes per step, sync bytes per round, and their seconds per step."""
+    loads = [ld for ld in link_loads(plan) if ld.hop_bytes_per_step or ld.sync_bytes_per_round or ld.rate_bps]
+    if not loads:
+        return []
+    rows = [[ld.node_name, format_rate(ld.rate_bps) if ld.rate_bps else "-", format_bytes(ld.hop_bytes_per_step),
+             format_bytes(ld.sync_bytes_per_round), format_bytes(ld.bytes_per_step),
+             "-" if ld.seconds_per_step is None else f"{ld.seconds_per_step:.3g}"] for ld in loads]
+    head = (f"links (predicted; hops: activations + gradients of every cross-node stage boundary per step; sync: "
+            f"pseudo-gradient out + update back per round of H={plan.inner_steps} steps, {plan.compression}, "
+            f"{plan.sync_value_bytes:.3g} B/parameter):")
+    return ["", head, *_table(rows, ["uplink", "rate", "hops/step", "sync/round", "per step", "s/step"])]

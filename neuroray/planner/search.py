@@ -26,6 +26,7 @@ Pure code (no Ray): the inputs are :class:`NodeSpec` values, however they were o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from neuroray.config import ModelConfig
@@ -40,6 +41,8 @@ from neuroray.planner.plan_types import (
     EXTRA_STAGES, LAW_STEP, STRATEGIES, NodeSpec, OuterReserve, Plan, PlanError, PlanRequest,
 )
 from neuroray.planner.partition import memory_table, item_costs, partition_layers
+from neuroray.planner.explain import Choice, explain, throughput
+from neuroray.planner.links import link_cost, link_loads
 from neuroray.planner.assign import pick_device, holder_capacity, outer_node, node_pool, holder_slots, stage_plans, assign
 
 
@@ -58,11 +61,15 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
     s_lower = max(1, math.ceil(table[cfg.n_layers, True, True] / cap))
     candidates = [req.stages] if req.stages else list(range(min(s_lower, cfg.n_layers), cfg.n_layers + 1))
     best, reason, s_min = None, "", None
+    # planner.fill_cores on CPU nodes whose cores are known: every stage count that fits is tried and the one
+    # with the most predicted tokens/s kept (explain.throughput); else the fewest stages with the most replicas.
+    by_cores = req.fills_cores and device == "cpu" and all(n.cpus is not None for n in pool)
+    tried: list[tuple[int, int, float]] = []  # (stages, replicas, predicted cores' worth of work)
     for s in candidates:
         if s > cfg.n_layers:
             reason = f"planner.stages={s} is more than the model's {cfg.n_layers} layers"
             break
-        if s_min is not None and s > s_min + EXTRA_STAGES:
+        if s_min is not None and s > s_min + EXTRA_STAGES and not by_cores:
             break
         if s > max_slots:
             reason = reason or f"{s} stages need {s} holder slots but the cluster has {max_slots:g}"
@@ -105,19 +112,59 @@ def _try_architecture(cfg: ModelConfig, pool: list[NodeSpec], outer: NodeSpec, r
                       f"{', '.join(format_bytes(st.memory.total) for st in stages)}; usable memory per node is "
                       f"{', '.join(format_bytes(holder_capacity(n, req, device)) for n in pool)}")
             continue
-        key = (len(placed), -s)
+        tput = throughput(stages, len(placed), req.batch.num_microbatches)
+        tried.append((s, len(placed), tput))
+        key = (round(tput, 9), len(placed), -s) if by_cores else (len(placed), -s)
         if best is None or key > best[0]:
             best = (key, stages, placed, by_outer)
     if best is None:
         return None, reason or "no stage count fits"
-    _, stages, placed, by_outer = best
+    key, stages, placed, by_outer = best
+    bounds = {"holder slots": max_slots / len(stages), "memory": usable / sum(st.memory.total for st in stages),
+              "the outer step's host memory": by_outer}
     outer_res = OuterReserve(outer.node_id, outer.name, req.reserve_cpus,
-                             outer_step_bytes(max(st.params for st in stages), len(placed)))
+                             outer_step_bytes(max(st.params for st in stages), len(placed)), outer.link_bps)
     note = ""
     if len(placed) == by_outer and not req.replicas:
         note = (f"replicas are limited to {by_outer} by the outer step's host memory on {outer.name} "
                 f"({format_bytes(outer_res.task_bytes)} per range task); nodes with more host memory allow more")
-    return (stages, placed, outer_res, note), ""
+    return (stages, placed, outer_res, note, Choice(tried, by_cores, bounds, key)), ""
+
+
+OUTER_CANDIDATES = 8  # with link rates: how many nodes (distinct rate and memory) are tried for the outer step
+
+
+def _try_outers(cfg: ModelConfig, pool: list[NodeSpec], alive: list[NodeSpec], req: PlanRequest, device: str,
+                assemble):
+    """:func:`_try_architecture` with the outer step's node chosen.
+
+    Without link rates: :func:`outer_node` (most host memory), as always. With them, the best-connected
+    nodes first, up to OUTER_CANDIDATES of distinct (rate, memory), each keeping the outer step in turn;
+    kept is the best plan by the stage search's own key (replicas, or predicted work), then the fewest
+    seconds per step on its busiest link: the outer node's room can push a replica onto a slow link, and
+    the best-connected node is not always the best place for it.
+    """
+    first = outer_node(alive)
+    if not any(n.link_bps > 0 for n in alive):
+        return _try_architecture(cfg, pool, first, req, device)
+    cost = link_cost(alive)
+    order = sorted(alive, key=lambda n: (cost[n.node_id], -n.memory, n is not first, not n.is_head))
+    seen, best, reason = set(), None, ""
+    for n in order:
+        if (cost[n.node_id], n.memory) in seen:
+            continue
+        seen.add((cost[n.node_id], n.memory))
+        if len(seen) > OUTER_CANDIDATES:
+            break
+        result, why = _try_architecture(cfg, pool, n, req, device)
+        if result is None:
+            reason = reason or why
+            continue
+        busiest = max((ld.seconds_per_step or 0.0 for ld in link_loads(assemble(result))), default=0.0)
+        key = (result[4].key, -busiest)
+        if best is None or key > best[0]:
+            best = (key, result)
+    return (best[1], "") if best else (None, reason)
 
 
 def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
@@ -156,9 +203,20 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
             raise PlanError("every node is too small for one layer; add memory or plan a smaller model")
     law_cfg, first_reason, m = cfg, "", float(law_memory)
     # The outer-step tasks run on host memory: any alive node may keep their room, GPU or not.
-    outer = outer_node([n for n in nodes if n.alive])
+    alive = [n for n in nodes if n.alive]
+
+    def assemble(result) -> Plan:
+        stages, placed, outer, _, _ = result
+        return Plan(
+            model=cfg, vocab_size=req.vocab_size, device=device, law_memory=law_memory, nodes=tuple(pool),
+            stages=tuple(stages), holders=tuple(tuple(rep) for rep in placed), within_replica=req.within_replica,
+            across_replicas=req.across_replicas, outer=outer, safety_fraction=req.safety_fraction,
+            excluded=tuple(excluded), batch=req.batch, inner_steps=req.inner_steps,
+            compression=req.compression, sync_value_bytes=req.sync_value_bytes,
+        )
+
     while True:
-        result, reason = _try_architecture(cfg, pool, outer, req, device)
+        result, reason = _try_outers(cfg, pool, alive, req, device, assemble)
         if result is not None:
             break
         first_reason = first_reason or reason
@@ -175,13 +233,8 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
     if cfg != law_cfg:
         notes.append(f"the law gives {scaling.describe(law_cfg)} for {format_bytes(law_memory)} but it does not fit "
                      f"({first_reason}); planned the law's model for {format_bytes(m)} instead")
-    stages, placed, outer, note = result
+    note, choice = result[3], result[4]
     if note:
         notes.append(note)
-    holders = tuple(tuple(rep) for rep in placed)
-    return Plan(
-        model=cfg, vocab_size=req.vocab_size, device=device, law_memory=law_memory, nodes=tuple(pool),
-        stages=tuple(stages), holders=holders, within_replica=req.within_replica,
-        across_replicas=req.across_replicas, outer=outer, safety_fraction=req.safety_fraction,
-        excluded=tuple(excluded), notes=tuple(notes),
-    )
+    out = dataclasses.replace(assemble(result), notes=tuple(notes))
+    return dataclasses.replace(out, why=tuple(explain(out, req, choice, alive)))
