@@ -21,14 +21,12 @@ A node's rate is its uplink: traffic between two nodes is limited by the slower 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-from neuroray.planner.memory import FLOAT_BYTES
+from neuroray.planner.memory import FLOAT_BYTES, parse_quantity
 
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
                "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
-_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*$")
 
 
 class RateError(ValueError):
@@ -37,20 +35,8 @@ class RateError(ValueError):
 
 def parse_rate(text, what: str = "link rate") -> float:
     """``"100mbit"`` -> 1e8 bits per second; units bit/kbit/mbit/gbit/tbit (or bps/kbps/...), any case."""
-    s = str(text)
-    m = _RATE.match(s)
-    if m is None:
-        if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", s):
-            raise RateError(f"{what} '{s}' has no unit; write it with one, e.g. {s.strip()}mbit or {s.strip()}gbit")
-        raise RateError(f"{what} '{s}' is not a rate; write a number and a unit, e.g. 100mbit or 1gbit")
-    unit = m.group(2).lower()
-    if unit not in _RATE_UNITS:
-        raise RateError(f"{what} '{s}' has unknown unit '{m.group(2)}'; use one of kbit, mbit, gbit, tbit "
-                        "(bits per second)")
-    bps = float(m.group(1)) * _RATE_UNITS[unit]
-    if bps <= 0:
-        raise RateError(f"{what} '{s}' must be more than zero")
-    return bps
+    return parse_quantity(text, _RATE_UNITS, RateError, what, "rate", "100mbit or 1gbit",
+                          "kbit, mbit, gbit, tbit (bits per second)", ("mbit", "gbit"))
 
 
 def format_rate(bps: float) -> str:

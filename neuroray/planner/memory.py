@@ -50,11 +50,31 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*$")
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*$")
 
 
 class MemoryUnitError(ValueError):
     """A memory size without a unit or with an unknown one (wrapped into ConfigError by callers)."""
+
+
+def parse_quantity(text, units: dict[str, float], error: type[ValueError], what: str, kind: str,
+                   examples: str, unit_list: str, bare_hint: tuple[str, str], zero: str = "") -> float:
+    """``number unit`` -> number x units[unit] (unit in any case), above zero; else one ``error`` line
+    saying what is wrong: a missing unit, not a ``kind`` at all, an unknown unit, or not above zero."""
+    s = str(text)
+    m = _QUANTITY.match(s)
+    if m is None:
+        if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", s):
+            a, b = bare_hint
+            raise error(f"{what} '{s}' has no unit; write it with one, e.g. {s.strip()}{a} or {s.strip()}{b}")
+        raise error(f"{what} '{s}' is not a {kind}; write a number and a unit, e.g. {examples}")
+    unit = m.group(2).lower()
+    if unit not in units:
+        raise error(f"{what} '{s}' has unknown unit '{m.group(2)}'; use one of {unit_list}")
+    value = float(m.group(1)) * units[unit]
+    if value <= 0:
+        raise error(f"{what} '{s}' must be more than zero{zero}")
+    return value
 
 
 def parse_memory(text, what: str = "memory") -> int:
@@ -63,20 +83,10 @@ def parse_memory(text, what: str = "memory") -> int:
     Decimal units (KB, MB, GB, TB, PB) are powers of 1000, binary ones (KiB ... PiB) powers of 1024;
     case does not matter. A unit is required: ``8`` could mean bytes or gigabytes.
     """
-    s = str(text)
-    m = _SIZE.match(s)
-    if m is None:
-        if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", s):
-            raise MemoryUnitError(f"{what} '{s}' has no unit; write it with one, e.g. {s.strip()}GB or {s.strip()}GiB")
-        raise MemoryUnitError(f"{what} '{s}' is not a size; write a number and a unit, e.g. 8GB, 512MiB or 1.5TB")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _UNITS:
-        raise MemoryUnitError(
-            f"{what} '{s}' has unknown unit '{m.group(2)}'; use one of B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
-        )
-    size = int(round(value * _UNITS[unit]))
+    size = int(round(parse_quantity(text, _UNITS, MemoryUnitError, what, "size", "8GB, 512MiB or 1.5TB",
+                                    "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB", ("GB", "GiB"), " bytes")))
     if size <= 0:
-        raise MemoryUnitError(f"{what} '{s}' must be more than zero bytes")
+        raise MemoryUnitError(f"{what} '{text}' must be more than zero bytes")
     return size
 
 
