@@ -51,6 +51,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/neuroray/cache"  # local: verified shards from remote stores, embedded corpus
     cache_size_mb: int = 4096  # shard cache limit; least recently used shards are evicted
     base_tokenizer: str = ""  # tokenizer.json or dataset URL to grow: keeps every id, appends new ones
+    # your own tokenizer (a tokenizer.json or a Hugging Face tokenizer directory) used as-is instead of training
+    # one; BOS/EOS/PAD must be ids 0/1/2; data.vocab_size is then its size; the manifest records its SHA-256
+    tokenizer: str = ""
     tokenizer_docs: int = 0  # documents the tokenizer trains on; 0: all of them
     vocab_size: int = 4096  # BPE tokenizer size (ln of it is the loss of a uniform guess)
     shard_tokens: int = 2_500_000  # tokens per uint16 shard
@@ -281,6 +284,9 @@ class TrainConfig:
     # is under $NEURORAY_OUTPUT_ROOT or ~/neuroray on the driver's host (Ray deletes the job's working dir)
     run_dir: str = ""
     resume: bool = False  # continue the run in run_dir from its newest complete snapshot set
+    # a Hugging Face Llama directory (safetensors) to start from: its config.json sets the model, each holder
+    # loads its own range's tensors; the path must be readable on every node (docs/interop.md)
+    init_from: str = ""
     log_every: int = 5  # inner steps between progress lines
     progress_bar: bool = True  # a live tqdm bar when stderr is a terminal (log lines otherwise)
     sample_prompt: str = "The"  # the prompt of the sample generated at the end of a run

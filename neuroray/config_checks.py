@@ -12,6 +12,34 @@ from neuroray.config import SwarmConfig, TrainConfig
 from neuroray.errors import ConfigError
 
 
+def _check_imports(cfg: TrainConfig) -> None:
+    """init_from= and data.tokenizer= against the keys they cannot be combined with."""
+    if cfg.init_from and cfg.model.name == "auto":
+        raise ConfigError(f"init_from={cfg.init_from} sets the model from its config.json, model=auto would size "
+                          "another one from the cluster: drop model=auto")
+    if cfg.init_from and cfg.resume:
+        raise ConfigError(f"init_from={cfg.init_from} starts a new run from imported weights, resume=true continues "
+                          "a run from its snapshots: drop init_from to resume (the snapshots hold the weights)")
+    if cfg.data.tokenizer and cfg.data.base_tokenizer:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is used as-is, data.base_tokenizer="
+                          f"{cfg.data.base_tokenizer} would be grown into a new one: set only one of them")
+
+
+def resolve_init_from(cfg: TrainConfig, model_given: bool) -> TrainConfig:
+    """``init_from=``: ``cfg`` with the checkpoint's model (its config.json; every tensor's shape is checked from
+    the safetensors headers, no weight is read). ``model_given``: the user chose a model (``model=`` or
+    ``model.*=``), which must then fit the checkpoint, every differing key named (InteropError)."""
+    if not cfg.init_from:
+        return cfg
+    _check_imports(cfg)  # before reading anything: model=auto or resume would ignore the checkpoint's shape
+    from dataclasses import replace
+
+    from neuroray.model.hf import load_hf_llama  # lazy: imports torch and safetensors
+
+    model, _ = load_hf_llama(cfg.init_from, cfg.model if model_given else None, None, keys=())
+    return replace(cfg, model=model)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     m, d, s, dl = cfg.model, cfg.data, cfg.swarm, cfg.diloco
@@ -68,6 +96,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cluster.local_stores not in ("serve", "shared"):
         raise ConfigError(f"cluster.local_stores={cfg.cluster.local_stores} must be serve (the driver's node serves "
                           "local paths to every node) or shared (they are a mount every node sees)")
+    _check_imports(cfg)
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the run to continue> (its snapshots are under run_dir/snapshots)")
     if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from neuroray.config import SCHEMA_NAME, TrainConfig
-from neuroray.config_checks import validate
+from neuroray.config_checks import resolve_init_from, validate
 from neuroray.errors import ConfigError
 
 
@@ -110,5 +110,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
             f"bad config: {_one_line(exc)} (see conf/ and neuroray/config.py for keys and types)"
         ) from None
     assert isinstance(obj, TrainConfig)
+    # init_from=: the checkpoint sets the model unless the command line chose one (then it must fit)
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    obj = resolve_init_from(obj, model_given=any(k == "model" or k.startswith("model.") for k in keys))
     validate(obj)
     return obj

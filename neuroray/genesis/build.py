@@ -32,6 +32,7 @@ from neuroray.genesis.corpus import Source, open_source
 from neuroray.genesis.manifest import (
     DTYPES, FORMAT_VERSION, MANIFEST_FILE, Manifest, check_pinned, dtype_for, read_manifest,
 )
+from neuroray.genesis.own_tokenizer import check_tokenizer_matches_manifest, load_user_tokenizer
 from neuroray.genesis.shards import verify_dataset
 from neuroray.genesis.store import DatasetRoot, Store, atomic_write, join, normalize
 from neuroray.genesis.tokenizer import (
@@ -141,8 +142,11 @@ class _TrainingDocs:
             yield doc
 
 
-def _tokenizer(cfg: DataConfig, source: Source, progress: Progress | None) -> tuple[Tokenizer, str | None, int]:
-    """Train (or grow ``data.base_tokenizer``) on the corpus; returns (tokenizer, parent sha or None, docs read)."""
+def _tokenizer(cfg: DataConfig, source: Source, progress: Progress | None) -> tuple[Tokenizer, str | None, int | None]:
+    """Train (or grow ``data.base_tokenizer``) on the corpus, or take ``data.tokenizer`` as it is; returns
+    (tokenizer, parent sha or None, docs read; None when no pass over the corpus was made)."""
+    if cfg.tokenizer:
+        return load_user_tokenizer(cfg.tokenizer)[0], None, None
     docs = _TrainingDocs(source, cfg.tokenizer_docs, progress)
     if cfg.base_tokenizer:
         base_bytes = read_base_tokenizer(cfg.base_tokenizer)
@@ -168,12 +172,14 @@ def read_base_tokenizer(url: str) -> bytes:
 
 def _write_all(cfg: DataConfig, source: Source, store: Store, log, progress: Progress | None) -> Manifest:
     tok, parent, docs_seen = _tokenizer(cfg, source, progress)
-    if docs_seen == 0:
+    if docs_seen == 0:  # a given tokenizer reads nothing here: an empty corpus then gives no shards, refused below
         raise DataError(f"data.source={cfg.source} holds no text (every document is empty); add documents or use "
                         "data.source=embedded")
     vocab = tok.get_vocab_size()
     dtype = dtype_for(vocab)
-    log(f"genesis: tokenizer {'grown' if parent else 'trained'} on {docs_seen} docs ({vocab} tokens, {dtype} shards)")
+    how = (f"data.tokenizer={cfg.tokenizer}" if docs_seen is None else
+           f"{'grown' if parent else 'trained'} on {docs_seen} docs")
+    log(f"genesis: tokenizer {how} ({vocab} tokens, {dtype} shards)")
     shards = write_shards(tok, source, store, cfg.shard_tokens, progress)
     try:
         total = sum(s["tokens"] for s in shards)
@@ -281,6 +287,10 @@ def dataset_url(cfg: DataConfig) -> str:
            "eval_shards": cfg.eval_shards, "tokenizer_docs": cfg.tokenizer_docs, "format": FORMAT_VERSION,
            "base_tokenizer": hashlib.sha256(read_base_tokenizer(cfg.base_tokenizer)).hexdigest()
            if cfg.base_tokenizer else ""}
+    if cfg.tokenizer:  # a given tokenizer fixes the ids: its hash, not the training knobs, keys the data (only
+        # when set, so every dataset built without one keeps its URL)
+        tok, sha = load_user_tokenizer(cfg.tokenizer)
+        key.update(tokenizer=sha, vocab_size=tok.get_vocab_size(), tokenizer_docs=0)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name)[:40].strip("._") or "data"
     return join(cfg.store, f"{name}-{digest}")
@@ -338,6 +348,8 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
                 raise
             log(f"genesis: warning: {exc}; rebuilding {url}")
         else:
+            if cfg.tokenizer:  # a pinned or named dataset tokenized with another tokenizer: its ids mean other text
+                check_tokenizer_matches_manifest(load_user_tokenizer(cfg.tokenizer)[1], manifest)
             log(f"genesis: using dataset {url} ({len(manifest.shards)} shards, {manifest.total_tokens} tokens)")
             return _root(cfg, store, manifest), manifest
     elif cfg.dataset:

@@ -27,7 +27,7 @@ import torch
 from neuroray.config import ModelConfig
 from neuroray.ponw.identity import Identity
 from neuroray.swarm.compute import BusyClock, RangeCompute, open_device
-from neuroray.swarm.lifecycle import RangeLifecycle
+from neuroray.swarm.lifecycle import RangeLifecycle, load_init_from
 from neuroray.swarm.outer_state import OuterState
 from neuroray.swarm.proving import RoundProving
 from neuroray.swarm.spec import HolderSpec
@@ -65,6 +65,8 @@ class StageHolder:
             stream = TokenStream(spec.data_root, Manifest.from_json(spec.manifest), self.identity.node_id,
                                  spec.seq_len, spec.microbatch_size, _start=spec.data_start)
         self.compute = RangeCompute(spec, device, stream)
+        if spec.init_from:  # before OuterState takes theta0, so theta0 is the imported weights (a restore overrides)
+            load_init_from(self.compute)
         self.outer = OuterState(self.compute)
         self.proving = RoundProving()
         self.lifecycle = RangeLifecycle(self.compute, self.outer, self.node_id)

@@ -20,6 +20,16 @@ from neuroray.swarm.outer_state import OuterState
 log = logging.getLogger(__name__)
 
 
+def load_init_from(compute: RangeCompute) -> None:
+    """``init_from=``: this range's tensors of the Hugging Face checkpoint over the seeded init (only they
+    are read, so a holder's memory holds its own range, never the whole model)."""
+    from neuroray.model.hf import load_hf_llama  # lazy: safetensors is only needed when importing
+
+    s, module = compute.spec, compute.module
+    _, state = load_hf_llama(s.init_from, s.model, s.vocab_size, keys=list(module.state_dict()))
+    module.load_state_dict(state)  # copies into the parameters, on whatever device they live
+
+
 def optimizer_state_to_cpu(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state dict with its moments on the CPU (``load_state_dict`` moves them back to the
     device of the weights it is loaded beside)."""

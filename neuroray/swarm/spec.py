@@ -69,6 +69,8 @@ class HolderSpec(RangeRole):
     # Swarm routing: every Driver reads one shared ring from this shard, so microbatch m is the same data
     # whichever Driver the router sends it to (None: this node's own shard, as in fixed routing)
     data_start: int | None = None
+    # init_from=: a Hugging Face Llama directory whose tensors of this range replace the seeded init at start
+    init_from: str = ""
 
     @property
     def slot(self) -> str:

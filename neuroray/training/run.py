@@ -101,6 +101,10 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     tokenizer_file = Path(root) / manifest.tokenizer_file
     tok = load_tokenizer(tokenizer_file)
     vocab = tok.get_vocab_size()
+    if cfg.init_from:  # the checkpoint against this model and tokenizer, from its headers only: refused before Ray
+        from neuroray.model.hf import load_hf_llama
+
+        load_hf_llama(cfg.init_from, cfg.model, vocab, keys=())
 
     snapshot_root = cfg.checkpoint.dir or str(run_dir / "snapshots")
     resume_step = recorded = None
