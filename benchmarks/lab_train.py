@@ -120,6 +120,48 @@ def partition(cfg, ov, setup: str, rounds: int, inner: int, heal_after_s: float)
             "routing": res["routing"], "unknown_node_lines": len(unknown), "refused": refused}
 
 
+NOTE_TP = ("3 lab hosts, driver on h0, every host's link shaped in both directions; the default config (2 stages x 2 "
+           "replicas, model=tiny) with `" + " ".join(SMALL) + "` (these runs: `checkpoint.every_round=false`); `router` adds `swarm=router`. Wire bytes: veth "
+           "counters, sum over hosts of (tx + rx) / 2. Counted: the run's DiLoCo sync bytes + what the driver-hosted "
+           "store moved + control bytes. Hops + Ray = wire - counted (the project does not count hop bytes; negative "
+           "where counted sync never crossed a wire, see docs/lab.md). Per token: divided by the tokens the run "
+           "trained. One run per row: single runs on 2 shared CPUs are noisy.")
+
+
+def throughput_row(setup: str, rate: str, r: dict, base: dict | None, cmd: str) -> None:
+    ratio = f"{r['tps'] / base['tps']:.2f}" if base else "n/a"
+    per = lambda b: f"{b / r['tokens']:,.0f}"  # noqa: E731
+    for doc in (DOC, LAB_DOC):
+        append_row("Training across lab hosts: throughput and wire bytes",
+                   ["setup", "link", "tok/s", "ratio to unshaped", "wire B/token", "sync B/token",
+                    "store + control B/token", "hops + Ray B/token", "wire / counted", "holder hosts", "machine",
+                    "command"],
+                   [setup, rate, f"{r['tps']:,.0f}", f"**{ratio}**", per(r["wire"]), per(r["sync"]),
+                    per(r["store"] + r["control"]), per(r["rest"]), f"{r['wire'] / r['counted']:.3f}",
+                    str(len(r["hosts"])), machine(), f"`{cmd}`"], note=NOTE_TP, path=doc)
+
+
+def partition_row(setup: str, p: dict, cmd: str) -> None:
+    if "error" in p:
+        cut_s = heal_s = f"run failed: {p['error']}"
+        cut_heal, n = "n/a", "n/a"
+    else:
+        cut_s = "no step after the cut" if p["cut_to_step"] is None else f"{p['cut_to_step']:.1f} s"
+        heal_s = ("none in the run" + (f" ({p['unknown_node_lines']} ledger lines: unknown_node)"
+                                       if p["unknown_node_lines"] else "")
+                  if p["heal_to_accepted"] is None else f"{p['heal_to_accepted']:.1f} s")
+        cut_heal, n = f"{p['cut_to_heal']:.1f} s", str(len(p["recoveries"]))
+    for doc in (DOC, LAB_DOC):
+        append_row("Partition of a holder's host",
+                   ["setup", "cut host (slots)", "cut -> next completed step", "goal", "cut -> heal",
+                    "heal -> first accepted contribution", "recoveries", "machine", "command"],
+                   [setup, f"{p.get('host', '?')} ({', '.join(p.get('slots', []))})", f"**{cut_s}**", "<= 10 s",
+                    cut_heal, heal_s, n, machine(), f"`{cmd}`"],
+                   note="`lab cut` after a mid-round step on the host of one replica, unshaped; `lab heal` once a "
+                        "step submitted after the cut has completed. Definitions in docs/lab.md (\"Training "
+                        "across hosts: measured\").", path=doc)
+
+
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
     setups = opts.get("setups", "fixed,router").split(",")
@@ -127,49 +169,23 @@ def main(argv: list[str]) -> None:
     rounds, inner = int(opts.get("rounds", 3)), int(opts.get("inner_steps", 4))
     heal_after_s = float(opts.get("heal_after_s", 120))
     do_partition = opts.get("partition", "true").lower() not in ("false", "0", "no")
-    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/lab_train.py " + " ".join(argv)
-    tp: dict = {}
-    parts: dict = {}
+    cmd = ("flock /tmp/neuroray-cpu.lock python benchmarks/lab_train.py " + " ".join(argv)).strip()
     with tempfile.TemporaryDirectory(prefix="nb-lab-") as tmp, \
             lab_session("nb", "10.231.16.0/24", "/run/neuroray-bench-host", f"{tmp}/lab") as (cfg, ov):
         for setup in setups:
-            for rate in rates:
-                tp[setup, rate] = r = throughput(cfg, ov, setup, rate, rounds, inner)
+            base = None
+            for rate in rates:  # each row is appended as soon as it is measured
+                r = throughput(cfg, ov, setup, rate, rounds, inner)
+                base = r if rate == "unshaped" else base
                 print(f"{setup} {rate}: {r}", flush=True)
+                throughput_row(setup, rate, r, base, cmd)
             if do_partition:
-                parts[setup] = p = partition(cfg, ov, setup, max(rounds, 4), inner, heal_after_s)
+                try:
+                    p = partition(cfg, ov, setup, max(rounds, 4), inner, heal_after_s)
+                except RuntimeError as exc:  # the run failed: that is the result
+                    p = {"error": str(exc).strip().splitlines()[-1][:200]}
                 print(f"{setup} partition: {p}", flush=True)
-    note = ("3 lab hosts, driver on h0, every host's link shaped in both directions; the default config (2 stages x 2 "
-            "replicas, model=tiny) with `" + " ".join(SMALL) + "`; `router` adds `swarm=router`. Wire bytes: veth "
-            "counters, sum over hosts of (tx + rx) / 2. Counted: the run's DiLoCo sync bytes + what the driver-hosted "
-            "store moved + control bytes. Hops + Ray = wire - counted (the project does not count hop bytes). "
-            "Per token: divided by the tokens the run trained.")
-    for (setup, rate), r in tp.items():
-        base = tp.get((setup, "unshaped"))
-        ratio = f"{r['tps'] / base['tps']:.2f}" if base else "n/a"
-        per = lambda b: f"{b / r['tokens']:,.0f}"  # noqa: E731
-        for doc in (DOC, LAB_DOC):
-            append_row("Training across lab hosts: throughput and wire bytes",
-                       ["setup", "link", "tok/s", "ratio to unshaped", "wire B/token", "sync B/token",
-                        "store + control B/token", "hops + Ray B/token", "wire / counted", "holder hosts", "machine",
-                        "command"],
-                       [setup, rate, f"{r['tps']:,.0f}", f"**{ratio}**", per(r["wire"]), per(r["sync"]),
-                        per(r["store"] + r["control"]), per(r["rest"]), f"{r['wire'] / r['counted']:.3f}",
-                        str(len(r["hosts"])), machine(), f"`{cmd}`"], note=note, path=doc)
-    for setup, p in parts.items():
-        cut_s = "no step after the cut" if p["cut_to_step"] is None else f"{p['cut_to_step']:.1f} s"
-        heal_s = ("none in the run" + (f" ({p['unknown_node_lines']} ledger lines: unknown_node)"
-                                       if p["unknown_node_lines"] else "")
-                  if p["heal_to_accepted"] is None else f"{p['heal_to_accepted']:.1f} s")
-        for doc in (DOC, LAB_DOC):
-            append_row("Partition of a holder's host",
-                       ["setup", "cut host (slots)", "cut -> next completed step", "goal", "cut -> heal",
-                        "heal -> first accepted contribution", "recoveries", "machine", "command"],
-                       [setup, f"{p['host']} ({', '.join(p['slots'])})", f"**{cut_s}**", "<= 10 s",
-                        f"{p['cut_to_heal']:.1f} s", heal_s, str(len(p["recoveries"])), machine(), f"`{cmd}`"],
-                       note="`lab cut` after a mid-round step on the host of one replica, unshaped; `lab heal` once a "
-                            "step submitted after the cut has completed. Definitions in docs/lab.md (\"Training "
-                            "across hosts: measured\").", path=doc)
+                partition_row(setup, p, cmd)
 
 
 if __name__ == "__main__":
