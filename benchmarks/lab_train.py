@@ -1,0 +1,192 @@
+"""Training across 3 lab hosts (issue #18 item 4): throughput and wire bytes per link rate, and a partition.
+
+One lab of its own (prefix `nb`, subnet 10.231.16.0/24), removed at the end whatever happens. The driver
+runs on h0 (benchmarks/_lab_driver.py); Ray places the holders (one replica fills one 2-CPU host).
+
+* For each setup (`fixed`: the default 2 stages x 2 replicas; `router`: the same with `swarm=router`) and
+  each rate (every host's link shaped to it in both directions): one run. Reported: tokens/s and its ratio
+  to the unshaped run of the same setup; wire bytes per token from the veth counters (sum over hosts of
+  (tx + rx) / 2 during the run), split into DiLoCo sync (the run's own `comm` sync bytes), what the
+  driver-hosted store moved (shards, snapshots) and control bytes (all counted by the project), and the
+  rest, which is attributed to pipeline hops (activations and gradients between stages) plus Ray's own
+  traffic; wire / counted for the project's counters.
+* For each setup, unshaped: `lab cut` on a host holding a replica (not h0, where the driver and the
+  head live) after a mid-round step, `lab heal` once a step submitted after the cut has completed (or
+  after `heal_after_s`). Reported: cut -> next completed step and heal -> the holder's first accepted
+  contribution, as defined in benchmarks/_lab_run.py and docs/lab.md.
+
+    flock /tmp/neuroray-cpu.lock python benchmarks/lab_train.py [setups=fixed,router]
+        [rates=unshaped,1gbit,100mbit,20mbit] [partition=true] [rounds=3] [inner_steps=4] [heal_after_s=120]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._lab_run import SMALL, Run, first_accepted_after, lab_session, ledger_rows  # noqa: E402
+from benchmarks._report import DOC, append_row, machine  # noqa: E402
+
+LAB_DOC = ROOT / "docs" / "lab.md"
+SETUPS = {"fixed": [], "router": ["swarm=router"]}
+
+
+def _wire(before: dict, after: dict) -> float:
+    tx = sum(after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in after)
+    rx = sum(after[h]["rx_bytes"] - before[h]["rx_bytes"] for h in after)
+    return (tx + rx) / 2  # every byte between two hosts leaves one veth and enters another
+
+
+def _store_bytes(run: Run) -> int:
+    line = next((m for _, m in run.logs if m.startswith("stores: the driver's node served")), "")
+    return sum(int(w.replace(",", "")) for w in line.split() if w.replace(",", "").isdigit())
+
+
+def _shape_all(cfg, ov, rate: str | None) -> None:
+    from neuroray.lab import shape
+
+    for i in range(cfg.hosts):
+        shape(ov, f"h{i}", rate)
+
+
+def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
+    from neuroray.lab import counters
+
+    _shape_all(cfg, ov, None if rate == "unshaped" else rate)
+    name = f"tp-{setup}-{rate}"
+    before = counters(cfg)
+    run = Run(ov, [*SMALL, *SETUPS[setup], f"rounds={rounds}", f"diloco.inner_steps={inner}",
+                   "checkpoint.every_round=false", f"run_dir={cfg.host_root}/home/runs/{name}"])
+    res = run.wait()
+    wire = _wire(before, counters(cfg))
+    _shape_all(cfg, ov, None)
+    store, sync, control = _store_bytes(run), res["sync_bytes"], res["control_bytes"]
+    counted = sync + store + control
+    return {"tps": res["tokens_per_s"], "tokens": res["tokens"], "wire": wire, "sync": sync, "store": store,
+            "control": control, "rest": wire - counted, "counted": counted,
+            "hosts": sorted(set(run.placement.values()))}
+
+
+def partition(cfg, ov, setup: str, rounds: int, inner: int, heal_after_s: float) -> dict:
+    from neuroray.lab import cut, heal
+
+    ips = [cfg.host_ip(i) for i in range(cfg.hosts)]
+    marks: dict = {}
+    cut_after = inner + inner // 2 - 1  # 0-based step in the middle of round 2
+
+    lock = threading.Lock()
+
+    def heal_once() -> None:
+        with lock:
+            if "cut" in marks and "heal" not in marks:
+                heal(ov, marks["host"])
+                marks["heal"] = time.time()
+
+    def on_event(run: Run, ev: dict) -> None:
+        if "cut" not in marks and ev["kind"] == "done" and ev["step"] == cut_after:
+            host_ip = sorted(ip for ip in set(run.placement.values()) if ip != ips[0])[0]
+            marks["host"] = f"h{ips.index(host_ip)}"
+            marks["slots"] = sorted(s for s, ip in run.placement.items() if ip == host_ip)
+            marks["cut"] = time.time()
+            cut(ov, marks["host"])
+            threading.Timer(heal_after_s, heal_once).start()  # heal even if no step completes meanwhile
+        elif "cut" in marks and run.first_step_submitted_after(marks["cut"]):
+            heal_once()
+
+    name = f"part-{setup}"
+    run = Run(ov, [*SMALL, *SETUPS[setup], f"rounds={rounds}", f"diloco.inner_steps={inner}",
+                   f"run_dir={cfg.host_root}/home/runs/{name}"], on_event=on_event)
+    try:
+        res = run.wait()
+    finally:
+        heal_once()  # never leave a host cut
+    nxt = run.first_step_submitted_after(marks["cut"])
+    rows = ledger_rows(Path(cfg.lab_dir) / "disks" / "h0" / "home" / "runs" / name / "ledger.sqlite")
+    ids = {run.node_ids[s] for s in marks["slots"]} | {res["holders"][s]["node_id"] for s in marks["slots"]
+                                                        if "node_id" in res["holders"].get(s, {})}
+    accepted = first_accepted_after(rows, ids, marks["heal"])
+    refused = sorted({r["status"] for r in rows if r["node_id"] not in set(run.node_ids.values())})
+    unknown = [m for _, m in run.logs if "unknown_node" in m]
+    return {"host": marks["host"], "slots": marks["slots"],
+            "cut_to_step": None if nxt is None else nxt[1] - marks["cut"],
+            "heal_to_accepted": None if accepted is None else accepted - marks["heal"],
+            "cut_to_heal": marks["heal"] - marks["cut"], "recoveries": res["recoveries"],
+            "routing": res["routing"], "unknown_node_lines": len(unknown), "refused": refused}
+
+
+NOTE_TP = ("3 lab hosts, driver on h0, every host's link shaped in both directions; the default config (2 stages x 2 "
+           "replicas, model=tiny) with `" + " ".join(SMALL) + "` (these runs: `checkpoint.every_round=false`); `router` adds `swarm=router`. Wire bytes: veth "
+           "counters, sum over hosts of (tx + rx) / 2. Counted: the run's DiLoCo sync bytes + what the driver-hosted "
+           "store moved + control bytes. Hops + Ray = wire - counted (the project does not count hop bytes; negative "
+           "where counted sync never crossed a wire, see docs/lab.md). Per token: divided by the tokens the run "
+           "trained. One run per row: single runs on 2 shared CPUs are noisy.")
+
+
+def throughput_row(setup: str, rate: str, r: dict, base: dict | None, cmd: str) -> None:
+    ratio = f"{r['tps'] / base['tps']:.2f}" if base else "n/a"
+    per = lambda b: f"{b / r['tokens']:,.0f}"  # noqa: E731
+    for doc in (DOC, LAB_DOC):
+        append_row("Training across lab hosts: throughput and wire bytes",
+                   ["setup", "link", "tok/s", "ratio to unshaped", "wire B/token", "sync B/token",
+                    "store + control B/token", "hops + Ray B/token", "wire / counted", "holder hosts", "machine",
+                    "command"],
+                   [setup, rate, f"{r['tps']:,.0f}", f"**{ratio}**", per(r["wire"]), per(r["sync"]),
+                    per(r["store"] + r["control"]), per(r["rest"]), f"{r['wire'] / r['counted']:.3f}",
+                    str(len(r["hosts"])), machine(), f"`{cmd}`"], note=NOTE_TP, path=doc)
+
+
+def partition_row(setup: str, p: dict, cmd: str) -> None:
+    if "error" in p:
+        cut_s = heal_s = f"run failed: {p['error']}"
+        cut_heal, n = "n/a", "n/a"
+    else:
+        cut_s = "no step after the cut" if p["cut_to_step"] is None else f"{p['cut_to_step']:.1f} s"
+        heal_s = ("none in the run" + (f" ({p['unknown_node_lines']} ledger lines: unknown_node)"
+                                       if p["unknown_node_lines"] else "")
+                  if p["heal_to_accepted"] is None else f"{p['heal_to_accepted']:.1f} s")
+        cut_heal, n = f"{p['cut_to_heal']:.1f} s", str(len(p["recoveries"]))
+    for doc in (DOC, LAB_DOC):
+        append_row("Partition of a holder's host",
+                   ["setup", "cut host (slots)", "cut -> next completed step", "goal", "cut -> heal",
+                    "heal -> first accepted contribution", "recoveries", "machine", "command"],
+                   [setup, f"{p.get('host', '?')} ({', '.join(p.get('slots', []))})", f"**{cut_s}**", "<= 10 s",
+                    cut_heal, heal_s, n, machine(), f"`{cmd}`"],
+                   note="`lab cut` after a mid-round step on the host of one replica, unshaped; `lab heal` once a "
+                        "step submitted after the cut has completed. Definitions in docs/lab.md (\"Training "
+                        "across hosts: measured\").", path=doc)
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(a.split("=", 1) for a in argv)
+    setups = opts.get("setups", "fixed,router").split(",")
+    rates = opts.get("rates", "unshaped,1gbit,100mbit,20mbit").split(",")
+    rounds, inner = int(opts.get("rounds", 3)), int(opts.get("inner_steps", 4))
+    heal_after_s = float(opts.get("heal_after_s", 120))
+    do_partition = opts.get("partition", "true").lower() not in ("false", "0", "no")
+    cmd = ("flock /tmp/neuroray-cpu.lock python benchmarks/lab_train.py " + " ".join(argv)).strip()
+    with tempfile.TemporaryDirectory(prefix="nb-lab-") as tmp, \
+            lab_session("nb", "10.231.16.0/24", "/run/neuroray-bench-host", f"{tmp}/lab") as (cfg, ov):
+        for setup in setups:
+            base = None
+            for rate in rates:  # each row is appended as soon as it is measured
+                r = throughput(cfg, ov, setup, rate, rounds, inner)
+                base = r if rate == "unshaped" else base
+                print(f"{setup} {rate}: {r}", flush=True)
+                throughput_row(setup, rate, r, base, cmd)
+            if do_partition:
+                try:
+                    p = partition(cfg, ov, setup, max(rounds, 4), inner, heal_after_s)
+                except RuntimeError as exc:  # the run failed: that is the result
+                    p = {"error": str(exc).strip().splitlines()[-1][:200]}
+                print(f"{setup} partition: {p}", flush=True)
+                partition_row(setup, p, cmd)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
