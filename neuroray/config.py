@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 
 SCHEMA_NAME = "neuroray_schema"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
 
 
 @dataclass
@@ -279,6 +280,10 @@ class TrainConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     ponw: PonwConfig = field(default_factory=PonwConfig)
     seed: int = 0  # seeds the model init, data order, attacks and sampling
+    # Compute precision of every holder's forward and backward (docs/precision.md): auto (bf16 on CUDA,
+    # fp32 on the CPU) | fp32 | bf16 | fp16 (CUDA only, a dynamic loss scale per holder). Weights, AdamW,
+    # theta0 and pseudo-gradients stay float32 in every mode; bf16 activations cross holders as bf16.
+    precision: str = "auto"
     rounds: int = 10  # outer DiLoCo rounds
     # "": outputs/<timestamp> under the current directory; under `ray job submit`, a relative or empty run_dir
     # is under $NEURORAY_OUTPUT_ROOT or ~/neuroray on the driver's host (Ray deletes the job's working dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from neuroray.config import SwarmConfig, TrainConfig
+from neuroray.config import PRECISIONS, SwarmConfig, TrainConfig
 from neuroray.errors import ConfigError
 
 
@@ -61,6 +61,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision} is unknown; choose {', '.join(PRECISIONS)}")
     if s.num_stages > m.n_layers:
         raise ConfigError(
             f"swarm.num_stages={s.num_stages} is more than model.n_layers={m.n_layers}; "

@@ -182,3 +182,48 @@ def test_counted_bytes_are_real_on_ray(ray_cluster, tmp_path):
     assert framed(int8["broadcast_bytes"], 2 * (numel + 4 * -(-numel // 64)))  # the int8 update, to each holder
     assert 3.4 < fp32["sync_bytes"] / int8["sync_bytes"] < 3.77  # 4 / (1 + 4/64), less the framing
     assert 0 < int8["control_bytes"] < 0.05 * int8["sync_bytes"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_sparse_round_on_ray_sends_the_configured_density(ray_cluster, tmp_path):
+    """Real holder actors, one round with compression=sparse at a density other than the module default
+    (a holder built with the default would send 4 values per chunk where the run checks for 3, and every
+    payload would be rejected): payloads measure >= 100x below fp32's, holders end on the new theta0 through
+    the sparse update, none falls back to the dense theta0."""
+    import ray
+
+    from neuroray.diloco.compress import SPARSE_DENSITY, sparse_k
+    from neuroray.diloco.sync import OuterSync
+
+    counted = {}
+    cfg = ModelConfig(d_model=64, n_layers=8, n_heads=2, n_kv_heads=2, max_seq_len=16)
+    for mode in ("none", "sparse"):
+        dl = DilocoConfig(compression=mode, compression_block=256, sparse_density=0.01)
+        assert sparse_k(256, dl.sparse_density) != sparse_k(256, SPARSE_DENSITY)
+        cls = ray.remote(num_cpus=0)(StageHolder)
+        holders = [cls.remote(HolderSpec(replica=r, stage=0, ranges=[(0, 8)], model=cfg, vocab_size=64, diloco=dl,
+                                         seed=0, key_path=str(tmp_path / f"sp-{mode}{r}.pem"))) for r in range(2)]
+        sync = OuterSync([holders], dl, "mean")
+        before = ray.get(sync.theta0[0])
+        for i, h in enumerate(holders):
+            x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
+            ray.get(h.forward_backward.remote(0, x, torch.roll(x, -1, 1), 1.0))
+            ray.get(h.step.remote())
+        reports, loads = sync.submit()
+        values = ray.get(reports + loads)
+        report = values[0]
+        assert report.accepted == [0, 1] and not report.rejected and not report.refused, report
+        counted[mode] = sync.measure(values[:1], values[1:])
+        theta0 = ray.get(sync.theta0[0])
+        assert not torch.equal(theta0, before)  # the round moved theta0
+        for h in holders:
+            assert torch.equal(ray.get(h.flat_params.remote()), theta0)
+        assert values[1:] == ([None, None] if mode == "none" else [False, False])  # no dense fallback
+        if mode == "sparse":
+            payload = ray.get(holders[0].pseudo_gradient.remote())
+            assert payload["sp_meta"].tolist()[1:] == [256, sparse_k(256, 0.01)]
+        for h in holders:
+            ray.kill(h)
+    ratio = counted["none"]["payload_bytes"] / counted["sparse"]["payload_bytes"]
+    assert ratio >= 100, (ratio, counted)

@@ -151,3 +151,16 @@ def test_activation_formula_matches_what_autograd_saves(heads, kv):
     head = _saved_elems(last, lambda: last.loss(last(x), y)) / (b * t) - 2 * per_layer
     # saved: final norm (3d + 1) and log-softmax (V); the formula adds the logits and their gradient (2V)
     assert head <= head_elems_per_token(cfg, vocab) and head >= head_elems_per_token(cfg, vocab) - 2 * vocab - 4
+
+
+def test_activations_follow_precision_and_state_stays_float32():
+    """bf16/fp16 (and auto on GPUs) save 2 B activations; weights, gradients, AdamW and DiLoCo state stay 28 B."""
+    from neuroray.planner.memory import activation_bytes
+
+    assert [activation_bytes(p, "cpu") for p in ("auto", "fp32", "bf16", "fp16")] == [4, 4, 2, 2]
+    assert activation_bytes("auto", "gpu") == 2 and activation_bytes("auto", "auto") == 4
+    cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4)
+    full = holder_memory(cfg, 300, 2, has_embedding=True, has_head=True, batch=Batch(4, 32, 2), overhead=0)
+    half = holder_memory(cfg, 300, 2, has_embedding=True, has_head=True, batch=Batch(4, 32, 2, 2), overhead=0)
+    assert 2 * half.activations == full.activations
+    assert (half.weights, half.grads, half.adam, half.diloco) == (full.weights, full.grads, full.adam, full.diloco)

@@ -35,7 +35,7 @@ from neuroray.config import ModelConfig, PlannerConfig, TrainConfig
 from neuroray.errors import ConfigError
 from neuroray.planner import scaling
 from neuroray.planner.links import RateError, format_rate, parse_rate, sync_bytes_per_value
-from neuroray.planner.memory import Batch, MemoryUnitError, parse_memory
+from neuroray.planner.memory import Batch, MemoryUnitError, activation_bytes, parse_memory
 from neuroray.planner.plan_types import STRATEGIES, NodeSpec, Plan, PlanError, PlanRequest
 from neuroray.planner.search import plan
 
@@ -249,7 +249,8 @@ def request_from_config(cfg: TrainConfig) -> PlanRequest:
     check_planner_config(cfg)
     return PlanRequest(
         vocab_size=d.vocab_size,
-        batch=Batch(p.microbatch_size or d.microbatch_size, d.seq_len, d.num_microbatches),
+        batch=Batch(p.microbatch_size or d.microbatch_size, d.seq_len, d.num_microbatches,
+                    activation_bytes(cfg.precision, p.device)),
         base_model=cfg.model, model=None if cfg.model.name == "auto" else cfg.model, device=p.device,
         cpus_per_holder=c.cpus_per_holder, gpus_per_holder=c.gpus_per_holder, safety_fraction=p.safety_fraction,
         holder_overhead=parse_memory(p.holder_overhead), stages=p.stages, replicas=p.replicas,

@@ -1,6 +1,7 @@
 """Memory accounting per stage holder, and memory sizes written by people ("8GB", "1.5TiB").
 
-A holder trains its layer range in float32 (as neuroray.swarm.holder does) and keeps, per parameter::
+A holder keeps float32 master weights in every precision (neuroray/swarm/compute.py; bf16 and fp16 only
+autocast the forward), so whatever ``precision`` says it keeps, per parameter::
 
     weights 4 B + gradients 4 B + AdamW exp_avg and exp_avg_sq 8 B          = 16 B   (inner training)
     DiLoCo theta0 4 B + outer momentum 4 B + outer-step transient 4 B        = 12 B   (outer step)
@@ -10,7 +11,8 @@ theta0 is the holder's own copy; the outer momentum of the range lives in Ray's 
 copy per range, and is counted per holder so whichever node ends up hosting it has room; the
 transient is the pseudo-gradient (``theta0 - theta``) going out and the new theta0 coming in.
 
-Activations (float32, 4 B each) saved by autograd for one token of one layer, counted from what
+Activations saved by autograd (4 B each in float32; 2 B under bf16 or fp16 autocast,
+``Batch.activation_bytes``, from :func:`activation_bytes`) for one token of one layer, counted from what
 neuroray.model.layers actually saves (tests/test_planner_partition.py measures it with
 ``saved_tensors_hooks``), with ``d`` width, ``d_kv`` KV width, ``f`` SwiGLU hidden, ``H`` heads::
 
@@ -41,6 +43,7 @@ from neuroray.config import ModelConfig
 from neuroray.planner.scaling import ffn_width, kv_width
 
 FLOAT_BYTES = 4
+HALF_BYTES = 2  # an activation saved under bf16 or fp16 autocast
 INNER_BYTES_PER_PARAM = 4 + 4 + 8  # weights, gradients, AdamW moments
 DILOCO_BYTES_PER_PARAM = 4 + 4 + 4  # theta0, outer momentum, outer-step transient
 BYTES_PER_PARAM = INNER_BYTES_PER_PARAM + DILOCO_BYTES_PER_PARAM  # 28
@@ -99,6 +102,16 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def activation_bytes(precision: str, device: str) -> int:
+    """Bytes per saved activation under TrainConfig.precision on planner.device (gpu, cpu or auto).
+
+    auto is bf16 on CUDA and fp32 on the CPU; with planner.device=auto the device is not known here, so
+    it counts float32: an overestimate on GPUs, never an underestimate."""
+    if precision in ("bf16", "fp16") or (precision == "auto" and device == "gpu"):
+        return HALF_BYTES
+    return FLOAT_BYTES
+
+
 def activation_elems_per_token_layer(cfg: ModelConfig) -> int:
     """Elements autograd saves per token per layer (see the module docstring for each term)."""
     d, dkv, f, h = cfg.d_model, kv_width(cfg), ffn_width(cfg), cfg.n_heads
@@ -119,6 +132,7 @@ class Batch:
     microbatch_size: int
     seq_len: int
     num_microbatches: int
+    activation_bytes: int = FLOAT_BYTES  # per saved activation: 2 under bf16/fp16 autocast (activation_bytes())
 
     @property
     def tokens(self) -> int:
@@ -147,7 +161,7 @@ def holder_memory(cfg: ModelConfig, vocab_size: int, n_layers: int, *, has_embed
     """Memory of a holder of ``n_layers`` layers (+ embedding if first, + final norm and head if last).
 
     ``params = n_layers * per_layer + [V d] + [V d + d]``; state = 28 B x params;
-    activations = 4 B x tokens x (in_flight x (n_layers x a + d) + a + [head])
+    activations = activation_bytes (4 B, 2 B in bf16/fp16) x tokens x (in_flight x (n_layers x a + d) + a + [head])
     with ``in_flight`` = num_microbatches, or 1 on the last holder (see the module docstring).
     """
     from neuroray.planner.scaling import param_count
@@ -161,7 +175,7 @@ def holder_memory(cfg: ModelConfig, vocab_size: int, n_layers: int, *, has_embed
         elems += head_elems_per_token(cfg, vocab_size)
     return HolderMemory(
         params=params, weights=4 * params, grads=4 * params, adam=8 * params, diloco=DILOCO_BYTES_PER_PARAM * params,
-        activations=FLOAT_BYTES * batch.tokens * elems, overhead=overhead,
+        activations=batch.activation_bytes * batch.tokens * elems, overhead=overhead,
     )
 
 

@@ -10,7 +10,6 @@ from neuroray.config import ModelConfig
 from neuroray.planner import scaling
 from neuroray.planner.memory import (
     BYTES_PER_PARAM,
-    FLOAT_BYTES,
     activation_elems_per_token_layer,
     head_elems_per_token,
     holder_memory,
@@ -34,11 +33,12 @@ def item_costs(cfg: ModelConfig, req: PlanRequest) -> list[float]:
     pc = scaling.param_count(cfg, req.vocab_size)
     tok, nmb = req.batch.tokens, req.batch.num_microbatches
     a = activation_elems_per_token_layer(cfg)
-    layer_mem = BYTES_PER_PARAM * pc.per_layer + FLOAT_BYTES * tok * nmb * a
+    ab = req.batch.activation_bytes
+    layer_mem = BYTES_PER_PARAM * pc.per_layer + ab * tok * nmb * a
     mem = [float(layer_mem)] * cfg.n_layers
     flops = [scaling.layer_flops_per_token(cfg, req.batch.seq_len)] * cfg.n_layers
-    mem[0] += BYTES_PER_PARAM * pc.embedding + FLOAT_BYTES * tok * nmb * cfg.d_model
-    mem[-1] += BYTES_PER_PARAM * pc.head + FLOAT_BYTES * tok * head_elems_per_token(cfg, req.vocab_size)
+    mem[0] += BYTES_PER_PARAM * pc.embedding + ab * tok * nmb * cfg.d_model
+    mem[-1] += BYTES_PER_PARAM * pc.head + ab * tok * head_elems_per_token(cfg, req.vocab_size)
     flops[-1] += scaling.head_flops_per_token(cfg, req.vocab_size)
     sm, sf = sum(mem), sum(flops)
     return [m / sm + f / sf for m, f in zip(mem, flops)]

@@ -7,6 +7,16 @@ Inference holders (neuroray/inference/holder.py) share :class:`RangeRole` and :f
 Backward crosses holders: every non-first range returns the gradient of its *input* activation,
 which the previous range feeds into ``out.backward(grad)``. The result equals the monolithic
 model's gradient (tests/test_pipeline_ray.py checks it parameter by parameter).
+
+Precision (``precision``, docs/precision.md): fp32 runs exactly as without it. bf16 and fp16 run each
+range's forward (and the loss) under ``torch.autocast``; the parameters, their gradients, AdamW's state,
+theta0, pseudo-gradients and snapshots stay float32 (master weights). On the wire: bf16 activations
+cross holders as bf16 (half the hop bytes) and are upcast to float32 on arrival; fp16 activations cross
+as float32 (fp16's range is not guaranteed for a residual stream); gradients always cross as float32,
+unscaled. fp16 keeps one dynamic loss scale per holder (a ``GradScaler``): each holder scales the
+gradient it backpropagates and unscales both its parameters' gradients and the gradient it sends, so
+no scale crosses holders and none has to agree with another; a holder whose gradients overflow skips
+its inner step and halves its scale. fp16 needs CUDA (refused on the CPU).
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from dataclasses import replace
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.config import PRECISIONS, DilocoConfig, ModelConfig
+from neuroray.errors import ConfigError
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
 
@@ -34,10 +45,37 @@ def open_device(torch_threads: int, use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``precision`` runs at on ``device``; None: plain float32 (no autocast).
+
+    auto: bf16 on CUDA, fp32 on the CPU (so CPU runs stay bit-identical to float32). fp16 on the CPU
+    is refused: its loss scaling is only worth its cost where fp16 kernels are fast, and CPU autocast has none."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision} is unknown; choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def enable_tf32(precision: str, device: torch.device) -> None:
+    """TF32 matmuls on CUDA (Ampere and later: float32 matmuls on tensor cores, 10-bit mantissa), except
+    under an explicit precision=fp32, which asks for full float32 arithmetic."""
+    if device.type == "cuda" and torch.cuda.is_available() and precision != "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+
+
 def make_inner_optimizer(module: torch.nn.Module, diloco: DilocoConfig) -> torch.optim.AdamW:
-    """The inner optimizer every range trains with (a fresh one after a rebuild must match the first)."""
+    """The inner optimizer every range trains with (a fresh one after a rebuild must match the first).
+
+    Fused (one kernel for all parameters) on CUDA; on the CPU torch's default, so CPU runs stay
+    bit-identical."""
+    fused = {"fused": True} if next(module.parameters()).is_cuda else {}
     return torch.optim.AdamW(module.parameters(), lr=diloco.inner_lr, weight_decay=diloco.weight_decay,
-                             betas=(0.9, 0.95))
+                             betas=(0.9, 0.95), **fused)
 
 
 class BusyClock:
@@ -71,6 +109,10 @@ class RangeCompute:
         self.claims = Claims()  # swarm routing: a gradient is applied once per range, never twice here
         # a routed holder's failover thread runs calls beside its compute thread: guard what both touch
         self.lock = threading.Lock()
+        self.amp = autocast_dtype(spec.precision, device)  # None: float32, no autocast
+        enable_tf32(spec.precision, device)
+        # fp16 only: this holder's own dynamic loss scale (see the module docstring)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.module: StageModule
         self.optimizer: torch.optim.AdamW
         self._build()
@@ -112,11 +154,36 @@ class RangeCompute:
         if self.module.has_embedding:
             inp = None  # token ids: nothing upstream to send a gradient to
         else:
+            if self.amp is not None:  # bf16 on the wire; the residual stream inside a range stays float32
+                x = x.float()
             inp = x.detach().requires_grad_(True)
             x = inp
         if mb_id in self.pending:
             raise RuntimeError(f"{self.name}: microbatch {mb_id} is already in flight")
-        return inp, self.module(x)
+        if self.amp is None:
+            return inp, self.module(x)
+        with torch.autocast(self.device.type, dtype=self.amp):
+            return inp, self.module(x)
+
+    def _activation_out(self, out: torch.Tensor) -> torch.Tensor:
+        """The activation as it crosses to the next holder: bf16 under bf16 (half the bytes), else float32."""
+        out = out.detach()
+        return (out.to(torch.bfloat16) if self.amp == torch.bfloat16 else out.float()).cpu()
+
+    def _backprop(self, out: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """``out.backward(grad)``, scaled by this holder's loss scale under fp16."""
+        if self.scaler is not None:
+            out = self.scaler.scale(out)
+        out.backward(grad)
+
+    def _grad_in(self, inp: torch.Tensor | None) -> torch.Tensor | None:
+        """The input's gradient to send upstream: float32 and unscaled (no loss scale crosses holders)."""
+        if inp is None:
+            return None
+        g = inp.grad.detach()
+        if self.scaler is not None:
+            g = g / self.scaler.get_scale()
+        return g.float().cpu()
 
     def forward(self, mb_id: int, x: torch.Tensor, attempt: int = 0) -> torch.Tensor | None:
         """Run forward and keep the graph for :meth:`backward`; None if the call was revoked."""
@@ -125,7 +192,9 @@ class RangeCompute:
         inp, out = self._run(mb_id, x)
         # revoked while running (a hedge elsewhere won): keep no graph
         self.claims.keep(mb_id, lambda: self.pending.__setitem__(mb_id, (inp, out)))
-        return out.detach().cpu()
+        if self.amp is None:
+            return out.detach().cpu()
+        return self._activation_out(out)
 
     def forward_first(self, mb_id: int, attempt: int = 0):
         x, labels = self.batch_at(mb_id)
@@ -139,19 +208,29 @@ class RangeCompute:
         if x is None:
             x, labels = self.batch_at(mb_id)
         inp, logits = self._run(mb_id, x)
-        loss = self.module.loss(logits, labels.to(self.device))
-        (loss * scale).backward()
+        if self.amp is None:
+            loss = self.module.loss(logits, labels.to(self.device))
+            (loss * scale).backward()
+            self._count_microbatch()
+            return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
+        with torch.autocast(self.device.type, dtype=self.amp):
+            loss = self.module.loss(logits, labels.to(self.device))
+        self._backprop(loss.float() * scale)
         self._count_microbatch()
-        return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
+        return float(loss.detach()), self._grad_in(inp)
 
     def backward(self, mb_id: int, grad: torch.Tensor, attempt: int = 0) -> tuple[torch.Tensor | None, bool]:
         """``(gradient of the input, ran)``; ran is False when the call was revoked."""
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         inp, out = self.pending.pop(mb_id)
-        out.backward(grad.to(self.device))
+        if self.amp is None:
+            out.backward(grad.to(self.device))
+            self._count_microbatch()
+            return None if inp is None else inp.grad.detach().cpu(), True
+        self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
-        return None if inp is None else inp.grad.detach().cpu(), True
+        return self._grad_in(inp), True
 
     def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, attempt: int = 0):
         if not self.claims.claim(mb_id, "b", attempt):
@@ -160,9 +239,13 @@ class RangeCompute:
             x, _ = self.batch_at(mb_id)
         self.pending.pop(mb_id, None)  # a graph this holder kept for the microbatch is recomputed here
         inp, out = self._run(mb_id, x)
-        out.backward(grad.to(self.device))
+        if self.amp is None:
+            out.backward(grad.to(self.device))
+            self._count_microbatch()
+            return None if inp is None else inp.grad.detach().cpu(), True
+        self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
-        return None if inp is None else inp.grad.detach().cpu(), True
+        return self._grad_in(inp), True
 
     def _count_microbatch(self) -> None:
         with self.lock:
@@ -189,11 +272,17 @@ class RangeCompute:
                     p.grad.div_(self.step_microbatches)
         assert not self.pending, f"{self.name}: step with {len(self.pending)} microbatches still in flight"
         clip = self.spec.diloco.grad_clip
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when this holder's gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.inner_steps += 1
         # counted only once the step is applied, so aborted microbatches are never claimed as work

@@ -25,8 +25,9 @@ class OuterState:
         self.compute = compute
         self.theta0 = parameters_to_vector(compute.module.parameters()).detach().clone()
         d = compute.spec.diloco
-        # What compression dropped from this holder's pseudo-gradients, sent in later rounds (docs/diloco.md)
-        self.feedback = ErrorFeedback(d.compression, d.compression_block)
+        # What compression dropped from this holder's pseudo-gradients, sent in later rounds (docs/diloco.md);
+        # the run's density, or sparse payloads carry another k per chunk than the outer step checks for
+        self.feedback = ErrorFeedback(d.compression, d.compression_block, d.sparse_density)
         self.feedback_round: tuple[int, torch.Tensor | None] | None = None  # (outer round, residual before it)
         self.outer_rounds = 0
 

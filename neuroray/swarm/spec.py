@@ -55,6 +55,7 @@ class HolderSpec(RangeRole):
     key_path: str
     torch_threads: int = 1
     use_gpu: bool = False
+    precision: str = "auto"  # TrainConfig.precision: auto | fp32 | bf16 | fp16 (neuroray/swarm/compute.py)
     # Driver only: where its Genesis shards live
     data_root: str | None = None
     manifest: dict | None = None

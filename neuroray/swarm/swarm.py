@@ -90,7 +90,7 @@ class Swarm:
         spec = HolderSpec(
             replica=r, stage=s, ranges=self.ranges, model=self.model, vocab_size=self.vocab_size,
             diloco=cfg.diloco, seed=cfg.seed, key_path=str(key_path),
-            torch_threads=c.torch_threads, use_gpu=gpus > 0,
+            torch_threads=c.torch_threads, use_gpu=gpus > 0, precision=cfg.precision,
             snapshot_root=self.snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
             tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
             init_from=cfg.init_from,
