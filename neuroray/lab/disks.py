@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,13 +59,32 @@ def start_holder(cfg: LabConfig, i: int) -> list[int]:
     raise LabError(f"the mount-namespace holder of h{i} did not start in {cfg.command_timeout_s:g}s")
 
 
+def software_under_tmp() -> list[str]:
+    """The code every host runs (this checkout, the Python environment, PYTHONPATH entries) where it lies
+    under /tmp, which each host's own tmp hides: a real machine has its software installed, not in /tmp."""
+    import neuroray
+
+    paths = {Path(neuroray.__file__).resolve().parents[1], Path(sys.prefix).resolve()}
+    paths |= {Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    under = sorted(str(p) for p in paths if p.is_dir() and p.parts[:2] == ("/", "tmp") and len(p.parts) > 2)
+    return [p for p in under if not any(p != q and p.startswith(q + "/") for q in under)]  # outermost only
+
+
 def mount_disk(cfg: LabConfig, i: int, holder_pid: int) -> None:
-    """Bind host i's tree over host_root, then its tmp over /tmp (in that order: host_root is not under /tmp)."""
+    """Bind host i's tree over host_root, then its tmp over /tmp (in that order: host_root is not under /tmp),
+    then the software under /tmp back in place, staged through the host's tree before /tmp is covered."""
     d = disk_dir(cfg, i)
     Path(cfg.host_root).mkdir(parents=True, exist_ok=True)  # an empty mount point on the machine
     enter = ["nsenter", f"--mount=/proc/{holder_pid}/ns/mnt", "--"]
     sh(enter + ["mount", "--bind", str(d), cfg.host_root], cfg.command_timeout_s)
+    kept = software_under_tmp()
+    for k, path in enumerate(kept):
+        (d / "software" / str(k)).mkdir(parents=True, exist_ok=True)
+        sh(enter + ["mount", "--bind", path, f"{cfg.host_root}/software/{k}"], cfg.command_timeout_s)
     sh(enter + ["mount", "--bind", str(d / "tmp"), "/tmp"], cfg.command_timeout_s)
+    for k, path in enumerate(kept):
+        (d / "tmp" / path[len("/tmp/"):]).mkdir(parents=True, exist_ok=True)  # its mount point, on this host's tmp
+        sh(enter + ["mount", "--bind", f"{cfg.host_root}/software/{k}", path], cfg.command_timeout_s)
 
 
 def host_env(cfg: LabConfig, i: int, base: dict | None = None) -> dict:
@@ -82,7 +102,8 @@ def enter_argv(cfg: LabConfig, i: int, holder_pid: int, cwd: str | None = None) 
     """The prefix that runs a command on host i: its network and mount namespaces, a directory that exists
     there (a cwd under /tmp or host_root is the machine's, not the host's: fall back to the host's HOME)."""
     cwd = cwd or os.getcwd()
-    if cwd == "/tmp" or cwd.startswith(("/tmp/", cfg.host_root)):
+    shown = any(cwd == p or cwd.startswith(p + "/") for p in software_under_tmp())
+    if not shown and (cwd == "/tmp" or cwd.startswith(("/tmp/", cfg.host_root))):
         cwd = f"{cfg.host_root}/home"
     return ["nsenter", f"--net=/var/run/netns/{cfg.netns(i)}", f"--mount=/proc/{holder_pid}/ns/mnt",
             f"--wd={cwd}", "--"]
