@@ -1,6 +1,7 @@
 """Swarm routing on Ray: the router's training equals the monolith's; a hung holder, a killed holder and
 a range that loses every holder (docs/routing.md)."""
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -150,6 +151,10 @@ def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_clus
     ledger = [line for line in lines if line.startswith("ledger:")]
     assert result.ledger["supply_neuro"] > 0 and not any("refused" in line for line in ledger), ledger
     assert result.losses[-1] < result.losses[0] - 1.0
+    # the operator sees the same statistics: printed at the end, saved beside the checkpoint
+    saved = json.loads((result.run_dir / "routing.json").read_text())
+    assert saved["quorums"] == result.routing["quorums"] and saved["hedges"] == result.routing["hedges"]
+    assert any(line.startswith("router: ") and f"{len(late)} with late holders" in line for line in lines), lines
 
 
 def test_a_killed_holder_is_failed_over_and_rejoins(ray_cluster, tmp_path):

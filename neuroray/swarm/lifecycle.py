@@ -9,6 +9,7 @@ peer holder: a restarted holder restores its snapshot or copies a peer's range (
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -44,7 +45,10 @@ def was_reconstructed() -> bool:
     try:
         import ray
 
-        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        # Ray's own property reads its deprecated actor_id: one RayDeprecationWarning per holder, not ours to fix
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
     except Exception:  # not inside a Ray actor
         return False
 

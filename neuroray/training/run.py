@@ -150,6 +150,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         result.additions = [] if upgrader is None else upgrader.additions
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
         result.routing = trainer.routing_summary()
+        if result.routing is not None:  # the router's hedges, take-backs, failovers and quorums, for the operator
+            (run_dir / "routing.json").write_text(json.dumps(result.routing, indent=1, default=str))
         result.comm, result.tokens = stats.comm, trainer.tokens
         (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()
@@ -192,6 +194,11 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         f"{result.tokens_per_s:,.0f} tok/s, {elapsed:.0f}s")
     log(f"sync: {result.sync_bytes:,} bytes ({result.sync_bytes / max(result.tokens, 1):.1f}/token, "
         f"compression {dl.compression}), control: {result.control_bytes:,} bytes")
+    if result.routing is not None:
+        r = result.routing
+        log(f"router: {len(r['failovers'])} failovers, {r['hedges']} hedges, {r['taken_back']} taken back from stuck "
+            f"holders, {r['reroutes'] + r['revoked']} re-sent, {r['stolen']} stolen, {len(r['quorums'])} quorum "
+            f"outer steps ({sum(1 for q in r['quorums'] if q['late'])} with late holders); {run_dir / 'routing.json'}")
     log(f"checkpoint: {result.checkpoint}")
     log(f"sample: {result.sample!r}")
     return result
