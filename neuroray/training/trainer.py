@@ -194,6 +194,13 @@ class Trainer:
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
                 peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
                 self._copy_from_peer(replica, s, h, peers, timeout)
+        # A snapshot older than the last outer step holds that round's theta0: the holder's next
+        # pseudo-gradient (theta0 - theta) would count again learning the outer step already aggregated.
+        # Move it to its range's current theta0 and the swarm's round count, as the router's rejoin does.
+        # (A holder ahead of outer.rounds loaded a rolled-back outer step's theta0; that redo handles it.)
+        behind = [(s, h) for s, (h, c) in enumerate(zip(pipeline, counters))
+                  if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
+        ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
