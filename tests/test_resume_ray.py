@@ -41,3 +41,51 @@ def test_a_holder_restored_from_before_the_last_outer_step_rejoins_at_the_curren
     assert seen["counters"]["outer_rounds"] == 2  # the swarm's round count, not the snapshot's 1
     mine, current = seen["theta0"]
     assert mine.keys() == current.keys() and all(torch.equal(mine[k], current[k]) for k in current)
+
+
+def _steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rounds(run_dir) -> list[int]:
+    return [c["round"] for c in json.loads((run_dir / "comm.json").read_text())]
+
+
+def test_resuming_a_finished_run_continues_its_logs_and_ledger(ray_cluster, tmp_path):
+    from neuroray.training.run import run
+
+    no_snaps = ["checkpoint.every_round=false", "checkpoint.interval_s=0"]  # the run's final set is its only one
+    first = run(_cfg(tmp_path, "done", 2, *no_snaps), log=lambda *a, **k: None)
+    assert first.snapshots == [8]
+    lines = []
+    more = run(_cfg(tmp_path, "done", 3, "resume=true", *no_snaps), log=_lines(lines))
+    assert more.start_step == 8 and len(more.losses) == 4  # from the end: no logged step trained again
+    run_dir = tmp_path / "done"
+    assert _steps(run_dir) == list(range(1, 13)) and _rounds(run_dir) == [1, 2, 3]
+    assert (run_dir / "loss.png").is_file()
+    assert not [line for line in lines if "duplicate_round" in line]
+    assert any("round 3: 4/4 proofs credited" in line for line in lines)
+    bytes_logged = [json.loads(line)["sync_bytes"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert bytes_logged == sorted(bytes_logged)  # the running total goes on from the first run's rounds
+
+    # A crash after the last snapshot: here the newest set (step 12) is torn, so the resume starts at
+    # step 8 while the logs reach step 12. The rows and rounds after step 8 are dropped, then re-logged.
+    part = run_dir / "snapshots" / "r1-s1" / "step-00000012" / "tensors.safetensors"
+    part.write_bytes(part.read_bytes()[:-7])
+    again = run(_cfg(tmp_path, "done", 4, "resume=true", *no_snaps), log=lambda *a, **k: None)
+    assert again.start_step == 8 and len(again.losses) == 8
+    assert _steps(run_dir) == list(range(1, 17)) and _rounds(run_dir) == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_config_that_changes_the_model(tmp_path):
+    """Checked against the run dir's config.yaml before anything starts (and against the snapshots)."""
+    from neuroray.config import to_yaml
+    from neuroray.errors import ConfigError
+    from neuroray.training.run import run
+
+    (tmp_path / "shape").mkdir()
+    (tmp_path / "shape" / "config.yaml").write_text(to_yaml(_cfg(tmp_path, "shape", 2)))
+    with pytest.raises(ConfigError, match=r"model\.d_model \(64 in .*config\.yaml, 32 now\)"):
+        run(_cfg(tmp_path, "shape", 3, "resume=true", "model.d_model=32"), log=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match=r"data\.vocab_size"):
+        run(_cfg(tmp_path, "shape", 3, "resume=true", "data.vocab_size=256"), log=lambda *a, **k: None)
