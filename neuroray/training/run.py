@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from neuroray.config import TrainConfig, to_dict, to_yaml
-from neuroray.training.resume import resume_auto, resume_step_of
+from neuroray.errors import ConfigError
+from neuroray.training.resume import check_same_model, comm_before, resume_auto, resume_step_of, trim_log
 
 @dataclass
 class RunResult:
@@ -96,6 +97,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.training.trainer import Trainer
 
     run_dir = _run_dir(cfg)
+    if cfg.resume:  # before config.yaml is rewritten: it records the model the run trained
+        check_same_model(cfg, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     root, manifest = ensure_dataset(cfg.data, log=log)
     tokenizer_file = Path(root) / manifest.tokenizer_file
@@ -112,6 +115,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         resume_step, *recorded = resume_auto(snapshot_root, log)
     elif cfg.resume:
         resume_step = resume_step_of(cfg, snapshot_root, log)
+    if resume_step is not None and resume_step >= cfg.rounds * cfg.diloco.inner_steps:
+        raise ConfigError(f"resume=true: the run already trained {resume_step} steps and rounds={cfg.rounds} "
+                          f"asks for {cfg.rounds * cfg.diloco.inner_steps}; raise rounds to train on")
     started_ray = _connect_ray(cfg, log)
     swarm = trainer = stores = None
     try:
@@ -137,6 +143,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                           log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
+            # the logs continue from the snapshot: rows and rounds after it are trained again, so dropped
+            trim_log(run_dir / "metrics.jsonl", resume_step)
+            trainer.comm_before = comm_before(run_dir / "comm.json", outer.rounds)
         streaming = (f" (streaming: {dl.streaming_fragments} fragments, one every {trainer.sync_every} steps)"
                      if dl.streaming_fragments > 1 else "")
         log(f"train: {cfg.rounds} rounds x {dl.inner_steps} inner steps{streaming}, {trainer.tokens_per_step} "
@@ -153,7 +162,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         if result.routing is not None:  # the router's hedges, take-backs, failovers and quorums, for the operator
             (run_dir / "routing.json").write_text(json.dumps(result.routing, indent=1, default=str))
         result.comm, result.tokens = stats.comm, trainer.tokens
-        (run_dir / "comm.json").write_text(json.dumps(stats.comm, indent=1))
+        (run_dir / "comm.json").write_text(json.dumps(trainer.comm_before + stats.comm, indent=1))
         result.ledger = trainer.ledger_summary()
         if result.ledger is not None:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))

@@ -64,6 +64,7 @@ class Trainer:
         self.sync_every = cfg.diloco.inner_steps // cfg.diloco.streaming_fragments
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
+        self.comm_before: list[dict] = []  # resumed: rounds booked by earlier runs (comm.json, byte totals)
         self.ledger = self.coordinator = None
         if cfg.ponw.enabled:
             self._start_ledger()
@@ -194,6 +195,13 @@ class Trainer:
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
                 peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
                 self._copy_from_peer(replica, s, h, peers, timeout)
+        # A snapshot older than the last outer step holds that round's theta0: the holder's next
+        # pseudo-gradient (theta0 - theta) would count again learning the outer step already aggregated.
+        # Move it to its range's current theta0 and the swarm's round count, as the router's rejoin does.
+        # (A holder ahead of outer.rounds loaded a rolled-back outer step's theta0; that redo handles it.)
+        behind = [(s, h) for s, (h, c) in enumerate(zip(pipeline, counters))
+                  if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
+        ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
@@ -301,8 +309,8 @@ class Trainer:
         record = {"step": step + 1, "round": step // H + 1, "loss": loss, "lr": self.inner_lr(step),
                   "tokens_per_s": tps, "elapsed_s": elapsed,
                   # counted so far: a round's bytes show from the first step record after its outer step
-                  "sync_bytes": self.stats.bytes_total("sync_bytes"),
-                  "control_bytes": self.stats.bytes_total("control_bytes")}
+                  "sync_bytes": self._bytes_total("sync_bytes"),
+                  "control_bytes": self._bytes_total("control_bytes")}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         if self.metrics:
@@ -319,6 +327,10 @@ class Trainer:
                 if len(ready) == len(self._utilisation):
                     self.metrics.holders([u for u in map(value_or_none, self._utilisation) if u is not None])
                     self._utilisation = [h.utilisation.remote() for h in self._holders]
+
+    def _bytes_total(self, key: str) -> int:
+        """Counted over the whole run, rounds booked before a resume included."""
+        return sum(c[key] for c in self.comm_before) + self.stats.bytes_total(key)
 
     def _boundary(self, step: int, round_end: bool, due: bool) -> None:
         """After inner step ``step``: the outer round at a round's end, then a snapshot when one is due."""
@@ -358,6 +370,10 @@ class Trainer:
         finally:
             self._bar.close()
         ex.finish()
+        # a final snapshot set, so resume=true with more rounds continues from the end, never re-training
+        # logged steps (adds files only: snapshots read the holders, they change nothing)
+        if self.total_steps > self.start_step and self.stats.snapshots[-1:] != [self.total_steps]:
+            self._snapshot(self.total_steps)
         self.flush()
         self.stats.elapsed_s = time.monotonic() - self._t0
         return self.stats
