@@ -41,6 +41,8 @@ def test_a_holder_restored_from_before_the_last_outer_step_rejoins_at_the_curren
     assert seen["counters"]["outer_rounds"] == 2  # the swarm's round count, not the snapshot's 1
     mine, current = seen["theta0"]
     assert mine.keys() == current.keys() and all(torch.equal(mine[k], current[k]) for k in current)
+    # and its proof of the round commits to that theta0, so the ledger credits it like every other
+    assert not [line for line in lines if line.startswith("ledger:") and "refused" in line], lines
 
 
 def _steps(run_dir) -> list[int]:

@@ -214,6 +214,8 @@ class StageHolder:
         self.compute.claims.clear()
         if outer_rounds is not None:
             self.outer.outer_rounds = outer_rounds
+        if self.proving.enabled:  # this round's proof starts at the theta0 rejoined, not the snapshot's
+            self._start_proof_round()
         return self.counters()
 
     def abort_step(self) -> None:
