@@ -1,6 +1,6 @@
 # make demo   train the tiny default across Ray stage actors (creates .venv on first use)
 # make test   run the test suite
-# make test-fast  the suite without the tests marked slow (real Ray jobs, wheel builds)
+# make test-slow  the suites marked slow, minutes each (the lab's partition and job-submit runs); not in make test
 # make bench  run benchmarks/*.py and append results to docs/benchmarks.md
 # make lab-up / lab-down  start / remove the multi-host lab (root; docs/lab.md)
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast bench venv clean lab-up lab-down
+.PHONY: demo test test-slow bench venv clean lab-up lab-down
 
 venv: $(VENV)/.installed
 
@@ -24,10 +24,10 @@ demo: venv
 	$(PY) -m neuroray.train $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests notebooks --nbmake $(ARGS)
+	$(PY) -m pytest -q tests notebooks --nbmake -m "not slow" $(ARGS)
 
-test-fast: venv
-	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+test-slow: venv
+	$(PY) -m pytest -q tests -m slow $(ARGS)
 
 # the DiLoCo table of docs/diloco.md's headline (the script's defaults reproduce the older constant-lr table)
 DILOCO_BENCH := steps4=600 outer=tuned lr=cosine

@@ -23,7 +23,7 @@ import pytest
 
 from tests.test_pipeline_ray import _write_corpus
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 VENV = Path(sys.prefix)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_job_submit import _fresh_copy
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
