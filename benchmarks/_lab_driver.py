@@ -1,13 +1,13 @@
 """One training run inside a lab host (``lab exec h0 -- python benchmarks/_lab_driver.py OVERRIDES``), with clocks.
 
-Used by benchmarks/lab_train.py and tests/test_lab_partition.py. It runs ``neuroray.training.run.run`` as
+Used by benchmarks/lab_train.py and tests/test_lab_ops.py. It runs ``neuroray.training.run.run`` as
 ``python -m neuroray.train`` would, and prints, each on its own line and flushed at once:
 
 * ``LOG <unix time> <line>``: every line the run logs;
 * ``EV {"t", "kind": "submit"|"done", "step"}``: when each inner step (0-based) was first submitted and when
-  the driver recorded it as completed. The loop is not changed: ``Trainer._submit`` (fixed routing: the
-  loop submits step s before it collects step s-1), ``Router.run_step`` (swarm routing: one call per step)
-  and ``Trainer._record`` are wrapped here, in this process only. A re-submission of a step after a
+  the driver recorded it as completed. The loop is not changed: ``FixedPipelines._submit`` (fixed routing:
+  the loop submits step s before it collects step s-1), ``Router.run_step`` (swarm routing: one call per
+  step) and ``Trainer._record`` are wrapped here, in this process only. A re-submission of a step after a
   recovery is not a new "submit" (the first one counts).
 * ``RESULT {...}``: the run's counts (comm, tokens, elapsed, recoveries, routing, ledger), where every
   actor lived, and per holder what it held when the loop ended (outer rounds applied, a hash of its
@@ -31,13 +31,13 @@ def _emit(kind: str, step: int) -> None:
 def instrument(emit=_emit, final: dict | None = None) -> set:
     """Wrap the loop's submit/record (and, with ``final``, its end) so that ``emit(kind, step)`` sees both.
     Also used in-process by benchmarks/recovery.py."""
-    from neuroray.routed_trainer import RoutedTrainer
     from neuroray.swarm.router import Router
-    from neuroray.trainer import Trainer
+    from neuroray.training.fixed import FixedPipelines
+    from neuroray.training.trainer import Trainer
 
     submitted: set[int] = set()
-    submit, record, router_step = Trainer._submit, Trainer._record, Router.run_step
-    fixed_run, routed_run = Trainer.run, RoutedTrainer.run
+    submit, record, router_step = FixedPipelines._submit, Trainer._record, Router.run_step
+    trainer_run = Trainer.run
 
     def _submit(self, step, replica):
         if step not in submitted:
@@ -95,9 +95,9 @@ def instrument(emit=_emit, final: dict | None = None) -> set:
             return stats
         return run
 
-    Trainer._submit, Trainer._record, Router.run_step = _submit, _record, run_step
+    FixedPipelines._submit, Trainer._record, Router.run_step = _submit, _record, run_step
     if final is not None:
-        Trainer.run, RoutedTrainer.run = wrap(fixed_run), wrap(routed_run)
+        Trainer.run = wrap(trainer_run)
     return submitted  # clear it between runs in one process
 
 

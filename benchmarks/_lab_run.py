@@ -1,4 +1,4 @@
-"""Shared by benchmarks/lab_train.py and tests/test_lab_partition.py: a lab of their own, a training run on h0
+"""Shared by benchmarks/lab_train.py and tests/test_lab_ops.py: a lab of their own, a training run on h0
 streamed line by line (so a caller can cut a host mid-round), and the clocks read from its output.
 
 Definitions (docs/lab.md, "Training across hosts: measured"):

@@ -5,7 +5,7 @@
    restores its snapshot, the driver re-runs the lost step; that step cannot finish before all this).
    The loop submits step s before it collects step s-1, so the next step *logged* after the kill may
    have finished before it (an earlier version of this clock measured 0.37 s that way). Submit and
-   completion times come from wrapping the loop's `_submit`/`_record` in this process
+   completion times come from wrapping the fixed executor's `_submit` and the loop's `_record` in this process
    (benchmarks/_lab_driver.py `instrument`). Goal <= 10 s; the seed claims < 30 s.
 2. Overhead: the same run with snapshots every `interval` seconds vs none, interleaved, median step
    time of each. Goal <= 2 % (at the default 120 s interval it can only be smaller than at 10 s).
