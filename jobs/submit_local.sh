@@ -8,7 +8,7 @@
 #   (Ray's single-node mode, the default on macOS and Windows), which keeps the node IP at 127.0.0.1.
 #   That mode refuses worker nodes: for a real cluster see the README ("Bind addresses").
 #   It runs as `ray start --block` in the background and is stopped by signalling that process, so
-#   any other Ray on the machine (yours, a colleague's, a test suite's) keeps running. No `ray stop`.
+#   any other Ray on the machine (yours, a colleague's, a test suite's) keeps running. It never runs `ray stop`.
 # * The job's `python` is the project's: the head starts with the venv's bin/ first on its PATH, and a
 #   job's entrypoint inherits the PATH of the `ray start` that made the cluster.
 # * Token authentication (Ray 2.60): `ray start --head` does not create a token, so the script makes

@@ -10,7 +10,6 @@ prefix, subnet and host_root, so it never meets tests/test_lab.py's or a develop
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tests.test_lab import _why_no_lab  # noqa: E402  (the same one-line reasons
 if _why_no_lab():
     pytest.skip(_why_no_lab(), allow_module_level=True)
 
-from neuroray.lab import command, counters, down, load_lab_config, up  # noqa: E402
+from neuroray.lab import command, counters  # noqa: E402
 
 TINY = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
         "model.max_seq_len=32", "data.vocab_size=512", "data.shard_tokens=20000", "data.seq_len=32",
@@ -38,20 +37,10 @@ TINY = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    lab_dir = str(tmp_path_factory.mktemp("hosts") / "lab")
-    cfg = load_lab_config([f"prefix={PREFIX}", "hosts=3", f"subnet={SUBNET}", f"lab_dir={lab_dir}",
-                           f"host_root={HOST_ROOT}"])
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{old}" if old else str(REPO)  # the Ray nodes import this checkout
-    try:
-        up(cfg)
-        yield cfg, [f"lab_dir={lab_dir}"]
-    finally:
-        down(cfg)
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    from benchmarks._lab_run import lab_session
+
+    with lab_session(PREFIX, SUBNET, HOST_ROOT, str(tmp_path_factory.mktemp("hosts") / "lab")) as session:
+        yield session
 
 
 def _disk(cfg, i: int) -> Path:

@@ -46,7 +46,8 @@ def test_a_replica_that_must_span_nodes_is_cut_on_fast_links():
     assert len(set(p.node_ids(0))) == 2 and "node-0" not in p.node_ids(0) and p.outer.node_id != "node-0"
     assert _bytes_on(p, 0) == 0
     loads = {ld.node_id: ld for ld in link_loads(p)}
-    assert all(loads[n].hop_bytes_per_step > 0 for n in p.node_ids(0))
+    hops = [loads[n].hop_bytes_per_step for n in p.node_ids(0)]
+    assert min(hops) > 0
 
 
 def test_equal_rates_place_exactly_as_no_rates():
