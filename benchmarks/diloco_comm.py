@@ -7,7 +7,7 @@ the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup):
 ``batch=replica``: every replica takes ``mb`` sequences a step, so M replicas take ``4 * steps4 / M``
 steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run.
 Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with M in {1, 2, 4}
-and H in {10, 50, 100}, int8 / fp16 compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
+and H in {10, 50, 100}, int8 / fp16 / sparse compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
 at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
 outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
 ``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept`` and ``tuned``: the settings chosen
@@ -47,7 +47,8 @@ PNG = ROOT / "docs" / "diloco_loss.png"
 # DiLoCo at all: one AdamW on the whole batch, so with batch=global the gradient data-parallel training averages
 RUNS = [("sync", 4, 1, "none", 1), ("plain AdamW", 1, 100, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
     ("M=4 H=50 int8", 4, 50, "int8", 1), ("M=4 H=50 fp16", 4, 50, "fp16", 1), ("M=4 H=10 int8", 4, 10, "int8", 1),
-    ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2)]
+    ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2),
+    ("M=4 H=50 sparse", 4, 50, "sparse", 1)]
 
 
 REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
@@ -208,6 +209,10 @@ def _write(results: list[dict], args: dict, cmd: str) -> None:
             cost = r["eval_loss"] / base["eval_loss"] - 1
             goals += f"; {cost:+.2%} vs fp32" + (f" (<= +0.5%: {'met' if cost <= 0.005 else 'NOT met'})"
                                                   if r["compression"] == "int8" else "")
+            if r["compression"] == "sparse":  # issue #20: >= 100x fewer bytes than fp32, loss <= fp32's
+                fewer = (base["sync_bytes"] / base["tokens"]) / bpt
+                goals += (f"; {fewer:.0f}x fewer bytes than fp32 (>= 100x: {'met' if fewer >= 100 else 'NOT met'})"
+                          f"; loss <= fp32: {'met' if cost <= 0 else 'NOT met'}")
         append_row(
             section,
             ["run", "M", "H", "compression", "eval loss", "vs sync", "sync B/token", "ratio to sync",
