@@ -135,6 +135,18 @@ def test_config_rejects_bad_compression():
         load_config(["diloco.compression_block=0"])
 
 
+def _one_round_on_ray(holders, sync) -> list:
+    """One inner step on each holder actor (its own microbatch), then the outer step: reports + acks."""
+    import ray
+
+    for i, h in enumerate(holders):
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
+        ray.get(h.forward_backward.remote(0, x, torch.roll(x, -1, 1), 1.0))
+        ray.get(h.step.remote())
+    reports, loads = sync.submit()
+    return ray.get(reports + loads)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_counted_bytes_are_real_on_ray(ray_cluster, tmp_path):
@@ -152,12 +164,7 @@ def test_counted_bytes_are_real_on_ray(ray_cluster, tmp_path):
         holders = [cls.remote(HolderSpec(replica=r, stage=0, ranges=[(0, 2)], model=cfg, vocab_size=64, diloco=dl,
                                          seed=0, key_path=str(tmp_path / f"{mode}{r}.pem"))) for r in range(2)]
         sync = OuterSync([holders], dl, "mean")  # before training: theta0 = the holders' initial weights
-        for i, h in enumerate(holders):
-            x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
-            ray.get(h.forward_backward.remote(0, x, torch.roll(x, -1, 1), 1.0))
-            ray.get(h.step.remote())
-        reports, loads = sync.submit()
-        values = ray.get(reports + loads)
+        values = _one_round_on_ray(holders, sync)
         counted[mode] = sync.measure(values[:1], values[1:])
         theta0 = ray.get(sync.theta0[0])
         numel = theta0.numel()
@@ -206,12 +213,7 @@ def test_sparse_round_on_ray_sends_the_configured_density(ray_cluster, tmp_path)
                                          seed=0, key_path=str(tmp_path / f"sp-{mode}{r}.pem"))) for r in range(2)]
         sync = OuterSync([holders], dl, "mean")
         before = ray.get(sync.theta0[0])
-        for i, h in enumerate(holders):
-            x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i))
-            ray.get(h.forward_backward.remote(0, x, torch.roll(x, -1, 1), 1.0))
-            ray.get(h.step.remote())
-        reports, loads = sync.submit()
-        values = ray.get(reports + loads)
+        values = _one_round_on_ray(holders, sync)
         report = values[0]
         assert report.accepted == [0, 1] and not report.rejected and not report.refused, report
         counted[mode] = sync.measure(values[:1], values[1:])

@@ -224,13 +224,7 @@ class RangeCompute:
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         inp, out = self.pending.pop(mb_id)
-        if self.amp is None:
-            out.backward(grad.to(self.device))
-            self._count_microbatch()
-            return None if inp is None else inp.grad.detach().cpu(), True
-        self._backprop(out, grad.to(self.device, out.dtype))
-        self._count_microbatch()
-        return self._grad_in(inp), True
+        return self._backward_from(inp, out, grad), True
 
     def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, attempt: int = 0):
         if not self.claims.claim(mb_id, "b", attempt):
@@ -239,13 +233,17 @@ class RangeCompute:
             x, _ = self.batch_at(mb_id)
         self.pending.pop(mb_id, None)  # a graph this holder kept for the microbatch is recomputed here
         inp, out = self._run(mb_id, x)
+        return self._backward_from(inp, out, grad), True
+
+    def _backward_from(self, inp: torch.Tensor | None, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """Backpropagate ``grad`` through the range's output; the gradient of its input (None on a Driver)."""
         if self.amp is None:
             out.backward(grad.to(self.device))
             self._count_microbatch()
-            return None if inp is None else inp.grad.detach().cpu(), True
+            return None if inp is None else inp.grad.detach().cpu()
         self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
-        return self._grad_in(inp), True
+        return self._grad_in(inp)
 
     def _count_microbatch(self) -> None:
         with self.lock:
