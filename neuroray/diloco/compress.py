@@ -14,7 +14,7 @@ its chunk (uint8 for chunks of up to 256 values, else int16, int32 past 32,768) 
 says whether its magnitude is in the chunk's upper or lower half; the chunk carries the mean magnitude of
 each half as two float16 levels. Everything else is left to error feedback, which sends it in a later
 round once it has grown. At the defaults (block 256, density 1.5 %) that is 0.035 bytes per value against
-4 for float32, 114x fewer.
+4 for float32, about 113x fewer.
 
 The way back (outer step -> holders) is compressed the same way: the task sends the *update*
 ``theta0_old - theta0_new`` (:func:`encode_update`) with its own error feedback, and the new theta0 is by
