@@ -1,6 +1,6 @@
 # make demo   train the tiny default across Ray stage actors (creates .venv on first use)
 # make test   run the test suite
-# make test-slow  the suites marked slow, minutes each (the lab's partition and job-submit runs); not in make test
+# make test-slow  the suites marked slow, minutes each (the lab's partition and job-submit runs, every README example, a worker node without torch); not in make test
 # make bench  run benchmarks/*.py and append results to docs/benchmarks.md
 # make lab-up / lab-down  start / remove the multi-host lab (root; docs/lab.md)
 PYTHON ?= python3

@@ -72,9 +72,10 @@ def _loopback_only(pid: int) -> list[str]:
 class Head:
     """A `ray start --head --block` of this test's own; stopped by signalling that process (never `ray stop`)."""
 
-    def __init__(self, home: Path, temp_dir: Path):
+    def __init__(self, home: Path, temp_dir: Path, *, joinable: bool = False):
+        """``joinable``: other nodes may join (Ray then moves its services off the loopback, see the README)."""
         self.gcs, self.dash, a, b, c, self.metrics, client, nm = _free_ports(8)
-        self.env = dict(_user_env(home), RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        self.env = dict(_user_env(home), RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=str(int(joinable)))
         # `ray start --head` does not make a token: a new user's first head needs one made
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True, timeout=120)
         self.proc = subprocess.Popen(

@@ -176,15 +176,37 @@ class Trainer:
 
     # ----- recovery ---------------------------------------------------------------------------
     def recover(self, replica: int, exc: BaseException) -> None:
-        """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step."""
+        """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step.
+
+        A holder of the replica can die again while it recovers (Ray's memory monitor kills one after
+        another under memory pressure): the recovery then starts over, within the same deadline."""
         t0 = time.monotonic()
         timeout = self.cfg.checkpoint.recovery_timeout_s
-        pipeline = self.swarm.replicas[replica]
         self.log(f"recovery: a holder of replica {replica} died ({type(exc).__name__}); waiting for its restart")
+        while True:
+            try:
+                counters = self._recover_once(replica, t0 + timeout, timeout)
+                break
+            except PipelineError:
+                raise
+            except Exception as again:
+                if not holder_died(again) or time.monotonic() > t0 + timeout:
+                    raise user_error(again, f"recovering replica {replica}") from None
+                self.log(f"recovery: a holder of replica {replica} died again ({type(again).__name__}); starting over")
+        record = {"replica": replica, "seconds": time.monotonic() - t0,
+                  "restored_steps": [c["restored_step"] for c in counters]}
+        self.stats.recoveries.append(record)
+        if self.metrics:
+            self.metrics.failover()
+        self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
+                 f"{record['restored_steps']}); re-running its lost step")
+
+    def _recover_once(self, replica: int, deadline: float, timeout: float) -> list[dict]:
+        pipeline = self.swarm.replicas[replica]
         counters = []
         for s, h in enumerate(pipeline):
             try:
-                counters.append(wait_alive(h, t0 + timeout))
+                counters.append(wait_alive(h, deadline))
             except Exception:
                 raise PipelineError(
                     f"holder r{replica}-s{s} did not come back within {timeout:g}s (restarts exhausted or node lost); "
@@ -203,13 +225,7 @@ class Trainer:
                   if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
         ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
-        record = {"replica": replica, "seconds": time.monotonic() - t0,
-                  "restored_steps": [c["restored_step"] for c in counters]}
-        self.stats.recoveries.append(record)
-        if self.metrics:
-            self.metrics.failover()
-        self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
-                 f"{record['restored_steps']}); re-running its lost step")
+        return counters
 
     def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
         for peer in peers:
