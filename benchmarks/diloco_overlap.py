@@ -64,20 +64,24 @@ def main(argv: list[str]) -> None:
         load_config(_overrides(mode, args, seeds[0], "unused"))
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_overlap.py " + shlex.join(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="diloco-overlap-") as tmp:
-            results = [one_run(mode, args, seed, tmp) for seed in seeds for mode in modes]
+            for seed in seeds:  # rows per seed as it finishes
+                results = [one_run(mode, args, seed, tmp) for mode in modes]
+                if args["write"] != "0":
+                    _write(results, args, modes, cmd)
     finally:
         ray.shutdown()
-    if args["write"] == "0":
-        return
-    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/diloco_overlap.py " + shlex.join(argv)
+
+
+def _write(results: list[dict], args: dict, modes: list[str], cmd: str) -> None:
     note = ("Tiny model (4 layers) in 2 replicas x 2 stages on one host, 2 x 2 microbatches of 4 x 64 tokens a step, "
             "every run the same tokens. `outer step adds`: the loop's wall time over the `no sync` run's (one "
             "outer step at the very end), as a fraction of it. Eval loss vs the blocking run (`none`) at the same "
             "seed; goal <= +1 %. Outer traffic crosses the local object store here, so this is the floor of what "
             "the outer step costs; the lab (docs/lab.md) shapes real links.")
-    for seed in seeds:
+    for seed in sorted({r["seed"] for r in results}):
         by = {r["mode"]: r for r in results if r["seed"] == seed}
         base, blocking = by["no sync"], by["none"]
         for mode in modes:

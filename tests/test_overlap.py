@@ -8,7 +8,7 @@ from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.configure import load_config
 from neuroray.diloco.compress import decode
 from neuroray.diloco.outer import OuterOptimizer
-from neuroray.diloco.overlap import momentum_after, overlap_problem
+from neuroray.diloco.overlap import overlap_problem, recover_step
 from neuroray.diloco.sync import outer_step, outer_step_task
 from neuroray.errors import ConfigError
 from neuroray.swarm.holder import HolderSpec, StageHolder
@@ -58,7 +58,7 @@ def test_overlapped_holders_land_on_the_aggregate_plus_their_progress(tmp_path, 
     d = DilocoConfig()
     holders = [_holder(tmp_path, r, mode) for r in range(2)]
     g = torch.Generator().manual_seed(0)
-    theta0, buf = holders[0].flat_params(), None
+    theta0, buf, previous = holders[0].flat_params(), None, None
     for rnd in range(2):
         for h in holders:
             _train(h, g)
@@ -69,10 +69,12 @@ def test_overlapped_holders_land_on_the_aggregate_plus_their_progress(tmp_path, 
             torch.testing.assert_close(delta, theta0 - end, rtol=0, atol=0)
             if mode == "delayed":  # goes on from its own weights
                 assert torch.equal(h.flat_params(), end)
-            else:  # restarts from its own guess: the outer optimizer with its own delta as the aggregate
+            else:  # restarts from its guess: the outer optimizer with its fresh delta standing in for its
+                # share of the mean, the last round's aggregate for the others' (its own delta alone at first)
                 opt = OuterOptimizer(d.outer_lr, d.outer_momentum, d.nesterov)
                 opt.buf = None if buf is None else buf.clone()
-                torch.testing.assert_close(h.flat_params(), opt.step(theta0, delta), rtol=0, atol=1e-6)
+                stand_in = delta if previous is None else (delta + previous) / 2
+                torch.testing.assert_close(h.flat_params(), opt.step(theta0, stand_in), rtol=0, atol=2e-6)
         bases = [h.flat_params() for h in holders]
         for h in holders:
             _train(h, g, steps=1)  # the overlap window: one inner step while the outer step runs
@@ -87,21 +89,24 @@ def test_overlapped_holders_land_on_the_aggregate_plus_their_progress(tmp_path, 
             torch.testing.assert_close(h.flat_params(), new_theta0 + (before - base), rtol=0, atol=1e-6)
             assert h.land_outer(rnd + 1, new_theta0, [new_theta0]) is False  # landed: a repeat changes nothing
             torch.testing.assert_close(h.flat_params(), new_theta0 + (before - base), rtol=0, atol=1e-6)
-            if mode == "eager":  # the momentum the holder recovered from the step is the outer step's
+            if mode == "eager":  # the aggregate and momentum the holder recovered from the step are the outer step's
                 torch.testing.assert_close(h.outer.outer_buf, momentum, rtol=1e-4, atol=1e-6)
-        theta0, buf = new_theta0, momentum
+                torch.testing.assert_close(h.outer.outer_grad, mean, rtol=1e-3, atol=1e-6)
+        theta0, buf, previous = new_theta0, momentum, mean
 
 
-def test_momentum_recovered_from_steps_follows_the_outer_optimizer():
+def test_aggregate_and_momentum_recovered_from_steps_follow_the_outer_optimizer():
     g = torch.Generator().manual_seed(1)
-    for nesterov in (True, False):
-        opt, est, theta = OuterOptimizer(0.7, 0.9, nesterov), None, torch.randn(100, generator=g)
+    for nesterov, m in ((True, 0.9), (False, 0.9), (False, 0.0)):
+        opt, est, theta = OuterOptimizer(0.7, m, nesterov), None, torch.randn(100, generator=g)
         for _ in range(4):
-            new = opt.step(theta, torch.randn(100, generator=g))
-            est = momentum_after(est, theta, new, 0.7, 0.9, nesterov)
-            torch.testing.assert_close(est, opt.buf, rtol=1e-4, atol=1e-5)
+            agg = torch.randn(100, generator=g)
+            new = opt.step(theta, agg)
+            got, est = recover_step(est, theta, new, 0.7, m, nesterov)
+            torch.testing.assert_close(got, agg, rtol=1e-4, atol=1e-5)
+            assert (est is None) if m == 0 else torch.allclose(est, opt.buf, rtol=1e-4, atol=1e-5)
             theta = new
-        assert momentum_after(est, theta, theta.clone(), 0.7, 0.9, nesterov) is est  # refused step: unchanged
+        assert recover_step(est, theta, theta.clone(), 0.7, m, nesterov) == (None, est)  # refused: unchanged
 
 
 def test_int8_update_lands_and_a_snapshot_with_a_round_in_flight_restores_exactly(tmp_path):
@@ -128,3 +133,4 @@ def test_int8_update_lands_and_a_snapshot_with_a_round_in_flight_restores_exactl
         assert torch.equal(h.theta0.cpu(), new_theta0)
     assert torch.equal(holders[0].flat_params(), twin.flat_params())
     assert torch.equal(holders[0].outer.outer_buf, twin.outer.outer_buf)
+    assert torch.equal(holders[0].outer.outer_grad, twin.outer.outer_grad)

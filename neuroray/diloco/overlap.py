@@ -6,7 +6,8 @@ on training at once; the outer step's reduce and broadcast run meanwhile, and th
 
 * ``delayed`` (Streaming DiLoCo, arXiv 2501.18512): ``base`` is the holder's own weights at the round's end;
 * ``eager`` (arXiv 2502.12996): ``base`` is a local guess of the new theta0, the outer optimizer applied
-  to the holder's own delta as a stand-in for the aggregate; the holder restarts from it at once.
+  to a stand-in for the aggregate made with the holder's own fresh delta (:func:`eager_guess`); the holder
+  restarts from it at once.
 
 When the aggregate's theta0 arrives the holder keeps what it learned since: ``theta0_new + (theta - base)``
 (:func:`land`), so every inner step counts exactly once and theta0 is always the last aggregated state.
@@ -51,37 +52,41 @@ def overlap_problem(mode: str, steps: int, inner_steps: int, fragments: int, rou
     return None
 
 
-def eager_guess(theta0: torch.Tensor, delta: torch.Tensor, buf: torch.Tensor | None, lr: float, momentum: float,
-                nesterov: bool) -> torch.Tensor:
-    """The outer optimizer's step on ``theta0`` with this holder's own ``delta`` as the aggregate
-    (neuroray/diloco/outer.py), from ``buf``: the holder's estimate of the outer momentum."""
+def eager_guess(theta0: torch.Tensor, delta: torch.Tensor, previous: torch.Tensor | None, replicas: int,
+                buf: torch.Tensor | None, lr: float, momentum: float, nesterov: bool) -> torch.Tensor:
+    """The outer optimizer's step on ``theta0`` (neuroray/diloco/outer.py) with the eager stand-in for the
+    aggregate, from ``buf``, the holder's estimate of the outer momentum.
+
+    The stand-in is arXiv 2502.12996's: this holder's fresh ``delta`` with its share ``1/M`` of the mean, the
+    other ``M - 1`` shares taken from the ``previous`` round's aggregate (the freshest the holder has; on the
+    first round, the holder's own delta alone)."""
     from neuroray.diloco.outer import OuterOptimizer
 
+    stand_in = delta if previous is None else delta / replicas + previous * ((replicas - 1) / replicas)
     opt = OuterOptimizer(lr, momentum, nesterov)
     opt.buf = None if buf is None else buf.clone()
-    return opt.step(theta0, delta)
+    return opt.step(theta0, stand_in)
 
 
-def momentum_after(buf: torch.Tensor | None, theta0_old: torch.Tensor, theta0_new: torch.Tensor, lr: float,
-                   momentum: float, nesterov: bool) -> torch.Tensor | None:
-    """The outer momentum after the step that moved ``theta0_old`` to ``theta0_new``, recovered from the
-    step itself, so an eager holder needs no extra bytes to guess with momentum.
+def recover_step(buf: torch.Tensor | None, theta0_old: torch.Tensor, theta0_new: torch.Tensor, lr: float,
+                 momentum: float, nesterov: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(aggregate, momentum after)`` of the outer step that moved ``theta0_old`` to ``theta0_new``, recovered
+    from the step itself, so an eager holder needs no extra bytes for its stand-in and its momentum.
 
-    Nesterov: ``old - new = lr * (g + m * buf')`` with ``buf' = m * buf + g``, so ``g = ((old - new) / lr
-    - m^2 * buf) / (1 + m)``; classic momentum: ``buf' = (old - new) / lr``. A step that left theta0
-    unchanged (refused) leaves the momentum unchanged too. Exact up to float rounding under
-    ``compression=none``; under compression the step is the one the holders applied (what the broadcast
-    carried), which is what the guess should follow anyway."""
-    if momentum <= 0 or lr == 0:
-        return None
+    With ``s = (old - new) / lr``: Nesterov ``s = g + m * buf'`` and ``buf' = m * buf + g``, so
+    ``g = (s - m^2 buf) / (1 + m)``; classic momentum ``s = buf' = m * buf + g``; no momentum ``g = s``.
+    A step that left theta0 unchanged (refused) returns ``(None, buf)``. Exact up to float rounding under
+    ``compression=none``; under compression it is the step the holders applied (what the broadcast carried)."""
+    if lr == 0:
+        return None, buf
     step = (theta0_old - theta0_new) / lr
     if not step.any():
-        return buf
-    if not nesterov:
-        return step
+        return None, buf
+    if momentum <= 0:
+        return step, None
     prev = torch.zeros_like(step) if buf is None else buf
-    g = (step - momentum * momentum * prev) / (1 + momentum)
-    return momentum * prev + g
+    g = (step - momentum * momentum * prev) / (1 + momentum) if nesterov else step - momentum * prev
+    return g, momentum * prev + g
 
 
 def land(theta0_new: torch.Tensor, weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class OuterState:
         # diloco.overlap: the round whose outer step is in flight (neuroray/diloco/overlap.py), else None
         self.pending: Pending | None = None
         self.outer_buf: torch.Tensor | None = None  # eager: this holder's estimate of the outer momentum
+        self.outer_grad: torch.Tensor | None = None  # eager: the last aggregate, recovered from its step
 
     def fragment_slices(self) -> list[tuple[int, int]]:
         """Streaming: each fragment's ``(lo, hi)`` in this range's flat vector."""
@@ -128,7 +129,8 @@ class OuterState:
 
         d, weights = self.compute.spec.diloco, self.compute.flat_params()
         if d.overlap == "eager":
-            weights = eager_guess(self.theta0.cpu(), delta, self.outer_buf, d.outer_lr, d.outer_momentum, d.nesterov)
+            weights = eager_guess(self.theta0.cpu(), delta, self.outer_grad, d.replicas, self.outer_buf, d.outer_lr,
+                                  d.outer_momentum, d.nesterov)
             self.compute.load_flat(weights.to(self.compute.device))
         self.pending = Pending(self.outer_rounds + 1, weights.to(self.compute.device).clone(), delta.clone())
         return weights
@@ -136,21 +138,23 @@ class OuterState:
     def land(self, theta0: torch.Tensor) -> None:
         """The aggregate's ``theta0`` arrived: take it, keeping what was learned since the base (none without
         a round in flight: the weights restart at theta0, as a blocking outer step does)."""
-        from neuroray.diloco.overlap import land, momentum_after
+        from neuroray.diloco.overlap import land, recover_step
 
         d, dev = self.compute.spec.diloco, self.compute.device
         weights = parameters_to_vector(self.compute.module.parameters()).detach()
         base = weights if self.pending is None else self.pending.base
         if d.overlap == "eager":
-            self.outer_buf = momentum_after(self.outer_buf, self.theta0.cpu(), theta0.cpu(), d.outer_lr,
-                                            d.outer_momentum, d.nesterov)
+            grad, self.outer_buf = recover_step(self.outer_buf, self.theta0.cpu(), theta0.cpu(), d.outer_lr,
+                                                d.outer_momentum, d.nesterov)
+            self.outer_grad = self.outer_grad if grad is None else grad
         self.theta0 = theta0.to(dev).clone()
         self.compute.load_flat(land(self.theta0, weights, base))
         self.pending = None
 
     def overlap_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The round in flight and the eager momentum estimate, for a snapshot (a restore lands it exactly)."""
-        tensors = {} if self.outer_buf is None else {"overlap.momentum": self.outer_buf.detach().cpu().clone()}
+        """The round in flight and eager's momentum and last aggregate, for a snapshot (a restore lands it exactly)."""
+        tensors = {f"overlap.{k}": v.detach().cpu().clone() for k, v in
+                   (("momentum", self.outer_buf), ("aggregate", self.outer_grad)) if v is not None}
         if self.pending is None:
             return tensors, {}
         tensors |= {"overlap.base": self.pending.base.detach().cpu().clone(), "overlap.delta": self.pending.delta.clone()}
@@ -158,6 +162,7 @@ class OuterState:
 
     def overlap_restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.outer_buf = tensors["overlap.momentum"].clone() if "overlap.momentum" in tensors else None
+        self.outer_grad = tensors["overlap.aggregate"].clone() if "overlap.aggregate" in tensors else None
         self.pending = None
         if meta.get("overlap_round") is not None:
             self.pending = Pending(meta["overlap_round"], tensors["overlap.base"].to(self.compute.device).clone(),
