@@ -91,6 +91,12 @@ class DilocoConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0  # inner steps of linear warmup (0: none)
     min_lr_ratio: float = 0.1  # cosine: the last step's learning rate as a fraction of inner_lr
+    # The outer step overlaps the next inner steps (docs/diloco.md): none (holders wait for it) | delayed
+    # (holders go on from their own weights; the aggregate lands overlap_steps later, their progress since
+    # the round's end kept on top) | eager (holders restart at once from their own pseudo-gradient through
+    # the outer optimizer, corrected to the aggregate when it lands)
+    overlap: str = "none"
+    overlap_steps: int = 1  # delayed/eager: inner steps after a round's end at which its outer step lands
 
 
 @dataclass

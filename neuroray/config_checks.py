@@ -114,6 +114,12 @@ def validate(cfg: TrainConfig) -> None:
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
     _check_streaming(cfg)
+    from neuroray.diloco.overlap import overlap_problem  # lazy: the diloco package imports torch
+
+    problem = overlap_problem(dl.overlap, dl.overlap_steps, dl.inner_steps, dl.streaming_fragments, s.routing,
+                              cfg.aggregator.name, cfg.model.name)
+    if problem:
+        raise ConfigError(problem)
     if dl.lr_schedule not in ("constant", "cosine"):  # lr.SCHEDULES
         raise ConfigError(f"diloco.lr_schedule={dl.lr_schedule} is unknown; choose constant or cosine")
     if not 0 <= dl.warmup_steps < cfg.rounds * dl.inner_steps:

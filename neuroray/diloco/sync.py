@@ -317,12 +317,16 @@ class OuterSync:
         self._round.append({"dense": self._dense, "acks": []})
         return theta0, report, update
 
-    def broadcast(self, s: int, holder, theta0, update, after=None, counted: bool = True):
+    def broadcast(self, s: int, holder, theta0, update, after=None, counted: bool = True,
+                  landing: int | None = None):
         """Send range ``s``'s new theta0 to one holder: dense, or as the compressed update. Returns its ack.
 
-        ``counted``: the ack's value goes to :meth:`measure` (swarm routing leaves out late holders)."""
+        ``counted``: the ack's value goes to :meth:`measure` (swarm routing leaves out late holders).
+        ``landing`` (diloco.overlap): the round it lands as; the holder keeps its progress since the round's end."""
         extra = {} if after is None else {"after": after}
-        if self._dense:
+        if landing is not None:
+            ack = holder.land_outer.remote(landing, theta0 if self._dense else update, [theta0], **extra)
+        elif self._dense:
             ack = holder.load_theta0.remote(theta0, **extra)
         else:
             ack = holder.apply_update.remote(update, [theta0], **extra)

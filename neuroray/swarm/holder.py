@@ -263,6 +263,41 @@ class StageHolder:
                                       self.name)
             self._start_proof_round()
 
+    # ----- diloco.overlap (neuroray/diloco/overlap.py) ------------------------------------------
+    def send_pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """End the round without waiting for its outer step: the payload of ``theta0 - theta`` (as
+        :meth:`pseudo_gradient`), and the next inner steps train on from the base (delayed: these weights;
+        eager: the local guess). The round's proof is signed when its theta0 lands (:meth:`land_outer`);
+        the next round's starts now, at the weights its first inner step runs from."""
+        delta, lo = self.outer.delta()
+        self.proving.note_pseudo_gradient(delta)
+        payload = self.outer.compress(delta, lo)
+        base = self.outer.send(delta)
+        if self.proving.enabled:
+            self.proving.hold(self.compute.microbatches_done)
+            self.proving.start_round(base, self.compute.microbatches_done, self.compute.stream)
+        return payload
+
+    def land_outer(self, outer_round: int, new, theta0_box: list, after=None) -> bool:
+        """Round ``outer_round``'s outer step landed: ``new`` is its dense theta0 or its compressed update
+        (:meth:`apply_update`). The weights become theta0 plus what was learned since the round's end.
+        A holder already at that round (rejoined meanwhile) ignores it. Returns True when it fetched the
+        dense theta0 (as :meth:`apply_update`)."""
+        if self.outer.outer_rounds >= outer_round:
+            return False
+        fetched = False
+        if isinstance(new, torch.Tensor):
+            theta0 = new
+        else:
+            theta0, _, fetched = self.outer.resolve_update(new, theta0_box)
+        self.outer.land(theta0)
+        self.outer.outer_rounds += 1
+        if self.proving.enabled and not self.proving.finish_held(self.outer.outer_rounds, self.outer.theta0, self.name):
+            self.proving.finish_round(self.outer.outer_rounds, self.outer.theta0, self.compute.microbatches_done,
+                                      self.name)  # nothing was held (a redone step, a restored holder)
+            self._start_proof_round()
+        return fetched
+
     # ----- proofs ---------------------------------------------------------------------------
     def _start_proof_round(self) -> None:
         # The proof commits the weights the round starts from, at which the Driver's committed losses are

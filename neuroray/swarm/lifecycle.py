@@ -104,9 +104,11 @@ class RangeLifecycle:
         if o.feedback.residual is not None:
             tensors["feedback.residual"] = o.feedback.residual.clone()
         tensors["rng.torch"] = torch.get_rng_state()
+        overlap, overlap_meta = o.overlap_snapshot()  # diloco.overlap: the round in flight
         meta = {"slot": c.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
                 "counters": self.counters(), "stream": None if c.stream is None else c.stream.state(),
-                "architecture": self.architecture()}
+                "architecture": self.architecture()} | overlap_meta
+        tensors |= overlap
         return Snapshot(step, tensors, meta)
 
     def restore(self, snap) -> None:
@@ -122,6 +124,7 @@ class RangeLifecycle:
         o.theta0 = t["theta0"].to(c.device).clone()
         o.feedback.residual = t["feedback.residual"].clone() if "feedback.residual" in t else None
         o.feedback_round = None
+        o.overlap_restore(t, snap.meta)
         torch.set_rng_state(t["rng.torch"])
         n = snap.meta["counters"]
         c.inner_steps, o.outer_rounds, c.microbatches_done = n["inner_steps"], n["outer_rounds"], n["microbatches"]

@@ -8,6 +8,7 @@ steps the holder's own weights drift from it by inner steps, and ``theta0 - thet
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -16,6 +17,16 @@ from neuroray.diloco.compress import ErrorFeedback, decode, digest
 from neuroray.swarm.compute import RangeCompute
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """A round sent to the outer step and not landed yet: what the holder trained from since (``base``) and
+    the delta it sent (a redone outer step resends exactly it)."""
+
+    outer_round: int  # the round it lands as (outer_rounds + 1 when sent)
+    base: torch.Tensor  # on the device: the weights at the round's end (delayed) or the eager guess
+    delta: torch.Tensor  # on the CPU: theta0 - theta at the round's end, as sent
 
 
 class OuterState:
@@ -30,6 +41,10 @@ class OuterState:
         self.feedback = ErrorFeedback(d.compression, d.compression_block, d.sparse_density)
         self.feedback_round: tuple[int, torch.Tensor | None] | None = None  # (outer round, residual before it)
         self.outer_rounds = 0
+        # diloco.overlap: the round whose outer step is in flight (neuroray/diloco/overlap.py), else None
+        self.pending: Pending | None = None
+        self.outer_buf: torch.Tensor | None = None  # eager: this holder's estimate of the outer momentum
+        self.outer_grad: torch.Tensor | None = None  # eager: the last aggregate, recovered from its step
 
     def fragment_slices(self) -> list[tuple[int, int]]:
         """Streaming: each fragment's ``(lo, hi)`` in this range's flat vector."""
@@ -40,7 +55,10 @@ class OuterState:
         return fragment_slices(params, spec.ranges[spec.stage], spec.diloco.streaming_fragments)
 
     def delta(self, fragment: int | None = None) -> tuple[torch.Tensor, int]:
-        """``theta0 - theta`` on the CPU, or only ``fragment``'s slice of it, and where that slice starts."""
+        """``theta0 - theta`` on the CPU, or only ``fragment``'s slice of it, and where that slice starts.
+        With a round in flight (overlap), the delta that round sent: a redone outer step must get it again."""
+        if self.pending is not None and fragment is None:
+            return self.pending.delta.clone(), 0
         delta = (self.theta0 - parameters_to_vector(self.compute.module.parameters()).detach()).cpu()
         lo = 0
         if fragment is not None:
@@ -86,6 +104,7 @@ class OuterState:
     def restart_at(self, theta0: torch.Tensor, part: tuple[int, int] | None = None) -> None:
         """Take ``theta0`` and restart the weights from it; ``part``: only that slice of the weights."""
         self.theta0 = theta0.to(self.compute.device).clone()
+        self.pending = None  # a restart drops any local progress, the round in flight's base with it
         weights = self.theta0.clone()
         if part is not None:
             weights = parameters_to_vector(self.compute.module.parameters()).detach().clone()
@@ -101,3 +120,50 @@ class OuterState:
             state = self.compute.weights()
             vector_to_parameters(current, params)
         return state
+
+    # ----- diloco.overlap (neuroray/diloco/overlap.py) ------------------------------------------
+    def send(self, delta: torch.Tensor) -> torch.Tensor:
+        """The round ends with ``delta`` sent: keep it and the base the next inner steps train from (eager:
+        restart at once from the local guess). Returns the base."""
+        from neuroray.diloco.overlap import eager_guess
+
+        d, weights = self.compute.spec.diloco, self.compute.flat_params()
+        if d.overlap == "eager":
+            weights = eager_guess(self.theta0.cpu(), delta, self.outer_grad, d.replicas, self.outer_buf, d.outer_lr,
+                                  d.outer_momentum, d.nesterov)
+            self.compute.load_flat(weights.to(self.compute.device))
+        self.pending = Pending(self.outer_rounds + 1, weights.to(self.compute.device).clone(), delta.clone())
+        return weights
+
+    def land(self, theta0: torch.Tensor) -> None:
+        """The aggregate's ``theta0`` arrived: take it, keeping what was learned since the base (none without
+        a round in flight: the weights restart at theta0, as a blocking outer step does)."""
+        from neuroray.diloco.overlap import land, recover_step
+
+        d, dev = self.compute.spec.diloco, self.compute.device
+        weights = parameters_to_vector(self.compute.module.parameters()).detach()
+        base = weights if self.pending is None else self.pending.base
+        if d.overlap == "eager":
+            grad, self.outer_buf = recover_step(self.outer_buf, self.theta0.cpu(), theta0.cpu(), d.outer_lr,
+                                                d.outer_momentum, d.nesterov)
+            self.outer_grad = self.outer_grad if grad is None else grad
+        self.theta0 = theta0.to(dev).clone()
+        self.compute.load_flat(land(self.theta0, weights, base))
+        self.pending = None
+
+    def overlap_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The round in flight and eager's momentum and last aggregate, for a snapshot (a restore lands it exactly)."""
+        tensors = {f"overlap.{k}": v.detach().cpu().clone() for k, v in
+                   (("momentum", self.outer_buf), ("aggregate", self.outer_grad)) if v is not None}
+        if self.pending is None:
+            return tensors, {}
+        tensors |= {"overlap.base": self.pending.base.detach().cpu().clone(), "overlap.delta": self.pending.delta.clone()}
+        return tensors, {"overlap_round": self.pending.outer_round}
+
+    def overlap_restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.outer_buf = tensors["overlap.momentum"].clone() if "overlap.momentum" in tensors else None
+        self.outer_grad = tensors["overlap.aggregate"].clone() if "overlap.aggregate" in tensors else None
+        self.pending = None
+        if meta.get("overlap_round") is not None:
+            self.pending = Pending(meta["overlap_round"], tensors["overlap.base"].to(self.compute.device).clone(),
+                                   tensors["overlap.delta"].clone())

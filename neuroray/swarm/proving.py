@@ -21,6 +21,7 @@ class RoundProving:
         self.prover = None
         self.proof: bytes | None = None
         self.theta0_losses: list[float] = []
+        self.held: tuple | None = None  # diloco.overlap: the round sent and not landed (see hold)
 
     def start(self, holder, tokens_per_batch: int) -> None:
         """A prover for ``holder``'s identity and range as they are now (after a growth: the new range)."""
@@ -50,6 +51,25 @@ class RoundProving:
         except RuntimeError as exc:  # restarted mid-round: this round's start was lost with the process
             log.warning("%s: no proof for round %d (%s)", name, outer_round, exc)
             self.proof = None
+
+    def hold(self, microbatches_done: int) -> None:
+        """diloco.overlap: the round ends here (its pseudo-gradient noted) but its theta0 lands later; keep
+        its start and delta aside, so the next round can start now and :meth:`finish_held` signs this one."""
+        if self.prover is not None:
+            self.held = (self.prover._start, self.prover._delta, microbatches_done)
+
+    def finish_held(self, outer_round: int, theta0: torch.Tensor, name: str) -> bool:
+        """Sign the held round at the ``theta0`` that landed, with the microbatches done by its end; False
+        when there is none (restored or rejoined since: its start was lost)."""
+        if self.prover is None or self.held is None:
+            return False
+        current = (self.prover._start, self.prover._delta)
+        (self.prover._start, self.prover._delta, done), self.held = self.held, None
+        try:
+            self.finish_round(outer_round, theta0, done, name)
+        finally:
+            self.prover._start, self.prover._delta = current
+        return True
 
     def set_theta0_losses(self, losses: list[float], data_position: int | None, stream) -> None:
         """Driver: the losses the proof commits to; under swarm routing, where their data starts in the ring."""

@@ -33,7 +33,8 @@ class StepExecutor(ABC):
     """How the inner steps and the outer step of one swarm are carried out.
 
     The Trainer calls, in this order per step: :meth:`submit` (step s), :meth:`collect` (step s-1 or s, one at
-    a time, in order), at a round's end :meth:`outer_step`, and before snapshots :meth:`settle`.
+    a time, in order), at a round's end :meth:`outer_step`, after every step :meth:`take_landed`, and before
+    snapshots :meth:`settle`.
     """
 
     trainer = None  # the loop whose cfg, swarm, outer state, log, metrics, lr schedule and recovery it uses
@@ -52,6 +53,10 @@ class StepExecutor(ABC):
     @abstractmethod
     def outer_step(self, step: int) -> RoundResult:
         """Run the outer step after inner step ``step``: gather pseudo-gradients, reduce, load the new theta0."""
+
+    def take_landed(self) -> RoundResult | None:
+        """The outer round that landed since the last call, once (``diloco.overlap``; None: none did)."""
+        return None
 
     def take_proof(self, holder):
         """The ref of ``holder``'s signed proof of the round just finished."""

@@ -4,7 +4,8 @@ The driver submits work and reads results one step late, so holders never wait o
 dies, Ray restarts it (``checkpoint.max_restarts``) and it restores its newest good snapshot in
 ``__init__``; the trainer brings the replica back (:meth:`~neuroray.training.trainer.Trainer.recover`),
 then this executor drops the half-done microbatches of that replica and re-runs its lost steps. Other
-replicas keep going. The outer step waits for every holder of every range.
+replicas keep going. The outer step waits for every holder of every range, unless ``diloco.overlap`` lets
+it run beside the next inner steps (neuroray/training/overlap.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ class FixedPipelines(StepExecutor):
         self.pending: dict[int, list[StepRefs]] = {}  # step -> per-replica refs submitted but not yet collected
         self._theta0_losses: dict[int, list[float]] = {}  # replica -> losses of the round's first inner step
         self._batches: dict[tuple[int, int], int] = {}  # (range, replica) -> microbatches collected this round
+        self.overlap = None  # diloco.overlap: the round in flight (OverlappedOuter)
+        self._settled: dict[int, float] = {}  # step -> mean loss, collected early (a redone overlapped round)
+
+    def attach(self, trainer) -> None:
+        super().attach(trainer)
+        if trainer.cfg.diloco.overlap != "none":
+            from neuroray.training.overlap import OverlappedOuter
+
+            self.overlap = OverlappedOuter(trainer)
 
     def submit(self, step: int) -> None:
+        if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
+            self.overlap.land()
         self.pending[step] = [self._submit(step, r) for r in range(len(self.trainer.swarm.replicas))]
 
     def _submit(self, step: int, replica: int) -> StepRefs:
@@ -33,6 +45,8 @@ class FixedPipelines(StepExecutor):
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died."""
+        if step in self._settled:
+            return self._settled.pop(step)
         t, c = self.trainer, self.trainer.cfg.cluster
         refs = self.pending.pop(step)
         losses = []
@@ -74,15 +88,22 @@ class FixedPipelines(StepExecutor):
         d = self.trainer.cfg.diloco
         return None if d.streaming_fragments == 1 else due_fragment(step + 1, d.inner_steps, d.streaming_fragments)
 
-    def outer_step(self, step: int) -> RoundResult:
+    def outer_step(self, step: int) -> RoundResult | None:
         """Every holder's pseudo-gradient; a holder dying meanwhile rolls the outer state back, every
-        replica is recovered and the outer step is redone."""
+        replica is recovered and the outer step is redone. With overlap: sent, and None (it lands later)."""
         t = self.trainer
         c, outer = t.cfg.cluster, t.outer
         saved = (list(outer.theta0), list(outer.momentum), list(outer.memory))
         if t.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
             for r, losses in self._theta0_losses.items():
                 t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
+        if self.overlap is not None:
+            batches, self._batches = self._batches, {}
+            self.overlap.begin(step, batches)
+            if step + 1 < t.total_steps:
+                return None
+            self.overlap.land()  # the last round: nothing left to overlap, it lands at once
+            return self.take_landed()
         while True:
             reports, loads = outer.submit(self._fragment(step))
             try:
@@ -105,3 +126,11 @@ class FixedPipelines(StepExecutor):
         batches, self._batches = self._batches, {}
         observed = {(rep.range_index, i): obs for rep in reports for i, obs in enumerate(rep.observations)}
         return RoundResult(reports, comm, unused, batches, observed)
+
+    def take_landed(self) -> RoundResult | None:
+        return None if self.overlap is None else self.overlap.collect(self._settle_steps)
+
+    def _settle_steps(self) -> None:
+        """Collect every inner step in flight now (recovering dead holders); :meth:`collect` hands them out."""
+        for step in sorted(self.pending):
+            self._settled[step] = self.collect(step)

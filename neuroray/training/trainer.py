@@ -239,8 +239,12 @@ class Trainer:
                             "rerun with resume=true from the kept snapshots")
 
     # ----- outer step and snapshots --------------------------------------------------------------
-    def _outer_round(self, step: int) -> None:
-        result = self.executor.outer_step(step)
+    def _outer_round(self, step: int | None) -> None:
+        """Run the outer step after inner step ``step``, or (None) book the overlapped round that landed, if any.
+        With ``diloco.overlap`` the outer step only starts here and is booked when it lands."""
+        result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
+        if result is None:
+            return
         if self.ledger is not None:
             result.comm["control_bytes"] += self._book_proofs(result)
         self._finish_round(result.reports, result.comm)
@@ -275,6 +279,9 @@ class Trainer:
         for s, store in enumerate(self.outer_stores):
             tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
             meta = {"rounds": self.outer.rounds}
+            if getattr(self.executor, "overlap", None) is not None and self.executor.overlap.inflight is not None:
+                # theta0 above is the round in flight's; the holders hold their base: land it at the same step
+                meta["overlap_land_at"] = self.executor.overlap.inflight.land_at
             if memory[s] is not None:  # the rule's memory (centered clipping's centre, stale replay)
                 extra, extra_meta = memory[s].to_snapshot()
                 tensors, meta = tensors | extra, meta | extra_meta
@@ -295,6 +302,9 @@ class Trainer:
             memory = OuterMemory.from_snapshot(snap.tensors, snap.meta) if "memory_replay" in snap.meta else None
             self.outer.memory[s] = None if memory is None else ray.put(memory)
             self.outer.rounds = snap.meta["rounds"]
+            land_at = snap.meta.get("overlap_land_at")
+        if land_at is not None:  # diloco.overlap: the snapshot was taken with a round in flight
+            self.executor.overlap.resumed(land_at)
 
     def flush(self) -> None:
         self.swarm.get([h.flush_snapshots.remote() for p in self.swarm.replicas for h in p],
@@ -351,6 +361,7 @@ class Trainer:
     def _boundary(self, step: int, round_end: bool, due: bool) -> None:
         """After inner step ``step``: the outer round at a round's end, then a snapshot when one is due."""
         grew = False
+        self._outer_round(None)  # diloco.overlap: a round landed behind this step
         if round_end:
             self._outer_round(step)
             if self.upgrades is not None:  # nothing in flight now: holders may grow
