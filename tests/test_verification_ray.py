@@ -1,7 +1,7 @@
 """Holders that really cheat, from inside their own processes, in a real run (neuroray/swarm/faults.py):
-the spot checks catch the Driver that lies about its losses and the ledger slashes it; the proof that
-claims more batches than it did is refused; the sign-flipped pseudo-gradient is neutralised by the robust
-rule and its holder named among the round's rejections. Honest holders are credited and never slashed."""
+the spot checks catch the Driver that lies about its losses and the ledger slashes it; the sign-flipped pseudo-gradient is neutralised by the robust
+rule and its holder named among the round's rejections. The honest holder is credited and never slashed.
+(A proof that claims more batches than the holder did is refused by the receipt check: benchmarks/verification.py.)"""
 
 import sqlite3
 
@@ -11,7 +11,8 @@ from neuroray.configure import load_config
 from neuroray.swarm.faults import misbehaving
 from tests.test_pipeline_ray import _write_corpus
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+# slow: ray.init and a 3-holder run take longer than the non-slow budget on the 2-core machine
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _cfg(tmp_path, *extra):
@@ -20,7 +21,7 @@ def _cfg(tmp_path, *extra):
         f"data.source={tmp_path / 'corpus.txt'}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
         "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
         "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
-        "swarm.num_stages=2", "diloco.replicas=3", "diloco.inner_steps=2", "rounds=2", "aggregator=robust",
+        "swarm.num_stages=1", "diloco.replicas=3", "diloco.inner_steps=2", "rounds=2", "aggregator=robust",
         f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.25", "sample_tokens=4", "checkpoint.interval_s=0",
         "checkpoint.every_round=false", "ponw.spot_check_rate=1.0", "ponw.validation_fee_per_batch=0.003", *extra,
     ])
@@ -34,14 +35,13 @@ def test_cheating_holders_are_caught_and_honest_ones_paid(ray_cluster, tmp_path)
     cfg = _cfg(tmp_path)
     holders = misbehaving({
         "r1-s0": ("lie_loss", 0.5, 2),  # honest in round 1 (so it has a balance to lose), lies in round 2
-        "r2-s0": ("inflate_batches", 5),  # every proof claims 5 microbatches it did not do
-        "r2-s1": ("sign_flip", 1),  # sends minus its pseudo-gradient
+        "r2-s0": ("sign_flip", 1),  # sends minus its pseudo-gradient
     })
     lines = []
     result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=holders)
     text = "\n".join(lines)
     node = {slot: Identity.load_or_create(tmp_path / "keys" / f"holder-{slot}.pem").node_id
-            for slot in ("r0-s0", "r0-s1", "r1-s0", "r1-s1", "r2-s0", "r2-s1")}
+            for slot in ("r0-s0", "r1-s0", "r2-s0")}
     validator = Identity.load_or_create(tmp_path / "keys" / VALIDATOR_KEY_FILE).node_id
     db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
     events = {}
@@ -58,16 +58,13 @@ def test_cheating_holders_are_caught_and_honest_ones_paid(ray_cluster, tmp_path)
         ("credited", "ok"), ("invalidated", "spot check")], status
     assert events[node["r1-s0"]]["clawback"] and events[node["r1-s0"]]["slash"], events[node["r1-s0"]]
     assert "fee" in events[validator] and "spot check: round 2: Driver" in text
-    # the Driver that inflates its batch count: refused and never credited
-    assert status[node["r2-s0"]] == [("rejected", "implausible")] * 2 and balance[node["r2-s0"]] == 0
     # the sign-flipped pseudo-gradient: named in both rounds' rejections, credited nothing
-    assert text.count("range 1 rejected holder #2: suspected poison") == 2, text
-    assert balance[node["r2-s1"]] == 0 and status[node["r2-s1"]] == [("credited", "ok")] * 2
-    # honest holders: credited every round, never slashed, never named
-    for slot in ("r0-s0", "r0-s1", "r1-s1"):
-        assert status[node[slot]] == [("credited", "ok")] * 2 and balance[node[slot]] > 0, slot
-        assert not {"slash", "clawback"} & set(events[node[slot]]), slot
+    assert text.count("range 0 rejected holder #2: suspected poison") == 2, text
+    assert balance[node["r2-s0"]] == 0 and status[node["r2-s0"]] == [("credited", "ok")] * 2
+    # the honest holder: credited every round, never slashed, never named
+    assert status[node["r0-s0"]] == [("credited", "ok")] * 2 and balance[node["r0-s0"]] > 0
+    assert not {"slash", "clawback"} & set(events[node["r0-s0"]])
     assert "rejected holder #0" not in text and "rejected holder #1" not in text
-    # the validator's fee: each round it recomputed the 2 credited Drivers' batches, at 0.003 NEURO each
-    assert sorted(events[validator]["reward"]) == [6_000, 6_000]
+    # the validator's fee: each round it recomputed one batch of each of the 3 Drivers, at 0.003 NEURO each
+    assert sorted(events[validator]["reward"]) == [9_000, 9_000]
     assert result.ledger["supply_consistent"]

@@ -26,6 +26,7 @@ round starts, so the committed losses are at weights the coordinator never held.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import ray
@@ -85,9 +86,12 @@ def recompute_checks(spec: dict, theta0: list[torch.Tensor], proofs: list[bytes]
 
 @ray.remote(num_cpus=0)
 def recompute_task(spec: dict, proofs: list[bytes], seed: int, rate: float, tolerance: float, max_proof_bytes: int,
-                   *theta0: torch.Tensor) -> list[tuple[bytes, SpotCheck]]:
+                   *theta0: torch.Tensor) -> tuple[list[tuple[bytes, SpotCheck]], float]:
+    """:func:`recompute_checks`, and the seconds it took (the cost of the checks, for the logs)."""
     torch.set_num_threads(1)  # beside the holders: one core at most
-    return recompute_checks(spec, list(theta0), proofs, seed, rate, tolerance, max_proof_bytes)
+    t0 = time.perf_counter()
+    checks = recompute_checks(spec, list(theta0), proofs, seed, rate, tolerance, max_proof_bytes)
+    return checks, time.perf_counter() - t0
 
 
 # ----- the driver's side ----------------------------------------------------------------------------
@@ -103,7 +107,7 @@ class SpotChecks:
         self.tokens_per_batch = cfg.data.seq_len * cfg.data.microbatch_size
         self.pending: list[tuple[int, object]] = []  # (outer round, ref of the recompute task)
         self.start: tuple[list, dict] | None = None  # the round in flight: theta0 refs and the model they fit
-        self.stats = {"checked": 0, "failed": 0, "slashed": 0, "fees": 0}
+        self.stats = {"checked": 0, "failed": 0, "slashed": 0, "fees": 0, "seconds": 0.0}
         if self.enabled:
             ray.get(trainer.ledger.register.remote(trainer.coordinator.sign_registration(
                 [self.record], validators=[self.identity.node_id])), timeout=cfg.cluster.step_timeout_s)
@@ -153,10 +157,14 @@ class SpotChecks:
                 break
             self.pending.pop(0)
             try:
-                checks = ray.get(ref)
+                checks, seconds = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - a lost check is no evidence against anyone
                 self.trainer.log(f"spot checks of round {outer_round} failed to run ({type(exc).__name__}: {exc})")
                 continue
+            self.stats["seconds"] += seconds
+            if checks:
+                self.trainer.log(f"spot check: round {outer_round}: {len(checks)} Driver proof(s) recomputed in "
+                                 f"{seconds:.3f}s, {sum(not c.ok for _, c in checks)} failed")
             sent += self._settle(outer_round, checks)
         return sent
 
