@@ -8,7 +8,7 @@
    whether the attacker was caught and in which round first (its proof refused, invalidated, earning 0, or
    its holder named among the round's rejections), the NEURO it kept against an honest holder's, false
    positives (an honest holder refused, named, slashed or paid 0), and the cost of the spot checks: the
-   recompute tasks' seconds over the run's training seconds.
+   recompute thread's seconds over the run's training seconds.
 2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
    robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
    honest holders the outlier naming (neuroray/ponw/outliers.py) names, with the smallest cosine to the
@@ -142,9 +142,9 @@ def main(argv: list[str]) -> None:
     rows = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            # untimed: the first recompute in a fresh worker imports the model code and reads the shards
+            # untimed: the first run builds the dataset and warms the caches
             warm = real_run(Path(tmp), "warmup", None, 1, 1.0, replicas)
-            print(f"warm-up: first spot checks of a fresh worker took {warm['check_s']:.2f}s", flush=True)
+            print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
             for label in labels:
                 _, attack, value = ATTACKS[label]
                 rows[label] = real_run(Path(tmp), label, (attack, value) if attack else None, rounds, rate, replicas)
@@ -172,8 +172,8 @@ def main(argv: list[str]) -> None:
                        note="benchmarks/verification.py part 1: replica 2's holder cheats from round 1 inside its "
                             "own process (neuroray/swarm/faults.py `misbehaving`); 'caught': its proof refused, "
                             "invalidated or paid 0, or its holder named among the round's rejections. Spot-check "
-                            "time is the recompute tasks' own seconds, after an untimed warm-up run (a fresh "
-                            "worker's first check also imports the model code and reads the shards).")
+                            "time is the recompute thread's own seconds (fetching theta0, building the stages, reading "
+                            "the data, the forward passes), after an untimed warm-up run.")
     if n_honest and seeds:
         h = honest_rounds(seeds, n_honest)
         print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "

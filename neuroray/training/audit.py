@@ -3,7 +3,7 @@
 Every Driver proof commits the losses of its round's first microbatches, computed at the round's theta0.
 After the trainer has booked a round's proofs, :class:`SpotChecks` draws ``ponw.spot_check_rate`` of the
 credited Driver proofs (system randomness: a Driver cannot know whether, or which of its batches, will
-be checked) and a Ray task recomputes each drawn batch: it rebuilds the Driver's data from its node id
+be checked) and a background thread recomputes each drawn batch: it rebuilds the Driver's data from its node id
 (the deterministic shard assignment) and evaluates the model at the round's theta0, every range's, as
 the coordinator kept it. A loss outside ``ponw.spot_check_tolerance`` (or a batch that is not in the
 shard the proof names) becomes evidence, signed by the validator, and the ledger's ``invalidate``
@@ -14,10 +14,13 @@ receipt, and the ledger pays it ``ponw.validation_fee_per_batch`` for each.
 The validator is a key of the driver's (``<swarm.key_dir>/validator.pem``), registered by the coordinator
 as a node holding the whole model and as a validator.
 
-Why it does not stall training: the recompute runs in a Ray task (``num_cpus=0``, like the outer step)
-while the next round trains; its result is filed when the next round is booked (or at the end of the
-run, :meth:`SpotChecks.drain`). One forward pass of the whole model per checked Driver proof: on the
-CPU next to the holders it competes with them for the cores, which benchmarks/verification.py measures.
+Why it does not stall training: the recompute runs in one background thread of the driver while the next
+round trains (torch releases the GIL in its kernels; the driver's loop mostly waits on Ray). A thread,
+not a Ray task: a fresh Ray worker would import torch and the model code first, seconds of CPU on a small
+machine for a check that takes milliseconds. Its result is filed when the next round is booked (or at
+the end of the run, :meth:`SpotChecks.drain`). One forward pass of the whole model per checked Driver
+proof, in float32 on the driver's CPU: it competes with the holders for the cores, which
+benchmarks/verification.py measures.
 
 Not checked: streaming runs (``diloco.streaming_fragments > 1``): only one fragment is at theta0 when a
 round starts, so the committed losses are at weights the coordinator never held.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -39,7 +43,7 @@ from neuroray.ponw.verifier import NodeRecord, Receipt, SpotCheck
 VALIDATOR_KEY_FILE = "validator.pem"
 
 
-# ----- the recompute (runs in a Ray task, or in-process in tests) ---------------------------------
+# ----- the recompute (in the spot-check thread, or in-process in tests) ----------------------------
 def build_loss_at(model, vocab_size: int, ranges: list[tuple[int, int]], seed: int, theta0: list[torch.Tensor]):
     """``loss_fn(inputs, labels)``: the pipeline of ``ranges`` at these flat theta0 vectors, one per range,
     in float32 on the CPU, as the holders compute the loss (each stage's module, chained)."""
@@ -84,19 +88,18 @@ def recompute_checks(spec: dict, theta0: list[torch.Tensor], proofs: list[bytes]
             for proof, check in spot_checks(proofs, recompute, cfg, random.Random(seed), rate)]
 
 
-@ray.remote(num_cpus=0)
-def recompute_task(spec: dict, proofs: list[bytes], seed: int, rate: float, tolerance: float, max_proof_bytes: int,
-                   *theta0: torch.Tensor) -> tuple[list[tuple[bytes, SpotCheck]], float]:
-    """:func:`recompute_checks`, and the seconds it took (the cost of the checks, for the logs)."""
-    torch.set_num_threads(1)  # beside the holders: one core at most
+def _recompute_job(spec: dict, theta0_refs: list, proofs: list[bytes], seed: int, rate: float, tolerance: float,
+                   max_proof_bytes: int) -> tuple[list[tuple[bytes, SpotCheck]], float]:
+    """:func:`recompute_checks` on the kept theta0 refs, and the seconds it took (its cost, for the logs)."""
     t0 = time.perf_counter()
-    checks = recompute_checks(spec, list(theta0), proofs, seed, rate, tolerance, max_proof_bytes)
+    theta0 = ray.get(theta0_refs)
+    checks = recompute_checks(spec, theta0, proofs, seed, rate, tolerance, max_proof_bytes)
     return checks, time.perf_counter() - t0
 
 
 # ----- the driver's side ----------------------------------------------------------------------------
 class SpotChecks:
-    """The trainer's validator: draws, recomputes (in a Ray task), files evidence and claims its fees."""
+    """The trainer's validator: draws, recomputes (in a background thread), files evidence and claims its fees."""
 
     def __init__(self, trainer):
         cfg = trainer.cfg
@@ -105,7 +108,8 @@ class SpotChecks:
         self.identity = Identity.load_or_create(Path(cfg.swarm.key_dir).expanduser() / VALIDATOR_KEY_FILE)
         self.record = NodeRecord(self.identity.node_id, self.identity.public_key, 0, cfg.model.n_layers, True, True)
         self.tokens_per_batch = cfg.data.seq_len * cfg.data.microbatch_size
-        self.pending: list[tuple[int, object]] = []  # (outer round, ref of the recompute task)
+        self.pending: list[tuple[int, Future]] = []  # (outer round, its recompute in the thread)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spot-checks")
         self.start: tuple[list, dict] | None = None  # the round in flight: theta0 refs and the model they fit
         self.stats = {"checked": 0, "failed": 0, "slashed": 0, "fees": 0, "seconds": 0.0}
         if self.enabled:
@@ -138,9 +142,9 @@ class SpotChecks:
         self.start = None
         if drivers:
             p = self.ponw
-            ref = recompute_task.remote(spec, drivers, random.SystemRandom().getrandbits(63), p.spot_check_rate,
-                                        p.spot_check_tolerance, p.max_proof_bytes, *theta0)
-            self.pending.append((outer_round, ref))
+            job = self.pool.submit(_recompute_job, spec, theta0, drivers, random.SystemRandom().getrandbits(63),
+                                   p.spot_check_rate, p.spot_check_tolerance, p.max_proof_bytes)
+            self.pending.append((outer_round, job))
         return sent
 
     def drain(self) -> int:
@@ -151,13 +155,12 @@ class SpotChecks:
         sent = 0
         timeout = self.trainer.cfg.cluster.step_timeout_s
         while self.pending:
-            outer_round, ref = self.pending[0]
-            ready, _ = ray.wait([ref], timeout=timeout if wait else 0)
-            if not ready:
+            outer_round, job = self.pending[0]
+            if not (wait or job.done()):
                 break
             self.pending.pop(0)
             try:
-                checks, seconds = ray.get(ref)
+                checks, seconds = job.result(timeout=timeout)
             except Exception as exc:  # noqa: BLE001 - a lost check is no evidence against anyone
                 self.trainer.log(f"spot checks of round {outer_round} failed to run ({type(exc).__name__}: {exc})")
                 continue
