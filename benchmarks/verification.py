@@ -134,25 +134,29 @@ def main(argv: list[str]) -> None:
     rounds, rate = int(opts.get("rounds", 4)), float(opts.get("rate", 1.0))
     replicas, seeds = int(opts.get("replicas", 3)), int(opts.get("seeds", 3))
     n_honest = int(opts.get("honest_rounds", 100))
-    labels = opts["attacks"].split(",") if "attacks" in opts else list(ATTACKS)
+    labels = [x for x in opts["attacks"].split(",") if x] if "attacks" in opts else list(ATTACKS)  # "": part 2 only
     cmd = " ".join(["python benchmarks/verification.py", *argv])
     write = opts.get("write", "1") != "0"
     t0 = time.time()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows = {}
+    if labels:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             # untimed: the first run builds the dataset and warms the caches
-            warm = real_run(Path(tmp), "warmup", None, 1, 1.0, replicas)
-            print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
+            if labels:
+                warm = real_run(Path(tmp), "warmup", None, 1, 1.0, replicas)
+                print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
             for label in labels:
                 _, attack, value = ATTACKS[label]
                 rows[label] = real_run(Path(tmp), label, (attack, value) if attack else None, rounds, rate, replicas)
                 print(label, rows[label], flush=True)
     finally:
-        ray.shutdown()
+        if labels:
+            ray.shutdown()
     clean = rows.get("honest", {}).get("eval_loss", math.nan)
-    print("| attack | detected | first round caught | NEURO kept: attacker / honest | false positives "
+    if rows:
+        print("| attack | detected | first round caught | NEURO kept: attacker / honest | false positives "
           "(honest holder-rounds) | eval loss vs honest run | spot checks / training time |")
     for label, r in rows.items():
         detected = "-" if label == "honest" else ("yes" if r["caught"] else "**no**")

@@ -121,7 +121,7 @@ class SpotChecks:
 
     def round_starts(self) -> None:
         """Before the outer step: the theta0 (every range's) and the model the round's proofs commit to."""
-        if not self.enabled:
+        if not self.enabled or self.trainer.swarm.data is None:  # no data plan: nothing to rebuild a batch from
             return
         t = self.trainer
         swarm, d = t.swarm, t.cfg.data
@@ -134,7 +134,7 @@ class SpotChecks:
         """After a round's proofs were booked: file the earlier rounds' finished checks, start this one's.
         Returns the control-plane bytes sent to the ledger."""
         sent = self._file(wait=False)
-        if not self.enabled or self.start is None or self.trainer.swarm.data is None:
+        if not self.enabled or self.start is None:
             return sent
         credited = {o["proof_id"] for o in outcomes if o["accepted"]}
         drivers = [p for p in proofs if _is_credited_driver(p, credited, self.ponw.max_proof_bytes)]
