@@ -193,6 +193,12 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     report.accepted = result.accepted
     report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in result.rejected]
     report.dropped = sorted(i for i, w in (result.weights or {}).items() if w == 0.0)
+    if observe:  # PoNW: name the holders whose delta the rule had to neutralise, so they earn nothing for it
+        from neuroray.ponw.outliers import suspects
+
+        named = suspects(contributions, result.accepted, result.value, cfg.f - len(report.rejected))
+        report.rejected += named
+        report.accepted = [i for i in report.accepted if i not in {i for i, _ in named}]
     opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
     opt.buf = None if momentum is None else momentum.clone()
     new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))

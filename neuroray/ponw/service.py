@@ -179,18 +179,36 @@ def make_recompute(root: str | Path, manifest, seq_len: int, microbatch_size: in
     return recompute
 
 
-def _failed_checks(proofs, recompute, cfg: PonwConfig, rng, rate) -> list[tuple[Proof, SpotCheck]]:
+def spot_checks(proofs, recompute, cfg: PonwConfig, rng=None, rate=None) -> list[tuple[Proof, SpotCheck]]:
+    """Spot-check a sample (``rate``, default ``cfg.spot_check_rate``) of these Driver training proofs:
+    every check made, passed or failed, with its proof (a validator is paid per recomputed batch)."""
     rng = rng or random.SystemRandom()
     rate = cfg.spot_check_rate if rate is None else rate
-    failures = []
+    checks = []
     for data in proofs:
         proof = SignedProof.from_bytes(data, cfg.max_proof_bytes).proof
         if not (proof.proof_type == "training" and proof.has_embedding) or rng.random() >= rate:
             continue
         check = spot_check(proof, recompute, cfg.spot_check_tolerance, rng)
-        if check is not None and not check.ok:
-            failures.append((proof, check))
-    return failures
+        if check is not None:
+            checks.append((proof, check))
+    return checks
+
+
+def _failed_checks(proofs, recompute, cfg: PonwConfig, rng, rate) -> list[tuple[Proof, SpotCheck]]:
+    return [(proof, check) for proof, check in spot_checks(proofs, recompute, cfg, rng, rate) if not check.ok]
+
+
+def validation_proof(identity: Identity, record: NodeRecord, outer_round: int, batches: int, tokens_per_batch: int,
+                     backend: str = "auto") -> bytes:
+    """A validator's signed proof that it recomputed ``batches`` microbatches of round ``outer_round``:
+    the ledger pays ``ponw.validation_fee_per_batch`` for each, against the coordinator's receipt."""
+    proof = Proof(node_id=identity.node_id, proof_type="validation", timestamp_ms=now_ms(), nonce=new_nonce(),
+                  outer_round=outer_round, tokens_processed=batches * tokens_per_batch, training_batches=batches,
+                  layers_held=record.layers_held, layer_start=record.layer_start,
+                  has_embedding=record.has_embedding, has_lm_head=record.has_lm_head, shard_id=None,
+                  data_position=0, theta0_before="", theta0_after="", pseudo_gradient="")
+    return proof.sign(identity, backend).to_bytes()
 
 
 def audit_round(proofs: Iterable[bytes], recompute: Callable[[Proof, int], float], cfg: PonwConfig,

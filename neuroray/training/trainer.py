@@ -89,6 +89,9 @@ class Trainer:
         holders = [h for p in self.swarm.replicas for h in p]
         records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
         ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)))
+        from neuroray.training.audit import SpotChecks
+
+        self.spot_checks = SpotChecks(self)  # a validator recomputes a sample of each round's Driver proofs
 
     def _book_proofs(self, result: RoundResult) -> int:
         """Every holder's signed proof of the round goes to the ledger with what the executor saw it do,
@@ -133,12 +136,16 @@ class Trainer:
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
-        return sum(len(proof) for proof, _ in items)  # control plane: counted, not sync
+        # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed
+        checks = self.spot_checks.audit([proof for proof, _ in items], outcomes, self.outer.rounds)
+        return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync
 
     def routing_summary(self) -> dict | None:
         return self.executor.routing_summary()
 
     def ledger_summary(self) -> dict | None:
+        if self.ledger is not None:
+            self.spot_checks.drain()  # the last round's spot checks are booked too
         return None if self.ledger is None else ray.get(self.ledger.summary.remote())
 
     def close(self) -> None:
@@ -242,6 +249,8 @@ class Trainer:
     def _outer_round(self, step: int | None) -> None:
         """Run the outer step after inner step ``step``, or (None) book the overlapped round that landed, if any.
         With ``diloco.overlap`` the outer step only starts here and is booked when it lands."""
+        if self.ledger is not None and step is not None:
+            self.spot_checks.round_starts()  # the theta0 this round's proofs commit to
         result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
         if result is None:
             return

@@ -1,0 +1,197 @@
+"""Detection table: holders that cheat from inside their own processes, and what catches them.
+
+1. Real holders (Ray): for every holder-side attack of neuroray/swarm/faults.py (``misbehaving``), one
+   run of the tiny model, ``replicas`` replicas x 1 stage, ``aggregator=robust``, ``rounds`` rounds; replica
+   2's holder cheats from round 1 on, replicas 0 and 1 are honest. Spot checks at
+   ``ponw.spot_check_rate=rate`` (1.0 by default: every credited Driver proof, so the table shows what a
+   check catches; at a rate p a persistent liar is caught after 1/p rounds on average). Per attack:
+   whether the attacker was caught and in which round first (its proof refused, invalidated, earning 0, or
+   its holder named among the round's rejections), the NEURO it kept against an honest holder's, false
+   positives (an honest holder refused, named, slashed or paid 0), and the cost of the spot checks: the
+   recompute thread's seconds over the run's training seconds.
+2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
+   robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
+   honest holders the outlier naming (neuroray/ponw/outliers.py) names, with the smallest cosine to the
+   robust aggregate and the largest norm ratio seen (the thresholds are 0 and 4).
+
+    flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=4] [rate=1.0] [replicas=3]
+                                 [seeds=3] [honest_rounds=100] [attacks=a,b,...] [write=1]
+
+Appends rows to docs/benchmarks.md ("Verification: ...").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._report import append_row, machine  # noqa: E402
+from neuroray.configure import load_config  # noqa: E402
+
+ATTACKS = {  # key -> (what the table calls it, holder attack, value); the attacker is replica 2's holder
+    "honest": ("honest (no attacker)", None, 0),
+    "lie": ("lying loss: commits 0.5 x the losses it computed", "lie_loss", 0.5),
+    "lie_small": ("lying loss: 0.98 x", "lie_loss", 0.98),
+    "lie_within": ("lying loss: 0.995 x (inside the tolerance)", "lie_loss", 0.995),
+    "inflate": ("inflated batch count: +4 per round", "inflate_batches", 4),
+    "scale": ("scaled pseudo-gradient: x100", "scale_delta", 100),
+    "sign_flip": ("sign-flipped pseudo-gradient", "sign_flip", 1),
+    "zero": ("zero pseudo-gradient (free rider)", "zero_delta", 0),
+    "stale": ("replayed pseudo-gradient (previous round's)", "stale_delta", 0),
+}
+SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
+         "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
+NAMED = re.compile(r"outer round (\d+): range \d+ rejected holder #(\d+): (.*)")
+CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
+
+
+def real_run(tmp: Path, label: str, attack: tuple | None, rounds: int, rate: float, replicas: int) -> dict:
+    """One run with replica 2's holder cheating; what the ledger and the logs say about every holder."""
+    from neuroray.ponw.identity import Identity
+    from neuroray.swarm.faults import misbehaving
+    from neuroray.training.run import run
+
+    run_dir = tmp / label
+    cfg = load_config([*SMALL, f"run_dir={run_dir}", f"rounds={rounds}", "diloco.inner_steps=4",
+                       f"diloco.replicas={replicas}", "swarm.num_stages=1", "aggregator=robust",
+                       f"swarm.key_dir={run_dir / 'keys'}", "cluster.cpus_per_holder=0.25", "sample_tokens=1",
+                       "checkpoint.every_round=false", "checkpoint.interval_s=0", "progress_bar=false",
+                       f"ponw.spot_check_rate={rate}"])
+    lines: list[str] = []
+    holders = misbehaving({"r2-s0": attack} if attack else {})
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=holders)
+    ids = [Identity.load_or_create(run_dir / "keys" / f"holder-r{r}-s0.pem").node_id for r in range(replicas)]
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    caught: dict[int, set[int]] = {r: set() for r in range(replicas)}  # replica -> rounds it was caught in
+    for node, rnd, status, reward in db.execute(
+            "SELECT node_id, outer_round, status, reward FROM proofs WHERE proof_type = 'training'"):
+        if node in ids and (status != "credited" or reward == 0):
+            caught[ids.index(node)].add(rnd)
+    for line in lines:
+        m = NAMED.search(line)
+        if m:
+            caught[int(m.group(2))].add(int(m.group(1)))
+    held = dict(db.execute("SELECT node_id, balance + stake FROM accounts"))
+    slashed = {n for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")}
+    check_s = sum(float(m.group(1)) for line in lines if (m := CHECKED.search(line)))
+    honest = [r for r in range(replicas) if r != 2 or attack is None]
+    false_pos = sum(len(caught[r]) + (ids[r] in slashed) for r in honest)
+    train_s = result.tokens / max(result.tokens_per_s, 1e-9)
+    return {"caught": sorted(caught[2]) if attack else [], "attacker": held.get(ids[2], 0) / 1e6,
+            "honest": min(held.get(ids[r], 0) for r in honest if r != 2) / 1e6, "false_pos": false_pos,
+            "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
+            "eval_loss": result.eval_loss}
+
+
+def honest_rounds(seeds: int, rounds: int) -> dict:
+    """Outlier naming over honest DiLoCo rounds (8 replicas, robust rule with f=2), in this process."""
+    import copy
+
+    from torch.nn.utils import parameters_to_vector
+
+    from benchmarks.robustness import OVERRIDES, Replicas, _setup, rule_overrides
+    from neuroray.diloco.aggregate import aggregate
+    from neuroray.diloco.sync import OuterMemory, outer_step
+
+    named = total = 0
+    min_cos, max_ratio = 1.0, 0.0
+    torch.set_num_threads(1)
+    for seed in range(seeds):
+        cfg = load_config(OVERRIDES + [f"seed={seed}", "diloco.inner_steps=10", *rule_overrides("trimmed_mean+nnm")])
+        vocab, batches, _ = _setup(cfg, seed, rounds * 10)
+        reps = Replicas(cfg, vocab, seed)
+        theta0 = parameters_to_vector(reps.models[0].parameters()).detach().clone()
+        momentum, memory = None, OuterMemory()
+        for rnd in range(rounds):
+            if rnd:
+                reps.load(theta0)
+            deltas = reps.inner(theta0, batches, rnd * 10, 10)
+            agg = aggregate(copy.deepcopy(cfg.aggregator), deltas, theta0.numel()).value
+            for d in deltas:
+                min_cos = min(min_cos, float(torch.dot(d, agg) / (d.norm() * agg.norm())))
+            norms = sorted(float(d.norm()) for d in deltas)
+            max_ratio = max(max_ratio, norms[-1] / ((norms[3] + norms[4]) / 2))
+            theta0, momentum, report, memory = outer_step(cfg.aggregator, cfg.diloco, 0, theta0, momentum, *deltas,
+                                                          memory=memory, round_index=rnd, seed=seed, observe=True)
+            named += len(report.rejected)
+            total += len(deltas)
+    return {"named": named, "total": total, "min_cos": min_cos, "max_ratio": max_ratio}
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(a.split("=", 1) for a in argv)
+    rounds, rate = int(opts.get("rounds", 4)), float(opts.get("rate", 1.0))
+    replicas, seeds = int(opts.get("replicas", 3)), int(opts.get("seeds", 3))
+    n_honest = int(opts.get("honest_rounds", 100))
+    labels = [x for x in opts["attacks"].split(",") if x] if "attacks" in opts else list(ATTACKS)  # "": part 2 only
+    cmd = " ".join(["python benchmarks/verification.py", *argv])
+    write = opts.get("write", "1") != "0"
+    t0 = time.time()
+    rows = {}
+    if labels:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # untimed: the first run builds the dataset and warms the caches
+            if labels:
+                warm = real_run(Path(tmp), "warmup", None, 1, 1.0, replicas)
+                print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
+            for label in labels:
+                _, attack, value = ATTACKS[label]
+                rows[label] = real_run(Path(tmp), label, (attack, value) if attack else None, rounds, rate, replicas)
+                print(label, rows[label], flush=True)
+    finally:
+        if labels:
+            ray.shutdown()
+    clean = rows.get("honest", {}).get("eval_loss", math.nan)
+    if rows:
+        print("| attack | detected | first round caught | NEURO kept: attacker / honest | false positives "
+          "(honest holder-rounds) | eval loss vs honest run | spot checks / training time |")
+    for label, r in rows.items():
+        detected = "-" if label == "honest" else ("yes" if r["caught"] else "**no**")
+        first = str(r["caught"][0]) if r["caught"] else "-"
+        values = [ATTACKS[label][0], detected, first, f"{r['attacker']:.4f} / {r['honest']:.4f}" if label != "honest" else
+                  f"- / {r['honest']:.4f}", f"{r['false_pos']} of {r['honest_rounds']}",
+                  f"{r['eval_loss'] / clean - 1:+.2%}" if math.isfinite(clean) else "-",
+                  f"{r['check_s']:.2f}s / {r['train_s']:.1f}s = {r['check_s'] / r['train_s']:.1%}"]
+        print("| " + " | ".join(values) + " |")
+        if write:
+            append_row("Verification: holders that cheat, real holders (Ray)",
+                       ["attack", "detected", "first round caught", "NEURO kept: attacker / honest",
+                        "false positives (honest holder-rounds)", "eval loss vs honest run",
+                        "spot checks / training time", "setup", "command"],
+                       [*values, f"{replicas} replicas x 1 stage, tiny d64 L2, robust rule, {rounds} rounds x H=4, "
+                                 f"spot_check_rate={rate}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                       note="benchmarks/verification.py part 1: replica 2's holder cheats from round 1 inside its "
+                            "own process (neuroray/swarm/faults.py `misbehaving`); 'caught': its proof refused, "
+                            "invalidated or paid 0, or its holder named among the round's rejections. Spot-check "
+                            "time is the recompute thread's own seconds (fetching theta0, building the stages, reading "
+                            "the data, the forward passes), after an untimed warm-up run.")
+    if n_honest and seeds:
+        h = honest_rounds(seeds, n_honest)
+        print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "
+              f"robust aggregate {h['min_cos']:+.3f}; largest norm / median {h['max_ratio']:.2f}")
+        if write:
+            append_row("Verification: outlier naming over honest rounds (in process)",
+                       ["honest holder-rounds", "named (false positives)", "smallest cosine to the robust aggregate",
+                        "largest norm / median", "setup", "command"],
+                       [str(h["total"]), str(h["named"]), f"{h['min_cos']:+.3f} (threshold 0)",
+                        f"{h['max_ratio']:.2f} (threshold 4)",
+                        f"8 replicas, tiny d64 L2, trimmed_mean+nnm f=2, H=10, {seeds} seeds x {n_honest} rounds, "
+                        f"{machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"])
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
