@@ -155,7 +155,7 @@ def test_a_partition_of_a_holders_host(lab, setup):
         rejoined = []
     else:
         assert res["routing"]["rejoins"] >= 1, res["routing"]  # the router's probe brought them back
-        assert any("is down (its control thread left" in m for _, m in run.logs), run.logs[-40:]
+        assert any("is down (its host does not answer" in m for _, m in run.logs), run.logs[-40:]
         rejoined = marks["slots"]
     # the moved or rejoined holders' proofs name nodes the ledger knows (registered by the coordinator)
     assert not [m for _, m in run.logs if "unknown_node" in m], [m for _, m in run.logs if "ledger" in m]

@@ -67,6 +67,7 @@ class Router:
             hosts_lost = lambda handles: lost(handles, liveness_probe_s)  # noqa: E731
         self.hosts_lost = hosts_lost
         self.control_sent: dict = {}  # control-thread call ref -> when it was sent (liveness)
+        self.rejoined: list[HolderState] = []  # since the caller last took them (their key may be new)
         self.recovery_timeout_s, self.snapshot_dir = recovery_timeout_s, snapshot_dir
         self.ranges = [[HolderState(h, s, i) for i, h in enumerate(hs)] for s, hs in enumerate(holders_by_range)]
         self.S = len(self.ranges)
@@ -601,6 +602,7 @@ class Router:
         h.forget()
         h.last_done = h.up_since = time.monotonic()
         self.stats.rejoins += 1
+        self.rejoined.append(h)
         self.log(f"router: holder {h.name} restarted and rejoins at its range's theta0")
 
     # ----- helpers ------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class RoutedSwarm(StepExecutor):
     def outer_step(self, step: int) -> RoundResult:
         t = self.trainer
         c, outer = t.cfg.cluster, t.outer
+        rejoined, self.router.rejoined = self.router.rejoined, []  # restarted elsewhere, a holder has a new key
+        t.refresh_identities(list({id(h): h.handle for h in rejoined if not h.down}.values()))
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()

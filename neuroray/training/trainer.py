@@ -216,6 +216,7 @@ class Trainer:
                   if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
         ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
+        self.refresh_identities(pipeline)
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
         self.stats.recoveries.append(record)
@@ -223,6 +224,24 @@ class Trainer:
             self.metrics.failover()
         self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
                  f"{record['restored_steps']}); re-running its lost step")
+
+    def refresh_identities(self, holders: list) -> None:
+        """Holders that Ray restarted may run on another host now, where their PoNW key is another one
+        (``swarm.key_dir`` is per host): the receipts name their new node ids and the ledger registers them."""
+        if self.ledger is None or not holders:
+            return
+        flat = [h for p in self.swarm.replicas for h in p]
+        infos = self.swarm.get([h.info.remote() for h in holders], self.cfg.checkpoint.recovery_timeout_s,
+                               "reading the restarted holders' identities")
+        moved = []
+        for h, info in zip(holders, infos):
+            k = next(k for k, x in enumerate(flat) if x is h)
+            if self.swarm.infos[k]["node_id"] != info["node_id"]:
+                self.swarm.infos[k] = info
+                moved.append(h)
+        if moved:
+            self.log(f"ledger: {len(moved)} restarted holder(s) run under a new key; registering it")
+            self._register_holders(moved, "registering the restarted holders")
 
     def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
         for peer in peers:
