@@ -88,3 +88,34 @@ def test_liveness_config_is_checked_in_one_line():
             load_config([override])
         assert "\n" not in str(err.value)
 
+
+
+def test_a_holder_with_work_and_nothing_finished_is_pinged_and_one_that_finished_is_not():
+    """A cut host's holder may have no call that is due (they queue behind an optimizer step that never
+    finishes): waiting work and no completion for the deadline send a ping, whose silence marks it down."""
+    pinged = []
+
+    class Handle:
+        def __init__(self, name):
+            self.name = name
+            self.counters = self
+
+        def options(self, **kw):
+            return self
+
+        def remote(self):
+            pinged.append(self.name)
+            return object()
+
+    r = Router([[Handle("a"), Handle("b")]], SwarmConfig(routing="router"), log=lambda *a: None,
+               liveness_timeout_s=1.0, hosts_lost=lambda handles: [True] * len(handles))
+    busy, idle = r.ranges[0]
+    busy.queue.append(object())
+    busy.last_done -= 5  # nothing finished for 5 s
+    r._check_liveness()
+    assert pinged == ["a"]  # idle has no work: not pinged
+    r._check_liveness()
+    assert pinged == ["a"]  # one ping at a time
+    _age(r, busy, 1.5)
+    r._check_liveness()
+    assert busy.down and not idle.down

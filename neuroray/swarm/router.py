@@ -54,12 +54,13 @@ __all__ = ["Call", "Flight", "HolderState", "Router", "RouterStats", "holder_die
 class Router:
     def __init__(self, holders_by_range: list[list], cfg: SwarmConfig, theta0_of=None, recovery_timeout_s: float = 120.0,
                  snapshot_dir: str = "", log=print, liveness_timeout_s: float = 0.0, liveness_probe_s: float = 1.0,
-                 hosts_lost=None):
-        """``theta0_of(s)`` returns the ref of range s's current theta0 (a restarted holder rejoins there).
+                 hosts_lost=None, rounds_of=None):
+        """``theta0_of(s)`` returns the ref of range s's current theta0 (a restarted holder rejoins there), and
+        ``rounds_of()`` the swarm's outer round count (which it rejoins at).
         ``liveness_timeout_s``: a control call unanswered this long has its holder's host probed, and the
         holder marked down when the host does not answer (0: never); ``hosts_lost(handles)`` says which
         (default: neuroray.swarm.liveness.lost with ``liveness_probe_s``)."""
-        self.cfg, self.log, self.theta0_of = cfg, log, theta0_of
+        self.cfg, self.log, self.theta0_of, self.rounds_of = cfg, log, theta0_of, rounds_of
         self.liveness_timeout_s = liveness_timeout_s
         if hosts_lost is None:
             from neuroray.swarm.liveness import lost
@@ -528,6 +529,12 @@ class Router:
         if self.liveness_timeout_s <= 0:
             return
         now = time.monotonic()
+        for hs in self.ranges:
+            for h in hs:
+                # work waiting on it (calls, or an optimizer step the calls queue behind) and nothing finished
+                # for a while: ask its control thread, whose silence is what the deadline below times
+                if not h.down and (h.queue or not self._barrier_done(h)) and now - h.last_done > self.liveness_timeout_s:
+                    self.ping(h)
         overdue: dict = {}  # holder -> (what, refs) of its control calls unanswered past the deadline
         for ref, t in self.control_sent.items():
             what, h, _ = self.control[ref]
@@ -596,7 +603,8 @@ class Router:
 
     def _rejoin(self, h: HolderState) -> None:
         theta0 = self.theta0_of(h.stage) if self.theta0_of else h.handle.flat_params.remote()
-        h.barrier = h.handle.rejoin.remote(theta0)
+        # and at the swarm's round count, so its next proof names the round the ledger's receipt does
+        h.barrier = h.handle.rejoin.remote(theta0, self.rounds_of() if self.rounds_of else None)
         self.control[h.barrier] = ("rejoin", h, None)
         h.down = False
         h.forget()

@@ -27,6 +27,7 @@ class RoutedSwarm(StepExecutor):
         super().attach(trainer)
         c = trainer.cfg
         self.router = Router(trainer.swarm.by_range, c.swarm, theta0_of=lambda s: trainer.outer.theta0[s],
+                             rounds_of=lambda: trainer.outer.rounds,
                              recovery_timeout_s=c.checkpoint.recovery_timeout_s,
                              snapshot_dir=trainer.snapshot_dir, log=trainer.log,
                              liveness_timeout_s=c.cluster.liveness_timeout_s,
