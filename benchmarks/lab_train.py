@@ -117,7 +117,10 @@ def partition(cfg, ov, setup: str, rounds: int, inner: int, heal_after_s: float)
             "cut_to_step": None if nxt is None else nxt[1] - marks["cut"],
             "heal_to_accepted": None if accepted is None else accepted - marks["heal"],
             "cut_to_heal": marks["heal"] - marks["cut"], "recoveries": res["recoveries"],
-            "routing": res["routing"], "unknown_node_lines": len(unknown), "refused": refused}
+            "routing": res["routing"], "unknown_node_lines": len(unknown), "refused": refused,
+            # what the driver said about the partition, in seconds from the cut
+            "events": [(round(t - marks["cut"], 1), m[:160]) for t, m in run.logs if t >= marks["cut"] - 1
+                       and m.startswith(("liveness", "recovery", "router: holder", "ledger: proof"))]}
 
 
 NOTE_TP = ("3 lab hosts, driver on h0, every host's link shaped in both directions; the default config (2 stages x 2 "
@@ -165,7 +168,7 @@ def partition_row(setup: str, p: dict, cmd: str) -> None:
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
     setups = opts.get("setups", "fixed,router").split(",")
-    rates = opts.get("rates", "unshaped,1gbit,100mbit,20mbit").split(",")
+    rates = [r for r in opts.get("rates", "unshaped,1gbit,100mbit,20mbit").split(",") if r]  # "rates=": none
     rounds, inner = int(opts.get("rounds", 3)), int(opts.get("inner_steps", 4))
     heal_after_s = float(opts.get("heal_after_s", 120))
     do_partition = opts.get("partition", "true").lower() not in ("false", "0", "no")
@@ -183,6 +186,7 @@ def main(argv: list[str]) -> None:
                 try:
                     p = partition(cfg, ov, setup, max(rounds, 4), inner, heal_after_s)
                 except RuntimeError as exc:  # the run failed: that is the result
+                    print(exc, flush=True)
                     p = {"error": str(exc).strip().splitlines()[-1][:200]}
                 print(f"{setup} partition: {p}", flush=True)
                 partition_row(setup, p, cmd)

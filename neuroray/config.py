@@ -175,6 +175,12 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads inside each holder
     actor_start_timeout_s: float = 180.0  # how long the holders may take to start and load
     step_timeout_s: float = 600.0  # how long one inner step (or an outer step) may take before it counts as failed
+    # a step (fixed routing) or a router's control call not back within this has the hosts of its holders
+    # probed (a TCP connect to their Ray node): fixed routing starts the holders of a host that does not
+    # answer afresh on a live node, the router marks them down. 0: wait for Ray's node-death detection
+    # (about a minute; docs/lab.md). Probing a host that answers costs nothing, so this may be short.
+    liveness_timeout_s: float = 1.0
+    liveness_probe_s: float = 1.0  # how long a holder's host may take to accept that connection
     # joining a cluster: how long every node's Python may take to report missing dependencies (a worker
     # start imports nothing of ours, but a node under load can take seconds to start one)
     node_check_timeout_s: float = 120.0

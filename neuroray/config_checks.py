@@ -55,12 +55,16 @@ def validate(cfg: TrainConfig) -> None:
         "cluster.step_timeout_s": cfg.cluster.step_timeout_s,
         "cluster.store_timeout_s": cfg.cluster.store_timeout_s, "cluster.store_chunk_mb": cfg.cluster.store_chunk_mb,
         "cluster.store_probe_timeout_s": cfg.cluster.store_probe_timeout_s,
+        "cluster.liveness_probe_s": cfg.cluster.liveness_probe_s,
         "checkpoint.keep": cfg.checkpoint.keep,
         "checkpoint.recovery_timeout_s": cfg.checkpoint.recovery_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if cfg.cluster.liveness_timeout_s < 0:
+        raise ConfigError(f"cluster.liveness_timeout_s={cfg.cluster.liveness_timeout_s} must be >= 0 "
+                          "(0 waits for Ray's own node-death detection)")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision} is unknown; choose {', '.join(PRECISIONS)}")
     if s.num_stages > m.n_layers:

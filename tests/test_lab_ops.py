@@ -4,7 +4,9 @@
   its .venv on the head host, `RAY_AUTH_MODE=token .venv/bin/ray job submit --address http://HEAD_IP:8265
   --runtime-env jobs/runtime_env.yaml -- python -m neuroray.train rounds=2 diloco.inner_steps=10`);
 * a partition: `lab cut` on the host of one replica mid-round (fixed routing and `swarm=router`); training
-  goes on, after `lab heal` the holder slots of the cut host are back, no outer update is lost or applied
+  goes on (the liveness deadline, not Ray's node death, finds the cut host: fixed routing starts the
+  holders afresh on a live node, the router marks them down), after `lab heal` the holder slots of the cut
+  host are back, their proofs are credited (no `unknown_node`), no outer update is lost or applied
   twice (every holder applied every round; the holders of a range end on one theta0), and the ledger
   credits nothing twice (at most one credited proof per node and round; minted supply = credited rewards).
 
@@ -105,9 +107,7 @@ def _check_no_double_update_or_credit(cfg, res: dict, name: str, rounds: int, re
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
-# Fixed routing only for now: a routed run cut mid-round finished its steps, then failed flushing snapshots
-# while Ray was still restarting a holder the router had never marked down (docs/lab.md, "Partitions").
-@pytest.mark.parametrize("setup", ["fixed"])
+@pytest.mark.parametrize("setup", ["fixed", "router"])
 def test_a_partition_of_a_holders_host(lab, setup):
     cfg, ov = lab
     ips = [cfg.host_ip(i) for i in range(cfg.hosts)]
@@ -150,8 +150,13 @@ def test_a_partition_of_a_holders_host(lab, setup):
         assert "error" not in res["holders"][slot], res["holders"]
     if setup == "fixed":
         assert [r["replica"] for r in res["recoveries"]], res["recoveries"]  # recovered as docs/checkpointing.md says
+        # found by the liveness deadline, not by Ray's node death: the holders were started on a live node
+        assert any(m.startswith("liveness: ") for _, m in run.logs), run.logs[-40:]
         rejoined = []
     else:
         assert res["routing"]["rejoins"] >= 1, res["routing"]  # the router's probe brought them back
+        assert any("is down (its host does not answer" in m for _, m in run.logs), run.logs[-40:]
         rejoined = marks["slots"]
+    # the moved or rejoined holders' proofs name nodes the ledger knows (registered by the coordinator)
+    assert not [m for _, m in run.logs if "unknown_node" in m], [m for _, m in run.logs if "ledger" in m]
     _check_no_double_update_or_credit(cfg, res, name, rounds, rejoined)

@@ -153,3 +153,23 @@ def test_a_holder_without_snapshot_copies_its_range_from_a_live_peer(ray_cluster
     assert result.recoveries[0]["replica"] == 0 and result.recoveries[0]["restored_steps"][1] is None
     assert any("copied its range from a live peer" in line for line in lines)
     assert result.losses[-1] < result.losses[0]
+
+
+def test_the_liveness_probe_finds_a_live_actor_s_node_answering(ray_cluster):
+    """The probe the liveness deadline uses (neuroray.swarm.liveness): the GCS names the node an actor runs
+    on, and that node's raylet accepts a connection. (A node that does not: tests/test_lab_ops.py cuts one.)"""
+    from neuroray.swarm.liveness import actor_node, live_node, lost
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Where:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    a = Where.remote()
+    here = ray.get(a.node.remote(), timeout=120)
+    assert actor_node(a) == here
+    assert lost([a], 1.0) == [False]
+    assert live_node(0, 0, exclude=set()) == here and live_node(0, 0, exclude={here}) is None
+    ray.kill(a)

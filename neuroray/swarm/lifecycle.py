@@ -94,7 +94,13 @@ class RangeLifecycle:
         from neuroray.snapshot import Snapshot
 
         c, o = self.compute, self.outer
-        assert not c.pending, f"{c.name}: snapshot with microbatches in flight"
+        if c.pending:
+            # Under swarm routing a re-sent or hedged forward that lost may land on the failover thread after
+            # the holder's step: its graph waits for a backward that went elsewhere. As at the step, drop it
+            # (the gradients it never made are not in the snapshot either). Fixed routing never gets here:
+            # its calls run in order on one thread, so the snapshot follows the step that cleared them.
+            log.warning("%s: dropping %d graphs no backward will use before the snapshot", c.name, len(c.pending))
+            c.pending.clear()
         tensors = {f"model.{k}": v for k, v in c.weights().items()}
         opt = c.optimizer.state_dict()
         for idx, state in opt["state"].items():

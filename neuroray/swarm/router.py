@@ -23,6 +23,11 @@ pipelines. For one inner step the :class:`Router` drives N microbatches hop by h
   slower one's queued, unstarted calls.
 - **Dead holders.** Their calls are re-sent at once, and the microbatches whose gradient they had
   applied this step are re-applied on a live holder of the range.
+- **Unreachable holders.** A holder's control thread answers at once whatever its compute thread does,
+  so a take-back, revoke or ping it leaves unanswered for ``liveness_timeout_s``
+  (``cluster.liveness_timeout_s``) has its host probed (neuroray.swarm.liveness); a host that does not
+  answer is cut off or gone, and the holder is marked down as if dead. Ray would say so only when its
+  health check gives the node up (about a minute, docs/lab.md).
 - **Rejoining.** A dead holder is probed every ``probe_interval_s``; once Ray has restarted it (it
   restored its newest snapshot) it rejoins at the range's current theta0.
 
@@ -48,9 +53,22 @@ __all__ = ["Call", "Flight", "HolderState", "Router", "RouterStats", "holder_die
 
 class Router:
     def __init__(self, holders_by_range: list[list], cfg: SwarmConfig, theta0_of=None, recovery_timeout_s: float = 120.0,
-                 snapshot_dir: str = "", log=print):
-        """``theta0_of(s)`` returns the ref of range s's current theta0 (a restarted holder rejoins there)."""
-        self.cfg, self.log, self.theta0_of = cfg, log, theta0_of
+                 snapshot_dir: str = "", log=print, liveness_timeout_s: float = 0.0, liveness_probe_s: float = 1.0,
+                 hosts_lost=None, rounds_of=None):
+        """``theta0_of(s)`` returns the ref of range s's current theta0 (a restarted holder rejoins there), and
+        ``rounds_of()`` the swarm's outer round count (which it rejoins at).
+        ``liveness_timeout_s``: a control call unanswered this long has its holder's host probed, and the
+        holder marked down when the host does not answer (0: never); ``hosts_lost(handles)`` says which
+        (default: neuroray.swarm.liveness.lost with ``liveness_probe_s``)."""
+        self.cfg, self.log, self.theta0_of, self.rounds_of = cfg, log, theta0_of, rounds_of
+        self.liveness_timeout_s = liveness_timeout_s
+        if hosts_lost is None:
+            from neuroray.swarm.liveness import lost
+
+            hosts_lost = lambda handles: lost(handles, liveness_probe_s)  # noqa: E731
+        self.hosts_lost = hosts_lost
+        self.control_sent: dict = {}  # control-thread call ref -> when it was sent (liveness)
+        self.rejoined: list[HolderState] = []  # since the caller last took them (their key may be new)
         self.recovery_timeout_s, self.snapshot_dir = recovery_timeout_s, snapshot_dir
         self.ranges = [[HolderState(h, s, i) for i, h in enumerate(hs)] for s, hs in enumerate(holders_by_range)]
         self.S = len(self.ranges)
@@ -195,6 +213,7 @@ class Router:
             if ref in self.calls:
                 self._on_call(self.calls.pop(ref), value)
             else:
+                self.control_sent.pop(ref, None)
                 self._on_control(ref, *self.control.pop(ref), value)
         return bool(ready)
 
@@ -287,7 +306,7 @@ class Router:
                 if what == "revoke" and payload is not None:  # died before the revoke landed: re-send anyway
                     self._resend(payload, exclude=h)
             return
-        if what == "revoke" and payload is not None:
+        if what == "revoke" and payload is not None and not payload.stale:  # stale: re-sent when h went down
             if value[0]:  # had not started and never will: re-send it elsewhere
                 self.stats.revoked += 1
                 payload.stale = True
@@ -388,6 +407,7 @@ class Router:
         return min(due, default=time.monotonic() + self.cfg.probe_interval_s)
 
     def _check_deadlines(self) -> None:
+        self._check_liveness()
         now = time.monotonic()
         for hs in self.ranges:
             for h in hs:
@@ -419,6 +439,7 @@ class Router:
                 c.late = True
                 self.stats.hedges += 1
                 self._submit(c.flight, "f", c.stage, other, origin=start)
+                self.ping(h)  # a late call may be a cut-off host: its control thread says
             else:
                 c.late = True  # take it back first: re-send only if it had not started
                 self._send_control("revoke", h, h.handle.revoke.options(concurrency_group="control").remote(
@@ -488,14 +509,59 @@ class Router:
                         [c.flight.mb], claim_kind(c.kind), keep_started=True, attempts=[c.attempt]),
                         payload=(c, idle))
 
-    # ----- dead holders ------------------------------------------------------------------------
+    # ----- dead and unreachable holders ----------------------------------------------------------
+    def ping(self, h: HolderState) -> None:
+        """Ask ``h``'s control thread for its counters; unanswered for liveness_timeout_s, ``h`` is marked down."""
+        if self.liveness_timeout_s > 0 and not h.down and not any(
+                w == "ping" and x is h for w, x, _ in (self.control[r] for r in self.control_sent)):
+            self._send_control("ping", h, h.handle.counters.options(concurrency_group="control").remote())
+
+    def read_pings(self) -> None:
+        """Between steps (no pump runs): read the pings answered so far, and mark down whoever is overdue."""
+        refs = [r for r in self.control_sent if self.control[r][0] == "ping"]
+        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        for ref, value in zip(ready, self._read(ready)):
+            del self.control_sent[ref]
+            self._on_control(ref, *self.control.pop(ref), value)
+        self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        if self.liveness_timeout_s <= 0:
+            return
+        now = time.monotonic()
+        for hs in self.ranges:
+            for h in hs:
+                # work waiting on it (calls, or an optimizer step the calls queue behind) and nothing finished
+                # for a while: ask its control thread, whose silence is what the deadline below times
+                if not h.down and (h.queue or not self._barrier_done(h)) and now - h.last_done > self.liveness_timeout_s:
+                    self.ping(h)
+        overdue: dict = {}  # holder -> (what, refs) of its control calls unanswered past the deadline
+        for ref, t in self.control_sent.items():
+            what, h, _ = self.control[ref]
+            if not h.down and now - t > self.liveness_timeout_s:
+                overdue.setdefault(h, (what, []))[1].append(ref)
+        if not overdue:
+            return
+        holders = list(overdue)
+        for h, is_lost in zip(holders, self.hosts_lost([h.handle for h in holders])):
+            what, refs = overdue[h]
+            if is_lost:
+                self.holder_down(h, TimeoutError(f"its host does not answer: a {what} was unanswered for "
+                                                 f"cluster.liveness_timeout_s={self.liveness_timeout_s:g}s"))
+            else:  # a slow control thread on a host that answers: ask the host again after another deadline
+                for ref in refs:
+                    self.control_sent[ref] = now
+
     def holder_down(self, h: HolderState, exc: BaseException) -> None:
         if h.down:
             return
         h.down, h.down_since, h.outbound = True, time.monotonic(), 0
         h.failures += 1
         h.failure_t = time.monotonic()
-        self.log(f"router: holder {h.name} is down ({type(exc).__name__}); re-sending its calls")
+        why = str(exc) if isinstance(exc, TimeoutError) else type(exc).__name__
+        self.log(f"router: holder {h.name} is down ({why}); re-sending its calls")
+        for ref in [r for r, (_, x, _) in self.control.items() if x is h and r in self.control_sent]:
+            del self.control_sent[ref]  # its liveness is settled; the probe tells when it is back
         for c in list(self.calls.values()):
             if c.holder is h and not c.stale:
                 self._resend(c, exclude=h)
@@ -537,17 +603,21 @@ class Router:
 
     def _rejoin(self, h: HolderState) -> None:
         theta0 = self.theta0_of(h.stage) if self.theta0_of else h.handle.flat_params.remote()
-        h.barrier = h.handle.rejoin.remote(theta0)
+        # and at the swarm's round count, so its next proof names the round the ledger's receipt does
+        h.barrier = h.handle.rejoin.remote(theta0, self.rounds_of() if self.rounds_of else None)
         self.control[h.barrier] = ("rejoin", h, None)
         h.down = False
         h.forget()
         h.last_done = h.up_since = time.monotonic()
         self.stats.rejoins += 1
+        self.rejoined.append(h)
         self.log(f"router: holder {h.name} restarted and rejoins at its range's theta0")
 
     # ----- helpers ------------------------------------------------------------------------------
     def _send_control(self, what: str, h: HolderState, ref, payload=None) -> None:
+        """A call on ``h``'s control thread, which answers at once: unanswered, it times ``h``'s liveness."""
         self.control[ref] = (what, h, payload)
+        self.control_sent[ref] = time.monotonic()
 
     def _healthy_hop(self, stage: int) -> float:
         values = [x.ewma for x in self.ranges[stage] if x.ewma is not None and not x.down]

@@ -131,6 +131,39 @@ class Swarm:
         self.infos += infos
         return new
 
+    def replace_holders(self, r: int, stages: list[int], lost_nodes: set[str], timeout_s: float) -> list:
+        """Holders of replica ``r`` at ``stages`` sit on lost nodes (neuroray.swarm.liveness): end them and start
+        fresh ones on a live node, each restoring its slot's newest complete snapshot from the snapshot store
+        (which the driver's node serves). Ray would restart them itself only once its health check declares
+        the node dead. Returns the new handles, already in ``replicas``, ``infos`` and ``by_range``."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from neuroray.snapshot import SnapshotStore
+        from neuroray.swarm.liveness import live_node
+
+        c = self.cfg.cluster
+        new = []
+        for s in stages:
+            ray.kill(self.replicas[r][s], no_restart=True)  # the GCS frees its name now, whatever the node hears
+            steps = [] if not self.snapshot_root else SnapshotStore(self.snapshot_root, f"r{r}-s{s}").steps()
+            node = live_node(c.cpus_per_holder, c.gpus_per_holder, lost_nodes)
+            strategy = None if node is None else NodeAffinitySchedulingStrategy(node, soft=False)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    h = self._holder(r, s, c.cpus_per_holder, c.gpus_per_holder, strategy, steps[-1] if steps else None)
+                    break
+                except ValueError as exc:  # the GCS may not have processed the kill yet: the name is still taken
+                    if "already" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            self.replicas[r][s] = h
+            new.append(h)
+        infos = self.get([h.info.remote() for h in new], timeout_s, f"starting replacements of replica {r}'s holders")
+        for s, info in zip(stages, infos):
+            self.infos[r * len(self.ranges) + s] = info
+        return new
+
     @property
     def by_range(self) -> list[list]:
         return [[p[s] for p in self.replicas] for s in range(len(self.ranges))]

@@ -6,9 +6,16 @@ dies, Ray restarts it (``checkpoint.max_restarts``) and it restores its newest g
 then this executor drops the half-done microbatches of that replica and re-runs its lost steps. Other
 replicas keep going. The outer step waits for every holder of every range, unless ``diloco.overlap`` lets
 it run beside the next inner steps (neuroray/training/overlap.py).
+
+A host that is cut off is not a crash: Ray would notice it only when its health check gives the node up
+(about a minute). So a step that is not back within ``cluster.liveness_timeout_s`` has the hosts of its
+replica's holders probed (neuroray.swarm.liveness); holders on a host that does not answer are ended and
+started afresh on a live node from their newest snapshots, and the replica recovers as from a crash.
 """
 
 from __future__ import annotations
+
+import time
 
 import ray
 
@@ -16,6 +23,15 @@ from neuroray.errors import PipelineError
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.training.executor import RoundResult, StepExecutor, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
+
+
+class HostsLost(Exception):
+    """Holders of a replica sit on nodes that stopped answering (neuroray.swarm.liveness)."""
+
+    def __init__(self, replica: int, lost: dict[int, str]):
+        self.lost = lost  # stage -> node id
+        super().__init__(f"the host of replica {replica}'s holders {sorted(lost)} does not answer "
+                         f"(node {', '.join(sorted({n[:12] for n in lost.values()}))})")
 
 
 class FixedPipelines(StepExecutor):
@@ -44,7 +60,7 @@ class FixedPipelines(StepExecutor):
         return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step))
 
     def collect(self, step: int) -> float:
-        """Wait for one step on every replica, recovering replicas whose holders died."""
+        """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""
         if step in self._settled:
             return self._settled.pop(step)
         t, c = self.trainer, self.trainer.cfg.cluster
@@ -53,23 +69,26 @@ class FixedPipelines(StepExecutor):
         for r in range(len(refs)):
             while True:
                 try:
-                    values = ray.get(refs[r].losses + refs[r].steps, timeout=c.step_timeout_s)
+                    values = self._wait(refs[r], r, step)
                     losses += values[: len(refs[r].losses)]
                     if step % t.sync_every == 0:  # computed at the round's start: what the Driver's proof commits
                         self._theta0_losses[r] = values[: len(refs[r].losses)]
                     break
-                except ray.exceptions.GetTimeoutError:
-                    raise PipelineError(f"inner step {step + 1} of replica {r} took longer than {c.step_timeout_s:g}s; "
-                                        "raise cluster.step_timeout_s or check the Ray dashboard") from None
+                except PipelineError:
+                    raise
                 except Exception as exc:
-                    if not holder_died(exc):
+                    lost = isinstance(exc, HostsLost)
+                    if not lost and not holder_died(exc):
                         raise user_error(exc, f"inner step {step + 1}") from None
+                    if lost:  # Ray would restart them only once its health check gives the node up
+                        self._replace(r, exc)
                     # Every call already queued on this replica (this step's and later ones) must settle
-                    # before the reset, or a stale backward could land after it. Then redo them all.
+                    # before the reset, or a stale backward could land after it. Then redo them all. (Calls
+                    # to replaced holders fail as soon as the GCS has ended them: the wait stays short.)
                     later = sorted(s for s in self.pending if s > step)
                     stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)]
                              for x in sr.losses + sr.steps + sr.tails]
-                    ray.wait(stale, num_returns=len(stale), timeout=c.step_timeout_s)
+                    ray.wait(stale, num_returns=len(stale), timeout=c.liveness_timeout_s if lost else c.step_timeout_s)
                     for x in stale:  # read the failures, so Ray does not report them as unhandled
                         value_or_none(x)
                     t.recover(r, exc)
@@ -80,6 +99,46 @@ class FixedPipelines(StepExecutor):
             for s in range(len(refs[r].steps)):
                 self._batches[s, r] = self._batches.get((s, r), 0) + len(refs[r].losses)
         return sum(losses) / len(losses)
+
+    def _wait(self, sr: StepRefs, replica: int, step: int) -> list:
+        """The step's losses and gradient norms of one replica. Every ``cluster.liveness_timeout_s`` without
+        them, the hosts of the replica's holders are asked whether they are still there
+        (neuroray.swarm.liveness); HostsLost when one is not. A slow step on hosts that answer may take up
+        to ``cluster.step_timeout_s``."""
+        c = self.trainer.cfg.cluster
+        wanted = sr.losses + sr.steps
+        deadline = time.monotonic() + c.step_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PipelineError(f"inner step {step + 1} of replica {replica} took longer than {c.step_timeout_s:g}s; "
+                                    "raise cluster.step_timeout_s or check the Ray dashboard")
+            wait = min(left, c.liveness_timeout_s) if c.liveness_timeout_s > 0 else left
+            ready, _ = ray.wait(wanted, num_returns=len(wanted), timeout=wait)
+            if len(ready) == len(wanted):
+                return ray.get(wanted)
+            if c.liveness_timeout_s > 0:
+                lost = self._lost_holders(replica)
+                if lost:
+                    raise HostsLost(replica, lost)
+
+    def _lost_holders(self, replica: int) -> dict[int, str]:
+        """stage -> node id of the replica's holders whose node does not answer."""
+        from neuroray.swarm.liveness import actor_node, unreachable
+
+        placed = {s: actor_node(h) for s, h in enumerate(self.trainer.swarm.replicas[replica])}
+        down = unreachable({n for n in placed.values() if n}, self.trainer.cfg.cluster.liveness_probe_s)
+        return {s: n for s, n in placed.items() if n and n in down}
+
+    def _replace(self, replica: int, exc: HostsLost) -> None:
+        t = self.trainer
+        t0 = time.monotonic()
+        t.log(f"liveness: {exc}; starting its holders {sorted(exc.lost)} on a live node from their newest snapshots")
+        new = t.swarm.replace_holders(replica, sorted(exc.lost), set(exc.lost.values()),
+                                      t.cfg.checkpoint.recovery_timeout_s)
+        t.holders_replaced(new)
+        t.log(f"liveness: replica {replica}'s holders {sorted(exc.lost)} started afresh and registered with the "
+              f"ledger in {time.monotonic() - t0:.1f}s")
 
     def _fragment(self, step: int) -> int | None:
         """Streaming: the fragment whose outer step follows inner step ``step``; None without streaming."""

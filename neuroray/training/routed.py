@@ -27,8 +27,11 @@ class RoutedSwarm(StepExecutor):
         super().attach(trainer)
         c = trainer.cfg
         self.router = Router(trainer.swarm.by_range, c.swarm, theta0_of=lambda s: trainer.outer.theta0[s],
+                             rounds_of=lambda: trainer.outer.rounds,
                              recovery_timeout_s=c.checkpoint.recovery_timeout_s,
-                             snapshot_dir=trainer.snapshot_dir, log=trainer.log)
+                             snapshot_dir=trainer.snapshot_dir, log=trainer.log,
+                             liveness_timeout_s=c.cluster.liveness_timeout_s,
+                             liveness_probe_s=c.cluster.liveness_probe_s)
         self.microbatches_per_step = c.data.num_microbatches * c.diloco.replicas
         self.quorum_log: list[dict] = []  # per outer round and range: who made the quorum, who was late
         self._failovers_seen = 0
@@ -90,13 +93,19 @@ class RoutedSwarm(StepExecutor):
         ray.wait(refs, num_returns=len(refs), timeout=self.trainer.cfg.cluster.step_timeout_s)
 
     def take_proof(self, holder):
-        # On the control thread: a late (hung) holder answers at once, with no proof this round.
+        # On the control thread: a late (hung) holder answers at once, with no proof this round. A holder
+        # marked down (dead, or its host cut off) has none either: asking one that is cut off would wait.
+        state = next((h for hs in self.router.ranges for h in hs if h.handle is holder), None)
+        if state is not None and state.down:
+            return ray.put(None)
         return holder.take_proof.options(concurrency_group="control").remote()
 
     # ----- the outer step with a quorum ------------------------------------------------------------
     def outer_step(self, step: int) -> RoundResult:
         t = self.trainer
         c, outer = t.cfg.cluster, t.outer
+        rejoined, self.router.rejoined = self.router.rejoined, []  # restarted elsewhere, a holder has a new key
+        t.refresh_identities(list({id(h): h.handle for h in rejoined if not h.down}.values()))
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()
@@ -143,7 +152,13 @@ class RoutedSwarm(StepExecutor):
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""
         sw, c = self.trainer.cfg.swarm, self.trainer.cfg.cluster
         refs = [ref for _, ref in items]
-        ray.wait(refs, num_returns=len(refs), timeout=max(t0 + sw.outer_deadline_s - time.monotonic(), 0))
+        while True:  # all of them, until outer_deadline_s or until the missing ones are down
+            left = t0 + sw.outer_deadline_s - time.monotonic()
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(min(left, sw.probe_interval_s), 0))
+            missing = [h for h, ref in items if ref not in ready and not h.down]
+            if not missing or left <= 0:
+                break
+            self._ping(missing)
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             answered = [(h, ref) for h, ref in items if ref in ready and self._read_holder_call(ref, h)]
@@ -157,8 +172,16 @@ class RoutedSwarm(StepExecutor):
             if time.monotonic() - t0 > c.step_timeout_s:
                 raise PipelineError(f"outer step: only {len(answered)} of the {need} holders of range {s} that "
                                     f"swarm.outer_quorum={sw.outer_quorum} needs answered in {c.step_timeout_s:g}s")
-            pending = [ref for h, ref in alive if ref not in ready]
-            ray.wait(pending, num_returns=1, timeout=sw.probe_interval_s)
+            late = [(h, ref) for h, ref in alive if ref not in ready]
+            ray.wait([ref for _, ref in late], num_returns=1, timeout=sw.probe_interval_s)
+            self._ping([h for h, _ in late])
+
+    def _ping(self, late: list) -> None:
+        """Late holders' hosts may be cut off: their control threads are asked, and those that leave it
+        unanswered for cluster.liveness_timeout_s are marked down (the quorum then goes on without them)."""
+        for h in late:
+            self.router.ping(h)
+        self.router.read_pings()
 
     def _read_holder_call(self, ref, h=None) -> bool:
         """True when the call succeeded; a dead holder is handed to the router, which brings it back."""

@@ -86,12 +86,19 @@ class Trainer:
         self.coordinator = load_coordinator(self.cfg.ponw, self.cfg.swarm.key_dir)
         self.ledger = start_ledger_actor(self.cfg.ponw, ledger_path(self.cfg.ponw, self.run_dir), self.cfg.model.n_layers,
                                          d.seq_len * d.microbatch_size, self.coordinator.public_key)
-        holders = [h for p in self.swarm.replicas for h in p]
-        records = ray.get([h.ponw_registration.remote() for h in holders], timeout=self.cfg.cluster.step_timeout_s)
-        ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)))
+        self._register_holders([h for p in self.swarm.replicas for h in p], "registering the holders")
         from neuroray.training.audit import SpotChecks
 
         self.spot_checks = SpotChecks(self)  # a validator recomputes a sample of each round's Driver proofs
+
+    def _register_holders(self, holders: list, what: str) -> None:
+        """The ledger learns these holders' PoNW keys, signed by the coordinator (before their next proof)."""
+        if self.ledger is None or not holders:
+            return
+        records = self.swarm.get([h.ponw_registration.remote() for h in holders], self.cfg.cluster.step_timeout_s,
+                                 what)
+        ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)),
+                timeout=self.cfg.cluster.step_timeout_s)
 
     def _book_proofs(self, result: RoundResult) -> int:
         """Every holder's signed proof of the round goes to the ledger with what the executor saw it do,
@@ -167,11 +174,7 @@ class Trainer:
         if hasattr(self, "_holders"):  # utilisation windows (the loop's _begin made the list)
             self._holders += holders
             self._utilisation += [h.utilisation.remote() for h in holders]
-        if self.ledger is not None:
-            records = self.swarm.get([h.ponw_registration.remote() for h in holders], self.cfg.cluster.step_timeout_s,
-                                     "registering the added holders")
-            ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)),
-                    timeout=self.cfg.cluster.step_timeout_s)
+        self._register_holders(holders, "registering the added holders")
 
     # ----- inner steps -------------------------------------------------------------------------
     def inner_lr(self, step: int) -> float:
@@ -182,6 +185,16 @@ class Trainer:
         return inner_lr_at(step, self.total_steps, d.inner_lr, d.lr_schedule, d.warmup_steps, d.min_lr_ratio)
 
     # ----- recovery ---------------------------------------------------------------------------
+    def holders_replaced(self, holders: list) -> None:
+        """The executor started ``holders`` (already in ``swarm.replicas``) in place of holders on a lost host:
+        the outer step reduces over them, utilisation reads them, and the ledger knows their keys (a holder
+        started on another host finds no key of its own there and makes one: an unregistered node id)."""
+        self.outer.holders_by_range = self.swarm.by_range
+        if hasattr(self, "_holders"):
+            self._holders = [h for p in self.swarm.replicas for h in p]
+            self._utilisation = [h.utilisation.remote() for h in self._holders]
+        self._register_holders(holders, "registering the replaced holders")
+
     def recover(self, replica: int, exc: BaseException) -> None:
         """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step.
 
@@ -232,7 +245,26 @@ class Trainer:
                   if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
         ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
+        self.refresh_identities(pipeline)
         return counters
+
+    def refresh_identities(self, holders: list) -> None:
+        """Holders that Ray restarted may run on another host now, where their PoNW key is another one
+        (``swarm.key_dir`` is per host): the receipts name their new node ids and the ledger registers them."""
+        if self.ledger is None or not holders:
+            return
+        flat = [h for p in self.swarm.replicas for h in p]
+        infos = self.swarm.get([h.info.remote() for h in holders], self.cfg.checkpoint.recovery_timeout_s,
+                               "reading the restarted holders' identities")
+        moved = []
+        for h, info in zip(holders, infos):
+            k = next(k for k, x in enumerate(flat) if x is h)
+            if self.swarm.infos[k]["node_id"] != info["node_id"]:
+                self.swarm.infos[k] = info
+                moved.append(h)
+        if moved:
+            self.log(f"ledger: {len(moved)} restarted holder(s) run under a new key; registering it")
+            self._register_holders(moved, "registering the restarted holders")
 
     def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
         for peer in peers:
