@@ -159,6 +159,7 @@ BIG = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_h
        "diloco.inner_steps=1", "checkpoint.interval_s=0", "checkpoint.every_round=false"]
 
 
+@pytest.mark.slow  # a measurement (8 rounds of a wider model across the lab): make test-slow
 def test_bytes_on_the_wire_agree_with_the_counted_bytes(lab):
     """The lab's veth counters against what the run counts (docs/lab.md, "Bytes on the wire"): DiLoCo's
     sync bytes that cross hosts plus what the driver-hosted store moved to and from other hosts."""

@@ -149,7 +149,8 @@ def _proof_rewards(run_dir, key_dir, replicas: int, stages: int) -> dict[tuple[i
         return {(rnd, *slot[node]): (status, reward) for node, rnd, status, reward in rows}
 
 
-@pytest.mark.parametrize("rule", ["krum", "nan_rejected"])
+# krum takes minutes on 2 cores: make test-slow; the rejected-NaN case runs in make test
+@pytest.mark.parametrize("rule", [pytest.param("krum", marks=pytest.mark.slow), "nan_rejected"])
 def test_holders_whose_delta_the_rule_did_not_use_earn_nothing(ray_cluster, tmp_path, rule):
     """PoNW gets the outer step's verdict: a proof for a delta that screening rejected, or that the rule
     gave weight 0 (not Krum's pick), is accepted (valid work, no slash) and credited 0 NEURO."""

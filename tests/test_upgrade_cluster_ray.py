@@ -159,6 +159,7 @@ def test_resume_after_an_upgrade_continues_on_the_grown_model(workdir, grown):
     assert resumed.ledger["proofs_rejected"] == 0 and resumed.ledger["proofs_credited"] == (ROUNDS + 1) * 2
 
 
+@pytest.mark.slow  # minutes on 2 cores; the live growth itself is in make test (model_auto_trains_and_grows_live)
 def test_a_joined_node_gets_a_new_replica_on_the_grown_model(cluster, workdir, control, grown):
     """planner.add_replicas: a 10 GiB node joins a 1-replica run (1 CPU per holder: the head's 3 CPUs take one
     replica and the outer-step reserve). After round 1 the holders grow to 16 x 512 and a second replica
