@@ -53,13 +53,18 @@ def main(argv: list[str]) -> None:
         print(f"eval.every={a['every']}: {a['steps']} steps, loop {a['loop_s']:.1f}s, {a['periodic']} periodic evals "
               f"took {a['periodic_s']:.2f}s ({share:.2f} % of the eval.every=0 loop), final eval {a['final_s']:.2f}s, "
               f"eval loss {a['eval_loss']:.4f}")
-    cells = lambda a: f"{a['periodic']} evals, {a['periodic_s']:.2f} s = **{a['periodic_s'] / base['loop_s'] * 100:.2f} %** (loop {a['loop_s']:.1f} s)"  # noqa: E731
+
+    def cells(a: dict) -> str:
+        share = a["periodic_s"] / base["loop_s"] * 100
+        return f"{a['periodic']} evals, {a['periodic_s']:.2f} s = **{share:.2f} %** (loop {a['loop_s']:.1f} s)"
+
     append_row("Held-out evaluation while training: cost on the 200-step demo",
                ["loop, eval.every=0", "eval.every=40 (default)", "eval.every=20", "one evaluation (8 microbatches)",
                 "eval loss (every=0 / 40 / 20)", "machine", "command"],
                [f"{base['loop_s']:.1f} s", cells(arms[1]), cells(arms[2]),
-                f"{arms[2]['periodic_s'] / max(arms[2]['periodic'], 1):.3f} s", " / ".join(f"{a['eval_loss']:.4f}" for a in arms), machine(),
-                "`flock /tmp/neuroray-cpu.lock python benchmarks/eval_overhead.py`" + (f" {' '.join(argv)}" if argv else "")],
+                f"{arms[2]['periodic_s'] / max(arms[2]['periodic'], 1):.3f} s",
+                " / ".join(f"{a['eval_loss']:.4f}" for a in arms), machine(),
+                f"`flock /tmp/neuroray-cpu.lock python benchmarks/eval_overhead.py{''.join(' ' + a for a in argv)}`"],
                note="The default demo (2 replicas x 2 stages, H=20, 200 steps) with eval.every=0 (only the final "
                     "evaluation), 40 and 20, in one Ray session. Each periodic evaluation runs between an outer step "
                     "and the next inner step, so its seconds (the rows' eval_seconds) are the time it adds; the "

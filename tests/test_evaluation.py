@@ -105,7 +105,8 @@ def test_holders_evaluate_theta0_forward_only_and_equal_the_monolith(tmp_path):
         want = [float(ref.loss(ref(e), torch.roll(e, -1, 1))) for e in evals]
     assert got == pytest.approx(want, abs=1e-5)
     with torch.no_grad():  # theta0, not the trained weights
-        trained = float(v.compute.module.loss(v.compute.module(d.compute.module(evals[0])), torch.roll(evals[0], -1, 1)))
+        logits = v.compute.module(d.compute.module(evals[0]))
+        trained = float(v.compute.module.loss(logits, torch.roll(evals[0], -1, 1)))
     assert got[0] != pytest.approx(trained, abs=1e-4)
     for b, a in zip(before, [state(h) for h in holders]):
         assert torch.equal(a[0], b[0]) and torch.equal(a[6], b[6])

@@ -150,7 +150,8 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     _check_held_out_eval(cfg, result, evals)
 
     # The dashboard's metrics: Ray's Prometheus endpoint on this node carries ours (prefixed "ray_").
-    wanted = {"ray_neuroray_loss", "ray_neuroray_eval_loss", "ray_neuroray_eval_perplexity", "ray_neuroray_tokens_per_s", "ray_neuroray_inner_step", "ray_neuroray_outer_round",
+    wanted = {"ray_neuroray_loss", "ray_neuroray_eval_loss", "ray_neuroray_eval_perplexity",
+              "ray_neuroray_tokens_per_s", "ray_neuroray_inner_step", "ray_neuroray_outer_round",
               "ray_neuroray_holder_utilisation", "ray_neuroray_holder_queue_depth", "ray_neuroray_snapshot_age_seconds",
               "ray_neuroray_neuro_balance"}
     port = ray_cluster._private.worker.global_worker.node.metrics_export_port

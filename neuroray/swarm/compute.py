@@ -250,7 +250,7 @@ class RangeCompute:
         """Forward only at the flat ``weights`` (theta0), the module's own left untouched: no graph, no
         gradient, no optimizer state, no work counted. The activation for the next range, or on the last
         range with ``labels``, the mean loss (held-out evaluation, neuroray/training/evaluation.py)."""
-        params, at = {}, 0
+        params, at, weights = {}, 0, weights.to(self.device)
         for name, p in self.module.named_parameters():  # the order parameters_to_vector flattens in
             params[name] = weights[at:at + p.numel()].view_as(p)
             at += p.numel()
