@@ -36,7 +36,8 @@ def one_run(tmp: str, every: int, extra: list[str]) -> dict:
     periodic = evals[:-1]  # the last row is the final evaluation, which every arm runs
     return {"every": every, "steps": len(train), "loop_s": train[-1]["elapsed_s"],
             "periodic": len(periodic), "periodic_s": sum(r["eval_seconds"] for r in periodic),
-            "final_s": evals[-1]["eval_seconds"], "eval_loss": result.eval_loss}
+            "final_s": evals[-1]["eval_seconds"], "eval_loss": result.eval_loss,
+            "recoveries": len(result.recoveries)}  # a holder lost and restored: that arm's loss and time differ
 
 
 def main(argv: list[str]) -> None:
@@ -52,11 +53,12 @@ def main(argv: list[str]) -> None:
         share = a["periodic_s"] / base["loop_s"] * 100
         print(f"eval.every={a['every']}: {a['steps']} steps, loop {a['loop_s']:.1f}s, {a['periodic']} periodic evals "
               f"took {a['periodic_s']:.2f}s ({share:.2f} % of the eval.every=0 loop), final eval {a['final_s']:.2f}s, "
-              f"eval loss {a['eval_loss']:.4f}")
+              f"eval loss {a['eval_loss']:.4f}, {a['recoveries']} recoveries")
 
     def cells(a: dict) -> str:
         share = a["periodic_s"] / base["loop_s"] * 100
-        return f"{a['periodic']} evals, {a['periodic_s']:.2f} s = **{share:.2f} %** (loop {a['loop_s']:.1f} s)"
+        lost = f", {a['recoveries']} holder recoveries" if a["recoveries"] else ""
+        return f"{a['periodic']} evals, {a['periodic_s']:.2f} s = **{share:.2f} %** (loop {a['loop_s']:.1f} s{lost})"
 
     append_row("Held-out evaluation while training: cost on the 200-step demo",
                ["loop, eval.every=0", "eval.every=40 (default)", "eval.every=20", "one evaluation (8 microbatches)",
