@@ -24,7 +24,6 @@ Writes docs/diloco_loss[_replica_batch][_<outer>][_cosine][_<steps4>][_seed<N>].
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -39,6 +38,7 @@ import ray  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
+from neuroray.training.plots import metric_rows  # noqa: E402
 from neuroray.training.run import run  # noqa: E402
 
 PNG = ROOT / "docs" / "diloco_loss.png"
@@ -86,7 +86,7 @@ def one_run(label, m, h, compression, fragments, args, tmp, extra=(), tag="") ->
     result = run(cfg, log=lambda *a, **k: None)
     # batch=replica: every run has the same microbatch, so train.run's own eval set is the same for all
     eval_loss = result.eval_loss if args["batch"] == "replica" else _eval(cfg, result.checkpoint, int(args["mb"]) * 4)
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(result.run_dir / "metrics.jsonl")[0]  # the training rows
     tokens_per_step = result.tokens / len(result.losses)
     out = {"label": label, "m": m, "h": h, "compression": compression, "fragments": fragments, "eval_loss": eval_loss,
            "outer_steps": len(result.comm), "peak_sync_bytes": max(c["sync_bytes"] for c in result.comm),

@@ -17,7 +17,6 @@ overhead=false measures (and appends) the recovery row only.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ import ray  # noqa: E402
 from benchmarks._lab_driver import instrument  # noqa: E402
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
+from neuroray.training.plots import metric_rows  # noqa: E402
 from neuroray.training.run import run  # noqa: E402
 
 
@@ -65,8 +65,7 @@ def recovery_time(tmp: str, rounds: int, extra: list[str]) -> tuple[float, float
 
 def step_times(tmp: str, name: str, rounds: int, extra: list[str]) -> tuple[list[float], int]:
     result = run(_cfg(str(Path(tmp) / name), rounds, extra), log=lambda *a, **k: None)
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    elapsed = [json.loads(line)["elapsed_s"] for line in lines]
+    elapsed = [r["elapsed_s"] for r in metric_rows(result.run_dir / "metrics.jsonl")[0]]
     return [b - a for a, b in zip(elapsed, elapsed[1:])], len(result.snapshots)
 
 

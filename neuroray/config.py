@@ -280,6 +280,17 @@ class PlannerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation while training (docs/interop.md): the dataset's eval shards, run forward only
+    through the stage holders at theta0, into metrics.jsonl, the dashboard, loss.png and TensorBoard."""
+
+    # inner steps between evaluations: one runs right after the first outer step at or past each multiple
+    # (theta0, the model, changes only there); 0: only the final evaluation, after the last step
+    every: int = 40
+    batches: int = 8  # microbatches of the held-out shards per evaluation, spread evenly over them
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -291,6 +302,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     ponw: PonwConfig = field(default_factory=PonwConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # seeds the model init, data order, attacks and sampling
     # Compute precision of every holder's forward and backward (docs/precision.md): auto (bf16 on CUDA,
     # fp32 on the CPU) | fp32 | bf16 | fp16 (CUDA only, a dynamic loss scale per holder). Weights, AdamW,
@@ -306,6 +318,8 @@ class TrainConfig:
     init_from: str = ""
     log_every: int = 5  # inner steps between progress lines
     progress_bar: bool = True  # a live tqdm bar when stderr is a terminal (log lines otherwise)
+    # also write the metrics as TensorBoard event files in <run_dir>/tensorboard (pip install 'neuroray[tensorboard]')
+    tensorboard: bool = False
     sample_prompt: str = "The"  # the prompt of the sample generated at the end of a run
     sample_tokens: int = 40  # tokens generated for that sample (0: none)
 

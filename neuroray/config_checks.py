@@ -105,6 +105,9 @@ def validate(cfg: TrainConfig) -> None:
     _check_imports(cfg)
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the run to continue> (its snapshots are under run_dir/snapshots)")
+    if cfg.eval.every < 0 or cfg.eval.batches <= 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0: only at the end) and eval.batches="
+                          f"{cfg.eval.batches} positive")
     if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:
         raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
     if not 0 <= dl.outer_momentum < 1:

@@ -26,4 +26,4 @@ def test_every_key_has_a_type_default_and_meaning():
             assert comments[f.name], f"{cls.__name__}.{f.name} needs a comment saying what it means"
             key = f.name if cls is config.TrainConfig else None
             assert key is None or f"| `{key}` | `{f.type}` |" in text
-    assert len(sections) == 10
+    assert len(sections) == 11

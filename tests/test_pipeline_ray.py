@@ -1,6 +1,6 @@
 """Stage holders on Ray: cross-actor backward equals the monolith, and training runs end to end."""
 
-import json
+import importlib.util
 import math
 import time
 import urllib.request
@@ -11,11 +11,13 @@ import torch
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.model import build_monolith, split_layers
 from neuroray.swarm.holder import HolderSpec, holder_actor
+from neuroray.training.plots import metric_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 CFG = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32)
 VOCAB = 97
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # the dev extra installs it
 
 
 def _pipeline(tmp_path, num_stages):
@@ -74,6 +76,36 @@ def _write_corpus(path):
     path.write_text("\n\n".join(docs))
 
 
+def _check_held_out_eval(cfg, result, evals):
+    """Evaluated through the holders every 5 steps and at the end, on the held-out shards: the final eval
+    equals the monolith (the checkpoint) on the same microbatches, and each row's perplexity is exp(loss)."""
+    from safetensors.torch import load_file
+
+    from neuroray.genesis import ensure_dataset
+    from neuroray.training.evaluation import held_out_batches
+
+    assert [r["step"] for r in evals] == [5, 10, 15] and result.eval_loss == evals[-1]["eval_loss"]
+    assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12) for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns, on text it never trained on
+    root, manifest = ensure_dataset(cfg.data, log=lambda *a: None)
+    batches = held_out_batches(root, manifest, cfg.data.seq_len, cfg.data.microbatch_size, 4)
+    assert len(batches) == 4 and evals[-1]["eval_tokens"] == 4 * 4 * 32
+    model = build_monolith(cfg.model, 320, seed=cfg.seed)
+    model.load_state_dict(load_file(str(result.checkpoint / "model.safetensors")))
+    with torch.no_grad():
+        monolith = sum(float(model.loss(model(x), y)) for x, y in batches) / len(batches)
+    assert result.eval_loss == pytest.approx(monolith, abs=1e-5)
+    if TENSORBOARD:  # the same rows as TensorBoard event files in the run directory
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(result.run_dir / "tensorboard"))
+        acc.Reload()
+        logged = acc.Scalars("eval/loss")
+        assert [e.step for e in logged] == [5, 10, 15]
+        assert [e.value for e in logged] == pytest.approx([r["eval_loss"] for r in evals], rel=1e-6)
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 16))
+
+
 def test_train_end_to_end(ray_cluster, tmp_path):
     from safetensors.torch import load_file
 
@@ -88,7 +120,7 @@ def test_train_end_to_end(ray_cluster, tmp_path):
         "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
         "swarm.num_stages=3", f"swarm.key_dir={tmp_path / 'keys'}", "diloco.replicas=2", "diloco.inner_steps=5",
         "diloco.inner_lr=0.01", "rounds=3", f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.3",
-        "sample_tokens=8",
+        "sample_tokens=8", "eval.every=5", "eval.batches=4", f"tensorboard={TENSORBOARD}",
     ])
     lines = []
     result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
@@ -99,12 +131,12 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     state = load_file(str(result.checkpoint / "model.safetensors"))
     assert "embed.weight" in state and "lm_head.weight" in state and "layers.2.attn.wq.weight" in state
     assert (result.checkpoint / "meta.json").is_file() and (result.checkpoint / "tokenizer.json").is_file()
-    assert (result.run_dir / "metrics.jsonl").read_text().count("\n") == 15
+    records, evals = metric_rows(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 16))
     # counted bytes: every round, both directions (dense float32 here), control plane apart
     assert [c["round"] for c in result.comm] == [1, 2, 3] and result.tokens == 15 * 2 * 4 * 32 * 2
     assert all(c["payload_bytes"] > 0 and c["broadcast_bytes"] > 0 and 0 < c["control_bytes"] < c["sync_bytes"]
                for c in result.comm)
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[10]["sync_bytes"] == result.comm[0]["sync_bytes"] + result.comm[1]["sync_bytes"]
     assert any(line.startswith("round 3/3 step 15/15") for line in lines)
     assert isinstance(result.sample, str) and result.sample.startswith(cfg.sample_prompt)
@@ -115,9 +147,11 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     assert any(line.startswith("ledger: round 3: 6/6 proofs credited") for line in lines)
     assert (result.run_dir / "ledger_summary.json").is_file()
     assert (result.run_dir / "loss.png").stat().st_size > 1000 and "diloco:" in (result.run_dir / "config.yaml").read_text()
+    _check_held_out_eval(cfg, result, evals)
 
     # The dashboard's metrics: Ray's Prometheus endpoint on this node carries ours (prefixed "ray_").
-    wanted = {"ray_neuroray_loss", "ray_neuroray_tokens_per_s", "ray_neuroray_inner_step", "ray_neuroray_outer_round",
+    wanted = {"ray_neuroray_loss", "ray_neuroray_eval_loss", "ray_neuroray_eval_perplexity",
+              "ray_neuroray_tokens_per_s", "ray_neuroray_inner_step", "ray_neuroray_outer_round",
               "ray_neuroray_holder_utilisation", "ray_neuroray_holder_queue_depth", "ray_neuroray_snapshot_age_seconds",
               "ray_neuroray_neuro_balance"}
     port = ray_cluster._private.worker.global_worker.node.metrics_export_port

@@ -11,6 +11,7 @@ from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.configure import load_config
 from neuroray.snapshot import SnapshotStore, tensors_digest
 from neuroray.swarm.holder import HolderSpec, holder_actor
+from neuroray.training.plots import metric_rows
 from tests.test_pipeline_ray import _write_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -80,7 +81,8 @@ def test_resumed_job_continues_the_same_loss_curve(ray_cluster, tmp_path):
     assert resumed.start_step == 8 and len(resumed.losses) == 8
     assert resumed.losses == pytest.approx(full.losses[8:], rel=1e-5)  # no jump: the very same curve
     assert any("continuing from the snapshot set of step 8" in line for line in lines)
-    assert (tmp_path / "split" / "metrics.jsonl").read_text().count("\n") == 16
+    train, evals = metric_rows(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 17)) and [r["step"] for r in evals] == [8, 16]
 
 
 def test_resume_with_centered_clip_and_stale_replay_continues_identically(ray_cluster, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from neuroray.training.plots import metric_rows
 from tests.test_recovery_ray import _cfg
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -46,7 +47,8 @@ def test_a_holder_restored_from_before_the_last_outer_step_rejoins_at_the_curren
 
 
 def _steps(run_dir) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training rows' steps (eval rows, one per evaluation, carry no training loss)."""
+    return [r["step"] for r in metric_rows(run_dir / "metrics.jsonl")[0]]
 
 
 def _rounds(run_dir) -> list[int]:
@@ -67,7 +69,7 @@ def test_resuming_a_finished_run_continues_its_logs_and_ledger(ray_cluster, tmp_
     assert (run_dir / "loss.png").is_file()
     assert not [line for line in lines if "duplicate_round" in line]
     assert any("round 3: 4/4 proofs credited" in line for line in lines)
-    bytes_logged = [json.loads(line)["sync_bytes"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bytes_logged = [r["sync_bytes"] for r in metric_rows(run_dir / "metrics.jsonl")[0]]
     assert bytes_logged == sorted(bytes_logged)  # the running total goes on from the first run's rounds
 
     # A crash after the last snapshot: here the newest set (step 12) is torn, so the resume starts at

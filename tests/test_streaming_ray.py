@@ -6,13 +6,13 @@ sync is credited; and a job resumed from a snapshot taken between two fragments'
 error feedback, centered clipping and stale replays) continues exactly as the uninterrupted run.
 """
 
-import json
 import math
 
 import pytest
 import torch
 
 from neuroray.diloco.lr import inner_lr_at
+from neuroray.training.plots import metric_rows
 from tests.test_recovery_ray import _cfg
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -26,7 +26,7 @@ def test_streaming_run_trains_counts_bytes_and_credits_every_sync(ray_cluster, t
     # the unstreamed run also checks the cosine inner lr reaches metrics.jsonl, step by step
     plain = run(_cfg(tmp_path, "plain", 2, "model.n_layers=4", "diloco.lr_schedule=cosine", "diloco.warmup_steps=2"),
                 log=quiet)
-    lrs = [json.loads(line)["lr"] for line in (plain.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in metric_rows(plain.run_dir / "metrics.jsonl")[0]]
     top = lrs[1]  # diloco.inner_lr, after the warmup
     assert lrs == pytest.approx([inner_lr_at(s, 8, top, "cosine", 2, 0.1) for s in range(8)])
     assert lrs[0] == pytest.approx(top / 2) and lrs[-1] == pytest.approx(top / 10)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -244,6 +245,24 @@ class RangeCompute:
         self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
         return self._grad_in(inp)
+
+    def evaluate(self, x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor | None = None):
+        """Forward only at the flat ``weights`` (theta0), the module's own left untouched: no graph, no
+        gradient, no optimizer state, no work counted. The activation for the next range, or on the last
+        range with ``labels``, the mean loss (held-out evaluation, neuroray/training/evaluation.py)."""
+        params, at, weights = {}, 0, weights.to(self.device)
+        for name, p in self.module.named_parameters():  # the order parameters_to_vector flattens in
+            params[name] = weights[at:at + p.numel()].view_as(p)
+            at += p.numel()
+        x = x.to(self.device)
+        if not self.module.has_embedding and self.amp is not None:
+            x = x.float()  # bf16 on the wire, as in a training forward
+        cast = nullcontext() if self.amp is None else torch.autocast(self.device.type, dtype=self.amp)
+        with torch.no_grad(), cast:
+            out = torch.func.functional_call(self.module, params, (x,))
+            if labels is None:
+                return self._activation_out(out)
+            return float(self.module.loss(out, labels.to(self.device)))
 
     def _count_microbatch(self) -> None:
         with self.lock:

@@ -200,6 +200,12 @@ class StageHolder:
         """
         return self.compute.step(mean, lr)
 
+    @_busy
+    def evaluate(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        """Held-out evaluation at this range's theta0, forward only (nothing a training step or a proof
+        reads is touched): the activation to pass on, or on the last range with ``labels``, the mean loss."""
+        return self.compute.evaluate(x, self.outer.theta0, labels)
+
     # ----- swarm routing: claims, revocation, rejoining ---------------------------------------
     def revoke(self, mb_ids: list[int], kind: str, keep_started: bool = False,
                attempts: list[int] | None = None) -> list[bool]:

@@ -36,6 +36,8 @@ class TrainMetrics:
         self.sync_bytes = Counter("neuroray_sync_bytes_total", "bytes counted crossing for DiLoCo synchronisation "
                                   "(kind: payload = pseudo-gradients, broadcast = theta0 or updates, control)",
                                   ("run", "kind"))
+        self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
+        self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
         self._last_snapshot = time.monotonic()
 
@@ -48,6 +50,10 @@ class TrainMetrics:
         self.inner_step.set(step, self._t())
         self.step_seconds.observe(seconds, self._t())
         self.snapshot_age.set(time.monotonic() - self._last_snapshot, self._t())
+
+    def evaluation(self, loss: float, perplexity: float) -> None:
+        self.eval_loss.set(loss, self._t())
+        self.eval_perplexity.set(perplexity, self._t())
 
     def round(self, rounds: int, rejected_reasons: list[str]) -> None:
         self.outer_round.set(rounds, self._t())

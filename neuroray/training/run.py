@@ -78,12 +78,11 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     ``holder_cls``: the stage-holder class to run (tests and benchmarks pass neuroray.swarm.faults'
     fault-injecting subclass); None is the production :class:`~neuroray.swarm.holder.StageHolder`."""
     import ray
-    import torch
 
     from neuroray.checkpoint import save_checkpoint
     from neuroray.diloco.sync import OuterSync
     from neuroray.inference.sessions import sample
-    from neuroray.genesis import decode, encode, ensure_dataset, eval_batches, load_tokenizer
+    from neuroray.genesis import decode, encode, ensure_dataset, load_tokenizer
     from neuroray.model import build_monolith, merge_state_dicts
     from neuroray.swarm.swarm import DataPlan, Swarm
     from neuroray.planner.report import format_plan
@@ -91,11 +90,15 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.planner.expand import plan_recorded
     from neuroray.planner.upgrade import Upgrader
     from neuroray.training.fixed import FixedPipelines
+    from neuroray.training.evaluation import HeldOutEval, held_out_batches
     from neuroray.training.metrics import TrainMetrics
     from neuroray.training.plots import loss_curve
     from neuroray.training.routed import RoutedSwarm
+    from neuroray.training.tensorboard_log import MirroredLog, TensorBoardLog, check_available
     from neuroray.training.trainer import Trainer
 
+    if cfg.tensorboard:  # before anything starts: one line naming the extra to install
+        check_available()
     run_dir = _run_dir(cfg)
     if cfg.resume:  # before config.yaml is rewritten: it records the model the run trained
         check_same_model(cfg, run_dir)
@@ -139,8 +142,12 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
         executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
+        held_out = held_out_batches(root, manifest, d.seq_len, d.microbatch_size, cfg.eval.batches)
+        if not held_out:
+            log("eval: the dataset has no held-out shards (data.eval_shards=0): no eval loss")
+        evaluator = HeldOutEval(cfg.eval, held_out, c.step_timeout_s, start_step=resume_step or 0)
         trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, executor, start_step=resume_step or 0,
-                          log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader)
+                          log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader, evaluator=evaluator)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
             # the logs continue from the snapshot: rows and rounds after it are trained again, so dropped
@@ -152,8 +159,18 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
             f"tokens/step, vocab {vocab} (ln V = {math.log(vocab):.2f}), run dir {run_dir}"
             + (f", resuming at step {resume_step}" if resume_step is not None else ""))
         result = RunResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint", start_step=resume_step or 0)
-        with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics:
-            stats = trainer.run(metrics)
+        board = None
+        if cfg.tensorboard:  # a resumed run hides the events its predecessor logged past the snapshot
+            board = TensorBoardLog(run_dir / "tensorboard", None if resume_step is None else resume_step + 1)
+        with (run_dir / "metrics.jsonl").open("a" if cfg.resume else "w") as metrics_file:
+            metrics = MirroredLog(metrics_file, board)
+            try:
+                stats = trainer.run(metrics)
+                # the final evaluation through the holders, at theta0: the weights the checkpoint holds
+                result.eval_loss = evaluator.final(swarm.replicas, trainer.total_steps, metrics, trainer.metrics, log)
+            finally:
+                if board is not None:
+                    board.close()
         cfg = trainer.cfg  # a live upgrade may have grown the model
         result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.additions = [] if upgrader is None else upgrader.additions
@@ -187,9 +204,6 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     model = build_monolith(cfg.model, vocab, seed=cfg.seed)
     model.load_state_dict(state)
     model.eval()
-    with torch.no_grad():
-        batches = eval_batches(root, manifest, d.seq_len, d.microbatch_size, max_batches=8)
-        result.eval_loss = sum(float(model.loss(model(x), y)) for x, y in batches) / max(len(batches), 1)
     meta = {"model": to_dict(cfg.model), "vocab_size": vocab, "tokenizer_sha256": manifest.tokenizer_sha256,
             "rounds": cfg.rounds, "inner_steps": dl.inner_steps, "eval_loss": result.eval_loss, "seed": cfg.seed}
     save_checkpoint(result.checkpoint, state, meta, tokenizer_file)

@@ -50,9 +50,11 @@ def wait_alive(holder, deadline: float) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, executor: StepExecutor,
-                 start_step: int = 0, log=print, metrics: TrainMetrics | None = None, upgrades=None):
+                 start_step: int = 0, log=print, metrics: TrainMetrics | None = None, upgrades=None,
+                 evaluator=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
+        self.evaluator = evaluator  # held-out evaluation after outer steps (neuroray/training/evaluation.py)
         self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
@@ -433,6 +435,8 @@ class Trainer:
                     self._record(step, ex.collect(step))
                     uncollected = None
                 self._boundary(step, round_end, due)
+                if round_end and self.evaluator is not None:  # nothing in flight, theta0 just changed
+                    self.evaluator.after_outer_step(self, step + 1)
             if uncollected is not None:
                 self._record(uncollected, ex.collect(uncollected))
         finally:
