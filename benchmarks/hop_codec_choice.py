@@ -128,7 +128,8 @@ def main(argv):
         rel = float((g - ref).norm() / ref.norm())
         cos = float(torch.nn.functional.cosine_similarity(g, ref, dim=0))
         _, ev = train(codec)
-        print(f"| {codec} | {fp32 / nbytes:.1f} | {rel:.3f} | {cos:.3f} | {ev:.3f} ({100 * (ev / base_eval - 1):+.1f} %) |",
+        gap = 100 * (ev / base_eval - 1)
+        print(f"| {codec} | {fp32 / nbytes:.1f} | {rel:.3f} | {cos:.3f} | {ev:.3f} ({gap:+.1f} %) |",
               flush=True)
 
 

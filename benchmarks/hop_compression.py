@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import ray  # noqa: E402
+
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
 from neuroray.training.run import run  # noqa: E402
@@ -46,6 +48,7 @@ def main(argv: list[str]) -> None:
     steps = int(args["steps"])
     assert steps % H == 0, f"steps={steps} must be a multiple of {H}"
     rows = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for every run
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args["runs"].split(","):
             cfg = load_config([
@@ -63,6 +66,7 @@ def main(argv: list[str]) -> None:
             rows[scheme] = {"fwd": fwd, "bwd": bwd, "fwd_x": fwd32 / fwd, "bwd_x": bwd32 / bwd,
                             "eval": result.eval_loss, "wall": time.perf_counter() - t0}
             print(f"{scheme}: {rows[scheme]}", flush=True)
+    ray.shutdown()
     base = rows.get("none", {}).get("eval")
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_compression.py " + shlex.join(argv)
     for scheme, r in rows.items():
@@ -72,7 +76,8 @@ def main(argv: list[str]) -> None:
         verdict = "reference" if goal is None else (
             f"{'met' if ratio >= goal[0] else 'not met'} ({goal[0]:g}x), "
             f"{'met' if gap <= goal[1] else 'not met'} (+{goal[1]:g} %)")
-        print(f"{scheme:8s} fwd {r['fwd']:,.0f} B/hop ({r['fwd_x']:.2f}x)  bwd {r['bwd']:,.0f} B/hop ({r['bwd_x']:.2f}x)  "
+        print(f"{scheme:8s} fwd {r['fwd']:,.0f} B/hop ({r['fwd_x']:.2f}x)  "
+              f"bwd {r['bwd']:,.0f} B/hop ({r['bwd_x']:.2f}x)  "
               f"eval {r['eval']:.4f} ({gap:+.2f} %)  {r['wall']:.0f}s  {verdict}")
         if args["write"] == "1":
             append_row("Pipeline hop compression",

@@ -13,11 +13,12 @@ range's forward (and the loss) under ``torch.autocast``; the parameters, their g
 theta0, pseudo-gradients and snapshots stay float32 (master weights). On the wire: bf16 activations
 cross holders as bf16 (half the hop bytes) and are upcast to float32 on arrival; fp16 activations cross
 as float32 (fp16's range is not guaranteed for a residual stream); gradients always cross as float32,
-unscaled (``swarm.hop_compression`` compresses both directions: :meth:`RangeCompute._send` and
-:meth:`RangeCompute._receive`, neuroray/swarm/hop_codec.py). fp16 keeps one dynamic loss scale per holder (a ``GradScaler``): each holder scales the
-gradient it backpropagates and unscales both its parameters' gradients and the gradient it sends, so
-no scale crosses holders and none has to agree with another; a holder whose gradients overflow skips
-its inner step and halves its scale. fp16 needs CUDA (refused on the CPU).
+unscaled. ``swarm.hop_compression`` compresses both directions (:meth:`RangeCompute._send` and
+:meth:`RangeCompute._receive`, neuroray/swarm/hop_codec.py). fp16 keeps one dynamic loss scale per
+holder (a ``GradScaler``): each holder scales the gradient it backpropagates and unscales both its
+parameters' gradients and the gradient it sends, so no scale crosses holders and none has to agree with
+another; a holder whose gradients overflow skips its inner step and halves its scale. fp16 needs CUDA
+(refused on the CPU).
 """
 
 from __future__ import annotations
