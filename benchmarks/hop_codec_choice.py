@@ -63,7 +63,8 @@ def _topk(x, frac=0.1):
     f = x.reshape(-1, x.shape[-1])
     k = max(1, int(frac * f.shape[1]))
     i = f.abs().topk(k, 1).indices
-    return torch.zeros_like(f).scatter_(1, i, f.gather(1, i)).view_as(x), f.shape[0] * (2 * k + 4)
+    # a uint8 index and an int8 value per kept entry, an fp16 scale per token (values kept exact: a lower bound)
+    return torch.zeros_like(f).scatter_(1, i, f.gather(1, i)).view_as(x), f.shape[0] * (2 * k + 2)
 
 
 def _svd_fp16(x, r=10):
