@@ -1,7 +1,8 @@
 """Pipeline hop compression measured: bytes per hop and final eval loss, none vs int8 vs lowrank.
 
 Every run goes through the real training path (``neuroray.training.run``: two Ray stage-holder actors, the
-driver's fixed schedule) on the tiny model, one replica, with the same seed, data and token budget; only
+driver's fixed schedule) on the tiny model, one replica (plain AdamW: an outer step of lr 1 without
+momentum), with the same seed, data and token budget; only
 ``swarm.hop_compression`` differs. Bytes per hop are the holders' own counts of the payloads they sent
 (``RunResult.hops``: the encoded bytes, scales and shape included), forward (activations) and backward
 (gradients), against the float32 bytes of the same tensors. Eval loss: the final checkpoint on the run's
@@ -32,7 +33,7 @@ from neuroray.configure import load_config  # noqa: E402
 from neuroray.training.run import run  # noqa: E402
 
 GOALS = {"int8": (4.0, 0.5), "lowrank": (16.0, 2.0)}  # (x fewer bytes than float32, max eval loss % vs none)
-H = 50  # inner steps per outer round (one replica: the outer step only resets theta0)
+H = 50  # inner steps per outer round; with one replica and the outer step below, theta0 = the weights
 
 
 def _per_hop(hops: list[dict], direction: str) -> tuple[float, float]:
@@ -54,6 +55,9 @@ def main(argv: list[str]) -> None:
             cfg = load_config([
                 f"swarm.hop_compression={scheme}", "swarm.num_stages=2", "diloco.replicas=1",
                 f"diloco.inner_steps={H}", f"rounds={steps // H}", f"seed={args['seed']}",
+                # outer lr 1 without momentum: theta0 becomes the replica's weights, so the runs differ in
+                # their hops only, not in how a Nesterov outer step amplifies a small difference
+                "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false",
                 f"data.seq_len={args['seq_len']}", f"data.microbatch_size={args['mb']}", "data.num_microbatches=1",
                 "ponw.enabled=false", "checkpoint.interval_s=0", "cluster.cpus_per_holder=1.0",
                 f"swarm.key_dir={tmp}/keys", f"run_dir={tmp}/{scheme}", "sample_tokens=1", "progress_bar=false",
