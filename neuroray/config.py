@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
+HOP_COMPRESSIONS = ("none", "int8", "lowrank")  # swarm.hop_compression's values (neuroray/swarm/hop_codec.py)
 
 
 @dataclass
@@ -161,6 +162,12 @@ class SwarmConfig:
     probe_interval_s: float = 0.5  # router: how often a down holder is asked whether Ray restarted it
     outer_quorum: float = 1.0  # router: fraction of a range's live holders the outer step waits for ...
     outer_deadline_s: float = 30.0  # ... after this long it goes on with whoever answered, if a quorum did
+    # What crosses between stage holders on every microbatch (activations forward, gradients back; docs/hops.md):
+    # "none" (float32), "int8" (blockwise, a float32 scale per hop_block values), or "lowrank" (a truncated SVD
+    # of the [tokens, hidden] matrix with int8 factors, at least hop_ratio x fewer bytes than float32)
+    hop_compression: str = "none"
+    hop_block: int = 256  # hop_compression=int8: values per float32 scale
+    hop_ratio: float = 16.0  # hop_compression=lowrank: the rank kept is the largest giving this many x fewer bytes
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from neuroray.config import PRECISIONS, SwarmConfig, TrainConfig
+from neuroray.config import HOP_COMPRESSIONS, PRECISIONS, SwarmConfig, TrainConfig
 from neuroray.errors import ConfigError
 
 
@@ -114,6 +114,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     _check_routing(s)
     _check_split(s, cfg.model.n_layers, cfg.model.name)
+    _check_hops(s)
     if dl.compression not in ("none", "fp16", "int8", "sparse"):  # compress.MODES; that module imports torch
         raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16, int8 or sparse")
     if not 0 < dl.sparse_density <= 1:
@@ -144,6 +145,15 @@ def validate(cfg: TrainConfig) -> None:
     problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_hops(s: SwarmConfig) -> None:
+    if s.hop_compression not in HOP_COMPRESSIONS:
+        raise ConfigError(f"swarm.hop_compression={s.hop_compression} is unknown; choose {', '.join(HOP_COMPRESSIONS)}")
+    if not 1 <= s.hop_block <= 1 << 20:
+        raise ConfigError(f"swarm.hop_block={s.hop_block} must be in [1, 1048576]")
+    if not 1 <= s.hop_ratio <= 1024:
+        raise ConfigError(f"swarm.hop_ratio={s.hop_ratio} must be in [1, 1024] (16: at least 16x fewer bytes)")
 
 
 def _check_split(s: SwarmConfig, n_layers: int, model_name: str) -> None:

@@ -36,6 +36,15 @@ class PipelineError(NeurorayError):
     """A stage holder failed in a way training cannot recover from."""
 
 
+class HopPayloadError(PipelineError, ValueError):
+    """A compressed activation or gradient that fails its checks (neuroray/swarm/hop_codec.py); never applied."""
+
+    def __init__(self, sender: str, receiver: str, reason: str):
+        self.sender, self.receiver, self.reason = sender, receiver, reason
+        super().__init__(f"{receiver} rejected a hop payload sent by {sender}: {reason}; check that holder's "
+                         "hardware and that every holder runs the same swarm.hop_compression")
+
+
 class GenerationError(NeurorayError, ValueError):
     """A generation request that cannot run: an empty prompt, a prompt longer than the context, bad sampling."""
 

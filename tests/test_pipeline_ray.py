@@ -216,3 +216,29 @@ def test_holders_whose_delta_the_rule_did_not_use_earn_nothing(ray_cluster, tmp_
     assert any("rejected holder #0" in line for line in lines) == (rule != "krum")
     assert any(line.startswith("ledger: round 2: 6/6 proofs credited") and "; 4 earned 0" in line for line in lines) \
         == (rule == "krum")
+
+
+@pytest.mark.slow  # a whole run: over the budget of make test on 2 shared cores
+def test_int8_hops_train(ray_cluster, tmp_path):
+    """swarm.hop_compression=int8: activations and gradients cross as int8 payloads, the run learns, and the
+    holders' counted hop bytes reach the result (about 4x fewer than float32)."""
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    cfg = load_config([
+        f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
+        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        f"swarm.key_dir={tmp_path / 'keys'}", "swarm.hop_compression=int8", "diloco.replicas=1",
+        "diloco.inner_steps=6", "diloco.inner_lr=0.01", "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / 'run'}",
+        "cluster.cpus_per_holder=0.3", "sample_tokens=2",
+    ])
+    result = run(cfg, log=lambda *a, **k: None)
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.5 and math.isfinite(result.eval_loss)
+    driver, validator = sorted(result.hops, key=lambda h: h["stage"])
+    assert driver["fwd_sent"] == validator["bwd_sent"] == validator["received"] == 24  # 12 steps x 2 microbatches
+    assert driver["fwd_bytes"] == validator["received_bytes"] and validator["bwd_bytes"] == driver["received_bytes"]
+    assert 3.5 < driver["fwd_fp32_bytes"] / driver["fwd_bytes"] < 4
+    assert json.loads((result.run_dir / "hops.json").read_text()) == result.hops

@@ -13,10 +13,12 @@ range's forward (and the loss) under ``torch.autocast``; the parameters, their g
 theta0, pseudo-gradients and snapshots stay float32 (master weights). On the wire: bf16 activations
 cross holders as bf16 (half the hop bytes) and are upcast to float32 on arrival; fp16 activations cross
 as float32 (fp16's range is not guaranteed for a residual stream); gradients always cross as float32,
-unscaled. fp16 keeps one dynamic loss scale per holder (a ``GradScaler``): each holder scales the
-gradient it backpropagates and unscales both its parameters' gradients and the gradient it sends, so
-no scale crosses holders and none has to agree with another; a holder whose gradients overflow skips
-its inner step and halves its scale. fp16 needs CUDA (refused on the CPU).
+unscaled. ``swarm.hop_compression`` compresses both directions (:meth:`RangeCompute._send` and
+:meth:`RangeCompute._receive`, neuroray/swarm/hop_codec.py). fp16 keeps one dynamic loss scale per
+holder (a ``GradScaler``): each holder scales the gradient it backpropagates and unscales both its
+parameters' gradients and the gradient it sends, so no scale crosses holders and none has to agree with
+another; a holder whose gradients overflow skips its inner step and halves its scale. fp16 needs CUDA
+(refused on the CPU).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from neuroray.config import PRECISIONS, DilocoConfig, ModelConfig
 from neuroray.errors import ConfigError
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
+from neuroray.swarm.hop_codec import HopCodec, wire_bytes
 
 from neuroray.swarm.spec import HolderSpec
 
@@ -121,6 +124,10 @@ class RangeCompute:
         self.inner_steps = 0
         self.microbatches_done = 0
         self.step_microbatches = 0
+        self.hop = HopCodec(spec.hop_compression, spec.hop_block, spec.hop_ratio)
+        # hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for
+        self.hop_counts = dict.fromkeys(("fwd_sent", "fwd_bytes", "fwd_fp32_bytes", "bwd_sent", "bwd_bytes",
+                                         "bwd_fp32_bytes", "received", "received_bytes"), 0)
 
     @property
     def name(self) -> str:
@@ -148,6 +155,31 @@ class RangeCompute:
         with self.lock:
             self.stream.seek(position)
             return self.stream.next_microbatch()
+
+    # ----- hops: what crosses to the next and previous holder ---------------------------------
+    def _send(self, t: torch.Tensor | None, direction: str):
+        """The payload for an activation (``fwd``) or input gradient (``bwd``) leaving this holder, counted."""
+        if t is None:
+            return None
+        payload = self.hop.encode(t, self.name)
+        with self.lock:
+            c = self.hop_counts
+            c[f"{direction}_sent"] += 1
+            c[f"{direction}_bytes"] += wire_bytes(payload)
+            c[f"{direction}_fp32_bytes"] += t.numel() * 4
+        return payload
+
+    def _receive(self, payload) -> torch.Tensor:
+        """Decode (and check) a hop payload from another holder before anything is computed with it."""
+        x = self.hop.decode(payload, self.name)
+        with self.lock:
+            self.hop_counts["received"] += 1
+            self.hop_counts["received_bytes"] += wire_bytes(payload)
+        return x
+
+    def _receive_input(self, x):
+        """The range's input: token ids on a Driver (never compressed), else an activation payload."""
+        return x if x is None or self.module.has_embedding else self._receive(x)
 
     # ----- forward and backward ---------------------------------------------------------------
     def _run(self, mb_id: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -188,14 +220,13 @@ class RangeCompute:
 
     def forward(self, mb_id: int, x: torch.Tensor, attempt: int = 0) -> torch.Tensor | None:
         """Run forward and keep the graph for :meth:`backward`; None if the call was revoked."""
+        x = self._receive_input(x)  # a malformed payload is rejected before the call claims anything
         if not self.claims.claim(mb_id, "f", attempt):
             return None
         inp, out = self._run(mb_id, x)
         # revoked while running (a hedge elsewhere won): keep no graph
         self.claims.keep(mb_id, lambda: self.pending.__setitem__(mb_id, (inp, out)))
-        if self.amp is None:
-            return out.detach().cpu()
-        return self._activation_out(out)
+        return self._send(out.detach().cpu() if self.amp is None else self._activation_out(out), "fwd")
 
     def forward_first(self, mb_id: int, attempt: int = 0):
         x, labels = self.batch_at(mb_id)
@@ -204,6 +235,7 @@ class RangeCompute:
 
     def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,
                          attempt: int = 0):
+        x = self._receive_input(x)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, None
         if x is None:
@@ -213,21 +245,23 @@ class RangeCompute:
             loss = self.module.loss(logits, labels.to(self.device))
             (loss * scale).backward()
             self._count_microbatch()
-            return float(loss.detach()), None if inp is None else inp.grad.detach().cpu()
+            return float(loss.detach()), self._send(None if inp is None else inp.grad.detach().cpu(), "bwd")
         with torch.autocast(self.device.type, dtype=self.amp):
             loss = self.module.loss(logits, labels.to(self.device))
         self._backprop(loss.float() * scale)
         self._count_microbatch()
-        return float(loss.detach()), self._grad_in(inp)
+        return float(loss.detach()), self._send(self._grad_in(inp), "bwd")
 
     def backward(self, mb_id: int, grad: torch.Tensor, attempt: int = 0) -> tuple[torch.Tensor | None, bool]:
         """``(gradient of the input, ran)``; ran is False when the call was revoked."""
+        grad = self._receive(grad)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         inp, out = self.pending.pop(mb_id)
         return self._backward_from(inp, out, grad), True
 
     def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, attempt: int = 0):
+        x, grad = self._receive_input(x), self._receive(grad)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         if x is None:
@@ -241,10 +275,10 @@ class RangeCompute:
         if self.amp is None:
             out.backward(grad.to(self.device))
             self._count_microbatch()
-            return None if inp is None else inp.grad.detach().cpu()
+            return self._send(None if inp is None else inp.grad.detach().cpu(), "bwd")
         self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
-        return self._grad_in(inp)
+        return self._send(self._grad_in(inp), "bwd")
 
     def evaluate(self, x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor | None = None):
         """Forward only at the flat ``weights`` (theta0), the module's own left untouched: no graph, no

@@ -397,6 +397,10 @@ class StageHolder:
         """Busy time / wall time since the previous call, and microbatches in flight right now."""
         return {"name": self.name, "utilisation": self.clock.take(), "in_flight": len(self.compute.pending)}
 
+    def hop_bytes(self) -> dict:
+        """The hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for."""
+        return {"name": self.name, "stage": self.spec.stage, **self.compute.hop_counts}
+
     def grads(self) -> dict[str, torch.Tensor]:
         return self.compute.grads()
 

@@ -56,6 +56,10 @@ class HolderSpec(RangeRole):
     torch_threads: int = 1
     use_gpu: bool = False
     precision: str = "auto"  # TrainConfig.precision: auto | fp32 | bf16 | fp16 (neuroray/swarm/compute.py)
+    # swarm.hop_compression, hop_block, hop_ratio: what this holder's activations and gradients cross as
+    hop_compression: str = "none"
+    hop_block: int = 256
+    hop_ratio: float = 16.0
     # Driver only: where its Genesis shards live
     data_root: str | None = None
     manifest: dict | None = None

@@ -93,7 +93,8 @@ class Swarm:
             torch_threads=c.torch_threads, use_gpu=gpus > 0, precision=cfg.precision,
             snapshot_root=self.snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
             tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
-            init_from=cfg.init_from,
+            init_from=cfg.init_from, hop_compression=cfg.swarm.hop_compression, hop_block=cfg.swarm.hop_block,
+            hop_ratio=cfg.swarm.hop_ratio,
         )
         routed = cfg.swarm.routing == "router"
         if s == 0 and self.data is not None:

@@ -25,6 +25,9 @@ benchmarks/verification.py measures.
 Not checked: streaming runs (``diloco.streaming_fragments > 1``): only one fragment is at theta0 when a
 round starts, so the committed losses are at weights the coordinator never held. Overlapped runs
 (``diloco.overlap``) likewise: a round's first step runs from weights the previous round had not yet landed on.
+Nor runs with compressed hops (``swarm.hop_compression``): the committed loss went through the codec at
+every stage cut, which the driver's one-process recompute does not (lowrank alone moves it past the
+tolerance, docs/hops.md), so an honest Driver would be slashed.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class SpotChecks:
         cfg = trainer.cfg
         self.trainer, self.ponw = trainer, cfg.ponw
         self.enabled = (cfg.ponw.spot_check_rate > 0 and cfg.diloco.streaming_fragments == 1
-                        and cfg.diloco.overlap == "none")
+                        and cfg.diloco.overlap == "none" and cfg.swarm.hop_compression == "none")
         self.identity = Identity.load_or_create(Path(cfg.swarm.key_dir).expanduser() / VALIDATOR_KEY_FILE)
         self.record = NodeRecord(self.identity.node_id, self.identity.public_key, 0, cfg.model.n_layers, True, True)
         self.tokens_per_batch = cfg.data.seq_len * cfg.data.microbatch_size
@@ -118,8 +121,8 @@ class SpotChecks:
             ray.get(trainer.ledger.register.remote(trainer.coordinator.sign_registration(
                 [self.record], validators=[self.identity.node_id])), timeout=cfg.cluster.step_timeout_s)
         elif cfg.ponw.spot_check_rate > 0:
-            trainer.log("spot checks: off under streaming and overlap (the committed losses are not at a "
-                        "theta0 the coordinator holds)")
+            trainer.log("spot checks: off under streaming, overlap and hop compression (the committed losses "
+                        "are not what the coordinator's one-process recompute gives)")
 
     def round_starts(self) -> None:
         """Before the outer step: the theta0 (every range's) and the model the round's proofs commit to."""

@@ -36,6 +36,7 @@ class RunResult:
     routing: dict | None = None  # swarm.routing=router: hedges, re-sends, repairs, failover times, quorums
     tokens: int = 0  # training tokens processed by this run (all replicas)
     comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (docs/diloco.md)
+    hops: list[dict] = field(default_factory=list)  # per holder: hops sent and received, encoded bytes (docs/hops.md)
 
     @property
     def sync_bytes(self) -> int:
@@ -89,6 +90,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.planner import plan_for_cluster
     from neuroray.planner.expand import plan_recorded
     from neuroray.planner.upgrade import Upgrader
+    from neuroray.training.executor import value_or_none
     from neuroray.training.fixed import FixedPipelines
     from neuroray.training.evaluation import HeldOutEval, held_out_batches
     from neuroray.training.metrics import TrainMetrics
@@ -180,6 +182,11 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
             (run_dir / "routing.json").write_text(json.dumps(result.routing, indent=1, default=str))
         result.comm, result.tokens = stats.comm, trainer.tokens
         (run_dir / "comm.json").write_text(json.dumps(trainer.comm_before + stats.comm, indent=1))
+        # every holder still answering (a routed swarm may end with one down): hops it sent and received
+        hops, _ = ray.wait([h.hop_bytes.remote() for p in swarm.replicas for h in p],
+                           num_returns=sum(map(len, swarm.replicas)), timeout=c.step_timeout_s)
+        result.hops = [v for v in map(value_or_none, hops) if v is not None]
+        (run_dir / "hops.json").write_text(json.dumps(result.hops, indent=1))
         result.ledger = trainer.ledger_summary()
         if result.ledger is not None:
             (run_dir / "ledger_summary.json").write_text(json.dumps(result.ledger, indent=2, sort_keys=True))
@@ -217,6 +224,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         f"{result.tokens_per_s:,.0f} tok/s, {elapsed:.0f}s")
     log(f"sync: {result.sync_bytes:,} bytes ({result.sync_bytes / max(result.tokens, 1):.1f}/token, "
         f"compression {dl.compression}), control: {result.control_bytes:,} bytes")
+    fwd, fp32 = (sum(h[k] for h in result.hops) for k in ("fwd_bytes", "fwd_fp32_bytes"))
+    log(f"hops: {fwd + sum(h['bwd_bytes'] for h in result.hops):,} bytes sent between holders (activations "
+        f"{fwd:,}, {fp32 / max(fwd, 1):.1f}x fewer than float32; compression {cfg.swarm.hop_compression})")
     if result.routing is not None:
         r = result.routing
         log(f"router: {len(r['failovers'])} failovers, {r['hedges']} hedges, {r['taken_back']} taken back from stuck "

@@ -1,0 +1,177 @@
+"""Pipeline hop compression: what crosses between stage holders on every microbatch (docs/hops.md).
+
+``swarm.hop_compression`` picks the scheme for the activation a holder sends forward and for the gradient
+it sends back:
+
+* ``none``: the tensor itself (float32, or bf16 activations under bf16; neuroray/swarm/compute.py).
+* ``int8``: blockwise int8 with one float32 scale per ``block`` values, the DiLoCo int8 code
+  (neuroray/diloco/compress.py). Error per value at most ``scale / 2``; 3.94x fewer bytes at block 256.
+* ``lowrank``: the tensor as a ``[tokens, hidden]`` matrix, cut to its best rank-r approximation (a truncated
+  SVD), both factors sent as int8 with one float32 scale per rank component. r is the largest rank whose
+  payload is at least ``ratio`` times smaller than float32, so the ratio holds at any shape. It was picked
+  over ternary, 1-bit and top-k codes by its gradient error and loss on the tiny model (docs/hops.md).
+
+A payload is a :class:`HopPayload`: the scheme, the shape, the label of the holder that sent it and one
+``bytes`` body, never float32 tensors. :func:`decode` checks the body before it decodes anything (its
+length for the shape, finite scales, a rank in range) and raises :class:`~neuroray.errors.HopPayloadError`
+naming the sender, so a receiving holder never applies a malformed payload.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuroray.diloco import compress
+from neuroray.errors import HopPayloadError
+
+SCHEMES = ("none", "int8", "lowrank")  # config.HOP_COMPRESSIONS mirrors this (config imports no torch)
+_FP32 = 4
+
+
+@dataclass(frozen=True)
+class HopPayload:
+    """One compressed activation or gradient on its way to the next (or previous) holder."""
+
+    scheme: str
+    shape: tuple[int, ...]
+    sender: str  # the sending holder's label: named when the payload is rejected
+    body: bytes
+    block: int = 0  # int8: values per scale
+    rank: int = 0  # lowrank: components kept
+
+    @property
+    def nbytes(self) -> int:
+        """The encoded bytes that cross: the body, plus 8 per dimension of the shape."""
+        return len(self.body) + 8 * len(self.shape)
+
+
+@dataclass(frozen=True)
+class HopCodec:
+    """One run's hop scheme and its parameters (``swarm.hop_*``)."""
+
+    scheme: str = "none"
+    block: int = 256  # int8: values per float32 scale
+    ratio: float = 16.0  # lowrank: the payload is at least this many times smaller than float32
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown hop compression {self.scheme!r}; choose one of {SCHEMES}")
+
+    def encode(self, x: torch.Tensor, sender: str) -> HopPayload | torch.Tensor:
+        """The payload for ``x`` (the tensor itself under ``none``)."""
+        if self.scheme == "none":
+            return x
+        x = x.detach().float()
+        shape = tuple(x.shape)
+        if self.scheme == "int8":
+            p = compress.encode(x.reshape(-1), "int8", self.block)
+            return HopPayload("int8", shape, sender, _bytes(p["int8"]) + _bytes(p["scale"]), block=self.block)
+        return _encode_lowrank(x, shape, sender, self.ratio)
+
+    def decode(self, payload, receiver: str) -> torch.Tensor:
+        """The float32 tensor a payload carries, after checking it; raises HopPayloadError naming its sender."""
+        if self.scheme == "none":
+            return payload
+        if not isinstance(payload, HopPayload):
+            raise HopPayloadError("an unknown holder", receiver,
+                                  f"expected a {self.scheme} hop payload, got {type(payload).__name__}")
+        try:
+            return _decode_checked(payload, self.scheme, self.block)
+        except _Malformed as exc:
+            raise HopPayloadError(str(payload.sender), receiver, str(exc)) from None
+
+
+def wire_bytes(payload) -> int:
+    """Bytes a hop carries: the encoded payload, or the tensor's own bytes under ``none``."""
+    if isinstance(payload, HopPayload):
+        return payload.nbytes
+    return payload.numel() * payload.element_size() if isinstance(payload, torch.Tensor) else 0
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().numpy().tobytes()
+
+
+def _decode_checked(p: HopPayload, scheme: str, block: int) -> torch.Tensor:
+    if p.scheme != scheme:
+        raise _Malformed(f"payload is {p.scheme}, the run uses {scheme}")
+    if not isinstance(p.body, bytes) or any(not isinstance(d, int) or d < 0 for d in p.shape):
+        raise _Malformed(f"payload shape {p.shape} or body type {type(p.body).__name__} is not a hop payload")
+    n = math.prod(p.shape)
+    if scheme == "int8":
+        if p.block != block:
+            raise _Malformed(f"payload block {p.block}, the run uses {block}")
+        scales = -(-n // block)
+        _expect_len(p, n + _FP32 * scales)
+        scale = _scales(p.body, n, scales)
+        q = torch.from_numpy(np.frombuffer(p.body, np.int8, n).copy())
+        return compress.decode({"int8": q, "scale": scale, "block": torch.tensor(block)}).view(p.shape)
+    rows, cols = _matrix_shape(p.shape)
+    if not 1 <= p.rank <= min(rows, cols):
+        raise _Malformed(f"rank {p.rank} is out of range [1, {min(rows, cols)}] for a {rows}x{cols} matrix")
+    r = p.rank
+    _expect_len(p, (rows + cols) * r + 2 * _FP32 * r)
+    left = _int8_rows(p.body, 0, r, rows, (rows + cols) * r)
+    right = _int8_rows(p.body, rows * r, r, cols, (rows + cols) * r + _FP32 * r)
+    return (left.T @ right).view(p.shape)
+
+
+def _expect_len(p: HopPayload, want: int) -> None:
+    if len(p.body) != want:
+        raise _Malformed(f"body is {len(p.body)} bytes, a {p.scheme} payload of shape {p.shape} has {want}")
+
+
+def _scales(body: bytes, offset: int, count: int) -> torch.Tensor:
+    s = np.frombuffer(body, np.float32, count, offset)
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise _Malformed("scales are not finite non-negative numbers")
+    return torch.from_numpy(s.copy())
+
+
+def _int8_rows(body: bytes, offset: int, r: int, length: int, scale_offset: int) -> torch.Tensor:
+    """``r`` int8 rows of ``length`` values, one scale each (compress's int8 with a block of one row)."""
+    q = torch.from_numpy(np.frombuffer(body, np.int8, r * length, offset).copy())
+    scale = _scales(body, scale_offset, r)
+    return compress.decode({"int8": q, "scale": scale, "block": torch.tensor(length)}).view(r, length)
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``[..., hidden]`` as ``[tokens, hidden]``."""
+    cols = shape[-1] if shape else 1
+    return (math.prod(shape) // cols if cols else 0), cols
+
+
+def lowrank_rank(rows: int, cols: int, ratio: float, overhead: int = 0) -> int:
+    """The largest rank whose payload (``overhead`` bytes of framing included) is ``ratio`` times smaller than
+    the float32 matrix; at least 1."""
+    per_rank = rows + cols + 2 * _FP32
+    return max(1, min(rows, cols, int((_FP32 * rows * cols / ratio - overhead) // per_rank)))
+
+
+def _encode_lowrank(x: torch.Tensor, shape: tuple[int, ...], sender: str, ratio: float) -> HopPayload:
+    rows, cols = _matrix_shape(shape)
+    m = x.reshape(rows, cols)
+    r = lowrank_rank(rows, cols, ratio, 8 * len(shape))
+    if min(rows, cols) <= 1024:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:  # randomized range finder (torch.svd_lowrank); a fixed seed keeps encodes reproducible
+        with torch.random.fork_rng(devices=[m.device] if m.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(m, q=min(r + 8, rows, cols), niter=2)
+        u, s, vh = u[:, :r], s[:r], v[:, :r].T
+    # balance the singular values between the factors so both quantize on similar scales
+    root = s.sqrt()
+    left, right = (u * root).T.contiguous(), (vh * root[:, None]).contiguous()  # [r, rows], [r, cols]
+    a = compress.encode(left.reshape(-1), "int8", rows)
+    b = compress.encode(right.reshape(-1), "int8", cols)
+    body = b"".join(map(_bytes, (a["int8"], b["int8"], a["scale"], b["scale"])))
+    return HopPayload("lowrank", shape, sender, body, rank=r)
