@@ -87,8 +87,10 @@ def test_a_worker_node_without_torch_is_one_line(tmp_path):
         assert "Ray node" in errors[0] and f"({python}) lacks torch" in errors[0] and "make venv" in errors[0], errors
         assert "Traceback" not in out and "ModuleNotFoundError" not in out, out[-3000:]
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=120)
-        head.stop()
-        shutil.rmtree(temp, ignore_errors=True)
+        try:
+            if worker is not None and worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(timeout=120)
+        finally:  # the head goes whatever happened to the worker
+            head.stop()
+            shutil.rmtree(temp, ignore_errors=True)
