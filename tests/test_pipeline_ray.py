@@ -142,8 +142,10 @@ def test_train_end_to_end(ray_cluster, tmp_path):
     assert isinstance(result.sample, str) and result.sample.startswith(cfg.sample_prompt)
     # Proofs of Neural Work: every holder's proof of each round was verified and credited
     assert result.ledger["supply_consistent"] and result.ledger["proofs_rejected"] == 0
-    assert result.ledger["proofs_credited"] == 3 * 2 * 3  # rounds x replicas x stages
-    assert len(result.ledger["balances_neuro"]) == 6 and all(v > 0 for v in result.ledger["balances_neuro"].values())
+    # rounds x replicas x stages, plus the spot-check validator's proofs of the rounds it drew a check in
+    assert result.ledger["proofs_credited"] - result.ledger["validations_credited"] == 3 * 2 * 3
+    assert result.ledger["validations_credited"] <= 3
+    assert len(result.ledger["balances_neuro"]) == 6 + (result.ledger["validations_credited"] > 0) and all(v > 0 for v in result.ledger["balances_neuro"].values())
     assert any(line.startswith("ledger: round 3: 6/6 proofs credited") for line in lines)
     assert (result.run_dir / "ledger_summary.json").is_file()
     assert (result.run_dir / "loss.png").stat().st_size > 1000 and "diloco:" in (result.run_dir / "config.yaml").read_text()

@@ -484,6 +484,11 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM proofs GROUP BY status").fetchall())
 
+    def credited_by_type(self) -> dict[str, int]:
+        """Credited proofs per proof type (training work, and the spot-check validator's ``validation``)."""
+        return dict(self._db.execute(
+            "SELECT proof_type, COUNT(*) FROM proofs WHERE status = 'credited' GROUP BY proof_type").fetchall())
+
     def resolve(self, prefix: str) -> str:
         """A node id from a unique prefix (at least 6 hex digits); LedgerError otherwise."""
         prefix = prefix.strip().lower()

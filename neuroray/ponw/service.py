@@ -301,6 +301,7 @@ class LedgerService:
         counts = self.ledger.counts()
         return {"supply_neuro": s.total / UNIT, "minted_neuro": s.minted / UNIT, "burned_neuro": s.burned / UNIT,
                 "supply_consistent": s.consistent, "proofs_credited": counts.get("credited", 0),
+                "validations_credited": self.ledger.credited_by_type().get("validation", 0),
                 "proofs_rejected": counts.get("rejected", 0), "proofs_invalidated": counts.get("invalidated", 0),
                 "balances_neuro": {a.node_id: (a.balance + a.stake) / UNIT for a in self.ledger.accounts()}}
 
