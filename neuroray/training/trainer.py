@@ -435,7 +435,7 @@ class Trainer:
                     self._record(step, ex.collect(step))
                     uncollected = None
                 self._boundary(step, round_end, due)
-                if round_end and self.evaluator is not None:  # nothing in flight, theta0 just changed
+                if round_end and self.evaluator is not None:  # at the last landed theta0 (under overlap, a round may be in flight)
                     self.evaluator.after_outer_step(self, step + 1)
             if uncollected is not None:
                 self._record(uncollected, ex.collect(uncollected))
