@@ -15,6 +15,7 @@ elsewhere skipped with one line. One 3-host lab for the module, prefix `nj`, sub
 in teardown whatever happens.
 """
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -160,3 +161,48 @@ def test_a_partition_of_a_holders_host(lab, setup):
     # the moved or rejoined holders' proofs name nodes the ledger knows (registered by the coordinator)
     assert not [m for _, m in run.logs if "unknown_node" in m], [m for _, m in run.logs if "ledger" in m]
     _check_no_double_update_or_credit(cfg, res, name, rounds, rejoined)
+
+
+_PLACEMENT = """
+import json, ray
+from ray.util.state import list_actors
+from neuroray.inference.discovery import NAMESPACE, holder_name
+ray.init(namespace=NAMESPACE)
+ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+out = {}
+for s in (0, 1):
+    name = holder_name("labgen", s, 0)
+    actor = [a for a in list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])][0]
+    out[name] = ips[actor.node_id]
+    ray.kill(ray.get_actor(name))
+print(json.dumps(out))
+"""
+
+
+def test_generation_through_inference_holders_on_two_hosts(lab, tmp_path):
+    """`python -m neuroray.generate ... stages=2` from h0 with each stage holder on its own host: the holders
+    get their weights through Ray (their hosts' disks never held the checkpoint) and the greedy tokens are
+    the ones the same command gives in one process (`stages=0`)."""
+    from tests.test_generate import make_checkpoint
+
+    cfg, ov = lab
+    home = Path(cfg.lab_dir) / "disks" / "h0" / "home"
+    make_checkpoint(home / "gen" / "checkpoint")  # on h0's disk only
+    inside = f"{cfg.host_root}/home/gen/checkpoint"
+    common = [f"checkpoint={inside}", "prompt=the quick brown", "temperature=0", "max_new_tokens=12"]
+
+    def generate(*extra: str) -> str:
+        argv, env = command(ov, "h0", [sys.executable, "-m", "neuroray.generate", *common, *extra], cwd=str(REPO))
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        return res.stdout
+
+    alone = generate("stages=0")
+    # two CPUs per holder: a lab host has two, so the two stage holders cannot share a host
+    spread = generate("stages=2", "cpus_per_holder=2", "swarm=labgen", "keep_swarm=true")
+    assert alone.strip() and alone.strip() in spread, (spread, alone)
+    argv, env = command(ov, "h0", [sys.executable, "-c", _PLACEMENT], cwd=str(REPO))
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    placement = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(set(placement.values())) == 2, placement  # two hosts

@@ -175,3 +175,23 @@ def test_the_liveness_probe_finds_a_live_actor_s_node_answering(ray_cluster):
     assert lost([a], 1.0) == [False]
     assert live_node(0, 0, exclude=set()) == here and live_node(0, 0, exclude={here}) is None
     ray.kill(a)
+
+
+@pytest.mark.slow
+def test_a_holder_that_dies_while_the_final_snapshots_are_written_is_recovered(ray_cluster, tmp_path):
+    """The memory monitor kills at the end of a run as at any other time: a holder that dies while the final
+    snapshot set is flushed is recovered, the set is taken again, and a resume continues from the end."""
+    from neuroray.swarm.faults import FaultyStageHolder
+    from neuroray.training.run import run
+
+    ray = ray_cluster
+
+    def log(*a, **k):
+        if " ".join(map(str, a)).startswith("round 2/2 step 8/8"):  # runs after the steps queued before it
+            ray.get_actor("neuroray-flushkill-r1-s1").fail_at.remote("flush_snapshots")
+
+    result = run(_cfg(tmp_path, "flushkill", 2, "log_every=1"), log=log, holder_cls=FaultyStageHolder)
+    assert len(result.losses) == 8 and [r["replica"] for r in result.recoveries] == [1]
+    lines = []
+    resumed = run(_cfg(tmp_path, "flushkill", 3, "resume=true"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert resumed.start_step == 8 and len(resumed.losses) == 4, lines

@@ -40,7 +40,7 @@ class SlowedClock(BusyClock):
 class FaultyStageHolder(StageHolder):
     """A :class:`StageHolder` with fault injection: :meth:`hang`, :meth:`slow_down`, :meth:`fail_at`."""
 
-    CRASH_POINTS = ("grow",)  # the methods fail_at can crash in
+    CRASH_POINTS = ("grow", "flush_snapshots")  # the methods fail_at can crash in
 
     def __init__(self, spec: HolderSpec):
         super().__init__(spec)
@@ -56,7 +56,7 @@ class FaultyStageHolder(StageHolder):
         self.clock.factor = float(factor)
 
     def fail_at(self, method: str) -> None:
-        """The process exits at the start of the next call to ``method`` ("grow"), as a crash there would;
+        """The process exits at the start of the next call to ``method`` (:data:`CRASH_POINTS`), as a crash there would;
         Ray restarts it on the spec it was created with (``max_restarts``)."""
         if method not in self.CRASH_POINTS:
             raise ValueError(f"fail_at({method!r}): a crash can be injected at {', '.join(self.CRASH_POINTS)}")
@@ -66,6 +66,11 @@ class FaultyStageHolder(StageHolder):
         if self._fail_at == "grow":
             os._exit(1)
         return super().grow(model, ranges, seed)
+
+    def flush_snapshots(self) -> None:
+        if self._fail_at == "flush_snapshots":
+            os._exit(1)
+        super().flush_snapshots()
 
 
 # ----- holders that cheat ---------------------------------------------------------------------------

@@ -394,8 +394,11 @@ class StageHolder:
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:
-        """Busy time / wall time since the previous call, and microbatches in flight right now."""
-        return {"name": self.name, "utilisation": self.clock.take(), "in_flight": len(self.compute.pending)}
+        """Busy time / wall time since the previous call, microbatches in flight right now, and the bytes of
+        every hop this holder has sent (activations forward, gradients back) since it started."""
+        c = self.compute.hop_counts
+        return {"name": self.name, "utilisation": self.clock.take(), "in_flight": len(self.compute.pending),
+                "hop_bytes": c["fwd_bytes"] + c["bwd_bytes"]}
 
     def hop_bytes(self) -> dict:
         """The hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for."""

@@ -36,6 +36,9 @@ class TrainMetrics:
         self.sync_bytes = Counter("neuroray_sync_bytes_total", "bytes counted crossing for DiLoCo synchronisation "
                                   "(kind: payload = pseudo-gradients, broadcast = theta0 or updates, control)",
                                   ("run", "kind"))
+        self.hop_bytes = Counter("neuroray_hop_bytes_total", "bytes a stage holder sent to its neighbours: "
+                                 "activations forward and their gradients back, as encoded", ("run", "holder"))
+        self._hop_seen: dict[str, int] = {}  # holder -> its hop bytes at the previous read
         self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
         self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
@@ -69,6 +72,12 @@ class TrainMetrics:
         for s in stats:
             self.utilisation.set(s["utilisation"], self._t(holder=s["name"]))
             self.queue_depth.set(s["in_flight"], self._t(holder=s["name"]))
+            # a holder started afresh (recovery) counts from zero again: its whole count is new bytes
+            seen, now = self._hop_seen.get(s["name"], 0), s["hop_bytes"]
+            new = now - seen if now >= seen else now
+            if new > 0:  # Ray's Counter refuses 0
+                self.hop_bytes.inc(new, self._t(holder=s["name"]))
+            self._hop_seen[s["name"]] = now
 
     def failover(self) -> None:
         self.failovers.inc(1, self._t())

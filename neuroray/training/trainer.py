@@ -305,17 +305,14 @@ class Trainer:
                 self.log(f"outer round {self.outer.rounds}: range {report.range_index} refused, theta0 unchanged: "
                          f"{report.refused}")
 
-    def _snapshot(self, step: int) -> None:
-        """Snapshot every holder and each range's outer state at the boundary after ``step`` steps."""
+    def _snapshot(self, step: int) -> list[tuple[int, BaseException]]:
+        """Snapshot every holder and each range's outer state at the boundary after ``step`` steps. Returns
+        the replicas with a holder that died meanwhile (the set is then skipped) and why."""
         self.executor.settle()
-        holders = [h for p in self.swarm.replicas for h in p]
-        try:
-            ray.get([h.snapshot.remote(step) for h in holders], timeout=self.cfg.cluster.step_timeout_s)
-        except Exception as exc:
-            if not holder_died(exc):
-                raise user_error(exc, f"snapshot at step {step}") from None
+        died = self._each_replica(lambda h: h.snapshot.remote(step), f"snapshot at step {step}")
+        if died:
             self.log(f"snapshot at step {step} skipped: a holder died; the next inner step recovers it")
-            return
+            return died
         theta0 = ray.get(self.outer.theta0)
         momentum = [None if m is None else ray.get(m) for m in self.outer.momentum]
         memory = [None if m is None else ray.get(m) for m in self.outer.memory]
@@ -332,6 +329,20 @@ class Trainer:
         self.stats.snapshots.append(step)
         if self.metrics:
             self.metrics.snapshot_taken()
+        return []
+
+    def _each_replica(self, call, what: str) -> list[tuple[int, BaseException]]:
+        """``call(holder)`` on every holder; the replicas with a holder that died (or restarted) meanwhile."""
+        refs = [[call(h) for h in p] for p in self.swarm.replicas]
+        died = []
+        for r, row in enumerate(refs):
+            try:
+                ray.get(row, timeout=self.cfg.cluster.step_timeout_s)
+            except Exception as exc:
+                if not holder_died(exc):
+                    raise user_error(exc, what) from None
+                died.append((r, exc))
+        return died
 
     def restore_outer(self, step: int) -> None:
         """Load each range's theta0, momentum and outer-step memory of snapshot ``step`` into the outer-sync state."""
@@ -349,11 +360,34 @@ class Trainer:
         if land_at is not None:  # diloco.overlap: the snapshot was taken with a round in flight
             self.executor.overlap.resumed(land_at)
 
-    def flush(self) -> None:
-        self.swarm.get([h.flush_snapshots.remote() for p in self.swarm.replicas for h in p],
-                       self.cfg.cluster.step_timeout_s, "flushing snapshots")
+    def flush(self) -> list[tuple[int, BaseException]]:
+        """Wait for every snapshot write; the replicas with a holder that died before its writes were done."""
+        died = self._each_replica(lambda h: h.flush_snapshots.remote(), "flushing snapshots")
         for store in self.outer_stores:
             store.flush()
+        return died
+
+    def _final_snapshot(self) -> None:
+        """A final snapshot set, so resume=true with more rounds continues from the end, never re-training
+        logged steps (it adds files only: snapshots read the holders, they change nothing). A holder that
+        dies meanwhile (the memory monitor kills at the end as at any time) is recovered: back at its
+        range's theta0, which after the last outer step is the model, and the set is taken again."""
+        deadline = time.monotonic() + self.cfg.checkpoint.recovery_timeout_s
+        while True:
+            died = []
+            if self.total_steps > self.start_step and self.stats.snapshots[-1:] != [self.total_steps]:
+                died = self._snapshot(self.total_steps)
+            died = died or self.flush()
+            if not died:
+                return
+            if time.monotonic() > deadline:
+                raise PipelineError(f"the final snapshot set was not written: holders kept dying for "
+                                    f"{self.cfg.checkpoint.recovery_timeout_s:g}s (checkpoint.recovery_timeout_s); "
+                                    f"the last complete set is under {self.snapshot_dir}; rerun with resume=true")
+            for r, exc in died:
+                self.recover(r, exc)
+            if self.stats.snapshots[-1:] == [self.total_steps]:
+                self.stats.snapshots.pop()  # a holder's part of that set may be lost with it: take it again
 
     # ----- the loop ---------------------------------------------------------------------------
     def _begin(self, metrics_file) -> None:
@@ -442,10 +476,6 @@ class Trainer:
         finally:
             self._bar.close()
         ex.finish()
-        # a final snapshot set, so resume=true with more rounds continues from the end, never re-training
-        # logged steps (adds files only: snapshots read the holders, they change nothing)
-        if self.total_steps > self.start_step and self.stats.snapshots[-1:] != [self.total_steps]:
-            self._snapshot(self.total_steps)
-        self.flush()
+        self._final_snapshot()
         self.stats.elapsed_s = time.monotonic() - self._t0
         return self.stats
