@@ -187,6 +187,7 @@ def test_generation_through_inference_holders_on_two_hosts(lab, tmp_path):
 
     cfg, ov = lab
     home = Path(cfg.lab_dir) / "disks" / "h0" / "home"
+    (home / "gen").mkdir(parents=True)
     make_checkpoint(home / "gen" / "checkpoint")  # on h0's disk only
     inside = f"{cfg.host_root}/home/gen/checkpoint"
     common = [f"checkpoint={inside}", "prompt=the quick brown", "temperature=0", "max_new_tokens=12"]

@@ -12,6 +12,7 @@ through Ray inference holders (:func:`~neuroray.inference.pipeline.run_pipeline`
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 
@@ -70,8 +71,8 @@ def validate(cfg: GenerateConfig) -> None:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} must be {rules[key]}")
     if cfg.ledger and cfg.stages == 0:
         raise ConfigError("ledger= needs stages >= 1: inference proofs are signed by stage holders")
-    if cfg.keep_swarm and not (cfg.swarm and cfg.address):
-        raise ConfigError("keep_swarm=true needs swarm=<name> and address=<a running Ray cluster>; "
+    if cfg.keep_swarm and not (cfg.swarm and (cfg.address or os.environ.get("RAY_ADDRESS"))):
+        raise ConfigError("keep_swarm=true needs swarm=<name> and address=<a running Ray cluster> (or RAY_ADDRESS); "
                           "a local Ray stops when this command ends")
 
 
