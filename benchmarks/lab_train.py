@@ -34,7 +34,7 @@ from benchmarks._lab_run import SMALL, Run, first_accepted_after, lab_session, l
 from benchmarks._report import DOC, append_row, machine  # noqa: E402
 
 LAB_DOC = ROOT / "docs" / "lab.md"
-SETUPS = {"fixed": [], "router": ["swarm=router"]}
+SETUPS = {"fixed": [], "router": ["swarm=router"], "wan": ["preset=wan"]}  # wan: the slow-link preset
 
 
 def _wire(before: dict, after: dict) -> float:
@@ -67,10 +67,30 @@ def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
     wire = _wire(before, counters(cfg))
     _shape_all(cfg, ov, None)
     store, sync, control = _store_bytes(run), res["sync_bytes"], res["control_bytes"]
-    counted = sync + store + control
+    hops, cross = _hop_bytes(res.get("hops", []), run.placement)
+    counted = sync + store + control + (hops if cross is None else cross)  # hops within a host never hit a wire
     return {"tps": res["tokens_per_s"], "tokens": res["tokens"], "wire": wire, "sync": sync, "store": store,
-            "control": control, "rest": wire - counted, "counted": counted,
+            "control": control, "hops": hops, "hops_cross": cross, "rest": wire - counted, "counted": counted,
             "hosts": sorted(set(run.placement.values()))}
+
+
+def _hop_bytes(hops: list[dict], placement: dict[str, str]) -> tuple[int, int | None]:
+    """Hop bytes the holders sent (counted from the payloads), and of those the ones whose two ends sat on
+    different hosts: under fixed routing r<i>-s<j> sends forward to r<i>-s<j+1> and back to r<i>-s<j-1>
+    (None when a holder is not at its slot's place, as under the router, where the neighbour varies)."""
+    total = sum(h["fwd_bytes"] + h["bwd_bytes"] for h in hops)
+    cross = 0
+    for h in hops:
+        rep, stage = h["replica"], h["stage"]
+        here = placement.get(f"r{rep}-s{stage}")
+        if here is None:
+            return total, None
+        for other, sent in ((stage + 1, h["fwd_bytes"]), (stage - 1, h["bwd_bytes"])):
+            there = placement.get(f"r{rep}-s{other}")
+            if sent and there is None:
+                return total, None
+            cross += sent if sent and there != here else 0
+    return total, cross
 
 
 def partition(cfg, ov, setup: str, rounds: int, inner: int, heal_after_s: float) -> dict:
@@ -126,20 +146,24 @@ def partition(cfg, ov, setup: str, rounds: int, inner: int, heal_after_s: float)
 NOTE_TP = ("3 lab hosts, driver on h0, every host's link shaped in both directions; the default config (2 stages x 2 "
            "replicas, model=tiny) with `" + " ".join(SMALL) + "` (these runs: `checkpoint.every_round=false`); `router` adds `swarm=router`. Wire bytes: veth "
            "counters, sum over hosts of (tx + rx) / 2. Counted: the run's DiLoCo sync bytes + what the driver-hosted "
-           "store moved + control bytes. Hops + Ray = wire - counted (the project does not count hop bytes; negative "
-           "where counted sync never crossed a wire, see docs/lab.md). Per token: divided by the tokens the run "
-           "trained. One run per row: single runs on 2 shared CPUs are noisy.")
+           "store moved + control bytes + the hop bytes across hosts (the hop bytes the holders sent, counted from "
+           "the payloads, whose two holders sat on different hosts; all of them where that is unknown, as under the "
+           "router). Ray = wire - counted (Ray's own traffic; negative "
+           "where counted bytes never crossed a wire, see docs/lab.md). Per token: divided by the tokens the run "
+           "trained. One run per row: single runs on 2 shared CPUs are noisy. `wan` adds `preset=wan` (the slow-link "
+           "preset: lowrank hops, int8 sync, delayed overlap).")
 
 
 def throughput_row(setup: str, rate: str, r: dict, base: dict | None, cmd: str) -> None:
     ratio = f"{r['tps'] / base['tps']:.2f}" if base else "n/a"
     per = lambda b: f"{b / r['tokens']:,.0f}"  # noqa: E731
     for doc in (DOC, LAB_DOC):
-        append_row("Training across lab hosts: throughput and wire bytes",
+        append_row("Training across lab hosts: throughput and wire bytes, hops counted",
                    ["setup", "link", "tok/s", "ratio to unshaped", "wire B/token", "sync B/token",
-                    "store + control B/token", "hops + Ray B/token", "wire / counted", "holder hosts", "machine",
-                    "command"],
+                    "hops B/token (across hosts)", "store + control B/token", "Ray B/token", "wire / counted",
+                    "holder hosts", "machine", "command"],
                    [setup, rate, f"{r['tps']:,.0f}", f"**{ratio}**", per(r["wire"]), per(r["sync"]),
+                    f"{per(r['hops'])} ({'n/a' if r['hops_cross'] is None else per(r['hops_cross'])})",
                     per(r["store"] + r["control"]), per(r["rest"]), f"{r['wire'] / r['counted']:.3f}",
                     str(len(r["hosts"])), machine(), f"`{cmd}`"], note=NOTE_TP, path=doc)
 

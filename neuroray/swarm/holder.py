@@ -402,7 +402,7 @@ class StageHolder:
 
     def hop_bytes(self) -> dict:
         """The hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for."""
-        return {"name": self.name, "stage": self.spec.stage, **self.compute.hop_counts}
+        return {"name": self.name, "stage": self.spec.stage, "replica": self.spec.replica, **self.compute.hop_counts}
 
     def grads(self) -> dict[str, torch.Tensor]:
         return self.compute.grads()
