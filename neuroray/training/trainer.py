@@ -51,11 +51,12 @@ def wait_alive(holder, deadline: float) -> dict:
 class Trainer:
     def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, executor: StepExecutor,
                  start_step: int = 0, log=print, metrics: TrainMetrics | None = None, upgrades=None,
-                 evaluator=None):
+                 evaluator=None, vocab=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
         self.evaluator = evaluator  # held-out evaluation after outer steps (neuroray/training/evaluation.py)
         self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
+        self.vocab = vocab  # data.watch_rounds: a neuroray.training.vocab_growth.VocabWatch, asked between rounds
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
                              for s in range(len(swarm.ranges))]
@@ -409,6 +410,8 @@ class Trainer:
             self._outer_round(step)
             if self.upgrades is not None:  # nothing in flight now: holders may grow
                 grew = self.upgrades.between_rounds(self)
+            if self.vocab is not None:  # the dataset extended with a grown tokenizer: the vocabulary grows
+                grew = self.vocab.between_rounds(self) or grew
         # after a growth, snapshot at once: a restart must never fall back to the old shapes
         if (round_end and self.cfg.checkpoint.every_round) or due or grew:
             self._snapshot(step + 1)
