@@ -112,10 +112,18 @@ def test_a_shrunk_vocabulary_and_a_tokenizer_that_disagrees_with_the_manifest_ar
 
     # the manifest's vocab_size is not the tokenizer's size: its ids were counted against another vocabulary
     raw = json.loads((Path(url) / "manifest.json").read_text())
-    (Path(url) / "manifest.json").write_text(json.dumps({**raw, "vocab_size": 350}))
+    (Path(url) / "manifest.json").write_text(json.dumps({**raw, "vocab_size": 370}))
     with pytest.raises(DataError, match="ids disagree with the shards") as exc:
         read_extension(url, old, old_tok)
     one_line(exc)
+    # ... and a run refuses it at start, before Ray (ids up to 369 would index past a 360-row embedding)
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    cfg = load_config([f"data.dataset={url}", f"data.cache_dir={tmp / 'cache'}", f"run_dir={tmp / 'run-bad'}"])
+    with pytest.raises(DataError, match="370") as exc:
+        run(cfg, log=quiet)
+    assert "ids disagree with the shards" in one_line(exc)
 
 
 # ---------------------------------------------------------------- holders

@@ -109,6 +109,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     root, manifest = ensure_dataset(cfg.data, log=log)
     tokenizer_file = Path(root) / manifest.tokenizer_file
     tok = load_tokenizer(tokenizer_file)
+    from neuroray.genesis.extend import check_ids
+
+    check_ids(tok, manifest, f"the dataset at {root}")  # shard ids beyond the model's rows would fail mid-run
     vocab = tok.get_vocab_size()
     if cfg.init_from:  # the checkpoint against this model and tokenizer, from its headers only: refused before Ray
         from neuroray.model.hf import load_hf_llama
