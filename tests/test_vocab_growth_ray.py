@@ -111,7 +111,10 @@ def test_running_holders_grow_between_rounds_and_train_on(ray_cluster, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_run_grows_its_vocabulary_when_its_dataset_is_extended(ray_cluster, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("diloco.compression=int8",)], ids=["fp32", "int8"])
+def test_a_run_grows_its_vocabulary_when_its_dataset_is_extended(ray_cluster, tmp_path, extra):
+    """int8: the holders rebuild theta0 from the compressed update, which needs their grown theta0 to be the
+    outer step's bit for bit (else they fall back to fetching it dense, logged)."""
     from neuroray.training.run import run
 
     ray = ray_cluster
@@ -127,7 +130,7 @@ def test_a_run_grows_its_vocabulary_when_its_dataset_is_extended(ray_cluster, tm
         if line.startswith("vocab: after round 1"):
             seen["after"] = _logits(ray, "grow", x)
 
-    result = run(_cfg(tmp_path, "grow", 2, "log_every=1"), log=log)
+    result = run(_cfg(tmp_path, "grow", 2, "log_every=1", *extra), log=log)
     grown = seen["grown"]
     old_vocab = seen["before"][0].shape[-1]
     assert old_vocab < grown.vocab_size == 360
@@ -144,6 +147,8 @@ def test_a_run_grows_its_vocabulary_when_its_dataset_is_extended(ray_cluster, tm
     assert checks and all(line.endswith(", 0 failed") for line in checks), lines
     assert result.ledger["validations_credited"] >= 1
     assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    if extra:  # round 2's update applied to the grown theta0 on every holder: no dense fallback (4x the bytes)
+        assert result.comm[1]["broadcast_bytes"] < 2 * result.comm[1]["payload_bytes"], result.comm
 
     # the snapshot right after the growth and the checkpoint hold the grown shapes and the grown tokenizer
     snap = SnapshotStore(str(tmp_path / "grow" / "snapshots"), "r0-s0").read(2)
