@@ -248,4 +248,11 @@ def test_a_driver_switches_to_the_new_shards_at_its_position(corpora, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(h.next_batch(), expected.next_microbatch()))
     assert h.module.embed.weight.shape[0] == grown.vocab_size
     snap = h.capture(5)
-    assert Manifest.from_json(snap.meta["data_manifest"]) == grown  # a Ray restart goes on with these shards
+    assert Manifest.from_json(snap.meta["data_manifest"]) == grown
+    # a Ray restart starts the actor on its creation spec (old vocabulary, old manifest) and restores this
+    restarted = _holder(tmp_path, 0, [(0, 1), (1, 2)], vocab=old.vocab_size, data_root=url,  # the same key
+                        manifest=old.to_json(), seq_len=8, microbatch_size=2)
+    restarted.restore(snap)
+    assert restarted.module.embed.weight.shape[0] == grown.vocab_size
+    assert Manifest.from_json(restarted.spec.manifest) == grown
+    assert all(torch.equal(a, b) for a, b in zip(restarted.next_batch(), h.next_batch()))  # same shards, same place
