@@ -72,7 +72,20 @@ def test_extension_in_place_keeps_the_files_being_read_and_is_accepted(corpora):
     ids = torch.cat([TokenStream(url, grown, "node-a", 16, 2).next_microbatch()[0] for _ in range(20)])
     assert ids.max() >= old.vocab_size  # the new tokens are in the new shards
 
+    # a publisher-pinned run trains on an extension once the publisher has signed it, not before
+    from neuroray.genesis.manifest import ManifestPinError, sign_manifest
+    from neuroray.genesis.store import Store
+    from neuroray.ponw.identity import Identity
+
+    publisher = Identity.from_secret(b"\x07" * 32)
+    sign_manifest(Store(url), publisher)  # signs the manifest of the 360-token extension
+    pinned = publisher.public_key.hex()
+    assert read_extension(url, old, old_tok, manifest_publisher=pinned).manifest == grown
     again = build_dataset(_data(tmp, bigger, url, vocab_size=380, base_tokenizer=url), url, log=quiet)
+    with pytest.raises(ManifestPinError, match="signs another manifest"):
+        read_extension(url, grown, ext.tokenizer, manifest_publisher=pinned)
+    sign_manifest(Store(url), publisher)
+    assert read_extension(url, grown, ext.tokenizer, manifest_publisher=pinned).manifest == again
     on_disk = {p.name for p in Path(url).iterdir()}
     assert new_files <= on_disk  # the previous generation stays for runs still reading it ...
     assert not {old.tokenizer_file, *(s["file"] for s in old.shards)} & on_disk  # ... the one before is gone

@@ -36,7 +36,7 @@ def grow_range_vocab(compute: RangeCompute, outer: OuterState, vocab_size: int, 
     module, spec = compute.module, compute.spec
     current = module.vocab_size
     if vocab_size < current:
-        raise VocabularyShrankError(f"the vocabulary {compute.name} was asked to take", vocab_size, current)
+        raise VocabularyShrankError(f"{compute.name}'s new vocabulary", vocab_size, current)
     if manifest is not None:
         switch_stream(compute, manifest)
     compute.spec = replace(compute.spec, vocab_size=vocab_size,

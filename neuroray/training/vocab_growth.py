@@ -129,11 +129,16 @@ class VocabWatch:
     def between_rounds(self, trainer) -> bool:
         """True when the swarm grew or switched data (the trainer then snapshots at once)."""
         from neuroray.genesis.extend import read_extension
+        from neuroray.genesis.manifest import ManifestPinError
 
         every, d = self.cfg.data.watch_rounds, self.cfg.data
         if every <= 0 or trainer.outer.rounds % every:
             return False
-        ext = read_extension(self.root.url, self.manifest, self.tokenizer, d.manifest_sha256, d.manifest_publisher)
+        try:
+            ext = read_extension(self.root.url, self.manifest, self.tokenizer, d.manifest_sha256, d.manifest_publisher)
+        except ManifestPinError as exc:  # not signed (yet) by the publisher: the files being read are still there
+            self.log(f"vocab: {exc}; training goes on with the current dataset")
+            return False
         if ext is None:
             return False
         self.apply(trainer, ext)
