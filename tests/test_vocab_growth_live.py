@@ -238,6 +238,13 @@ def test_snapshots_across_a_growth_restore_whichever_side_of_it_they_were_taken(
         assert b.module.vocab_size == NEW and b.spec.vocab_size == NEW
         return _state(b)
 
+    # recovery of a holder Ray restarted from the snapshot before the growth: grown first, then it rejoins
+    c = _holder(tmp_path, 0, [(0, 2)], snapshot_root=snaps, resume_step=3)
+    assert c.module.vocab_size == OLD
+    c.grow_vocab(NEW, SEED)
+    c.rejoin(a.theta0.clone(), a.outer_rounds)
+    assert torch.equal(c.flat_params(), a.theta0) and torch.equal(c.theta0, a.theta0)
+
     for vocab, step in ((OLD, 4),  # Ray restarts an actor on its creation spec: the snapshot's grown shapes win
                         (NEW, 4),  # resume=true after the growth: the dataset's vocabulary, the snapshot's shapes
                         (NEW, 3)):  # resume=true from before the growth: restored, then grown by the same seeded rows

@@ -166,6 +166,34 @@ def test_a_run_grows_its_vocabulary_when_its_dataset_is_extended(ray_cluster, tm
 
 
 @pytest.mark.slow
+def test_a_driver_killed_right_after_the_growth_comes_back_grown(ray_cluster, tmp_path):
+    """Killed after the growth and before the snapshot that follows it: Ray restarts the Driver on its creation
+    spec, it restores the snapshot of before the growth, and recovery grows it before it rejoins."""
+    from neuroray.training.run import run
+
+    ray = ray_cluster
+    lines = []
+
+    def log(*a, **k):
+        line = " ".join(map(str, a))
+        lines.append(line)
+        if line.startswith("ledger: round 2:"):  # after round 1, whose snapshot set of step 2 is the old size
+            _extend(tmp_path, 360)
+        if line.startswith("vocab: after round 2"):
+            ray.kill(ray.get_actor("neuroray-kill-r1-s0"), no_restart=False)
+
+    # spot checks off: a Driver killed between rounds, grown or not, has its recovered round's check fail (the
+    # calls queued to it while Ray restarted it run there; reported apart from the growth)
+    result = run(_cfg(tmp_path, "kill", 3, "ponw.spot_check_rate=0"), log=log)
+    assert [(g["round"], g["to"]) for g in result.vocab_growths] == [(2, 360)]
+    assert result.recoveries and result.recoveries[0]["replica"] == 1, lines
+    assert result.recoveries[0]["restored_steps"][0] == 2, result.recoveries  # the snapshot before the growth
+    assert not [line for line in lines if line.startswith("ledger:") and "refused" in line], lines
+    assert [line for line in lines if line.startswith("ledger: round 3: 4/4 proofs credited")], lines
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@pytest.mark.slow
 def test_resumes_after_and_before_the_growth_continue_at_the_grown_size(ray_cluster, tmp_path):
     from neuroray.training.run import run
 

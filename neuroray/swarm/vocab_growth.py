@@ -69,7 +69,7 @@ def grow_range_vocab(compute: RangeCompute, outer: OuterState, vocab_size: int, 
 def switch_stream(compute: RangeCompute, manifest: str | dict) -> None:
     """A Driver reads the new manifest's ring from the position it had reached (other ranges read nothing)."""
     old = compute.stream
-    if old is None:
+    if old is None or manifest == compute.spec.manifest:
         return
     from neuroray.genesis import Manifest, TokenStream
 

@@ -240,6 +240,8 @@ class Trainer:
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
                 peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
                 self._copy_from_peer(replica, s, h, peers, timeout)
+        if self.vocab is not None:  # a holder restored from before a vocabulary growth grows to the swarm's first
+            self.vocab.catch_up(self, pipeline, timeout)
         # A snapshot older than the last outer step holds that round's theta0: the holder's next
         # pseudo-gradient (theta0 - theta) would count again learning the outer step already aggregated.
         # Move it to its range's current theta0 and the swarm's round count, as the router's rejoin does.

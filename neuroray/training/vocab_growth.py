@@ -144,6 +144,17 @@ class VocabWatch:
         self.apply(trainer, ext)
         return True
 
+    def catch_up(self, trainer, pipeline: list, timeout_s: float) -> None:
+        """Recovery: the holders of a restarted replica grow to the swarm's vocabulary and data (a no-op for
+        those already there). One restored from a snapshot taken before a growth would otherwise take the
+        grown theta0 into its old shapes when it rejoins."""
+        if not self.growths:
+            return
+        swarm = trainer.swarm
+        manifest = None if swarm.data is None else swarm.data.manifest
+        ray.get([h.grow_vocab.remote(swarm.vocab_size, self.cfg.seed, manifest if s == 0 else None)
+                 for s, h in enumerate(pipeline)], timeout=timeout_s)
+
     def apply(self, trainer, ext) -> None:
         """Grow the running swarm to ``ext`` (a checked :class:`~neuroray.genesis.extend.Extension`)."""
         from neuroray.genesis.build import dataset_root
