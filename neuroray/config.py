@@ -63,6 +63,9 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     microbatch_size: int = 8  # sequences per microbatch
     num_microbatches: int = 2  # gradient accumulation: microbatches per inner step
+    # Re-read the dataset's manifest every this many outer rounds (0: never): a dataset extended in place with
+    # a grown tokenizer (data.base_tokenizer, docs/genesis.md) grows the running model's vocabulary
+    watch_rounds: int = 0
 
 
 @dataclass

@@ -40,6 +40,24 @@ def resolve_init_from(cfg: TrainConfig, model_given: bool) -> TrainConfig:
     return replace(cfg, model=model)
 
 
+def _check_watch(cfg: TrainConfig) -> None:
+    """data.watch_rounds (live vocabulary growth, neuroray/training/vocab_growth.py): what it cannot run beside."""
+    d, dl = cfg.data, cfg.diloco
+    if d.watch_rounds < 0:
+        raise ConfigError(f"data.watch_rounds={d.watch_rounds} must be >= 0 (0: never re-read the manifest)")
+    if d.watch_rounds == 0:
+        return
+    if d.manifest_sha256:
+        raise ConfigError("data.watch_rounds with data.manifest_sha256: a pinned manifest never changes, so the "
+                          "dataset can never be extended; pin the publisher (data.manifest_publisher) instead")
+    if dl.overlap != "none":
+        raise ConfigError(f"data.watch_rounds with diloco.overlap={dl.overlap}: the vocabulary grows between rounds "
+                          "and an overlapped run always has one in flight; set diloco.overlap=none")
+    if cfg.swarm.routing == "router":
+        raise ConfigError("data.watch_rounds with swarm.routing=router: the vocabulary grows on every holder at once, "
+                          "which the router's late and lost holders would miss; use swarm.routing=fixed")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     m, d, s, dl = cfg.model, cfg.data, cfg.swarm, cfg.diloco
@@ -95,6 +113,7 @@ def validate(cfg: TrainConfig) -> None:
     if d.manifest_publisher and not re.fullmatch(r"0[23][0-9a-f]{64}", d.manifest_publisher):
         raise ConfigError(f"data.manifest_publisher={d.manifest_publisher!r} must be a compressed secp256k1 "
                           "public key: 66 lowercase hex digits starting 02 or 03")
+    _check_watch(cfg)
     if not d.source or not (d.store or d.dataset):
         raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:

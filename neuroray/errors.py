@@ -28,6 +28,18 @@ class ShardCorruptError(DataError):
         )
 
 
+class VocabularyShrankError(DataError):
+    """The dataset's tokenizer has fewer tokens than the model's vocabulary: a vocabulary only grows."""
+
+    def __init__(self, where: str, tokens: int, model_vocab: int):
+        self.where, self.tokens, self.model_vocab = where, tokens, model_vocab
+        super().__init__(
+            f"the vocabulary shrank: {where} has {tokens} tokens, the model {model_vocab}; a vocabulary only "
+            f"grows: rebuild the dataset with data.base_tokenizer=<the run's tokenizer> and data.vocab_size>="
+            f"{model_vocab}, or start a new run"
+        )
+
+
 class InteropError(NeurorayError, ValueError):
     """A Hugging Face export or import that cannot be done as asked (not Llama, shapes differ, pickle, ...)."""
 

@@ -2,8 +2,9 @@
 store, and the deterministic per-node token streams the Drivers train on (shard = sha256(node_id) mod N).
 
 Modules: corpus (text sources through ``datasets``), tokenizer (train, grow, hash), build (shards +
-manifest, atomic), manifest, store (fsspec), fetch (verified, cached, prefetched shard bytes), shards
-(assignment, streams, ``batch_for``). CLI: ``python -m neuroray.genesis build|verify|info``.
+manifest, atomic; extended in place), extend (a dataset extended under a running model, checked), manifest,
+store (fsspec), fetch (verified, cached, prefetched shard bytes), shards (assignment, streams,
+``batch_for``). CLI: ``python -m neuroray.genesis build|verify|info``.
 """
 
 from neuroray.genesis.build import build_dataset, dataset_url, ensure_dataset

@@ -8,6 +8,12 @@ Builds are atomic: ``manifest.json`` is written last and a directory without one
 On a local disk everything goes into a temporary directory that is renamed into place; on an object
 store the shards go straight to their keys and the manifest's single PUT is the commit (an old manifest
 is deleted first, so a rebuild is never half-visible). A failed build removes what it wrote.
+
+Extending in place: a build that grows ``data.base_tokenizer`` into a store that already holds a dataset
+leaves that dataset readable until its manifest is replaced, and its files after: the new tokenizer and
+shards get names of their own (``tokenizer-<sha>-<nonce>.json``, ``shard-<sha>-<nonce>_00000.bin``), the manifest is
+written last, and only files that neither the new nor the old manifest names are removed. A run training
+on the old manifest keeps reading its shards until it switches (neuroray/genesis/extend.py, docs/genesis.md).
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ def encode_batch(tok, docs: list[str], dtype: np.dtype) -> np.ndarray:
 class ShardWriter:
     """Cuts a token stream into shards; a background thread hashes and writes them in order."""
 
-    def __init__(self, store: Store, shard_tokens: int, dtype: str):
-        self.store, self.shard_tokens, self.dtype = store, shard_tokens, DTYPES[dtype]
+    def __init__(self, store: Store, shard_tokens: int, dtype: str, prefix: str = "shard_"):
+        self.store, self.shard_tokens, self.dtype, self.prefix = store, shard_tokens, DTYPES[dtype], prefix
         self.min_tail = min(MIN_LAST_SHARD, max(1, shard_tokens // 2))
         self.shards: list[dict] = []
         self.written: list[str] = []  # file names, for cleanup after a failure
@@ -101,7 +107,7 @@ class ShardWriter:
 
     def _write(self, index: int, tokens: np.ndarray) -> dict:
         data = tokens.astype(self.dtype, copy=False).tobytes()
-        name = f"shard_{index:05d}.bin"
+        name = f"{self.prefix}{index:05d}.bin"
         self.written.append(name)
         self.store.write(name, data)
         return {"id": index, "file": name, "split": "train", "tokens": int(tokens.size), "bytes": len(data),
@@ -170,7 +176,9 @@ def read_base_tokenizer(url: str) -> bytes:
         raise DataError(f"data.base_tokenizer={url} does not exist; point it at a tokenizer.json or a dataset") from None
 
 
-def _write_all(cfg: DataConfig, source: Source, store: Store, log, progress: Progress | None) -> Manifest:
+def _write_all(cfg: DataConfig, source: Source, store: Store, log, progress: Progress | None,
+               extend: bool = False) -> Manifest:
+    """``extend``: the store holds a dataset that must stay readable: new files get names of their own."""
     tok, parent, docs_seen = _tokenizer(cfg, source, progress)
     if docs_seen == 0:  # a given tokenizer reads nothing here: an empty corpus then gives no shards, refused below
         raise DataError(f"data.source={cfg.source} holds no text (every document is empty); add documents or use "
@@ -180,7 +188,12 @@ def _write_all(cfg: DataConfig, source: Source, store: Store, log, progress: Pro
     how = (f"data.tokenizer={cfg.tokenizer}" if docs_seen is None else
            f"{'grown' if parent else 'trained'} on {docs_seen} docs")
     log(f"genesis: tokenizer {how} ({vocab} tokens, {dtype} shards)")
-    shards = write_shards(tok, source, store, cfg.shard_tokens, progress)
+    sha = tokenizer_hash(tok)
+    tok_file, prefix = TOKENIZER_FILE, "shard_"
+    if extend:  # a name per build: even the same tokenizer over other text never overwrites a file being read
+        tag = f"{sha[:12]}-{os.urandom(3).hex()}"
+        tok_file, prefix = f"tokenizer-{tag}.json", f"shard-{tag}_"
+    shards = write_shards(tok, source, store, cfg.shard_tokens, progress, prefix=prefix)
     try:
         total = sum(s["tokens"] for s in shards)
         if len(shards) <= cfg.eval_shards:
@@ -192,27 +205,28 @@ def _write_all(cfg: DataConfig, source: Source, store: Store, log, progress: Pro
         for shard in shards[len(shards) - cfg.eval_shards:]:
             shard["split"] = "eval"
         tok_bytes = tok.to_str().encode("utf-8")  # the file's SHA-256 is tokenizer_hash(tok): one identity
-        store.write(TOKENIZER_FILE, tok_bytes)
+        store.write(tok_file, tok_bytes)
         manifest = Manifest(
-            format_version=FORMAT_VERSION, tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=tokenizer_hash(tok),
+            format_version=FORMAT_VERSION, tokenizer_file=tok_file, tokenizer_sha256=sha,
             vocab_size=vocab, dtype=dtype, shards=shards, total_tokens=total,
             total_bytes=sum(s["bytes"] for s in shards), shard_tokens=cfg.shard_tokens, source=source.describe(),
             parent_tokenizer_sha256=parent,
         )
         store.write(MANIFEST_FILE, (manifest.to_json() + "\n").encode("utf-8"))  # last: the commit
     except BaseException:
-        store.remove([*(s["file"] for s in shards), TOKENIZER_FILE])  # invisible without a manifest; no litter
+        store.remove([*(s["file"] for s in shards), tok_file])  # invisible without a manifest; no litter
         raise
     return manifest
 
 
-def write_shards(tok, source, store: Store, shard_tokens: int, progress: Progress | None = None) -> list[dict]:
+def write_shards(tok, source, store: Store, shard_tokens: int, progress: Progress | None = None,
+                 prefix: str = "shard_") -> list[dict]:
     """Encode every document of ``source`` and write the shards into ``store``; returns their entries.
 
     This is the pass the build benchmark times against raw ``encode_batch``.
     """
     dtype = dtype_for(tok.get_vocab_size())
-    writer = ShardWriter(store, shard_tokens, dtype)
+    writer = ShardWriter(store, shard_tokens, dtype, prefix)
     try:
         docs = tokens = 0
         for batch in _batches(iter(source), ENCODE_DOCS):
@@ -255,6 +269,8 @@ def build_dataset(cfg: DataConfig, url: str | None = None, *, log: Callable[[str
     store = Store(url)
     store.check_writable()  # read-only or unreachable: fail before any work
     source = open_source(cfg)
+    if cfg.base_tokenizer and store.exists(MANIFEST_FILE):
+        return _extend(cfg, source, store, log, progress)
     if store.is_local:
         out = store.local_path
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -272,6 +288,23 @@ def build_dataset(cfg: DataConfig, url: str | None = None, *, log: Callable[[str
     manifest = _write_all(cfg, source, store, log, progress)
     keep = {MANIFEST_FILE, manifest.tokenizer_file, *(s["file"] for s in manifest.shards)}
     store.remove(sorted(f for f in old_files - keep if f.startswith("shard_")))  # a longer old build's tail
+    return manifest
+
+
+def _extend(cfg: DataConfig, source: Source, store: Store, log, progress: Progress | None) -> Manifest:
+    """Rebuild the dataset in ``store`` with a grown tokenizer while the one there stays readable (see the
+    module docstring): new names, manifest last, then only files neither manifest names are removed."""
+    try:
+        old = read_manifest(store)
+        keep = {old.tokenizer_file, *(s["file"] for s in old.shards)}
+    except DataError:  # a damaged dataset: nobody can be reading it
+        keep = set()
+    log(f"genesis: extending {store.url} in place (its current files stay until the next extension)")
+    manifest = _write_all(cfg, source, store, log, progress, extend=True)
+    keep |= {MANIFEST_FILE, manifest.tokenizer_file, *(s["file"] for s in manifest.shards)}
+    listed = store.sizes()
+    if listed is not None:  # files of the extension before the previous one: no run reads them any more
+        store.remove(sorted(f for f in listed if f not in keep and f.startswith(("shard", "tokenizer"))))
     return manifest
 
 
@@ -296,14 +329,15 @@ def dataset_url(cfg: DataConfig) -> str:
     return join(cfg.store, f"{name}-{digest}")
 
 
-def _check_remote(store: Store) -> Manifest:
-    """Manifest, tokenizer hash and (where the store can list) every shard's presence and size.
+def check_store(store: Store) -> tuple[Manifest, bytes]:
+    """Manifest, tokenizer hash and (where the store can list) every shard's presence and size; returns the
+    manifest and the tokenizer's bytes.
 
     Shard hashes are checked by whoever reads a shard, before use; downloading all of them here would
     make every start as slow as a full `verify`.
     """
     manifest = read_manifest(store)
-    read_checked_tokenizer(store, manifest)
+    tokenizer = read_checked_tokenizer(store, manifest)
     sizes = store.sizes()
     for s in manifest.shards if sizes is not None else ():
         if s["file"] not in sizes:
@@ -312,10 +346,10 @@ def _check_remote(store: Store) -> Manifest:
         if sizes[s["file"]] != s["bytes"]:
             raise DataError(f"shard {s['id']} ({store.url_of(s['file'])}) has {sizes[s['file']]} bytes, the manifest "
                             f"says {s['bytes']} (truncated or replaced); rebuild or republish the dataset")
-    return manifest
+    return manifest, tokenizer
 
 
-def _root(cfg: DataConfig, store: Store, manifest: Manifest) -> DatasetRoot:
+def dataset_root(cfg: DataConfig, store: Store, manifest: Manifest) -> DatasetRoot:
     """The DatasetRoot: a local store is its own root; a remote one gets a verified local mirror."""
     cache_bytes = cfg.cache_size_mb << 20
     if store.is_local:
@@ -342,7 +376,7 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
         # a manifest that is not the pinned one is refused, never rebuilt over: it may be an attack
         check_pinned(store, cfg.manifest_sha256, cfg.manifest_publisher)
         try:
-            manifest = verify_dataset(url) if store.is_local else _check_remote(store)
+            manifest = verify_dataset(url) if store.is_local else check_store(store)[0]
         except DataError as exc:
             if cfg.dataset or store.read_only:
                 raise
@@ -351,7 +385,7 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
             if cfg.tokenizer:  # a pinned or named dataset tokenized with another tokenizer: its ids mean other text
                 check_tokenizer_matches_manifest(load_user_tokenizer(cfg.tokenizer)[1], manifest)
             log(f"genesis: using dataset {url} ({len(manifest.shards)} shards, {manifest.total_tokens} tokens)")
-            return _root(cfg, store, manifest), manifest
+            return dataset_root(cfg, store, manifest), manifest
     elif cfg.dataset:
         raise DataError(f"no dataset at data.dataset={cfg.dataset}: {MANIFEST_FILE} is missing; build it with "
                         "`python -m neuroray.genesis build data.store=...` or fix the URL")
@@ -359,5 +393,5 @@ def ensure_dataset(cfg: DataConfig, log: Callable[[str], None] = print,
     manifest = build_dataset(cfg, url, log=log, progress=progress)
     check_pinned(store, cfg.manifest_sha256, cfg.manifest_publisher)  # a pinned run trains on that data or none
     log(f"genesis: built dataset {url} ({len(manifest.shards)} shards, {manifest.total_tokens} tokens)")
-    return _root(cfg, store, manifest), manifest
+    return dataset_root(cfg, store, manifest), manifest
 

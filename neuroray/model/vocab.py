@@ -16,12 +16,16 @@ rows keep ``exp_avg`` / ``exp_avg_sq``, new rows start at zero, ``step`` is kept
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from neuroray.model.seeds import named_seed
 
 NEW_ROW_NOISE = 0.1  # noise std, as a fraction of the old rows' per-coordinate std
+VOCAB_PARAMS = ("embed.weight", "lm_head.weight")  # the parameters with one row per token id
 
 
 def new_rows(old: torch.Tensor, count: int, seed: int, name: str) -> torch.Tensor:
@@ -65,12 +69,14 @@ def follow(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Paramete
 
 
 def grow_vocab(module: nn.Module, vocab_size: int, optimizer: torch.optim.Optimizer | None = None,
-               seed: int = 0) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+               seed: int = 0, fill: Mapping[str, torch.Tensor] | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
     """Grow ``module``'s embedding and/or LM head to ``vocab_size`` rows in place.
 
     ``module`` is a StageModule (or anything with an ``embed`` nn.Embedding and/or an ``lm_head``
     nn.Linear and a ``vocab_size``). Returns ``{parameter name: (old, new)}`` for callers that keep
     their own per-parameter buffers (DiLoCo theta0 and momentum: see :func:`regrow_flat`).
+    ``fill``: the rows to append per parameter name (a holder takes them from its grown theta0, see
+    :func:`grow_flat`); by default :func:`new_rows` around the module's own rows.
     """
     current = module.vocab_size
     if vocab_size < current:
@@ -88,8 +94,8 @@ def grow_vocab(module: nn.Module, vocab_size: int, optimizer: torch.optim.Optimi
             if old.shape[0] != current:
                 raise ValueError(f"{attr}.weight has {old.shape[0]} rows but the model's vocab_size is {current}")
             name = f"{attr}.weight"
-            new = nn.Parameter(grow_rows(old.detach(), vocab_size, new_rows(old, count, seed, name)),
-                               requires_grad=old.requires_grad)
+            rows = fill[name] if fill is not None else new_rows(old, count, seed, name)
+            new = nn.Parameter(grow_rows(old.detach(), vocab_size, rows), requires_grad=old.requires_grad)
             layer.weight = new  # same registered name, so parameters() keeps its order
             setattr(layer, size_attr, vocab_size)
             replaced[name] = (old, new)
@@ -122,3 +128,42 @@ def regrow_flat(flat: torch.Tensor, old_shapes: list[torch.Size], module: nn.Mod
     if offset != flat.numel():
         raise ValueError(f"the flat vector has {flat.numel()} entries, the shapes account for {offset}")
     return torch.cat(parts)
+
+
+def grow_flat(flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]], vocab_size: int, *,
+              seed: int | None = None, fill: Mapping[str, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...]]]]:
+    """A range's flat vector laid out as ``layout`` ((name, shape) in flat order), its embedding and LM
+    head grown to ``vocab_size`` rows; returns the vector and its new layout.
+
+    The new rows are ``fill[name]`` if given, else with ``seed`` :func:`new_rows` around the vector's own
+    old rows (theta0: the holders and the outer step run this same code on the same float32 values, so
+    they grow bit-identically), else zeros (momentum, error feedback, other accumulators).
+    """
+    parts, at, grown = [], 0, []
+    for name, shape in layout:
+        n = math.prod(shape)
+        chunk = flat[at:at + n].view(shape)
+        at += n
+        if name in VOCAB_PARAMS and shape[0] != vocab_size:
+            if shape[0] > vocab_size:
+                raise ValueError(f"{name} has {shape[0]} rows, more than vocab_size={vocab_size}: a vocabulary only grows")
+            rows = (fill[name] if fill is not None else
+                    new_rows(chunk, vocab_size - shape[0], seed, name) if seed is not None else None)
+            chunk = grow_rows(chunk, vocab_size, rows)
+        parts.append(chunk.reshape(-1))
+        grown.append((name, tuple(chunk.shape)))
+    if at != flat.numel():
+        raise ValueError(f"the flat vector has {flat.numel()} entries, the layout accounts for {at}")
+    return torch.cat(parts), grown
+
+
+def rows_of(flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]], start: int) -> dict[str, torch.Tensor]:
+    """The rows from ``start`` on of every vocabulary parameter in ``flat`` (laid out as ``layout``)."""
+    out, at = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        if name in VOCAB_PARAMS:
+            out[name] = flat[at:at + n].view(shape)[start:]
+        at += n
+    return out

@@ -347,6 +347,18 @@ class StageHolder:
         self._renew_prover()
         return self.info()
 
+    def grow_vocab(self, vocab_size: int, seed: int, manifest: str | dict | None = None) -> dict:
+        """Grow to ``vocab_size`` tokens between rounds (the dataset was extended with a grown tokenizer):
+        embedding or LM head, AdamW state, theta0 and the outer buffers, by seeded rows every holder of the
+        range draws alike (neuroray/swarm/vocab_growth.py); a Driver reads ``manifest``'s shards from now on.
+        The round's proof restarts at the grown theta0 (the one the outer step now holds)."""
+        from neuroray.swarm.vocab_growth import grow_range_vocab
+
+        grow_range_vocab(self.compute, self.outer, vocab_size, seed, manifest)
+        if self.proving.enabled:
+            self._start_proof_round()
+        return self.info()
+
     # ----- snapshots and peer copies --------------------------------------------------------------
     def capture(self, step: int):
         """Copy everything a restart needs (weights, AdamW, theta0, counters, RNG, data position)."""

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from neuroray.config import ModelConfig
+from neuroray.model.vocab import VOCAB_PARAMS
 from neuroray.swarm.compute import RangeCompute
 from neuroray.swarm.outer_state import OuterState
+from neuroray.swarm.vocab_growth import grow_range_vocab, switch_stream
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,16 @@ def optimizer_state_to_cpu(optimizer: torch.optim.Optimizer) -> dict:
     return opt
 
 
+def saved_vocab(snap) -> int | None:
+    """The vocabulary a snapshot's tensors have (its architecture's record, else the rows of its embedding or
+    LM head); None for a middle range recorded before vocabularies grew (it has no row per token)."""
+    arch = snap.meta.get("architecture") or {}
+    if arch.get("vocab_size"):
+        return arch["vocab_size"]
+    rows = [snap.tensors[f"model.{name}"].shape[0] for name in VOCAB_PARAMS if f"model.{name}" in snap.tensors]
+    return rows[0] if rows else None
+
+
 def was_reconstructed() -> bool:
     """True inside an actor that Ray restarted after a crash (``max_restarts``)."""
     try:
@@ -61,6 +73,7 @@ class RangeLifecycle:
         self.snapshots = None
         self.restored_step: int | None = None
         spec = compute.spec
+        self.created_manifest = spec.manifest  # the data this actor was started on (a Ray restart starts on it again)
         if spec.snapshot_root:
             from neuroray.snapshot import SnapshotStore
 
@@ -85,7 +98,9 @@ class RangeLifecycle:
         else:
             return
         if snap is not None:
-            self.restore(snap)
+            # a Ray restart goes on with the run's data as the snapshot knew it (a live vocabulary growth may
+            # have switched it); a resumed job trains on the dataset as its store holds it now
+            self.restore(snap, follow_data=was_reconstructed())
             log.warning("%s: restored snapshot of step %d", name, snap.step)
 
     # ----- snapshots --------------------------------------------------------------------------
@@ -114,12 +129,22 @@ class RangeLifecycle:
         meta = {"slot": c.spec.slot, "node_id": self.node_id, "param_groups": opt["param_groups"],
                 "counters": self.counters(), "stream": None if c.stream is None else c.stream.state(),
                 "architecture": self.architecture()} | overlap_meta
+        if c.stream is not None and c.spec.manifest != self.created_manifest:  # switched by a vocabulary growth
+            meta["data_manifest"] = c.spec.manifest
         tensors |= overlap
         return Snapshot(step, tensors, meta)
 
-    def restore(self, snap) -> None:
+    def restore(self, snap, follow_data: bool = True) -> None:
+        """Load ``snap``. A snapshot of a smaller vocabulary than this holder's (taken before the dataset grew)
+        is loaded at its own size and then grown (neuroray/swarm/vocab_growth.py), the data kept as the spec
+        says; a larger one (taken after a live growth; a Ray restart starts on the old spec) is adopted, and
+        with ``follow_data`` so is the data it was reading."""
         c, o, t = self.compute, self.outer, snap.tensors
-        self.adopt(snap.meta.get("architecture"))
+        target = c.spec.vocab_size
+        self.adopt(snap.meta.get("architecture"), saved_vocab(snap))
+        if follow_data and snap.meta.get("data_manifest") is not None:
+            switch_stream(c, snap.meta["data_manifest"])
+            c.spec = replace(c.spec, manifest=snap.meta["data_manifest"])
         c.module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for key, value in t.items():
@@ -138,21 +163,26 @@ class RangeLifecycle:
             c.stream.seek(snap.meta["stream"]["position"])
         c.pending.clear()
         self.restored_step = snap.step
+        if target > c.spec.vocab_size:
+            grow_range_vocab(c, o, target, c.spec.seed)
 
     # ----- architecture -------------------------------------------------------------------------
     def architecture(self) -> dict:
         spec = self.compute.spec
-        return {"model": asdict(spec.model), "ranges": [list(r) for r in spec.ranges]}
+        return {"model": asdict(spec.model), "ranges": [list(r) for r in spec.ranges], "vocab_size": spec.vocab_size}
 
-    def adopt(self, arch: dict | None) -> bool:
-        """Rebuild for the architecture a snapshot or a peer recorded (True if it did): after an upgrade,
-        a Ray restart begins on the spec the actor was created with, i.e. the old shapes."""
-        if arch is None:  # recorded before upgrades existed: the spec's shapes
-            return False
-        model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+    def adopt(self, arch: dict | None, vocab_size: int | None = None) -> bool:
+        """Rebuild for the architecture a snapshot or a peer recorded (True if it did): after an upgrade or a
+        vocabulary growth, a Ray restart begins on the spec the actor was created with, i.e. the old shapes."""
         spec = self.compute.spec
-        if (model, ranges) == (spec.model, list(spec.ranges)):
+        vocab = vocab_size or (arch or {}).get("vocab_size") or spec.vocab_size
+        if arch is None:  # recorded before upgrades existed: the spec's model and split
+            model, ranges = spec.model, list(spec.ranges)
+        else:
+            model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        if (model, ranges, vocab) == (spec.model, list(spec.ranges), spec.vocab_size):
             return False
+        self.compute.spec = replace(spec, vocab_size=vocab)
         self.compute.rebuild(model, ranges)
         return True
 
@@ -182,6 +212,8 @@ class RangeLifecycle:
         out = {**{f"model.{k}": v.detach().cpu() for k, v in c.module.state_dict().items()},
                "theta0": self.outer.theta0.detach().cpu(),
                "architecture": self.architecture()}
+        if c.stream is not None:  # the data a vocabulary growth switched to, for a restarted Driver
+            out["data_manifest"] = c.spec.manifest
         if optimizer:
             out["optimizer"] = optimizer_state_to_cpu(c.optimizer)
         return out
@@ -190,6 +222,10 @@ class RangeLifecycle:
         """Load a peer's :meth:`export_range`; True if the range was rebuilt to the peer's architecture."""
         c = self.compute
         rebuilt = self.adopt(tensors.get("architecture"))
+        manifest = tensors.get("data_manifest")
+        if manifest is not None and c.stream is not None and manifest != c.spec.manifest:
+            switch_stream(c, manifest)
+            c.spec = replace(c.spec, manifest=manifest)
         c.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.outer.theta0 = tensors["theta0"].to(c.device).clone()
         c.pending.clear()

@@ -5,5 +5,6 @@ recovery of restarted holders; a step executor (:mod:`neuroray.training.fixed` f
 :mod:`neuroray.training.routed` for swarm routing, chosen from ``swarm.routing`` by :func:`~neuroray.training.run.run`)
 runs the inner steps, gathers the outer step's pseudo-gradients and observes who did how much work.
 :mod:`~neuroray.training.schedule` submits one pipeline's inner step; :mod:`~neuroray.training.metrics`
-and :mod:`~neuroray.training.plots` report a run on Ray's dashboard and in its run directory.
+and :mod:`~neuroray.training.plots` report a run on Ray's dashboard and in its run directory;
+:mod:`~neuroray.training.vocab_growth` grows the running swarm's vocabulary when its dataset is extended.
 """

@@ -94,10 +94,14 @@ class HeldOutEval:
     def __init__(self, cfg: EvalConfig, batches: list[tuple[torch.Tensor, torch.Tensor]], timeout_s: float,
                  start_step: int = 0):
         self.every, self.timeout_s = cfg.every, timeout_s
+        self.use_batches(batches)
+        self._last = start_step  # evaluations are due at multiples of `every` passed since this step
+
+    def use_batches(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Evaluate these microbatches from now on (the dataset was extended: neuroray/training/vocab_growth.py)."""
         self.inputs = [ray.put(x) for x, _ in batches]
         self.labels = [ray.put(y) for _, y in batches]
         self.tokens = sum(y.numel() for _, y in batches)
-        self._last = start_step  # evaluations are due at multiples of `every` passed since this step
 
     def due(self, step: int) -> bool:
         return bool(self.inputs) and due(self.every, self._last, step)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from neuroray.config import TrainConfig
-from neuroray.errors import ConfigError, NeurorayError
+from neuroray.errors import ConfigError, NeurorayError, VocabularyShrankError
 
 # What a resumed run may not change: the snapshots' tensors have these shapes (and rope/norm define the function)
 _MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps")
@@ -69,8 +69,11 @@ def comm_before(comm_json: Path, rounds: int) -> list[dict]:
     return [c for c in json.loads(comm_json.read_text()) if c["round"] <= rounds]
 
 
-def resume_step_of(cfg: TrainConfig, snapshot_root: str, log) -> int:
-    """The newest step for which every holder and every range's outer state has a good snapshot."""
+def resume_step_of(cfg: TrainConfig, snapshot_root: str, log, vocab: int | None = None) -> int:
+    """The newest step for which every holder and every range's outer state has a good snapshot.
+
+    ``vocab``: the dataset's vocabulary now; a snapshot of a larger one is refused (a vocabulary only grows).
+    A smaller one (taken before the dataset was extended with a grown tokenizer) is grown at restore."""
     from neuroray.model import split_layers
     from neuroray.snapshot import SnapshotStore
 
@@ -82,6 +85,9 @@ def resume_step_of(cfg: TrainConfig, snapshot_root: str, log) -> int:
             arch = SnapshotStore(snapshot_root, "r0-s0").read(step).meta.get("architecture")
             if arch is not None:  # what the snapshots' tensors are, whatever config.yaml says
                 _refuse_changed_model(cfg, arch["model"], None, f"the snapshot of step {step}")
+                if vocab is not None and arch.get("vocab_size", 0) > vocab:
+                    raise VocabularyShrankError(f"the dataset {cfg.data.dataset or 'of data.*'} (resuming the snapshot "
+                                                f"of step {step})", vocab, arch["vocab_size"])
             log(f"resume: continuing from the snapshot set of step {step} in {snapshot_root}")
             return step
     raise NeurorayError(f"resume=true but {snapshot_root} holds no complete snapshot set for "

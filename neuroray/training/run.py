@@ -30,6 +30,7 @@ class RunResult:
     snapshots: list[int] = field(default_factory=list)  # steps at which snapshot sets were taken
     ledger: dict | None = None  # the NEURO ledger's summary at the end (ponw.enabled)
     upgrades: list[dict] = field(default_factory=list)  # live architecture upgrades (model=auto)
+    vocab_growths: list[dict] = field(default_factory=list)  # live vocabulary growths (data.watch_rounds)
     additions: list[dict] = field(default_factory=list)  # replicas added mid-run on joined nodes (model=auto)
     sample: str = ""
     tokens_per_s: float = 0.0
@@ -108,6 +109,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     root, manifest = ensure_dataset(cfg.data, log=log)
     tokenizer_file = Path(root) / manifest.tokenizer_file
     tok = load_tokenizer(tokenizer_file)
+    from neuroray.genesis.extend import check_ids
+
+    check_ids(tok, manifest, f"the dataset at {root}")  # shard ids beyond the model's rows would fail mid-run
     vocab = tok.get_vocab_size()
     if cfg.init_from:  # the checkpoint against this model and tokenizer, from its headers only: refused before Ray
         from neuroray.model.hf import load_hf_llama
@@ -119,7 +123,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     if cfg.resume and cfg.model.name == "auto":
         resume_step, *recorded = resume_auto(snapshot_root, log)
     elif cfg.resume:
-        resume_step = resume_step_of(cfg, snapshot_root, log)
+        resume_step = resume_step_of(cfg, snapshot_root, log, vocab=vocab)
     if resume_step is not None and resume_step >= cfg.rounds * cfg.diloco.inner_steps:
         raise ConfigError(f"resume=true: the run already trained {resume_step} steps and rounds={cfg.rounds} "
                           f"asks for {cfg.rounds * cfg.diloco.inner_steps}; raise rounds to train on")
@@ -148,10 +152,21 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         if not held_out:
             log("eval: the dataset has no held-out shards (data.eval_shards=0): no eval loss")
         evaluator = HeldOutEval(cfg.eval, held_out, c.step_timeout_s, start_step=resume_step or 0)
+        watch = None
+        if d.watch_rounds > 0:  # the dataset may be extended with a grown tokenizer while this run trains
+            from neuroray.training.vocab_growth import VocabWatch
+
+            watch = VocabWatch(cfg, root, manifest, tok, log=log)
         trainer = Trainer(cfg, swarm, outer, run_dir, snapshot_root, executor, start_step=resume_step or 0,
-                          log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader, evaluator=evaluator)
+                          log=log, metrics=TrainMetrics(run_dir.name), upgrades=upgrader, evaluator=evaluator,
+                          vocab=watch)
         if resume_step is not None:
             trainer.restore_outer(resume_step)
+            from neuroray.training.vocab_growth import grow_restored_outer
+
+            if grow_restored_outer(swarm, outer, cfg.seed, c.step_timeout_s):  # snapshots from before the data grew
+                log(f"resume: the snapshot of step {resume_step} predates the dataset's vocabulary growth; grown to "
+                    f"{vocab} tokens")
             # the logs continue from the snapshot: rows and rounds after it are trained again, so dropped
             trim_log(run_dir / "metrics.jsonl", resume_step)
             trainer.comm_before = comm_before(run_dir / "comm.json", outer.rounds)
@@ -174,6 +189,9 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                 if board is not None:
                     board.close()
         cfg = trainer.cfg  # a live upgrade may have grown the model
+        if watch is not None and watch.growths:  # ... or its vocabulary: the checkpoint ships the grown tokenizer
+            manifest, tok, vocab, tokenizer_file = watch.manifest, watch.tokenizer, watch.vocab_size, watch.tokenizer_file
+            result.vocab_growths = watch.growths
         result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.additions = [] if upgrader is None else upgrader.additions
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots

@@ -51,11 +51,12 @@ def wait_alive(holder, deadline: float) -> dict:
 class Trainer:
     def __init__(self, cfg: TrainConfig, swarm, outer, run_dir: Path, snapshot_root: str, executor: StepExecutor,
                  start_step: int = 0, log=print, metrics: TrainMetrics | None = None, upgrades=None,
-                 evaluator=None):
+                 evaluator=None, vocab=None):
         self.cfg, self.swarm, self.outer, self.run_dir, self.log = cfg, swarm, outer, run_dir, log
         self.metrics = metrics
         self.evaluator = evaluator  # held-out evaluation after outer steps (neuroray/training/evaluation.py)
         self.upgrades = upgrades  # model=auto: a neuroray.planner.upgrade.Upgrader, asked between rounds
+        self.vocab = vocab  # data.watch_rounds: a neuroray.training.vocab_growth.VocabWatch, asked between rounds
         self.start_step = start_step
         self.outer_stores = [SnapshotStore(snapshot_root, f"outer-s{s}", keep=cfg.checkpoint.keep)
                              for s in range(len(swarm.ranges))]
@@ -239,6 +240,8 @@ class Trainer:
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
                 peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
                 self._copy_from_peer(replica, s, h, peers, timeout)
+        if self.vocab is not None:  # a holder restored from before a vocabulary growth grows to the swarm's first
+            self.vocab.catch_up(self, pipeline, timeout)
         # A snapshot older than the last outer step holds that round's theta0: the holder's next
         # pseudo-gradient (theta0 - theta) would count again learning the outer step already aggregated.
         # Move it to its range's current theta0 and the swarm's round count, as the router's rejoin does.
@@ -443,6 +446,8 @@ class Trainer:
             self._outer_round(step)
             if self.upgrades is not None:  # nothing in flight now: holders may grow
                 grew = self.upgrades.between_rounds(self)
+            if self.vocab is not None:  # the dataset extended with a grown tokenizer: the vocabulary grows
+                grew = self.vocab.between_rounds(self) or grew
         # after a growth, snapshot at once: a restart must never fall back to the old shapes
         if (round_end and self.cfg.checkpoint.every_round) or due or grew:
             self._snapshot(step + 1)
