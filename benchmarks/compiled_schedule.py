@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     g = torch.Generator().manual_seed(0)
     batch = [torch.randint(0, VOCAB, (mbs, SEQ), generator=g) for _ in range(2 * m)]
-    cls = ray.remote(num_cpus=1)(Stage)
+    cls = ray.remote(num_cpus=0.5)(Stage)  # 4 actors on the 2 CPUs Ray is told of; 1 torch thread each
     plain_pair = [cls.remote(s, 2) for s in range(2)]
     dag_pair = [cls.remote(s, 2) for s in range(2)]
     cdag = compiled_step_dag(*dag_pair, m)
