@@ -31,6 +31,7 @@ DRIVER = REPO / "benchmarks" / "_lab_driver.py"
 # The default config (2 stages x 2 replicas, model=tiny), sized down for 2 shared CPUs: a smaller vocabulary,
 # shards and batch; one replica fills one lab host (2 CPUs each), so the two replicas sit on two hosts.
 SMALL = ["data.vocab_size=512", "data.shard_tokens=20000", "data.seq_len=64", "data.microbatch_size=4",
+         "data.num_microbatches=2",
          "progress_bar=false", "sample_tokens=4", "log_every=1", "cluster.cpus_per_holder=1",
          "checkpoint.interval_s=0", "checkpoint.every_round=true"]
 

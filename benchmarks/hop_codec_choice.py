@@ -102,7 +102,7 @@ def main(argv):
     args.update(a.split("=", 1) for a in argv)
     steps = int(args["steps"])
     torch.set_num_threads(1)
-    cfg = load_config(["data.seq_len=64", "data.microbatch_size=4"])
+    cfg = load_config(["data.seq_len=64", "data.microbatch_size=4", "data.num_microbatches=2"])
     root, manifest = ensure_dataset(cfg.data, log=lambda s: None)
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
     evals = eval_batches(root, manifest, 64, 4, 16)

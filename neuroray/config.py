@@ -12,10 +12,14 @@ import dataclasses
 from typing import Optional
 from dataclasses import dataclass, field
 
+from neuroray.errors import ConfigError
+
 
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
 HOP_COMPRESSIONS = ("none", "int8", "lowrank")  # swarm.hop_compression's values (neuroray/swarm/hop_codec.py)
+SCHEDULES = ("gpipe", "1f1b")  # swarm.schedule's values (neuroray/training/schedule.py)
+MAX_BUBBLE = 0.2  # data.num_microbatches=0 (auto): the largest pipeline bubble (S-1)/(m+S-1) it accepts
 
 
 @dataclass
@@ -61,8 +65,13 @@ class DataConfig:
     shard_tokens: int = 2_500_000  # tokens per uint16 shard
     eval_shards: int = 1  # shards held out for the eval loss
     seq_len: int = 128  # tokens per training sequence
-    microbatch_size: int = 8  # sequences per microbatch
-    num_microbatches: int = 2  # gradient accumulation: microbatches per inner step
+    # sequences per inner step on each replica: the optimizer's batch (batch_size x seq_len tokens), the same
+    # whatever the stage count; split into num_microbatches microbatches of microbatch_size sequences
+    batch_size: int = 16
+    microbatch_size: int = 0  # sequences per microbatch; 0: batch_size / num_microbatches
+    # microbatches per inner step (gradient accumulation); 0 (auto): the fewest dividing batch_size that keep the
+    # pipeline bubble (S-1)/(m+S-1) of S = swarm.num_stages at most 20 % (docs/schedule.md)
+    num_microbatches: int = 0
     # Re-read the dataset's manifest every this many outer rounds (0: never): a dataset extended in place with
     # a grown tokenizer (data.base_tokenizer, docs/genesis.md) grows the running model's vocabulary
     watch_rounds: int = 0
@@ -151,6 +160,10 @@ class SwarmConfig:
     # "fixed": replica r's microbatches always cross pipeline r. "router": every hop of every microbatch
     # goes to the best-scored holder of the next range (docs/routing.md), with failover and hedging.
     routing: str = "fixed"
+    # swarm.routing=fixed: the order each holder runs its microbatches in (docs/schedule.md). "gpipe": all forwards,
+    # then all backwards (measured faster on CPU); "1f1b": one forward, one backward, so a holder keeps at most
+    # S - stage microbatch graphs instead of all of them (less activation memory)
+    schedule: str = "gpipe"
     queue_depth: int = 2  # router: calls waiting or running on one holder (its inbound queue)
     outbound_depth: int = 2  # router: finished activations of one holder waiting for a downstream slot
     max_inflight: int = 0  # router: microbatches between first forward and last backward; 0: a whole step
@@ -332,6 +345,48 @@ class TrainConfig:
     tensorboard: bool = False
     sample_prompt: str = "The"  # the prompt of the sample generated at the end of a run
     sample_tokens: int = 40  # tokens generated for that sample (0: none)
+
+
+def pipeline_bubble(stages: int, microbatches: int) -> float:
+    """The idle fraction of an S-stage pipeline over m microbatches: (S-1)/(m+S-1) (GPipe and 1F1B alike)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def auto_microbatches(batch_size: int, stages: int) -> int:
+    """``data.num_microbatches=0``: the fewest microbatches dividing ``batch_size`` with a bubble of at most
+    MAX_BUBBLE; ``batch_size`` itself (one sequence each) when none does, the least bubble that batch allows."""
+    return next((m for m in range(1, batch_size + 1)
+                 if batch_size % m == 0 and pipeline_bubble(stages, m) <= MAX_BUBBLE + 1e-12), batch_size)
+
+
+def resolve_batch(cfg: TrainConfig, batch_given: bool = False) -> TrainConfig:
+    """``cfg`` with ``data.microbatch_size`` and ``data.num_microbatches`` set (0: derived, docs/schedule.md) and
+    ``data.batch_size`` their product. Both given: they set the batch, which a ``batch_given`` batch_size must
+    equal. Idempotent: a resolved config comes back as it is."""
+    d = cfg.data
+    B, b, m = d.batch_size, d.microbatch_size, d.num_microbatches
+    if b < 0 or m < 0:
+        raise ConfigError(f"data.microbatch_size={b} and data.num_microbatches={m} must be >= 0 (0: derived)")
+    if b and m:
+        if batch_given and B != b * m:
+            raise ConfigError(f"data.batch_size={B} is not data.microbatch_size={b} x data.num_microbatches={m} = "
+                              f"{b * m}: set two of the three")
+        B = b * m
+    elif B <= 0:
+        raise ConfigError(f"data.batch_size={B} must be positive (sequences per inner step and replica)")
+    elif b or m:
+        given, other = ("microbatch_size", "num_microbatches") if b else ("num_microbatches", "microbatch_size")
+        if B % (b or m):
+            raise ConfigError(f"data.batch_size={B} does not divide by data.{given}={b or m}: pick a {given} that "
+                              f"divides it, or set data.{other} too (the batch is then their product)")
+        b, m = (b, B // b) if b else (B // m, m)
+    else:  # model=auto: the planner's stage count where it is fixed (planner.stages), else swarm.num_stages
+        stages = cfg.planner.stages if cfg.model.name == "auto" and cfg.planner.stages > 0 else cfg.swarm.num_stages
+        m = auto_microbatches(B, stages)
+        b = B // m
+    if (B, b, m) == (d.batch_size, d.microbatch_size, d.num_microbatches):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, batch_size=B, microbatch_size=b, num_microbatches=m))
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import re
 
-from neuroray.config import HOP_COMPRESSIONS, PRECISIONS, SwarmConfig, TrainConfig
+from neuroray.config import (  # noqa: F401  (resolve_batch and friends: re-exported for the config's readers)
+    HOP_COMPRESSIONS, PRECISIONS, SCHEDULES, SwarmConfig, TrainConfig, auto_microbatches, pipeline_bubble,
+    resolve_batch,
+)
 from neuroray.errors import ConfigError
 
 
@@ -65,7 +68,7 @@ def validate(cfg: TrainConfig) -> None:
         "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
         "model.n_kv_heads": m.n_kv_heads, "model.max_seq_len": m.max_seq_len,
         "data.vocab_size": d.vocab_size, "data.shard_tokens": d.shard_tokens, "data.seq_len": d.seq_len,
-        "data.microbatch_size": d.microbatch_size, "data.num_microbatches": d.num_microbatches,
+        "data.batch_size": d.batch_size,
         "swarm.num_stages": s.num_stages, "diloco.replicas": dl.replicas,
         "diloco.inner_steps": dl.inner_steps, "rounds": cfg.rounds, "log_every": cfg.log_every,
         "cluster.torch_threads": cfg.cluster.torch_threads,
@@ -80,6 +83,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if d.microbatch_size < 0 or d.num_microbatches < 0:  # 0: derived by resolve_batch
+        raise ConfigError(f"data.microbatch_size={d.microbatch_size} and data.num_microbatches={d.num_microbatches} "
+                          "must be >= 0 (0: derived from data.batch_size and swarm.num_stages)")
     if cfg.cluster.liveness_timeout_s < 0:
         raise ConfigError(f"cluster.liveness_timeout_s={cfg.cluster.liveness_timeout_s} must be >= 0 "
                           "(0 waits for Ray's own node-death detection)")
@@ -220,6 +226,8 @@ def _check_streaming(cfg: TrainConfig) -> None:
 def _check_routing(s: SwarmConfig) -> None:
     if s.routing not in ("fixed", "router"):
         raise ConfigError(f"swarm.routing={s.routing} must be fixed or router")
+    if s.schedule not in SCHEDULES:
+        raise ConfigError(f"swarm.schedule={s.schedule} is unknown; choose {', '.join(SCHEDULES)}")
     if s.queue_depth < 1 or s.outbound_depth < 1 or s.max_inflight < 0:
         raise ConfigError("swarm.queue_depth and swarm.outbound_depth must be >= 1 and swarm.max_inflight >= 0")
     if not 0 < s.latency_ewma <= 1:

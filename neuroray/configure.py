@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from neuroray.config import SCHEMA_NAME, TrainConfig
-from neuroray.config_checks import resolve_init_from, validate
+from neuroray.config_checks import resolve_batch, resolve_init_from, validate
 from neuroray.errors import ConfigError
 
 
@@ -86,8 +86,10 @@ def _quote_nan_choice(override: str) -> str:
     return override
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(overrides: list[str] | tuple[str, ...] = (), derive: bool = True) -> TrainConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides into a validated :class:`TrainConfig`.
+
+    ``derive``: set the batch shape's 0 (derived) values (docs/schedule.md); False keeps them as written.
 
     Raises :class:`ConfigError` with one line naming the bad override and how to fix it.
     """
@@ -113,5 +115,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     # init_from=: the checkpoint sets the model unless the command line chose one (then it must fit)
     keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
     obj = resolve_init_from(obj, model_given=any(k == "model" or k.startswith("model.") for k in keys))
+    # data.num_microbatches=0 / data.microbatch_size=0: derived here, so every reader sees the numbers
+    if derive:
+        obj = resolve_batch(obj, batch_given="data.batch_size" in keys)
     validate(obj)
     return obj

@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
     corpus = tmp / "corpus.txt"
     _write_corpus(corpus)
     data = [f"data.source={corpus}", f"data.store={tmp / 'store'}", f"data.cache_dir={tmp / 'cache'}",
-            "data.vocab_size=320", "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=2"]
+            "data.vocab_size=320", "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=2",
+            "data.num_microbatches=2"]
     _, manifest = ensure_dataset(load_config(data).data, log=lambda _: None)
     config = transformers.LlamaConfig(
         vocab_size=manifest.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

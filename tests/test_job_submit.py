@@ -195,7 +195,8 @@ def test_metrics_have_the_documented_names(tmp_path, head):
     _write_corpus(corpus)
     overrides = [
         f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
-        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2", "model.d_model=64", "model.n_layers=2",
+        "model.max_seq_len=64",
         f"swarm.key_dir={tmp_path / 'keys'}", "rounds=2", "diloco.inner_steps=4", "log_every=1",
         f"run_dir={tmp_path / 'run'}", "sample_tokens=4", "ponw.actor_name=metrics-test-ledger",
         "eval.every=4",  # an evaluation mid-run, so the eval gauges are exported while the job runs

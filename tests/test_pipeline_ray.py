@@ -64,6 +64,41 @@ def test_cross_actor_gradients_equal_monolith(ray_cluster, tmp_path, num_stages)
         ray.kill(h)
 
 
+def test_1f1b_through_ray_keeps_fewer_graphs_and_equals_the_monolith(ray_cluster, tmp_path):
+    """Ray runs one caller's calls to an actor in submission order, so the submitted order is the schedule:
+    under 1F1B the Driver's stash peaks at 2 graphs (GPipe keeps all 4), and the gradients and losses are
+    the monolith's on the same microbatches (tests/test_schedule.py: bit for bit GPipe's)."""
+    from neuroray.genesis import TokenStream, ensure_dataset
+    from neuroray.training.schedule import submit_microbatches
+    from tests.test_genesis_corpus import small_cfg, write_corpus
+
+    ray = ray_cluster
+    root, manifest = ensure_dataset(small_cfg(tmp_path, write_corpus(tmp_path / "c.txt")), log=lambda *a: None)
+    ranges = split_layers(CFG.n_layers, 2)
+    holders = [holder_actor(HolderSpec(
+        replica=0, stage=s, ranges=ranges, model=CFG, vocab_size=manifest.vocab_size, diloco=DilocoConfig(),
+        seed=3, key_path=str(tmp_path / f"k{s}.pem"), data_root=str(root), manifest=manifest.to_json(),
+        seq_len=16, microbatch_size=2), num_cpus=0, num_gpus=0) for s in range(2)]
+    losses, tails = submit_microbatches(holders, 4, 0, "1f1b")
+    assert ray.get(tails) == [None] * 4
+    peaks = [u["peak_in_flight"] for u in ray.get([h.utilisation.remote() for h in holders])]
+    assert peaks == [2, 0]
+    got = {n: g for part in ray.get([h.grads.remote() for h in holders]) for n, g in part.items()}
+    node_id = ray.get(holders[0].info.remote())["node_id"]
+    ref, ref_losses = build_monolith(CFG, manifest.vocab_size, seed=3), []
+    stream = TokenStream(root, manifest, node_id, 16, 2)  # the Driver's own stream, read again here
+    for _ in range(4):
+        x, y = stream.next_microbatch()
+        loss = ref.loss(ref(x), y)
+        ref_losses.append(float(loss.detach()))
+        (loss / 4).backward()
+    assert ray.get(losses) == pytest.approx(ref_losses, rel=1e-5)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for h in holders:
+        ray.kill(h)
+
+
 def _write_corpus(path):
     words = ("stage holder passes activations forward and gradients back while the outer step "
              "updates theta zero every round and the ledger credits honest work in the swarm").split()
@@ -207,7 +242,8 @@ def test_holders_whose_delta_the_rule_did_not_use_earn_nothing(ray_cluster, tmp_
              ["aggregator=trimmed_mean", "aggregator.f=1", "attack=nan", "attack.fraction=0.34"])  # replica 0 sends NaN
     cfg = load_config([
         f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
-        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2", "model.d_model=64", "model.n_layers=2",
+        "model.max_seq_len=64",
         f"swarm.key_dir={tmp_path / 'keys'}", "diloco.replicas=3", "diloco.inner_steps=2", "rounds=2",
         f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.2", "sample_tokens=2", *extra,
     ])
@@ -239,7 +275,8 @@ def test_int8_hops_train(ray_cluster, tmp_path):
     _write_corpus(corpus)
     cfg = load_config([
         f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
-        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2", "model.d_model=64", "model.n_layers=2",
+        "model.max_seq_len=64",
         f"swarm.key_dir={tmp_path / 'keys'}", "swarm.hop_compression=int8", "diloco.replicas=1",
         "diloco.inner_steps=6", "diloco.inner_lr=0.01", "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / 'run'}",
         "cluster.cpus_per_holder=0.3", "sample_tokens=2",

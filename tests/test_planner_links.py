@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from neuroray.config import ClusterConfig, DilocoConfig, ModelConfig, PlannerConfig, TrainConfig
+from neuroray.config import ClusterConfig, DataConfig, DilocoConfig, ModelConfig, PlannerConfig, TrainConfig
 from neuroray.diloco.compress import encode, payload_bytes
 from neuroray.errors import ConfigError
 from neuroray.planner import NodeSpec, parse_nodes, plan, plan_for_cluster
@@ -22,6 +22,7 @@ BIG = ModelConfig(name="big", d_model=1024, n_layers=16, n_heads=16, n_kv_heads=
 
 def _cfg(nodes, model=None, links=(), diloco=None, **planner) -> TrainConfig:
     return TrainConfig(model=model or ModelConfig(name="auto"), diloco=diloco or DilocoConfig(),
+                       data=DataConfig(microbatch_size=8, num_microbatches=2),  # the batch shape these plans assume
                        cluster=ClusterConfig(nodes=list(nodes), links=list(links)), planner=PlannerConfig(**planner))
 
 

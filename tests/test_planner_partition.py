@@ -165,6 +165,7 @@ def test_law_walks_down_when_the_embedding_does_not_fit():
     """A huge vocabulary on small nodes: the law's model cannot be split, a smaller one of the law is planned."""
     cfg = _cfg(["8x2GB"])
     cfg.data.vocab_size = 45_000  # the last stage (head + logits) of 16 x 512 needs 1.78 GB > 1.6 GB usable
+    cfg.data.microbatch_size, cfg.data.num_microbatches = 8, 2  # logits of 8-sequence microbatches
     plan = plan_for_cluster(cfg)
     assert plan.notes and "does not fit" in plan.notes[0]
     _check_never_exceeds(plan)

@@ -62,7 +62,8 @@ def _cfg(tmp_path, run, rounds, *extra):
         _write_corpus(corpus)
     return load_config([
         f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
-        "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+        "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2", "model.d_model=64", "model.n_layers=2",
+        "model.max_seq_len=64",
         f"swarm.key_dir={tmp_path / 'keys'}", "diloco.replicas=2", "diloco.inner_steps=4", "diloco.inner_lr=0.01",
         f"rounds={rounds}", f"run_dir={tmp_path / run}", "cluster.cpus_per_holder=0.25", "sample_tokens=4",
         "checkpoint.every_round=true", "checkpoint.interval_s=0", *extra,

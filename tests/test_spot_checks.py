@@ -31,7 +31,8 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spot")
     _write_corpus(tmp / "corpus.txt")
     cfg = load_config([f"data.source={tmp / 'corpus.txt'}", f"data.store={tmp / 'store'}", "data.vocab_size=320",
-                       "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "model.d_model=64",
+                       "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4",
+                       "data.num_microbatches=2", "model.d_model=64",
                        "model.n_layers=2", "model.max_seq_len=64"])
     root, manifest = ensure_dataset(cfg.data, log=QUIET)
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()

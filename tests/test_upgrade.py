@@ -9,7 +9,8 @@ from neuroray.planner.upgrade import fit_problem, migration_ranges
 
 
 def _cfg(nodes, **planner):
-    return TrainConfig(model=ModelConfig(name="auto", max_seq_len=64), data=DataConfig(seq_len=16, microbatch_size=2),
+    return TrainConfig(model=ModelConfig(name="auto", max_seq_len=64), data=DataConfig(seq_len=16, microbatch_size=2,
+                                                                                   num_microbatches=2),
                        cluster=ClusterConfig(nodes=list(nodes)), planner=PlannerConfig(**planner))
 
 

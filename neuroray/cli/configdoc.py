@@ -63,7 +63,7 @@ def _cell(text: str) -> str:
 def generate() -> str:
     from neuroray.configure import conf_dir, load_config
 
-    cfg = load_config([])
+    cfg = load_config([], derive=False)  # the keys as written: 0 where a value is derived
     groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in conf_dir().iterdir() if d.is_dir()}
     top, sections = [], []
     top_comments = field_comments(schema.TrainConfig)

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from neuroray.config import ModelConfig, PlannerConfig, TrainConfig
+from neuroray.config import ModelConfig, PlannerConfig, TrainConfig, resolve_batch
 from neuroray.errors import ConfigError
 from neuroray.planner import scaling
 from neuroray.planner.links import RateError, format_rate, parse_rate, sync_bytes_per_value
@@ -245,7 +245,7 @@ def check_planner_config(cfg: TrainConfig) -> None:
 
 def request_from_config(cfg: TrainConfig) -> PlanRequest:
     """The planner's inputs: ``model=auto`` (model.name == "auto") lets the scaling law choose."""
-    p, d, c = cfg.planner, cfg.data, cfg.cluster
+    p, d, c = cfg.planner, resolve_batch(cfg).data, cfg.cluster  # a TrainConfig built in Python: derive its batch
     check_planner_config(cfg)
     return PlanRequest(
         vocab_size=d.vocab_size,

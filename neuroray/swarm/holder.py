@@ -54,6 +54,7 @@ class StageHolder:
 
     def __init__(self, spec: HolderSpec):
         self.clock = BusyClock()
+        self.peak_kept = 0  # most microbatch graphs kept at once since the last utilisation() (swarm.schedule)
         device = open_device(spec.torch_threads, spec.use_gpu)
         if spec.use_gpu and device.type == "cpu":
             log.warning("%s: GPUs were requested but CUDA is not available here; running on CPU", spec.label)
@@ -157,6 +158,7 @@ class StageHolder:
         ``attempt`` identifies the routed call for :class:`~neuroray.swarm.claims.Claims`.
         """
         out = self.compute.forward(mb_id, x, attempt)
+        self.peak_kept = max(self.peak_kept, len(self.compute.pending))  # the activation stash's high-water mark
         return (out, out is not None) if status else out
 
     @_busy
@@ -406,10 +408,12 @@ class StageHolder:
 
     # ----- inspection -----------------------------------------------------------------------
     def utilisation(self) -> dict:
-        """Busy time / wall time since the previous call, microbatches in flight right now, and the bytes of
-        every hop this holder has sent (activations forward, gradients back) since it started."""
-        c = self.compute.hop_counts
-        return {"name": self.name, "utilisation": self.clock.take(), "in_flight": len(self.compute.pending),
+        """Busy time / wall time since the previous call, microbatches in flight right now, the most microbatch
+        graphs kept at once since the previous call (``peak_in_flight``), and the bytes of every hop this holder
+        has sent (activations forward, gradients back) since it started."""
+        in_flight, c = len(self.compute.pending), self.compute.hop_counts
+        peak, self.peak_kept = max(self.peak_kept, in_flight), in_flight
+        return {"name": self.name, "utilisation": self.clock.take(), "in_flight": in_flight, "peak_in_flight": peak,
                 "hop_bytes": c["fwd_bytes"] + c["bwd_bytes"]}
 
     def hop_bytes(self) -> dict:

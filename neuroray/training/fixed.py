@@ -57,7 +57,7 @@ class FixedPipelines(StepExecutor):
     def _submit(self, step: int, replica: int) -> StepRefs:
         t = self.trainer
         n = t.cfg.data.num_microbatches
-        return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step))
+        return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step), t.cfg.swarm.schedule)
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""

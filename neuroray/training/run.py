@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from neuroray.config import TrainConfig, to_dict, to_yaml
+from neuroray.config import TrainConfig, resolve_batch, to_dict, to_yaml
 from neuroray.errors import ConfigError
 from neuroray.training.resume import check_same_model, comm_before, resume_auto, resume_step_of, trim_log
 
@@ -100,6 +100,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.training.tensorboard_log import MirroredLog, TensorBoardLog, check_available
     from neuroray.training.trainer import Trainer
 
+    cfg = resolve_batch(cfg)  # a TrainConfig built in Python may leave the batch shape to derive (0)
     if cfg.tensorboard:  # before anything starts: one line naming the extra to install
         check_available()
     run_dir = _run_dir(cfg)
