@@ -24,7 +24,7 @@ def _cfg(tmp_path: Path, run: str, rounds: int, *extra):
         _write_corpus(corpus)
     cfg = load_config([
         f"data.source={corpus}", f"data.dataset={tmp_path / 'ds'}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.vocab_size=320", "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4",
+        "data.vocab_size=320", "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
         "data.watch_rounds=1", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
         f"swarm.key_dir={tmp_path / 'keys'}", "diloco.replicas=2", "diloco.inner_steps=2", "diloco.inner_lr=0.01",
         f"rounds={rounds}", f"run_dir={tmp_path / run}", "cluster.cpus_per_holder=0.25", "sample_tokens=4",
