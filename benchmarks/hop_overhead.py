@@ -13,7 +13,8 @@ Two actors on one node: the sender makes the hop payload of a float32 activation
   task submission per call);
 * ``empty``: the same two calls with no tensor (the per-call floor of Ray's actor tasks on this machine).
 
-Each is the median of ``reps`` sender -> receiver calls awaited by the driver. Reported: each in ms and
+Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
+every repetition (a busy machine slows them alike). Reported: each in ms and
 ``hop / memcpy``; the goal is ``wire / memcpy <= 2`` (issue 22).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
@@ -42,15 +43,18 @@ def _args() -> dict:
     return out
 
 
-def _median_ms(fn, reps: int) -> float:
-    for _ in range(3):  # warm-up: worker start, first allocation in the object store
+def _interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, run in turn within every repetition so that a busy machine slows them alike."""
+    for fn in fns.values():  # warm-up: worker start, first allocation in the object store
         fn()
-    times = []
+        fn()
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -98,25 +102,28 @@ def main() -> None:
             return x
 
     s, r = Sender.remote(), Receiver.remote()
+    cs, cr = Sender.remote(), Receiver.remote()  # a compiled graph holds its actors' execution loop: its own pair
     rows = []
     for mib in sizes:
         numel = int(mib * 2**20) // 4
-        ray.get(s.make.remote(numel))
+        ray.get([s.make.remote(numel), cs.make.remote(numel)])
         src, dst = torch.randn(numel), torch.empty(numel)
-        memcpy = _median_ms(lambda: dst.copy_(src), reps)
-        pickled = _median_ms(lambda: ray.get(r.take_torch.remote(s.torch_hop.remote())), reps)
-        wire = _median_ms(lambda: ray.get(r.take_wire.remote(s.wire_hop.remote())), reps)
-        empty = _median_ms(lambda: ray.get(r.take_none.remote(s.empty.remote())), reps)
         with InputNode() as inp:
-            dag = r.take_wire.bind(s.wire_hop.bind(inp))
+            dag = cr.take_wire.bind(cs.wire_hop.bind(inp))
         compiled_dag = dag.experimental_compile(_buffer_size_bytes=numel * 4 + (1 << 20))
         try:
-            compiled = _median_ms(lambda: ray.get(compiled_dag.execute(0)), reps)
+            row = _interleaved_ms({
+                "memcpy": lambda: dst.copy_(src),
+                "torch pickle": lambda: ray.get(r.take_torch.remote(s.torch_hop.remote())),
+                "wire": lambda: ray.get(r.take_wire.remote(s.wire_hop.remote())),
+                "compiled": lambda: ray.get(compiled_dag.execute(0)),
+                "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
+            }, reps)
         finally:
             compiled_dag.teardown()
-        row = {"MiB": mib, "memcpy": memcpy, "torch pickle": pickled, "wire": wire, "compiled": compiled,
-               "empty": empty}
+        row["MiB"] = mib
         rows.append(row)
+        memcpy, pickled, wire, compiled, empty = (row[k] for k in ("memcpy", "torch pickle", "wire", "compiled", "empty"))
         print(f"{mib:g} MiB: memcpy {memcpy:.2f} ms, torch pickle {pickled:.2f} ms ({pickled / memcpy:.1f}x), "
               f"wire {wire:.2f} ms ({wire / memcpy:.1f}x), compiled graph {compiled:.2f} ms "
               f"({compiled / memcpy:.1f}x), empty calls {empty:.2f} ms", flush=True)
@@ -135,8 +142,8 @@ def main() -> None:
             note="Two actors on one node, one float32 activation per hop as a holder sends it (benchmarks/hop_overhead.py): "
                  "`torch pickle` is the hop before the wire form (Ray pickles the tensor through torch.save/torch.load), "
                  "`wire` the hop now (a numpy buffer out of band, read in place), `compiled graph` the wire hop as a Ray "
-                 "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians; each hop includes the "
-                 "sender's and the receiver's actor call and the driver's wait.")
+                 "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians, the five taken in turn in "
+                 "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait.")
 
 
 if __name__ == "__main__":
