@@ -14,6 +14,7 @@ from neuroray.configure import load_config
 from neuroray.errors import ConfigError, HopPayloadError
 from neuroray.swarm.hop_codec import HopCodec, HopPayload, lowrank_rank, wire_bytes
 from neuroray.swarm.holder import HolderSpec, StageHolder
+from neuroray.swarm.transport import WireTensor
 
 # docs/hops.md: the gradients of both holders' parameters, compressed vs uncompressed pipeline, one microbatch
 # of Zipf-distributed tokens at initialisation (the worst case for lowrank: trained activations are lower rank)
@@ -71,10 +72,15 @@ def test_lowrank_round_trip_is_the_truncated_svd_plus_int8_and_at_least_the_rati
         assert 4 * t.numel() / q.nbytes >= ratio or q.rank == 1
 
 
-def test_none_sends_the_tensor_itself():
+def test_none_sends_the_tensor_itself_without_a_copy():
+    """Under none the payload is the tensor's own buffer as a numpy array (neuroray/swarm/transport.py), and the
+    receiver's tensor is a view of that buffer: no byte is copied on the CPU at either end."""
     x = _activation()
     codec = HopCodec("none")
-    assert codec.encode(x, "a") is x and codec.decode(x, "b") is x and wire_bytes(x) == 4 * x.numel()
+    p = codec.encode(x, "a")
+    y = codec.decode(p, "b")
+    assert torch.equal(y, x) and y.dtype == x.dtype and wire_bytes(p) == 4 * x.numel()
+    assert p.array.ctypes.data == x.data_ptr() == y.data_ptr()
 
 
 def _pipeline(tmp_path, scheme):
@@ -105,7 +111,8 @@ def _grads(tmp_path, scheme, seed):
 def test_split_gradients_with_compression_stay_within_the_documented_tolerance(tmp_path, seed):
     """The uncompressed split equals the monolith (tests/test_pipeline_ray.py); compressed ones are held to it."""
     ref, act, grad, *_ = _grads(tmp_path, "none", seed)
-    assert isinstance(act, torch.Tensor) and isinstance(grad, torch.Tensor)
+    assert isinstance(act, WireTensor) and isinstance(grad, WireTensor) and act.dtype == grad.dtype == "float32"
+    n_act, n_grad = math.prod(act.shape), math.prod(grad.shape)
     for scheme in ("int8", "lowrank"):
         got, act_p, grad_p, driver, validator = _grads(tmp_path, scheme, seed)
         rel = float((got - ref).norm() / ref.norm())
@@ -115,11 +122,11 @@ def test_split_gradients_with_compression_stay_within_the_documented_tolerance(t
             assert rel < INT8_GRAD_TOLERANCE
         else:
             assert cos > LOWRANK_GRAD_COSINE and rel > INT8_GRAD_TOLERANCE  # a real approximation, not a copy
-            assert 4 * act.numel() / act_p.nbytes >= 16 and 4 * grad.numel() / grad_p.nbytes >= 16
+            assert 4 * n_act / act_p.nbytes >= 16 and 4 * n_grad / grad_p.nbytes >= 16
         # each holder counted the hops it sent and received, from the payloads themselves
         d, v = driver.compute.hop_counts, validator.compute.hop_counts
         assert d["fwd_sent"] == v["bwd_sent"] == 1 and d["fwd_bytes"] == act_p.nbytes == v["received_bytes"]
-        assert v["bwd_bytes"] == grad_p.nbytes == d["received_bytes"] and d["fwd_fp32_bytes"] == 4 * act.numel()
+        assert v["bwd_bytes"] == grad_p.nbytes == d["received_bytes"] and d["fwd_fp32_bytes"] == 4 * n_act
 
 
 def _bad(p: HopPayload) -> list[tuple[HopPayload, str]]:

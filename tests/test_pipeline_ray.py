@@ -1,6 +1,7 @@
 """Stage holders on Ray: cross-actor backward equals the monolith, and training runs end to end."""
 
 import importlib.util
+import json
 import math
 import time
 import urllib.request

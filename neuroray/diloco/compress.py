@@ -25,10 +25,11 @@ theta0 differs (restored from an older snapshot) notices and fetches the dense t
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
+
+from neuroray.digest import tensor_digest
 
 MODES = ("none", "fp16", "int8", "sparse")
 SPARSE_DENSITY = 0.015  # DilocoConfig.sparse_density's default
@@ -168,26 +169,27 @@ def _check_sparse(payload: dict, block: int, numel: int, density: float) -> None
 
 
 def digest(theta: torch.Tensor) -> str:
-    """SHA-256 of a float32 vector's bytes: names the theta0 an update applies to."""
-    return hashlib.sha256(theta.detach().cpu().contiguous().numpy()).hexdigest()
+    """Names the theta0 an update applies to: the PoNW commitment (neuroray/digest.py), so a holder checks an
+    update's base against the digest it already made of its theta0 for its proof, without hashing again."""
+    return tensor_digest(theta)
 
 
 def encode_update(old: torch.Tensor, new: torch.Tensor, mode: str, block: int,
                   residual: torch.Tensor | None, base: torch.Tensor | None = None,
-                  part: tuple[int, int] | None = None,
-                  density: float = SPARSE_DENSITY) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+                  part: tuple[int, int] | None = None, density: float = SPARSE_DENSITY,
+                  base_digest: str = "") -> tuple[dict, torch.Tensor, torch.Tensor | None]:
     """Compress the outer update ``old - new`` (plus the carried residual) for the holders.
 
     Returns ``(update, applied, residual)``: ``update`` is what is broadcast (``{"base": digest(old),
     "payload": ...}``), ``applied = old - decode(payload)`` is the new theta0 every holder will compute,
     and ``residual`` is what the broadcast dropped this round, sent in a later one (None for fp32).
     Streaming: ``old`` and ``new`` are the slice ``part`` of the range's full theta0 ``base``; the update
-    names the digest of ``base`` and the slice.
+    names the digest of ``base`` and the slice. ``base_digest``: that digest, when the caller has it already.
     """
     wanted = old - new if residual is None else old - new + residual
     payload = encode(wanted, mode, block, density)
     sent = decode(payload)
-    update = {"base": digest(old if base is None else base), "payload": payload}
+    update = {"base": base_digest or digest(old if base is None else base), "payload": payload}
     if part is not None:
         update["slice"] = tuple(part)
     return update, old - sent, None if mode == "none" else wanted - sent

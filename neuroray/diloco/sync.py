@@ -18,6 +18,7 @@ counts the serialized bytes of everything that crossed (docs/diloco.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -144,13 +145,52 @@ class _Counter:
         return len(data)
 
 
+class _SizingPickler(pickle.Pickler):
+    """Pickles everything but tensors, which it counts from their sizes instead of serializing their data."""
+
+    def __init__(self, sink):
+        super().__init__(sink, protocol=5)
+        self.tensors, self.tensor_bytes = 0, 0
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            self.tensors += 1
+            self.tensor_bytes += obj.numel() * obj.element_size() + 3 * obj.dim()
+            return int, ()  # a placeholder of a few bytes in the tensor's place; _framing() takes it back out
+        return NotImplemented
+
+
+def _skeleton(obj) -> tuple[int, int, int]:
+    """(pickled bytes with every tensor replaced by a placeholder, tensors, their counted bytes)."""
+    sink = _Counter()
+    pickler = _SizingPickler(sink)
+    pickler.dump(obj)
+    return sink.n, pickler.tensors, pickler.tensor_bytes
+
+
+@functools.cache
+def _framing() -> tuple[int, int]:
+    """What pickle adds per tensor beyond its data (torch's storage header, shape and strides: 393-418 bytes
+    with torch 2.x) less the placeholder's bytes: ``(first tensor, every later one)``. Measured once on 1-D
+    tensors, so a count is within ~20 bytes per tensor of len(pickle.dumps(obj, protocol=5))."""
+    a, b = torch.zeros(1 << 16), torch.zeros(1 << 16)
+    real_one, real_two = (len(pickle.dumps(x, protocol=5)) for x in ([a], [a, b]))
+    (one, _, data), (two, _, _) = _skeleton([a]), _skeleton([a, b])
+    return real_one - one - data, (real_two - real_one) - (two - one) - data
+
+
 def wire_bytes(obj) -> int:
     """Serialized size of an object as it crosses a process boundary (pickle protocol 5, as Ray's serializer
-    uses; within ~40 bytes of the object-store size of the same value). Counted as it streams, so the
-    serialized copy of a large theta0 is never held in memory at once."""
-    sink = _Counter()
-    pickle.Pickler(sink, protocol=5).dump(obj)
-    return sink.n
+    uses), counted from the sizes already known: each tensor's bytes plus pickle's framing of a tensor, and
+    the pickled size of everything else (a few small fields). No tensor is serialized to count it, so counting
+    costs the same for a 1 GB theta0 as for a 1 kB one (tests/test_hot_path_counts.py compares it with
+    len(pickle) of real payloads)."""
+    size, tensors, data = _skeleton(obj)
+    if not tensors:
+        return size
+    first, later = _framing()
+    return size + data + first + later * (tensors - 1)
+
 
 def _seed(seed: int, range_index: int, round_index: int) -> int:
     """A distinct, reproducible seed per (run seed, range, round) for bucketing and Gaussian noise."""
@@ -177,11 +217,13 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     if observe:  # before the attack simulation: what each holder really sent
         from neuroray.ponw.service import observe_delta, tensor_digest
 
-        seen = [None if d is None else observe_delta(d) for d in deltas]
+        # The digest is "" under compression: the holder commits to its raw delta, the step only sees the
+        # decoded payload (so it is not hashed); the norm still counts
+        hashed = diloco.compression == "none"
+        seen = [None if d is None else observe_delta(d) if hashed else ("", float(d.detach().double().norm()))
+                for d in deltas]
         # a non-finite delta has no norm to compare: screening rejects it, the receipt says aggregated=False
         report.observations = [o if o is not None and math.isfinite(o[1]) else None for o in seen]
-        if diloco.compression != "none":
-            report.observations = [None if o is None else ("", o[1]) for o in report.observations]
         report.theta0_before = tensor_digest(theta0)
     try:
         result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
@@ -251,7 +293,8 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
                                                                 diloco.compression_block, memory.residual,
-                                                                density=diloco.sparse_density)
+                                                                density=diloco.sparse_density,
+                                                                base_digest=report.theta0_before)
     if part is None:
         from neuroray.ponw.service import tensor_digest
 

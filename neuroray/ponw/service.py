@@ -16,7 +16,6 @@ as a Ray actor pinned to the driver's node, so the SQLite file lives in the run 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import statistics
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from neuroray.config import PonwConfig
+from neuroray.digest import tensor_digest  # the one commitment format: holder, coordinator, outer step
 from neuroray.ponw.authority import COORDINATOR_KEY_FILE, Coordinator, sign_evidence
 from neuroray.ponw.identity import Identity
 from neuroray.ponw.ledger import Ledger, LedgerError
@@ -35,18 +35,15 @@ LEDGER_FILE = "ledger.sqlite"
 
 
 # ----- commitments ----------------------------------------------------------------------------
-def tensor_digest(t) -> str:
-    """sha256 (hex) of a tensor as contiguous little-endian float32 bytes, prefixed by its shape.
+def _commitment(x):
+    """A commitment given as a digest or a future of one (neuroray.digest.DigestThread), kept as it is, or a
+    tensor, hashed now."""
+    return x if isinstance(x, str) or hasattr(x, "result") else tensor_digest(x)
 
-    The holder (in its proof) and the orchestrator (in its receipt) hash the same delta / theta0 and
-    must get the same digest, so both go through this one function.
-    """
-    import torch
 
-    t = t.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(f"f32{tuple(t.shape)}".encode())
-    h.update(t.numpy().data)
-    return h.hexdigest()
+def _resolved(x) -> str:
+    x = _commitment(x)
+    return x if isinstance(x, str) else x.result()
 
 
 def observe_delta(delta) -> tuple[str, float]:
@@ -110,9 +107,10 @@ class RoundProver:
                           self.has_embedding, self.has_lm_head, max_batches_per_s)
 
     def start_round(self, theta0, microbatches_done: int, data_position: int = 0, shard_id: int | None = None) -> None:
-        """Call when a round starts: theta0 it starts from, the holder's microbatch counter, and for the
-        Driver its stream position and current shard id."""
-        self._start = (tensor_digest(theta0), microbatches_done, data_position, shard_id)
+        """Call when a round starts: theta0 it starts from (a tensor, its digest or a future of it, resolved
+        when the proof is signed), the holder's microbatch counter, and for the Driver its stream position and
+        current shard id."""
+        self._start = (_commitment(theta0), microbatches_done, data_position, shard_id)
         self._delta = ""
 
     def set_data_start(self, data_position: int, shard_id: int | None) -> None:
@@ -120,10 +118,9 @@ class RoundProver:
         assert self._start is not None, "set_data_start needs start_round first"
         self._start = (*self._start[:2], data_position, shard_id)
 
-    def note_pseudo_gradient(self, delta) -> str:
-        """Call with the delta handed to the outer step; returns its digest."""
-        self._delta = tensor_digest(delta)
-        return self._delta
+    def note_pseudo_gradient(self, delta) -> None:
+        """Call with the delta handed to the outer step (a tensor, its digest or a future of it)."""
+        self._delta = _commitment(delta)
 
     def finish_round(self, outer_round: int, theta0_after, microbatches_done: int,
                      theta0_losses: Iterable[float] = (), timestamp_ms: int | None = None) -> bytes:
@@ -144,7 +141,8 @@ class RoundProver:
             layers_held=self.layer_end - self.layer_start, layer_start=self.layer_start,
             has_embedding=self.has_embedding, has_lm_head=self.has_lm_head,
             shard_id=shard if self.has_embedding else None, data_position=position if self.has_embedding else 0,
-            theta0_before=before, theta0_after=tensor_digest(theta0_after), pseudo_gradient=self._delta,
+            theta0_before=_resolved(before), theta0_after=_resolved(theta0_after),
+            pseudo_gradient=_resolved(self._delta),
             theta0_losses=tuple(loss_to_micro(x) for x in theta0_losses)[:min(batches, MAX_LOSSES)]
             if self.has_embedding else (),
         )

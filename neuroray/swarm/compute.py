@@ -37,6 +37,7 @@ from neuroray.errors import ConfigError
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
 from neuroray.swarm.hop_codec import HopCodec, wire_bytes
+from neuroray.swarm.transport import WireTensor, from_wire, to_device, to_wire
 
 from neuroray.swarm.spec import HolderSpec
 
@@ -158,7 +159,8 @@ class RangeCompute:
 
     # ----- hops: what crosses to the next and previous holder ---------------------------------
     def _send(self, t: torch.Tensor | None, direction: str):
-        """The payload for an activation (``fwd``) or input gradient (``bwd``) leaving this holder, counted."""
+        """The payload for an activation (``fwd``) or input gradient (``bwd``) leaving this holder, counted.
+        ``t`` may be on the device: the codec brings it to the host (neuroray/swarm/transport.py)."""
         if t is None:
             return None
         payload = self.hop.encode(t, self.name)
@@ -170,12 +172,13 @@ class RangeCompute:
         return payload
 
     def _receive(self, payload) -> torch.Tensor:
-        """Decode (and check) a hop payload from another holder before anything is computed with it."""
+        """Decode (and check) a hop payload from another holder before anything is computed with it; on
+        this holder's device."""
         x = self.hop.decode(payload, self.name)
         with self.lock:
             self.hop_counts["received"] += 1
             self.hop_counts["received_bytes"] += wire_bytes(payload)
-        return x
+        return to_device(x, self.device)
 
     def _receive_input(self, x):
         """The range's input: token ids on a Driver (never compressed), else an activation payload."""
@@ -199,9 +202,10 @@ class RangeCompute:
             return inp, self.module(x)
 
     def _activation_out(self, out: torch.Tensor) -> torch.Tensor:
-        """The activation as it crosses to the next holder: bf16 under bf16 (half the bytes), else float32."""
+        """The activation as it crosses to the next holder, still on the device: bf16 under bf16 (half the
+        bytes), else float32."""
         out = out.detach()
-        return (out.to(torch.bfloat16) if self.amp == torch.bfloat16 else out.float()).cpu()
+        return out.to(torch.bfloat16) if self.amp == torch.bfloat16 else out.float()
 
     def _backprop(self, out: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """``out.backward(grad)``, scaled by this holder's loss scale under fp16."""
@@ -216,7 +220,7 @@ class RangeCompute:
         g = inp.grad.detach()
         if self.scaler is not None:
             g = g / self.scaler.get_scale()
-        return g.float().cpu()
+        return g.float()
 
     def forward(self, mb_id: int, x: torch.Tensor, attempt: int = 0) -> torch.Tensor | None:
         """Run forward and keep the graph for :meth:`backward`; None if the call was revoked."""
@@ -226,7 +230,7 @@ class RangeCompute:
         inp, out = self._run(mb_id, x)
         # revoked while running (a hedge elsewhere won): keep no graph
         self.claims.keep(mb_id, lambda: self.pending.__setitem__(mb_id, (inp, out)))
-        return self._send(out.detach().cpu() if self.amp is None else self._activation_out(out), "fwd")
+        return self._send(out.detach() if self.amp is None else self._activation_out(out), "fwd")
 
     def forward_first(self, mb_id: int, attempt: int = 0):
         x, labels = self.batch_at(mb_id)
@@ -245,7 +249,7 @@ class RangeCompute:
             loss = self.module.loss(logits, labels.to(self.device))
             (loss * scale).backward()
             self._count_microbatch()
-            return float(loss.detach()), self._send(None if inp is None else inp.grad.detach().cpu(), "bwd")
+            return float(loss.detach()), self._send(None if inp is None else inp.grad.detach(), "bwd")
         with torch.autocast(self.device.type, dtype=self.amp):
             loss = self.module.loss(logits, labels.to(self.device))
         self._backprop(loss.float() * scale)
@@ -275,7 +279,7 @@ class RangeCompute:
         if self.amp is None:
             out.backward(grad.to(self.device))
             self._count_microbatch()
-            return self._send(None if inp is None else inp.grad.detach().cpu(), "bwd")
+            return self._send(None if inp is None else inp.grad.detach(), "bwd")
         self._backprop(out, grad.to(self.device, out.dtype))
         self._count_microbatch()
         return self._send(self._grad_in(inp), "bwd")
@@ -288,14 +292,16 @@ class RangeCompute:
         for name, p in self.module.named_parameters():  # the order parameters_to_vector flattens in
             params[name] = weights[at:at + p.numel()].view_as(p)
             at += p.numel()
-        x = x.to(self.device)
+        if isinstance(x, WireTensor):  # an activation from the previous range (token ids on a Driver)
+            x = from_wire(x, "the previous range", self.name)
+        x = to_device(x, self.device)
         if not self.module.has_embedding and self.amp is not None:
             x = x.float()  # bf16 on the wire, as in a training forward
         cast = nullcontext() if self.amp is None else torch.autocast(self.device.type, dtype=self.amp)
         with torch.no_grad(), cast:
             out = torch.func.functional_call(self.module, params, (x,))
             if labels is None:
-                return self._activation_out(out)
+                return to_wire(self._activation_out(out))
             return float(self.module.loss(out, labels.to(self.device)))
 
     def _count_microbatch(self) -> None:

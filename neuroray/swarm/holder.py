@@ -69,7 +69,7 @@ class StageHolder:
         if spec.init_from:  # before OuterState takes theta0, so theta0 is the imported weights (a restore overrides)
             load_init_from(self.compute)
         self.outer = OuterState(self.compute)
-        self.proving = RoundProving()
+        self.proving = RoundProving(self.outer.digests)
         self.lifecycle = RangeLifecycle(self.compute, self.outer, self.node_id)
         self.lifecycle.restore_on_start()
         # proofs start after a restore: the first round must commit the weights the holder restarted from

@@ -3,7 +3,8 @@
 ``swarm.hop_compression`` picks the scheme for the activation a holder sends forward and for the gradient
 it sends back:
 
-* ``none``: the tensor itself (float32, or bf16 activations under bf16; neuroray/swarm/compute.py).
+* ``none``: the tensor itself (float32, or bf16 activations under bf16; neuroray/swarm/compute.py) as a
+  :class:`~neuroray.swarm.transport.WireTensor`, a numpy buffer Ray ships without pickling its data.
 * ``int8``: blockwise int8 with one float32 scale per ``block`` values, the DiLoCo int8 code
   (neuroray/diloco/compress.py). Error per value at most ``scale / 2``; 3.94x fewer bytes at block 256.
 * ``lowrank``: the tensor as a ``[tokens, hidden]`` matrix, cut to its best rank-r approximation (a truncated
@@ -11,8 +12,8 @@ it sends back:
   payload is at least ``ratio`` times smaller than float32, so the ratio holds at any shape. It was picked
   over ternary, 1-bit and top-k codes by its gradient error and loss on the tiny model (docs/hops.md).
 
-A payload is a :class:`HopPayload`: the scheme, the shape, the label of the holder that sent it and one
-``bytes`` body, never float32 tensors. :func:`decode` checks the body before it decodes anything (its
+A compressed payload is a :class:`HopPayload`: the scheme, the shape, the label of the holder that sent it
+and one ``bytes`` body, never float32 tensors. :func:`decode` checks the body before it decodes anything (its
 length for the shape, finite scales, a rank in range) and raises :class:`~neuroray.errors.HopPayloadError`
 naming the sender, so a receiving holder never applies a malformed payload.
 """
@@ -27,6 +28,7 @@ import torch
 
 from neuroray.diloco import compress
 from neuroray.errors import HopPayloadError
+from neuroray.swarm.transport import WireTensor, from_wire, to_wire
 
 SCHEMES = ("none", "int8", "lowrank")  # config.HOP_COMPRESSIONS mirrors this (config imports no torch)
 _FP32 = 4
@@ -61,10 +63,11 @@ class HopCodec:
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown hop compression {self.scheme!r}; choose one of {SCHEMES}")
 
-    def encode(self, x: torch.Tensor, sender: str) -> HopPayload | torch.Tensor:
-        """The payload for ``x`` (the tensor itself under ``none``)."""
+    def encode(self, x: torch.Tensor, sender: str) -> HopPayload | WireTensor:
+        """The payload for ``x`` (the tensor itself, as a :class:`WireTensor`, under ``none``). ``x`` may be
+        on the device: compression runs there and only the encoded bytes come to the host."""
         if self.scheme == "none":
-            return x
+            return to_wire(x)
         x = x.detach().float()
         shape = tuple(x.shape)
         if self.scheme == "int8":
@@ -73,9 +76,9 @@ class HopCodec:
         return _encode_lowrank(x, shape, sender, self.ratio)
 
     def decode(self, payload, receiver: str) -> torch.Tensor:
-        """The float32 tensor a payload carries, after checking it; raises HopPayloadError naming its sender."""
+        """The tensor a payload carries (on the CPU), after checking it; raises HopPayloadError naming its sender."""
         if self.scheme == "none":
-            return payload
+            return from_wire(payload, "an unknown holder", receiver)
         if not isinstance(payload, HopPayload):
             raise HopPayloadError("an unknown holder", receiver,
                                   f"expected a {self.scheme} hop payload, got {type(payload).__name__}")
@@ -87,7 +90,7 @@ class HopCodec:
 
 def wire_bytes(payload) -> int:
     """Bytes a hop carries: the encoded payload, or the tensor's own bytes under ``none``."""
-    if isinstance(payload, HopPayload):
+    if isinstance(payload, (HopPayload, WireTensor)):
         return payload.nbytes
     return payload.numel() * payload.element_size() if isinstance(payload, torch.Tensor) else 0
 

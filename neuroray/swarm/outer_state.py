@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from neuroray.diloco.compress import ErrorFeedback, decode, digest
+from neuroray.diloco.compress import ErrorFeedback, decode
+from neuroray.digest import DigestThread
 from neuroray.swarm.compute import RangeCompute
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class OuterState:
     def __init__(self, compute: RangeCompute):
         self.compute = compute
         self.theta0 = parameters_to_vector(compute.module.parameters()).detach().clone()
+        # hashes theta0 and deltas off the compute thread, each once (the proof and update bases share them)
+        self.digests = DigestThread(f"digest-{compute.name}")
         d = compute.spec.diloco
         # What compression dropped from this holder's pseudo-gradients, sent in later rounds (docs/diloco.md);
         # the run's density, or sparse payloads carry another k per chunk than the outer step checks for
@@ -86,7 +89,7 @@ class OuterState:
         theta0 from ``theta0_box[0]`` (an object ref, boxed so Ray ships it only on demand; in-process,
         the tensor), and ``fetched`` is True. ``part``: the fragment slice a streaming update changes."""
         old = self.theta0.cpu()
-        if update["base"] == digest(old):
+        if update["base"] == self.digests.digest(self.theta0):
             part = update.get("slice")
             if part is None:
                 return old - decode(update["payload"]), None, False

@@ -1,0 +1,155 @@
+"""Per-hop cost of an activation crossing between two actors, against a plain memcpy of the same tensor and a
+Ray Compiled Graph of the same hop, side by side in one run (docs/hops.md, "Transport").
+
+Two actors on one node: the sender makes the hop payload of a float32 activation exactly as a holder does
+(``HopCodec("none").encode``), the receiver decodes it as a holder does and reads one value. Timed per size:
+
+* ``memcpy``: ``dst.copy_(src)`` of the same tensor in one process (the floor for moving the bytes once);
+* ``torch pickle``: the hop before this change: the torch tensor itself crosses (Ray pickles it through
+  ``Storage.__reduce__``: torch.save into bytes, torch.load on arrival);
+* ``wire``: the hop now: a :class:`~neuroray.swarm.transport.WireTensor` (a numpy buffer, out of band in the
+  object store, read in place);
+* ``compiled``: the wire hop as a Ray Compiled Graph (``experimental_compile``: shared-memory channels, no
+  task submission per call);
+* ``empty``: the same two calls with no tensor (the per-call floor of Ray's actor tasks on this machine).
+
+Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
+every repetition (a busy machine slows them alike). Reported: each in ms and
+``hop / memcpy``; the goal is ``wire / memcpy <= 2`` (issue 22).
+
+    flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import append_row, machine  # noqa: E402
+
+
+def _args() -> dict:
+    out = {"reps": "15", "sizes_mib": "0.25,4,64"}
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        out[key] = value
+    return out
+
+
+def _interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, run in turn within every repetition so that a busy machine slows them alike."""
+    for fn in fns.values():  # warm-up: worker start, first allocation in the object store
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    import ray
+    from ray.dag import InputNode
+
+    from neuroray.swarm.hop_codec import HopCodec
+
+    args = _args()
+    reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+    @ray.remote(num_cpus=0)
+    class Sender:
+        def __init__(self):
+            torch.set_num_threads(1)
+            self.codec, self.x = HopCodec("none"), None
+
+        def make(self, numel: int) -> None:
+            self.x = torch.randn(numel)
+
+        def sized_wire_hop(self, numel: int):
+            """The compiled graph's sender: one graph for every size, the size its input."""
+            if self.x is None or self.x.numel() != numel:
+                self.make(numel)
+            return self.wire_hop()
+
+        def torch_hop(self, _=None):
+            return self.x
+
+        def wire_hop(self, _=None):
+            return self.codec.encode(self.x, "sender")
+
+        def empty(self, _=None):
+            return None
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def __init__(self):
+            torch.set_num_threads(1)
+            self.codec = HopCodec("none")
+
+        def take_torch(self, x) -> float:
+            return float(x[0])
+
+        def take_wire(self, payload) -> float:
+            return float(self.codec.decode(payload, "receiver")[0])
+
+        def take_none(self, x) -> None:
+            return x
+
+    torch.set_num_threads(1)  # the memcpy on one core, as each actor copies
+    s, r = Sender.remote(), Receiver.remote()
+    cs, cr = Sender.remote(), Receiver.remote()  # a compiled graph holds its actors' execution loop: its own pair
+    with InputNode() as inp:
+        dag = cr.take_wire.bind(cs.sized_wire_hop.bind(inp))
+    # one graph for every size (a teardown between sizes can hang on this Ray version)
+    compiled_dag = dag.experimental_compile(_buffer_size_bytes=int(max(sizes) * 2**20) + (1 << 20))
+    rows = []
+    for mib in sizes:
+        numel = int(mib * 2**20) // 4
+        ray.get(s.make.remote(numel))
+        src, dst = torch.randn(numel), torch.empty(numel)
+        row = _interleaved_ms({
+            "memcpy": lambda: dst.copy_(src),
+            "torch pickle": lambda: ray.get(r.take_torch.remote(s.torch_hop.remote())),
+            "wire": lambda: ray.get(r.take_wire.remote(s.wire_hop.remote())),
+            "compiled": lambda: ray.get(compiled_dag.execute(numel)),  # noqa: B023 - called within this iteration
+            "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
+        }, reps)
+        row["MiB"] = mib
+        rows.append(row)
+        memcpy, pickled, wire, compiled, empty = (row[k] for k in ("memcpy", "torch pickle", "wire", "compiled", "empty"))
+        print(f"{mib:g} MiB: memcpy {memcpy:.2f} ms, torch pickle {pickled:.2f} ms ({pickled / memcpy:.1f}x), "
+              f"wire {wire:.2f} ms ({wire / memcpy:.1f}x), compiled graph {compiled:.2f} ms "
+              f"({compiled / memcpy:.1f}x), empty calls {empty:.2f} ms", flush=True)
+    ray.shutdown()
+    cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
+    for row in rows:
+        m = row["memcpy"]
+        append_row(
+            "Per-hop cost vs memcpy and a Compiled Graph",
+            ["command", "machine", "MiB", "memcpy ms", "torch pickle ms (/memcpy)", "wire ms (/memcpy)",
+             "compiled graph ms (/memcpy)", "empty calls ms", "wire goal /memcpy <= 2"],
+            [f"`{cmd.strip()}`", machine(), f"{row['MiB']:g}", f"{m:.2f}",
+             f"{row['torch pickle']:.2f} ({row['torch pickle'] / m:.1f}x)", f"{row['wire']:.2f} ({row['wire'] / m:.1f}x)",
+             f"{row['compiled']:.2f} ({row['compiled'] / m:.1f}x)", f"{row['empty']:.2f}",
+             "met" if row["wire"] / m <= 2 else "not met"],
+            note="Two actors on one node, one float32 activation per hop as a holder sends it (benchmarks/hop_overhead.py): "
+                 "`torch pickle` is the hop before the wire form (Ray pickles the tensor through torch.save/torch.load), "
+                 "`wire` the hop now (a numpy buffer out of band, read in place), `compiled graph` the wire hop as a Ray "
+                 "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians, the five taken in turn in "
+                 "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait.")
+
+
+if __name__ == "__main__":
+    main()
