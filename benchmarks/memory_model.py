@@ -12,9 +12,11 @@ a snapshot each round, the final evaluation through the holders) whose holders a
 The second is what :func:`neuroray.planner.memory.holder_memory` predicts (docs/memory.md says why); both
 are printed with predicted / measured. Three sizes x {fp32, bf16}, and ``model=small`` with
 ``model.activation_checkpointing=true`` (peak and tokens/s against the same run without it). The goal is
-predicted / measured within +-10 %. Appends one row per case to docs/benchmarks.md.
+predicted / measured within +-10 %. Then the compute price of checkpointing alone: forward + backward of
+``model=small`` in this process, off and on alternated. Appends rows to docs/benchmarks.md.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/memory_model.py [cases=tiny-fp32,...] [hydra overrides...]
+    (cases= with nothing runs only the one-process step-time comparison)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,13 +135,37 @@ def predict(cfg, vocab: int) -> dict[str, object]:
                                       batch=batch, overhead=overhead) for s, (a, b) in enumerate(ranges)}
 
 
+def recompute_cost(cfg, vocab: int, precision: str, repeats: int = 5) -> tuple[float, float]:
+    """Seconds of one forward + backward of a microbatch through the whole model in this process, checkpointing
+    off and on, alternated so both see the same machine load; the medians."""
+    import torch
+
+    from neuroray.model import build_monolith
+
+    torch.set_num_threads(1)
+    d = cfg.data
+    x = torch.randint(0, vocab, (d.microbatch_size, d.seq_len), generator=torch.Generator().manual_seed(0))
+    models = {on: build_monolith(replace(cfg.model, activation_checkpointing=on), vocab) for on in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats + 1):
+        for on, model in models.items():
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model.loss(model(x), torch.roll(x, -1, 1))
+            loss.backward()
+            if i:  # the first round warms up
+                times[on].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
 def main(argv: list[str]) -> None:
     from neuroray.genesis import ensure_dataset, load_tokenizer
 
     # Other processes on a shared machine can push the node past Ray's memory threshold; its monitor would then
     # kill these holders, whose size is what is measured here. The kernel's own limit still applies.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    cases = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("cases=")), CASES)
+    cases = next(([c for c in a.split("=", 1)[1].split(",") if c] for a in argv if a.startswith("cases=")), CASES)
     overrides = [a for a in argv if not a.startswith("cases=")]
     cfg0 = load_config(overrides)
     root, manifest = ensure_dataset(cfg0.data, log=lambda *a, **k: None)
@@ -193,6 +220,20 @@ def main(argv: list[str]) -> None:
                       "by side in one run of the script. Inner step: the median wall time between two inner steps "
                       "of one round (the pipeline's, both holders at 1 torch thread)."),
             )
+
+    small = load_config([*SIZES["small"], *overrides])
+    for precision in ("fp32", "bf16"):
+        off, on = recompute_cost(small, vocab, precision)
+        print(f"checkpointing small {precision}, one process: forward + backward {on:.3f} s vs {off:.3f} s "
+              f"(x{on / off:.3f})")
+        append_row(
+            "Activation checkpointing: step-time cost in one process (model=small)",
+            ["precision", "fwd + bwd s, on", "off", "on / off", "machine", "command"],
+            [precision, f"{on:.3f}", f"{off:.3f}", f"**{on / off:.3f}**", machine(), f"`{cmd}`"],
+            note=("One microbatch (data.microbatch_size x data.seq_len) forward + backward through the whole model, "
+                  "1 torch thread, checkpointing off and on alternated 5 times after a warm-up; the medians. Free of "
+                  "the pipeline's waits, so it is the compute price of the recomputation alone."),
+        )
 
 
 if __name__ == "__main__":
