@@ -109,3 +109,14 @@ def test_flag_reaches_the_holders_and_their_gradients_match(tmp_path, recompute)
         len(list(on[1].compute.module.parameters()))
     for name in grads_on:
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_snapshot_without_the_flag_restores_into_a_holder_with_it(tmp_path):
+    """The flag is how this run trains, not part of the shapes a snapshot records: restoring one taken without
+    it (or before the flag existed) keeps the restoring holder's choice and its module."""
+    model = replace(CFG, activation_checkpointing=True)
+    off = _pipeline(tmp_path, replace(model, activation_checkpointing=False))[0]
+    on = _pipeline(tmp_path, model)[0]
+    module = on.compute.module
+    on.restore(off.capture(0))
+    assert on.compute.module is module and on.compute.module.cfg.activation_checkpointing

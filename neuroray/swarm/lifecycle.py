@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -151,6 +151,8 @@ class RangeLifecycle:
             return False
         model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
         spec = self.compute.spec
+        # how to train (recompute or keep activations) is this run's choice, not the snapshot's shapes
+        model = replace(model, activation_checkpointing=spec.model.activation_checkpointing)
         if (model, ranges) == (spec.model, list(spec.ranges)):
             return False
         self.compute.rebuild(model, ranges)
