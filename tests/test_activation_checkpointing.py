@@ -120,3 +120,9 @@ def test_a_snapshot_without_the_flag_restores_into_a_holder_with_it(tmp_path):
     module = on.compute.module
     on.restore(off.capture(0))
     assert on.compute.module is module and on.compute.module.cfg.activation_checkpointing
+
+
+def test_a_model_trained_with_checkpointing_exports_as_without():
+    from neuroray.model.hf import model_config_to_hf
+
+    assert model_config_to_hf(CKPT, V) == model_config_to_hf(CFG, V)
