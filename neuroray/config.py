@@ -36,6 +36,10 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # standard deviation of the initial weights
+    # recompute each transformer block's activations in backward instead of keeping them (torch.utils.checkpoint):
+    # a block keeps only its input between forward and backward, for about one more forward of compute
+    # (docs/memory.md); training only, the computed gradients are unchanged
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -274,7 +278,9 @@ class PlannerConfig:
     name: str = "default"  # which conf/planner/ file this came from
     device: str = "auto"  # auto: GPU nodes if the cluster has any, else CPU nodes; gpu: demand GPUs; cpu: ignore them
     safety_fraction: float = 0.8  # share of each node's (GPU or host) memory a plan may fill
-    holder_overhead: str = "400MB"  # per holder: Python + torch + Ray worker (host) or the CUDA context (GPU)
+    # per holder: Python + torch + the Ray worker + what building a range and AdamW first loads (host memory,
+    # measured about 415 MB, docs/memory.md), or the CUDA context (GPU)
+    holder_overhead: str = "420MB"
     microbatch_size: int = 0  # activation accounting; 0: data.microbatch_size (seq_len, microbatches from data)
     stages: int = 0  # 0: choose; else exactly this many layer ranges
     replicas: int = 0  # 0: as many pipeline replicas as fit; else exactly this many

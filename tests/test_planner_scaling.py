@@ -15,10 +15,14 @@ from neuroray.planner.memory import (
     BYTES_PER_PARAM,
     Batch,
     MemoryUnitError,
+    activation_bytes_per_token_layer,
     activation_elems_per_token_layer,
     format_bytes,
+    full_layer_bytes_per_token,
+    head_bytes_per_token,
     head_elems_per_token,
     holder_memory,
+    matmul_params_per_layer,
     parse_memory,
 )
 
@@ -112,55 +116,75 @@ def test_bytes_per_parameter_are_itemised():
     mem = holder_memory(cfg, 300, 2, has_embedding=True, has_head=False, batch=batch, overhead=1000)
     pc = scaling.param_count(cfg, 300)
     assert mem.params == 2 * pc.per_layer + pc.embedding
-    assert (mem.weights, mem.grads, mem.adam, mem.diloco) == (4 * mem.params, 4 * mem.params, 8 * mem.params,
-                                                             12 * mem.params)
-    assert BYTES_PER_PARAM == 28
+    assert (mem.weights, mem.grads, mem.adam, mem.diloco, mem.snapshot) == (
+        4 * mem.params, 4 * mem.params, 8 * mem.params, 4 * mem.params, 32 * mem.params)
+    assert BYTES_PER_PARAM == 20
     a = activation_elems_per_token_layer(cfg)
-    assert mem.activations == 4 * batch.tokens * (3 * (2 * a + cfg.d_model) + a)
+    assert mem.activations == 4 * batch.tokens * 3 * (2 * a + cfg.d_model)
+    # backward works on one layer at a time and sends one gradient; AdamW's 8 B / param is larger here
+    assert mem.working == max(4 * batch.tokens * (a + cfg.d_model), 8 * mem.params - mem.activations)
+    assert mem.outer == 12 * mem.params
     last = holder_memory(cfg, 300, 2, has_embedding=False, has_head=True, batch=batch, overhead=1000)
-    assert last.activations == 4 * batch.tokens * (1 * (2 * a + cfg.d_model) + a + head_elems_per_token(cfg, 300))
-    assert mem.total == mem.weights + mem.grads + mem.adam + mem.diloco + mem.activations + 1000
+    assert last.activations == 4 * batch.tokens * (2 * a + cfg.d_model)
+    assert last.working >= 4 * batch.tokens * (a + cfg.d_model + head_elems_per_token(cfg, 300))
+    assert mem.total == (mem.weights + mem.grads + mem.adam + mem.diloco + mem.activations + mem.working
+                         + mem.outer + mem.snapshot + 1000)
+    quiet = holder_memory(cfg, 300, 2, has_embedding=True, has_head=False, batch=batch, overhead=1000, snapshots=False)
+    assert quiet.snapshot == 0 and mem.total - quiet.total == 32 * mem.params
 
 
-def _saved_elems(module, run) -> int:
-    """Elements autograd saves for backward (parameters and buffers excluded), unique storages."""
+def _saved_bytes(module, run, amp=None) -> int:
+    """Bytes autograd saves for backward (parameters and buffers excluded), unique storages."""
     own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
     seen = {}
 
     def pack(t):
         key = t.untyped_storage().data_ptr()
         if key not in own:
-            seen[key] = t.untyped_storage().nbytes() // 4
+            seen[key] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", amp, enabled=amp is not None):
         run()
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("heads, kv", [(4, 1), (4, 4), (8, 2)])
-def test_activation_formula_matches_what_autograd_saves(heads, kv):
+@pytest.mark.parametrize("heads, kv", [(4, 1), (4, 2), (4, 4), (8, 2)])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activation_formula_matches_what_autograd_saves(heads, kv, amp):
     cfg = ModelConfig(d_model=32 * heads, n_layers=2, n_heads=heads, n_kv_heads=kv, max_seq_len=64)
     b, t, vocab = 2, 48, 300
+    act = 4 if amp is None else 2
     x = torch.randn(b, t, cfg.d_model, requires_grad=True)
     mid = StageModule(cfg, vocab, 0, 2, has_embedding=False, has_head=False)
-    per_layer = _saved_elems(mid, lambda: mid(x)) / (b * t * 2)
-    assert per_layer == activation_elems_per_token_layer(cfg)
+    # under autocast each forward's graph also keeps a 16-bit copy of every matmul weight
+    copies = 0 if amp is None else 2 * 2 * matmul_params_per_layer(cfg)
+    per_layer = (_saved_bytes(mid, lambda: mid(x), amp) - copies) / (b * t * 2)
+    assert per_layer == full_layer_bytes_per_token(cfg, act) == activation_bytes_per_token_layer(cfg, act)
+    if amp is None:
+        assert per_layer == 4 * activation_elems_per_token_layer(cfg)
     last = StageModule(cfg, vocab, 0, 2, has_embedding=False, has_head=True)
     y = torch.randint(0, vocab, (b, t))
-    head = _saved_elems(last, lambda: last.loss(last(x), y)) / (b * t) - 2 * per_layer
-    # saved: final norm (3d + 1) and log-softmax (V); the formula adds the logits and their gradient (2V)
-    assert head <= head_elems_per_token(cfg, vocab) and head >= head_elems_per_token(cfg, vocab) - 2 * vocab - 4
+    copies += 0 if amp is None else 2 * vocab * cfg.d_model
+    saved = (_saved_bytes(last, lambda: last.loss(last(x), y), amp) - copies) / (b * t) - 2 * per_layer - 8  # labels
+    # saved: the final norm and the log-softmax; the formula adds what the loss's backward holds at once (the
+    # logits, the log-softmax's gradient and the logits' gradient: 12 B / V in fp32, 10 B / V in bf16)
+    # (and one 4-byte scalar of the loss, not per token)
+    assert saved == pytest.approx(head_bytes_per_token(cfg, vocab, act) - (12 if amp is None else 10) * vocab, abs=0.1)
 
 
 def test_activations_follow_precision_and_state_stays_float32():
-    """bf16/fp16 (and auto on GPUs) save 2 B activations; weights, gradients, AdamW and DiLoCo state stay 28 B."""
+    """bf16/fp16 (and auto on GPUs) save most activations in 2 B, the residual stream and the norms' float32
+    statistics in 4 B, plus each forward's 16-bit weight copies; weights, gradients, AdamW and theta0 stay
+    20 B / param."""
     from neuroray.planner.memory import activation_bytes
 
     assert [activation_bytes(p, "cpu") for p in ("auto", "fp32", "bf16", "fp16")] == [4, 4, 2, 2]
     assert activation_bytes("auto", "gpu") == 2 and activation_bytes("auto", "auto") == 4
     cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4)
-    full = holder_memory(cfg, 300, 2, has_embedding=True, has_head=True, batch=Batch(4, 32, 2), overhead=0)
-    half = holder_memory(cfg, 300, 2, has_embedding=True, has_head=True, batch=Batch(4, 32, 2, 2), overhead=0)
-    assert 2 * half.activations == full.activations
+    full = holder_memory(cfg, 300, 2, has_embedding=True, has_head=False, batch=Batch(64, 32, 2), overhead=0)
+    half = holder_memory(cfg, 300, 2, has_embedding=True, has_head=False, batch=Batch(64, 32, 2, 2), overhead=0)
+    assert full.activations / 2 < half.activations < full.activations
+    assert half.activations == 2 * (64 * 32 * (2 * full_layer_bytes_per_token(cfg, 2) + 4 * 64)
+                                    + 2 * 2 * matmul_params_per_layer(cfg))
     assert (half.weights, half.grads, half.adam, half.diloco) == (full.weights, full.grads, full.adam, full.diloco)

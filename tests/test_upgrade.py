@@ -27,8 +27,9 @@ def test_grown_holders_must_fit_the_nodes_they_run_on():
     running = plan_for_cluster(cfg)
     assert (running.model.n_layers, running.model.d_model) == (8, 256)
     req = request_from_config(cfg)
-    width = scaling.shape(8, 512, running.model)
-    assert fit_problem(running, list(running.nodes), width, running.ranges, req) == ""
+    deeper = scaling.shape(16, 256, running.model)  # 8 x 512 would not: 2.29 GB with its snapshot copies
+    assert fit_problem(running, list(running.nodes), deeper, migration_ranges(running.ranges, running.model, deeper),
+                       req) == ""
     big = scaling.shape(16, 1024, running.model)  # the 40 GB model cannot grow on a 2 GiB node
     problem = fit_problem(running, list(running.nodes), big, migration_ranges(running.ranges, running.model, big), req)
     assert problem.startswith("node0(2GiB) would need") and "for its grown holders (and outer step), it offers" in problem
@@ -96,8 +97,8 @@ def test_new_replicas_fit_in_what_the_running_holders_leave_free():
         assert used <= by_id[node_id].memory * req.safety_fraction, (node_id, used)
     assert place_ranges(nodes, req, running.model, running.ranges, running=list(running.holders),
                         device=running.device, most=1).replicas == 1
-    # grown to 16 x 512 the running holders take more of node0 and each new replica is bigger: fewer fit
-    deep = scaling.shape(16, 512, running.model)
+    # grown to 16 x 256 the running holders take more of node0 and each new replica is bigger: fewer fit
+    deep = scaling.shape(16, 256, running.model)
     grown = migration_ranges(running.ranges, running.model, deep)
     bigger = place_ranges(nodes, req, deep, grown, running=list(running.holders), device=running.device, most=100)
     assert 1 <= bigger.replicas < extra.replicas

@@ -49,8 +49,9 @@ _TOP_INV = {v: k for k, v in _TOP.items()}
 _LAYER_INV = {v: k for k, v in _LAYER.items()}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # ModelConfig fields with a LlamaConfig counterpart (name and init_std only describe the run).
+# activation_checkpointing is how a model was trained, not what it computes: nothing to export
 _MAPPED = {"name", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "rope_theta",
-           "norm_eps", "init_std"}
+           "norm_eps", "init_std", "activation_checkpointing"}
 
 
 def hf_key(key: str) -> str:

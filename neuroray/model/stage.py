@@ -8,6 +8,11 @@ interchangeable with the monolith:
   monolith's (``layers.5.attn.wq.weight`` whichever stage holds layer 5);
 * every parameter is initialised from a generator seeded by ``(seed, parameter name)``, so its
   initial value does not depend on which other parameters live in the same module.
+
+``model.activation_checkpointing`` wraps each block of a training forward in
+``torch.utils.checkpoint`` (non-reentrant): between forward and backward a block keeps only its input,
+and backward recomputes the rest. Forwards without autograd (evaluation, inference, KV caches) run as
+they are.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neuroray.config import ModelConfig
 from neuroray.model.kv_cache import PackedKV, SessionKV
@@ -91,8 +97,15 @@ class StageModule(nn.Module):
                 f"{self.cfg.max_seq_len}; shorten the sequence or raise model.max_seq_len"
             )
         h = self.embed(x) if self.has_embedding else x
+        recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers.values():
-            h = block(h, self.rope_cos, self.rope_sin, start_pos)
+            if recompute:
+                # Keep only the block's input; backward reruns its forward (under the autocast state the
+                # forward ran in) to rebuild what it saves. No block draws random numbers: no RNG to replay.
+                h = checkpoint(block, h, self.rope_cos, self.rope_sin, start_pos, use_reentrant=False,
+                               preserve_rng_state=False)
+            else:
+                h = block(h, self.rope_cos, self.rope_sin, start_pos)
         if self.has_head:
             h = self.lm_head(self.norm(h))
         return h

@@ -64,6 +64,7 @@ def place_ranges(nodes: list[NodeSpec], req: PlanRequest, model: ModelConfig, ra
     replicas only; its ``outer`` is where the outer step of all of them is counted.
     """
     device = device or pick_device(nodes, req)
+    req = req.on(device)
     pool, excluded = node_pool(nodes, req, device)
     stages = stage_plans(model, list(ranges), req)
     running_holders = [h for rep in running for h in rep]

@@ -8,12 +8,7 @@ import math
 
 from neuroray.config import ModelConfig
 from neuroray.planner import scaling
-from neuroray.planner.memory import (
-    BYTES_PER_PARAM,
-    activation_elems_per_token_layer,
-    head_elems_per_token,
-    holder_memory,
-)
+from neuroray.planner.memory import FLOAT_BYTES, BYTES_PER_PARAM, head_bytes_per_token, holder_memory, layer_bytes
 from neuroray.planner.plan_types import PlanRequest
 
 
@@ -24,7 +19,8 @@ def memory_table(cfg: ModelConfig, req: PlanRequest) -> dict:
         for first in (False, True):
             for last in (False, True):
                 table[n, first, last] = holder_memory(cfg, req.vocab_size, n, has_embedding=first, has_head=last,
-                                                      batch=req.batch, overhead=req.holder_overhead).total
+                                                      batch=req.batch, overhead=req.holder_overhead,
+                                                      snapshots=req.snapshots).total
     return table
 
 
@@ -32,13 +28,10 @@ def item_costs(cfg: ModelConfig, req: PlanRequest) -> list[float]:
     """Per-layer cost ``mem_i / sum(mem) + flops_i / sum(flops)``, embedding on layer 0, head on the last."""
     pc = scaling.param_count(cfg, req.vocab_size)
     tok, nmb = req.batch.tokens, req.batch.num_microbatches
-    a = activation_elems_per_token_layer(cfg)
-    ab = req.batch.activation_bytes
-    layer_mem = BYTES_PER_PARAM * pc.per_layer + ab * tok * nmb * a
-    mem = [float(layer_mem)] * cfg.n_layers
+    mem = [float(layer_bytes(cfg, req.batch))] * cfg.n_layers
     flops = [scaling.layer_flops_per_token(cfg, req.batch.seq_len)] * cfg.n_layers
-    mem[0] += BYTES_PER_PARAM * pc.embedding + ab * tok * nmb * cfg.d_model
-    mem[-1] += BYTES_PER_PARAM * pc.head + ab * tok * head_elems_per_token(cfg, req.vocab_size)
+    mem[0] += BYTES_PER_PARAM * pc.embedding + FLOAT_BYTES * tok * nmb * cfg.d_model
+    mem[-1] += BYTES_PER_PARAM * pc.head + tok * head_bytes_per_token(cfg, req.vocab_size, req.batch.activation_bytes)
     flops[-1] += scaling.head_flops_per_token(cfg, req.vocab_size)
     sm, sf = sum(mem), sum(flops)
     return [m / sm + f / sf for m, f in zip(mem, flops)]

@@ -3,7 +3,7 @@ what it answers (:class:`Plan`: stages, holder placements, the outer step's rese
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from neuroray.config import ModelConfig
 from neuroray.errors import NeurorayError
@@ -54,7 +54,8 @@ class PlanRequest:
     cpus_per_holder: float = 0.5
     gpus_per_holder: float = 0.0  # on GPU nodes 0 means 1
     safety_fraction: float = 0.8
-    holder_overhead: int = 400_000_000
+    holder_overhead: int = 420_000_000
+    snapshots: bool = True  # holders take hot snapshots (checkpoint.interval_s or every_round): count their copies
     stages: int = 0
     replicas: int = 0
     max_replicas: int = 0
@@ -68,6 +69,10 @@ class PlanRequest:
     inner_steps: int = 20  # H: sync traffic is counted per round of H inner steps
     compression: str = "none"  # diloco.compression, for the report
     sync_value_bytes: float = 4.0  # bytes per parameter of a pseudo-gradient on the wire (links.sync_bytes_per_value)
+
+    def on(self, device: str) -> PlanRequest:
+        """This request for holders on ``device``: a GPU holder's snapshot copies are host memory, not its GPU's."""
+        return replace(self, snapshots=self.snapshots and device == "cpu")
 
     @property
     def fills_cores(self) -> bool:

@@ -43,9 +43,11 @@ def format_plan(plan: Plan) -> str:
             role = "driver+validator"
         rows.append([s.index, f"{s.start}-{s.end - 1}", role, _count(s.params), format_bytes(mem.weights + mem.grads),
                      format_bytes(mem.adam), format_bytes(mem.diloco), format_bytes(mem.activations),
-                     format_bytes(mem.overhead), format_bytes(mem.total), f"{s.flops_per_token / 1e6:.1f}M"])
-    out += _table(rows, ["stage", "layers", "role", "params", "weights+grads", "adamw", "diloco", "activations",
-                         "overhead", "holder total", "fwd flops/tok"])
+                     format_bytes(mem.working), format_bytes(mem.outer), format_bytes(mem.snapshot),
+                     format_bytes(mem.overhead),
+                     format_bytes(mem.total), f"{s.flops_per_token / 1e6:.1f}M"])
+    out += _table(rows, ["stage", "layers", "role", "params", "weights+grads", "adamw", "theta0", "activations",
+                         "working", "outer step", "snapshot", "overhead", "holder total", "fwd flops/tok"])
     out.append("")
     rows = [[h.replica, h.stage, h.node_name, format_bytes(h.device_memory),
              ", ".join(f"{k} {format_bytes(v) if k == 'memory' else f'{v:g}'}" for k, v in h.bundle().items())]

@@ -176,6 +176,7 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
         if value not in allowed:
             raise PlanError(f"planner.{key}={value} is unknown; use one of {', '.join(allowed)}")
     device = pick_device(nodes, req)
+    req = req.on(device)
     pool, excluded = node_pool(nodes, req, device)
     if not pool:
         raise PlanError("no node can host a stage holder (" + "; ".join(f"{n}: {w}" for n, w in excluded)
@@ -185,7 +186,7 @@ def plan(nodes: list[NodeSpec], req: PlanRequest) -> Plan:
         law_memory = sum(n.device_memory(device) for n in pool)
         cfg = req.model or scaling.architecture_for_memory(law_memory, req.base_model)
         one_layer = holder_memory(cfg, req.vocab_size, 1, has_embedding=False, has_head=False, batch=req.batch,
-                                  overhead=req.holder_overhead).total
+                                  overhead=req.holder_overhead, snapshots=req.snapshots).total
         small = [n for n in pool if holder_capacity(n, req, device) < one_layer]
         if not small:
             break

@@ -180,6 +180,8 @@ class RangeLifecycle:
             model, ranges = spec.model, list(spec.ranges)
         else:
             model, ranges = ModelConfig(**arch["model"]), [tuple(r) for r in arch["ranges"]]
+        # how to train (recompute or keep activations) is this run's choice, not the snapshot's shapes
+        model = replace(model, activation_checkpointing=spec.model.activation_checkpointing)
         if (model, ranges, vocab) == (spec.model, list(spec.ranges), spec.vocab_size):
             return False
         self.compute.spec = replace(spec, vocab_size=vocab)
