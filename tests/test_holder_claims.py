@@ -4,6 +4,7 @@ import torch
 
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.swarm.holder import HolderSpec, StageHolder
+from neuroray.swarm.transport import as_tensor
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16)
 
@@ -20,7 +21,7 @@ def _grads(h: StageHolder) -> dict:
 def test_a_backward_is_applied_once_even_if_sent_twice(tmp_path):
     h = _holder(tmp_path, 0)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    out = h.forward(7, x)
+    out = as_tensor(h.forward(7, x))
     g = torch.randn_like(out)
     assert h.backward(7, g) is None  # the Driver has no upstream gradient to return
     once = _grads(h)
@@ -49,7 +50,7 @@ def test_a_start_probe_takes_back_only_calls_that_have_not_started(tmp_path):
     """The router's take-back of an overdue call (keep_started): a started forward keeps its graph."""
     h = _holder(tmp_path, 1)
     x = torch.randn(2, 8, 32)
-    out = h.forward(5, x)
+    out = as_tensor(h.forward(5, x))
     assert h.revoke([5], "f", keep_started=True) == [False] and 5 in h._pending
     assert h.backward(5, torch.randn_like(out)) is not None  # the graph is still there and applies
     assert h.revoke([6, 7], "f", keep_started=True) == [True, True]

@@ -65,6 +65,7 @@ def test_cross_actor_gradients_equal_monolith(ray_cluster, tmp_path, num_stages)
         ray.kill(h)
 
 
+@pytest.mark.slow  # make test-slow; tests/test_schedule.py checks 1F1B against GPipe and the monolith in process
 def test_1f1b_through_ray_keeps_fewer_graphs_and_equals_the_monolith(ray_cluster, tmp_path):
     """Ray runs one caller's calls to an actor in submission order, so the submitted order is the schedule:
     under 1F1B the Driver's stash peaks at 2 graphs (GPipe keeps all 4), and the gradients and losses are

@@ -24,7 +24,7 @@ def _train(*args, cwd=ROOT, env=None):
 def test_help_lists_every_config_group():
     r = _train("--help")
     groups = sorted(d.name for d in (ROOT / "conf").iterdir() if d.is_dir())
-    assert r.returncode == 0 and len(groups) == 10
+    assert r.returncode == 0 and len(groups) == 11  # aggregator ... swarm, and preset
     for g in groups:
         assert f"\n  {g} " in r.stdout, f"--help does not list the {g} group:\n{r.stdout}"
     assert "router" in r.stdout and "trimmed_mean" in r.stdout  # the options of each group too

@@ -9,6 +9,7 @@ import torch
 from neuroray.config import AggregatorConfig, ClusterConfig, DilocoConfig, ModelConfig, PonwConfig, SwarmConfig, TrainConfig
 from neuroray.diloco.compress import decode
 from neuroray.planner.upgrade import migrate, migration_ranges
+from neuroray.swarm.transport import as_tensor
 from tests.test_growth import V, _markov_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -51,7 +52,7 @@ def _inner_step(ray, pipeline, batches, mb0):
 
 def _look(ray, pipeline, x, y):
     """Logits and loss of the whole pipeline on (x, y), leaving no gradient or graph behind."""
-    logits = ray.get(pipeline[1].forward.remote(10**6, pipeline[0].forward.remote(10**6, x)))
+    logits = as_tensor(ray.get(pipeline[1].forward.remote(10**6, pipeline[0].forward.remote(10**6, x))))
     loss, _ = ray.get(pipeline[1].forward_backward.options(num_returns=2).remote(
         10**6 + 1, pipeline[0].forward.remote(10**6 + 1, x), y, 1.0))
     ray.get([h.abort_step.remote() for h in pipeline])

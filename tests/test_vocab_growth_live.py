@@ -15,6 +15,7 @@ from neuroray.genesis import Manifest, TokenStream, build_dataset, load_tokenize
 from neuroray.genesis.extend import read_extension
 from neuroray.model.vocab import grow_flat
 from neuroray.swarm.holder import HolderSpec, StageHolder
+from neuroray.swarm.transport import as_tensor
 from tests.test_genesis_corpus import paragraphs, quiet, write_corpus
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16)
@@ -159,7 +160,7 @@ def _step(pipeline, g, vocab=OLD):
 
 def _logits(pipeline, x, at_theta0: bool):
     if at_theta0:
-        return pipeline[1].evaluate(pipeline[0].evaluate(x))
+        return as_tensor(pipeline[1].evaluate(pipeline[0].evaluate(x)))
     with torch.no_grad():
         return pipeline[1].module(pipeline[0].module(x))
 

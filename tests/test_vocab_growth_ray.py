@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from neuroray.configure import load_config
+from neuroray.swarm.transport import as_tensor
 from neuroray.genesis import Manifest, build_dataset, load_tokenizer
 from neuroray.snapshot import SnapshotStore
 from tests.test_genesis_corpus import paragraphs
@@ -65,6 +66,7 @@ def _inner_step(ray, holder, mb: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow  # make test-slow: 20-40 s with its own Ray start; the in-process growth tests run in make test
 def test_running_holders_grow_between_rounds_and_train_on(ray_cluster, tmp_path):
     """The short one: real holders (2 replicas of one stage: embedding and head on each) and the outer step grow
     in place, alike; the old ids' logits do not move; the Drivers train on with the new shards."""
@@ -87,14 +89,14 @@ def test_running_holders_grow_between_rounds_and_train_on(ray_cluster, tmp_path)
         ray.get(outer.submit()[1])
         assert outer.momentum[0] is not None  # the outer momentum exists and has to grow too
         x = torch.randint(3, old, (2, 16), generator=torch.Generator().manual_seed(0))
-        before = ray.get([h.evaluate.remote(x) for h in holders])  # logits at theta0
+        before = [as_tensor(v) for v in ray.get([h.evaluate.remote(x) for h in holders])]  # logits at theta0
 
         grown = _extend(tmp_path, 360)
         ext = read_extension(url, manifest, load_tokenizer(Path(url) / manifest.tokenizer_file))
         assert ext.manifest == grown
         assert grow_swarm_vocab(swarm, outer, 360, cfg.seed, grown.to_json(), 120) == [0]
 
-        for b, a in zip(before, ray.get([h.evaluate.remote(x) for h in holders])):
+        for b, a in zip(before, map(as_tensor, ray.get([h.evaluate.remote(x) for h in holders]))):
             assert a.shape[-1] == 360
             torch.testing.assert_close(a[..., :old], b, rtol=0, atol=0)  # the old ids' logits, exactly
         theta0 = ray.get(outer.theta0[0])  # the outer step's theta0 is every holder's, bit for bit

@@ -80,8 +80,11 @@ def to_wire(t: torch.Tensor) -> WireTensor:
 
 
 def from_wire(w, sender: str, receiver: str) -> torch.Tensor:
-    """The CPU tensor a :class:`WireTensor` carries, a view of its buffer; HopPayloadError naming the sender
-    when it is not one, or its array does not hold the dtype it names."""
+    """The CPU tensor a :class:`WireTensor` carries, a view of its buffer (a tensor handed over as it is, by an
+    in-process caller, is taken as it is); HopPayloadError naming the sender when it is neither, or its array
+    does not hold the dtype it names."""
+    if isinstance(w, torch.Tensor):
+        return w
     if not isinstance(w, WireTensor) or not isinstance(w.array, np.ndarray):
         raise HopPayloadError(sender, receiver, f"expected a tensor on the wire, got {type(w).__name__}")
     carrier = _CARRIER.get(w.dtype)
@@ -91,3 +94,9 @@ def from_wire(w, sender: str, receiver: str) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(w.array)
     return t.view(torch.bfloat16) if w.dtype == "bfloat16" else t
+
+
+def as_tensor(x) -> torch.Tensor:
+    """What a holder returned, as a torch tensor: for a caller outside the pipeline (a notebook, a test) that
+    reads an activation or logits a holder sent as a :class:`WireTensor`."""
+    return from_wire(x, "a holder", "the caller")
