@@ -196,3 +196,28 @@ def test_a_holder_that_dies_while_the_final_snapshots_are_written_is_recovered(r
     lines = []
     resumed = run(_cfg(tmp_path, "flushkill", 3, "resume=true"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert resumed.start_step == 8 and len(resumed.losses) == 4, lines
+
+
+@pytest.mark.slow
+def test_a_driver_killed_between_rounds_is_not_slashed_by_the_next_spot_check(ray_cluster, tmp_path):
+    """A Driver restored from a snapshot older than its round goes on at the swarm's data position, and its proof
+    names the batches it trained on: the spot check of the next round passes (it slashed the honest Driver when
+    the restored stream re-read batches the lost process had already trained on, or when the surviving stage had
+    already taken the lost step, so the recomputed losses were not at theta0)."""
+    from neuroray.training.run import run
+
+    ray = ray_cluster
+    lines = []
+
+    def log(*a, **k):
+        line = " ".join(map(str, a))
+        lines.append(line)
+        if line.startswith("ledger: round 2:"):
+            ray.kill(ray.get_actor("neuroray-drvkill-r1-s0"), no_restart=False)
+
+    result = run(_cfg(tmp_path, "drvkill", 3, "diloco.inner_steps=2", "ponw.spot_check_rate=1.0"), log=log)
+    assert [r["replica"] for r in result.recoveries] == [1], lines
+    checks = [line for line in lines if line.startswith("spot check: round")]
+    assert checks and not [line for line in checks if "failed (" in line or "invalidated" in line], "\n".join(lines)
+    # the surviving holder that had finished the lost step does not count it twice
+    assert not [line for line in lines if "refused" in line], "\n".join(lines)

@@ -226,6 +226,11 @@ class StageHolder:
             self._start_proof_round()
         return self.counters()
 
+    def align_data(self, inner_steps: int, microbatches_per_step: int) -> dict:
+        """After a restart: continue at the swarm's inner step ``inner_steps`` (a Driver's data position follows)."""
+        self.lifecycle.align(inner_steps, microbatches_per_step)
+        return self.counters()
+
     def abort_step(self) -> None:
         """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
         self.compute.abort()

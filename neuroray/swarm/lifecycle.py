@@ -166,6 +166,16 @@ class RangeLifecycle:
         if target > c.spec.vocab_size:
             grow_range_vocab(c, o, target, c.spec.seed)
 
+    def align(self, inner_steps: int, microbatches_per_step: int) -> None:
+        """Go on at the swarm's inner step ``inner_steps`` after a restore (or a peer copy): a Driver skips the
+        microbatches of the steps its snapshot missed, which the lost process trained on (their learning is in
+        theta0, or went with the process), so its stream, and the data position its next proof names, are the
+        batches it trains on next, not ones it already used."""
+        c = self.compute
+        if c.stream is not None:
+            c.stream.seek(max(0, c.stream.position + (inner_steps - c.inner_steps) * microbatches_per_step))
+        c.inner_steps = inner_steps
+
     # ----- architecture -------------------------------------------------------------------------
     def architecture(self) -> dict:
         spec = self.compute.spec

@@ -91,7 +91,10 @@ class FixedPipelines(StepExecutor):
                     ray.wait(stale, num_returns=len(stale), timeout=c.liveness_timeout_s if lost else c.step_timeout_s)
                     for x in stale:  # read the failures, so Ray does not report them as unhandled
                         value_or_none(x)
-                    t.recover(r, exc)
+                    driver = t.recover(r, exc, step)[0]
+                    if step % t.sync_every and (driver["restored_step"] is not None or driver["inner_steps"] == 0):
+                        # a restarted Driver did not compute the round's first losses: its proof commits none
+                        self._theta0_losses.pop(r, None)
                     refs[r] = self._submit(step, r)
                     for s in later:
                         self.pending[s][r] = self._submit(s, r)
