@@ -65,13 +65,13 @@ class FixedPipelines(StepExecutor):
             return self._settled.pop(step)
         t, c = self.trainer, self.trainer.cfg.cluster
         refs = self.pending.pop(step)
-        losses = []
+        losses, fresh = [], {}
         for r in range(len(refs)):
             while True:
                 try:
                     values = self._wait(refs[r], r, step)
                     losses += values[: len(refs[r].losses)]
-                    if step % t.sync_every == 0:  # computed at the round's start: what the Driver's proof commits
+                    if step % t.sync_every == 0 or fresh.get(r) == step:  # computed at theta0: what the Driver's proof commits
                         self._theta0_losses[r] = values[: len(refs[r].losses)]
                     break
                 except PipelineError:
@@ -91,10 +91,9 @@ class FixedPipelines(StepExecutor):
                     ray.wait(stale, num_returns=len(stale), timeout=c.liveness_timeout_s if lost else c.step_timeout_s)
                     for x in stale:  # read the failures, so Ray does not report them as unhandled
                         value_or_none(x)
-                    driver = t.recover(r, exc, step)[0]
-                    if step % t.sync_every and (driver["restored_step"] is not None or driver["inner_steps"] == 0):
-                        # a restarted Driver did not compute the round's first losses: its proof commits none
-                        self._theta0_losses.pop(r, None)
+                    # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
+                    if t.recover(r, exc, None if self.overlap is not None else step):
+                        fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
                     refs[r] = self._submit(step, r)
                     for s in later:
                         self.pending[s][r] = self._submit(s, r)

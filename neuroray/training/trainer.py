@@ -198,10 +198,10 @@ class Trainer:
             self._utilisation = [h.utilisation.remote() for h in self._holders]
         self._register_holders(holders, "registering the replaced holders")
 
-    def recover(self, replica: int, exc: BaseException, step: int | None = None) -> list[dict]:
+    def recover(self, replica: int, exc: BaseException, step: int | None = None) -> bool:
         """Wait for the replica's holders to be back, fill any without a snapshot from a peer, reset the step.
-        ``step``: the inner step the replica runs next, where a restarted holder's data goes on. Returns the
-        holders' counters as they came back.
+        ``step`` (fixed routing, no overlap): the inner step the replica re-runs; True when the replica then goes on
+        from theta0 at it (see :meth:`_recover_once`), so that step's losses are the round's theta0 losses.
 
         A holder of the replica can die again while it recovers (Ray's memory monitor kills one after
         another under memory pressure): the recovery then starts over, within the same deadline."""
@@ -210,7 +210,7 @@ class Trainer:
         self.log(f"recovery: a holder of replica {replica} died ({type(exc).__name__}); waiting for its restart")
         while True:
             try:
-                counters = self._recover_once(replica, t0 + timeout, timeout, step)
+                counters, fresh = self._recover_once(replica, t0 + timeout, timeout, step)
                 break
             except PipelineError:
                 raise
@@ -225,9 +225,9 @@ class Trainer:
             self.metrics.failover()
         self.log(f"recovery: replica {replica} back in {record['seconds']:.1f}s (restored snapshot steps "
                  f"{record['restored_steps']}); re-running its lost step")
-        return counters
+        return fresh
 
-    def _recover_once(self, replica: int, deadline: float, timeout: float, step: int | None) -> list[dict]:
+    def _recover_once(self, replica: int, deadline: float, timeout: float, step: int | None) -> tuple[list[dict], bool]:
         pipeline = self.swarm.replicas[replica]
         counters = []
         for s, h in enumerate(pipeline):
@@ -251,19 +251,20 @@ class Trainer:
         # (A holder ahead of outer.rounds loaded a rolled-back outer step's theta0; that redo handles it.)
         behind = [(s, h) for s, (h, c) in enumerate(zip(pipeline, counters))
                   if c["restored_step"] is not None and c["outer_rounds"] < self.outer.rounds]
-        if step is not None:
-            # A surviving holder that finished the lost step (its step call does not wait for the dead one) would
-            # take it twice: moved to theta0 too, its proof counts the batches from here, and at a round's first
-            # step every range is at theta0 again, where the Driver's committed losses are recomputed.
-            behind += [(s, h) for s, (h, c) in enumerate(zip(pipeline, counters))
-                       if c["inner_steps"] > step and c["restored_step"] is None]
-            # before the rejoin: a rejoined Driver's proof names the data position it reads next
-            moved = [h for h, c in zip(pipeline, counters) if c["inner_steps"] != step]
-            ray.get([h.align_data.remote(step, self.cfg.data.num_microbatches) for h in moved], timeout=timeout)
+        fresh = step is not None and any(c["inner_steps"] != step or c["restored_step"] is not None for c in counters)
+        if fresh:
+            # The whole replica goes on from its range's theta0 at the step it re-runs. A restarted holder lost the
+            # round's steps it had taken; a surviving one may have taken the lost step already (a holder's step call
+            # does not wait for the other stages) and would take it twice. At theta0 everywhere, every holder's
+            # proof starts afresh and counts the batches from here, and the re-run step's losses are at theta0,
+            # what the Driver's proof commits and a spot check recomputes. Before the rejoin, every holder's
+            # counters (a Driver's data position with them) move to the step, so the proof names those batches.
+            behind = list(enumerate(pipeline))
+            ray.get([h.align_data.remote(step, self.cfg.data.num_microbatches) for h in pipeline], timeout=timeout)
         ray.get([h.rejoin.remote(self.outer.theta0[s], self.outer.rounds) for s, h in behind], timeout=timeout)
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
         self.refresh_identities(pipeline)
-        return counters
+        return counters, fresh
 
     def refresh_identities(self, holders: list) -> None:
         """Holders that Ray restarted may run on another host now, where their PoNW key is another one
