@@ -34,7 +34,10 @@ from benchmarks._lab_run import SMALL, Run, first_accepted_after, lab_session, l
 from benchmarks._report import DOC, append_row, machine  # noqa: E402
 
 LAB_DOC = ROOT / "docs" / "lab.md"
-SETUPS = {"fixed": [], "router": ["swarm=router"], "wan": ["preset=wan"]}  # wan: the slow-link preset
+# wan: the slow-link preset; wan-blocking: the same with a blocking outer step; wan-nosync: the same steps in one
+# round, whose only outer step follows the last step (outside the steady clock): what training costs without syncs
+SETUPS = {"fixed": [], "router": ["swarm=router"], "wan": ["preset=wan"],
+          "wan-blocking": ["preset=wan", "diloco.overlap=none"], "wan-nosync": ["preset=wan"]}
 
 
 def _wire(before: dict, after: dict) -> float:
@@ -60,6 +63,8 @@ def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
 
     _shape_all(cfg, ov, None if rate == "unshaped" else rate)
     name = f"tp-{setup}-{rate}"
+    if setup.endswith("-nosync"):
+        rounds, inner = 1, rounds * inner
     before = counters(cfg)
     run = Run(ov, [*SMALL, *SETUPS[setup], f"rounds={rounds}", f"diloco.inner_steps={inner}",
                    "checkpoint.every_round=false", f"run_dir={cfg.host_root}/home/runs/{name}"])
