@@ -42,8 +42,9 @@ import torch  # noqa: E402
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
 
-# key -> (what the table calls it, the cheating slot, holder attack, value[, first round, noise std]); replica 2 is
-# the attacker, replicas 0 and 1 are honest. Stage 0 is the Driver, stage 1 the Validator (neuroray/swarm/attacks_in_holder.py).
+# key -> (what the table calls it, the cheating slot, holder attack, value[, first round, noise std]); replica 2
+# is the attacker, replicas 0 and 1 are honest. Stage 0 is the Driver, stage 1 the Validator
+# (neuroray/swarm/attacks_in_holder.py).
 ATTACKS = {
     "honest": ("honest (no attacker)", None, None, 0),
     "lie": ("lying loss: commits 0.5 x the losses it computed", "r2-s0", "lie_loss", 0.5),
@@ -79,9 +80,12 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     from neuroray.training.run import run
 
     run_dir = tmp / label
+    # one set of holder keys for every run: each Driver reads the same shards in every run, so the eval-loss
+    # column compares attacks, not shard assignments (fresh keys moved it by up to 2.4 % with no attack on training)
+    keys = tmp / "keys"
     cfg = load_config([*SMALL, f"run_dir={run_dir}", f"rounds={rounds}", "diloco.inner_steps=4",
                        f"diloco.replicas={replicas}", f"swarm.num_stages={STAGES}", "aggregator=robust",
-                       f"swarm.routing={routing}", f"swarm.key_dir={run_dir / 'keys'}", "cluster.cpus_per_holder=0.25",
+                       f"swarm.routing={routing}", f"swarm.key_dir={keys}", "cluster.cpus_per_holder=0.25",
                        "sample_tokens=1", "checkpoint.every_round=false", "checkpoint.interval_s=0",
                        "progress_bar=false", f"ponw.spot_check_rate={rate}"])
     lines: list[str] = []
@@ -89,17 +93,20 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     t0 = time.monotonic()
     result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=holders)
     slots = [f"r{r}-s{s}" for r in range(replicas) for s in range(STAGES)]
-    ids = {Identity.load_or_create(run_dir / "keys" / f"holder-{x}.pem").node_id: x for x in slots}
+    ids = {Identity.load_or_create(keys / f"holder-{x}.pem").node_id: x for x in slots}
     db = sqlite3.connect(run_dir / "ledger.sqlite")
     caught: dict[str, set[int]] = {x: set() for x in slots}  # slot -> rounds it was caught in
+    how: dict[str, set[str]] = {x: set() for x in slots}  # slot -> what caught it
     for node, rnd, status, reward in db.execute(
             "SELECT node_id, outer_round, status, reward FROM proofs WHERE proof_type = 'training'"):
         if node in ids and (status != "credited" or reward == 0):
             caught[ids[node]].add(rnd)
+            how[ids[node]].add({"credited": "paid 0", "invalidated": "spot check"}.get(status, f"proof {status}"))
     for line in lines:
         m = NAMED.search(line)
         if m:
             caught[f"r{m.group(3)}-s{m.group(2)}"].add(int(m.group(1)))
+            how[f"r{m.group(3)}-s{m.group(2)}"].add("named")
     held = {ids[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in ids}
     slashed = {ids[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
                if n in ids}
@@ -109,7 +116,7 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
     false_pos = {x: sorted(caught[x]) for x in honest if caught[x] or x in slashed}
     train_s = result.tokens / max(result.tokens_per_s, 1e-9)
-    return {"caught": sorted(caught[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
+    return {"caught": sorted(caught[slot]) if slot else [], "how": sorted(how[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
             "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0}
@@ -153,7 +160,8 @@ def honest_rounds(seeds: int, rounds: int) -> dict:
 def _false_pos(r: dict) -> str:
     fp = r["false_pos"]
     n = sum(max(len(v), 1) for v in fp.values())
-    where = "; ".join(f"{x} round{'s' if len(v) > 1 else ''} {','.join(map(str, v)) or 'slashed'}" for x, v in fp.items())
+    where = "; ".join(f"{x} round{'s' if len(v) > 1 else ''} {','.join(map(str, v)) or 'slashed'}"
+                      for x, v in fp.items())
     return f"{n} of {r['honest_rounds']}" + (f" ({where})" if where else "")
 
 
@@ -191,7 +199,7 @@ def main(argv: list[str]) -> None:
         print("| " + " | ".join(columns) + " |")
     for label, r in rows.items():
         name, slot = ATTACKS[label][:2]
-        detected = "-" if label == "honest" else ("yes" if r["caught"] else "**no**")
+        detected = "-" if not slot else (f"yes ({', '.join(r['how'])})" if r["caught"] else "**no**")
         first = str(r["caught"][0]) if r["caught"] else "-"
         values = [name, slot or "-", detected, first,
                   f"{r['attacker']:.4f} / {r['honest']:.4f}" if slot else f"- / {r['honest']:.4f}", _false_pos(r),

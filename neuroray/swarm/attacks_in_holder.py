@@ -159,7 +159,8 @@ class CheatingCompute(RangeCompute):
     def backward(self, mb_id: int, grad, attempt: int = 0):
         if not self._on("lazy_zero", "lazy_stale"):
             return super().backward(mb_id, grad, attempt)
-        return self._lazy_backward(mb_id, grad, attempt, lambda: super(CheatingCompute, self).backward(mb_id, grad, attempt))
+        return self._lazy_backward(mb_id, grad, attempt,
+                                   lambda: super(CheatingCompute, self).backward(mb_id, grad, attempt))
 
     def recompute_backward(self, mb_id: int, x, grad, attempt: int = 0):
         if not self._on("lazy_zero", "lazy_stale"):
@@ -299,7 +300,8 @@ def _attack(spec: tuple | HolderAttack) -> HolderAttack:
     return a
 
 
-def misbehaving(attacks: dict[str, tuple | HolderAttack], replicas: dict[int, tuple | HolderAttack] | None = None) -> type:
+def misbehaving(attacks: dict[str, tuple | HolderAttack],
+                replicas: dict[int, tuple | HolderAttack] | None = None) -> type:
     """A :class:`MisbehavingHolder` class for ``run(cfg, holder_cls=...)``: ``{"r1-s0": ("lie_loss", 0.5)}``,
     optionally with a third item, the first round it cheats in (default 1), and a fourth, a tamper's noise.
     ``replicas``: the same, for every stage of those replicas."""
