@@ -1,21 +1,24 @@
 """Detection table: holders that cheat from inside their own processes, and what catches them.
 
-1. Real holders (Ray): for every holder-side attack of neuroray/swarm/faults.py (``misbehaving``), one
-   run of the tiny model, ``replicas`` replicas x 1 stage, ``aggregator=robust``, ``rounds`` rounds; replica
-   2's holder cheats from round 1 on, replicas 0 and 1 are honest. Spot checks at
+1. Real holders (Ray): for every holder-side attack of neuroray/swarm/attacks_in_holder.py (``misbehaving``),
+   one run of the tiny model, ``replicas`` replicas x 2 stages, ``aggregator=robust``, ``rounds`` rounds,
+   ``routing`` fixed or router; one holder of replica 2 (:data:`ATTACKS` names which) cheats from round 1 on
+   (tampered hops, lazy compute, lying accounts, poisoned, replayed or copied pseudo-gradients, wrong data,
+   slow walking), replicas 0 and 1 are honest. Spot checks at
    ``ponw.spot_check_rate=rate`` (1.0 by default: every credited Driver proof, so the table shows what a
    check catches; at a rate p a persistent liar is caught after 1/p rounds on average). Per attack:
    whether the attacker was caught and in which round first (its proof refused, invalidated, earning 0, or
-   its holder named among the round's rejections), the NEURO it kept against an honest holder's, false
-   positives (an honest holder refused, named, slashed or paid 0), and the cost of the spot checks: the
+   its holder named among the round's rejections), the NEURO it kept against an honest holder's of its range,
+   false positives (an honest holder refused, named, slashed or paid 0: the cheater's replica-mate
+   included), the eval loss against the honest run's, and the cost of the spot checks: the
    recompute thread's seconds over the run's training seconds.
 2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
    robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
    honest holders the outlier naming (neuroray/ponw/outliers.py) names, with the smallest cosine to the
    robust aggregate and the largest norm ratio seen (the thresholds are 0 and 4).
 
-    flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=4] [rate=1.0] [replicas=3]
-                                 [seeds=3] [honest_rounds=100] [attacks=a,b,...] [write=1]
+    flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [replicas=3]
+                                 [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...] [write=1]
 
 Appends rows to docs/benchmarks.md ("Verification: ...").
 """
@@ -39,59 +42,84 @@ import torch  # noqa: E402
 from benchmarks._report import append_row, machine  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
 
-ATTACKS = {  # key -> (what the table calls it, holder attack, value); the attacker is replica 2's holder
-    "honest": ("honest (no attacker)", None, 0),
-    "lie": ("lying loss: commits 0.5 x the losses it computed", "lie_loss", 0.5),
-    "lie_small": ("lying loss: 0.98 x", "lie_loss", 0.98),
-    "lie_within": ("lying loss: 0.995 x (inside the tolerance)", "lie_loss", 0.995),
-    "inflate": ("inflated batch count: +4 per round", "inflate_batches", 4),
-    "scale": ("scaled pseudo-gradient: x100", "scale_delta", 100),
-    "sign_flip": ("sign-flipped pseudo-gradient", "sign_flip", 1),
-    "zero": ("zero pseudo-gradient (free rider)", "zero_delta", 0),
-    "stale": ("replayed pseudo-gradient (previous round's)", "stale_delta", 0),
+# key -> (what the table calls it, the cheating slot, holder attack, value[, first round, noise std]); replica 2
+# is the attacker, replicas 0 and 1 are honest. Stage 0 is the Driver, stage 1 the Validator
+# (neuroray/swarm/attacks_in_holder.py).
+ATTACKS = {
+    "honest": ("honest (no attacker)", None, None, 0),
+    "lie": ("lying loss: commits 0.5 x the losses it computed", "r2-s0", "lie_loss", 0.5),
+    "lie_small": ("lying loss: 0.98 x", "r2-s0", "lie_loss", 0.98),
+    "lie_within": ("lying loss: 0.995 x (inside the tolerance)", "r2-s0", "lie_loss", 0.995),
+    "inflate": ("inflated batch count: +4 per round", "r2-s0", "inflate_batches", 4),
+    "scale": ("scaled pseudo-gradient: x100", "r2-s0", "scale_delta", 100),
+    "sign_flip": ("sign-flipped pseudo-gradient", "r2-s0", "sign_flip", 1),
+    "zero": ("zero pseudo-gradient (free rider)", "r2-s0", "zero_delta", 0),
+    "replay": ("replayed pseudo-gradient (previous round's)", "r2-s0", "stale_delta", 0),
+    "copy": ("copied pseudo-gradient (replica 0's, read from its actor)", "r2-s0", "copy", 0),
+    "tamper_act": ("tampered activations: sign-flipped (Driver)", "r2-s0", "tamper_activations", -1),
+    "tamper_act_noise": ("tampered activations: + noise at 1 x their RMS (Driver)", "r2-s0", "tamper_activations", 1,
+                         1, 1.0),
+    "tamper_grad": ("tampered gradients: sign-flipped (Validator)", "r2-s1", "tamper_gradients", -1),
+    "lazy_zero": ("lazy Validator: zeros, loss ln V", "r2-s1", "lazy_zero", 0),
+    "lazy_stale": ("lazy Validator: previous microbatch's loss and gradient", "r2-s1", "lazy_stale", 0),
+    "wrong_data": ("wrong data: the Driver trains on the next shard", "r2-s0", "wrong_data", 1),
+    "slow_walk": ("slow walk: every compute call x3 (Validator)", "r2-s1", "slow_walk", 3),
 }
+STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
          "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
-NAMED = re.compile(r"outer round (\d+): range \d+ rejected holder #(\d+): (.*)")
+NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
 
 
-def real_run(tmp: Path, label: str, attack: tuple | None, rounds: int, rate: float, replicas: int) -> dict:
-    """One run with replica 2's holder cheating; what the ledger and the logs say about every holder."""
+def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
+             routing: str) -> dict:
+    """One run with ``slot`` cheating; what the ledger and the logs say about every holder."""
     from neuroray.ponw.identity import Identity
-    from neuroray.swarm.faults import misbehaving
+    from neuroray.swarm.attacks_in_holder import misbehaving
     from neuroray.training.run import run
 
     run_dir = tmp / label
+    # one set of holder keys for every run: each Driver reads the same shards in every run, so the eval-loss
+    # column compares attacks, not shard assignments (fresh keys moved it by up to 2.4 % with no attack on training)
+    keys = tmp / "keys"
     cfg = load_config([*SMALL, f"run_dir={run_dir}", f"rounds={rounds}", "diloco.inner_steps=4",
-                       f"diloco.replicas={replicas}", "swarm.num_stages=1", "aggregator=robust",
-                       f"swarm.key_dir={run_dir / 'keys'}", "cluster.cpus_per_holder=0.25", "sample_tokens=1",
-                       "checkpoint.every_round=false", "checkpoint.interval_s=0", "progress_bar=false",
-                       f"ponw.spot_check_rate={rate}"])
+                       f"diloco.replicas={replicas}", f"swarm.num_stages={STAGES}", "aggregator=robust",
+                       f"swarm.routing={routing}", f"swarm.key_dir={keys}", "cluster.cpus_per_holder=0.25",
+                       "sample_tokens=1", "checkpoint.every_round=false", "checkpoint.interval_s=0",
+                       "progress_bar=false", f"ponw.spot_check_rate={rate}"])
     lines: list[str] = []
-    holders = misbehaving({"r2-s0": attack} if attack else {})
+    holders = misbehaving({slot: attack} if attack else {})
+    t0 = time.monotonic()
     result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=holders)
-    ids = [Identity.load_or_create(run_dir / "keys" / f"holder-r{r}-s0.pem").node_id for r in range(replicas)]
+    slots = [f"r{r}-s{s}" for r in range(replicas) for s in range(STAGES)]
+    ids = {Identity.load_or_create(keys / f"holder-{x}.pem").node_id: x for x in slots}
     db = sqlite3.connect(run_dir / "ledger.sqlite")
-    caught: dict[int, set[int]] = {r: set() for r in range(replicas)}  # replica -> rounds it was caught in
+    caught: dict[str, set[int]] = {x: set() for x in slots}  # slot -> rounds it was caught in
+    how: dict[str, set[str]] = {x: set() for x in slots}  # slot -> what caught it
     for node, rnd, status, reward in db.execute(
             "SELECT node_id, outer_round, status, reward FROM proofs WHERE proof_type = 'training'"):
         if node in ids and (status != "credited" or reward == 0):
-            caught[ids.index(node)].add(rnd)
+            caught[ids[node]].add(rnd)
+            how[ids[node]].add({"credited": "paid 0", "invalidated": "spot check"}.get(status, f"proof {status}"))
     for line in lines:
         m = NAMED.search(line)
         if m:
-            caught[int(m.group(2))].add(int(m.group(1)))
-    held = dict(db.execute("SELECT node_id, balance + stake FROM accounts"))
-    slashed = {n for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")}
+            caught[f"r{m.group(3)}-s{m.group(2)}"].add(int(m.group(1)))
+            how[f"r{m.group(3)}-s{m.group(2)}"].add("named")
+    held = {ids[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in ids}
+    slashed = {ids[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
+               if n in ids}
     check_s = sum(float(m.group(1)) for line in lines if (m := CHECKED.search(line)))
-    honest = [r for r in range(replicas) if r != 2 or attack is None]
-    false_pos = sum(len(caught[r]) + (ids[r] in slashed) for r in honest)
+    honest = [x for x in slots if x != slot]
+    stage = slot.split("-s")[1] if slot else "0"
+    peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
+    false_pos = {x: sorted(caught[x]) for x in honest if caught[x] or x in slashed}
     train_s = result.tokens / max(result.tokens_per_s, 1e-9)
-    return {"caught": sorted(caught[2]) if attack else [], "attacker": held.get(ids[2], 0) / 1e6,
-            "honest": min(held.get(ids[r], 0) for r in honest if r != 2) / 1e6, "false_pos": false_pos,
+    return {"caught": sorted(caught[slot]) if slot else [], "how": sorted(how[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
+            "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
-            "eval_loss": result.eval_loss}
+            "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0}
 
 
 def honest_rounds(seeds: int, rounds: int) -> dict:
@@ -129,10 +157,19 @@ def honest_rounds(seeds: int, rounds: int) -> dict:
     return {"named": named, "total": total, "min_cos": min_cos, "max_ratio": max_ratio}
 
 
+def _false_pos(r: dict) -> str:
+    fp = r["false_pos"]
+    n = sum(max(len(v), 1) for v in fp.values())
+    where = "; ".join(f"{x} round{'s' if len(v) > 1 else ''} {','.join(map(str, v)) or 'slashed'}"
+                      for x, v in fp.items())
+    return f"{n} of {r['honest_rounds']}" + (f" ({where})" if where else "")
+
+
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
-    rounds, rate = int(opts.get("rounds", 4)), float(opts.get("rate", 1.0))
+    rounds, rate = int(opts.get("rounds", 3)), float(opts.get("rate", 1.0))
     replicas, seeds = int(opts.get("replicas", 3)), int(opts.get("seeds", 3))
+    routing = opts.get("routing", "fixed")
     n_honest = int(opts.get("honest_rounds", 100))
     labels = [x for x in opts["attacks"].split(",") if x] if "attacks" in opts else list(ATTACKS)  # "": part 2 only
     cmd = " ".join(["python benchmarks/verification.py", *argv])
@@ -145,39 +182,41 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             # untimed: the first run builds the dataset and warms the caches
             if labels:
-                warm = real_run(Path(tmp), "warmup", None, 1, 1.0, replicas)
+                warm = real_run(Path(tmp), "warmup", None, None, 1, 1.0, replicas, routing)
                 print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
             for label in labels:
-                _, attack, value = ATTACKS[label]
-                rows[label] = real_run(Path(tmp), label, (attack, value) if attack else None, rounds, rate, replicas)
+                _, slot, attack, *spec = ATTACKS[label]
+                rows[label] = real_run(Path(tmp), label, slot, (attack, *spec) if attack else None, rounds, rate,
+                                       replicas, routing)
                 print(label, rows[label], flush=True)
     finally:
         if labels:
             ray.shutdown()
     clean = rows.get("honest", {}).get("eval_loss", math.nan)
+    columns = ["attack", "cheating holder", "detected", "first round caught", "NEURO kept: attacker / honest peer",
+               "false positives (honest holder-rounds)", "eval loss vs honest run", "spot checks / training time"]
     if rows:
-        print("| attack | detected | first round caught | NEURO kept: attacker / honest | false positives "
-          "(honest holder-rounds) | eval loss vs honest run | spot checks / training time |")
+        print("| " + " | ".join(columns) + " |")
     for label, r in rows.items():
-        detected = "-" if label == "honest" else ("yes" if r["caught"] else "**no**")
+        name, slot = ATTACKS[label][:2]
+        detected = "-" if not slot else (f"yes ({', '.join(r['how'])})" if r["caught"] else "**no**")
         first = str(r["caught"][0]) if r["caught"] else "-"
-        values = [ATTACKS[label][0], detected, first, f"{r['attacker']:.4f} / {r['honest']:.4f}" if label != "honest" else
-                  f"- / {r['honest']:.4f}", f"{r['false_pos']} of {r['honest_rounds']}",
+        values = [name, slot or "-", detected, first,
+                  f"{r['attacker']:.4f} / {r['honest']:.4f}" if slot else f"- / {r['honest']:.4f}", _false_pos(r),
                   f"{r['eval_loss'] / clean - 1:+.2%}" if math.isfinite(clean) else "-",
                   f"{r['check_s']:.2f}s / {r['train_s']:.1f}s = {r['check_s'] / r['train_s']:.1%}"]
-        print("| " + " | ".join(values) + " |")
+        print("| " + " | ".join(values) + " |", flush=True)
         if write:
-            append_row("Verification: holders that cheat, real holders (Ray)",
-                       ["attack", "detected", "first round caught", "NEURO kept: attacker / honest",
-                        "false positives (honest holder-rounds)", "eval loss vs honest run",
-                        "spot checks / training time", "setup", "command"],
-                       [*values, f"{replicas} replicas x 1 stage, tiny d64 L2, robust rule, {rounds} rounds x H=4, "
-                                 f"spot_check_rate={rate}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
-                       note="benchmarks/verification.py part 1: replica 2's holder cheats from round 1 inside its "
-                            "own process (neuroray/swarm/faults.py `misbehaving`); 'caught': its proof refused, "
-                            "invalidated or paid 0, or its holder named among the round's rejections. Spot-check "
-                            "time is the recompute thread's own seconds (fetching theta0, building the stages, reading "
-                            "the data, the forward passes), after an untimed warm-up run.")
+            append_row(f"Verification: holders that really misbehave, {routing} routing (Ray)",
+                       [*columns, "setup", "command"],
+                       [*values, f"{replicas} replicas x {STAGES} stages, tiny d64 L2, robust rule, {rounds} rounds "
+                                 f"x H=4, spot_check_rate={rate}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                       note="benchmarks/verification.py part 1: one holder of replica 2 cheats from round 1 inside its "
+                            "own process (neuroray/swarm/attacks_in_holder.py); replicas 0 and 1 are honest. 'Caught': "
+                            "its proof refused, invalidated or paid 0, or its holder named among the round's "
+                            "rejections. False positives: honest holders caught so, including the cheater's own "
+                            "replica's other holder (harmed by it, blamed for it). Spot-check time is the recompute "
+                            "thread's own seconds, after an untimed warm-up run.")
     if n_honest and seeds:
         h = honest_rounds(seeds, n_honest)
         print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "

@@ -137,13 +137,23 @@ class AggregatorConfig:
 
 @dataclass
 class AttackConfig:
-    """Simulated Byzantine holders (definitions: neuroray/diloco/attacks.py): in every range, the first
-    ``fraction`` of the holders (rounded half up) send the attack's vector instead of their pseudo-gradient."""
+    """Byzantine holders (definitions: neuroray/diloco/attacks.py): in every range, the first ``fraction`` of
+    the holders (rounded half up; replicas 0, 1, ...) attack. ``where=reduce`` simulates the attack in the
+    outer step's reduce task (the holder's pseudo-gradient is replaced there); ``where=holder`` runs it inside
+    those holders' own processes (neuroray/swarm/attacks_in_holder.py), on everything they send."""
 
-    name: str = "none"  # none | sign_flip | scaled | gaussian | alie | ipm | mimic | zero | stale | nan
+    # reduce: none | sign_flip | scaled | gaussian | alie | ipm | mimic | zero | stale | nan. holder: none |
+    # sign_flip | scaled | zero | stale | replay | tamper_activations | tamper_gradients | lazy_zero | lazy_stale |
+    # copy | wrong_data | slow_walk | lie_loss | inflate_batches
+    name: str = "none"
     fraction: float = 0.0  # share of each range's holders that attack (0: none)
-    scale: float = 1e6  # scaled: multiply the holder's own pseudo-gradient by this
-    std: float = 1.0  # gaussian: standard deviation of the noise sent
+    where: str = "reduce"  # reduce: simulated in the outer step's reduce task | holder: inside the holder processes
+    # scaled: multiply the holder's own pseudo-gradient by this; tamper_*: multiply the activation / gradient it
+    # sends; slow_walk: every compute call takes this x as long; lie_loss: commit this x its losses;
+    # inflate_batches: claim this many extra microbatches per round
+    scale: float = 1e6
+    # gaussian: standard deviation of the noise sent; tamper_*: noise added to the sent tensor, times its RMS
+    std: float = 1.0
     z: Optional[float] = None  # alie: honest mean - z x honest std per coordinate; null: the paper's z_max
     epsilon: float = 0.1  # ipm: send -epsilon x the honest mean
 

@@ -167,7 +167,7 @@ def validate(cfg: TrainConfig) -> None:
     from neuroray.diloco.attacks import attack_problem
 
     # n = holders per range = replicas: a rule that cannot tolerate f among them fails here, not mid-run
-    problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack)
+    problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack, dl.replicas)
     if problem:
         raise ConfigError(problem)
 

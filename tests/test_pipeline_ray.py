@@ -291,3 +291,27 @@ def test_int8_hops_train(ray_cluster, tmp_path):
     assert driver["fwd_bytes"] == validator["received_bytes"] and validator["bwd_bytes"] == driver["received_bytes"]
     assert 3.5 < driver["fwd_fp32_bytes"] / driver["fwd_bytes"] < 4
     assert json.loads((result.run_dir / "hops.json").read_text()) == result.hops
+
+
+@pytest.mark.slow  # a whole run (about a minute on 2 shared cores): over the budget of make test
+def test_attack_where_holder_runs_the_attack_inside_the_holders(ray_cluster, tmp_path):
+    """attack.where=holder (fixed routing): replica 0's holders are lazy inside their own processes (they send
+    zeros and learn nothing), so their pseudo-gradients are zero and they earn 0; replica 1 is paid."""
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    cfg = load_config([
+        f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320", "data.shard_tokens=4096",
+        "data.seq_len=16", "data.microbatch_size=2", "data.num_microbatches=2", "model.d_model=32", "model.n_layers=2",
+        "model.n_heads=2", "model.n_kv_heads=2", "model.max_seq_len=32", f"swarm.key_dir={tmp_path / 'keys'}",
+        "diloco.replicas=2", "diloco.inner_steps=2", "rounds=1", f"run_dir={tmp_path / 'run'}",
+        "cluster.cpus_per_holder=0.25", "sample_tokens=1", "checkpoint.every_round=false", "checkpoint.interval_s=0",
+        "attack=lazy_zero", "attack.fraction=0.5",
+    ])
+    result = run(cfg, log=lambda *a, **k: None)
+    proofs = _proof_rewards(result.run_dir, tmp_path / "keys", replicas=2, stages=2)
+    assert all(proofs[(1, s, 0)] == ("credited", 0) for s in range(2)), proofs  # valid claims, nothing learned
+    assert all(proofs[(1, s, 1)][0] == "credited" and proofs[(1, s, 1)][1] > 0 for s in range(2)), proofs
+    assert result.ledger["supply_consistent"]

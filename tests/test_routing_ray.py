@@ -223,3 +223,19 @@ def test_a_slow_forward_is_hedged_and_a_stuck_driver_s_queue_taken_back(ray_clus
         assert applied == [5 * n, 5 * n]  # none lost, none applied twice
     finally:
         swarm.shutdown()
+
+
+@pytest.mark.slow  # a 3-round routed run: over the budget of make test on 2 shared cores
+def test_attack_where_holder_replays_inside_a_routed_holder(ray_cluster, tmp_path):
+    """attack.where=holder under swarm routing: replica 0's holders replay their previous round's
+    pseudo-gradient from inside their processes: zeros in round 1 (nothing to replay yet: a free rider,
+    paid 0), last round's delta after that (a non-zero one, paid: the proofs commit to what is sent)."""
+    from neuroray.training.run import run
+    from tests.test_pipeline_ray import _proof_rewards
+
+    cfg = _cfg(tmp_path, "run", "ponw.enabled=true", "attack=replay", "attack.fraction=0.5", "rounds=2")
+    result = run(cfg, log=QUIET)
+    proofs = _proof_rewards(result.run_dir, tmp_path / "keys", replicas=2, stages=2)
+    assert all(proofs[(1, s, 0)] == ("credited", 0) for s in range(2)), proofs
+    assert all(proofs[(2, s, 0)][1] > 0 for s in range(2)), proofs
+    assert all(proofs[(rnd, s, 1)][1] > 0 for rnd in (1, 2) for s in range(2)), proofs

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from neuroray.configure import load_config
-from neuroray.swarm.faults import misbehaving
+from neuroray.swarm.attacks_in_holder import misbehaving
 from tests.test_pipeline_ray import _write_corpus
 
 # slow: ray.init and a 3-holder run take longer than the non-slow budget on the 2-core machine

@@ -1,5 +1,9 @@
 """Simulated Byzantine holders, for measuring how the aggregators hold up (``attack=<name>``).
 
+This module simulates them in the reduce task (``attack.where=reduce``); with ``attack.where=holder`` the
+chosen holders cheat inside their own processes instead (:data:`HOLDER_SIDE`,
+neuroray/swarm/attacks_in_holder.py), and the reduce task simulates nothing (:func:`reduce_side`).
+
 In every layer range the first ``b = floor(fraction * n + 1/2)`` of the n holders are Byzantine.
 Each trains honestly (so it knows its own true pseudo-gradient ``x_i``) and then sends the attack's
 vector instead. The attackers are omniscient: they also know every true pseudo-gradient of the range,
@@ -35,12 +39,29 @@ import torch
 from neuroray.config import AttackConfig
 
 ATTACKS = ("none", "sign_flip", "scaled", "gaussian", "alie", "ipm", "mimic", "zero", "stale", "nan")
+# attack.where=holder: the attacks a holder runs inside its own process (neuroray/swarm/attacks_in_holder.py).
+# The omniscient ones (gaussian, alie, ipm, mimic, nan) need every holder's vector and stay in the reduce task.
+HOLDER_SIDE = ("none", "sign_flip", "scaled", "zero", "stale", "replay", "tamper_activations", "tamper_gradients",
+               "lazy_zero", "lazy_stale", "copy", "wrong_data", "slow_walk", "lie_loss", "inflate_batches")
+WHERE = ("reduce", "holder")
 
 
-def attack_problem(cfg: AttackConfig) -> str | None:
-    """What is wrong with an attack config, or None."""
-    if cfg.name not in ATTACKS:
+def attack_problem(cfg: AttackConfig, replicas: int | None = None) -> str | None:
+    """What is wrong with an attack config (with ``replicas`` holders per range, when known), or None."""
+    if cfg.where not in WHERE:
+        return f"attack.where={cfg.where!r} is unknown; choose one of {list(WHERE)}"
+    if cfg.where == "reduce" and cfg.name not in ATTACKS:
+        if cfg.name in HOLDER_SIDE:
+            return f"attack={cfg.name} runs inside holders only; add attack.where=holder"
         return f"attack={cfg.name!r} is unknown; choose one of {list(ATTACKS)}"
+    if cfg.where == "holder" and cfg.name not in HOLDER_SIDE:
+        if cfg.name in ATTACKS:
+            return f"attack={cfg.name} is simulated in the reduce task only; use attack.where=reduce"
+        return f"attack={cfg.name!r} is unknown; choose one of {list(HOLDER_SIDE)}"
+    if cfg.name == "copy" and replicas is not None and byzantine_count(cfg, replicas) >= replicas:
+        return f"attack=copy with attack.fraction={cfg.fraction} leaves no honest holder to copy; lower it"
+    if cfg.where == "holder" and cfg.name == "slow_walk" and cfg.scale < 1:
+        return f"attack=slow_walk stretches compute by attack.scale={cfg.scale}; it must be >= 1"
     if not 0.0 <= cfg.fraction <= 1.0:
         return f"attack.fraction={cfg.fraction} must be in [0, 1]"
     if cfg.std < 0:
@@ -48,6 +69,11 @@ def attack_problem(cfg: AttackConfig) -> str | None:
     if not (math.isfinite(cfg.scale) and math.isfinite(cfg.epsilon) and (cfg.z is None or math.isfinite(cfg.z))):
         return "attack.scale, attack.epsilon and attack.z must be finite"
     return None
+
+
+def reduce_side(cfg: AttackConfig) -> AttackConfig:
+    """The attack the reduce task simulates: none when the holders themselves attack (attack.where=holder)."""
+    return cfg if cfg.where == "reduce" else AttackConfig()
 
 
 def byzantine_count(cfg: AttackConfig, n: int) -> int:

@@ -82,6 +82,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     import ray
 
     from neuroray.checkpoint import save_checkpoint
+    from neuroray.diloco.attacks import reduce_side
     from neuroray.diloco.sync import OuterSync
     from neuroray.inference.sessions import sample
     from neuroray.genesis import decode, encode, ensure_dataset, load_tokenizer
@@ -101,6 +102,13 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     from neuroray.training.trainer import Trainer
 
     cfg = resolve_batch(cfg)  # a TrainConfig built in Python may leave the batch shape to derive (0)
+    if cfg.attack.where == "holder":  # the chosen holders cheat inside their own processes
+        from neuroray.swarm.attacks_in_holder import holder_attack_class
+
+        attackers = holder_attack_class(cfg.attack, cfg.diloco.replicas)
+        if attackers is not None and holder_cls is not None:
+            raise ConfigError("attack.where=holder installs its own holder class; pass no holder_cls with it")
+        holder_cls = attackers or holder_cls
     if cfg.tensorboard:  # before anything starts: one line naming the extra to install
         check_available()
     run_dir = _run_dir(cfg)
@@ -147,7 +155,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         swarm = Swarm(cfg, vocab, DataPlan(stores.data_url, manifest.to_json()), log=log,
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
-        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, cfg.attack, seed=cfg.seed)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed)
         executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
         held_out = held_out_batches(root, manifest, d.seq_len, d.microbatch_size, cfg.eval.batches)
         if not held_out:
