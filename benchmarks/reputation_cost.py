@@ -1,7 +1,7 @@
 """What ponw.reputation costs a round: the held-out scoring of every pseudo-gradient, against the round.
 
 One run of the default demo (2 replicas x 2 stages, H=20) with ``ponw.reputation=true``, a few rounds
-(``rounds=3`` unless overridden). Every round the trainer logs how long its scoring took (building the
+(``rounds=4`` unless overridden). Every round the trainer logs how long its scoring took (building the
 candidates: fetching theta0 and the pseudo-gradients to the driver, decoding, the attack replay; and the
 forward passes: one of the whole model plus one of ranges s.. per pseudo-gradient of range s, on
 ``ponw.reputation_batch`` sequences). The scoring runs synchronously between the outer step and the
@@ -34,7 +34,7 @@ SCORED = re.compile(r"^reputation: round (\d+): .*\((\d+\.\d+)s\)$")
 
 def main(argv: list[str]) -> None:
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
-    overrides = ["rounds=3", *argv]
+    overrides = ["rounds=4", *argv]
     lines: list[str] = []
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -53,16 +53,22 @@ def main(argv: list[str]) -> None:
     round_s = loop_s / rounds
     per_round = sum(scored) / len(scored)
     share = per_round / round_s * 100
+    steady = scored[1:] or scored  # the first round also builds the stage modules, once per run
+    steady_s = sum(steady) / len(steady)
+    steady_share = steady_s / round_s * 100
     candidates = cfg.diloco.replicas * cfg.swarm.num_stages
     print(f"{len(scored)} rounds scored: {', '.join(f'{s:.3f}' for s in scored)} s; mean {per_round:.3f} s per round "
-          f"vs {round_s:.1f} s per round ({share:.2f} %); loop {loop_s:.1f} s, {result.recoveries and 'recoveries!' or ''}")
+          f"({share:.2f} %), after the first {steady_s:.3f} s ({steady_share:.2f} %) of {round_s:.1f} s per round; "
+          f"loop {loop_s:.1f} s, {len(result.recoveries)} recoveries")
     append_row("Reputation: held-out scoring cost per round",
-               ["setup", "scoring s per round (each round)", "round s", "share of the round", "machine", "command"],
+               ["setup", "scoring s per round (each round)", "round s", "share of the round (all rounds)",
+                "share after the first round", "machine", "command"],
                [f"{cfg.diloco.replicas} replicas x {cfg.swarm.num_stages} stages, model={cfg.model.name}, H="
                 f"{cfg.diloco.inner_steps}, {rounds} rounds, {candidates} pseudo-gradients scored per round on "
                 f"{cfg.ponw.reputation_batch} sequences x {cfg.data.seq_len} tokens"
                 + (f", {len(result.recoveries)} holder recoveries" if result.recoveries else ""),
-                f"{per_round:.3f} ({' / '.join(f'{s:.3f}' for s in scored)})", f"{round_s:.1f}", f"**{share:.2f} %**",
+                f"{per_round:.3f} ({' / '.join(f'{s:.3f}' for s in scored)})", f"{round_s:.1f}", f"{share:.2f} %",
+                f"**{steady_share:.2f} %**",
                 machine(),
                 f"`flock /tmp/neuroray-cpu.lock python benchmarks/reputation_cost.py{''.join(' ' + a for a in argv)}`"],
                note="One run with ponw.reputation=true (benchmarks/reputation_cost.py). Each round the trainer scores "
