@@ -307,6 +307,7 @@ def write_doc(cfg, rules, labels, ratio, mean_of, refused, clean, goals, seeds, 
         lines.append(f"| {r} | {_cell(ratio[(r, 'none')])} | {_cell(ratio[(r, w)])} | {w} |")
     lines += ["", "Goals of issue 4:", ""] + [f"- {g}" for g in goals]
     lines += _krum_note(rules, labels, ratio, mean_of, tokens=H * d.microbatch_size * d.seq_len)
+    lines += ["", REPUTATION_NOTE]
     doc = ROOT / "docs" / "robustness.md"
     old = doc.read_text() if doc.exists() else ""
     kept = old[old.index(KEPT):] if KEPT in old else ""  # benchmarks/verification.py's detection table stays
@@ -314,6 +315,23 @@ def write_doc(cfg, rules, labels, ratio, mean_of, refused, clean, goals, seeds, 
 
 
 KEPT = "\n## Holders that really misbehave"  # from here on docs/robustness.md is not this benchmark's
+
+
+# docs/robustness.md's last section: how ponw.reputation relates to this table (it runs without it)
+REPUTATION_NOTE = (
+    '## Reputation (ponw.reputation)\n\n'
+    'This table runs without reputation (`ponw.reputation=false`, the default): every rule weighs its '
+    "accepted inputs alike. With `ponw.reputation=true` the trainer scores each holder's pseudo-gradient by "
+    'the held-out loss it removes and keeps a per-holder reputation (docs/ponw.md, Reputation); the rules '
+    'that return a weighted sum (`mean`, `multi_krum`, `geometric_median`, `centered_clip`) then weigh each '
+    'input by it, and `krum`, `median` and `trimmed_mean` ignore it (one pick, or order statistics per '
+    'coordinate). Reputation acts over rounds: a holder that keeps sending harmful updates (sign flips, '
+    'noise, a zero delta) sinks to the floor and stops counting, which a per-round rule cannot remember. It '
+    'does not replace the robust rule: in the first rounds every holder is at the prior, and an attacker '
+    'whose update does lower the held-out loss (ALIE, IPM with a small epsilon) scores like an honest holder.'
+    " Equal reputations leave every rule's result bit-identical, so the numbers above hold for a run with "
+    "reputation on until holders' scores differ."
+)
 
 
 def _krum_note(rules, labels, ratio, mean_of, tokens: int) -> list[str]:

@@ -279,6 +279,13 @@ class PonwConfig:
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
     spot_check_tolerance: float = 0.01  # nats, relative to max(1, loss)
+    # held-out scores -> per-holder reputation -> aggregation weights and rewards (docs/ponw.md); off by default:
+    # it reweighs honest replicas by noisy scores, so the outer step is no longer plain DiLoCo's
+    reputation: bool = False
+    reputation_batch: int = 4  # sequences in the fixed held-out scoring batch (the start of the eval split)
+    reputation_decay: float = 0.7  # EMA: reputation <- decay x reputation + (1 - decay) x round score
+    reputation_prior: float = 0.5  # a holder's reputation before its first score (newcomers start below a record)
+    reputation_floor: float = 0.1  # below this a holder's factor is 0: no weight in the outer step, no reward
 
 
 @dataclass

@@ -133,6 +133,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.eval.every < 0 or cfg.eval.batches <= 0:
         raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0: only at the end) and eval.batches="
                           f"{cfg.eval.batches} positive")
+    _check_reputation(cfg)
     if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:
         raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
     if not 0 <= dl.outer_momentum < 1:
@@ -170,6 +171,21 @@ def validate(cfg: TrainConfig) -> None:
     problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack, dl.replicas)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_reputation(cfg: TrainConfig) -> None:
+    p = cfg.ponw
+    if p.reputation_batch <= 0:
+        raise ConfigError(f"ponw.reputation_batch={p.reputation_batch} must be positive (sequences in the scoring batch)")
+    if not 0 <= p.reputation_decay < 1:
+        raise ConfigError(f"ponw.reputation_decay={p.reputation_decay} must be in [0, 1) (the weight of the old value)")
+    for key, value in (("reputation_prior", p.reputation_prior), ("reputation_floor", p.reputation_floor)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"ponw.{key}={value} must be in [0, 1]")
+    if p.reputation and p.reputation_floor > p.reputation_prior:
+        raise ConfigError(f"ponw.reputation_floor={p.reputation_floor} is above ponw.reputation_prior="
+                          f"{p.reputation_prior}: every newcomer would start with no weight and no reward; "
+                          "lower the floor or raise the prior")
 
 
 def _check_hops(s: SwarmConfig) -> None:

@@ -35,6 +35,15 @@ Pre-steps, applied in this order before any rule:
              groups of ``aggregator.bucket``; the rule then sees ceil(n/bucket) inputs, so n must
              satisfy ``ceil(n/bucket) >= `` the rule's requirement.
 
+Reputation weights (``weights=``, one per contribution, e.g. each holder's reputation,
+neuroray/ponw/reputation.py): the rules that return a weighted sum weigh each input by it. ``mean`` becomes
+``sum_i w_i x_i / sum_i w_i``; ``multi_krum`` the weighted mean of the inputs it selects;
+``geometric_median`` the weighted geometric median (Weiszfeld with ``b_i = w_i / max(nu, ||x_i - z||)``);
+``centered_clip`` weighs each clipped difference by ``w_i / sum_j w_j``. With ``bucket`` a bucket weighs the
+mean of its members' weights. ``krum`` (one pick), ``median`` and ``trimmed_mean`` (order statistics per
+coordinate) take no weights: their robustness does not come from averaging. Equal weights, or none,
+take the unweighted path exactly (bit for bit), so reputation changes nothing until holders differ.
+
 Numerics. Everything geometric (distances, norms, Krum scores, Weiszfeld, clipping) works on one
 float64 Gram matrix of the inputs centred on their mean, computed in one pass over the parameter
 dimension in chunks; afterwards each pre-step and rule is an (n x n) computation on coefficient
@@ -218,17 +227,19 @@ def _krum_scores(d: torch.Tensor, f: int) -> torch.Tensor:
     return others.sort(dim=1).values[:, : q - f - 2].sum(1)
 
 
-def _weiszfeld(gram: torch.Tensor, aug: torch.Tensor, cfg: AggregatorConfig) -> torch.Tensor:
-    """Smoothed Weiszfeld in coefficient space; returns the weights w (sum 1) with z = sum_i w_i y_i."""
+def _weiszfeld(gram: torch.Tensor, aug: torch.Tensor, cfg: AggregatorConfig,
+               rw: torch.Tensor | None = None) -> torch.Tensor:
+    """Smoothed Weiszfeld in coefficient space; returns the weights w (sum 1) with z = sum_i w_i y_i.
+    ``rw``: the inputs' own weights (the weighted geometric median), None: all equal."""
     q = aug.shape[0]
-    w = torch.full((q,), 1.0 / q, dtype=torch.float64)
+    w = torch.full((q,), 1.0 / q, dtype=torch.float64) if rw is None else rw / rw.sum()
     dist = sq_norms(gram, aug - w @ aug).sqrt()
     scale = median_of(dist) or float(dist.max())
     if scale == 0.0:  # all inputs identical: the mean is the answer
         return w
     nu = cfg.gm_smoothing * scale
     for _ in range(cfg.gm_max_iter):
-        beta = 1.0 / dist.clamp_min(nu)
+        beta = 1.0 / dist.clamp_min(nu) if rw is None else rw / dist.clamp_min(nu)
         new = beta / beta.sum()
         moved = float(sq_norms(gram, (new - w) @ aug).sqrt())
         w = new
@@ -238,22 +249,30 @@ def _weiszfeld(gram: torch.Tensor, aug: torch.Tensor, cfg: AggregatorConfig) -> 
     return w
 
 
-def _centered_clip(gram: torch.Tensor, aug: torch.Tensor, centre: torch.Tensor, cfg: AggregatorConfig) -> torch.Tensor:
-    """Centered clipping from the augmented coefficients ``centre``; returns augmented coefficients."""
+def _centered_clip(gram: torch.Tensor, aug: torch.Tensor, centre: torch.Tensor, cfg: AggregatorConfig,
+                   rw: torch.Tensor | None = None) -> torch.Tensor:
+    """Centered clipping from the augmented coefficients ``centre``; returns augmented coefficients.
+    ``rw``: the inputs' own weights (each clipped difference weighs ``rw_i / sum rw``), None: 1/q each."""
     q = aug.shape[0]
     v = centre
     tau = cfg.tau * median_of(sq_norms(gram, aug - v).sqrt())
     for _ in range(cfg.iterations):
         dist = sq_norms(gram, aug - v).sqrt()
         keep = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
+        if rw is not None:
+            share = keep * (rw / rw.sum())
+            v = v * (1.0 - float(share.sum())) + share @ aug
+            continue
         # v + (1/q) sum_i keep_i (y_i - v), grouped so that keep == 1 everywhere leaves no v at all
         v = v * (1.0 - float(keep.sum()) / q) + (keep / q) @ aug
     return v
 
 
 # ----- pre-steps ----------------------------------------------------------------------------------
-def _pre_steps(cfg: AggregatorConfig, gram: torch.Tensor, mix: torch.Tensor, seed: int) -> torch.Tensor:
-    """Apply clip -> nnm -> bucketing to the mixing matrix ``mix`` (rows: inputs as combinations of vectors)."""
+def _pre_steps(cfg: AggregatorConfig, gram: torch.Tensor, mix: torch.Tensor, seed: int,
+               rw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply clip -> nnm -> bucketing to the mixing matrix ``mix`` (rows: inputs as combinations of vectors).
+    ``rw``: each row's weight (or None), returned for the rows that come out (a bucket: its members' mean)."""
     if cfg.clip:
         norms = sq_norms(gram, augment(mix)).sqrt()
         limit = cfg.clip * median_of(norms)
@@ -267,16 +286,20 @@ def _pre_steps(cfg: AggregatorConfig, gram: torch.Tensor, mix: torch.Tensor, see
         q = mix.shape[0]
         perm = torch.randperm(q, generator=torch.Generator().manual_seed(seed))
         mix = torch.stack([mix[perm[i:i + cfg.bucket]].mean(0) for i in range(0, q, cfg.bucket)])
-    return mix
+        if rw is not None:
+            rw = torch.stack([rw[perm[i:i + cfg.bucket]].mean() for i in range(0, q, cfg.bucket)])
+    return mix, rw
 
 
 # ----- the entry point ----------------------------------------------------------------------------
 def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor], numel: int, *,
-              previous: torch.Tensor | None = None, seed: int = 0) -> AggregateResult:
+              previous: torch.Tensor | None = None, seed: int = 0,
+              weights: Sequence[float] | None = None) -> AggregateResult:
     """Screen the contributions, then reduce the accepted ones with ``rule`` (a name or a full config).
 
     ``previous``: the last aggregate of this range (centered clipping's centre; ignored by other rules
-    and when unusable). ``seed``: bucketing's shuffle. Raises :class:`AggregationRefused` when more than
+    and when unusable). ``seed``: bucketing's shuffle. ``weights``: one per contribution (>= 0; reputation),
+    used by the weighted-sum rules (see the module docstring); None or all equal: unweighted. Raises :class:`AggregationRefused` when more than
     ``f`` contributions fail screening or too few pass for the rule to tolerate the rest, and
     ``ValueError`` for a bad rule.
     """
@@ -301,6 +324,7 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
         accepted = [accepted[i] for i in canonical_order([contributions[i] for i in accepted], cfg.chunk)]
     rows = [contributions[i] for i in accepted]
     n = len(rows)
+    rw = _row_weights(weights, accepted)
     centre = previous if cfg.name == "centered_clip" and not screen([previous], numel)[1] else None
     vectors = rows + ([centre] if centre is not None else [])
     k = len(vectors)
@@ -309,21 +333,42 @@ def aggregate(rule: str | AggregatorConfig, contributions: Sequence[torch.Tensor
     gram = centred_gram(vectors, n, cfg.chunk) if geometric else None
     mix = torch.eye(n, k, dtype=torch.float64)  # inputs as combinations of the vectors
     if pre:
-        mix = _pre_steps(cfg, gram, mix, seed)
+        mix, rw = _pre_steps(cfg, gram, mix, seed, rw)
     if AGGREGATORS[cfg.name].coordinatewise:
         value = _coordinatewise(cfg, vectors[:n], mix[:, :n] if pre else None)
         return AggregateResult(value, sorted(accepted), rejected)
-    alpha = _linear_rule(cfg, gram, mix, centre is not None)
+    alpha = _linear_rule(cfg, gram, mix, centre is not None, rw)
     value = combine(vectors, alpha, cfg.chunk)
     weights = dict(sorted(zip(accepted, alpha[:n].tolist())))
     return AggregateResult(value, sorted(accepted), rejected, weights)
 
 
-def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Tensor, has_centre: bool) -> torch.Tensor:
-    """Coefficients over the vectors (inputs, then the centre if any) of a rule that returns a weighted sum."""
+def _row_weights(weights: Sequence[float] | None, accepted: list[int]) -> torch.Tensor | None:
+    """The accepted contributions' weights, float64; None when there are none, they are all equal (the
+    unweighted path, bit-identical) or they sum to 0 (no information to weigh by)."""
+    if weights is None:
+        return None
+    rw = torch.tensor([float(weights[i]) for i in accepted], dtype=torch.float64)
+    if not bool(torch.isfinite(rw).all()) or bool((rw < 0).any()):
+        raise ValueError(f"aggregation weights must be finite and >= 0, got {rw.tolist()}")
+    if float(rw.sum()) <= 0 or bool((rw == rw[0]).all()):
+        return None
+    return rw
+
+
+def _weighted_mean(mix: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
+    """``sum_i rw_i mix_i / sum_i rw_i``; the plain mean when the selected rows weigh nothing at all."""
+    total = float(rw.sum())
+    return mix.mean(0) if total <= 0 else (rw / total) @ mix
+
+
+def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Tensor, has_centre: bool,
+                 rw: torch.Tensor | None = None) -> torch.Tensor:
+    """Coefficients over the vectors (inputs, then the centre if any) of a rule that returns a weighted sum.
+    ``rw``: each row's weight (reputation), None: all equal."""
     q, k = mix.shape
     if cfg.name == "mean":
-        return mix.mean(0)
+        return mix.mean(0) if rw is None else _weighted_mean(mix, rw)
     aug = augment(mix)
     if cfg.name in ("krum", "multi_krum"):
         scores = _krum_scores(sq_dists(gram, aug), cfg.f)
@@ -331,13 +376,13 @@ def _linear_rule(cfg: AggregatorConfig, gram: torch.Tensor | None, mix: torch.Te
         if cfg.name == "krum":
             return mix[best[0]]
         m = min(cfg.m or q - cfg.f, q - cfg.f)
-        return mix[best[:m]].mean(0)
+        return mix[best[:m]].mean(0) if rw is None else _weighted_mean(mix[best[:m]], rw[best[:m]])
     if cfg.name == "geometric_median":
-        return _weiszfeld(gram, aug, cfg) @ mix
+        return _weiszfeld(gram, aug, cfg, rw) @ mix
     assert cfg.name == "centered_clip", cfg.name
     if has_centre:
         centre = torch.zeros(k + 1, dtype=torch.float64)
         centre[k - 1] = centre[k] = 1.0  # the previous aggregate, the last vector
     else:
-        centre = _weiszfeld(gram, aug, cfg) @ aug
-    return _centered_clip(gram, aug, centre, cfg)[:k]
+        centre = _weiszfeld(gram, aug, cfg, rw) @ aug
+    return _centered_clip(gram, aug, centre, cfg, rw)[:k]

@@ -117,7 +117,7 @@ class OuterMemory:
         return cls(tensors.get("memory.previous"), replay, tensors.get("memory.residual"))
 
 
-def _decode(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, str]]:
+def decode_payloads(diloco: DilocoConfig, numel: int, deltas) -> tuple[list, dict[int, str]]:
     """Holders' payloads -> float32 vectors; {index: reason} for the malformed ones (left as None, which
     screening rejects). Bare tensors pass as they are: in-process callers hand over plain vectors."""
     out, malformed = [], {}
@@ -192,27 +192,29 @@ def wire_bytes(obj) -> int:
     return size + data + first + later * (tensors - 1)
 
 
-def _seed(seed: int, range_index: int, round_index: int) -> int:
+def step_seed(seed: int, range_index: int, round_index: int) -> int:
     """A distinct, reproducible seed per (run seed, range, round) for bucketing and Gaussian noise."""
     return (seed * 1_000_003 + range_index * 10_007 + round_index) % (2**63)
 
 
 def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
                momentum: torch.Tensor | None, *deltas, attack: AttackConfig | None = None,
-               memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0, observe: bool = False):
+               memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0, observe: bool = False,
+               weights: list[float] | None = None):
     """Simulate the attack, aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
 
     Returns ``(new_theta0, new_momentum, report)``, plus the next :class:`OuterMemory` as a fourth value
     when ``memory`` is passed (pass ``OuterMemory()`` on the first round). A refused step returns
     theta0 and momentum unchanged (the very objects passed in). ``observe``: fill the report's
-    ``observations`` and ``theta0_before`` for PoNW receipts.
+    ``observations`` and ``theta0_before`` for PoNW receipts. ``weights``: one per holder (its reputation,
+    neuroray/training/reputation.py), for the rules that weigh their inputs (neuroray/diloco/aggregate.py).
     """
     cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
     attack = attack or AttackConfig()
     mem = memory or OuterMemory()
-    step_seed = _seed(seed, range_index, round_index)
-    deltas, malformed = _decode(diloco, theta0.numel(), deltas)
-    contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=step_seed)
+    seeded = step_seed(seed, range_index, round_index)
+    deltas, malformed = decode_payloads(diloco, theta0.numel(), deltas)
+    contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=seeded)
     report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
     if observe:  # before the attack simulation: what each holder really sent
         from neuroray.ponw.service import observe_delta, tensor_digest
@@ -226,7 +228,8 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         report.observations = [o if o is not None and math.isfinite(o[1]) else None for o in seen]
         report.theta0_before = tensor_digest(theta0)
     try:
-        result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=step_seed)
+        result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=seeded,
+                           weights=weights)
     except AggregationRefused as exc:
         report.refused = str(exc)
         report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
@@ -249,14 +252,15 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
-def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas):
+def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas,
+                   weights=None):
     """One streaming fragment's outer step: slice ``part`` of theta0, momentum and memory goes through
     :func:`outer_step`; the rest of the range is left as it is. The fragment's update always crosses as
     an update (fp32 when compression is none), since holders keep their own weights outside the slice."""
     lo, hi = part
     new_part, momentum_part, report, memory_part = outer_step(
         aggregator, diloco, range_index, theta0[lo:hi], None if momentum is None else momentum[lo:hi], *deltas,
-        attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed)
+        attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed, weights=weights)
     update, new_part, memory_part.residual = encode_update(
         theta0[lo:hi], new_part, diloco.compression, diloco.compression_block, memory_part.residual,
         base=theta0, part=part, density=diloco.sparse_density)
@@ -271,7 +275,7 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 @ray.remote(num_cpus=0, num_returns=5)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
-                    part=None):
+                    part=None, weights=None):
     # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
     # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
     # of failing this round too. The trainer rolls it back with theta0 when it redoes a failed round.
@@ -284,11 +288,11 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     update = None
     if part is not None:  # streaming: one fragment of the range, always sent as an update
         new_theta0, new_momentum, report, memory, update = _streamed_step(
-            aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas)
+            aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas, weights)
     else:
         new_theta0, new_momentum, report, memory = outer_step(
             aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-            round_index=round_index, seed=seed, observe=True)
+            round_index=round_index, seed=seed, observe=True, weights=weights)
         if diloco.compression != "none":
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
@@ -306,6 +310,18 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     report.payload_bytes = [wire_bytes(d) for d in deltas]
     report.theta0_bytes = wire_bytes(new_theta0)  # streaming: fetched only by a holder that falls back
     return new_theta0, new_momentum, report, memory, update
+
+
+@dataclass
+class ReducedInputs:
+    """What one range's outer step was given (object refs): enough to replay what its rule saw."""
+
+    theta0: object  # the theta0 the round started from
+    memory: object  # the rule's memory before the step (the stale attack's replay), or None
+    round_index: int
+    who: list[int]  # the replica index of each pseudo-gradient
+    deltas: list  # the holders' payload refs, in that order
+    part: tuple[int, int] | None  # streaming: the fragment's slice
 
 
 class OuterSync:
@@ -327,6 +343,10 @@ class OuterSync:
         self.fragments = diloco.streaming_fragments
         self.slices: list | None = None  # streaming: per range, each fragment's (lo, hi); None: ask the holders
         self._round: list[dict] = []  # per range of the round in flight: dense broadcast?, holders' load refs
+        # Reputation (neuroray/training/reputation.py): weights_of(range, holder indices) -> one aggregation
+        # weight per pseudo-gradient, or None; and what each range's last step reduced, to score it.
+        self.weights_of = None
+        self.reduced: dict[int, ReducedInputs] = {}
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
@@ -354,14 +374,19 @@ class OuterSync:
         self.rounds += 1
         return reports, loads
 
-    def reduce(self, s: int, deltas: list, part: tuple[int, int] | None = None):
+    def reduce(self, s: int, deltas: list, part: tuple[int, int] | None = None, who: list[int] | None = None):
         """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0, report, update) refs.
-        ``part``: streaming, the fragment's slice of the range.
+        ``part``: streaming, the fragment's slice of the range. ``who``: the replica index of each
+        pseudo-gradient (default: 0, 1, ...).
 
         Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
+        who = list(range(len(deltas))) if who is None else list(who)
+        weights = None if self.weights_of is None else self.weights_of(s, who)
+        if self.weights_of is not None:  # kept for the scores until the next round replaces them
+            self.reduced[s] = ReducedInputs(self.theta0[s], self.memory[s], self.rounds, who, list(deltas), part)
         theta0, momentum, report, memory, update = outer_step_task.remote(
             self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
-            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part)
+            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part, weights=weights)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
         self._round.append({"dense": self._dense, "acks": []})
         return theta0, report, update

@@ -105,7 +105,7 @@ def _open(data, domain: bytes, max_bytes: int, what: str, code: str) -> tuple[di
 # ----- receipts ---------------------------------------------------------------------------------
 _RECEIPT_KEYS = {"v", "node_id", "outer_round", "proof_type", "batches", "tokens", "pseudo_gradient",
                  "pseudo_gradient_norm", "range_median_norm", "aggregated", "data_position", "theta0_before",
-                 "theta0_after"}
+                 "theta0_after", "reward_bp"}
 
 
 def receipt_payload(r: Receipt) -> dict:
@@ -113,7 +113,8 @@ def receipt_payload(r: Receipt) -> dict:
             "batches": r.batches, "tokens": r.tokens, "pseudo_gradient": r.pseudo_gradient,
             "pseudo_gradient_norm": norm_text(r.pseudo_gradient_norm),
             "range_median_norm": norm_text(r.range_median_norm), "aggregated": r.aggregated,
-            "data_position": r.data_position, "theta0_before": r.theta0_before, "theta0_after": r.theta0_after}
+            "data_position": r.data_position, "theta0_before": r.theta0_before, "theta0_after": r.theta0_after,
+            "reward_bp": r.reward_bp}
 
 
 def receipt_from_payload(p: dict) -> Receipt:
@@ -127,12 +128,15 @@ def receipt_from_payload(p: dict) -> Receipt:
     _uint("receipt data_position", p["data_position"], code, optional=True)
     for name in ("pseudo_gradient", "theta0_before", "theta0_after"):
         _hex(f"receipt {name}", p[name], _HEX64, code, empty=True)
+    _uint("receipt reward_bp", p["reward_bp"], code)
+    if p["reward_bp"] > 10_000:  # a factor in [0, 1]: the coordinator's reputation cannot inflate a reward
+        raise AuthorityError(code, f"receipt reward_bp must be in [0, 10000], got {p['reward_bp']}")
     if type(p["aggregated"]) is not bool:
         raise AuthorityError(code, f"receipt aggregated must be true or false, got {p['aggregated']!r}")
     return Receipt(p["node_id"], p["outer_round"], p["proof_type"], p["batches"], p["tokens"], p["pseudo_gradient"],
                    _norm("receipt pseudo_gradient_norm", p["pseudo_gradient_norm"], code),
                    _norm("receipt range_median_norm", p["range_median_norm"], code), p["aggregated"],
-                   p["data_position"], p["theta0_before"], p["theta0_after"])
+                   p["data_position"], p["theta0_before"], p["theta0_after"], p["reward_bp"])
 
 
 # ----- registrations ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from neuroray.ponw import crypto
 from neuroray.ponw.authority import Authority, AuthorityError, evidence_problem
 from neuroray.ponw.identity import node_id_of
 from neuroray.ponw.proof import Proof, ProofError, SignedProof
-from neuroray.ponw.rules import Rules, format_units
+from neuroray.ponw.rules import BP, Rules, format_units
 from neuroray.ponw.records import FACTS_SQL, SCHEMA, Account, LedgerError, Outcome, Supply, log, refused
 from neuroray.ponw.verifier import (
     HOUR_MS, NodeFacts, NodeRecord, Receipt, RegistrationError, Verdict, Verifier, spot_check,
@@ -333,7 +333,7 @@ class Ledger:
         if not v.accepted:
             refused("proof", out)
         if v.accepted:
-            out.reward = self._reward(p, v.facts, v.useful, now)
+            out.reward = self._reward(p, v.facts, v.useful, now, v.reward_bp)
         self._db.execute("INSERT INTO proofs VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (p.proof_id, p.node_id, p.nonce, p.proof_type, p.outer_round, p.timestamp_ms, now,
                           "credited" if v.accepted else "rejected", v.reason, out.reward, 0, data))
@@ -342,9 +342,12 @@ class Ledger:
             self._db.execute("UPDATE proofs SET slashed = ? WHERE proof_id = ?", (out.slashed, p.proof_id))
         return out
 
-    def _reward(self, p: Proof, facts: NodeFacts, useful: bool, now: int) -> int:
+    def _reward(self, p: Proof, facts: NodeFacts, useful: bool, now: int, reward_bp: int = BP) -> int:
         base = self.rules.base_reward(p.proof_type, p.training_batches, p.tokens_processed, p.layers_held,
                                       p.has_embedding, p.has_lm_head, facts.stake) if useful else 0
+        if not 0 <= reward_bp <= BP:  # the receipt parser refuses these; a factor never inflates a reward
+            raise ValueError(f"reward_bp={reward_bp} is outside [0, {BP}]")
+        base = base * reward_bp // BP  # the reputation factor (neuroray/ponw/reputation.py), rounded down
         reward = self.rules.capped(base, facts.earned_today)
         self._db.execute("UPDATE accounts SET balance = balance + ?, last_credit_ms = ? WHERE node_id = ?",
                          (reward, now, p.node_id))

@@ -54,7 +54,8 @@ def observe_delta(delta) -> tuple[str, float]:
 def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Sequence[int],
                    observations: Sequence[tuple[str, float] | None], aggregated: Sequence[bool] | None = None,
                    theta0_before: str = "", theta0_after: str = "",
-                   data_positions: Sequence[int | None] | None = None) -> list[Receipt]:
+                   data_positions: Sequence[int | None] | None = None,
+                   reward_bp: Sequence[int] | None = None) -> list[Receipt]:
     """Receipts for the holders of ONE layer range in one round (sign them: ``Coordinator.sign_receipts``).
 
     ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
@@ -65,6 +66,7 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
     ``theta0_before``/``theta0_after``: digests of the range's theta0 (``OuterReport``);
     ``data_positions``: each Driver's first committed stream position (None for the others). Every
     non-empty field is compared with the proof; the range's median norm feeds the free-rider rule.
+    ``reward_bp``: each holder's reward factor (its reputation) in basis points; None: 10000 each.
     """
     n = len(node_ids)
     counts = [batches] * n if isinstance(batches, int) else list(batches)
@@ -74,10 +76,12 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
     agg = list(aggregated) if aggregated is not None else [True] * n
     pos = list(data_positions) if data_positions is not None else [None] * n
     obs = [o if o is not None else ("", None) for o in observations]
+    factors = list(reward_bp) if reward_bp is not None else [10_000] * n
     return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
                     pseudo_gradient=obs[i][0], pseudo_gradient_norm=obs[i][1],
                     range_median_norm=median, aggregated=agg[i],
-                    data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after)
+                    data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after,
+                    reward_bp=factors[i])
             for i, node in enumerate(node_ids)]
 
 

@@ -88,7 +88,9 @@ class Receipt:
     ``batches``: microbatches routed through the node; ``tokens``: inference tokens served.
     The optional fields, when set, must match the proof exactly (digests, data position) or feed the
     free-rider rule (pseudo-gradient norm against the range's median; ``aggregated`` is False when the
-    robust aggregator dropped this node's delta).
+    robust aggregator dropped this node's delta). ``reward_bp``: the coordinator's reward factor for the
+    node (its reputation, neuroray/ponw/reputation.py) in basis points, 0..10000; the ledger multiplies it
+    into the reward.
     """
 
     node_id: str
@@ -103,6 +105,7 @@ class Receipt:
     data_position: int | None = None
     theta0_before: str = ""
     theta0_after: str = ""
+    reward_bp: int = 10_000
 
     def __post_init__(self):
         if self.proof_type not in PROOF_TYPES:
@@ -113,6 +116,8 @@ class Receipt:
             value = getattr(self, name)
             if not (value is None and name == "data_position") and (type(value) is not int or value < 0):
                 raise RegistrationError(f"receipt {name}={value!r} must be an integer >= 0")
+        if type(self.reward_bp) is not int or not 0 <= self.reward_bp <= 10_000:
+            raise RegistrationError(f"receipt reward_bp={self.reward_bp!r} must be an integer in [0, 10000]")
         for name in ("pseudo_gradient_norm", "range_median_norm"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -149,6 +154,7 @@ class Verdict:
     authentic: bool = False  # the signature checked out: the ledger records it (replay, rate limit)
     slash: bool = False  # a signed false claim
     useful: bool = True  # False: accepted but earns nothing (free-rider, delta dropped by the aggregator)
+    reward_bp: int = 10_000  # the receipt's reward factor (reputation) in basis points
     facts: NodeFacts | None = None  # the ledger's view of the node, for booking
 
     @property
@@ -271,7 +277,7 @@ class Verifier:
                 return lie(f"{name} commitment differs from what the orchestrator received")
         if rc.data_position is not None and p.has_embedding and rc.data_position != p.data_position:
             return lie(f"data_position {p.data_position} != {rc.data_position} observed")
-        verdict = Verdict(True, "ok", "", signed, True)
+        verdict = Verdict(True, "ok", "", signed, True, reward_bp=rc.reward_bp)
         if p.proof_type == "training":
             if not rc.aggregated:
                 verdict.useful, verdict.detail = False, "its pseudo-gradient was dropped by the robust aggregator"

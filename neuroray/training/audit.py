@@ -51,26 +51,15 @@ VALIDATOR_KEY_FILE = "validator.pem"
 def build_loss_at(model, vocab_size: int, ranges: list[tuple[int, int]], seed: int, theta0: list[torch.Tensor]):
     """``loss_fn(inputs, labels)``: the pipeline of ``ranges`` at these flat theta0 vectors, one per range,
     in float32 on the CPU, as the holders compute the loss (each stage's module, chained)."""
-    from torch.nn.utils import vector_to_parameters
+    from neuroray.training.reputation import StagePipeline
 
-    from neuroray.model import build_stage
-
-    stages = []
+    pipe = StagePipeline(model, vocab_size, ranges, seed)
     for s, flat in enumerate(theta0):
-        module = build_stage(model, vocab_size, s, ranges, seed=seed)
-        numel = sum(p.numel() for p in module.parameters())
-        if numel != flat.numel():
-            raise ValueError(f"range {s}: theta0 has {flat.numel()} values, the model's range has {numel}")
-        with torch.no_grad():
-            vector_to_parameters(flat.float(), module.parameters())
-        stages.append(module.eval())
+        pipe.load(s, flat)
 
-    @torch.no_grad()
     def loss_fn(inputs: torch.Tensor, labels: torch.Tensor) -> float:
-        x = inputs
-        for module in stages:
-            x = module(x)
-        return float(stages[-1].loss(x, labels))
+        out, _ = pipe.run(inputs)
+        return pipe.loss(out, labels)
 
     return loss_fn
 

@@ -114,7 +114,7 @@ class RoutedSwarm(StepExecutor):
         for s, items in enumerate(asked):
             answered = self._quorum(s, items, t0)
             quorums.append([h.index for h, _ in answered])
-            theta0, report, update = outer.reduce(s, [ref for _, ref in answered])
+            theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=quorums[-1])
             reports.append(report)
             on_time = {id(h) for h, _ in answered}
             late = [h.name for h, _ in items if id(h) not in on_time]

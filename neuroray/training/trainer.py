@@ -68,7 +68,11 @@ class Trainer:
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
         self.comm_before: list[dict] = []  # resumed: rounds booked by earlier runs (comm.json, byte totals)
-        self.ledger = self.coordinator = None
+        self.ledger = self.coordinator = self.reputation = None
+        if cfg.ponw.reputation:  # held-out scores -> reputation -> aggregation weights and rewards
+            from neuroray.training.reputation import Reputation
+
+            self.reputation = Reputation(self, log)
         if cfg.ponw.enabled:
             self._start_ledger()
         self.executor = executor
@@ -123,11 +127,15 @@ class Trainer:
             ks = list(range(s, len(holders), stages))
             keys = [(s, k // stages) for k in ks]
             report = reports.get(s)
-            made = round_receipts([infos[id(holders[k])]["node_id"] for k in ks], self.outer.rounds,
+            nodes = [infos[id(holders[k])]["node_id"] for k in ks]
+            # the reputation's reward factor (ponw.reputation), booked with this round's scores
+            factors = None if self.reputation is None else [self.reputation.reward_bp(n) for n in nodes]
+            made = round_receipts(nodes, self.outer.rounds,
                                   [result.batches.get(key, 0) for key in keys],
                                   [result.observed.get(key) for key in keys],
                                   [key not in result.unused for key in keys],
-                                  getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""))
+                                  getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""),
+                                  reward_bp=factors)
             receipts.update(zip(ks, made))
         signed = dict(zip(receipts, self.coordinator.sign_receipts(list(receipts.values()))))
         items = [(proof, signed[k]) for k, proof in enumerate(proofs) if proof is not None]
@@ -304,6 +312,8 @@ class Trainer:
         result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
         if result is None:
             return
+        if self.reputation is not None:  # before the receipts: this round's scores count in its rewards
+            self.reputation.score_round()
         if self.ledger is not None:
             result.comm["control_bytes"] += self._book_proofs(result)
         self._finish_round(result.reports, result.comm)
@@ -335,6 +345,8 @@ class Trainer:
         for s, store in enumerate(self.outer_stores):
             tensors = {"theta0": theta0[s]} | ({} if momentum[s] is None else {"momentum": momentum[s]})
             meta = {"rounds": self.outer.rounds}
+            if s == 0 and self.reputation is not None:  # the run's reputation travels with range 0's outer state
+                meta["reputation"] = self.reputation.book.state()
             if getattr(self.executor, "overlap", None) is not None and self.executor.overlap.inflight is not None:
                 # theta0 above is the round in flight's; the holders hold their base: land it at the same step
                 meta["overlap_land_at"] = self.executor.overlap.inflight.land_at
@@ -373,6 +385,8 @@ class Trainer:
             self.outer.memory[s] = None if memory is None else ray.put(memory)
             self.outer.rounds = snap.meta["rounds"]
             land_at = snap.meta.get("overlap_land_at")
+            if s == 0 and self.reputation is not None and "reputation" in snap.meta:
+                self.reputation.book.load(snap.meta["reputation"])
         if land_at is not None:  # diloco.overlap: the snapshot was taken with a round in flight
             self.executor.overlap.resumed(land_at)
 
