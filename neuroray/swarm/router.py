@@ -593,8 +593,9 @@ class Router:
         after, which also applies that range's gradient again, in place of the sender's)."""
         sender, f = c.sent_by[err.direction], c.flight
         self.rejections.append((sender, err))
-        if err.direction == "bwd" and not c.stale and not c.repair:
+        if err.direction == "bwd" and not c.stale and not c.repair and f.mb in sender.applied:
             sender.applied.discard(f.mb)  # redone below rather than repaired when it goes down
+            sender.microbatches, sender.total = sender.microbatches - 1, sender.total - 1
         self.bench(sender, err)
         if c.stale or c.repair:
             return  # a lost copy, or a repair (that microbatch's gradient is then missing from its range)
