@@ -11,7 +11,7 @@ import torch
 
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.configure import load_config
-from neuroray.errors import ConfigError, HopPayloadError
+from neuroray.errors import ConfigError
 from neuroray.swarm.hop_codec import HopCodec, HopPayload, lowrank_rank, wire_bytes
 from neuroray.swarm.hop_guard import HopRejected
 from neuroray.swarm.holder import HolderSpec, StageHolder

@@ -89,8 +89,9 @@ class HopGuard:
 
     def check(self, x: torch.Tensor, direction: str, mb: int | None = None, band: bool = True) -> None:
         """Raise :class:`HopRejected` unless ``x`` is what a ``direction`` hop to this holder must be. ``band``:
-        also check (and learn) the norm band and the microbatch's shape; held-out evaluation passes False (its
-        batches may be shaped otherwise, and it runs at theta0: other norms)."""
+        also check the microbatch's shape and dtype and check (and learn) the norm band. Held-out evaluation
+        passes False: its batches may be shaped otherwise, its activations always cross uncompressed, and it
+        runs at theta0 (other norms); the width and finiteness are checked."""
         if not self.enabled:
             return
         want = tuple(self.shapes[direction])
@@ -99,7 +100,7 @@ class HopGuard:
         shape = tuple(x.shape)
         if len(shape) != len(want) or any(w and s != w for s, w in zip(shape, want)):
             self.reject(direction, "shape", f"{list(shape)}, expected {[w or '*' for w in want]}", mb)
-        if x.dtype != self.dtypes[direction]:
+        if band and x.dtype != self.dtypes[direction]:
             self.reject(direction, "dtype", f"{x.dtype}, expected {self.dtypes[direction]}", mb)
         norm = float(torch.linalg.vector_norm(x, dtype=torch.float32))
         if not math.isfinite(norm):
