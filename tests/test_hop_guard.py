@@ -148,3 +148,17 @@ def test_the_hop_check_keys_are_checked():
     for override in ("swarm.hop_check_factor=1", "swarm.hop_check_warmup=0", "swarm.hop_check_warmup=100"):
         with pytest.raises(ConfigError, match="swarm.hop_check_warmup=.* and swarm.hop_check_factor="):
             load_config([override])
+
+
+def test_a_round_without_a_benched_replica_books_its_holders_by_replica_and_unused():
+    """The outer step of a fixed run that left replica 1 out reduces replicas 0 and 2: its report's holder
+    indices 0 and 1 are replicas 0 and 2, and every holder of replica 1 is unused (earns nothing)."""
+    from neuroray.diloco.sync import OuterReport
+    from neuroray.training.executor import by_replica, members
+
+    kept = members(3, {1})
+    assert kept == [0, 2]
+    reports = [OuterReport(s, accepted=[0], dropped=[1], observations=[("d0", 1.0), ("d2", 2.0)]) for s in range(2)]
+    unused, observed = by_replica(reports, [kept, kept], {(s, 1) for s in range(2)})
+    assert unused == {(0, 2), (1, 2), (0, 1), (1, 1)}
+    assert observed == {(0, 0): ("d0", 1.0), (0, 2): ("d2", 2.0), (1, 0): ("d0", 1.0), (1, 2): ("d2", 2.0)}
