@@ -61,6 +61,7 @@ def _run(tmp_path, holder_cls, *extra):
     return result, "\n".join(lines), rewards
 
 
+@pytest.mark.slow  # a 2 x 2 run: about 75 s on the shared 2-core machine, over the non-slow budget
 def test_a_driver_sending_nan_activations_is_named_left_out_and_unpaid_under_fixed_routing(ray_cluster, tmp_path):
     result, text, rewards = _run(tmp_path, NaNDriver)
     # one rejection per round: its replica sits the rest of the round out, and tampers again in the next
