@@ -198,6 +198,12 @@ class SwarmConfig:
     hop_compression: str = "none"
     hop_block: int = 256  # hop_compression=int8: values per float32 scale
     hop_ratio: float = 16.0  # hop_compression=lowrank: the rank kept is the largest giving this many x fewer bytes
+    # Checks at every hop (neuroray/swarm/hop_guard.py, docs/hops.md): a holder checks each activation and gradient
+    # it receives for shape, dtype, NaN/Inf and a norm band; a violation is rejected and counted against its sender.
+    hop_check: bool = True  # (false: received tensors are used unchecked; a compressed payload is still checked)
+    hop_check_history: int = 64  # the norm band's memory: the last this many accepted hops per holder and direction
+    hop_check_warmup: int = 16  # the band is enforced once this many hops are in the history
+    hop_check_factor: float = 100.0  # a norm this many times above or below the history's median is rejected
 
 
 @dataclass

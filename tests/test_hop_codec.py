@@ -11,8 +11,9 @@ import torch
 
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.configure import load_config
-from neuroray.errors import ConfigError, HopPayloadError
+from neuroray.errors import ConfigError
 from neuroray.swarm.hop_codec import HopCodec, HopPayload, lowrank_rank, wire_bytes
+from neuroray.swarm.hop_guard import HopRejected
 from neuroray.swarm.holder import HolderSpec, StageHolder
 from neuroray.swarm.transport import WireTensor
 
@@ -149,17 +150,20 @@ def test_a_malformed_payload_is_rejected_naming_its_sender_and_never_applied(tmp
     act = driver.forward(0, x)
     assert act.sender == driver.name == "driver[r0 L0-0]"
     for bad, words in _bad(act):
-        with pytest.raises(HopPayloadError, match=r"validator\[r0 L1-1\] rejected a hop payload sent by "
-                                                  r"driver\[r0 L0-0\]: .*" + words) as err:
+        with pytest.raises(HopRejected, match=r"validator\[r0 L1-1\] rejected the activation of microbatch 0: "
+                                              r"payload: .*" + words + r".*the payload says driver\[r0 L0-0\] sent it"
+                           ) as err:
             validator.forward_backward(0, bad, y, 1.0)
-        assert err.value.sender == driver.name
+        assert (err.value.check, err.value.sender_stage) == ("payload", 0)  # the coordinator names stage 0's holder
     assert validator.grads() == {} and not validator._pending and validator.compute.step_microbatches == 0
-    with pytest.raises(HopPayloadError, match="sent by an unknown holder: expected a .* payload, got Tensor"):
+    with pytest.raises(HopRejected, match="an unknown holder sent it"):
         validator.forward_backward(0, torch.zeros(4, 64, 128), y, 1.0)
     _, grad = validator.forward_backward(0, act, y, 1.0)
     for bad, words in _bad(grad):
-        with pytest.raises(HopPayloadError, match=r"sent by validator\[r0 L1-1\]: .*" + words):
+        with pytest.raises(HopRejected, match=r"rejected the gradient of microbatch 0: payload: .*" + words
+                                              + r".*says validator\[r0 L1-1\] sent it") as err:
             driver.backward(0, bad)
+        assert err.value.sender_stage == 1
     assert driver.grads() == {} and 0 in driver._pending  # the graph waits for a good gradient
     assert driver.backward(0, grad) is None and driver.grads()
 

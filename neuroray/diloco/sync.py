@@ -359,16 +359,19 @@ class OuterSync:
             self.slices = ray.get([holders[0].fragment_slices.remote() for holders in self.holders_by_range])
         return self.slices
 
-    def submit(self, fragment: int | None = None) -> tuple[list, list]:
+    def submit(self, fragment: int | None = None, exclude: frozenset[int] = frozenset()) -> tuple[list, list]:
         """Submit one outer step for every range (streaming: of fragment ``fragment`` of every range);
-        returns (report refs, holder load refs)."""
+        returns (report refs, holder load refs). ``exclude``: replicas whose pseudo-gradients are asked for
+        (their holders end the round as every other) but left out of the step; a report's holder indices then
+        index the replicas left in, in order."""
         reports, loads = [], []
         self.begin_round()
         streamed = fragment is not None and self.fragments > 1
         asked = {"fragment": fragment} if streamed else {}
         for s, holders in enumerate(self.holders_by_range):
             part = self.fragment_slices()[s][fragment] if streamed else None
-            theta0, report, update = self.reduce(s, [h.pseudo_gradient.remote(**asked) for h in holders], part)
+            deltas = [h.pseudo_gradient.remote(**asked) for h in holders]
+            theta0, report, update = self.reduce(s, [d for r, d in enumerate(deltas) if r not in exclude], part)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1

@@ -33,10 +33,11 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from neuroray.config import PRECISIONS, DilocoConfig, ModelConfig
-from neuroray.errors import ConfigError
+from neuroray.errors import ConfigError, HopPayloadError
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
 from neuroray.swarm.hop_codec import HopCodec, wire_bytes
+from neuroray.swarm.hop_guard import HopGuard
 from neuroray.swarm.transport import WireTensor, from_wire, to_device, to_wire
 
 from neuroray.swarm.spec import HolderSpec
@@ -126,6 +127,7 @@ class RangeCompute:
         self.microbatches_done = 0
         self.step_microbatches = 0
         self.hop = HopCodec(spec.hop_compression, spec.hop_block, spec.hop_ratio)
+        self.guard = self._make_guard()
         # hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for
         self.hop_counts = dict.fromkeys(("fwd_sent", "fwd_bytes", "fwd_fp32_bytes", "bwd_sent", "bwd_bytes",
                                          "bwd_fp32_bytes", "received", "received_bytes"), 0)
@@ -143,6 +145,18 @@ class RangeCompute:
         """A fresh module and AdamW for ``model`` split into ``ranges`` (values are loaded by the caller)."""
         self.spec = replace(self.spec, model=model, ranges=[tuple(r) for r in ranges])
         self._build()
+        self.guard = self._make_guard()  # a grown model's hops have a new width and new norms
+
+    def _make_guard(self) -> HopGuard:
+        """The checks of what this holder receives (neuroray/swarm/hop_guard.py): the shape of a microbatch's
+        hidden states, and the dtype the transport promised: bf16 activations under bf16 on uncompressed hops
+        (:meth:`_activation_out`), float32 for everything else (compressed hops decode to float32)."""
+        s = self.spec
+        act = torch.bfloat16 if self.amp == torch.bfloat16 and s.hop_compression == "none" else torch.float32
+        out = 0 if self.module.has_head else s.model.d_model  # logits (no pipeline sends the last range a gradient)
+        shapes = {"fwd": (s.microbatch_size, s.seq_len, s.model.d_model), "bwd": (s.microbatch_size, s.seq_len, out)}
+        return HopGuard(s.label, s.stage, shapes, {"fwd": act, "bwd": torch.float32}, s.hop_check_history, s.hop_check_warmup,
+                        s.hop_check_factor, enabled=s.hop_check)
 
     # ----- data (Driver) ----------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,18 +185,25 @@ class RangeCompute:
             c[f"{direction}_fp32_bytes"] += t.numel() * 4
         return payload
 
-    def _receive(self, payload) -> torch.Tensor:
-        """Decode (and check) a hop payload from another holder before anything is computed with it; on
-        this holder's device."""
-        x = self.hop.decode(payload, self.name)
+    def _receive(self, payload, direction: str, mb: int | None = None) -> torch.Tensor:
+        """Decode and check a hop payload from another holder (``fwd``: an activation, ``bwd``: the gradient of
+        this range's output) before anything is computed with it; on this holder's device. A malformed payload
+        or a tensor that fails a check raises HopRejected (neuroray/swarm/hop_guard.py): the caller names the
+        sender."""
+        try:
+            x = self.hop.decode(payload, self.name)
+        except HopPayloadError as exc:
+            self.guard.reject(direction, "payload", f"{exc.reason} (the payload says {exc.sender} sent it)", mb)
         with self.lock:
             self.hop_counts["received"] += 1
             self.hop_counts["received_bytes"] += wire_bytes(payload)
-        return to_device(x, self.device)
+        x = to_device(x, self.device)
+        self.guard.check(x, direction, mb)
+        return x
 
-    def _receive_input(self, x):
+    def _receive_input(self, x, mb: int | None = None):
         """The range's input: token ids on a Driver (never compressed), else an activation payload."""
-        return x if x is None or self.module.has_embedding else self._receive(x)
+        return x if x is None or self.module.has_embedding else self._receive(x, "fwd", mb)
 
     # ----- forward and backward ---------------------------------------------------------------
     def _run(self, mb_id: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -224,7 +245,7 @@ class RangeCompute:
 
     def forward(self, mb_id: int, x: torch.Tensor, attempt: int = 0) -> torch.Tensor | None:
         """Run forward and keep the graph for :meth:`backward`; None if the call was revoked."""
-        x = self._receive_input(x)  # a malformed payload is rejected before the call claims anything
+        x = self._receive_input(x, mb_id)  # a rejected input is refused before the call claims anything
         if not self.claims.claim(mb_id, "f", attempt):
             return None
         inp, out = self._run(mb_id, x)
@@ -239,7 +260,7 @@ class RangeCompute:
 
     def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,
                          attempt: int = 0):
-        x = self._receive_input(x)
+        x = self._receive_input(x, mb_id)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, None
         if x is None:
@@ -258,14 +279,14 @@ class RangeCompute:
 
     def backward(self, mb_id: int, grad: torch.Tensor, attempt: int = 0) -> tuple[torch.Tensor | None, bool]:
         """``(gradient of the input, ran)``; ran is False when the call was revoked."""
-        grad = self._receive(grad)
+        grad = self._receive(grad, "bwd", mb_id)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         inp, out = self.pending.pop(mb_id)
         return self._backward_from(inp, out, grad), True
 
     def recompute_backward(self, mb_id: int, x: torch.Tensor | None, grad: torch.Tensor, attempt: int = 0):
-        x, grad = self._receive_input(x), self._receive(grad)
+        x, grad = self._receive_input(x, mb_id), self._receive(grad, "bwd", mb_id)
         if not self.claims.claim(mb_id, "b", attempt):
             return None, False
         if x is None:
@@ -295,6 +316,8 @@ class RangeCompute:
         if isinstance(x, WireTensor):  # an activation from the previous range (token ids on a Driver)
             x = from_wire(x, "the previous range", self.name)
         x = to_device(x, self.device)
+        if not self.module.has_embedding:  # held-out batches may be shaped otherwise: width, dtype, finiteness
+            self.guard.check(x, "fwd", band=False)
         if not self.module.has_embedding and self.amp is not None:
             x = x.float()  # bf16 on the wire, as in a training forward
         cast = nullcontext() if self.amp is None else torch.autocast(self.device.type, dtype=self.amp)

@@ -36,6 +36,7 @@ class HolderState:
         self.last_done = time.monotonic()
         self.failures, self.failure_t = 0.0, 0.0
         self.down = self.gone = False
+        self.benched = False  # a hop it sent was rejected: down (not probed back) until the round's outer step
         self.down_since = 0.0
         self.up_since = 0.0  # calls sent before this (to the previous process) may still fail
         self.probe = None
@@ -71,6 +72,7 @@ class Flight:
     grads: list  # grads[s]: ref of the gradient of range s's output
     fwd: list  # fwd[s]: the holder that ran range s forward (it keeps the graph for the backward)
     labels: object = None
+    grad_from: dict = field(default_factory=dict)  # s -> the holder whose call produced grads[s]
     loss: float | None = None
     next: tuple[str, int] | None = None  # the hop waiting to be sent: (kind, stage)
     exclude: set = field(default_factory=set)  # holders not to send the next hop to (the late or dead one)
@@ -100,6 +102,7 @@ class Call:
     due: float | None = None  # queued behind a stuck call: when the holder got stuck
     behind: bool = False  # queued behind the stuck call (or a copy of such a call)
     attempt: int = 0  # the call's id in the holder's claims (increasing over the run)
+    sent_by: dict = field(default_factory=dict)  # "fwd"/"bwd" -> the holder that produced the input it was given
 
 
 @dataclass

@@ -28,6 +28,11 @@ pipelines. For one inner step the :class:`Router` drives N microbatches hop by h
   (``cluster.liveness_timeout_s``) has its host probed (neuroray.swarm.liveness); a host that does not
   answer is cut off or gone, and the holder is marked down as if dead. Ray would say so only when its
   health check gives the node up (about a minute, docs/lab.md).
+- **Rejected hops.** A holder that rejects an activation or gradient it was sent (neuroray/swarm/hop_guard.py)
+  raises before it claims the call; the router knows who produced that input and *benches* the sender: down,
+  as if dead (its calls re-sent, the gradients it applied this step re-applied elsewhere), but not probed
+  back before the round's outer step, which leaves it out; the hop that made the bad tensor is redone on
+  another holder of the sender's range. The trainer names the sender (:attr:`Router.rejections`).
 - **Rejoining.** A dead holder is probed every ``probe_interval_s``; once Ray has restarted it (it
   restored its newest snapshot) it rejoins at the range's current theta0.
 
@@ -45,7 +50,8 @@ import ray
 
 from neuroray.config import SwarmConfig
 from neuroray.errors import PipelineError
-from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.swarm.hop_guard import HopRejected
+from neuroray.swarm.ray_errors import holder_died, unwrap_ray_error, user_error
 from neuroray.swarm.route_state import Call, Flight, HolderState, RouterStats, claim_kind, Failed
 
 __all__ = ["Call", "Flight", "HolderState", "Router", "RouterStats", "holder_died"]
@@ -77,6 +83,7 @@ class Router:
         self.control: dict = {}  # revoke/probe/step/rejoin ref -> (what, holder, payload)
         self.stats = RouterStats()
         self._attempts = 0  # ids of routed calls: a take-back refuses only the attempts it names
+        self.rejections: list[tuple[HolderState, HopRejected]] = []  # (sender, why) since the caller last took them
 
     # ----- scoring and deadlines --------------------------------------------------------------
     def deadline(self, h: HolderState) -> float:
@@ -192,6 +199,10 @@ class Router:
         h.inflight += 1
         call = Call(f, kind, s, h, ref, status, time.monotonic(), repair=repair, origin=origin, urgent=urgent,
                     attempt=self._attempts, behind=behind and origin is not None)
+        if s > 0 and kind != "b":  # who produced each input it was given: a rejected one is theirs
+            call.sent_by["fwd"] = f.fwd[s - 1]
+        if kind in ("b", "rb"):
+            call.sent_by["bwd"] = f.grad_from.get(s)
         if not urgent:
             h.queue.append(call)
         self.calls[status] = call
@@ -238,6 +249,10 @@ class Router:
             h.queue.remove(c)
         if isinstance(value, Failed):
             exc = value.exc
+            rejected = unwrap_ray_error(exc)
+            if isinstance(rejected, HopRejected) and c.sent_by.get(rejected.direction) is not None:
+                self._hop_rejected(c, rejected)
+                return
             if c.stale:
                 return  # a copy that lost or was taken back: its outcome no longer matters
             if not holder_died(exc):
@@ -284,7 +299,7 @@ class Router:
             if c.kind == "fb":
                 f.loss = float(value)
             if s > 0:
-                f.grads[s - 1] = c.ref
+                f.grads[s - 1], f.grad_from[s - 1] = c.ref, h
                 f.next = ("b", s - 1)
             else:
                 f.done = True
@@ -572,6 +587,45 @@ class Router:
         for mb in lost:
             self._repair(mb, h.stage, h)
 
+    def _hop_rejected(self, c: Call, err: HopRejected) -> None:
+        """``c``'s holder rejected an input (before claiming the call: nothing ran): bench the holder that produced
+        it, and redo the hop that made it elsewhere (an activation: the forward before; a gradient: the call
+        after, which also applies that range's gradient again, in place of the sender's)."""
+        sender, f = c.sent_by[err.direction], c.flight
+        self.rejections.append((sender, err))
+        if err.direction == "bwd" and not c.stale and not c.repair and f.mb in sender.applied:
+            sender.applied.discard(f.mb)  # redone below rather than repaired when it goes down
+            sender.microbatches, sender.total = sender.microbatches - 1, sender.total - 1
+        self.bench(sender, err)
+        if c.stale or c.repair:
+            return  # a lost copy, or a repair (that microbatch's gradient is then missing from its range)
+        if err.direction == "fwd" and c.kind == "rb":
+            self._resend(c, exclude=c.holder)  # backward under way: recompute on another holder of the range
+            return
+        for o in self.calls.values():
+            if o.flight is f and o.stage == c.stage and not o.repair:
+                o.stale = True  # a hedged copy of the hop was given the same input
+        s = c.stage - 1 if err.direction == "fwd" else c.stage + 1
+        f.next = ("f", s) if err.direction == "fwd" else ("fb" if s == self.S - 1 else "rb", s)
+        f.exclude = {sender}
+        self._dispatch(f)
+
+    def bench(self, h: HolderState, why: BaseException) -> None:
+        """Take ``h`` out until the round's outer step (:meth:`release_benched`): down, as if it had died."""
+        if h.benched:
+            return
+        h.benched = True
+        self.holder_down(h, why)
+
+    def release_benched(self) -> None:
+        """After the outer step that left them out: benched holders rejoin at the new theta0."""
+        for hs in self.ranges:
+            for h in hs:
+                if h.benched:
+                    h.benched = False
+                    if h.down and not h.gone:
+                        self._rejoin(h, "rejoins after a round left out for a rejected hop")
+
     def _repair(self, mb: int, stage: int, exclude: HolderState) -> None:
         f = self.flights[mb]
         other = self.pick(stage, exclude={exclude}, capacity=False)
@@ -596,12 +650,13 @@ class Router:
         now = time.monotonic()
         for hs in self.ranges:
             for h in hs:
-                if h.down and not h.gone and h.probe is None and now - h.probe_t >= self.cfg.probe_interval_s:
+                if (h.down and not h.gone and not h.benched and h.probe is None
+                        and now - h.probe_t >= self.cfg.probe_interval_s):
                     h.probe_t = now
                     h.probe = h.handle.counters.options(concurrency_group="control").remote()
                     self.control[h.probe] = ("probe", h, None)
 
-    def _rejoin(self, h: HolderState) -> None:
+    def _rejoin(self, h: HolderState, why: str = "restarted and rejoins") -> None:
         theta0 = self.theta0_of(h.stage) if self.theta0_of else h.handle.flat_params.remote()
         # and at the swarm's round count, so its next proof names the round the ledger's receipt does
         h.barrier = h.handle.rejoin.remote(theta0, self.rounds_of() if self.rounds_of else None)
@@ -611,7 +666,7 @@ class Router:
         h.last_done = h.up_since = time.monotonic()
         self.stats.rejoins += 1
         self.rejoined.append(h)
-        self.log(f"router: holder {h.name} restarted and rejoins at its range's theta0")
+        self.log(f"router: holder {h.name} {why} at its range's theta0")
 
     # ----- helpers ------------------------------------------------------------------------------
     def _send_control(self, what: str, h: HolderState, ref, payload=None) -> None:

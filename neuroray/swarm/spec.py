@@ -60,9 +60,15 @@ class HolderSpec(RangeRole):
     hop_compression: str = "none"
     hop_block: int = 256
     hop_ratio: float = 16.0
+    # swarm.hop_check*: the checks of every received activation and gradient (neuroray/swarm/hop_guard.py)
+    hop_check: bool = True
+    hop_check_history: int = 64
+    hop_check_warmup: int = 16
+    hop_check_factor: float = 100.0
     # Driver only: where its Genesis shards live
     data_root: str | None = None
     manifest: dict | None = None
+    # A microbatch's shape (the Driver reads it; every holder checks received hops against it; 0: unchecked)
     seq_len: int = 0
     microbatch_size: int = 0
     # Snapshots: where this holder's slot lives, how many to keep, and which step a resumed job restores

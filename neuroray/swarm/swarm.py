@@ -94,12 +94,13 @@ class Swarm:
             snapshot_root=self.snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
             tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
             init_from=cfg.init_from, hop_compression=cfg.swarm.hop_compression, hop_block=cfg.swarm.hop_block,
-            hop_ratio=cfg.swarm.hop_ratio,
+            hop_ratio=cfg.swarm.hop_ratio, hop_check=cfg.swarm.hop_check, hop_check_history=cfg.swarm.hop_check_history,
+            hop_check_warmup=cfg.swarm.hop_check_warmup, hop_check_factor=cfg.swarm.hop_check_factor,
+            seq_len=cfg.data.seq_len, microbatch_size=cfg.data.microbatch_size,
         )
         routed = cfg.swarm.routing == "router"
         if s == 0 and self.data is not None:
-            spec = replace(spec, data_root=self.data.root, manifest=self.data.manifest, seq_len=cfg.data.seq_len,
-                           microbatch_size=cfg.data.microbatch_size, data_start=0 if routed else None)
+            spec = replace(spec, data_root=self.data.root, manifest=self.data.manifest, data_start=0 if routed else None)
         return holder_actor(spec, cpus, gpus, strategy,
                             name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
                             max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls)

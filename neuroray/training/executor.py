@@ -81,3 +81,34 @@ def value_or_none(ref):
         return None
 
 
+def hop_rejection(refs: list):
+    """The first :class:`~neuroray.swarm.hop_guard.HopRejected` among these finished refs' failures (a call that
+    waited on a rejected hop fails with the same cause), or None."""
+    from neuroray.swarm.hop_guard import HopRejected
+    from neuroray.swarm.ray_errors import unwrap_ray_error
+
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as exc:  # noqa: BLE001 - only a rejection is looked for
+            cause = unwrap_ray_error(exc)
+            if isinstance(cause, HopRejected):
+                return cause
+    return None
+
+
+def members(replicas: int, benched: set[int]) -> list[int]:
+    """The replicas whose pseudo-gradients a fixed-routing outer step is given, in order."""
+    return [r for r in range(replicas) if r not in benched]
+
+
+def by_replica(reports: list, members: list[list[int]], left_out: set[tuple[int, int]] = frozenset()):
+    """``(unused, observed)`` of a round, keyed by ``(range, replica)``, from outer-step reports whose holder
+    indices index ``members[range]`` (the replicas whose pseudo-gradients the range's step was given). Holders in
+    ``left_out`` (late, or excluded for a rejected hop) were not used either."""
+    unused = {(rep.range_index, members[rep.range_index][i]) for rep in reports for i in rep.not_aggregated}
+    observed = {(rep.range_index, members[rep.range_index][i]): obs
+                for rep in reports for i, obs in enumerate(rep.observations)}
+    return unused | set(left_out), observed
+
+

@@ -7,6 +7,14 @@ then this executor drops the half-done microbatches of that replica and re-runs 
 replicas keep going. The outer step waits for every holder of every range, unless ``diloco.overlap`` lets
 it run beside the next inner steps (neuroray/training/overlap.py).
 
+A hop a holder rejects (neuroray/swarm/hop_guard.py: wrong shape or dtype, NaN or Inf, a norm outside the
+band) is not a crash either: the holder that sent it is the one before the receiver (an activation) or after
+it (a gradient) in the same replica, and it is named (:meth:`~neuroray.training.trainer.Trainer.hop_rejected`).
+A replica is one chain, so its round fails as a unit: its calls in flight settle, its holders drop the step's
+half-done microbatches and gradients, it runs no more inner steps this round, and the outer step leaves out
+every one of its pseudo-gradients (none of them earns anything). The other replicas go on; at the round's end
+the replica's holders load the new theta0 like every other holder and train again from the next round.
+
 A host that is cut off is not a crash: Ray would notice it only when its health check gives the node up
 (about a minute). So a step that is not back within ``cluster.liveness_timeout_s`` has the hosts of its
 replica's holders probed (neuroray.swarm.liveness); holders on a host that does not answer are ended and
@@ -21,7 +29,7 @@ import ray
 
 from neuroray.errors import PipelineError
 from neuroray.swarm.ray_errors import holder_died, user_error
-from neuroray.training.executor import RoundResult, StepExecutor, value_or_none
+from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
 
 
@@ -41,6 +49,7 @@ class FixedPipelines(StepExecutor):
         self._batches: dict[tuple[int, int], int] = {}  # (range, replica) -> microbatches collected this round
         self.overlap = None  # diloco.overlap: the round in flight (OverlappedOuter)
         self._settled: dict[int, float] = {}  # step -> mean loss, collected early (a redone overlapped round)
+        self.benched: set[int] = set()  # replicas whose round failed on a rejected hop: out until the outer step
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -56,6 +65,8 @@ class FixedPipelines(StepExecutor):
 
     def _submit(self, step: int, replica: int) -> StepRefs:
         t = self.trainer
+        if replica in self.benched:
+            return StepRefs([], [], [])
         n = t.cfg.data.num_microbatches
         return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step), t.cfg.swarm.schedule)
 
@@ -79,18 +90,19 @@ class FixedPipelines(StepExecutor):
                 except Exception as exc:
                     lost = isinstance(exc, HostsLost)
                     if not lost and not holder_died(exc):
-                        raise user_error(exc, f"inner step {step + 1}") from None
+                        later = self._settle_replica(r, step, refs[r], c.step_timeout_s)
+                        rejected = hop_rejection(refs[r].losses + refs[r].tails)
+                        if rejected is None:
+                            raise user_error(exc, f"inner step {step + 1}") from None
+                        self._bench(r, step, rejected, later)
+                        refs[r] = StepRefs([], [], [])
+                        break
                     if lost:  # Ray would restart them only once its health check gives the node up
                         self._replace(r, exc)
                     # Every call already queued on this replica (this step's and later ones) must settle
                     # before the reset, or a stale backward could land after it. Then redo them all. (Calls
                     # to replaced holders fail as soon as the GCS has ended them: the wait stays short.)
-                    later = sorted(s for s in self.pending if s > step)
-                    stale = [x for sr in [refs[r], *(self.pending[s][r] for s in later)]
-                             for x in sr.losses + sr.steps + sr.tails]
-                    ray.wait(stale, num_returns=len(stale), timeout=c.liveness_timeout_s if lost else c.step_timeout_s)
-                    for x in stale:  # read the failures, so Ray does not report them as unhandled
-                        value_or_none(x)
+                    later = self._settle_replica(r, step, refs[r], c.liveness_timeout_s if lost else c.step_timeout_s)
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
                     if t.recover(r, exc, None if self.overlap is not None else step):
                         fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
@@ -100,7 +112,31 @@ class FixedPipelines(StepExecutor):
             # counted once the step is through, so a step re-run after a recovery counts once
             for s in range(len(refs[r].steps)):
                 self._batches[s, r] = self._batches.get((s, r), 0) + len(refs[r].losses)
-        return sum(losses) / len(losses)
+        return sum(losses) / len(losses) if losses else float("nan")  # nan: every replica is out of this round
+
+    def _settle_replica(self, replica: int, step: int, refs: StepRefs, timeout: float) -> list[int]:
+        """Wait for every call already queued on ``replica`` (step ``step``'s, ``refs``, and later steps') and read
+        their failures, so none lands after a reset and Ray reports none as unhandled. Returns the later steps."""
+        later = sorted(s for s in self.pending if s > step)
+        stale = [x for sr in [refs, *(self.pending[s][replica] for s in later)] for x in sr.losses + sr.steps + sr.tails]
+        ray.wait(stale, num_returns=len(stale), timeout=timeout)
+        for x in stale:
+            value_or_none(x)
+        return later
+
+    def _bench(self, replica: int, step: int, rejected, later: list[int]) -> None:
+        """A hop of ``replica`` was rejected in inner step ``step``: name its sender, drop the replica's half-done
+        step, and leave the replica out of the rest of the round (its later steps, already queued, are void)."""
+        t = self.trainer
+        t.hop_rejected(rejected, rejected.sender_stage, replica, step)
+        self.benched.add(replica)
+        for s in later:
+            self.pending[s][replica] = StepRefs([], [], [])
+        self._theta0_losses.pop(replica, None)  # its Driver's proof is not used this round: nothing to commit
+        aborts = [h.abort_step.remote() for h in t.swarm.replicas[replica]]
+        ray.wait(aborts, num_returns=len(aborts), timeout=t.cfg.cluster.step_timeout_s)
+        for x in aborts:  # a holder that died meanwhile is recovered by the next call that needs it
+            value_or_none(x)
 
     def _wait(self, sr: StepRefs, replica: int, step: int) -> list:
         """The step's losses and gradient norms of one replica. Every ``cluster.liveness_timeout_s`` without
@@ -160,13 +196,14 @@ class FixedPipelines(StepExecutor):
                 t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
         if self.overlap is not None:
             batches, self._batches = self._batches, {}
-            self.overlap.begin(step, batches)
+            self.overlap.begin(step, batches, self._take_benched())
             if step + 1 < t.total_steps:
                 return None
             self.overlap.land()  # the last round: nothing left to overlap, it lands at once
             return self.take_landed()
+        benched = self._take_benched()
         while True:
-            reports, loads = outer.submit(self._fragment(step))
+            reports, loads = outer.submit(self._fragment(step), frozenset(benched))
             try:
                 results = ray.get(reports + loads, timeout=c.step_timeout_s)
                 break
@@ -182,11 +219,16 @@ class FixedPipelines(StepExecutor):
                     t.recover(r, exc)
         reports, loaded = results[: len(reports)], results[len(reports):]
         comm = outer.measure(reports, loaded)
-        # every replica's pseudo-gradient was asked for: a report's indices are replica indices
-        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
+        # a report's indices are those of the replicas left in (all but the benched ones)
+        unused, observed = by_replica(reports, [members(len(t.swarm.replicas), benched)] * len(reports),
+                                      {(s, r) for s in range(len(reports)) for r in benched})
         batches, self._batches = self._batches, {}
-        observed = {(rep.range_index, i): obs for rep in reports for i, obs in enumerate(rep.observations)}
         return RoundResult(reports, comm, unused, batches, observed)
+
+    def _take_benched(self) -> set[int]:
+        """The replicas left out of the outer step about to run; from the next inner step on, all train again."""
+        benched, self.benched = self.benched, set()
+        return benched
 
     def take_landed(self) -> RoundResult | None:
         return None if self.overlap is None else self.overlap.collect(self._settle_steps)

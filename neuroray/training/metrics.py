@@ -39,6 +39,9 @@ class TrainMetrics:
         self.hop_bytes = Counter("neuroray_hop_bytes_total", "bytes a stage holder sent to its neighbours: "
                                  "activations forward and their gradients back, as encoded", ("run", "holder"))
         self._hop_seen: dict[str, int] = {}  # holder -> its hop bytes at the previous read
+        self.hop_rejections = Counter("neuroray_hop_rejections_total", "activations and gradients a holder rejected "
+                                      "(neuroray/swarm/hop_guard.py), by the holder that sent them and the check failed",
+                                      ("run", "sender", "check"))
         self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
         self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
@@ -78,6 +81,9 @@ class TrainMetrics:
             if new > 0:  # Ray's Counter refuses 0
                 self.hop_bytes.inc(new, self._t(holder=s["name"]))
             self._hop_seen[s["name"]] = now
+
+    def hop_rejected(self, sender: str, check: str) -> None:
+        self.hop_rejections.inc(1, self._t(sender=sender, check=check))
 
     def failover(self) -> None:
         self.failovers.inc(1, self._t())

@@ -24,7 +24,7 @@ import ray
 
 from neuroray.errors import PipelineError
 from neuroray.swarm.ray_errors import holder_died, user_error
-from neuroray.training.executor import RoundResult, value_or_none
+from neuroray.training.executor import RoundResult, by_replica, members, value_or_none
 
 
 @dataclass
@@ -38,6 +38,7 @@ class InFlight:
     reports: list = field(default_factory=list)  # per range, the outer step's report ref
     updates: list = field(default_factory=list)  # per range, (theta0 ref, update ref)
     acks: list = field(default_factory=list)  # every holder's land_outer ref, range by range
+    benched: set = field(default_factory=set)  # replicas left out of its outer step (a rejected hop, fixed.py)
 
 
 class OverlappedOuter:
@@ -52,11 +53,12 @@ class OverlappedOuter:
     def steps(self) -> int:
         return self.trainer.cfg.diloco.overlap_steps
 
-    def begin(self, step: int, batches: dict) -> None:
-        """The round ending after inner step ``step`` goes to the outer step; holders go straight on."""
+    def begin(self, step: int, batches: dict, benched: set[int] = frozenset()) -> None:
+        """The round ending after inner step ``step`` goes to the outer step; holders go straight on.
+        ``benched``: replicas whose pseudo-gradients are left out (every holder still sends its own)."""
         outer = self.trainer.outer
         fl = InFlight(step + 1 + self.steps, outer.rounds + 1, batches,
-                      (list(outer.theta0), list(outer.momentum), list(outer.memory)))
+                      (list(outer.theta0), list(outer.momentum), list(outer.memory)), benched=set(benched))
         self._reduce(fl, lambda h: h.send_pseudo_gradient.remote())
 
     def _reduce(self, fl: InFlight, ask) -> None:
@@ -64,7 +66,8 @@ class OverlappedOuter:
         outer = self.trainer.outer
         outer.begin_round()
         for s, holders in enumerate(outer.holders_by_range):
-            theta0, report, update = outer.reduce(s, [ask(h) for h in holders])
+            deltas = [ask(h) for h in holders]
+            theta0, report, update = outer.reduce(s, [d for r, d in enumerate(deltas) if r not in fl.benched])
             fl.reports.append(report)
             fl.updates.append((theta0, update))
         outer.rounds += 1
@@ -127,8 +130,9 @@ class OverlappedOuter:
         comm = self.trainer.outer.measure(reports, acks)
         for rep in reports:  # the round's first inner step ran before this theta0 existed; the proof commits
             rep.theta0_before = ""  # the weights it ran from (neuroray/swarm/holder.py send_pseudo_gradient)
-        unused = {(rep.range_index, i) for rep in reports for i in rep.not_aggregated}
-        observed = {(rep.range_index, i): obs for rep in reports for i, obs in enumerate(rep.observations)}
+        kept = members(len(self.trainer.swarm.replicas), fl.benched)
+        unused, observed = by_replica(reports, [kept] * len(reports),
+                                      {(s, r) for s in range(len(reports)) for r in fl.benched})
         return RoundResult(reports, comm, unused, fl.batches, observed)
 
     def _redo(self, fl: InFlight, exc: BaseException, settle) -> RoundResult:
@@ -140,7 +144,7 @@ class OverlappedOuter:
         outer.rounds -= 1
         for r in range(len(t.swarm.replicas)):
             t.recover(r, exc)
-        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved)
+        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched)
         # a holder still holding the round resends the delta it kept (OuterState.delta)
         self._reduce(redo, lambda h: h.pseudo_gradient.remote())
         self.land()

@@ -19,7 +19,7 @@ import ray
 from neuroray.errors import PipelineError
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.swarm.router import Router
-from neuroray.training.executor import RoundResult, StepExecutor
+from neuroray.training.executor import RoundResult, StepExecutor, by_replica
 
 
 class RoutedSwarm(StepExecutor):
@@ -43,6 +43,9 @@ class RoutedSwarm(StepExecutor):
         t, N = self.trainer, self.microbatches_per_step
         loss = self.router.run_step(list(range(step * N, (step + 1) * N)), t.cfg.cluster.step_timeout_s, t.inner_lr(step))
         self._report_failovers()
+        rejections, self.router.rejections = self.router.rejections, []
+        for sender, err in rejections:  # benched by the router: left out of this round's outer step
+            t.hop_rejected(err, sender.stage, sender.index, step)
         if t.ledger is not None and step % t.cfg.diloco.inner_steps == 0:
             self._commit_theta0_losses(step)
         return loss
@@ -130,6 +133,7 @@ class RoutedSwarm(StepExecutor):
                     self.router.control[h.barrier] = ("load", h, None)
                     self.router.control[pg] = ("late pseudo-gradient", h, None)
         outer.rounds += 1
+        self.router.release_benched()  # holders benched for a rejected hop rejoin at the new theta0
         try:
             results = ray.get(reports, timeout=c.step_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -137,15 +141,14 @@ class RoutedSwarm(StepExecutor):
         ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
         acks = [ray.get(ref) if self._read_holder_call(ref) else False for ref in loads]
         comm = outer.measure(results, acks)
-        # a report indexes its range's quorum; the ledger wants replica indices, and the late were not used
-        unused = {(rep.range_index, quorums[rep.range_index][i]) for rep in results for i in rep.not_aggregated}
-        unused |= {(s, h.index) for s, hs in enumerate(self.router.ranges) for h in hs if h.index not in quorums[s]}
+        # a report indexes its range's quorum; the ledger wants replica indices, and the late (or benched,
+        # down for a rejected hop) were not used
+        unused, observed = by_replica(results, quorums, {(s, h.index) for s, hs in enumerate(self.router.ranges)
+                                                         for h in hs if h.index not in quorums[s]})
         batches = {(h.stage, h.index): h.microbatches for hs in self.router.ranges for h in hs}
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
-        observed = {(rep.range_index, quorums[rep.range_index][i]): obs
-                    for rep in results for i, obs in enumerate(rep.observations)}
         return RoundResult(results, comm, unused, batches, observed)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:

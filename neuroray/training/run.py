@@ -38,6 +38,7 @@ class RunResult:
     tokens: int = 0  # training tokens processed by this run (all replicas)
     comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (docs/diloco.md)
     hops: list[dict] = field(default_factory=list)  # per holder: hops sent and received, encoded bytes (docs/hops.md)
+    hop_rejections: list[dict] = field(default_factory=list)  # hops a holder rejected, each named to its sender
 
     @property
     def sync_bytes(self) -> int:
@@ -204,6 +205,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         result.upgrades = [] if upgrader is None else upgrader.upgrades
         result.additions = [] if upgrader is None else upgrader.additions
         result.losses, result.recoveries, result.snapshots = stats.losses, stats.recoveries, stats.snapshots
+        result.hop_rejections = stats.hop_rejections
         result.routing = trainer.routing_summary()
         if result.routing is not None:  # the router's hedges, take-backs, failovers and quorums, for the operator
             (run_dir / "routing.json").write_text(json.dumps(result.routing, indent=1, default=str))

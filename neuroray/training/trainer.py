@@ -31,6 +31,8 @@ class LoopStats:
     recoveries: list[dict] = field(default_factory=list)  # one record per recovered replica
     snapshots: list[int] = field(default_factory=list)  # steps at which a snapshot set was taken
     comm: list[dict] = field(default_factory=list)  # bytes counted per outer round (OuterSync.measure + proofs)
+    # one record per hop a holder rejected (neuroray/swarm/hop_guard.py): the sender it is counted against
+    hop_rejections: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     def bytes_total(self, key: str) -> int:
@@ -194,6 +196,20 @@ class Trainer:
 
         d = self.cfg.diloco
         return inner_lr_at(step, self.total_steps, d.inner_lr, d.lr_schedule, d.warmup_steps, d.min_lr_ratio)
+
+    # ----- hops rejected by their receiver --------------------------------------------------------
+    def hop_rejected(self, err, stage: int, replica: int, step: int) -> None:
+        """A holder rejected a hop (``err``: a :class:`~neuroray.swarm.hop_guard.HopRejected`) that the holder of
+        range ``stage`` in replica (or router index) ``replica`` sent: one log line, a metric, a record. The
+        executor leaves that holder's pseudo-gradient out of the round's outer step, so it earns nothing."""
+        sender = f"r{replica}-s{stage}"
+        record = {"step": step + 1, "round": self.outer.rounds + 1, "sender": sender, "receiver": err.receiver,
+                  "direction": err.direction, "check": err.check, "detail": err.detail, "microbatch": err.mb}
+        self.stats.hop_rejections.append(record)
+        if self.metrics:
+            self.metrics.hop_rejected(sender, err.check)
+        self.log(f"hop rejected: {err} (sent by {sender}, inner step {step + 1}); {sender}'s work this round "
+                 "is left out of the outer step and earns nothing")
 
     # ----- recovery ---------------------------------------------------------------------------
     def holders_replaced(self, holders: list) -> None:
