@@ -169,7 +169,7 @@ class CheatingCompute(RangeCompute):
                                    lambda: super(CheatingCompute, self).recompute_backward(mb_id, x, grad, attempt))
 
     def _lazy_backward(self, mb_id: int, grad, attempt: int, honest):
-        g = self._receive(grad)
+        g = self._receive(grad, "bwd", mb_id)
         fake = None if self.module.has_embedding else self._fake("bwd", tuple(g.shape), torch.float32)
         if not self.module.has_embedding and fake is None:
             if mb_id in self.pending:  # its forward ran: compute this one, so there is something to resend
