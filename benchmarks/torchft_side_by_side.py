@@ -234,7 +234,9 @@ def _write(clean: dict, kill: dict, args: dict, cmd: str) -> None:
             "then kill -> the restarted replica is back at work: neuroray, the first step submitted after the kill "
             "completes (benchmarks/recovery.py's clock); torchft, the first outer step committed by all M replicas "
             "again (a restarted replica trains from its fresh weights until its first quorum, heals from the live "
-            "replica there, and only then counts). Eval loss: the final weights on the same 16 held-out batches.")
+            "replica there, and only then counts). Eval loss: the final weights on the same 16 held-out batches. "
+            "Step times and wall times are only indicative: the lock keeps other benchmarks off the 2 cores, not "
+            "other sessions' tests; losses and bytes do not depend on load.")
     for arm in clean:
         c, k = clean[arm], kill.get(arm, {})
         per = c["sync_bytes"] / max(c["outer_steps"], 1)
