@@ -151,8 +151,6 @@ def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float) -
     wall = time.time() - t0
     results = [json.loads(f.read_text()) for f in sorted(tmp.glob("result-*.json"))]
     rows = _rows(progress)
-    if os.environ.get("TORCHFT_SBS_DEBUG"):
-        print("\n".join(json.dumps(r) for r in rows if r["kind"] != "inner"), flush=True)
     out = {"arm": "torchft", "wall_s": wall, "tokens": sum(r["tokens"] for r in results),
            "inner_step_s": statistics.median(s for r in results for s in r["inner_s"]),
            "sync_bytes": sum(r["allreduce_bytes"] for r in results),
