@@ -26,7 +26,8 @@ first quorum, where it heals from the live replica; its first inner step is repo
     flock /tmp/neuroray-cpu.lock python benchmarks/torchft_side_by_side.py [rounds=6] [h=20] [m=2] [mb=4]
         [seq_len=64] [seed=0] [recovery=1] [int8=1] [arms=both|torchft] [write=1]
 
-``int8=1`` adds a neuroray run with ``diloco.compression=int8`` (clean only: its bytes and loss); ``arms=torchft`` runs the torchft arm alone and writes nothing (a check that it runs).
+``int8=1`` adds a neuroray run with ``diloco.compression=int8`` (clean only: its bytes and loss);
+``arms=torchft`` runs the torchft arm alone and writes nothing (a check that it runs).
 
 Appends the rows to docs/benchmarks.md ("Side by side with torchft DiLoCo").
 """
@@ -57,7 +58,8 @@ REPLICA = Path(__file__).resolve().parent / "_torchft_replica.py"
 def overrides(args: dict, run_dir: str, extra=()) -> list[str]:
     """One config for both arms: torchft's replicas read the model, data and DiLoCo settings from it too. The
     holder keys live beside the runs, so ``node_ids`` can hand torchft's replica r the data stream of neuroray's."""
-    return [f"swarm.key_dir={Path(run_dir).parent / 'keys'}", f"seed={args['seed']}", f"diloco.replicas={args['m']}", f"diloco.inner_steps={args['h']}",
+    return [f"swarm.key_dir={Path(run_dir).parent / 'keys'}", f"seed={args['seed']}", f"diloco.replicas={args['m']}",
+            f"diloco.inner_steps={args['h']}",
             f"rounds={args['rounds']}", "swarm.num_stages=1", f"data.seq_len={args['seq_len']}",
             f"data.microbatch_size={args['mb']}", "data.num_microbatches=1", "cluster.cpus_per_holder=0.5",
             "checkpoint.interval_s=0", f"run_dir={run_dir}", "sample_tokens=1", "log_every=1",
@@ -116,7 +118,8 @@ def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float) -
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def spawn(r: int, incarnation: int) -> subprocess.Popen:
-        spec = {"replica": r, "node_id": ids[r], "overrides": overrides(args, str(tmp)), "lighthouse": lighthouse.address(),
+        spec = {"replica": r, "node_id": ids[r], "overrides": overrides(args, str(tmp)),
+                "lighthouse": lighthouse.address(),
                 "rounds": int(args["rounds"]), "min_replicas": 1, "timeout_s": 120, "progress": str(progress),
                 "barrier": 0 if incarnation else int(args["m"]),
                 "result": str(tmp / f"result-{r}-{incarnation}.json"),
