@@ -3,10 +3,11 @@
 neuroray's tiny model (``build_monolith``, the same seed as neuroray's run), the embedded genesis dataset through
 ``TokenStream`` (the stream of neuroray's replica ``replica``: ``node_id``), neuroray's inner AdamW (betas
 0.9/0.95, grad clip) and outer Nesterov SGD, wrapped in torchft's ``Manager`` (its own TCPStore,
-``ProcessGroupGloo``, the Lighthouse at ``lighthouse``) and ``DiLoCo`` (one fragment, ``sync_every`` = H).
-One torch thread. Every inner step, outer sync and commit is appended to ``progress`` as a JSON line with a wall-clock time (the supervisor reads it to kill mid-round and to time the recovery). The bytes of the
-outer sync are the tensors handed to ``Manager.allreduce`` (counted by wrapping it on this instance) and, as a
-cross-check, this process's ``wchar`` (bytes written by write/writev, which Gloo's TCP pairs use) during sync steps.
+``ProcessGroupGloo``, the Lighthouse at ``lighthouse``) and ``DiLoCo`` (one fragment, ``sync_every`` = H). One
+torch thread. Every inner step, outer sync and commit is appended to ``progress`` as a JSON line with a wall-clock
+time (the supervisor reads it to kill mid-round and to time the recovery). The bytes of the outer sync are the
+tensors handed to ``Manager.allreduce`` (counted by wrapping it on this instance) and, as a cross-check, this
+process's ``wchar`` (bytes written by write/writev, which Gloo's TCP pairs use) during sync steps.
 
     python benchmarks/_torchft_replica.py '<json spec>'
 """
