@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 	# ByzFL, the peer our aggregators are cross-checked against: --no-deps, its torchvision would replace torch
 	$(PY) -m pip install $(PIP_QUIET) --no-deps byzfl==0.0.11 2>&1 | grep -v "^WARNING: Location" || true
+	# torchft, the DiLoCo peer benchmarks/torchft_side_by_side.py runs beside ours: --no-deps, it would pull a CUDA
+	# torch over our CPU one; its otel module imports the OTLP HTTP exporter, the only deps it needs beyond ours
+	$(PY) -m pip install $(PIP_QUIET) --no-deps torchft==0.2.0 opentelemetry-exporter-otlp-proto-http==1.45.2 \
+		opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-exporter-otlp-common==0.66b2 \
+		opentelemetry-exporter-http-transport==0.66b2 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, ray, neuroray" && touch $@
 
 demo: venv
