@@ -63,13 +63,24 @@ def test_a_norm_far_outside_the_band_is_rejected_once_it_is_warm():
     g.check(_x(1000.0), "fwd")  # warming up: accepted (the band knows nothing yet)
     g = _guard()
     _warm(g)
-    for scale in (1000.0, 1e-3, 0.0):
+    for scale in (1000.0, 1e-3):
         with pytest.raises(HopRejected, match=r"norm: norm .* outside \[.*\] \(median .* of the last 8 hops") as err:
             g.check(_x(scale), "fwd", mb=9)
         assert err.value.check == "norm"
-    assert len(g.bands["fwd"].norms) == 8 and g.rejected["norm"] == 3
+    assert len(g.bands["fwd"].norms) == 8 and g.rejected["norm"] == 2
     g.check(_x(30.0), "fwd")  # well inside x100: accepted
     g.check(_x(1000.0), "bwd")  # each direction has its own band: the gradients' is still warming up
+
+
+def test_an_all_zero_hop_is_rejected_from_the_first_even_where_the_band_learned_zeros():
+    """A neighbour that sends zeros from its first hop on (a lazy holder under fixed routing) would teach the band a
+    median of 0, inside which zeros fit: an empty hop is refused on its own."""
+    g = _guard()
+    for mb in range(3):
+        with pytest.raises(HopRejected, match="norm: all zeros") as err:
+            g.check(torch.zeros(SHAPE), "bwd", mb=mb)
+        assert err.value.sender_stage == 2
+    assert not g.bands["bwd"].norms and g.rejected["norm"] == 3
 
 
 def test_honest_norms_drifting_slowly_stay_inside_the_band():

@@ -108,6 +108,8 @@ class HopGuard:
             self.reject(direction, "finite", f"contains {'NaN' if nan else 'Inf'} (norm {norm})", mb)
         if not band:
             return
+        if norm == 0.0:  # checked without the band: one learned from a neighbour that always sent zeros allows them
+            self.reject(direction, "norm", "all zeros (no honest holder sends an empty activation or gradient)", mb)
         with self._lock:
             why = self.bands[direction].violation(norm)
             if why is None:
