@@ -95,6 +95,7 @@ def test_routed_training_equals_the_monolith_on_the_same_microbatches(ray_cluste
     assert _per_range(result) == {0: 6, 1: 6}
 
 
+@pytest.mark.slow  # make test's 15-minute budget on 2 cores: 18-23 s each
 def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     """A Validator hung mid-round: its queued gradient calls are taken back and re-sent, the outer step
     (quorum 1.0: all) waits for it, and the run learns what a clean run learns."""
@@ -125,6 +126,7 @@ def test_a_hung_holder_costs_time_not_microbatches(ray_cluster, tmp_path):
     assert hung.eval_loss <= clean.eval_loss * 1.15, (hung.eval_loss, clean.eval_loss)
 
 
+@pytest.mark.slow  # make test's 15-minute budget on 2 cores: 18-23 s each
 def test_the_outer_step_goes_on_with_a_quorum_and_late_holders_catch_up(ray_cluster, tmp_path):
     """A Driver and a Validator hung for longer than the run has left: every round reduces the quorum
     (1 of 2 per range) after outer_deadline_s, the late ones load each new theta0 once they are back,
