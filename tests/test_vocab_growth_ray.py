@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from neuroray.configure import load_config
-from neuroray.swarm.transport import as_tensor
 from neuroray.genesis import Manifest, build_dataset, load_tokenizer
 from neuroray.snapshot import SnapshotStore
+from neuroray.swarm.transport import as_tensor
 from tests.test_genesis_corpus import paragraphs
 from tests.test_pipeline_ray import _write_corpus
 
@@ -53,7 +53,7 @@ def _logits(ray, run: str, x: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for r in range(2):
         first, last = (ray.get_actor(f"neuroray-{run}-r{r}-s{s}") for s in range(2))
-        out.append(ray.get(last.evaluate.remote(first.evaluate.remote(x))))
+        out.append(as_tensor(ray.get(last.evaluate.remote(first.evaluate.remote(x)))))  # a hop's wire form
     return out
 
 
