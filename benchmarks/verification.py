@@ -49,7 +49,8 @@ ATTACKS = {
     "honest": ("honest (no attacker)", None, None, 0),
     "lie": ("lying loss: commits 0.5 x the losses it computed", "r2-s0", "lie_loss", 0.5),
     "lie_small": ("lying loss: 0.98 x", "r2-s0", "lie_loss", 0.98),
-    "lie_within": ("lying loss: 0.995 x (inside the tolerance)", "r2-s0", "lie_loss", 0.995),
+    "lie_half_pct": ("lying loss: 0.995 x", "r2-s0", "lie_loss", 0.995),
+    "lie_within": ("lying loss: 0.9995 x (inside the float32 tolerance, 0.001)", "r2-s0", "lie_loss", 0.9995),
     "inflate": ("inflated batch count: +4 per round", "r2-s0", "inflate_batches", 4),
     "scale": ("scaled pseudo-gradient: x100", "r2-s0", "scale_delta", 100),
     "sign_flip": ("sign-flipped pseudo-gradient", "r2-s0", "sign_flip", 1),
@@ -115,6 +116,9 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     stage = slot.split("-s")[1] if slot else "0"
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
     false_pos = {x: sorted(caught[x]) for x in honest if caught[x] or x in slashed}
+    for x in false_pos:  # what named an honest holder: said on the console, with the run's log kept beside it
+        print(f"{label}: false positive {x} in rounds {false_pos[x]}: {sorted(how[x])}", flush=True)
+    (run_dir / "log.txt").write_text("\n".join(lines))
     train_s = result.tokens / max(result.tokens_per_s, 1e-9)
     return {"caught": sorted(caught[slot]) if slot else [], "how": sorted(how[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,

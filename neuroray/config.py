@@ -282,9 +282,16 @@ class PonwConfig:
     slash_fraction: float = 0.5  # of stake + balance, stake first
     slash_burn_fraction: float = 0.5  # the rest goes to the reporting validator (all burned if none)
     free_rider_norm_fraction: float = 0.1  # pseudo-gradient norm below this x range median earns 0
+    # a holder whose compute calls take more than this x the median of its range's other holders', in
+    # straggler_rounds rounds in a row, earns 0 for that round and every further slow one (a slow walker sets the
+    # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off
+    straggler_factor: float = 2.5  # x the median call time of its range's other holders (0: off)
+    straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
-    spot_check_tolerance: float = 0.01  # nats, relative to max(1, loss)
+    # nats, relative to max(1, loss); 0 (auto): 0.001 when every holder computes in float32 (precision=fp32, or auto
+    # with no GPU holder), else 0.01 (bf16/fp16 autocast against the float32 recompute; docs/ponw.md)
+    spot_check_tolerance: float = 0.0
     # held-out scores -> per-holder reputation -> aggregation weights and rewards (docs/ponw.md); off by default:
     # it reweighs honest replicas by noisy scores, so the outer step is no longer plain DiLoCo's
     reputation: bool = False

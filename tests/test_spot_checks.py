@@ -91,6 +91,25 @@ def test_the_recompute_equals_the_monolith_and_catches_a_lying_driver(world):
         build_loss_at(spec["model"], spec["vocab_size"], spec["ranges"], 0, [theta0[0][:-1], theta0[1]])
 
 
+def test_the_auto_tolerance_fits_the_holders_precision_and_catches_a_half_percent_lie(world):
+    from neuroray.config import PonwConfig
+    from neuroray.ponw.rules import Rules, spot_check_tolerance
+
+    auto, given = PonwConfig(), PonwConfig(spot_check_tolerance=0.05)
+    assert auto.spot_check_tolerance == 0  # auto by default
+    assert spot_check_tolerance(auto, float32_only=True) == 1e-3
+    assert spot_check_tolerance(auto, float32_only=False) == 1e-2
+    assert spot_check_tolerance(given, float32_only=True) == 0.05
+    assert Rules.from_config(auto).spot_check_tolerance == 1e-2  # a ledger that cannot know the holders: the wider
+    spec, theta0, _, driver = world
+    _, _, honest = driver()
+    _, _, liar = driver(scale=0.995)
+    tol = spot_check_tolerance(auto, float32_only=True)
+    checks = recompute_checks(spec, theta0, [honest, liar], seed=7, rate=1.0, tolerance=tol, max_proof_bytes=4096)
+    assert [c.ok for _, c in checks] == [True, False]
+    assert recompute_checks(spec, theta0, [liar], 7, rate=1.0, tolerance=1e-2, max_proof_bytes=4096)[0][1].ok
+
+
 def test_the_ledger_slashes_on_the_validators_evidence_and_pays_its_fee(world, tmp_path):
     from neuroray.ponw.ledger import Ledger
 

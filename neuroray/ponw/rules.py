@@ -19,6 +19,21 @@ UNIT = 10**6  # micro-NEURO per NEURO: the ledger's integer money unit
 RATE_SCALE = 10**12  # rates are stored in 1e-12 NEURO per item
 BP = 10_000  # basis points
 SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# ponw.spot_check_tolerance=0 (auto). A float32 holder and the validator's float32 recompute run the same code
+# (bit-identical in one process, benchmarks/spot_check_gap.py; only thread counts can reorder sums across
+# processes), so 1e-3 leaves a wide margin and still catches a 0.5 % lie. Under bf16/fp16 autocast the recompute
+# (float32) differs by the autocast's rounding: 1e-2 (at most 4.1e-5 measured on the CPU for the tiny and small
+# models; not measured on a GPU).
+FP32_SPOT_CHECK_TOLERANCE = 1e-3
+AUTOCAST_SPOT_CHECK_TOLERANCE = 1e-2
+
+
+def spot_check_tolerance(cfg: PonwConfig, float32_only: bool) -> float:
+    """``ponw.spot_check_tolerance`` as given, or for 0 the one that fits how the holders compute
+    (``float32_only``: every holder runs plain float32)."""
+    if cfg.spot_check_tolerance > 0:
+        return cfg.spot_check_tolerance
+    return FP32_SPOT_CHECK_TOLERANCE if float32_only else AUTOCAST_SPOT_CHECK_TOLERANCE
 
 
 def format_units(units: int) -> str:
@@ -99,10 +114,15 @@ class Rules:
                 raise ConfigError(f"ponw.{key}={value} must be in [0, 1]")
         if not (math.isfinite(cfg.stake_multiplier_max) and cfg.stake_multiplier_max >= 1):
             raise ConfigError(f"ponw.stake_multiplier_max={cfg.stake_multiplier_max} must be >= 1 (1 disables the bonus)")
+        if not (math.isfinite(cfg.straggler_factor) and (cfg.straggler_factor == 0 or cfg.straggler_factor > 1)):
+            raise ConfigError(f"ponw.straggler_factor={cfg.straggler_factor} must be above 1 (how many times slower "
+                              "than its range's other holders a holder may be), or 0 to turn the rule off")
+        if cfg.straggler_rounds < 1:
+            raise ConfigError(f"ponw.straggler_rounds={cfg.straggler_rounds} must be at least 1")
         if not (math.isfinite(cfg.max_batches_per_s) and cfg.max_batches_per_s > 0):
             raise ConfigError(f"ponw.max_batches_per_s={cfg.max_batches_per_s} must be positive")
-        if not (math.isfinite(cfg.spot_check_tolerance) and cfg.spot_check_tolerance > 0):
-            raise ConfigError(f"ponw.spot_check_tolerance={cfg.spot_check_tolerance} must be positive")
+        if not (math.isfinite(cfg.spot_check_tolerance) and cfg.spot_check_tolerance >= 0):
+            raise ConfigError(f"ponw.spot_check_tolerance={cfg.spot_check_tolerance} must be positive, or 0 (auto)")
         if cfg.synchronous.upper() not in SYNC_MODES:
             raise ConfigError(f"ponw.synchronous={cfg.synchronous!r} must be one of {SYNC_MODES}")
         if cfg.backend not in ("auto", "ecdsa", "coincurve"):
@@ -126,7 +146,8 @@ class Rules:
             free_rider_bp=_bp(cfg.free_rider_norm_fraction),
             max_batches_per_s=cfg.max_batches_per_s,
             spot_check_rate=cfg.spot_check_rate,
-            spot_check_tolerance=cfg.spot_check_tolerance,
+            # auto without knowing the holders (a ledger opened outside a run): the wider one
+            spot_check_tolerance=spot_check_tolerance(cfg, float32_only=False),
         )
 
     # ----- rewards --------------------------------------------------------------------------

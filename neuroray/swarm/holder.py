@@ -105,7 +105,7 @@ class StageHolder:
             "name": self.name, "node_id": self.node_id, "role": self.spec.role, "replica": self.spec.replica,
             "stage": self.spec.stage, "layers": (lo, hi), "has_embedding": module.has_embedding,
             "has_head": module.has_head, "device": str(self.device), "numel": self.outer.theta0.numel(),
-            "gpu_ids": _ray_gpu_ids(),
+            "gpu_ids": _ray_gpu_ids(), "autocast": None if self.compute.amp is None else str(self.compute.amp),
         }
 
     # ----- inspection of the parts (in-process tests read these) ---------------------------------
@@ -420,6 +420,11 @@ class StageHolder:
         peak, self.peak_kept = max(self.peak_kept, in_flight), in_flight
         return {"name": self.name, "utilisation": self.clock.take(), "in_flight": in_flight, "peak_in_flight": peak,
                 "hop_bytes": c["fwd_bytes"] + c["bwd_bytes"]}
+
+    def round_busy(self) -> float:
+        """The median seconds of this holder's compute calls since the previous call: what it reports of its own
+        pace, once per round (the straggler rule under fixed routing, neuroray/ponw/stragglers.py)."""
+        return self.clock.take_round()
 
     def hop_bytes(self) -> dict:
         """The hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for."""

@@ -62,6 +62,21 @@ class StepExecutor(ABC):
         """The ref of ``holder``'s signed proof of the round just finished."""
         return holder.take_proof.remote()
 
+    def paces(self, result: RoundResult) -> dict[tuple[int, int], float]:
+        """``(range, replica) -> seconds per compute call`` of each holder since the previous call, for the
+        straggler rule (neuroray/ponw/stragglers.py). Here: the median of each holder's own busy clock over its
+        calls (the coordinator cannot time a fixed pipeline's calls); holders of one range run the same calls."""
+        t = self.trainer
+        slots = [(s, r, h) for r, p in enumerate(t.swarm.replicas) for s, h in enumerate(p)]
+        refs = [h.round_busy.remote() for _, _, h in slots]
+        ray.wait(refs, num_returns=len(refs), timeout=t.cfg.cluster.step_timeout_s)
+        paces = {}
+        for (s, r, _), ref in zip(slots, refs):
+            median = value_or_none(ref)
+            if median and result.batches.get((s, r), 0):  # left out of the round (benched): no pace to judge
+                paces[s, r] = median
+        return paces
+
     def settle(self) -> None:
         """Return once every live holder has applied its last inner step (before snapshots)."""
 

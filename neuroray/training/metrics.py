@@ -42,6 +42,8 @@ class TrainMetrics:
         self.hop_rejections = Counter("neuroray_hop_rejections_total", "activations and gradients a holder rejected "
                                       "(neuroray/swarm/hop_guard.py), by the holder that sent them and the check failed",
                                       ("run", "sender", "check"))
+        self.stragglers = Counter("neuroray_stragglers_total", "rounds a holder was paid 0 as a straggler "
+                                  "(neuroray/ponw/stragglers.py)", ("run", "holder"))
         self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
         self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
@@ -84,6 +86,9 @@ class TrainMetrics:
 
     def hop_rejected(self, sender: str, check: str) -> None:
         self.hop_rejections.inc(1, self._t(sender=sender, check=check))
+
+    def straggler(self, holder: str) -> None:
+        self.stragglers.inc(1, self._t(holder=holder))
 
     def failover(self) -> None:
         self.failovers.inc(1, self._t())

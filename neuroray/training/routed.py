@@ -12,6 +12,7 @@ late ones included, loads the new theta0 after its own pseudo-gradient, so late 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import ray
@@ -102,6 +103,11 @@ class RoutedSwarm(StepExecutor):
         if state is not None and state.down:
             return ray.put(None)
         return holder.take_proof.options(concurrency_group="control").remote()
+
+    def paces(self, result: RoundResult) -> dict[tuple[int, int], float]:
+        # The router's own clock: the median of the hop times it measured on each holder (recent calls)
+        return {(s, h.index): statistics.median(h.samples) for s, hs in enumerate(self.router.ranges) for h in hs
+                if h.samples and not h.down}
 
     # ----- the outer step with a quorum ------------------------------------------------------------
     def outer_step(self, step: int) -> RoundResult:

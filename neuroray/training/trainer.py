@@ -8,10 +8,11 @@ ledger's receipts), snapshots and brings back replicas whose holders Ray restart
 
 from __future__ import annotations
 
+
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -71,11 +72,13 @@ class Trainer:
         self.stats = LoopStats()
         self.comm_before: list[dict] = []  # resumed: rounds booked by earlier runs (comm.json, byte totals)
         self.ledger = self.coordinator = self.reputation = None
+        self._straggler_watch = None  # neuroray.ponw.stragglers.StragglerWatch, made at the first booked round
         if cfg.ponw.reputation:  # held-out scores -> reputation -> aggregation weights and rewards
             from neuroray.training.reputation import Reputation
 
             self.reputation = Reputation(self, log)
         if cfg.ponw.enabled:
+            self._resolve_spot_check_tolerance()
             self._start_ledger()
         self.executor = executor
         executor.attach(self)
@@ -86,6 +89,15 @@ class Trainer:
         return self.outer_stores[0].dir.rsplit("/", 1)[0]
 
     # ----- Proof of Neural Work -----------------------------------------------------------------
+    def _resolve_spot_check_tolerance(self) -> None:
+        """``ponw.spot_check_tolerance=0`` (auto) becomes the tolerance that fits how the holders compute, before
+        the ledger (which re-verifies evidence under it) and the validator read it."""
+        from neuroray.ponw.rules import spot_check_tolerance
+
+        float32_only = all(info.get("autocast") is None for info in self.swarm.infos)
+        tolerance = spot_check_tolerance(self.cfg.ponw, float32_only)
+        self.cfg = replace(self.cfg, ponw=replace(self.cfg.ponw, spot_check_tolerance=tolerance))
+
     def _start_ledger(self) -> None:
         """The ledger actor, created under this driver's coordinator key: the ledger takes receipts and
         holder keys only when that key signed them, whoever in the cluster calls it."""
@@ -125,13 +137,15 @@ class Trainer:
         # stage k % stages; a range's receipts are made together (the free-rider rule compares their norms).
         stages, receipts = len(self.swarm.ranges), {}
         reports = {rep.range_index: rep for rep in result.reports}
+        slow = self._stragglers(result)
         for s in range(stages):
             ks = list(range(s, len(holders), stages))
             keys = [(s, k // stages) for k in ks]
             report = reports.get(s)
             nodes = [infos[id(holders[k])]["node_id"] for k in ks]
             # the reputation's reward factor (ponw.reputation), booked with this round's scores
-            factors = None if self.reputation is None else [self.reputation.reward_bp(n) for n in nodes]
+            factors = [10_000 if self.reputation is None else self.reputation.reward_bp(n) for n in nodes]
+            factors = [0 if key in slow else f for key, f in zip(keys, factors)]
             made = round_receipts(nodes, self.outer.rounds,
                                   [result.batches.get(key, 0) for key in keys],
                                   [result.observed.get(key) for key in keys],
@@ -160,6 +174,24 @@ class Trainer:
         checks = self.spot_checks.audit([proof for proof, _ in items], outcomes, self.outer.rounds)
         return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync
 
+    def _stragglers(self, result: RoundResult) -> set[tuple[int, int]]:
+        """The ``(range, replica)`` slots the straggler rule names this round (paid 0), logged and counted."""
+        p = self.cfg.ponw
+        if p.straggler_factor <= 0:
+            return set()
+        if self._straggler_watch is None:
+            from neuroray.ponw.stragglers import StragglerWatch
+
+            self._straggler_watch = StragglerWatch(p.straggler_factor, p.straggler_rounds)
+        named = self._straggler_watch.observe(self.executor.paces(result))
+        for (s, r), ratio in sorted(named.items()):
+            self.log(f"ledger: round {self.outer.rounds}: r{r}-s{s} is a straggler (its calls {ratio:.1f}x slower than "
+                     f"the other holders' of range {s}, {p.straggler_rounds} rounds in a row; "
+                     f"ponw.straggler_factor={p.straggler_factor:g}): paid 0")
+            if self.metrics:
+                self.metrics.straggler(f"r{r}-s{s}")
+        return set(named)
+
     def routing_summary(self) -> dict | None:
         return self.executor.routing_summary()
 
@@ -177,8 +209,6 @@ class Trainer:
     def replicas_added(self, pipelines: list[list]) -> None:
         """New replicas joined the swarm between rounds (neuroray.planner.upgrade): the next outer step
         reduces over them too, the loop submits their inner steps, and the ledger knows their keys."""
-        from dataclasses import replace
-
         self.outer.holders_by_range = self.swarm.by_range
         self.cfg = replace(self.cfg, diloco=replace(self.cfg.diloco, replicas=len(self.swarm.replicas)))
         d = self.cfg.data

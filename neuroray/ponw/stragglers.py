@@ -1,0 +1,69 @@
+"""Stragglers: a holder that walks through its round far slower than the other holders of its range earns nothing.
+
+Under fixed routing every replica waits for its slowest holder, and a blocking outer step waits for the
+slowest replica, so one holder that stretches its compute (a "slow walker", or hardware far below its
+peers') sets the whole swarm's pace while the ledger would pay it per microbatch like the others. The rule
+compares each holder's pace in the round (the median seconds of its compute calls) with the median pace of the
+OTHER holders of the same range (they do the same work on the same layers; leaving the holder out keeps a 2-holder range meaningful)
+and names it when it is more than ``ponw.straggler_factor`` times slower. A named holder's receipt carries
+reward factor 0: its proof is accepted, its pseudo-gradient still aggregated, and it is paid nothing.
+
+Where the pace comes from (the executor's ``holder_seconds``):
+
+* the router (``swarm.routing=router``) times every hop it sends a holder itself: the coordinator's own clock,
+  which a holder cannot bend. Routing already sends a slow holder fewer microbatches; the rule adds that
+  what it does serve at that pace is not paid;
+* fixed routing: each holder's own busy clock (``StageHolder.round_busy``: the median of its calls, so that a
+  holder descheduled now and then on shared CPUs is not taken for a slow one), since the coordinator cannot time
+  a fixed pipeline's calls (a faster replica idles until its next step is submitted, so completion times
+  only say which replica was last). A holder that under-reports its own clock escapes the rule there.
+
+The defaults come from honest runs of benchmarks/verification.py on this project's 2-CPU machine under heavy
+load (6 holders, load average near 30): totals of busy time per microbatch put honest holders up to 4.6x apart
+in 100 rounds, hence the median per call; that still reached 2.6x in single rounds and 2.4x in two rounds in a
+row, hence a factor of 2.5 held for 2 rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Hashable
+
+Slot = tuple[int, Hashable]  # (range, holder)
+
+
+def stragglers(seconds: dict[Slot, float], factor: float) -> dict[Slot, float]:
+    """``{(range, holder): how many times slower}`` for the holders whose pace (seconds per call) exceeds
+    ``factor`` x the median of the other holders of their range. ``seconds`` is keyed ``(range, holder)``;
+    a range with one holder, a non-positive factor, or a holder without a positive finite pace names no one."""
+    if factor <= 0:
+        return {}
+    by_range: dict[int, dict] = defaultdict(dict)
+    for (s, who), sec in seconds.items():
+        if sec is not None and sec > 0 and sec != float("inf"):
+            by_range[s][who] = sec
+    named = {}
+    for s, pace in by_range.items():
+        for who, sec in pace.items():
+            others = [v for k, v in pace.items() if k != who]
+            if not others:
+                continue
+            ratio = sec / statistics.median(others)
+            if ratio > factor:
+                named[s, who] = ratio
+    return named
+
+
+class StragglerWatch:
+    """Names the holders :func:`stragglers` finds slow in ``rounds`` consecutive rounds (keyed by slot)."""
+
+    def __init__(self, factor: float, rounds: int):
+        self.factor, self.rounds = factor, rounds
+        self.streak: dict[Slot, int] = {}
+
+    def observe(self, paces: dict[Slot, float]) -> dict[Slot, float]:
+        """One round's paces; ``{slot: ratio}`` of the holders named this round."""
+        slow = stragglers(paces, self.factor)
+        self.streak = {slot: self.streak.get(slot, 0) + 1 for slot in slow}
+        return {slot: ratio for slot, ratio in slow.items() if self.streak[slot] >= self.rounds}
