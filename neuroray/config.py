@@ -284,7 +284,10 @@ class PonwConfig:
     free_rider_norm_fraction: float = 0.1  # pseudo-gradient norm below this x range median earns 0
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
-    spot_check_tolerance: float = 0.01  # nats, relative to max(1, loss)
+    spot_check_tolerance: float = 0.01  # nats, relative to max(1, loss); hop rechecks: relative L2 of a hop
+    # fixed routing: fraction of each holder's microbatches of a round's first inner step that another holder of
+    # its range re-executes at theta0 from the same inputs; a mismatch is excluded, slashed (docs/ponw.md)
+    hop_recheck_rate: float = 0.1
     # held-out scores -> per-holder reputation -> aggregation weights and rewards (docs/ponw.md); off by default:
     # it reweighs honest replicas by noisy scores, so the outer step is no longer plain DiLoCo's
     reputation: bool = False

@@ -359,11 +359,12 @@ class OuterSync:
             self.slices = ray.get([holders[0].fragment_slices.remote() for holders in self.holders_by_range])
         return self.slices
 
-    def submit(self, fragment: int | None = None, exclude: frozenset[int] = frozenset()) -> tuple[list, list]:
+    def submit(self, fragment: int | None = None, exclude: frozenset[int] = frozenset(),
+               left_out: frozenset[tuple[int, int]] = frozenset()) -> tuple[list, list]:
         """Submit one outer step for every range (streaming: of fragment ``fragment`` of every range);
         returns (report refs, holder load refs). ``exclude``: replicas whose pseudo-gradients are asked for
-        (their holders end the round as every other) but left out of the step; a report's holder indices then
-        index the replicas left in, in order."""
+        (their holders end the round as every other) but left out of the step; ``left_out``: the same for single
+        holders, as ``(range, replica)``. A report's holder indices then index the replicas left in, in order."""
         reports, loads = [], []
         self.begin_round()
         streamed = fragment is not None and self.fragments > 1
@@ -371,7 +372,8 @@ class OuterSync:
         for s, holders in enumerate(self.holders_by_range):
             part = self.fragment_slices()[s][fragment] if streamed else None
             deltas = [h.pseudo_gradient.remote(**asked) for h in holders]
-            theta0, report, update = self.reduce(s, [d for r, d in enumerate(deltas) if r not in exclude], part)
+            kept = [r for r in range(len(deltas)) if r not in exclude and (s, r) not in left_out]
+            theta0, report, update = self.reduce(s, [deltas[r] for r in kept], part, who=kept)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1
