@@ -30,6 +30,8 @@ def test_tampered_hops_are_caught_by_a_peer_and_only_their_senders_pay(ray_clust
     rechecks = sorted((r["round"], r["sender"], r["direction"]) for r in result.hop_rejections if r["check"] == "recheck")
     assert rechecks == [(1, "r1-s0", "fwd"), (1, "r2-s1", "bwd"), (2, "r1-s0", "fwd"), (2, "r2-s1", "bwd")], rechecks
     assert "hop recheck failed: r1-s0: its fwd hop of microbatch" in text
+    # each range lost one proven-faulty holder: its rule runs with f lowered by one, over the two left (not refused)
+    assert "theta0 unchanged" not in text
     # rate 1: every holder's 2 first-step microbatches in both rounds
     assert text.count("hop recheck: round ") == 2 and "12 microbatch(es) re-executed" in text
     node = {Identity.load_or_create(tmp_path / "keys" / f"holder-{slot}.pem").node_id: slot for slot in SLOTS}
