@@ -14,7 +14,7 @@
    recompute thread's seconds over the run's training seconds; and of the hop rechecks
    (``ponw.hop_recheck_rate=hop_rate``, 1.0 by default, neuroray/training/hop_audit.py): the holders' own
    re-execution seconds over the run's training seconds.
-   ``cost=1``: instead, the honest run at each hop recheck rate of ``cost_rates`` (default 0,0.1,1): training
+   ``cost=1``: instead, the honest run at each hop recheck rate of ``cost_rates`` (default 0,0.1,1; a rate may repeat, to see the noise): training
    seconds and the re-executions' share, side by side (the step-time overhead is the training-time ratio).
 2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
    robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
@@ -176,7 +176,8 @@ def _false_pos(r: dict) -> str:
 
 def cost(tmp: Path, rounds: int, replicas: int, routing: str, rates: list[float], cmd: str, write: bool) -> None:
     """The honest run at each hop recheck rate: training seconds, and the re-executions' own seconds."""
-    rows = [(r, real_run(tmp, f"cost-{r}", None, None, rounds, 0.0, replicas, routing, r)) for r in rates]
+    rows = [(r, real_run(tmp, f"cost-{i}-{r}", None, None, rounds, 0.0, replicas, routing, r))
+            for i, r in enumerate(rates)]
     base = rows[0][1]["train_s"]
     columns = ["ponw.hop_recheck_rate", "microbatches re-executed", "re-execution s (holders)",
                "training s", "training time vs the first rate", "re-execution / training time", "setup", "command"]
