@@ -14,8 +14,9 @@
    recompute thread's seconds over the run's training seconds; and of the hop rechecks
    (``ponw.hop_recheck_rate=hop_rate``, 1.0 by default, neuroray/training/hop_audit.py): the holders' own
    re-execution seconds over the run's training seconds.
-   ``cost=1``: instead, the honest run at each hop recheck rate of ``cost_rates`` (default 0,0.1,1; a rate may repeat, to see the noise): training
-   seconds and the re-executions' share, side by side (the step-time overhead is the training-time ratio).
+   ``cost=1``: instead, the honest run at each hop recheck rate of ``cost_rates`` (default 0,0.1,1; a rate may
+   repeat, to see the noise): training seconds and the re-executions' share, side by side (the step-time
+   overhead is the training-time ratio).
 2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
    robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
    honest holders the outlier naming (neuroray/ponw/outliers.py) names, with the smallest cosine to the
