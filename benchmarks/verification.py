@@ -11,14 +11,20 @@
    its holder named among the round's rejections), the NEURO it kept against an honest holder's of its range,
    false positives (an honest holder refused, named, slashed or paid 0: the cheater's replica-mate
    included), the eval loss against the honest run's, and the cost of the spot checks: the
-   recompute thread's seconds over the run's training seconds.
+   recompute thread's seconds over the run's training seconds; and of the hop rechecks
+   (``ponw.hop_recheck_rate=hop_rate``, 1.0 by default, neuroray/training/hop_audit.py): the holders' own
+   re-execution seconds over the run's training seconds.
+   ``cost=1``: instead, the honest run at each hop recheck rate of ``cost_rates`` (default 0,0.1,1; a rate may
+   repeat, to see the noise): training seconds and the re-executions' share, side by side (the step-time
+   overhead is the training-time ratio).
 2. Honest rounds, in process: ``seeds`` x ``honest_rounds`` DiLoCo rounds of 8 honest replicas (the
    robustness benchmark's setup) through the outer step with ``aggregator=robust`` (f=2): how many
    honest holders the outlier naming (neuroray/ponw/outliers.py) names, with the smallest cosine to the
    robust aggregate and the largest norm ratio seen (the thresholds are 0 and 4).
 
-    flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [replicas=3]
-                                 [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...] [write=1]
+    flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [hop_rate=1.0]
+                                 [replicas=3] [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...]
+                                 [cost=0] [cost_rates=0,0.1,1] [write=1]
 
 Appends rows to docs/benchmarks.md ("Verification: ...").
 """
@@ -71,10 +77,11 @@ SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "d
          "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
+RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
-             routing: str) -> dict:
+             routing: str, hop_rate: float = 1.0) -> dict:
     """One run with ``slot`` cheating; what the ledger and the logs say about every holder."""
     from neuroray.ponw.identity import Identity
     from neuroray.swarm.attacks_in_holder import misbehaving
@@ -88,7 +95,7 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
                        f"diloco.replicas={replicas}", f"swarm.num_stages={STAGES}", "aggregator=robust",
                        f"swarm.routing={routing}", f"swarm.key_dir={keys}", "cluster.cpus_per_holder=0.25",
                        "sample_tokens=1", "checkpoint.every_round=false", "checkpoint.interval_s=0",
-                       "progress_bar=false", f"ponw.spot_check_rate={rate}"])
+                       "progress_bar=false", f"ponw.spot_check_rate={rate}", f"ponw.hop_recheck_rate={hop_rate}"])
     lines: list[str] = []
     holders = misbehaving({slot: attack} if attack else {})
     t0 = time.monotonic()
@@ -98,11 +105,12 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     db = sqlite3.connect(run_dir / "ledger.sqlite")
     caught: dict[str, set[int]] = {x: set() for x in slots}  # slot -> rounds it was caught in
     how: dict[str, set[str]] = {x: set() for x in slots}  # slot -> what caught it
-    for node, rnd, status, reward in db.execute(
-            "SELECT node_id, outer_round, status, reward FROM proofs WHERE proof_type = 'training'"):
+    for node, rnd, status, reward, reason in db.execute(
+            "SELECT node_id, outer_round, status, reward, reason FROM proofs WHERE proof_type = 'training'"):
         if node in ids and (status != "credited" or reward == 0):
             caught[ids[node]].add(rnd)
-            how[ids[node]].add({"credited": "paid 0", "invalidated": "spot check"}.get(status, f"proof {status}"))
+            invalidated = "hop recheck" if str(reason).startswith("hop recheck") else "spot check"
+            how[ids[node]].add({"credited": "paid 0", "invalidated": invalidated}.get(status, f"proof {status}"))
     for line in lines:
         m = NAMED.search(line)
         if m:
@@ -112,6 +120,7 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     slashed = {ids[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
                if n in ids}
     check_s = sum(float(m.group(1)) for line in lines if (m := CHECKED.search(line)))
+    rechecks = [(int(m.group(1)), float(m.group(2))) for line in lines if (m := RECHECKED.search(line))]
     honest = [x for x in slots if x != slot]
     stage = slot.split("-s")[1] if slot else "0"
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
@@ -123,6 +132,7 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     return {"caught": sorted(caught[slot]) if slot else [], "how": sorted(how[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
+            "rechecked": sum(n for n, _ in rechecks), "recheck_s": sum(x for _, x in rechecks),
             "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0}
 
 
@@ -169,9 +179,31 @@ def _false_pos(r: dict) -> str:
     return f"{n} of {r['honest_rounds']}" + (f" ({where})" if where else "")
 
 
+def cost(tmp: Path, rounds: int, replicas: int, routing: str, rates: list[float], cmd: str, write: bool) -> None:
+    """The honest run at each hop recheck rate: training seconds, and the re-executions' own seconds."""
+    rows = [(r, real_run(tmp, f"cost-{i}-{r}", None, None, rounds, 0.0, replicas, routing, r))
+            for i, r in enumerate(rates)]
+    base = rows[0][1]["train_s"]
+    columns = ["ponw.hop_recheck_rate", "microbatches re-executed", "re-execution s (holders)",
+               "training s", "training time vs the first rate", "re-execution / training time", "setup", "command"]
+    print("| " + " | ".join(columns) + " |")
+    for r, x in rows:
+        values = [f"{r:g}", str(x["rechecked"]), f"{x['recheck_s']:.3f}", f"{x['train_s']:.2f}",
+                  f"{x['train_s'] / base - 1:+.1%}", f"{x['recheck_s'] / x['train_s']:.2%}",
+                  f"{replicas} replicas x {STAGES} stages, tiny d64 L2, {rounds} rounds x H=4, 2 microbatches, no spot "
+                  f"checks, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"]
+        print("| " + " | ".join(values) + " |", flush=True)
+        if write:
+            append_row(f"Verification: cost of the hop rechecks, {routing} routing (Ray)", columns, values,
+                       note="benchmarks/verification.py cost=1: the honest run at each ponw.hop_recheck_rate, one after "
+                            "the other in one process after an untimed warm-up run. Re-execution seconds are the holders' "
+                            "own (StageHolder.reexecute), summed; training seconds the run's tokens over its tokens/s.")
+
+
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
     rounds, rate = int(opts.get("rounds", 3)), float(opts.get("rate", 1.0))
+    hop_rate = float(opts.get("hop_rate", 1.0))
     replicas, seeds = int(opts.get("replicas", 3)), int(opts.get("seeds", 3))
     routing = opts.get("routing", "fixed")
     n_honest = int(opts.get("honest_rounds", 100))
@@ -180,6 +212,16 @@ def main(argv: list[str]) -> None:
     write = opts.get("write", "1") != "0"
     t0 = time.time()
     rows = {}
+    if opts.get("cost", "0") != "0":
+        rates = [float(x) for x in opts.get("cost_rates", "0,0.1,1").split(",")]
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                real_run(Path(tmp), "warmup", None, None, 1, 0.0, replicas, routing, rates[-1])
+                cost(Path(tmp), rounds, replicas, routing, rates, cmd, write)
+        finally:
+            ray.shutdown()
+        return
     if labels:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -191,14 +233,15 @@ def main(argv: list[str]) -> None:
             for label in labels:
                 _, slot, attack, *spec = ATTACKS[label]
                 rows[label] = real_run(Path(tmp), label, slot, (attack, *spec) if attack else None, rounds, rate,
-                                       replicas, routing)
+                                       replicas, routing, hop_rate)
                 print(label, rows[label], flush=True)
     finally:
         if labels:
             ray.shutdown()
     clean = rows.get("honest", {}).get("eval_loss", math.nan)
     columns = ["attack", "cheating holder", "detected", "first round caught", "NEURO kept: attacker / honest peer",
-               "false positives (honest holder-rounds)", "eval loss vs honest run", "spot checks / training time"]
+               "false positives (honest holder-rounds)", "eval loss vs honest run", "spot checks / training time",
+               "hop rechecks / training time"]
     if rows:
         print("| " + " | ".join(columns) + " |")
     for label, r in rows.items():
@@ -208,13 +251,14 @@ def main(argv: list[str]) -> None:
         values = [name, slot or "-", detected, first,
                   f"{r['attacker']:.4f} / {r['honest']:.4f}" if slot else f"- / {r['honest']:.4f}", _false_pos(r),
                   f"{r['eval_loss'] / clean - 1:+.2%}" if math.isfinite(clean) else "-",
-                  f"{r['check_s']:.2f}s / {r['train_s']:.1f}s = {r['check_s'] / r['train_s']:.1%}"]
+                  f"{r['check_s']:.2f}s / {r['train_s']:.1f}s = {r['check_s'] / r['train_s']:.1%}",
+                  f"{r['rechecked']} mb, {r['recheck_s']:.2f}s = {r['recheck_s'] / r['train_s']:.1%}"]
         print("| " + " | ".join(values) + " |", flush=True)
         if write:
-            append_row(f"Verification: holders that really misbehave, {routing} routing (Ray)",
+            append_row(f"Verification: holders that really misbehave, {routing} routing, with hop rechecks (Ray)",
                        [*columns, "setup", "command"],
                        [*values, f"{replicas} replicas x {STAGES} stages, tiny d64 L2, robust rule, {rounds} rounds "
-                                 f"x H=4, spot_check_rate={rate}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                                 f"x H=4, spot_check_rate={rate}, hop_recheck_rate={hop_rate}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
                        note="benchmarks/verification.py part 1: one holder of replica 2 cheats from round 1 inside its "
                             "own process (neuroray/swarm/attacks_in_holder.py); replicas 0 and 1 are honest. 'Caught': "
                             "its proof refused, invalidated or paid 0, or its holder named among the round's "

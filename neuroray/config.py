@@ -289,9 +289,12 @@ class PonwConfig:
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
-    # nats, relative to max(1, loss); 0 (auto): 0.001 when every holder computes in float32 (precision=fp32, or auto
-    # with no GPU holder), else 0.01 (bf16/fp16 autocast against the float32 recompute; docs/ponw.md)
+    # nats, relative to max(1, loss) (hop rechecks: relative L2 of a hop); 0 (auto): 0.001 when every holder computes
+    # in float32 (precision=fp32, or auto with no GPU holder), else 0.01 (bf16/fp16 autocast; docs/ponw.md)
     spot_check_tolerance: float = 0.0
+    # fixed routing: fraction of each holder's microbatches of a round's first inner step that another holder of
+    # its range re-executes at theta0 from the same inputs; a mismatch is excluded, slashed (docs/ponw.md)
+    hop_recheck_rate: float = 0.1
     # held-out scores -> per-holder reputation -> aggregation weights and rewards (docs/ponw.md); off by default:
     # it reweighs honest replicas by noisy scores, so the outer step is no longer plain DiLoCo's
     reputation: bool = False

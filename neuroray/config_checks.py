@@ -188,6 +188,26 @@ def _check_reputation(cfg: TrainConfig) -> None:
                           "lower the floor or raise the prior")
 
 
+def hop_recheck_off(cfg: TrainConfig) -> str | None:
+    """Why the hop rechecks (``ponw.hop_recheck_rate``, neuroray/training/hop_audit.py) do not run here, or None.
+    They redo a holder's first inner step of a round at theta0 on another holder of its range, so they need
+    every holder of a range at theta0 when a round starts, hops that cross as they were computed, and a peer."""
+    p, s, dl = cfg.ponw, cfg.swarm, cfg.diloco
+    if not p.enabled or p.hop_recheck_rate == 0:
+        return "ponw.enabled=false or ponw.hop_recheck_rate=0"
+    if s.routing != "fixed":
+        return "swarm.routing=router (a microbatch's hops are spread over holders the record does not follow)"
+    if s.hop_compression != "none":
+        return f"swarm.hop_compression={s.hop_compression} (a lossy codec moves every hop past the tolerance)"
+    if dl.streaming_fragments > 1 or dl.overlap != "none":
+        return "streaming or diloco.overlap (a round's first step does not start from the theta0 every holder keeps)"
+    if dl.replicas < 2:
+        return "diloco.replicas=1 (no other holder of a range to re-execute on)"
+    if s.num_stages < 2:
+        return "swarm.num_stages=1 (no hop crosses between holders)"
+    return None
+
+
 def _check_hops(s: SwarmConfig) -> None:
     if s.hop_compression not in HOP_COMPRESSIONS:
         raise ConfigError(f"swarm.hop_compression={s.hop_compression} is unknown; choose {', '.join(HOP_COMPRESSIONS)}")

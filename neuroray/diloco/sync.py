@@ -18,6 +18,7 @@ counts the serialized bytes of everything that crossed (docs/diloco.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -359,11 +360,14 @@ class OuterSync:
             self.slices = ray.get([holders[0].fragment_slices.remote() for holders in self.holders_by_range])
         return self.slices
 
-    def submit(self, fragment: int | None = None, exclude: frozenset[int] = frozenset()) -> tuple[list, list]:
+    def submit(self, fragment: int | None = None, exclude: frozenset[int] = frozenset(),
+               left_out: frozenset[tuple[int, int]] = frozenset()) -> tuple[list, list]:
         """Submit one outer step for every range (streaming: of fragment ``fragment`` of every range);
         returns (report refs, holder load refs). ``exclude``: replicas whose pseudo-gradients are asked for
-        (their holders end the round as every other) but left out of the step; a report's holder indices then
-        index the replicas left in, in order."""
+        (their holders end the round as every other) but left out of the step; ``left_out``: the same for single
+        holders, as ``(range, replica)``, proven faulty (a failed hop recheck): each one left out of a range is one
+        of the ``f`` faulty holders its rule tolerates, so the rule runs with ``f`` less by as many (as screening
+        does with the contributions it rejects). A report's holder indices index the replicas left in, in order."""
         reports, loads = [], []
         self.begin_round()
         streamed = fragment is not None and self.fragments > 1
@@ -371,24 +375,31 @@ class OuterSync:
         for s, holders in enumerate(self.holders_by_range):
             part = self.fragment_slices()[s][fragment] if streamed else None
             deltas = [h.pseudo_gradient.remote(**asked) for h in holders]
-            theta0, report, update = self.reduce(s, [d for r, d in enumerate(deltas) if r not in exclude], part)
+            kept = [r for r in range(len(deltas)) if r not in exclude and (s, r) not in left_out]
+            faulty = sum(1 for r in range(len(deltas)) if (s, r) in left_out and r not in exclude)
+            theta0, report, update = self.reduce(s, [deltas[r] for r in kept], part, who=kept, faulty_out=faulty)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1
         return reports, loads
 
-    def reduce(self, s: int, deltas: list, part: tuple[int, int] | None = None, who: list[int] | None = None):
+    def reduce(self, s: int, deltas: list, part: tuple[int, int] | None = None, who: list[int] | None = None,
+               faulty_out: int = 0):
         """Submit range ``s``'s outer step over these pseudo-gradient refs; returns (theta0, report, update) refs.
         ``part``: streaming, the fragment's slice of the range. ``who``: the replica index of each
-        pseudo-gradient (default: 0, 1, ...).
+        pseudo-gradient (default: 0, 1, ...). ``faulty_out``: faulty holders already left out (the rule's ``f``
+        is lowered by as many).
 
         Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
         who = list(range(len(deltas))) if who is None else list(who)
         weights = None if self.weights_of is None else self.weights_of(s, who)
         if self.weights_of is not None:  # kept for the scores until the next round replaces them
             self.reduced[s] = ReducedInputs(self.theta0[s], self.memory[s], self.rounds, who, list(deltas), part)
+        rule = self.aggregator
+        if faulty_out:
+            rule = dataclasses.replace(rule, f=max(rule.f - faulty_out, 0))
         theta0, momentum, report, memory, update = outer_step_task.remote(
-            self.aggregator, self.attack, self.diloco, s, self.rounds, self.seed,
+            rule, self.attack, self.diloco, s, self.rounds, self.seed,
             self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part, weights=weights)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
         self._round.append({"dense": self._dense, "acks": []})

@@ -224,6 +224,8 @@ def open_evidence(data) -> tuple[Evidence, bytes, bytes]:
     validator's key. Raises AuthorityError('evidence')."""
     code = "evidence"
     p, sig, digest = _open(data, EVIDENCE_DOMAIN, MAX_EVIDENCE_BYTES, "evidence", code)
+    if p.get("kind") == "hop_recheck":
+        return _open_hop(p, digest), sig, digest
     _keys(p, _EVIDENCE_KEYS, code, "evidence")
     if p["kind"] != "spot_check":
         raise AuthorityError(code, f"evidence kind {p['kind']!r} is not spot_check")
@@ -247,6 +249,8 @@ def evidence_problem(ev: Evidence, proof: Proof | None, status: str, tolerance: 
     credited Driver proof, the position is one the proof committed, the claimed loss is the committed
     one, and the recomputed value really contradicts it under the ledger's own tolerance.
     """
+    if isinstance(ev, HopEvidence):
+        return hop_evidence_problem(ev, proof, status, tolerance)
     if proof is None:
         return "no_proof", f"no proof {ev.proof_id[:12]}… in this ledger"
     if ev.node_id != proof.node_id:
@@ -268,6 +272,87 @@ def evidence_problem(ev: Evidence, proof: Proof | None, status: str, tolerance: 
     if abs(claimed - recomputed) <= tolerance * max(1.0, recomputed):
         return "unfounded", (f"recomputed loss {recomputed:.6f} agrees with the claimed {claimed:.6f} "
                              f"within the tolerance {tolerance:g}")
+    return None
+
+
+# ----- evidence from hop rechecks (neuroray/training/hop_audit.py) -------------------------------
+_HOP_EVIDENCE_KEYS = {"v", "kind", "proof_id", "node_id", "validator", "checker", "microbatch", "direction", "sent",
+                      "recomputed", "error_ppm"}
+HOP_DIRECTIONS = ("fwd", "bwd", "loss")  # what the accused sent: activation on, gradient back, the last range's loss
+
+
+@dataclass(frozen=True)
+class HopEvidence:
+    """A validator's signed record that a holder's hop (of its round's first inner step, at theta0) is not what
+    another holder of its range (``checker``) computed from the same inputs. ``sent``/``recomputed``: digests of
+    both; ``error_ppm``: their relative L2 distance (the loss: relative difference) in millionths. The proof is
+    the accused's proof of that round."""
+
+    proof_id: str
+    node_id: str
+    validator: str
+    checker: str
+    microbatch: int
+    direction: str
+    sent: str
+    recomputed: str
+    error_ppm: int
+    evidence_id: str = ""
+    kind: str = "hop_recheck"
+
+    def payload(self) -> dict:
+        return {"v": VERSION, "kind": self.kind, "proof_id": self.proof_id, "node_id": self.node_id,
+                "validator": self.validator, "checker": self.checker, "microbatch": self.microbatch,
+                "direction": self.direction, "sent": self.sent, "recomputed": self.recomputed,
+                "error_ppm": self.error_ppm}
+
+    @property
+    def reason(self) -> str:
+        return (f"hop recheck by {self.validator[:12]}…: microbatch {self.microbatch}'s {self.direction} differs from "
+                f"{self.checker[:12]}…'s re-execution by {self.error_ppm / 1e6:.4g} (relative)")
+
+
+def sign_hop_evidence(validator: Identity, proof: Proof, checker: str, microbatch: int, direction: str, sent: str,
+                      recomputed: str, error: float, backend: str = "auto") -> bytes:
+    """Evidence of a failed hop recheck of ``proof``'s node, signed by ``validator``."""
+    ppm = min(int(round(error * 1e6)), MAX_INT) if math.isfinite(error) else MAX_INT
+    ev = HopEvidence(proof.proof_id, proof.node_id, validator.node_id, checker, microbatch, direction, sent,
+                     recomputed, ppm)
+    return seal(EVIDENCE_DOMAIN, ev.payload(), validator, backend)
+
+
+def _open_hop(p: dict, digest: bytes) -> HopEvidence:
+    code = "evidence"
+    _keys(p, _HOP_EVIDENCE_KEYS, code, "hop evidence")
+    for name in ("proof_id", "node_id", "validator", "checker", "sent", "recomputed"):
+        _hex(f"evidence {name}", p[name], _HEX64, code)
+    _uint("evidence microbatch", p["microbatch"], code)
+    _uint("evidence error_ppm", p["error_ppm"], code)
+    if p["direction"] not in HOP_DIRECTIONS or type(p["direction"]) is not str:
+        raise AuthorityError(code, f"evidence direction must be one of {HOP_DIRECTIONS}, got {p['direction']!r}")
+    return HopEvidence(p["proof_id"], p["node_id"], p["validator"], p["checker"], p["microbatch"], p["direction"],
+                       p["sent"], p["recomputed"], p["error_ppm"], digest.hex())
+
+
+def hop_evidence_problem(ev: HopEvidence, proof: Proof | None, status: str, tolerance: float) -> tuple[str, str] | None:
+    """Why ``ev`` does not prove ``proof``'s node sent a false hop, or None. The ledger cannot rerun the range:
+    it checks that the evidence names this node's credited training proof, that neither the signer nor the
+    re-executing holder is the accused, that the hop is one the node's range sends, and that the two digests
+    differ by more than the ledger's own tolerance."""
+    if proof is None:
+        return "no_proof", f"no proof {ev.proof_id[:12]}… in this ledger"
+    if ev.node_id != proof.node_id:
+        return "evidence", f"evidence names node {ev.node_id[:12]}…, the proof is {proof.node_id[:12]}…'s"
+    if proof.node_id in (ev.validator, ev.checker):
+        return "conflict", "a node cannot file or re-execute evidence about its own work"
+    if status != "credited":
+        return "not_credited", f"proof {ev.proof_id[:12]}… is {status}; only a credited proof can be invalidated"
+    sends = {"fwd": not proof.has_lm_head, "bwd": not proof.has_embedding, "loss": proof.has_lm_head}
+    if proof.proof_type != "training" or not sends[ev.direction]:
+        return "unfounded", f"a {proof.proof_type} proof of this range sends no {ev.direction} hop"
+    if ev.sent == ev.recomputed or ev.error_ppm <= tolerance * 1e6:
+        return "unfounded", (f"the re-executed {ev.direction} agrees with the one sent within the tolerance "
+                             f"{tolerance:g} ({ev.error_ppm / 1e6:.4g})")
     return None
 
 

@@ -108,7 +108,7 @@ class Rules:
         for key in ("max_proof_bytes", "timestamp_window_s", "rate_limit_per_hour"):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"ponw.{key}={getattr(cfg, key)} must be positive")
-        for key in ("slash_fraction", "slash_burn_fraction", "spot_check_rate"):
+        for key in ("slash_fraction", "slash_burn_fraction", "spot_check_rate", "hop_recheck_rate"):
             value = getattr(cfg, key)
             if not 0 <= value <= 1:
                 raise ConfigError(f"ponw.{key}={value} must be in [0, 1]")

@@ -320,10 +320,7 @@ class RangeCompute:
         """Forward only at the flat ``weights`` (theta0), the module's own left untouched: no graph, no
         gradient, no optimizer state, no work counted. The activation for the next range, or on the last
         range with ``labels``, the mean loss (held-out evaluation, neuroray/training/evaluation.py)."""
-        params, at, weights = {}, 0, weights.to(self.device)
-        for name, p in self.module.named_parameters():  # the order parameters_to_vector flattens in
-            params[name] = weights[at:at + p.numel()].view_as(p)
-            at += p.numel()
+        params = self.params_at(weights)
         if isinstance(x, WireTensor):  # an activation from the previous range (token ids on a Driver)
             x = from_wire(x, "the previous range", self.name)
         x = to_device(x, self.device)
@@ -337,6 +334,15 @@ class RangeCompute:
             if labels is None:
                 return to_wire(self._activation_out(out))
             return float(self.module.loss(out, labels.to(self.device)))
+
+    def params_at(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The module's parameters as views of the flat ``weights`` on the device, by name (for
+        ``torch.func.functional_call``: the module's own parameters stay as they are)."""
+        params, at, weights = {}, 0, weights.to(self.device)
+        for name, p in self.module.named_parameters():  # the order parameters_to_vector flattens in
+            params[name] = weights[at:at + p.numel()].view_as(p)
+            at += p.numel()
+        return params
 
     def _count_microbatch(self) -> None:
         with self.lock:

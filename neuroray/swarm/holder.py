@@ -27,6 +27,7 @@ import torch
 from neuroray.config import ModelConfig
 from neuroray.ponw.identity import Identity
 from neuroray.swarm.compute import BusyClock, RangeCompute, open_device
+from neuroray.swarm.hop_record import HopRecord, reexecute
 from neuroray.swarm.lifecycle import RangeLifecycle, load_init_from
 from neuroray.swarm.outer_state import OuterState
 from neuroray.swarm.proving import RoundProving
@@ -72,6 +73,9 @@ class StageHolder:
         self.proving = RoundProving(self.outer.digests)
         self.lifecycle = RangeLifecycle(self.compute, self.outer, self.node_id)
         self.lifecycle.restore_on_start()
+        # swarm.routing=fixed with hop rechecks: this round's first inner step, kept for a peer to redo
+        self.hops = HopRecord(spec.hop_record)
+        self.hops.arm()
         # proofs start after a restore: the first round must commit the weights the holder restarted from
         if spec.tokens_per_batch > 0:
             self.proving.start(self, spec.tokens_per_batch)
@@ -158,6 +162,7 @@ class StageHolder:
         ``attempt`` identifies the routed call for :class:`~neuroray.swarm.claims.Claims`.
         """
         out = self.compute.forward(mb_id, x, attempt)
+        self.hops.forward(mb_id, x, out)
         self.peak_kept = max(self.peak_kept, len(self.compute.pending))  # the activation stash's high-water mark
         return (out, out is not None) if status else out
 
@@ -176,12 +181,16 @@ class StageHolder:
 
         With ``x`` None (one-stage swarm routing) the holder reads microbatch ``mb_id`` itself.
         """
-        return self.compute.forward_backward(mb_id, x, labels, scale, attempt)
+        loss, g = self.compute.forward_backward(mb_id, x, labels, scale, attempt)
+        self.hops.last(mb_id, x, labels, scale, loss, g)
+        return loss, g
 
     @_busy
     def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False, attempt: int = 0):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
         g, ran = self.compute.backward(mb_id, grad, attempt)
+        if ran:
+            self.hops.backward(mb_id, grad, g)
         return (g, ran) if status else g
 
     @_busy
@@ -200,6 +209,7 @@ class StageHolder:
         the router sent here, so divide by that count; a holder that got none skips the step.
         ``lr``: this step's inner learning rate (the driver's schedule, neuroray/diloco/lr.py).
         """
+        self.hops.disarm()  # the weights leave theta0: later steps are not what a peer can redo
         return self.compute.step(mean, lr)
 
     @_busy
@@ -207,6 +217,18 @@ class StageHolder:
         """Held-out evaluation at this range's theta0, forward only (nothing a training step or a proof
         reads is touched): the activation to pass on, or on the last range with ``labels``, the mean loss."""
         return self.compute.evaluate(x, self.outer.theta0, labels)
+
+    # ----- hop rechecks (neuroray/training/hop_audit.py) ----------------------------------------
+    def take_hop_record(self) -> dict:
+        """What this holder received and sent in its round's first inner step (:class:`HopRecord`), once."""
+        return self.hops.take()
+
+    @_busy
+    def reexecute(self, x: torch.Tensor, grad: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                  scale: float = 1.0) -> dict:
+        """Redo a peer's microbatch of this range at this holder's theta0 (the round's, the peer's weights
+        then) from the peer's inputs; this holder's training state is left as it is (:func:`reexecute`)."""
+        return reexecute(self.compute, self.outer.theta0, x, grad, labels, scale)
 
     # ----- swarm routing: claims, revocation, rejoining ---------------------------------------
     def revoke(self, mb_ids: list[int], kind: str, keep_started: bool = False,
@@ -220,6 +242,7 @@ class StageHolder:
         self.abort_step()
         self.outer.restart_at(theta0)
         self.compute.claims.clear()
+        self.hops.arm()
         if outer_rounds is not None:
             self.outer.outer_rounds = outer_rounds
         if self.proving.enabled:  # this round's proof starts at the theta0 rejoined, not the snapshot's
@@ -271,6 +294,7 @@ class StageHolder:
         from where they are, towards their own next outer step."""
         self.outer.restart_at(theta0, part)
         self.outer.outer_rounds += 1
+        self.hops.arm()
         if self.proving.enabled:
             self.proving.finish_round(self.outer.outer_rounds, self.outer.theta0, self.compute.microbatches_done,
                                       self.name)
@@ -407,6 +431,7 @@ class StageHolder:
         and that pseudo-gradient would pull the range's next outer step off the curve."""
         self.import_range(tensors)
         self.outer.outer_rounds = outer_rounds
+        self.hops.arm()
         if self.proving.enabled:
             self._start_proof_round()
         return self.counters()

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 
 from neuroray.config import TrainConfig
+from neuroray.config_checks import hop_recheck_off
 from neuroray.errors import PipelineError
 from neuroray.model import split_layers
 from neuroray.planner import scaling
@@ -97,6 +98,7 @@ class Swarm:
             hop_ratio=cfg.swarm.hop_ratio, hop_check=cfg.swarm.hop_check, hop_check_history=cfg.swarm.hop_check_history,
             hop_check_warmup=cfg.swarm.hop_check_warmup, hop_check_factor=cfg.swarm.hop_check_factor,
             seq_len=cfg.data.seq_len, microbatch_size=cfg.data.microbatch_size,
+            hop_record=hop_recheck_off(cfg) is None,
         )
         routed = cfg.swarm.routing == "router"
         if s == 0 and self.data is not None:

@@ -11,6 +11,10 @@ re-verifies it, claws the reward back and slashes the Driver; the validator is p
 For the batches it recomputed the validator submits a ``validation`` proof, against a coordinator
 receipt, and the ledger pays it ``ponw.validation_fee_per_batch`` for each.
 
+The same validator files the hop rechecks' findings (neuroray/training/hop_audit.py: a holder's first-step
+hops re-executed on a peer of its range): evidence against the blamed holder's proof of the round, and the fee
+for the microbatches re-executed, in the round's one validation proof.
+
 The validator is a key of the driver's (``<swarm.key_dir>/validator.pem``), registered by the coordinator
 as a node holding the whole model and as a validator.
 
@@ -40,6 +44,7 @@ from pathlib import Path
 import ray
 import torch
 
+from neuroray.config_checks import hop_recheck_off
 from neuroray.ponw.identity import Identity
 from neuroray.ponw.proof import SignedProof
 from neuroray.ponw.verifier import NodeRecord, Receipt, SpotCheck
@@ -99,6 +104,8 @@ class SpotChecks:
         self.trainer, self.ponw = trainer, cfg.ponw
         self.enabled = (cfg.ponw.spot_check_rate > 0 and cfg.diloco.streaming_fragments == 1
                         and cfg.diloco.overlap == "none" and cfg.swarm.hop_compression == "none")
+        self.hops = hop_recheck_off(cfg) is None  # the hop rechecks file through this validator too
+        self.hop_fees: dict[int, int] = {}  # outer round -> microbatches re-executed, paid with its Driver checks
         self.identity = Identity.load_or_create(Path(cfg.swarm.key_dir).expanduser() / VALIDATOR_KEY_FILE)
         self.record = NodeRecord(self.identity.node_id, self.identity.public_key, 0, cfg.model.n_layers, True, True)
         self.tokens_per_batch = cfg.data.seq_len * cfg.data.microbatch_size
@@ -106,7 +113,7 @@ class SpotChecks:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spot-checks")
         self.start: tuple[list, dict] | None = None  # the round in flight: theta0 refs and the model they fit
         self.stats = {"checked": 0, "failed": 0, "slashed": 0, "fees": 0, "seconds": 0.0}
-        if self.enabled:
+        if self.enabled or self.hops:
             ray.get(trainer.ledger.register.remote(trainer.coordinator.sign_registration(
                 [self.record], validators=[self.identity.node_id])), timeout=cfg.cluster.step_timeout_s)
         elif cfg.ponw.spot_check_rate > 0:
@@ -124,12 +131,16 @@ class SpotChecks:
                 "microbatch_size": d.microbatch_size, "ring_start": 0 if t.cfg.swarm.routing == "router" else None}
         self.start = (list(t.outer.theta0), spec)
 
-    def audit(self, proofs: list[bytes], outcomes: list[dict], outer_round: int) -> int:
-        """After a round's proofs were booked: file the earlier rounds' finished checks, start this one's.
-        Returns the control-plane bytes sent to the ledger."""
-        sent = self._file(wait=False)
+    def audit(self, proofs: list[bytes], outcomes: list[dict], outer_round: int, accused: list = (),
+              hop_checks: int = 0) -> int:
+        """After a round's proofs were booked: file the earlier rounds' finished checks and this round's hop
+        recheck findings (``accused``: ``(node id, checker node id, finding)``; ``hop_checks`` microbatches were
+        re-executed), start this round's Driver checks. Returns the control-plane bytes sent to the ledger."""
+        sent = self._file(wait=False) + self._file_hops(proofs, outcomes, outer_round, accused)
+        if hop_checks:  # paid with the round's Driver checks (one validation proof per round), or now
+            self.hop_fees[outer_round] = hop_checks
         if not self.enabled or self.start is None:
-            return sent
+            return sent + self._pay(outer_round, self.hop_fees.pop(outer_round, 0))
         credited = {o["proof_id"] for o in outcomes if o["accepted"]}
         drivers = [p for p in proofs if _is_credited_driver(p, credited, self.ponw.max_proof_bytes)]
         theta0, spec = self.start
@@ -139,6 +150,8 @@ class SpotChecks:
             job = self.pool.submit(_recompute_job, spec, theta0, drivers, random.SystemRandom().getrandbits(63),
                                    p.spot_check_rate, p.spot_check_tolerance, p.max_proof_bytes)
             self.pending.append((outer_round, job))
+        else:
+            sent += self._pay(outer_round, self.hop_fees.pop(outer_round, 0))
         return sent
 
     def drain(self) -> int:
@@ -157,6 +170,7 @@ class SpotChecks:
                 checks, seconds = job.result(timeout=timeout)
             except Exception as exc:  # noqa: BLE001 - a lost check is no evidence against anyone
                 self.trainer.log(f"spot checks of round {outer_round} failed to run ({type(exc).__name__}: {exc})")
+                sent += self._pay(outer_round, self.hop_fees.pop(outer_round, 0))
                 continue
             self.stats["seconds"] += seconds
             if checks:
@@ -166,30 +180,60 @@ class SpotChecks:
         return sent
 
     def _settle(self, outer_round: int, checks: list[tuple[bytes, SpotCheck]]) -> int:
-        """The fee for the recomputed batches; evidence against every failed check."""
+        """The fee for the recomputed batches (and the round's hop rechecks); evidence against every failed check."""
         from neuroray.ponw.authority import sign_evidence
+
+        p = self.ponw
+        sent = self._pay(outer_round, len(checks) + self.hop_fees.pop(outer_round, 0))
+        failed = [(wire, check) for wire, check in checks if not check.ok]
+        evidence = [sign_evidence(self.identity, SignedProof.from_bytes(wire, p.max_proof_bytes).proof, check, p.backend)
+                    for wire, check in failed]
+        self.stats["checked"] += len(checks)
+        self.stats["failed"] += len(evidence)
+        return sent + self._invalidate(outer_round, evidence, [f"Driver ({check.detail})" for _, check in failed])
+
+    def _file_hops(self, proofs: list[bytes], outcomes: list[dict], outer_round: int, accused: list) -> int:
+        """Evidence against each holder a hop recheck blamed, on its credited proof of the round. A forged record
+        (the holder's own account of what it received) is left out of the round but not slashed: no hop of its
+        differs from a re-execution, and the ledger takes only that as evidence."""
+        from neuroray.ponw.authority import sign_hop_evidence
+
+        p, credited = self.ponw, {o["proof_id"] for o in outcomes if o["accepted"]}
+        by_node = {proof.node_id: proof for proof in (SignedProof.from_bytes(w, p.max_proof_bytes).proof for w in proofs)
+                   if proof.proof_id in credited}
+        evidence, what = [], []
+        for node, checker, f in accused:
+            if f.direction == "record" or checker is None or node not in by_node:
+                continue
+            evidence.append(sign_hop_evidence(self.identity, by_node[node], checker, f.mb, f.direction, f.sent,
+                                              f.recomputed, f.error, p.backend))
+            what.append(f"{f.slot} ({f.detail})")
+        return self._invalidate(outer_round, evidence, what)
+
+    def _pay(self, outer_round: int, batches: int) -> int:
+        """The validator's ``validation`` proof for ``batches`` checked in ``outer_round``, against a receipt."""
         from neuroray.ponw.service import validation_proof
 
         t, p = self.trainer, self.ponw
-        if not checks:
+        if not batches:
             return 0
-        proof = validation_proof(self.identity, self.record, outer_round, len(checks), self.tokens_per_batch, p.backend)
-        receipt = t.coordinator.sign_receipt(Receipt(self.identity.node_id, outer_round, "validation",
-                                                     batches=len(checks)))
-        evidence = [sign_evidence(self.identity, SignedProof.from_bytes(wire, p.max_proof_bytes).proof, check, p.backend)
-                    for wire, check in checks if not check.ok]
-        calls = [t.ledger.submit_round.remote([(proof, receipt)])] + [t.ledger.invalidate.remote(e) for e in evidence]
-        fee, *verdicts = ray.get(calls, timeout=t.cfg.cluster.step_timeout_s)
-        self.stats["checked"] += len(checks)
-        self.stats["failed"] += len(evidence)
-        self.stats["fees"] += fee[0]["reward"] if fee[0]["accepted"] else 0
-        for (wire, check), v in zip([c for c in checks if not c[1].ok], verdicts):
+        proof = validation_proof(self.identity, self.record, outer_round, batches, self.tokens_per_batch, p.backend)
+        receipt = t.coordinator.sign_receipt(Receipt(self.identity.node_id, outer_round, "validation", batches=batches))
+        fee = ray.get(t.ledger.submit_round.remote([(proof, receipt)]), timeout=t.cfg.cluster.step_timeout_s)[0]
+        self.stats["fees"] += fee["reward"] if fee["accepted"] else 0
+        if not fee["accepted"]:
+            t.log(f"spot check: round {outer_round}: the validator's fee was refused: {fee['reason']}")
+        return len(proof) + len(receipt)
+
+    def _invalidate(self, outer_round: int, evidence: list[bytes], what: list[str]) -> int:
+        """File each signed evidence record with the ledger, which re-verifies it; one log line each."""
+        t = self.trainer
+        verdicts = ray.get([t.ledger.invalidate.remote(e) for e in evidence], timeout=t.cfg.cluster.step_timeout_s)
+        for who, v in zip(what, verdicts):
             self.stats["slashed"] += v["reason"] == "invalidated"
-            t.log(f"spot check: round {outer_round}: Driver {v['node_id'][:12]} failed ({check.detail}): "
-                  f"{v['reason']}, slashed {v.get('slashed', 0) / 1e6:.4f} NEURO")
-        if not fee[0]["accepted"]:
-            t.log(f"spot check: round {outer_round}: the validator's fee was refused: {fee[0]['reason']}")
-        return len(proof) + len(receipt) + sum(map(len, evidence))
+            t.log(f"spot check: round {outer_round}: {who} failed: {v['reason']}, slashed "
+                  f"{v.get('slashed', 0) / 1e6:.4f} NEURO")
+        return sum(map(len, evidence))
 
 
 def _is_credited_driver(wire: bytes, credited: set[str], max_bytes: int) -> bool:

@@ -27,6 +27,9 @@ class RoundResult:
     # (range, replica) -> (digest, norm) of the pseudo-gradient the outer step received from it (the receipts'
     # observation; absent where nothing was compared: streaming fragments, compressed or malformed payloads)
     observed: dict[tuple[int, int], tuple[str, float] | None] = field(default_factory=dict)
+    # hop rechecks (neuroray/training/hop_audit.py): the holders blamed this round, and microbatches re-executed
+    hop_findings: list = field(default_factory=list)
+    hop_checks: int = 0
 
 
 class StepExecutor(ABC):

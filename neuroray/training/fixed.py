@@ -57,6 +57,9 @@ class FixedPipelines(StepExecutor):
             from neuroray.training.overlap import OverlappedOuter
 
             self.overlap = OverlappedOuter(trainer)
+        from neuroray.training.hop_audit import HopRechecks
+
+        self.rechecks = HopRechecks(trainer)  # ponw.hop_recheck_rate: the round's first step redone on peers
 
     def submit(self, step: int) -> None:
         if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
@@ -112,6 +115,11 @@ class FixedPipelines(StepExecutor):
             # counted once the step is through, so a step re-run after a recovery counts once
             for s in range(len(refs[r].steps)):
                 self._batches[s, r] = self._batches.get((s, r), 0) + len(refs[r].losses)
+        if step % t.sync_every == 0:  # the round's first step: its records asked for, queued behind the next step
+            self.rechecks.first_step_done(step, {r: self._theta0_losses[r] for r in range(len(refs))
+                                                 if refs[r].losses and r in self._theta0_losses})
+        else:  # the records are in once the next step is: the re-executions queue beside the round's later steps
+            self.rechecks.launch()
         return sum(losses) / len(losses) if losses else float("nan")  # nan: every replica is out of this round
 
     def _settle_replica(self, replica: int, step: int, refs: StepRefs, timeout: float) -> list[int]:
@@ -202,8 +210,11 @@ class FixedPipelines(StepExecutor):
             self.overlap.land()  # the last round: nothing left to overlap, it lands at once
             return self.take_landed()
         benched = self._take_benched()
+        # a holder whose first-step hops a peer's re-execution contradicts is left out of this outer step
+        findings, checked = self.rechecks.settle(outer.rounds + 1)
+        failed = frozenset((f.stage, f.replica) for f in findings)
         while True:
-            reports, loads = outer.submit(self._fragment(step), frozenset(benched))
+            reports, loads = outer.submit(self._fragment(step), frozenset(benched), failed)
             try:
                 results = ray.get(reports + loads, timeout=c.step_timeout_s)
                 break
@@ -220,10 +231,11 @@ class FixedPipelines(StepExecutor):
         reports, loaded = results[: len(reports)], results[len(reports):]
         comm = outer.measure(reports, loaded)
         # a report's indices are those of the replicas left in (all but the benched ones)
-        unused, observed = by_replica(reports, [members(len(t.swarm.replicas), benched)] * len(reports),
-                                      {(s, r) for s in range(len(reports)) for r in benched})
+        kept = members(len(t.swarm.replicas), benched)
+        unused, observed = by_replica(reports, [[r for r in kept if (s, r) not in failed] for s in range(len(reports))],
+                                      {(s, r) for s in range(len(reports)) for r in benched} | failed)
         batches, self._batches = self._batches, {}
-        return RoundResult(reports, comm, unused, batches, observed)
+        return RoundResult(reports, comm, unused, batches, observed, findings, checked)
 
     def _take_benched(self) -> set[int]:
         """The replicas left out of the outer step about to run; from the next inner step on, all train again."""

@@ -171,7 +171,8 @@ class Trainer:
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
         # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed
-        checks = self.spot_checks.audit([proof for proof, _ in items], outcomes, self.outer.rounds)
+        checks = self.spot_checks.audit([proof for proof, _ in items], outcomes, self.outer.rounds,
+                                        self._accused(result.hop_findings), result.hop_checks)
         return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync
 
     def _stragglers(self, result: RoundResult) -> set[tuple[int, int]]:
@@ -191,6 +192,12 @@ class Trainer:
             if self.metrics:
                 self.metrics.straggler(f"r{r}-s{s}")
         return set(named)
+
+    def _accused(self, findings: list) -> list[tuple[str, object]]:
+        """``(node id, the re-executing holder's node id or None, finding)`` of each holder a hop recheck blamed."""
+        stages, infos = len(self.swarm.ranges), self.swarm.infos
+        return [(infos[f.replica * stages + f.stage]["node_id"],
+                 None if f.checker is None else infos[f.checker * stages + f.stage]["node_id"], f) for f in findings]
 
     def routing_summary(self) -> dict | None:
         return self.executor.routing_summary()
@@ -240,6 +247,18 @@ class Trainer:
             self.metrics.hop_rejected(sender, err.check)
         self.log(f"hop rejected: {err} (sent by {sender}, inner step {step + 1}); {sender}'s work this round "
                  "is left out of the outer step and earns nothing")
+
+    def hop_recheck_failed(self, finding, outer_round: int) -> None:
+        """A peer's re-execution contradicts what a holder sent in round ``outer_round``'s first inner step
+        (neuroray/training/hop_audit.py): one log line, a metric, a record. The executor leaves the holder out of
+        the round's outer step; the validator files evidence once the round's proofs are booked."""
+        record = {"round": outer_round, "sender": finding.slot, "receiver": "recheck", "direction": finding.direction,
+                  "check": "recheck", "detail": finding.detail, "microbatch": finding.mb}
+        self.stats.hop_rejections.append(record)
+        if self.metrics:
+            self.metrics.hop_rejected(finding.slot, "recheck")
+        self.log(f"hop recheck failed: {finding.slot}: {finding.detail}; its work this round is left out of the outer "
+                 "step and its proof is reported")
 
     # ----- recovery ---------------------------------------------------------------------------
     def holders_replaced(self, holders: list) -> None:

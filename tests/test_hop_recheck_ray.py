@@ -1,0 +1,52 @@
+"""Hop rechecks in a real run (neuroray/training/hop_audit.py): 3 replicas x 2 stages under fixed routing, every
+first-step microbatch re-executed on another replica's holder. A Driver that noises the activations it forwards
+and a Validator that sign-flips the gradients it sends back, each inside its own process, are caught in round 1,
+left out of the outer step, invalidated and slashed on the validator's evidence; their replica-mates, who
+computed honestly on what they were sent, and the honest replica are never blamed; the validator is paid."""
+
+import sqlite3
+
+import pytest
+
+from tests.test_recovery_ray import _cfg
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+SLOTS = [f"r{r}-s{s}" for r in range(3) for s in range(2)]
+CHEATS = {"r1-s0": ("tamper_activations", 1.0, 1, 1.0), "r2-s1": ("tamper_gradients", -1.0)}
+
+
+@pytest.mark.slow  # a 3 x 2 run of 2 rounds: over a minute on the shared 2-core machine
+def test_tampered_hops_are_caught_by_a_peer_and_only_their_senders_pay(ray_cluster, tmp_path):
+    from neuroray.ponw.identity import Identity
+    from neuroray.swarm.attacks_in_holder import misbehaving
+    from neuroray.training.run import run
+
+    lines = []
+    cfg = _cfg(tmp_path, "run", 2, "diloco.replicas=3", "diloco.inner_steps=2", "checkpoint.every_round=false",
+               "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=1.0", "aggregator=robust")
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=misbehaving(CHEATS))
+    text = "\n".join(lines)
+    rechecks = sorted((r["round"], r["sender"], r["direction"]) for r in result.hop_rejections if r["check"] == "recheck")
+    assert rechecks == [(1, "r1-s0", "fwd"), (1, "r2-s1", "bwd"), (2, "r1-s0", "fwd"), (2, "r2-s1", "bwd")], rechecks
+    assert "hop recheck failed: r1-s0: its fwd hop of microbatch" in text
+    # each range lost one proven-faulty holder: its rule runs with f lowered by one, over the two left (not refused)
+    assert "theta0 unchanged" not in text
+    # rate 1: every holder's 2 first-step microbatches in both rounds
+    assert text.count("hop recheck: round ") == 2 and "12 microbatch(es) re-executed" in text
+    node = {Identity.load_or_create(tmp_path / "keys" / f"holder-{slot}.pem").node_id: slot for slot in SLOTS}
+    db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
+    status = {(node[n], rnd): (st, reason) for n, rnd, st, reason in db.execute(
+        "SELECT node_id, outer_round, status, reason FROM proofs WHERE proof_type = 'training'") if n in node}
+    for slot in SLOTS:
+        for rnd in (1, 2):
+            st, reason = status[slot, rnd]
+            if slot in CHEATS:
+                assert st == "invalidated" and "hop recheck" in reason, (slot, rnd, st, reason)
+            else:
+                assert st == "credited", (slot, rnd, st, reason)
+    held = {node[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in node}
+    assert held["r1-s0"] == held["r2-s1"] == 0, held
+    assert all(held[slot] > 0 for slot in SLOTS if slot not in CHEATS), held  # the replica-mates are paid
+    fees = db.execute("SELECT COUNT(*), SUM(reward) FROM proofs WHERE proof_type = 'validation' AND status = 'credited'")
+    assert fees.fetchone()[0] == 2  # one validation proof per round, for the microbatches re-executed
