@@ -98,6 +98,7 @@ def one_run(cfg, ov, codec: str, rate: str, seed: int, rounds: int, inner: int, 
             "hops": hops, "cross": cross, "per_hop": hops / max(sent, 1), "ratio": fp32 / max(hops, 1),
             "eval": res["eval_loss"], "in_round": in_round, "driver": cfg.host_ip(0), "steps": len(dones),
             "steady": steady, "tps": res["tokens_per_s"], "spread": spread, "load": load,
+            "rejected": len(res.get("hop_rejections", [])),
             "placement": {r: [run.placement.get(f"{r}-s{s}") for s in range(stages)] for r in replicas},
             "metrics": keep / f"{name}.jsonl"}
 
@@ -106,7 +107,7 @@ NOTE_RUNS = ("3 lab hosts, driver on h0; the default config (2 stages x 2 replic
              + " planner.within_replica=STRICT_SPREAD checkpoint.every_round=false eval.every=0 eval.batches=16 "
              "swarm.key_dir=<one directory every host sees>` and "
              "`swarm.hop_compression=<codec> seed=<seed>`: each replica's two holders on two hosts, so every hop crosses "
-             "a veth. Payload: the hop bytes the holders counted; B/hop: per activation or gradient sent; x fewer: the "
+             "a veth (a run in which a holder rejected a hop, docs/hops.md, says so beside the placement). Payload: the hop bytes the holders counted; B/hop: per activation or gradient sent; x fewer: the "
              "float32 bytes they stand for / the bytes sent; B/step across hosts: the payload bytes whose two holders sat on "
              "different hosts, per inner step. Wire B/step inside a round: veth bytes (sum over hosts of (tx + rx) / 2) "
              "read when the driver recorded each step, per step, over the gaps between two steps of one round (the gap "
@@ -144,7 +145,8 @@ def run_row(r: dict, base: dict | None, none: dict | None, cmd: str) -> None:
                     f"{r['in_round']:,.0f}", f"{r['in_round'] / cross:.2f}",
                     f"{r['in_round'] / moved:.2f}", f"{r['in_round'] - moved:,.0f}", f"{r['eval']:.4f}", vs,
                     f"{r['steady']:,.0f}", ratio,
-                    hosts + ("" if r["spread"] else " (a replica's holders shared a host)"),
+                    hosts + ("" if r["spread"] else " (a replica's holders shared a host)")
+                    + (f" ({r['rejected']} hops rejected)" if r["rejected"] else ""),
                     f"{r['load'][0]:.1f}-{r['load'][1]:.1f}", machine(), f"`{cmd}`"], note=NOTE_RUNS, path=doc)
 
 
