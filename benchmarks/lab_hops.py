@@ -16,7 +16,7 @@ At the end: one summary row per codec against the goals, and docs/lab_hops_loss_
 time, one line per codec and link, seed 0).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/lab_hops.py [codecs=none,int8,lowrank] [seeds=0,1,2]
-        [rates=100mbit] [rounds=5] [inner_steps=20]
+        [rates=100mbit] [rounds=5] [inner_steps=20] [plot=docs/lab_hops_loss_wall.png|none]
 """
 
 from __future__ import annotations
@@ -180,12 +180,12 @@ def summary_row(codec: str, runs: list[dict], cmd: str) -> None:
                     f"**{met}**", machine(), f"`{cmd}`"], note=NOTE_SUM, path=doc)
 
 
-def plot(runs: list[dict]) -> None:
+def plot(runs: list[dict], out: Path) -> None:
     from neuroray.training.plots import loss_vs_wall_time
 
     seed0 = min(r["seed"] for r in runs)
     lines = {f"{r['codec']} hops, {r['rate']}": r["metrics"] for r in runs if r["seed"] == seed0}
-    loss_vs_wall_time(lines, PLOT, title="tiny model, 3 lab hosts, hops across hosts (seed 0)")
+    loss_vs_wall_time(lines, out, title="tiny model, 3 lab hosts, hops across hosts (seed 0)")
 
 
 def main(argv: list[str]) -> None:
@@ -194,6 +194,7 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in opts.get("seeds", "0,1,2").split(",")]
     rates = [r for r in opts.get("rates", "100mbit").split(",") if r and r != "unshaped"]
     rounds, inner = int(opts.get("rounds", 5)), int(opts.get("inner_steps", 20))
+    out = None if opts.get("plot") == "none" else Path(opts.get("plot", PLOT))  # plot=none: leave the figure as it is
     cmd = ("flock /tmp/neuroray-cpu.lock python benchmarks/lab_hops.py " + " ".join(argv)).strip()
     runs: list[dict] = []
     # One key per holder slot for every run, on a path every lab host sees (the machine's, not a host's disk): a
@@ -213,7 +214,8 @@ def main(argv: list[str]) -> None:
             base = next((x for x in runs if x["codec"] == codec and x["seed"] == seed and x["rate"] == "unshaped"), None)
             none = next((x for x in runs if x["codec"] == "none" and x["seed"] == seed and x["rate"] == rate), None)
             run_row(r, base if rate != "unshaped" else None, none, cmd)
-            plot(runs)
+            if out is not None:
+                plot(runs, out)
         for codec in codecs:
             summary_row(codec, runs, cmd)
 
