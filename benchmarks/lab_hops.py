@@ -6,10 +6,12 @@ two different hosts, so every activation and every gradient crosses a veth (chec
 a run where they did not is marked so in its row). The config is the default 2 stages x 2 replicas, sized
 down for 2 CPUs (benchmarks/_lab_run.py `SMALL`), with the final held-out evaluation only.
 
-Per run: hop bytes per hop from the payload counters (and x fewer than the float32 they stand for); the hop
-bytes that crossed hosts against the veth counters (wire - what the project counts besides hops, and, the
-cleaner check, the wire bytes a codec saved against the payload bytes it saved, same seed and link); the final
-held-out eval loss (theta0, forward without the codec); steady tok/s (first step's end to last step's).
+Per run: hop bytes per hop from the payload counters (and x fewer than the float32 they stand for); the veth
+bytes per step inside a round (read at every step's end, the gaps holding an outer step left out, when only
+hops and Ray's own traffic cross) against the payload bytes across hosts, raw and counted once per crossing as
+Ray moves them (`as_ray_moves_it`); the final held-out eval loss (theta0, forward without the codec); steady
+tok/s (first step's end to last step's). Every run uses one key directory that all hosts see, so a slot's data
+(its shard follows its key, docs/genesis.md) does not depend on where Ray placed it.
 Runs: every codec at every seed unshaped (the loss comparison, paired by seed), then every codec at seed 0 at
 each shaped rate (tok/s against the unshaped run of the same codec and seed; the loss there repeats seed 0's).
 At the end: one summary row per codec against the goals, and docs/lab_hops_loss_wall.png (loss against wall
