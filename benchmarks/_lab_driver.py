@@ -124,6 +124,8 @@ def main(argv: list[str]) -> None:
         "tokens_per_s": res.tokens_per_s, "recoveries": res.recoveries, "routing": res.routing,
         "ledger": res.ledger, "losses": res.losses, "actors": actors, "holders": final, "run_dir": str(res.run_dir),
         "wall_s": time.time() - t0, "driver_ip": ray.util.get_node_ip_address(),
+        "eval_loss": res.eval_loss,
+        "hop_rejections": res.hop_rejections,  # hops a holder rejected (docs/hops.md): a rejected hop fails a round  # the final held-out evaluation at theta0 (NaN without eval shards)
         "hops": res.hops,  # per holder: hops sent and received, counted from the payloads (docs/hops.md)
     }), flush=True)
 

@@ -318,7 +318,8 @@ class PlannerConfig:
     stages: int = 0  # 0: choose; else exactly this many layer ranges
     replicas: int = 0  # 0: as many pipeline replicas as fit; else exactly this many
     max_replicas: int = 0  # 0: no cap on the chosen number of replicas
-    within_replica: str = "PACK"  # Ray strategy inside one replica: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    # Ray strategy inside one replica (a plan's or a fixed config's): PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    within_replica: str = "PACK"
     across_replicas: str = "SPREAD"  # SPREAD: replicas on different nodes first; PACK: fill nodes first
     reserve_cpus: float = 1.0  # CPUs no holder may take on one node: outer-step tasks and the driver run there
     exclude_small_nodes: bool = False  # true: leave out nodes too small for one layer instead of failing

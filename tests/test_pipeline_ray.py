@@ -315,3 +315,29 @@ def test_attack_where_holder_runs_the_attack_inside_the_holders(ray_cluster, tmp
     assert all(proofs[(1, s, 0)] == ("credited", 0) for s in range(2)), proofs  # valid claims, nothing learned
     assert all(proofs[(1, s, 1)][0] == "credited" and proofs[(1, s, 1)][1] > 0 for s in range(2)), proofs
     assert result.ledger["supply_consistent"]
+
+
+def test_a_fixed_config_places_each_replica_with_planner_within_replica(ray_cluster, tmp_path):
+    """Without model=auto the replica groups take ``planner.within_replica``: STRICT_SPREAD needs one node per
+    stage, so on this one-node cluster two stages cannot be placed (in the lab each hop then crosses a link,
+    docs/lab.md); the refusal names the group and frees what it reserved. PACK places the same swarm."""
+    from ray.util import placement_group_table
+
+    from neuroray.configure import load_config
+    from neuroray.planner.placement import PlacementError, release
+    from neuroray.swarm.swarm import Swarm
+
+    base = ["model.d_model=64", "model.n_layers=2", "model.max_seq_len=32", "data.seq_len=32", "swarm.num_stages=2", "diloco.replicas=1",
+            "cluster.cpus_per_holder=0.25", "cluster.actor_start_timeout_s=1", "ponw.enabled=false",
+            f"swarm.key_dir={tmp_path / 'keys'}"]
+    with pytest.raises(PlacementError, match="placement group of replica 0 .* not ready after 1s"):
+        Swarm(load_config([*base, "planner.within_replica=STRICT_SPREAD"]), VOCAB, None, log=lambda *a: None)
+    assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+    swarm = Swarm(load_config([*base, "planner.within_replica=PACK", "cluster.actor_start_timeout_s=120"]), VOCAB,
+                  None, log=lambda *a: None)
+    try:
+        assert [g["strategy"] for g in placement_group_table().values() if g["state"] == "CREATED"] == ["PACK"]
+    finally:
+        for h in swarm.replicas[0]:
+            ray_cluster.kill(h)
+        release(swarm.groups)

@@ -54,7 +54,7 @@ class Swarm:
                  plan=None, holder_cls: type | None = None):
         """``plan`` (from :func:`neuroray.planner.plan_for_cluster`, for ``model=auto``) pins every holder to the
         node and resources the planner chose; without one, holders get ``cluster.cpus_per_holder``/``gpus_per_holder``
-        in one PACK placement group per replica. ``holder_cls``: the class every holder runs, StageHolder by
+        in one placement group per replica (strategy ``planner.within_replica``, PACK by default). ``holder_cls``: the class every holder runs, StageHolder by
         default (tests and benchmarks pass :class:`neuroray.swarm.faults.FaultyStageHolder` to inject faults)."""
         self.cfg, self.holder_cls = cfg, holder_cls or StageHolder
         c = cfg.cluster
@@ -63,8 +63,9 @@ class Swarm:
             self.groups = reserve_plan(plan, c.actor_start_timeout_s)
         else:
             self.ranges = stage_ranges(cfg, vocab_size)
-            self.groups = reserve_replicas(
-                cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s
+            self.groups = reserve_replicas(  # within_replica=STRICT_SPREAD puts a replica's hops on the wire
+                cfg.diloco.replicas, len(self.ranges), c.cpus_per_holder, c.gpus_per_holder, c.actor_start_timeout_s,
+                strategy=cfg.planner.within_replica,
             )
         self.model, self.vocab_size, self.data = cfg.model, vocab_size, data
         self.snapshot_root, self.name_prefix = snapshot_root, name_prefix

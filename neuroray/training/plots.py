@@ -1,4 +1,5 @@
-"""Plots written into a run directory (matplotlib, headless), and the reader of metrics.jsonl they plot."""
+"""Plots written into a run directory (matplotlib, headless), an overlay of several runs against wall time, and
+the reader of metrics.jsonl they plot."""
 
 from __future__ import annotations
 
@@ -35,6 +36,46 @@ def loss_curve(metrics_jsonl: Path, out_png: Path, inner_steps: int, title: str 
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(title or "neuroray training loss")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+
+def wall_time_series(metrics_jsonl: Path, smooth: int = 5) -> tuple[list[float], list[float], float | None]:
+    """(loop wall time of each training row, its loss as a running mean over the last ``smooth`` steps, the
+    final held-out eval loss or None): what :func:`loss_vs_wall_time` draws for one run."""
+    rows, evals = metric_rows(metrics_jsonl)
+    window, losses, mean = max(1, smooth), [r["loss"] for r in rows], []
+    for i in range(len(losses)):
+        part = losses[max(0, i - window + 1):i + 1]
+        mean.append(sum(part) / len(part))
+    return [r["elapsed_s"] for r in rows], mean, (evals[-1]["eval_loss"] if evals else None)
+
+
+def loss_vs_wall_time(runs: dict[str, Path], out_png: Path, title: str = "", smooth: int = 5) -> Path:
+    """Several runs on one axis: training loss against the loop's wall time (``elapsed_s`` of each training
+    row), one line per run labelled by its key (a link rate, a setup), each a running mean over ``smooth``
+    steps (single steps of a small batch are noisy); a run's final held-out eval loss, if it has one, is a
+    dot at its last step's time. Runs with no training rows are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, path in runs.items():
+        times, mean, final = wall_time_series(path, smooth)
+        if not times:
+            continue
+        line, = ax.plot(times, mean, lw=1.2, label=label + ("" if final is None else f" (eval {final:.3f})"))
+        if final is not None:
+            ax.plot([times[-1]], [final], "o", ms=5, color=line.get_color())
+    ax.set_xlabel("wall time since the training loop started (s)")
+    ax.set_ylabel(f"train loss, mean of {max(1, smooth)} steps (nats)")
+    ax.set_title(title or "loss against wall time")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
