@@ -364,7 +364,9 @@ class OuterSync:
                left_out: frozenset[tuple[int, int]] = frozenset()) -> tuple[list, list]:
         """Submit one outer step for every range (streaming: of fragment ``fragment`` of every range);
         returns (report refs, holder load refs). ``exclude``: replicas whose pseudo-gradients are asked for
-        (their holders end the round as every other) but left out of the step; ``left_out``: the same for single
+        (their holders end the round as every other) but left out of the step because one of their holders sent a
+        rejected hop (that holder is one of the ``f`` each rule tolerates, in every range: its hops poisoned the
+        whole replica's work, so ``f`` is lowered by one per excluded replica); ``left_out``: the same for single
         holders, as ``(range, replica)``, proven faulty (a failed hop recheck): each one left out of a range is one
         of the ``f`` faulty holders its rule tolerates, so the rule runs with ``f`` less by as many (as screening
         does with the contributions it rejects). A report's holder indices index the replicas left in, in order."""
@@ -376,7 +378,8 @@ class OuterSync:
             part = self.fragment_slices()[s][fragment] if streamed else None
             deltas = [h.pseudo_gradient.remote(**asked) for h in holders]
             kept = [r for r in range(len(deltas)) if r not in exclude and (s, r) not in left_out]
-            faulty = sum(1 for r in range(len(deltas)) if (s, r) in left_out and r not in exclude)
+            # an excluded replica had a hop rejected: one proven-faulty holder whose hops reached every range of it
+            faulty = len(set(exclude)) + sum(1 for r in range(len(deltas)) if (s, r) in left_out and r not in exclude)
             theta0, report, update = self.reduce(s, [deltas[r] for r in kept], part, who=kept, faulty_out=faulty)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]

@@ -30,6 +30,9 @@ class RoundResult:
     # hop rechecks (neuroray/training/hop_audit.py): the holders blamed this round, and microbatches re-executed
     hop_findings: list = field(default_factory=list)
     hop_checks: int = 0
+    # (range, replica) left out with a replica-mate proven faulty (a rejected hop, a failed recheck): they did their
+    # work on what it sent, so their receipts excuse them (credited, no pseudo-gradient compared) and no spot check
+    excused: set[tuple[int, int]] = field(default_factory=set)
 
 
 class StepExecutor(ABC):

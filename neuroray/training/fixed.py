@@ -50,6 +50,7 @@ class FixedPipelines(StepExecutor):
         self.overlap = None  # diloco.overlap: the round in flight (OverlappedOuter)
         self._settled: dict[int, float] = {}  # step -> mean loss, collected early (a redone overlapped round)
         self.benched: set[int] = set()  # replicas whose round failed on a rejected hop: out until the outer step
+        self.bench_senders: set[tuple[int, int]] = set()  # (stage, replica) of the holder that sent each rejected hop
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -138,6 +139,7 @@ class FixedPipelines(StepExecutor):
         t = self.trainer
         t.hop_rejected(rejected, rejected.sender_stage, replica, step)
         self.benched.add(replica)
+        self.bench_senders.add((rejected.sender_stage, replica))
         for s in later:
             self.pending[s][replica] = StepRefs([], [], [])
         self._theta0_losses.pop(replica, None)  # its Driver's proof is not used this round: nothing to commit
@@ -204,17 +206,19 @@ class FixedPipelines(StepExecutor):
                 t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
         if self.overlap is not None:
             batches, self._batches = self._batches, {}
-            self.overlap.begin(step, batches, self._take_benched())
+            self.overlap.begin(step, batches, self._take_benched()[0])
             if step + 1 < t.total_steps:
                 return None
             self.overlap.land()  # the last round: nothing left to overlap, it lands at once
             return self.take_landed()
-        benched = self._take_benched()
-        # a holder whose first-step hops a peer's re-execution contradicts is left out of this outer step
+        benched, senders = self._take_benched()
+        # a holder whose first-step hops a peer's re-execution contradicts is left out of this outer step, and
+        # with it its replica-mates: they computed on what it sent (as when a hop is rejected, _bench)
         findings, checked = self.rechecks.settle(outer.rounds + 1)
         failed = frozenset((f.stage, f.replica) for f in findings)
+        spoiled = frozenset(benched | {r for _, r in failed})
         while True:
-            reports, loads = outer.submit(self._fragment(step), frozenset(benched), failed)
+            reports, loads = outer.submit(self._fragment(step), spoiled, failed)
             try:
                 results = ray.get(reports + loads, timeout=c.step_timeout_s)
                 break
@@ -230,17 +234,19 @@ class FixedPipelines(StepExecutor):
                     t.recover(r, exc)
         reports, loaded = results[: len(reports)], results[len(reports):]
         comm = outer.measure(reports, loaded)
-        # a report's indices are those of the replicas left in (all but the benched ones)
-        kept = members(len(t.swarm.replicas), benched)
-        unused, observed = by_replica(reports, [[r for r in kept if (s, r) not in failed] for s in range(len(reports))],
-                                      {(s, r) for s in range(len(reports)) for r in benched} | failed)
+        # a report's indices are those of the replicas left in (all but the spoiled ones)
+        spoiled_slots = {(s, r) for s in range(len(reports)) for r in spoiled}
+        unused, observed = by_replica(reports, [members(len(t.swarm.replicas), spoiled)] * len(reports), spoiled_slots)
         batches, self._batches = self._batches, {}
-        return RoundResult(reports, comm, unused, batches, observed, findings, checked)
+        # the spoiled replicas' holders not proven faulty did honest work on what a faulty mate sent: excused
+        excused = spoiled_slots - failed - senders
+        return RoundResult(reports, comm, unused, batches, observed, findings, checked, excused)
 
-    def _take_benched(self) -> set[int]:
-        """The replicas left out of the outer step about to run; from the next inner step on, all train again."""
-        benched, self.benched = self.benched, set()
-        return benched
+    def _take_benched(self) -> tuple[set[int], set[tuple[int, int]]]:
+        """The replicas left out of the outer step about to run for a rejected hop, and the ``(stage, replica)``
+        that sent each; from the next inner step on, all train again."""
+        benched, senders, self.benched, self.bench_senders = self.benched, self.bench_senders, set(), set()
+        return benched, senders
 
     def take_landed(self) -> RoundResult | None:
         return None if self.overlap is None else self.overlap.collect(self._settle_steps)

@@ -67,7 +67,9 @@ class OverlappedOuter:
         outer.begin_round()
         for s, holders in enumerate(outer.holders_by_range):
             deltas = [ask(h) for h in holders]
-            theta0, report, update = outer.reduce(s, [d for r, d in enumerate(deltas) if r not in fl.benched])
+            # a benched replica holds a proven-faulty holder: one of the f the rule tolerates (OuterSync.submit)
+            theta0, report, update = outer.reduce(s, [d for r, d in enumerate(deltas) if r not in fl.benched],
+                                                  faulty_out=len(fl.benched))
             fl.reports.append(report)
             fl.updates.append((theta0, update))
         outer.rounds += 1

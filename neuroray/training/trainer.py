@@ -148,8 +148,8 @@ class Trainer:
             factors = [0 if key in slow else f for key, f in zip(keys, factors)]
             made = round_receipts(nodes, self.outer.rounds,
                                   [result.batches.get(key, 0) for key in keys],
-                                  [result.observed.get(key) for key in keys],
-                                  [key not in result.unused for key in keys],
+                                  [None if key in result.excused else result.observed.get(key) for key in keys],
+                                  [key not in result.unused or key in result.excused for key in keys],
                                   getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""),
                                   reward_bp=factors)
             receipts.update(zip(ks, made))
@@ -170,8 +170,14 @@ class Trainer:
                  + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
         if self.metrics:
             self.metrics.balances(summary["balances_neuro"])
-        # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed
-        checks = self.spot_checks.audit([proof for proof, _ in items], outcomes, self.outer.rounds,
+        for s, r in sorted(result.excused):
+            self.log(f"ledger: round {self.outer.rounds}: r{r}-s{s} excused: a replica-mate was proven faulty, so its "
+                     "work is left out of the outer step but credited, and its proof is not spot-checked")
+        # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed. An excused
+        # Driver's committed losses went through its faulty mate: not a check of its own work
+        audited = [proof for k, proof in enumerate(proofs)
+                   if proof is not None and (k % stages, k // stages) not in result.excused]
+        checks = self.spot_checks.audit(audited, outcomes, self.outer.rounds,
                                         self._accused(result.hop_findings), result.hop_checks)
         return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync
 
