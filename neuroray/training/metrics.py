@@ -42,6 +42,9 @@ class TrainMetrics:
         self.hop_rejections = Counter("neuroray_hop_rejections_total", "activations and gradients a holder rejected "
                                       "(neuroray/swarm/hop_guard.py), by the holder that sent them and the check failed",
                                       ("run", "sender", "check"))
+        self.copies = Counter("neuroray_copies_total", "holders that sent another holder's pseudo-gradient as their "
+                              "own (neuroray/training/copies.py), paid 0; outcome: copied (author named) or "
+                              "undecided (no author by the margin: the whole group unpaid)", ("run", "outcome"))
         self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
         self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
@@ -84,6 +87,10 @@ class TrainMetrics:
 
     def hop_rejected(self, sender: str, check: str) -> None:
         self.hop_rejections.inc(1, self._t(sender=sender, check=check))
+
+    def copied(self, count: int, outcome: str) -> None:
+        if count > 0:  # Ray's Counter refuses 0
+            self.copies.inc(count, self._t(outcome=outcome))
 
     def failover(self) -> None:
         self.failovers.inc(1, self._t())
