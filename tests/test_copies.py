@@ -83,16 +83,17 @@ def test_the_outer_step_counts_a_copy_once():
     twice, _, report = outer_step("mean", cfg, 0, theta0, None, a, b, a.clone(), observe=True)
     assert torch.allclose(once, twice) and report.copies == [[0, 2]] and plain.copies == []
     assert report.not_aggregated == []  # who copied is the trainer's call; the step names nobody
-    # a rule that would then have too few inputs (trimmed mean, f=1 needs 3) sees them all
+    # trimmed mean, f=1, 3 holders: the copier was one of the f faulty ones, so the 2 left need tolerate none;
+    # the step is their mean (with the copy counted, trimming would have kept a alone in every coordinate)
     robust = AggregatorConfig(name="trimmed_mean", f=1)
-    _, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), observe=True)
-    assert report.copies == [[0, 2]] and not report.refused
-    # with a fourth holder the group counts once: the rule sees a, b, c
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), observe=True)
+    assert report.copies == [[0, 2]] and not report.refused and torch.allclose(got, once)
+    # Krum, f=1, 5 holders of which two copied: the 3 left with f=0 are what Krum picks from
     c = torch.randn(64)
-    got, _, _ = outer_step(AggregatorConfig(name="trimmed_mean", f=1), cfg, 0, theta0, None, a, b, a.clone(), c,
-                           observe=True)
-    want, _, _ = outer_step(AggregatorConfig(name="trimmed_mean", f=1), cfg, 0, theta0, None, a, b, c, observe=True)
-    assert torch.allclose(got, want)
+    got, _, report = outer_step(AggregatorConfig(name="krum", f=1), cfg, 0, theta0, None, a, b, a.clone(), c,
+                                c.clone(), observe=True)
+    want, _, _ = outer_step(AggregatorConfig(name="krum", f=0), cfg, 0, theta0, None, a, b, c, observe=True)
+    assert report.copies == [[0, 2], [3, 4]] and not report.refused and torch.equal(got, want)
 
 
 def test_the_author_is_the_claimant_whose_own_batches_improve_most(world):

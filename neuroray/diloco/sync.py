@@ -18,6 +18,7 @@ counts the serialized bytes of everything that crossed (docs/diloco.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -259,14 +260,17 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
 
 def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]], **kw):
     """``aggregate`` with every group of copies counted once: its first member stands for it (the group's
-    values are one update, so which member stands in does not change the aggregate). When the rule would
-    then have too few inputs to tolerate ``f``, it sees them all (the copier still earns nothing for it)."""
+    values are one update, so which member stands in does not change the aggregate). At most one member of
+    a group is honest (its author), so each member left out is one of the ``f`` faulty holders gone: the
+    rule tolerates that many fewer, as after screening. Should it still have too few inputs, it sees them
+    all (the copier earns nothing for it either way)."""
     extra = {i for g in copies for i in g[1:]}
     keep = [i for i in range(len(contributions)) if i not in extra]
-    if not extra or len(keep) < min_inputs(cfg):
+    fewer = dataclasses.replace(cfg, f=max(cfg.f - len(extra), 0))
+    if not extra or len(keep) < min_inputs(fewer):
         return aggregate(cfg, contributions, numel, **kw)
     weights = kw.pop("weights", None)
-    result = aggregate(cfg, [contributions[i] for i in keep], numel, **kw,
+    result = aggregate(fewer, [contributions[i] for i in keep], numel, **kw,
                        weights=None if weights is None else [weights[i] for i in keep])
     back = lambda i: keep[i]  # noqa: E731
     result.accepted = sorted(map(back, result.accepted))
