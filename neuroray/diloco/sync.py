@@ -401,7 +401,8 @@ class OuterSync:
         for s, holders in enumerate(self.holders_by_range):
             part = self.fragment_slices()[s][fragment] if streamed else None
             deltas = [h.pseudo_gradient.remote(**asked) for h in holders]
-            theta0, report, update = self.reduce(s, [d for r, d in enumerate(deltas) if r not in exclude], part)
+            kept = [r for r in range(len(deltas)) if r not in exclude]  # the replica of each pseudo-gradient
+            theta0, report, update = self.reduce(s, [deltas[r] for r in kept], part, who=kept)
             reports.append(report)
             loads += [self.broadcast(s, h, theta0, update) for h in holders]
         self.rounds += 1
