@@ -3,7 +3,8 @@ the attribution rule name the right author (neuroray/ponw/copies.py, neuroray/tr
 
 In process, no Ray: 3 replicas of the tiny model shrunk as in benchmarks/verification.py (d64, L2, 2 ranges,
 vocab 1024, seq 32, 2 microbatches of 8 per step), each with its own AdamW and its own data stream (the
-Genesis shard ring of its node id, as a fixed-routing Driver reads it), ``rounds`` DiLoCo rounds of H inner
+Genesis shard ring of its node id, as a fixed-routing Driver reads it; node ids whose rings start on different
+shards, :func:`distinct_nodes`), ``rounds`` DiLoCo rounds of H inner
 steps from a shared theta0, outer step Nesterov as configured. Each round, for every range:
 
 * detection: every honest pair's distance ``|a - b| / max(|a|, |b|)`` (a copy: < 0.1) and cosine;
@@ -38,8 +39,25 @@ SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "d
 REPLICAS, RANGES = 3, [(0, 1), (1, 2)]
 
 
+def distinct_nodes(seed: int, shards: int) -> list[str]:
+    """Node ids of the replicas whose shard rings start on different shards. Two Drivers whose ids map to one
+    shard read the same stream: from one theta0 they send the same update, honestly (the copy check then
+    counts it once and pays both, neuroray/training/copies.py); that is not the case measured here."""
+    from neuroray.genesis.shards import shard_for
+
+    nodes, starts, k = [], set(), 0
+    while len(nodes) < REPLICAS:
+        node = f"copy-check-{seed}-{k}"
+        k += 1
+        if shard_for(node, shards) not in starts:
+            starts.add(shard_for(node, shards))
+            nodes.append(node)
+    return nodes
+
+
 def honest_rounds(H: int, seed: int, rounds: int) -> dict:
     from neuroray.genesis import TokenStream, ensure_dataset, load_tokenizer
+    from neuroray.genesis.shards import _split_shards
     from neuroray.model import build_stage
     from neuroray.training.reputation import StagePipeline
 
@@ -48,8 +66,8 @@ def honest_rounds(H: int, seed: int, rounds: int) -> dict:
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
     d, dl, n = cfg.data, cfg.diloco, cfg.data.num_microbatches
     S = len(RANGES)
-    streams = [TokenStream(root, manifest, f"copy-check-{seed}-{r}", d.seq_len, d.microbatch_size, prefetch=False)
-               for r in range(REPLICAS)]
+    streams = [TokenStream(root, manifest, node, d.seq_len, d.microbatch_size, prefetch=False)
+               for node in distinct_nodes(seed, len(_split_shards(manifest, "train")))]
     stages = [[build_stage(cfg.model, vocab, s, RANGES, seed=seed) for s in range(S)] for _ in range(REPLICAS)]
     opts = [[torch.optim.AdamW(m.parameters(), lr=dl.inner_lr, weight_decay=dl.weight_decay, betas=(0.9, 0.95))
              for m in rep] for rep in stages]

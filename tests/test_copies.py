@@ -116,3 +116,13 @@ def test_author_of_needs_the_margin():
     assert author_of({"a": -0.02, "b": -0.01})[0] == "b"  # both got worse: the one hurt less
     assert author_of({"a": math.nan, "b": 0.1})[0] is None
     assert author_of({"a": 0.1})[0] is None
+
+
+def test_claimants_with_the_same_batches_are_one_claimant(world):
+    from neuroray.training.copies import same_batches
+
+    b = world["batches"]
+    twin = [(x.clone(), y.clone()) for x, y in b[0]]
+    assert same_batches({0: b[0], 1: b[1], 2: twin}) == [[0, 2], [1]]
+    assert same_batches({0: b[0], 1: twin}) == [[0, 1]]
+    assert same_batches({0: b[0], 1: b[0][:-1]}) == [[0], [1]]

@@ -14,9 +14,31 @@ from tests.test_copies import SMALL
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
+def _keys_on_distinct_shards(cfg, key_dir, replicas: int) -> dict[int, str]:
+    """Drivers' keys whose shard rings start on different shards: two that share one read the same stream
+    and compute the same update honestly, which the copy check pays both for (and cannot name a copier in)."""
+    from neuroray.genesis import ensure_dataset
+    from neuroray.genesis.shards import _split_shards, shard_for
+    from neuroray.ponw.identity import Identity
+
+    _, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
+    shards = len(_split_shards(manifest, "train"))
+    key_dir.mkdir(parents=True, exist_ok=True)
+    node, starts = {}, set()
+    for r in range(replicas):
+        path = key_dir / f"holder-r{r}-s0.pem"
+        while True:
+            path.unlink(missing_ok=True)
+            ident = Identity.load_or_create(path)
+            if shard_for(ident.node_id, shards) not in starts:
+                break
+        starts.add(shard_for(ident.node_id, shards))
+        node[r] = ident.node_id
+    return node
+
+
 @pytest.mark.parametrize("routing", ["fixed", "router"])
 def test_the_copier_earns_nothing_and_its_victim_is_paid(ray_cluster, tmp_path, routing):
-    from neuroray.ponw.identity import Identity
     from neuroray.training.run import run
 
     # replica 0 copies replica 1 in its one range (holder_attack_class: the first third of the replicas)
@@ -25,10 +47,10 @@ def test_the_copier_earns_nothing_and_its_victim_is_paid(ray_cluster, tmp_path, 
                        f"swarm.key_dir={tmp_path / 'keys'}", "cluster.cpus_per_holder=0.25", "sample_tokens=1",
                        "checkpoint.interval_s=0", "checkpoint.every_round=false", "ponw.spot_check_rate=0",
                        f"swarm.routing={routing}"])
+    node = _keys_on_distinct_shards(cfg, tmp_path / "keys", 3)
     lines = []
     result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     text = "\n".join(lines)
-    node = {r: Identity.load_or_create(tmp_path / "keys" / f"holder-r{r}-s0.pem").node_id for r in range(3)}
     db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
     paid = {}
     for who, rnd, st, reward in db.execute("SELECT node_id, outer_round, status, reward FROM proofs"):

@@ -8,7 +8,10 @@ removes from them. The author is the claimant whose own batches it improves most
 (:func:`neuroray.ponw.copies.author_of`); every other member of the group is left out of the round's
 credit: its receipt says ``aggregated=False`` and the ledger pays it 0. When no claimant wins by the
 margin, nobody in the group is paid for the round (the ledger cannot tell who did the work; the
-aggregate still counts the update once). The log names each copier; ``neuroray_copies_total`` counts them.
+aggregate still counts the update once). Claimants assigned the very same batches (two Drivers whose node
+ids map to one shard start from one theta0 on one stream) compute the same update honestly: they count as
+one claimant, and when all of a group are, nobody is named and all are paid. The log names each copier;
+``neuroray_copies_total`` counts them.
 
 Which batches a claimant trained on is the coordinator's own record, never the claimant's word:
 
@@ -64,6 +67,21 @@ def own_gains(pipe, theta0: list[torch.Tensor], s: int, delta: torch.Tensor,
     return gains
 
 
+def same_batches(batches: dict[object, list[tuple[torch.Tensor, torch.Tensor]]]) -> list[list]:
+    """The claimants grouped by identical batch lists, in their order."""
+    classes: list[list] = []
+    for c, items in batches.items():
+        for cls in classes:
+            theirs = batches[cls[0]]
+            if len(theirs) == len(items) and all(torch.equal(x, y) and torch.equal(a, b)
+                                                  for (x, a), (y, b) in zip(theirs, items)):
+                cls.append(c)
+                break
+        else:
+            classes.append([c])
+    return classes
+
+
 class CopyCheck:
     """The trainer's attribution of copied pseudo-gradients, round by round."""
 
@@ -98,19 +116,24 @@ class CopyCheck:
         for case in cases:
             s, who = case["s"], case["who"]
             t0 = time.perf_counter()
-            gains, author, rel = {}, None, float("nan")
+            classes, gains, author, rel = [who], {}, None, float("nan")
             try:
-                gains = self._gains(case, step)
+                classes, gains = self._measure(case, step)
                 if gains:
                     author, rel = author_of(gains)
             except Exception as exc:  # noqa: BLE001 - no attribution is no evidence for anyone
                 self.log(f"copies: range {s}: attribution failed ({type(exc).__name__}: {exc})")
             self.stats["seconds"] += time.perf_counter() - t0
             self.stats["groups"] += 1
-            copiers = [r for r in who if r != author]
+            rounds = t.outer.rounds
+            if case.get("same"):
+                self.log(f"outer round {rounds}: range {s}: replicas {who} were assigned the same batches and sent "
+                         f"one pseudo-gradient: counted once, each paid")
+                continue
+            authors = next((c for c in classes if author in c), [])
+            copiers = [r for r in who if r not in authors]
             result.unused |= {(s, r) for r in copiers}
             shown = ", ".join(f"r{r} {gains[r]:+.4f}" for r in who if r in gains) or "not measured"
-            rounds = t.outer.rounds
             if author is None:
                 self.stats["undecided"] += 1
                 self.log(f"outer round {rounds}: range {s}: replicas {who} sent one pseudo-gradient; no author by "
@@ -123,22 +146,31 @@ class CopyCheck:
                 t.metrics.copied(len(copiers), "copied" if author is not None else "undecided")
 
     # ----- the measurement ----------------------------------------------------------------------
-    def _gains(self, case: dict, step: int | None) -> dict:
+    def _measure(self, case: dict, step: int | None) -> tuple[list[list[int]], dict]:
+        """(the claimants grouped by identical batches, the loss the update removes on each group's batches,
+        keyed by its first claimant). Claimants assigned the same batches (two Drivers whose node ids map to
+        one shard) compute the same update honestly: they are one claimant here, and when all are one, the
+        case is marked ``same`` and nobody is named."""
         t = self.trainer
+        who = case["who"]
         if not self.attributing or step is None or case["theta0"] is None or case["delta"] is None:
-            return {}
+            return [who], {}
         if t.swarm.data is None:
-            return {}
+            return [who], {}
         from neuroray.diloco.sync import decode_payloads
 
+        s = case["s"]
+        batches = {r: self._batches(s, r, step) for r in who}
+        classes = same_batches(batches)
+        if len(classes) == 1:
+            case["same"] = bool(batches[who[0]])
+            return classes, {}
         timeout = t.cfg.cluster.step_timeout_s
         theta0 = [x.float() for x in ray.get(case["theta0"], timeout=timeout)]
-        s = case["s"]
         decoded, bad = decode_payloads(t.cfg.diloco, theta0[s].numel(), [ray.get(case["delta"], timeout=timeout)])
         if bad or decoded[0] is None:
-            return {}
-        batches = {r: self._batches(s, r, step) for r in case["who"]}
-        return own_gains(self._pipeline(), theta0, s, decoded[0], batches)
+            return classes, {}
+        return classes, own_gains(self._pipeline(), theta0, s, decoded[0], {c[0]: batches[c[0]] for c in classes})
 
     def _pipeline(self):
         from neuroray.training.reputation import StagePipeline
