@@ -43,7 +43,9 @@ def world():
         params = [p for m in stages for p in m.parameters()]
         opt = torch.optim.AdamW(params, lr=dl.inner_lr, weight_decay=dl.weight_decay, betas=(0.9, 0.95))
         mine = []
-        for _ in range(H * d.num_microbatches):
+        for k in range(H * d.num_microbatches):
+            if r == 0 and k == H * d.num_microbatches - 1:  # what a copier that read it a step early sends
+                early = [t0 - parameters_to_vector(m.parameters()).detach() for t0, m in zip(theta0, stages)]
             x, y = stream.next_microbatch()
             mine.append((x, y))
             stages[1].loss(stages[1](stages[0](x)), y).backward()
@@ -52,7 +54,7 @@ def world():
             opt.zero_grad()
         deltas.append([t0 - parameters_to_vector(m.parameters()).detach() for t0, m in zip(theta0, stages)])
         batches.append(mine)
-    return {"theta0": theta0, "deltas": deltas, "batches": batches,
+    return {"theta0": theta0, "deltas": deltas, "batches": batches, "early": early,
             "pipe": StagePipeline(cfg.model, vocab, RANGES, 0)}
 
 
@@ -61,6 +63,7 @@ def test_honest_deltas_are_no_copies_and_a_copy_is_found_also_compressed(world):
         honest = [world["deltas"][r][s] for r in range(REPLICAS)]
         assert copy_groups(honest) == []
         assert copy_groups([*honest, honest[0].clone()]) == [[0, 3]]
+        assert copy_groups([*honest, world["early"][s]]) == [[0, 3]]  # read one step before the victim's last
         # int8, each holder with its own error feedback: the copier's residual differs, the decoded still match
         mine, theirs = ErrorFeedback("int8"), ErrorFeedback("int8")
         theirs.compress(honest[2])  # the copier's residual from a round of its own

@@ -6,12 +6,14 @@ vote for the same direction. Two things give it away.
 
 **Detection** (:func:`copy_groups`, in the outer step, on the decoded deltas, so compressed payloads compare
 like dense ones). Honest replicas start from the same theta0 but train on different data: their deltas of
-a range are far apart. Two deltas are one update when their distance is under :data:`COPY_DISTANCE` of the
-longer one's norm (an exact copy: 0; one re-compressed with another holder's int8 error feedback: about
-1 %). ``benchmarks/copy_check.py`` measured the smallest honest pairwise distance and the largest honest
-cosine (docs/benchmarks.md, "Copied pseudo-gradients"): honest pairs sit at a distance of 0.8 or more, 8x
-the threshold. A zero or non-finite delta is left to the free-rider rule and to screening: two free riders
-are not each other's copies.
+a range point in clearly different directions. Two deltas are one update when their cosine is at least
+:data:`COPY_COSINE` and neither is more than :data:`COPY_NORM_RATIO` times longer than the other. An exact
+copy has cosine 1; so, nearly, does one re-compressed with another holder's int8 error feedback, and one read
+from its victim an inner step early (the copier's fetch can overtake the victim's last step: cosine 0.98 or
+more, norms within 1.33x, measured at H=4 and H=20). ``benchmarks/copy_check.py`` measured the largest honest pairwise cosine at 0.64 (H=4) and 0.55 (H=20)
+(docs/benchmarks.md, "Copied pseudo-gradients"). The norm bound keeps two parallel deltas of very different
+lengths (a scaled update is the robust rule's business) apart. A zero or non-finite delta is left to the
+free-rider rule and to screening: two free riders are not each other's copies.
 
 **Attribution** (:func:`author_of`), as Templar's Gauntlet scores an update on the contributor's assigned
 data: the shared delta is applied to the range at theta0 and the loss it removes is measured on the
@@ -31,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-COPY_DISTANCE = 0.1  # |a - b| / max(|a|, |b|) under this: one update sent twice (honest pairs: >= 0.8)
+COPY_COSINE = 0.9  # two deltas of a range at least this parallel are one update (honest pairs: <= 0.64)
+COPY_NORM_RATIO = 2.0  # ... unless one is more than this x longer than the other
 ATTRIBUTION_MARGIN = 0.1  # the author's gain must beat the next claimant's by this share of the larger gain
 
 
@@ -41,10 +44,11 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm()) / scale if scale > 0 else 0.0
 
 
-def copy_groups(deltas: Sequence, max_distance: float = COPY_DISTANCE) -> list[list[int]]:
-    """Groups (sorted, each of 2 or more indices) of ``deltas`` that are the same update: equal, or at a
-    :func:`distance` under ``max_distance`` (linked transitively). Non-tensors, non-finite and zero deltas
-    are in no group."""
+def copy_groups(deltas: Sequence, min_cosine: float = COPY_COSINE,
+                norm_ratio: float = COPY_NORM_RATIO) -> list[list[int]]:
+    """Groups (sorted, each of 2 or more indices) of ``deltas`` that are the same update: equal, or with a
+    cosine of at least ``min_cosine`` and norms within ``norm_ratio`` of each other (linked transitively).
+    Non-tensors, non-finite and zero deltas are in no group."""
     ok = {}
     for i, d in enumerate(deltas):
         if isinstance(d, torch.Tensor) and d.dim() == 1 and bool(torch.isfinite(d).all()):
@@ -61,10 +65,11 @@ def copy_groups(deltas: Sequence, max_distance: float = COPY_DISTANCE) -> list[l
     keys = sorted(ok)
     for x, i in enumerate(keys):
         for j in keys[x + 1:]:
-            a, b = ok[i][0], ok[j][0]
+            (a, na), (b, nb) = ok[i], ok[j]
             if a.numel() != b.numel():
                 continue
-            if torch.equal(a, b) or distance(a, b) < max_distance:
+            if torch.equal(a, b) or (max(na, nb) <= norm_ratio * min(na, nb)
+                                     and float(torch.dot(a.double(), b.double())) / (na * nb) >= min_cosine):
                 parent[root(j)] = root(i)
     groups: dict[int, list[int]] = {}
     for i in keys:
