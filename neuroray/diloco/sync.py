@@ -29,10 +29,11 @@ import ray
 import torch
 
 from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
-from neuroray.diloco.aggregate import AggregationRefused, aggregate, screen
+from neuroray.diloco.aggregate import AggregationRefused, aggregate, min_inputs, screen
 from neuroray.diloco.attacks import byzantine_count, simulate
 from neuroray.diloco.compress import PayloadError, check, decode, encode_update
 from neuroray.diloco.outer import OuterOptimizer
+from neuroray.ponw.copies import copy_groups
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class OuterReport:
     observations: list[tuple[str, float] | None] = field(default_factory=list)
     theta0_before: str = ""  # digest of the theta0 the round started from
     theta0_after: str = ""  # digest of the theta0 the holders load (exactly, also under compression)
+    # Holders that sent one update between them (neuroray/ponw/copies.py): each group counted once in the
+    # aggregate (by its first member: the same values); the trainer names the author, the others earn 0
+    copies: list[list[int]] = field(default_factory=list)
 
     @property
     def not_aggregated(self) -> list[int]:
@@ -228,9 +232,10 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         # a non-finite delta has no norm to compare: screening rejects it, the receipt says aggregated=False
         report.observations = [o if o is not None and math.isfinite(o[1]) else None for o in seen]
         report.theta0_before = tensor_digest(theta0)
+        report.copies = copy_groups(deltas)
     try:
-        result = aggregate(cfg, contributions, theta0.numel(), previous=mem.previous, seed=seeded,
-                           weights=weights)
+        result = _aggregate_once(cfg, contributions, theta0.numel(), report.copies, previous=mem.previous,
+                                 seed=seeded, weights=weights)
     except AggregationRefused as exc:
         report.refused = str(exc)
         report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
@@ -251,6 +256,29 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     out = (new_theta0, opt.buf, report)
     previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
+
+
+def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]], **kw):
+    """``aggregate`` with every group of copies counted once: its first member stands for it (the group's
+    values are one update, so which member stands in does not change the aggregate). At most one member of
+    a group is honest (its author), so each member left out is one of the ``f`` faulty holders gone: the
+    rule tolerates that many fewer, as after screening. Should it still have too few inputs, it sees them
+    all (the copier earns nothing for it either way)."""
+    extra = {i for g in copies for i in g[1:]}
+    keep = [i for i in range(len(contributions)) if i not in extra]
+    fewer = dataclasses.replace(cfg, f=max(cfg.f - len(extra), 0))
+    if not extra or len(keep) < min_inputs(fewer):
+        return aggregate(cfg, contributions, numel, **kw)
+    weights = kw.pop("weights", None)
+    result = aggregate(fewer, [contributions[i] for i in keep], numel, **kw,
+                       weights=None if weights is None else [weights[i] for i in keep])
+    back = lambda i: keep[i]  # noqa: E731
+    result.accepted = sorted(map(back, result.accepted))
+    for r in result.rejected:
+        r.index = back(r.index)
+    if result.weights is not None:
+        result.weights = {back(i): w for i, w in result.weights.items()}
+    return result
 
 
 def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas,
@@ -348,6 +376,7 @@ class OuterSync:
         # weight per pseudo-gradient, or None; and what each range's last step reduced, to score it.
         self.weights_of = None
         self.reduced: dict[int, ReducedInputs] = {}
+        self.keep_inputs = False  # keep ``reduced`` without reputation too (naming copiers: training/copies.py)
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
@@ -396,7 +425,7 @@ class OuterSync:
         Swarm routing calls it with the quorum that answered in time (then bumps ``rounds`` itself)."""
         who = list(range(len(deltas))) if who is None else list(who)
         weights = None if self.weights_of is None else self.weights_of(s, who)
-        if self.weights_of is not None:  # kept for the scores until the next round replaces them
+        if self.weights_of is not None or self.keep_inputs:  # kept for the scores until the next round replaces them
             self.reduced[s] = ReducedInputs(self.theta0[s], self.memory[s], self.rounds, who, list(deltas), part)
         rule = self.aggregator
         if faulty_out:

@@ -73,6 +73,7 @@ class Flight:
     fwd: list  # fwd[s]: the holder that ran range s forward (it keeps the graph for the backward)
     labels: object = None
     grad_from: dict = field(default_factory=dict)  # s -> the holder whose call produced grads[s]
+    trained: dict = field(default_factory=dict)  # s -> the holder whose backward of range s counted
     loss: float | None = None
     next: tuple[str, int] | None = None  # the hop waiting to be sent: (kind, stage)
     exclude: set = field(default_factory=set)  # holders not to send the next hop to (the late or dead one)

@@ -296,6 +296,7 @@ class Router:
             h.outbound += 1
             f.next = ("fb", s + 1) if s + 1 == self.S - 1 else ("f", s + 1)
         else:
+            f.trained[s] = h  # its backward of range s counted: it learned from this microbatch
             if c.kind == "fb":
                 f.loss = float(value)
             if s > 0:

@@ -44,6 +44,9 @@ class TrainMetrics:
                                       ("run", "sender", "check"))
         self.stragglers = Counter("neuroray_stragglers_total", "rounds a holder was paid 0 as a straggler "
                                   "(neuroray/ponw/stragglers.py)", ("run", "holder"))
+        self.copies = Counter("neuroray_copies_total", "holders that sent another holder's pseudo-gradient as their "
+                              "own (neuroray/training/copies.py), paid 0; outcome: copied (author named) or "
+                              "undecided (no author by the margin: the whole group unpaid)", ("run", "outcome"))
         self.eval_loss = Gauge("neuroray_eval_loss", "held-out eval loss of theta0 at the last evaluation", tags)
         self.eval_perplexity = Gauge("neuroray_eval_perplexity", "exp(eval loss) at the last evaluation", tags)
         self.snapshot_age = Gauge("neuroray_snapshot_age_seconds", "seconds since the last complete snapshot set", tags)
@@ -89,6 +92,10 @@ class TrainMetrics:
 
     def straggler(self, holder: str) -> None:
         self.stragglers.inc(1, self._t(holder=holder))
+
+    def copied(self, count: int, outcome: str) -> None:
+        if count > 0:  # Ray's Counter refuses 0
+            self.copies.inc(count, self._t(outcome=outcome))
 
     def failover(self) -> None:
         self.failovers.inc(1, self._t())

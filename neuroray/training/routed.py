@@ -35,6 +35,8 @@ class RoutedSwarm(StepExecutor):
                              liveness_probe_s=c.cluster.liveness_probe_s)
         self.microbatches_per_step = c.data.num_microbatches * c.diloco.replicas
         self.quorum_log: list[dict] = []  # per outer round and range: who made the quorum, who was late
+        # this round: (range, holder index) -> the microbatches whose backward it ran (training/copies.py)
+        self.trained: dict[tuple[int, int], list[int]] = {}
         self._failovers_seen = 0
 
     def submit(self, step: int) -> None:
@@ -43,6 +45,7 @@ class RoutedSwarm(StepExecutor):
     def collect(self, step: int) -> float:
         t, N = self.trainer, self.microbatches_per_step
         loss = self.router.run_step(list(range(step * N, (step + 1) * N)), t.cfg.cluster.step_timeout_s, t.inner_lr(step))
+        self._note_trained(step)
         self._report_failovers()
         rejections, self.router.rejections = self.router.rejections, []
         for sender, err in rejections:  # benched by the router: left out of this round's outer step
@@ -50,6 +53,14 @@ class RoutedSwarm(StepExecutor):
         if t.ledger is not None and step % t.cfg.diloco.inner_steps == 0:
             self._commit_theta0_losses(step)
         return loss
+
+    def _note_trained(self, step: int) -> None:
+        """Who trained on which microbatch this step (the router saw whose backward of each range counted)."""
+        if step % self.trainer.sync_every == 0:
+            self.trained = {}
+        for f in self.router.flights.values():
+            for s, h in f.trained.items():
+                self.trained.setdefault((s, h.index), []).append(f.mb)
 
     def _commit_theta0_losses(self, step: int) -> None:
         """Driver r's proof commits microbatches r*n .. r*n+n-1 of the round's first step: all holders are

@@ -77,9 +77,14 @@ class Trainer:
             from neuroray.training.reputation import Reputation
 
             self.reputation = Reputation(self, log)
+        self.copies = None
         if cfg.ponw.enabled:
             self._resolve_spot_check_tolerance()
             self._start_ledger()
+            from neuroray.training.copies import CopyCheck
+
+            self.copies = CopyCheck(self, log)  # names who copied another holder's pseudo-gradient
+            outer.keep_inputs = True
         self.executor = executor
         executor.attach(self)
 
@@ -383,8 +388,13 @@ class Trainer:
         result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
         if result is None:
             return
+        copies = self.copies.capture(result) if self.copies is not None else []  # before the scores clear them
         if self.reputation is not None:  # before the receipts: this round's scores count in its rewards
             self.reputation.score_round()
+        if copies:  # before the receipts: a copier's says aggregated=False
+            self.copies.settle(copies, result, step)
+        if self.reputation is None:
+            self.outer.reduced.clear()
         if self.ledger is not None:
             result.comm["control_bytes"] += self._book_proofs(result)
         self._finish_round(result.reports, result.comm)

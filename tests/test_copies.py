@@ -1,0 +1,131 @@
+"""Copied pseudo-gradients without Ray (#21 item 7, ``copy``): honest replicas' deltas are never taken for
+copies, a copy is found (also compressed), the outer step counts it once, and the author is told from the
+copier by the loss the delta removes on each one's own batches. tests/test_verification_ray.py runs it in
+real holders."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from neuroray.config import AggregatorConfig, DilocoConfig
+from neuroray.configure import load_config
+from neuroray.diloco.compress import ErrorFeedback, decode
+from neuroray.diloco.sync import outer_step
+from neuroray.ponw.copies import author_of, copy_groups
+from neuroray.training.copies import own_gains
+
+SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
+         "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
+RANGES, REPLICAS, H = [(0, 1), (1, 2)], 3, 4
+
+
+@pytest.fixture(scope="module")
+def world():
+    """One DiLoCo round of 3 honest replicas (2 ranges, H=4, AdamW), each on its own Genesis stream as a
+    fixed-routing Driver reads it: theta0, every replica's delta per range, the batches each trained on."""
+    from neuroray.genesis import TokenStream, ensure_dataset, load_tokenizer
+    from neuroray.model import build_stage
+    from neuroray.training.reputation import StagePipeline
+
+    torch.manual_seed(0)
+    cfg = load_config(SMALL)
+    root, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
+    vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
+    d, dl = cfg.data, cfg.diloco
+    theta0 = [parameters_to_vector(build_stage(cfg.model, vocab, s, RANGES).parameters()).detach() for s in range(2)]
+    deltas, batches = [], []
+    for r in range(REPLICAS):
+        stream = TokenStream(root, manifest, f"copies-test-{r}", d.seq_len, d.microbatch_size, prefetch=False)
+        stages = [build_stage(cfg.model, vocab, s, RANGES) for s in range(2)]
+        params = [p for m in stages for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=dl.inner_lr, weight_decay=dl.weight_decay, betas=(0.9, 0.95))
+        mine = []
+        for k in range(H * d.num_microbatches):
+            if r == 0 and k == H * d.num_microbatches - 1:  # what a copier that read it a step early sends
+                early = [t0 - parameters_to_vector(m.parameters()).detach() for t0, m in zip(theta0, stages)]
+            x, y = stream.next_microbatch()
+            mine.append((x, y))
+            stages[1].loss(stages[1](stages[0](x)), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, dl.grad_clip)
+            opt.step()
+            opt.zero_grad()
+        deltas.append([t0 - parameters_to_vector(m.parameters()).detach() for t0, m in zip(theta0, stages)])
+        batches.append(mine)
+    return {"theta0": theta0, "deltas": deltas, "batches": batches, "early": early,
+            "pipe": StagePipeline(cfg.model, vocab, RANGES, 0)}
+
+
+def test_honest_deltas_are_no_copies_and_a_copy_is_found_also_compressed(world):
+    for s in range(2):
+        honest = [world["deltas"][r][s] for r in range(REPLICAS)]
+        assert copy_groups(honest) == []
+        assert copy_groups([*honest, honest[0].clone()]) == [[0, 3]]
+        assert copy_groups([*honest, world["early"][s]]) == [[0, 3]]  # read one step before the victim's last
+        # int8, each holder with its own error feedback: the copier's residual differs, the decoded still match
+        mine, theirs = ErrorFeedback("int8"), ErrorFeedback("int8")
+        theirs.compress(honest[2])  # the copier's residual from a round of its own
+        sent = [decode(mine.compress(honest[0])), decode(theirs.compress(honest[0])), honest[1]]
+        assert not torch.equal(sent[0], sent[1])
+        assert copy_groups(sent) == [[0, 1]]
+    # free riders are not each other's copies; a NaN delta is screening's business
+    zero = torch.zeros(8)
+    assert copy_groups([zero, zero.clone(), torch.full((8,), math.nan), torch.full((8,), math.nan)]) == []
+    # parallel but of another length is not a copy
+    assert copy_groups([torch.ones(8), 3 * torch.ones(8)]) == []
+
+
+def test_the_outer_step_counts_a_copy_once():
+    torch.manual_seed(1)
+    a, b = torch.randn(64), torch.randn(64)
+    theta0 = torch.zeros(64)
+    cfg = DilocoConfig(outer_lr=1.0, outer_momentum=0.0, nesterov=False)
+    once, _, plain = outer_step("mean", cfg, 0, theta0, None, a, b, observe=True)
+    twice, _, report = outer_step("mean", cfg, 0, theta0, None, a, b, a.clone(), observe=True)
+    assert torch.allclose(once, twice) and report.copies == [[0, 2]] and plain.copies == []
+    assert report.not_aggregated == []  # who copied is the trainer's call; the step names nobody
+    # trimmed mean, f=1, 3 holders: the copier was one of the f faulty ones, so the 2 left need tolerate none;
+    # the step is their mean (with the copy counted, trimming would have kept a alone in every coordinate)
+    robust = AggregatorConfig(name="trimmed_mean", f=1)
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), observe=True)
+    assert report.copies == [[0, 2]] and not report.refused and torch.allclose(got, once)
+    # Krum, f=1, 5 holders of which two copied: the 3 left with f=0 are what Krum picks from
+    c = torch.randn(64)
+    got, _, report = outer_step(AggregatorConfig(name="krum", f=1), cfg, 0, theta0, None, a, b, a.clone(), c,
+                                c.clone(), observe=True)
+    want, _, _ = outer_step(AggregatorConfig(name="krum", f=0), cfg, 0, theta0, None, a, b, c, observe=True)
+    assert report.copies == [[0, 2], [3, 4]] and not report.refused and torch.equal(got, want)
+
+
+def test_the_author_is_the_claimant_whose_own_batches_improve_most(world):
+    """Every honest delta, as if the next replica had copied it: its author named (never the other)."""
+    named = 0
+    for s in range(2):
+        for a in range(REPLICAS):
+            for b in [(a + 1) % REPLICAS]:
+                gains = own_gains(world["pipe"], world["theta0"], s, world["deltas"][a][s],
+                                  {a: world["batches"][a], b: world["batches"][b]})
+                author, margin = author_of(gains)
+                assert author in (a, None), (s, a, b, gains)
+                named += author == a
+    assert named == 2 * REPLICAS  # measured: every pair decided, smallest margin well above 0.1
+
+
+def test_author_of_needs_the_margin():
+    assert author_of({"a": 0.10, "b": 0.05}) == ("a", 0.5)
+    assert author_of({"a": 0.100, "b": 0.095})[0] is None  # 5 %: under the 10 % margin
+    assert author_of({"a": -0.02, "b": -0.01})[0] == "b"  # both got worse: the one hurt less
+    assert author_of({"a": math.nan, "b": 0.1})[0] is None
+    assert author_of({"a": 0.1})[0] is None
+
+
+def test_claimants_with_the_same_batches_are_one_claimant(world):
+    from neuroray.training.copies import same_batches
+
+    b = world["batches"]
+    twin = [(x.clone(), y.clone()) for x, y in b[0]]
+    assert same_batches({0: b[0], 1: b[1], 2: twin}) == [[0, 2], [1]]
+    assert same_batches({0: b[0], 1: twin}) == [[0, 1]]
+    assert same_batches({0: b[0], 1: b[0][:-1]}) == [[0], [1]]
