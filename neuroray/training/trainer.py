@@ -8,7 +8,6 @@ ledger's receipts), snapshots and brings back replicas whose holders Ray restart
 
 from __future__ import annotations
 
-
 import json
 import sys
 import time
