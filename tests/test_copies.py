@@ -86,17 +86,20 @@ def test_the_outer_step_counts_a_copy_once():
     twice, _, report = outer_step("mean", cfg, 0, theta0, None, a, b, a.clone(), observe=True)
     assert torch.allclose(once, twice) and report.copies == [[0, 2]] and plain.copies == []
     assert report.not_aggregated == []  # who copied is the trainer's call; the step names nobody
-    # trimmed mean, f=1, 3 holders: the copier was one of the f faulty ones, so the 2 left need tolerate none;
-    # the step is their mean (with the copy counted, trimming would have kept a alone in every coordinate)
+    # trimmed mean, f=1, 3 holders: 2 distinct updates are too few for f=1, and f is never lowered for a group
+    # (two honest Drivers on one shard send one update too): the rule sees all three, the copy included
     robust = AggregatorConfig(name="trimmed_mean", f=1)
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), observe=True)
-    assert report.copies == [[0, 2]] and not report.refused and torch.allclose(got, once)
-    # Krum, f=1, 5 holders of which two copied: the 3 left with f=0 are what Krum picks from
-    c = torch.randn(64)
-    got, _, report = outer_step(AggregatorConfig(name="krum", f=1), cfg, 0, theta0, None, a, b, a.clone(), c,
-                                c.clone(), observe=True)
-    want, _, _ = outer_step(AggregatorConfig(name="krum", f=0), cfg, 0, theta0, None, a, b, c, observe=True)
-    assert report.copies == [[0, 2], [3, 4]] and not report.refused and torch.equal(got, want)
+    all3, _, _ = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone() + 0.0)
+    assert report.copies == [[0, 2]] and not report.refused and torch.equal(got, all3)
+    # ... so a sign-flipped delta beside an honest pair is still trimmed and named
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, a.clone(), -5 * b, observe=True)
+    assert report.copies == [[0, 1]] and [i for i, _ in report.rejected] == [2], report.rejected
+    # trimmed mean, f=1, 5 holders of which two copied: the 4 distinct ones are enough, each counted once
+    c, e = torch.randn(64), torch.randn(64)
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), c, e, observe=True)
+    want, _, _ = outer_step(robust, cfg, 0, theta0, None, a, b, c, e)
+    assert report.copies == [[0, 2]] and not report.refused and torch.equal(got, want)
 
 
 def test_the_author_is_the_claimant_whose_own_batches_improve_most(world):

@@ -260,17 +260,17 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
 
 def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]], **kw):
     """``aggregate`` with every group of copies counted once: its first member stands for it (the group's
-    values are one update, so which member stands in does not change the aggregate). At most one member of
-    a group is honest (its author), so each member left out is one of the ``f`` faulty holders gone: the
-    rule tolerates that many fewer, as after screening. Should it still have too few inputs, it sees them
-    all (the copier earns nothing for it either way)."""
+    values are one update, so which member stands in does not change the aggregate). The rule keeps its
+    ``f``: a group is not always a copier and its victim (two honest Drivers assigned one shard send the
+    same update too), and with ``f`` lowered for them a real Byzantine holder would go untrimmed. When the
+    distinct updates are too few for the rule's ``f``, it sees every contribution, copies included (a copy
+    then weighs twice; the copier earns nothing either way)."""
     extra = {i for g in copies for i in g[1:]}
     keep = [i for i in range(len(contributions)) if i not in extra]
-    fewer = dataclasses.replace(cfg, f=max(cfg.f - len(extra), 0))
-    if not extra or len(keep) < min_inputs(fewer):
+    if not extra or len(keep) < min_inputs(cfg):
         return aggregate(cfg, contributions, numel, **kw)
     weights = kw.pop("weights", None)
-    result = aggregate(fewer, [contributions[i] for i in keep], numel, **kw,
+    result = aggregate(cfg, [contributions[i] for i in keep], numel, **kw,
                        weights=None if weights is None else [weights[i] for i in keep])
     back = lambda i: keep[i]  # noqa: E731
     result.accepted = sorted(map(back, result.accepted))
