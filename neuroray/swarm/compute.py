@@ -39,6 +39,7 @@ from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
 from neuroray.swarm.hop_codec import HopCodec, wire_bytes
 from neuroray.swarm.hop_guard import HopGuard
+from neuroray.swarm.scalar_read import ScalarRead
 from neuroray.swarm.transport import WireTensor, from_wire, to_device, to_wire
 
 from neuroray.swarm.spec import HolderSpec
@@ -279,14 +280,16 @@ class RangeCompute:
         inp, logits = self._run(mb_id, x)
         if self.amp is None:
             loss = self.module.loss(logits, labels.to(self.device))
+            read = ScalarRead(loss)  # read once the backward is queued (neuroray/swarm/scalar_read.py)
             (loss * scale).backward()
             self._count_microbatch()
-            return float(loss.detach()), self._send(None if inp is None else inp.grad.detach(), "bwd")
+            return read.value(), self._send(None if inp is None else inp.grad.detach(), "bwd")
         with torch.autocast(self.device.type, dtype=self.amp):
             loss = self.module.loss(logits, labels.to(self.device))
+        read = ScalarRead(loss)
         self._backprop(loss.float() * scale)
         self._count_microbatch()
-        return float(loss.detach()), self._send(self._grad_in(inp), "bwd")
+        return read.value(), self._send(self._grad_in(inp), "bwd")
 
     def backward(self, mb_id: int, grad: torch.Tensor, attempt: int = 0) -> tuple[torch.Tensor | None, bool]:
         """``(gradient of the input, ran)``; ran is False when the call was revoked."""
@@ -371,7 +374,7 @@ class RangeCompute:
         clip = self.spec.diloco.grad_clip
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
+        norm = ScalarRead(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf")))
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -385,7 +388,7 @@ class RangeCompute:
         # counted only once the step is applied, so aborted microbatches are never claimed as work
         self.microbatches_done += self.step_microbatches
         self.step_microbatches = 0
-        return float(norm)
+        return norm.value()  # read with the optimizer step already queued
 
     def abort(self) -> None:
         """Drop half-done microbatches and their gradients."""
