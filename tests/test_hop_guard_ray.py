@@ -87,3 +87,14 @@ def test_a_driver_sending_short_activations_is_benched_under_swarm_routing(ray_c
     assert "expected [4, 32, 64]" in text and "rejoins after a round left out for a rejected hop" in text
     assert all(math.isfinite(x) for x in result.losses) and len(result.losses) == 4
     assert rewards["r1-s0"] == 0 and rewards["r0-s0"] > 0, rewards
+
+
+@pytest.mark.slow  # a 2 x 2 run: about 75 s on the shared 2-core machine, over the non-slow budget
+def test_with_the_outer_step_overlapped_the_tamperer_is_unpaid_and_its_mate_excused(ray_cluster, tmp_path):
+    # the overlapped round books the same verdicts as the blocking one (neuroray/training/overlap.py)
+    result, text, rewards = _run(tmp_path, NaNDriver, "diloco.overlap=delayed")
+    assert {r["sender"] for r in result.hop_rejections} == {"r1-s0"}, result.hop_rejections
+    assert all(math.isfinite(x) for x in result.losses) and math.isfinite(result.eval_loss)
+    assert rewards["r0-s0"] > 0 and rewards["r0-s1"] > 0, rewards
+    assert rewards["r1-s0"] == 0 and 0 < rewards["r1-s1"] < rewards["r0-s1"], rewards
+    assert "r1-s1 excused: a replica-mate was proven faulty" in text

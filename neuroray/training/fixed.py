@@ -206,7 +206,7 @@ class FixedPipelines(StepExecutor):
                 t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
         if self.overlap is not None:
             batches, self._batches = self._batches, {}
-            self.overlap.begin(step, batches, self._take_benched()[0])
+            self.overlap.begin(step, batches, *self._take_benched())
             if step + 1 < t.total_steps:
                 return None
             self.overlap.land()  # the last round: nothing left to overlap, it lands at once

@@ -39,6 +39,7 @@ class InFlight:
     updates: list = field(default_factory=list)  # per range, (theta0 ref, update ref)
     acks: list = field(default_factory=list)  # every holder's land_outer ref, range by range
     benched: set = field(default_factory=set)  # replicas left out of its outer step (a rejected hop, fixed.py)
+    senders: set = field(default_factory=set)  # (range, replica) of each holder whose rejected hop benched one
 
 
 class OverlappedOuter:
@@ -53,12 +54,15 @@ class OverlappedOuter:
     def steps(self) -> int:
         return self.trainer.cfg.diloco.overlap_steps
 
-    def begin(self, step: int, batches: dict, benched: set[int] = frozenset()) -> None:
+    def begin(self, step: int, batches: dict, benched: set[int] = frozenset(),
+              senders: set[tuple[int, int]] = frozenset()) -> None:
         """The round ending after inner step ``step`` goes to the outer step; holders go straight on.
-        ``benched``: replicas whose pseudo-gradients are left out (every holder still sends its own)."""
+        ``benched``: replicas whose pseudo-gradients are left out (every holder still sends its own);
+        ``senders``: the holders whose rejected hops benched them (the others are excused)."""
         outer = self.trainer.outer
         fl = InFlight(step + 1 + self.steps, outer.rounds + 1, batches,
-                      (list(outer.theta0), list(outer.momentum), list(outer.memory)), benched=set(benched))
+                      (list(outer.theta0), list(outer.momentum), list(outer.memory)), benched=set(benched),
+                      senders=set(senders))
         self._reduce(fl, lambda h: h.send_pseudo_gradient.remote())
 
     def _reduce(self, fl: InFlight, ask) -> None:
@@ -133,9 +137,11 @@ class OverlappedOuter:
         for rep in reports:  # the round's first inner step ran before this theta0 existed; the proof commits
             rep.theta0_before = ""  # the weights it ran from (neuroray/swarm/holder.py send_pseudo_gradient)
         kept = members(len(self.trainer.swarm.replicas), fl.benched)
-        unused, observed = by_replica(reports, [kept] * len(reports),
-                                      {(s, r) for s in range(len(reports)) for r in fl.benched})
-        return RoundResult(reports, comm, unused, fl.batches, observed)
+        benched_slots = {(s, r) for s in range(len(reports)) for r in fl.benched}
+        unused, observed = by_replica(reports, [kept] * len(reports), benched_slots)
+        # as in the blocking outer step (fixed.py): a benched replica's holders that sent no rejected hop did
+        # honest work on what a faulty mate sent, so they are credited, not judged
+        return RoundResult(reports, comm, unused, fl.batches, observed, excused=benched_slots - fl.senders)
 
     def _redo(self, fl: InFlight, exc: BaseException, settle) -> RoundResult:
         """A pseudo-gradient was lost with its holder: roll back, recover, redo the round now (blocking)."""
@@ -146,7 +152,7 @@ class OverlappedOuter:
         outer.rounds -= 1
         for r in range(len(t.swarm.replicas)):
             t.recover(r, exc)
-        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched)
+        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched, senders=fl.senders)
         # a holder still holding the round resends the delta it kept (OuterState.delta)
         self._reduce(redo, lambda h: h.pseudo_gradient.remote())
         self.land()
