@@ -21,7 +21,7 @@ from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
 from neuroray.snapshot import Snapshot, SnapshotStore
 from neuroray.swarm.ray_errors import holder_died, user_error
-from neuroray.training.executor import RoundResult, StepExecutor, value_or_none
+from neuroray.training.executor import StepExecutor, value_or_none
 from neuroray.training.metrics import TrainMetrics
 
 
@@ -70,17 +70,17 @@ class Trainer:
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
         self.comm_before: list[dict] = []  # resumed: rounds booked by earlier runs (comm.json, byte totals)
-        self.ledger = self.coordinator = self.reputation = None
-        self._straggler_watch = None  # neuroray.ponw.stragglers.StragglerWatch, made at the first booked round
+        self.reputation = self.booking = self.copies = None
         if cfg.ponw.reputation:  # held-out scores -> reputation -> aggregation weights and rewards
             from neuroray.training.reputation import Reputation
 
             self.reputation = Reputation(self, log)
-        self.copies = None
         if cfg.ponw.enabled:
-            self._resolve_spot_check_tolerance()
-            self._start_ledger()
+            from neuroray.training.booking import ProofBooking
             from neuroray.training.copies import CopyCheck
+
+            self.booking = ProofBooking(self)  # the ledger actor, the coordinator key, receipts, spot checks
+            self.booking.start()
 
             self.copies = CopyCheck(self, log)  # names who copied another holder's pseudo-gradient
             outer.keep_inputs = True
@@ -92,135 +92,33 @@ class Trainer:
         """Where every slot's snapshots are kept (named in the errors that ask for resume=true)."""
         return self.outer_stores[0].dir.rsplit("/", 1)[0]
 
-    # ----- Proof of Neural Work -----------------------------------------------------------------
-    def _resolve_spot_check_tolerance(self) -> None:
-        """``ponw.spot_check_tolerance=0`` (auto) becomes the tolerance that fits how the holders compute, before
-        the ledger (which re-verifies evidence under it) and the validator read it."""
-        from neuroray.ponw.rules import spot_check_tolerance
+    # ----- Proof of Neural Work (neuroray/training/booking.py) -------------------------------------
+    @property
+    def ledger(self):
+        return None if self.booking is None else self.booking.ledger
 
-        float32_only = all(info.get("autocast") is None for info in self.swarm.infos)
-        tolerance = spot_check_tolerance(self.cfg.ponw, float32_only)
-        self.cfg = replace(self.cfg, ponw=replace(self.cfg.ponw, spot_check_tolerance=tolerance))
+    @property
+    def coordinator(self):
+        return None if self.booking is None else self.booking.coordinator
 
-    def _start_ledger(self) -> None:
-        """The ledger actor, created under this driver's coordinator key: the ledger takes receipts and
-        holder keys only when that key signed them, whoever in the cluster calls it."""
-        from neuroray.ponw.service import ledger_path, load_coordinator, start_ledger_actor
-
-        d = self.cfg.data
-        self.coordinator = load_coordinator(self.cfg.ponw, self.cfg.swarm.key_dir)
-        self.ledger = start_ledger_actor(self.cfg.ponw, ledger_path(self.cfg.ponw, self.run_dir), self.cfg.model.n_layers,
-                                         d.seq_len * d.microbatch_size, self.coordinator.public_key)
-        self._register_holders([h for p in self.swarm.replicas for h in p], "registering the holders")
-        from neuroray.training.audit import SpotChecks
-
-        self.spot_checks = SpotChecks(self)  # a validator recomputes a sample of each round's Driver proofs
+    @property
+    def spot_checks(self):
+        return None if self.booking is None else self.booking.spot_checks
 
     def _register_holders(self, holders: list, what: str) -> None:
-        """The ledger learns these holders' PoNW keys, signed by the coordinator (before their next proof)."""
-        if self.ledger is None or not holders:
-            return
-        records = self.swarm.get([h.ponw_registration.remote() for h in holders], self.cfg.cluster.step_timeout_s,
-                                 what)
-        ray.get(self.ledger.register.remote(self.coordinator.sign_registration(records)),
-                timeout=self.cfg.cluster.step_timeout_s)
-
-    def _book_proofs(self, result: RoundResult) -> int:
-        """Every holder's signed proof of the round goes to the ledger with what the executor saw it do,
-        including whether the range's outer step used its pseudo-gradient. Returns the proofs' bytes."""
-        from neuroray.ponw.service import round_receipts
-
-        holders = [h for p in self.swarm.replicas for h in p]
-        refs = [self.executor.take_proof(h) for h in holders]
-        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.step_timeout_s)
-        proofs = [value_or_none(ref) for ref in refs]  # a holder that died meanwhile has no proof this round
-        infos = {id(h): info for h, info in zip(holders, self.swarm.infos)}
-        # One receipt per holder, signed by the coordinator: the microbatches the executor saw it do, whether
-        # the range's outer step used its pseudo-gradient (work the rule rejected or gave weight 0 is accepted
-        # but earns nothing), and what the outer step received from it. holders[k] is replica k // stages,
-        # stage k % stages; a range's receipts are made together (the free-rider rule compares their norms).
-        stages, receipts = len(self.swarm.ranges), {}
-        reports = {rep.range_index: rep for rep in result.reports}
-        slow = self._stragglers(result)
-        for s in range(stages):
-            ks = list(range(s, len(holders), stages))
-            keys = [(s, k // stages) for k in ks]
-            report = reports.get(s)
-            nodes = [infos[id(holders[k])]["node_id"] for k in ks]
-            # the reputation's reward factor (ponw.reputation), booked with this round's scores
-            factors = [10_000 if self.reputation is None else self.reputation.reward_bp(n) for n in nodes]
-            factors = [0 if key in slow else f for key, f in zip(keys, factors)]
-            made = round_receipts(nodes, self.outer.rounds,
-                                  [result.batches.get(key, 0) for key in keys],
-                                  [None if key in result.excused else result.observed.get(key) for key in keys],
-                                  [key not in result.unused or key in result.excused for key in keys],
-                                  getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""),
-                                  reward_bp=factors)
-            receipts.update(zip(ks, made))
-        signed = dict(zip(receipts, self.coordinator.sign_receipts(list(receipts.values()))))
-        items = [(proof, signed[k]) for k, proof in enumerate(proofs) if proof is not None]
-        outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=self.cfg.cluster.step_timeout_s)
-        summary = ray.get(self.ledger.summary.remote())
-        from neuroray.ponw.rules import UNIT
-
-        credited = sum(o["reward"] for o in outcomes if o["accepted"]) / UNIT
-        refused = [o for o in outcomes if not o["accepted"]]
-        unpaid = sum(1 for o in outcomes if o["accepted"] and not o["reward"])  # e.g. work the rule did not use
-        unpaid_note = f"; {unpaid} earned 0" if unpaid else ""
-        for o in refused:
-            self.log(f"ledger: proof of {o['node_id'][:12]} refused: {o['reason']}: {o['detail']}")
-        self.log(f"ledger: round {self.outer.rounds}: {len(outcomes) - len(refused)}/{len(holders)} proofs credited "
-                 f"({credited:.4f} NEURO{unpaid_note}), supply {summary['supply_neuro']:.4f} NEURO"
-                 + (f"; refused: {sorted({o['reason'] for o in refused})}" if refused else ""))
-        if self.metrics:
-            self.metrics.balances(summary["balances_neuro"])
-        for s, r in sorted(result.excused):
-            self.log(f"ledger: round {self.outer.rounds}: r{r}-s{s} excused: a replica-mate was proven faulty, so its "
-                     "work is left out of the outer step but credited, and its proof is not spot-checked")
-        # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed. An excused
-        # Driver's committed losses went through its faulty mate: not a check of its own work
-        audited = [proof for k, proof in enumerate(proofs)
-                   if proof is not None and (k % stages, k // stages) not in result.excused]
-        checks = self.spot_checks.audit(audited, outcomes, self.outer.rounds,
-                                        self._accused(result.hop_findings), result.hop_checks)
-        return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync
-
-    def _stragglers(self, result: RoundResult) -> set[tuple[int, int]]:
-        """The ``(range, replica)`` slots the straggler rule names this round (paid 0), logged and counted."""
-        p = self.cfg.ponw
-        if p.straggler_factor <= 0:
-            return set()
-        if self._straggler_watch is None:
-            from neuroray.ponw.stragglers import StragglerWatch
-
-            self._straggler_watch = StragglerWatch(p.straggler_factor, p.straggler_rounds)
-        named = self._straggler_watch.observe(self.executor.paces(result))
-        for (s, r), ratio in sorted(named.items()):
-            self.log(f"ledger: round {self.outer.rounds}: r{r}-s{s} is a straggler (its calls {ratio:.1f}x slower than "
-                     f"the other holders' of range {s}, {p.straggler_rounds} rounds in a row; "
-                     f"ponw.straggler_factor={p.straggler_factor:g}): paid 0")
-            if self.metrics:
-                self.metrics.straggler(f"r{r}-s{s}")
-        return set(named)
-
-    def _accused(self, findings: list) -> list[tuple[str, object]]:
-        """``(node id, the re-executing holder's node id or None, finding)`` of each holder a hop recheck blamed."""
-        stages, infos = len(self.swarm.ranges), self.swarm.infos
-        return [(infos[f.replica * stages + f.stage]["node_id"],
-                 None if f.checker is None else infos[f.checker * stages + f.stage]["node_id"], f) for f in findings]
+        if self.booking is not None:
+            self.booking.register(holders, what)
 
     def routing_summary(self) -> dict | None:
         return self.executor.routing_summary()
 
     def ledger_summary(self) -> dict | None:
-        if self.ledger is not None:
-            self.spot_checks.drain()  # the last round's spot checks are booked too
-        return None if self.ledger is None else ray.get(self.ledger.summary.remote())
+        return None if self.booking is None else self.booking.summary()
 
     def close(self) -> None:
-        if self.ledger is not None:
-            ray.kill(self.ledger)
-            self.ledger = None
+        if self.booking is not None:
+            self.booking.close()
+            self.booking = None
 
     # ----- replicas added mid-run ----------------------------------------------------------------
     def replicas_added(self, pipelines: list[list]) -> None:
@@ -395,7 +293,7 @@ class Trainer:
         if self.reputation is None:
             self.outer.reduced.clear()
         if self.ledger is not None:
-            result.comm["control_bytes"] += self._book_proofs(result)
+            result.comm["control_bytes"] += self.booking.book(result)
         self._finish_round(result.reports, result.comm)
 
     def _finish_round(self, reports: list, comm: dict) -> None:
