@@ -18,7 +18,7 @@ At the end: one summary row per codec against the goals, and docs/lab_hops_loss_
 time, one line per codec and link, seed 0).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/lab_hops.py [codecs=none,int8,lowrank] [seeds=0,1,2]
-        [rates=100mbit] [rounds=5] [inner_steps=20] [plot=docs/lab_hops_loss_wall.png|none]
+        [rates=100mbit] [rounds=5] [inner_steps=20] [plot=docs/lab_hops_loss_wall.png|none] [inline=0,1024]
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from benchmarks.lab_train import LAB_DOC, _hop_bytes, _shape_all, _store_bytes, 
 PLOT = ROOT / "docs" / "lab_hops_loss_wall.png"
 # Ray's max_direct_call_object_size (100 KiB): a smaller result is returned to its owner (the driver, on h0) and
 # inlined into the call that uses it, so a small hop crosses A -> h0 -> B; a larger one waits in A's object store
-# and B's node pulls it directly
-INLINE_BYTES = 100 * 1024
+# and B's node pulls it directly. Holders run with the limit swarm.hop_inline_max_bytes (0: Ray's)
+RAY_INLINE_BYTES = 100 * 1024
+DEFAULT_INLINE = 1024  # swarm.hop_inline_max_bytes's default; rows at another value say so
 GOALS = {"int8": (4.0, 0.5), "lowrank": (16.0, 2.0)}  # x fewer bytes at least, eval loss at most + this %
 
 
@@ -53,17 +54,23 @@ def as_ray_moves_it(r: dict, driver_ip: str) -> float:
     boundaries = sum(len(hosts) - 1 for hosts in r["placement"].values())
     per_boundary = hops / boundaries  # fixed routing: every replica sends as many hops over each stage boundary
     crossings = 0
+    limit = r["inline"] or RAY_INLINE_BYTES
     for hosts in r["placement"].values():
         for a, b in zip(hosts, hosts[1:]):
-            crossings += (a != b) if r["per_hop"] >= INLINE_BYTES else (a != driver_ip) + (b != driver_ip)
+            crossings += (a != b) if r["per_hop"] > limit else (a != driver_ip) + (b != driver_ip)
     return crossings * per_boundary * r["per_hop"] / r["steps"]
 
 
-def one_run(cfg, ov, codec: str, rate: str, seed: int, rounds: int, inner: int, keep: Path, keys: Path) -> dict:
+def one_run(cfg, ov, codec: str, rate: str, seed: int, rounds: int, inner: int, keep: Path, keys: Path,
+            inline: int | None = None) -> dict:
     from neuroray.lab import counters
 
     _shape_all(cfg, ov, None if rate == "unshaped" else rate)
-    name = f"hops-{codec}-{rate}-s{seed}"
+    name = f"hops-{codec}-{rate}-s{seed}" + ("" if inline is None else f"-i{inline}")
+    if inline is None:
+        from neuroray.config import SwarmConfig
+
+        inline = SwarmConfig().hop_inline_max_bytes
     load = [os.getloadavg()[0]]
     before = counters(cfg)
     at_done: dict[int, float] = {}  # inner step -> wire bytes since the run began, when the driver recorded it
@@ -74,6 +81,7 @@ def one_run(cfg, ov, codec: str, rate: str, seed: int, rounds: int, inner: int, 
 
     run = Run(ov, [*SMALL, "planner.within_replica=STRICT_SPREAD", f"swarm.hop_compression={codec}", f"seed={seed}",
                    f"swarm.key_dir={keys}",
+                   f"swarm.hop_inline_max_bytes={inline}",
                    f"rounds={rounds}", f"diloco.inner_steps={inner}", "checkpoint.every_round=false", "eval.every=0",
                    "eval.batches=16", f"run_dir={cfg.host_root}/home/runs/{name}"], on_event=on_event)
     try:
@@ -98,7 +106,7 @@ def one_run(cfg, ov, codec: str, rate: str, seed: int, rounds: int, inner: int, 
     other = res["sync_bytes"] + _store_bytes(run) + res["control_bytes"]
     return {"codec": codec, "rate": rate, "seed": seed, "tokens": res["tokens"], "wire": wire, "other": other,
             "hops": hops, "cross": cross, "per_hop": hops / max(sent, 1), "ratio": fp32 / max(hops, 1),
-            "eval": res["eval_loss"], "in_round": in_round, "driver": cfg.host_ip(0), "steps": len(dones),
+            "eval": res["eval_loss"], "in_round": in_round, "inline": inline, "driver": cfg.host_ip(0), "steps": len(dones),
             "steady": steady, "tps": res["tokens_per_s"], "spread": spread, "load": load,
             "rejected": len(res.get("hop_rejections", [])),
             "placement": {r: [run.placement.get(f"{r}-s{s}") for s in range(stages)] for r in replicas},
@@ -115,7 +123,8 @@ NOTE_RUNS = ("3 lab hosts, driver on h0; the default config (2 stages x 2 replic
              "read when the driver recorded each step, per step, over the gaps between two steps of one round (the gap "
              "holding an outer step left out): what crossed while only hops (and Ray's own traffic: calls, results, "
              "heartbeats) did, TCP/IP/Ethernet headers included. As Ray moves it: the payload counted once per crossing, where "
-             "a payload under 100 KiB (Ray's max_direct_call_object_size) is returned to the driver on h0 and inlined "
+             "a payload at or under the holders' inline limit (`swarm.hop_inline_max_bytes`, default 1 KiB; 0: Ray's "
+             "max_direct_call_object_size, 100 KiB, the only limit before 2026-12-07) is returned to the driver on h0 and inlined "
              "into the next holder's call (A -> h0 -> B: two crossings when neither holder is on h0), a larger one pulled "
              "from A's node by B's (one crossing). Eval loss: the final held-out "
              "evaluation (16 microbatches, theta0, forward without the codec). Steady tok/s: from the first step's end to "
@@ -143,7 +152,8 @@ def run_row(r: dict, base: dict | None, none: dict | None, cmd: str) -> None:
                     "wire B/step inside a round (veth)", "wire / payload", "wire / payload as Ray moves it",
                     "wire - that, B/step", "eval loss", "vs none (same seed)", "steady tok/s", "ratio to unshaped",
                     "holders per replica (host .N)", "load avg", "machine", "command"],
-                   [r["codec"], str(r["seed"]), r["rate"], f"{r['per_hop']:,.0f}", f"{r['ratio']:.2f}", f"{cross:,.0f}",
+                   [r["codec"] + ("" if r["inline"] == DEFAULT_INLINE else f", hop_inline_max_bytes={r['inline']}"),
+                    str(r["seed"]), r["rate"], f"{r['per_hop']:,.0f}", f"{r['ratio']:.2f}", f"{cross:,.0f}",
                     f"{r['in_round']:,.0f}", f"{r['in_round'] / cross:.2f}",
                     f"{r['in_round'] / moved:.2f}", f"{r['in_round'] - moved:,.0f}", f"{r['eval']:.4f}", vs,
                     f"{r['steady']:,.0f}", ratio,
@@ -209,17 +219,21 @@ def main(argv: list[str]) -> None:
         keep.mkdir()
         plan = [(c, "unshaped", s) for s in seeds for c in codecs] + [(c, rate, seeds[0]) for rate in rates
                                                                        for c in codecs]
-        for codec, rate, seed in plan:  # each row is appended as soon as it is measured
-            r = one_run(cfg, ov, codec, rate, seed, rounds, inner, keep, Path(keys))
+        # inline=0,1024: every run at each holder inline limit in turn (side by side: small hops through the
+        # driver or straight from node to node); rows and summaries then keep to the first limit's runs
+        limits = [int(x) for x in opts["inline"].split(",")] if "inline" in opts else [None]
+        for (codec, rate, seed), inline in ((p, n) for p in plan for n in limits):  # each row appended when measured
+            r = one_run(cfg, ov, codec, rate, seed, rounds, inner, keep, Path(keys), inline)
             runs.append(r)
             print({k: v for k, v in r.items() if k != "metrics"}, flush=True)
-            base = next((x for x in runs if x["codec"] == codec and x["seed"] == seed and x["rate"] == "unshaped"), None)
-            none = next((x for x in runs if x["codec"] == "none" and x["seed"] == seed and x["rate"] == rate), None)
+            same = [x for x in runs if x["inline"] == r["inline"]]
+            base = next((x for x in same if x["codec"] == codec and x["seed"] == seed and x["rate"] == "unshaped"), None)
+            none = next((x for x in same if x["codec"] == "none" and x["seed"] == seed and x["rate"] == rate), None)
             run_row(r, base if rate != "unshaped" else None, none, cmd)
             if out is not None:
                 plot(runs, out)
         for codec in codecs:
-            summary_row(codec, runs, cmd)
+            summary_row(codec, [x for x in runs if x["inline"] == runs[0]["inline"]], cmd)
 
 
 if __name__ == "__main__":

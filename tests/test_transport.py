@@ -60,3 +60,29 @@ def test_through_the_object_store_the_receiver_reads_the_buffer_in_place(ray_clu
         writeable, shared, got, total = ray.get(receive.remote(send.remote(dtype)))
         assert not writeable and shared and got == dtype
         assert total == float(torch.arange(1 << 20, dtype=torch.float32).to(dtype).float().sum())
+
+
+class _Sender:
+    """Stands in for a holder's class in holder_actor: it returns what a compressed hop carries (16 KiB)."""
+
+    def __init__(self, spec):
+        pass
+
+    def send(self):
+        return to_wire(torch.ones(64, 64, dtype=torch.float32))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_small_hop_stays_on_the_senders_node_instead_of_passing_through_the_driver(ray_cluster):
+    """swarm.hop_inline_max_bytes: a holder started by holder_actor keeps a 16 KiB result in its node's object store
+    (the receiver pulls it from there); with 0, Ray inlines it into the driver, which then forwards it."""
+    from neuroray.swarm.holder import holder_actor
+
+    ray = ray_cluster
+    kept, inlined = (holder_actor(None, 0, 0, holder_cls=_Sender, inline_max_bytes=n) for n in (1024, 0))
+    refs = [kept.send.remote(), inlined.send.remote()]
+    ray.get(refs)
+    where = ray.experimental.get_object_locations(refs)
+    assert where[refs[0]]["node_ids"], "a hop above the limit should be in the sender's object store"
+    assert not where[refs[1]]["node_ids"], "under Ray's own limit a 16 KiB result is inlined into the caller"

@@ -480,12 +480,15 @@ def _ray_gpu_ids() -> list:
 
 
 def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None,
-                 max_restarts: int = 0, routed: bool = False, holder_cls: type = StageHolder):
+                 max_restarts: int = 0, routed: bool = False, holder_cls: type = StageHolder,
+                 inline_max_bytes: int = 0):
     """Start a ``holder_cls`` (a :class:`StageHolder`) as a Ray actor with the resources the config asks for.
 
     ``routed``: a "control" thread beside the compute thread answers the router (revoke, counters) even
     while a compute call hangs. Fixed routing keeps one thread, where Ray runs calls in submission order.
     ``holder_cls``: tests and benchmarks pass :class:`neuroray.swarm.faults.FaultyStageHolder`.
+    ``inline_max_bytes`` (``swarm.hop_inline_max_bytes``; 0: Ray's limit): results above it stay in the holder's
+    node's object store instead of being inlined into the driver, so a hop goes from node to node.
     """
     import ray
 
@@ -498,4 +501,6 @@ def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_
         opts["scheduling_strategy"] = scheduling_strategy
     if name:
         opts["name"] = name
+    if inline_max_bytes > 0:  # read by the holder's core worker at start; merged with the job's runtime_env
+        opts["runtime_env"] = {"env_vars": {"RAY_max_direct_call_object_size": str(inline_max_bytes)}}
     return cls.options(**opts).remote(spec)

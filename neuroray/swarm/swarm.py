@@ -106,7 +106,8 @@ class Swarm:
             spec = replace(spec, data_root=self.data.root, manifest=self.data.manifest, data_start=0 if routed else None)
         return holder_actor(spec, cpus, gpus, strategy,
                             name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
-                            max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls)
+                            max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls,
+                            inline_max_bytes=cfg.swarm.hop_inline_max_bytes)
 
     def add_replicas(self, plan, outer_rounds: int) -> list[list]:
         """Start the replicas of ``plan`` (neuroray.planner.expand: pinned to nodes, numbered after the running
