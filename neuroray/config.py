@@ -198,10 +198,10 @@ class SwarmConfig:
     hop_compression: str = "none"
     hop_block: int = 256  # hop_compression=int8: values per float32 scale
     hop_ratio: float = 16.0  # hop_compression=lowrank: the rank kept is the largest giving this many x fewer bytes
-    # A holder's results above this many bytes stay in its node's object store, so the next holder pulls a hop
-    # straight from the sender's node. Ray's own limit (100 KiB) inlines smaller ones into the caller, the driver:
-    # across hosts a compressed hop then crosses two links (sender -> driver -> receiver). 0: Ray's limit
-    hop_inline_max_bytes: int = 1024
+    # >0: a holder's results above this many bytes stay in its node's object store, so the next holder pulls a hop
+    # straight from the sender's node. 0: Ray's own limit (100 KiB), which inlines smaller hops into the caller, the
+    # driver: a compressed hop then crosses sender -> driver -> receiver (measured trade-off: docs/hops.md)
+    hop_inline_max_bytes: int = 0
     # Checks at every hop (neuroray/swarm/hop_guard.py, docs/hops.md): a holder checks each activation and gradient
     # it receives for shape, dtype, NaN/Inf and a norm band; a violation is rejected and counted against its sender.
     hop_check: bool = True  # (false: received tensors are used unchecked; a compressed payload is still checked)

@@ -217,7 +217,7 @@ def _check_hops(s: SwarmConfig) -> None:
         raise ConfigError(f"swarm.hop_ratio={s.hop_ratio} must be in [1, 1024] (16: at least 16x fewer bytes)")
     if s.hop_inline_max_bytes < 0:
         raise ConfigError(f"swarm.hop_inline_max_bytes={s.hop_inline_max_bytes} must be >= 0 (1024: hops above "
-                          "1 KiB go from node to node; 0: Ray's own limit)")
+                          "1 KiB go from node to node; 0: Ray's own limit, 100 KiB)")
     if not 1 <= s.hop_check_warmup <= s.hop_check_history or s.hop_check_factor <= 1:
         raise ConfigError(f"swarm.hop_check_warmup={s.hop_check_warmup} must be in [1, swarm.hop_check_history="
                           f"{s.hop_check_history}] and swarm.hop_check_factor={s.hop_check_factor} above 1 (e.g. 100)")
