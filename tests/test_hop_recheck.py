@@ -12,7 +12,7 @@ from neuroray.ponw.authority import sign_hop_evidence
 from neuroray.ponw.proof import SignedProof
 from neuroray.swarm.attacks_in_holder import misbehaving
 from neuroray.swarm.holder import HolderSpec
-from neuroray.training.hop_audit import Draw, draw_checks, inputs_for, judge, relative_l2
+from neuroray.training.hop_audit import Draw, data_findings, draw_checks, inputs_for, judge, relative_l2
 from tests._ponw import Clock, digest, identity, make_ledger, node, receipt, registration, signed
 
 CFG = ModelConfig(d_model=32, n_layers=3, n_heads=2, n_kv_heads=2, max_seq_len=16)
@@ -129,6 +129,48 @@ def test_the_ledger_reverifies_hop_evidence(tmp_path):
     verdict = ledger.invalidate(good)
     assert verdict.reason == "invalidated" and verdict.reward == -out.reward and "hop recheck" in verdict.detail
     assert ledger.invalidate(good).reason == "replay" and ledger.supply().consistent
+    ledger.close()
+
+
+def test_a_driver_whose_first_step_is_not_its_assigned_data_is_blamed(tmp_path):
+    """The data check: each Driver's recorded token ids against the batch at its recorded position + j (here a
+    seeded generator per replica stands for its shard ring; the Ray test reads real shards)."""
+    def batch(r: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1000 * r + position)
+        return torch.randint(0, V, (2, 8), generator=gen), torch.randint(0, V, (2, 8), generator=gen)
+
+    swarm = _swarm(tmp_path, {})
+    for r in range(R):  # each Driver's stream position when its round started
+        swarm[r][0].hops.arm(position=10 * r)
+    for r, (h0, h1, h2) in enumerate(swarm):
+        for j, mb in enumerate(range(4, 4 + M)):  # the round's first microbatch ids need not be positions
+            # replica 2's Driver reads the batches of another ring (replica 0's) from its second microbatch on
+            x, labels = batch(0 if (r == 2 and j == 1) else r, 10 * r + j)
+            loss, g = h2.forward_backward(mb, h1.forward(mb, h0.forward(mb, x)), labels, 1 / M)
+            h0.backward(mb, h1.backward(mb, g))
+    records = {(s, r): swarm[r][s].take_hop_record() for r in range(R) for s in range(S)}
+    assert [records[0, r]["position"] for r in range(R)] == [0, 10, 20]
+    found = data_findings(records, list(range(R)), batch)
+    assert [(f.slot, f.direction, f.mb) for f in found] == [("r2-s0", "data", 5)], found
+    assert found[0].sent != found[0].recomputed and "position 21" in found[0].detail
+
+
+def test_the_ledger_takes_data_evidence_only_against_a_driver(tmp_path):
+    clock = Clock()
+    ledger = make_ledger(tmp_path / "ledger.sqlite", clock)
+    (a, ra), (b, rb), (v, rv) = node(0), node(1), node(1)
+    ledger.register(registration([ra, rb, rv], validators=[rv.node_id]))
+    clock.t += 60
+    driver = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1))
+    last = ledger.submit(signed(b, rb, clock.ms, 1), receipt(rb, 1))
+    sent, rebuilt = digest("trained on"), digest("assigned")
+    on_last = sign_hop_evidence(v, SignedProof.from_bytes(ledger.wire(last.proof_id)).proof, rv.node_id, 0, "data",
+                                sent, rebuilt, float("inf"))
+    assert ledger.invalidate(on_last).reason == "unfounded"  # only a Driver reads data
+    verdict = ledger.invalidate(sign_hop_evidence(v, SignedProof.from_bytes(ledger.wire(driver.proof_id)).proof,
+                                                  rv.node_id, 0, "data", sent, rebuilt, float("inf")))
+    assert verdict.reason == "invalidated" and "data check" in verdict.detail
+    assert ledger.supply().consistent
     ledger.close()
 
 

@@ -50,3 +50,30 @@ def test_tampered_hops_are_caught_by_a_peer_and_only_their_senders_pay(ray_clust
     assert all(held[slot] > 0 for slot in SLOTS if slot not in CHEATS), held  # the replica-mates are paid
     fees = db.execute("SELECT COUNT(*), SUM(reward) FROM proofs WHERE proof_type = 'validation' AND status = 'credited'")
     assert fees.fetchone()[0] == 2  # one validation proof per round, for the microbatches re-executed
+
+
+@pytest.mark.slow  # a 3 x 2 run of 2 rounds: over a minute on the shared 2-core machine
+def test_a_driver_training_on_another_nodes_data_is_caught_in_round_one(ray_cluster, tmp_path):
+    """The data check: its first-step batches are not the ones at the position it committed, in its own shards."""
+    from neuroray.ponw.identity import Identity
+    from neuroray.swarm.attacks_in_holder import misbehaving
+    from neuroray.training.run import run
+
+    lines = []
+    cfg = _cfg(tmp_path, "run", 2, "diloco.replicas=3", "diloco.inner_steps=2", "checkpoint.every_round=false",
+               "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=0.1", "aggregator=robust")
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                 holder_cls=misbehaving({"r1-s0": ("wrong_data", 1.0)}))
+    text = "\n".join(lines)
+    caught = sorted((r["round"], r["sender"], r["direction"]) for r in result.hop_rejections if r["check"] == "recheck")
+    assert caught == [(1, "r1-s0", "data"), (2, "r1-s0", "data")], caught
+    assert "was not the batch at position" in text and "r1-s1 excused" in text
+    node = {Identity.load_or_create(tmp_path / "keys" / f"holder-{slot}.pem").node_id: slot for slot in SLOTS}
+    db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
+    for n, rnd, st, reason in db.execute("SELECT node_id, outer_round, status, reason FROM proofs "
+                                         "WHERE proof_type = 'training'"):
+        if n in node:  # the honest Drivers' proofs name the positions their receipts observed: credited
+            assert (st == "invalidated" and "data check" in reason) if node[n] == "r1-s0" else st == "credited", \
+                (node[n], rnd, st, reason)
+    held = {node[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in node}
+    assert held["r1-s0"] == 0 and all(held[s] > 0 for s in SLOTS if s != "r1-s0"), held

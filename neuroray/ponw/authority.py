@@ -278,7 +278,8 @@ def evidence_problem(ev: Evidence, proof: Proof | None, status: str, tolerance: 
 # ----- evidence from hop rechecks (neuroray/training/hop_audit.py) -------------------------------
 _HOP_EVIDENCE_KEYS = {"v", "kind", "proof_id", "node_id", "validator", "checker", "microbatch", "direction", "sent",
                       "recomputed", "error_ppm"}
-HOP_DIRECTIONS = ("fwd", "bwd", "loss")  # what the accused sent: activation on, gradient back, the last range's loss
+# what the accused sent: activation on, gradient back, the last range's loss; or (a Driver) the data it trained on
+HOP_DIRECTIONS = ("fwd", "bwd", "loss", "data")
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,9 @@ class HopEvidence:
 
     @property
     def reason(self) -> str:
+        if self.direction == "data":
+            return (f"data check by {self.validator[:12]}…: microbatch {self.microbatch} was not the batch at the "
+                    "data position the Driver committed, in its own shards")
         return (f"hop recheck by {self.validator[:12]}…: microbatch {self.microbatch}'s {self.direction} differs from "
                 f"{self.checker[:12]}…'s re-execution by {self.error_ppm / 1e6:.4g} (relative)")
 
@@ -347,7 +351,8 @@ def hop_evidence_problem(ev: HopEvidence, proof: Proof | None, status: str, tole
         return "conflict", "a node cannot file or re-execute evidence about its own work"
     if status != "credited":
         return "not_credited", f"proof {ev.proof_id[:12]}… is {status}; only a credited proof can be invalidated"
-    sends = {"fwd": not proof.has_lm_head, "bwd": not proof.has_embedding, "loss": proof.has_lm_head}
+    sends = {"fwd": not proof.has_lm_head, "bwd": not proof.has_embedding, "loss": proof.has_lm_head,
+             "data": proof.has_embedding}
     if proof.proof_type != "training" or not sends[ev.direction]:
         return "unfounded", f"a {proof.proof_type} proof of this range sends no {ev.direction} hop"
     if ev.sent == ev.recomputed or ev.error_ppm <= tolerance * 1e6:

@@ -75,7 +75,7 @@ class StageHolder:
         self.lifecycle.restore_on_start()
         # swarm.routing=fixed with hop rechecks: this round's first inner step, kept for a peer to redo
         self.hops = HopRecord(spec.hop_record)
-        self.hops.arm()
+        self._arm_hops()
         # proofs start after a restore: the first round must commit the weights the holder restarted from
         if spec.tokens_per_batch > 0:
             self.proving.start(self, spec.tokens_per_batch)
@@ -219,6 +219,10 @@ class StageHolder:
         return self.compute.evaluate(x, self.outer.theta0, labels)
 
     # ----- hop rechecks (neuroray/training/hop_audit.py) ----------------------------------------
+    def _arm_hops(self) -> None:
+        stream = self.compute.stream
+        self.hops.arm(None if stream is None else stream.position)
+
     def take_hop_record(self) -> dict:
         """What this holder received and sent in its round's first inner step (:class:`HopRecord`), once."""
         return self.hops.take()
@@ -242,7 +246,7 @@ class StageHolder:
         self.abort_step()
         self.outer.restart_at(theta0)
         self.compute.claims.clear()
-        self.hops.arm()
+        self._arm_hops()
         if outer_rounds is not None:
             self.outer.outer_rounds = outer_rounds
         if self.proving.enabled:  # this round's proof starts at the theta0 rejoined, not the snapshot's
@@ -294,7 +298,7 @@ class StageHolder:
         from where they are, towards their own next outer step."""
         self.outer.restart_at(theta0, part)
         self.outer.outer_rounds += 1
-        self.hops.arm()
+        self._arm_hops()
         if self.proving.enabled:
             self.proving.finish_round(self.outer.outer_rounds, self.outer.theta0, self.compute.microbatches_done,
                                       self.name)
@@ -431,7 +435,7 @@ class StageHolder:
         and that pseudo-gradient would pull the range's next outer step off the curve."""
         self.import_range(tensors)
         self.outer.outer_rounds = outer_rounds
-        self.hops.arm()
+        self._arm_hops()
         if self.proving.enabled:
             self._start_proof_round()
         return self.counters()

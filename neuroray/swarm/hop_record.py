@@ -5,8 +5,8 @@ neuroray/swarm/outer_state.py). So any other holder of the range can re-execute 
 from the same inputs and must get the same outputs (fp32: the same code gives near-exact results). The
 hop rechecks (neuroray/training/hop_audit.py) rest on that; this module is the holders' half:
 
-* :class:`HopRecord`, armed when the holder (re)starts from theta0 and disarmed by its next inner step: for
-  each microbatch, what the holder RECEIVED in full (the activation in, or the Driver's token ids; the
+* :class:`HopRecord`, armed when the holder (re)starts from theta0 and disarmed by its next inner step (a Driver's
+  with its data position then, the one its proof commits): for each microbatch, what the holder RECEIVED in full (the activation in, or the Driver's token ids; the
   gradient from the next range, or the last range's labels and loss scale) and a digest of what it SENT
   (activation out, gradient back; the last range's loss). A sender keeps only the digest, its receiver the
   tensor: the check compares the receiver's copy against the sender's digest to tell a forged record
@@ -53,11 +53,13 @@ class HopRecord:
         self.armed = False
         self.received: dict[int, dict] = {}  # mb -> {"x": tensor, "g": tensor, "labels": tensor, "scale": float}
         self.sent: dict[int, dict] = {}  # mb -> {"fwd": digest, "bwd": digest, "loss": float}
+        self.position: int | None = None  # a Driver's stream position when the step started (its proof's too)
 
-    def arm(self) -> None:
-        """The holder is at theta0 and its next inner step is checkable: record it (and drop what was kept)."""
+    def arm(self, position: int | None = None) -> None:
+        """The holder is at theta0 and its next inner step is checkable: record it (and drop what was kept).
+        ``position``: a Driver's data position now, the one its round's proof commits."""
         self.armed = self.enabled
-        self.received, self.sent = {}, {}
+        self.received, self.sent, self.position = {}, {}, position
 
     def disarm(self) -> None:
         self.armed = False
@@ -78,8 +80,8 @@ class HopRecord:
             self.sent.setdefault(mb, {})["bwd"] = payload_digest(out)
 
     def take(self) -> dict:
-        """The record (once): ``{"received": ..., "sent": ...}``."""
-        record = {"received": self.received, "sent": self.sent}
+        """The record (once): ``{"received": ..., "sent": ..., "position": ...}``."""
+        record = {"received": self.received, "sent": self.sent, "position": self.position}
         self.received, self.sent = {}, {}
         return record
 

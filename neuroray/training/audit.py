@@ -203,6 +203,8 @@ class SpotChecks:
                    if proof.proof_id in credited}
         evidence, what = [], []
         for node, checker, f in accused:
+            if f.direction == "data":  # the validator read the Driver's own shards itself
+                checker = self.identity.node_id
             if f.direction == "record" or checker is None or node not in by_node:
                 continue
             evidence.append(sign_hop_evidence(self.identity, by_node[node], checker, f.mb, f.direction, f.sent,

@@ -91,6 +91,7 @@ class ProofBooking:
                                   [None if key in result.excused else result.observed.get(key) for key in keys],
                                   [key not in result.unused or key in result.excused for key in keys],
                                   getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""),
+                                  data_positions=[result.data_positions.get(r) if s == 0 else None for _, r in keys],
                                   reward_bp=factors)
             receipts.update(zip(ks, made))
         signed = dict(zip(receipts, self.coordinator.sign_receipts(list(receipts.values()))))

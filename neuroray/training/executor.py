@@ -33,6 +33,9 @@ class RoundResult:
     # (range, replica) left out with a replica-mate proven faulty (a rejected hop, a failed recheck): they did their
     # work on what it sent, so their receipts excuse them (credited, no pseudo-gradient compared) and no spot check
     excused: set[tuple[int, int]] = field(default_factory=set)
+    # replica -> its Driver's data position when the round's first step started, as the coordinator saw it in the
+    # hop rechecks' record (before the proof); the receipt carries it, and a proof naming another is refused
+    data_positions: dict[int, int] = field(default_factory=dict)
 
 
 class StepExecutor(ABC):

@@ -110,6 +110,8 @@ class FixedPipelines(StepExecutor):
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
                     if t.recover(r, exc, None if self.overlap is not None else step):
                         fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
+                        if step % t.sync_every:  # after the round's first step: its record is not this proof's
+                            self.rechecks.restarted_at_theta0(r)
                     refs[r] = self._submit(step, r)
                     for s in later:
                         self.pending[s][r] = self._submit(s, r)
@@ -214,7 +216,7 @@ class FixedPipelines(StepExecutor):
         benched, senders = self._take_benched()
         # a holder whose first-step hops a peer's re-execution contradicts is left out of this outer step, and
         # with it its replica-mates: they computed on what it sent (as when a hop is rejected, _bench)
-        findings, checked = self.rechecks.settle(outer.rounds + 1)
+        findings, checked, positions = self.rechecks.settle(outer.rounds + 1)
         failed = frozenset((f.stage, f.replica) for f in findings)
         spoiled = frozenset(benched | {r for _, r in failed})
         while True:
@@ -240,7 +242,7 @@ class FixedPipelines(StepExecutor):
         batches, self._batches = self._batches, {}
         # the spoiled replicas' holders not proven faulty did honest work on what a faulty mate sent: excused
         excused = spoiled_slots - failed - senders
-        return RoundResult(reports, comm, unused, batches, observed, findings, checked, excused)
+        return RoundResult(reports, comm, unused, batches, observed, findings, checked, excused, positions)
 
     def _take_benched(self) -> tuple[set[int], set[tuple[int, int]]]:
         """The replicas left out of the outer step about to run for a rejected hop, and the ``(stage, replica)``

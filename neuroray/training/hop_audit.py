@@ -25,6 +25,14 @@ Attribution: a receiver's copy that does not match its sender's own digest is a 
 is blamed); else an output outside the tolerance is the sender's (S). So a holder that computes honestly on
 tampered inputs is not blamed: its re-execution from the same inputs gives what it sent.
 
+Every Driver's data, every round (:func:`data_findings`, no re-execution: a shard read): the token ids of each of
+its first-step microbatches, as its record has them, must be the batch at its data position (the one it recorded
+when the step started, which its proof commits) + j of its own shard ring, rebuilt by the coordinator from its
+node id. A Driver that trains on other data (another node's shards) is blamed in the round it starts. The position
+it recorded goes into its receipt (the coordinator saw it before the proof), so a proof that names another
+position is refused; a Driver that records the right batch but computes on another is caught by the
+re-execution of its activation, when drawn.
+
 On a failure (:class:`Finding`): a log line naming the holder and a metric (Trainer.hop_recheck_failed), the
 holder's pseudo-gradient left out of the round's outer step (it earns nothing), and once the round's proofs are
 booked, evidence signed by the validator (neuroray/training/audit.py, the same identity and fee path as the
@@ -156,6 +164,25 @@ def judge(records: dict, d: Draw, result: dict, losses: dict, stages: int, toler
     return None
 
 
+def data_findings(records: dict, replicas: list[int], assigned) -> list[Finding]:
+    """Each Driver whose recorded token ids of a first-step microbatch are not ``assigned(replica, position)`` (the
+    batch at that position of its own shard ring); ``position``: the data position it recorded + j."""
+    out = []
+    for r in replicas:
+        rec = records.get((0, r)) or {}
+        start, mbs = rec.get("position"), sorted(rec.get("received", {}))
+        for j, mb in enumerate(mbs):
+            x = rec["received"][mb].get("x")
+            if start is None or x is None:
+                continue
+            want, _ = assigned(r, start + j)
+            if tuple(x.shape) != tuple(want.shape) or not torch.equal(x.long(), want.long()):
+                out.append(Finding(0, r, mb, "data", float("inf"), tensor_digest(x), tensor_digest(want), None,
+                                   f"microbatch {mb} was not the batch at position {start + j} of its own shards"))
+                break
+    return out
+
+
 class HopRechecks:
     """The fixed executor's side: ask for the records, draw, re-execute on peers, judge before the outer step."""
 
@@ -175,6 +202,8 @@ class HopRechecks:
         self.records: dict | None = None
         self.jobs: list[tuple[Draw, object]] = []
         self.findings: list[Finding] = []
+        self.positions: dict[int, int] = {}  # replica -> its Driver's data position at the round's first step
+        self.restarted: set[int] = set()  # replicas restarted from theta0 after the round's first step
 
     def first_step_done(self, step: int, losses: dict[int, list[float]]) -> None:
         """Inner step ``step`` (a round's first) was collected on the replicas in ``losses``: ask for their records."""
@@ -200,6 +229,9 @@ class HopRechecks:
         # a replica whose holder died meanwhile has no complete record: none of its microbatches is drawn
         replicas = sorted({r for (_, r) in records if all(records.get((s, r)) for s in range(stages))})
         self.records = {key: rec for key, rec in records.items() if key[1] in replicas}
+        self.positions = {r: self.records[0, r]["position"] for r in replicas
+                          if self.records[0, r].get("position") is not None}
+        self.findings += data_findings(self.records, replicas, self._assigned)
         for d in draw_checks(self.records, stages, replicas, self.rate, random.SystemRandom()):
             inputs, forged = inputs_for(self.records, d, stages)
             if forged is not None:
@@ -209,11 +241,28 @@ class HopRechecks:
                 self.jobs.append((d, checker.reexecute.remote(inputs["x"], inputs["grad"], inputs["labels"],
                                                               inputs["scale"])))
 
-    def settle(self, outer_round: int) -> tuple[list[Finding], int]:
-        """Before the outer step: every re-execution judged. Returns the holders blamed (one finding each) and the
-        number of microbatches re-executed."""
+    def _assigned(self, replica: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The microbatch at ``position`` of replica ``replica``'s Driver's own shard ring (the coordinator's read)."""
+        from neuroray.genesis import Manifest, TokenStream
+
+        t = self.trainer
+        d, data = t.cfg.data, t.swarm.data
+        node = t.swarm.infos[replica * len(t.swarm.ranges)]["node_id"]
+        stream = TokenStream(data.root, Manifest.from_json(data.manifest), node, d.seq_len, d.microbatch_size,
+                             prefetch=False)
+        stream.seek(position)
+        return stream.next_microbatch()
+
+    def restarted_at_theta0(self, replica: int) -> None:
+        """``replica`` went on from theta0 after the round's first step (a recovery): its proof starts again, at
+        another data position than its record's, so no position of it is observed this round."""
+        self.restarted.add(replica)
+
+    def settle(self, outer_round: int) -> tuple[list[Finding], int, dict[int, int]]:
+        """Before the outer step: every re-execution judged. Returns the holders blamed (one finding each), the
+        number of microbatches re-executed, and each Driver's observed data position (replica -> position)."""
         if not self.enabled:
-            return [], 0
+            return [], 0, {}
         self.launch(wait=True)
         t, stages, checked, seconds = self.trainer, len(self.trainer.swarm.ranges), 0, 0.0
         for d, ref in self.jobs:
@@ -239,5 +288,6 @@ class HopRechecks:
                   f"{len(findings)} holder(s) failed")
         for f in findings:
             t.hop_recheck_failed(f, outer_round)
+        positions = {r: p for r, p in self.positions.items() if r not in self.restarted}
         self._reset()
-        return findings, checked
+        return findings, checked, positions
