@@ -107,14 +107,20 @@ def test_a_lying_loss_and_forged_records_are_attributed(tmp_path):
     assert (f.slot, f.direction) == ("r0-s2", "record")
 
 
-def test_the_ledger_reverifies_hop_evidence(tmp_path):
+def _ledger_with_proofs(tmp_path, first_stage: int):
+    """A ledger, a holder (``first_stage``) and a last-range holder that each proved round 1, and a validator."""
     clock = Clock()
     ledger = make_ledger(tmp_path / "ledger.sqlite", clock)
-    (a, ra), (c, rc), (v, rv) = node(1), node(1), node(1)
+    (a, ra), (c, rc), (v, rv) = node(first_stage), node(1), node(1)
     ledger.register(registration([ra, rc, rv], validators=[rv.node_id]))
     clock.t += 60
-    out = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1))
-    proof = SignedProof.from_bytes(ledger.wire(out.proof_id)).proof
+    outs = [ledger.submit(signed(i, r, clock.ms, 1), receipt(r, 1)) for i, r in ((a, ra), (c, rc))]
+    proofs = [SignedProof.from_bytes(ledger.wire(o.proof_id)).proof for o in outs]
+    return ledger, (ra, rc, rv), (c, v), outs, proofs
+
+
+def test_the_ledger_reverifies_hop_evidence(tmp_path):
+    ledger, (ra, rc, rv), (c, v), (out, _), (proof, _) = _ledger_with_proofs(tmp_path, 1)
     sent, redone = digest("sent"), digest("redone")
     for bad, reason in [
         (sign_hop_evidence(c, proof, rc.node_id, 0, "bwd", sent, redone, 1.0), "unknown_validator"),  # not a validator
@@ -156,19 +162,11 @@ def test_a_driver_whose_first_step_is_not_its_assigned_data_is_blamed(tmp_path):
 
 
 def test_the_ledger_takes_data_evidence_only_against_a_driver(tmp_path):
-    clock = Clock()
-    ledger = make_ledger(tmp_path / "ledger.sqlite", clock)
-    (a, ra), (b, rb), (v, rv) = node(0), node(1), node(1)
-    ledger.register(registration([ra, rb, rv], validators=[rv.node_id]))
-    clock.t += 60
-    driver = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1))
-    last = ledger.submit(signed(b, rb, clock.ms, 1), receipt(rb, 1))
+    ledger, (_, _, rv), (_, v), _, (driver, last) = _ledger_with_proofs(tmp_path, 0)
     sent, rebuilt = digest("trained on"), digest("assigned")
-    on_last = sign_hop_evidence(v, SignedProof.from_bytes(ledger.wire(last.proof_id)).proof, rv.node_id, 0, "data",
-                                sent, rebuilt, float("inf"))
+    on_last = sign_hop_evidence(v, last, rv.node_id, 0, "data", sent, rebuilt, float("inf"))
     assert ledger.invalidate(on_last).reason == "unfounded"  # only a Driver reads data
-    verdict = ledger.invalidate(sign_hop_evidence(v, SignedProof.from_bytes(ledger.wire(driver.proof_id)).proof,
-                                                  rv.node_id, 0, "data", sent, rebuilt, float("inf")))
+    verdict = ledger.invalidate(sign_hop_evidence(v, driver, rv.node_id, 0, "data", sent, rebuilt, float("inf")))
     assert verdict.reason == "invalidated" and "data check" in verdict.detail
     assert ledger.supply().consistent
     ledger.close()
