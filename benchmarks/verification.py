@@ -109,7 +109,8 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
             "SELECT node_id, outer_round, status, reward, reason FROM proofs WHERE proof_type = 'training'"):
         if node in ids and (status != "credited" or reward == 0):
             caught[ids[node]].add(rnd)
-            invalidated = "hop recheck" if str(reason).startswith("hop recheck") else "spot check"
+            invalidated = next((name for name in ("hop recheck", "data check") if str(reason).startswith(name)),
+                               "spot check")
             how[ids[node]].add({"credited": "paid 0", "invalidated": invalidated}.get(status, f"proof {status}"))
     for line in lines:
         m = NAMED.search(line)
