@@ -16,7 +16,8 @@ a snapshot each round, the final evaluation through the holders) whose holders a
 The exact own peak is what :func:`neuroray.planner.memory.holder_memory` predicts (docs/memory.md says why);
 all are printed with predicted / measured. Three sizes x {fp32, bf16}, ``model=small`` with
 ``model.activation_checkpointing=true`` (peak and tokens/s against the same run without it), and
-``swarm.schedule=1f1b`` (the case flag ``s4`` runs 4 stages instead of 2). The goal is predicted / measured within +-10 %.
+``swarm.schedule=1f1b`` (the case flag ``s4`` runs 4 stages instead of 2). The goal is predicted / measured
+within +-10 %.
 Then the compute price of checkpointing alone: forward + backward of ``model=small`` in this process, off and
 on alternated. Appends rows to docs/benchmarks.md.
 
@@ -81,7 +82,8 @@ def _status(pid: int) -> dict[str, int] | None:
 
 
 # the holder calls whose start and end a timeline (timeline=DIR) records, to tell which phase a peak falls in
-TRACED = ("abort_step", "revoke", "align_data", "rejoin", "forward", "forward_first", "backward", "forward_backward", "step", "pseudo_gradient", "apply_update",
+TRACED = ("abort_step", "revoke", "align_data", "rejoin", "forward", "forward_first", "backward", "forward_backward",
+          "step", "pseudo_gradient", "apply_update",
           "load_theta0", "send_pseudo_gradient", "land_outer", "evaluate", "snapshot", "flush_snapshots")
 
 
@@ -242,7 +244,8 @@ def main(argv: list[str]) -> None:
                   f"state {format_bytes(state)}, snapshot {format_bytes(mem.snapshot)}, outer step "
                   f"{format_bytes(mem.outer)}, activations {format_bytes(mem.activations)}, working "
                   f"{format_bytes(mem.working)}) | measured peak RSS w/o object store {format_bytes(peak['private'])}"
-                  f" (sampled every 5 ms {format_bytes(peak['sampled'])}, built {format_bytes(peak['built'])}), VmHWM {format_bytes(peak['hwm'])}, object-store pages "
+                  f" (sampled every 5 ms {format_bytes(peak['sampled'])}, built {format_bytes(peak['built'])}), "
+                  f"VmHWM {format_bytes(peak['hwm'])}, object-store pages "
                   f"{format_bytes(peak['shm'])} | predicted/measured {ratio:.3f} ({'met' if ok else 'NOT met'})"
                   f" | inner step {m['step_s']:.2f} s")
             append_row(
@@ -256,8 +259,8 @@ def main(argv: list[str]) -> None:
                       "evaluation; `-1f1b`: swarm.schedule=1f1b) with production holders. Peak RSS (own): the "
                       "kernel's VmHWM of the holder's process, reset after every 5 ms poll, less its object-store "
                       "pages (RssShmem); \"sampled\": the peak of VmRSS - RssShmem at the polls, as the table above "
-                      "measured, which could miss a short peak (docs/memory.md). VmHWM also counts the object-store pages "
-                      "it mapped. Goal: predicted / measured within +-10 %."),
+                      "measured, which could miss a short peak (docs/memory.md). VmHWM also counts the "
+                      "object-store pages it mapped. Goal: predicted / measured within +-10 %."),
             )
     for precision in ("fp32", "bf16"):
         on, off = results.get(f"small-{precision}-ckpt"), results.get(f"small-{precision}")

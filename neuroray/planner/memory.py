@@ -45,8 +45,9 @@ process and is reused by later small blocks. Training leaves ``activations + wor
   outer step ends, before the snapshot that follows it: with snapshots they are not part of the peak.
 - A snapshot: weights, AdamW moments and theta0 copied (16 B), then serialized by safetensors, which builds
   the file in a buffer and copies it into the bytes it returns (2 x 16 B, counted in full: fresh mappings
-  above the threshold, and alive with the copies). The per-parameter copies are heap blocks carved from the freed heap; only what does not fit
-  counts. theta0's copy is one whole-range block: in the heap below the threshold, a fresh mapping above.
+  above the threshold, and alive with the copies). The per-parameter copies are heap blocks carved from the
+  freed heap; only what does not fit counts. theta0's copy is one whole-range block: in the heap below the
+  threshold, a fresh mapping above.
 
 A holder also pays a fixed runtime overhead (Python, torch and the Ray worker in host memory, with the
 holder's own imports and thread pools; or the CUDA context on a GPU), ``planner.holder_overhead``. The
