@@ -6,17 +6,25 @@ a snapshot each round, the final evaluation through the holders) whose holders a
 ``/proc/<pid>/status`` every few milliseconds until the run ends:
 
 * ``VmHWM``, the kernel's peak resident set (everything the process maps, object-store pages included);
-* the peak of ``VmRSS - RssShmem``: the holder's own memory, without the pages of Ray's object store
-  (shared memory, the node's ``object_store_memory``) it touched reading and writing large objects.
+* the holder's own memory, without the pages of Ray's object store (shared memory, the node's
+  ``object_store_memory``) it touched reading and writing large objects: ``VmRSS - RssShmem`` at each poll
+  ("sampled"), and the exact peak, read from ``VmHWM`` reset after every poll (``/proc/<pid>/clear_refs``):
+  the kernel's peak since the previous poll, less the object-store pages (the fewer of the two polls around
+  it). A poll every 5 ms could miss a short peak, such as safetensors copying a snapshot's file (tens of
+  ms); the kernel's counter cannot (in the runs of 2026-12-07 the two agreed within 1 %).
 
-The second is what :func:`neuroray.planner.memory.holder_memory` predicts (docs/memory.md says why); both
-are printed with predicted / measured. Three sizes x {fp32, bf16}, and ``model=small`` with
-``model.activation_checkpointing=true`` (peak and tokens/s against the same run without it). The goal is
-predicted / measured within +-10 %. Then the compute price of checkpointing alone: forward + backward of
-``model=small`` in this process, off and on alternated. Appends rows to docs/benchmarks.md.
+The exact own peak is what :func:`neuroray.planner.memory.holder_memory` predicts (docs/memory.md says why);
+all are printed with predicted / measured. Three sizes x {fp32, bf16}, ``model=small`` with
+``model.activation_checkpointing=true`` (peak and tokens/s against the same run without it), and
+``swarm.schedule=1f1b`` (the case flag ``s4`` runs 4 stages instead of 2). The goal is predicted / measured
+within +-10 %.
+Then the compute price of checkpointing alone: forward + backward of ``model=small`` in this process, off and
+on alternated. Appends rows to docs/benchmarks.md.
 
-    flock /tmp/neuroray-cpu.lock python benchmarks/memory_model.py [cases=tiny-fp32,...] [hydra overrides...]
-    (cases= with nothing runs only the one-process step-time comparison)
+    flock /tmp/neuroray-cpu.lock python benchmarks/memory_model.py [cases=tiny-fp32,...] [timeline=DIR]
+        [hydra overrides...]
+    (cases= with nothing runs only the one-process step-time comparison; timeline=DIR writes, per case, every
+    holder's polled resident set and the start and end of its calls, to tell which phase its peak falls in)
 """
 
 from __future__ import annotations
@@ -41,11 +49,23 @@ from benchmarks._report import append_row, machine  # noqa: E402
 
 SIZES = {"tiny": ["model=tiny"], "small": ["model=small"],
          "d512": ["model=small", "model.d_model=512", "model.n_heads=8", "model.n_kv_heads=2"]}
-CASES = [f"{size}-{p}" for size in SIZES for p in ("fp32", "bf16")] + ["small-fp32-ckpt", "small-bf16-ckpt"]
+# a case: size-precision, then optional flags: ckpt (model.activation_checkpointing), 1f1b (swarm.schedule),
+# s4 (4 stages instead of 2, where 1f1b's holders keep 4, 3, 2 and 1 graphs)
+FLAGS = {"ckpt": "model.activation_checkpointing=true", "1f1b": "swarm.schedule=1f1b", "s4": "swarm.num_stages=4"}
+CASES = ([f"{size}-{p}" for size in SIZES for p in ("fp32", "bf16")] + ["small-fp32-ckpt", "small-bf16-ckpt"]
+         + ["small-fp32-1f1b", "small-bf16-1f1b", "d512-bf16-1f1b"])
 RUN = ["diloco.replicas=1", "swarm.num_stages=2", "diloco.inner_steps=3", "rounds=2", "checkpoint.every_round=true",
        "sample_tokens=0", "progress_bar=false", "cluster.torch_threads=1"]
 GOAL = 0.10
 POLL_S = 0.005
+
+
+def _reset_peak(pid: int) -> None:
+    """Restart the kernel's VmHWM count at the current resident set (clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:  # exited
+        pass
 
 
 def _status(pid: int) -> dict[str, int] | None:
@@ -61,8 +81,15 @@ def _status(pid: int) -> dict[str, int] | None:
     return out
 
 
-def holder_class(pid_dir: str) -> type:
-    """StageHolder that writes its pid (and its resident set once built) where the driver looks for it."""
+# the holder calls whose start and end a timeline (timeline=DIR) records, to tell which phase a peak falls in
+TRACED = ("abort_step", "revoke", "align_data", "rejoin", "forward", "forward_first", "backward", "forward_backward",
+          "step", "pseudo_gradient", "apply_update",
+          "load_theta0", "send_pseudo_gradient", "land_outer", "evaluate", "snapshot", "flush_snapshots")
+
+
+def holder_class(pid_dir: str, trace: bool = False) -> type:
+    """StageHolder that writes its pid (and its resident set once built) where the driver looks for it; with
+    ``trace``, also the wall-clock span and own resident set at both ends of every TRACED call."""
 
     class RecordedHolder(StageHolder):
         def __init__(self, spec):
@@ -72,17 +99,35 @@ def holder_class(pid_dir: str) -> type:
             tmp = Path(pid_dir, f".{spec.slot}")
             tmp.write_text(f"{os.getpid()} {rss}")
             tmp.rename(Path(pid_dir, spec.slot))  # whole, or not there yet, when the watcher reads it
+            self._trace = Path(pid_dir, f"trace-{spec.slot}.jsonl") if trace else None
 
+    def traced(name):
+        def call(self, *args, **kwargs):
+            t0 = time.time()
+            out = getattr(StageHolder, name)(self, *args, **kwargs)
+            if self._trace is not None:
+                with self._trace.open("a") as f:
+                    f.write(json.dumps([name, t0, time.time()]) + "\n")
+            return out
+        call.__name__ = name
+        return call
+
+    if trace:
+        for name in TRACED:
+            if hasattr(StageHolder, name):
+                setattr(RecordedHolder, name, traced(name))
     return RecordedHolder
 
 
 class Watcher(threading.Thread):
-    """Peak VmHWM and peak VmRSS - RssShmem of every holder that appears in ``pid_dir``, until stopped."""
+    """Per holder that appears in ``pid_dir``, until stopped: the peak VmHWM, the sampled peak of VmRSS - RssShmem,
+    and the exact own peak (VmHWM since the previous poll, reset after each, less the object-store pages)."""
 
     def __init__(self, pid_dir: str):
         super().__init__(daemon=True)
         self.pid_dir, self.stop_flag = Path(pid_dir), threading.Event()
         self.peaks: dict[str, dict[str, int]] = {}
+        self.samples: dict[str, list[tuple[float, int]]] = {}  # per holder: (time, VmRSS - RssShmem)
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
@@ -91,20 +136,26 @@ class Watcher(threading.Thread):
                 s = _status(pid)
                 if s is None or len(s) < 3:  # gone, or exiting (a zombie has no memory lines)
                     continue
-                p = self.peaks.setdefault(f.name, {"hwm": 0, "private": 0, "shm": 0, "built": built})
+                _reset_peak(pid)
+                p = self.peaks.setdefault(f.name, {"hwm": 0, "private": 0, "sampled": 0, "shm": 0, "built": built,
+                                                   "last_shm": s["RssShmem"]})
                 p["hwm"] = max(p["hwm"], s["VmHWM"])
-                p["private"] = max(p["private"], s["VmRSS"] - s["RssShmem"])
-                p["shm"] = max(p["shm"], s["RssShmem"])
+                # the object-store pages only grow between two polls 5 ms apart, or shrink; the fewer counts
+                p["private"] = max(p["private"], s["VmHWM"] - min(p["last_shm"], s["RssShmem"]))
+                p["sampled"] = max(p["sampled"], s["VmRSS"] - s["RssShmem"])
+                p["shm"], p["last_shm"] = max(p["shm"], s["RssShmem"]), s["RssShmem"]
+                self.samples.setdefault(f.name, []).append((time.time(), s["VmRSS"] - s["RssShmem"]))
             time.sleep(POLL_S)
 
 
-def measure(case: str, overrides: list[str]) -> dict:
+def measure(case: str, overrides: list[str], timeline: str | None = None) -> dict:
     from neuroray.training.run import run
 
-    size, precision, *ckpt = case.split("-")
-    args = [*SIZES[size], f"precision={precision}", *RUN, *overrides]
-    if ckpt:
-        args.append("model.activation_checkpointing=true")
+    size, precision, *flags = case.split("-")
+    extra = [FLAGS[f] for f in flags]
+    keys = {a.split("=", 1)[0] for a in extra}
+    args = [*SIZES[size], f"precision={precision}", *(a for a in RUN if a.split("=", 1)[0] not in keys), *overrides,
+            *extra]
     with tempfile.TemporaryDirectory() as tmp:
         pid_dir = Path(tmp, "pids")
         pid_dir.mkdir()
@@ -112,10 +163,15 @@ def measure(case: str, overrides: list[str]) -> dict:
         watcher = Watcher(str(pid_dir))
         watcher.start()
         try:
-            run(cfg, log=lambda *a, **k: None, holder_cls=holder_class(str(pid_dir)))
+            run(cfg, log=lambda *a, **k: None, holder_cls=holder_class(str(pid_dir), trace=timeline is not None))
         finally:
             watcher.stop_flag.set()
             watcher.join()
+        if timeline:
+            spans = {f.name[len("trace-"):-len(".jsonl")]: [json.loads(x) for x in f.read_text().splitlines()]
+                     for f in pid_dir.glob("trace-*.jsonl")}
+            Path(timeline).mkdir(parents=True, exist_ok=True)
+            Path(timeline, f"{case}.json").write_text(json.dumps({"samples": watcher.samples, "spans": spans}))
         rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
     # an inner step's wall time: between two steps of one round (a round's first step follows the outer step)
     steps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])
@@ -129,10 +185,12 @@ def predict(cfg, vocab: int) -> dict[str, object]:
 
     ranges = stage_ranges(cfg, vocab)
     d = cfg.data
-    batch = Batch(d.microbatch_size, d.seq_len, d.num_microbatches, activation_bytes(cfg.precision, "cpu"))
+    batch = Batch(d.microbatch_size, d.seq_len, d.num_microbatches, activation_bytes(cfg.precision, "cpu"),
+                  cfg.swarm.schedule)
     overhead = parse_memory(cfg.planner.holder_overhead)
     return {f"r0-s{s}": holder_memory(cfg.model, vocab, b - a, has_embedding=s == 0, has_head=s == len(ranges) - 1,
-                                      batch=batch, overhead=overhead) for s, (a, b) in enumerate(ranges)}
+                                      batch=batch, overhead=overhead, stage=s, stages=len(ranges))
+            for s, (a, b) in enumerate(ranges)}
 
 
 def recompute_cost(cfg, vocab: int, precision: str, repeats: int = 5) -> tuple[float, float]:
@@ -166,14 +224,15 @@ def main(argv: list[str]) -> None:
     # kill these holders, whose size is what is measured here. The kernel's own limit still applies.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     cases = next(([c for c in a.split("=", 1)[1].split(",") if c] for a in argv if a.startswith("cases=")), CASES)
-    overrides = [a for a in argv if not a.startswith("cases=")]
+    timeline = next((a.split("=", 1)[1] for a in argv if a.startswith("timeline=")), None)
+    overrides = [a for a in argv if not a.startswith(("cases=", "timeline="))]
     cfg0 = load_config(overrides)
     root, manifest = ensure_dataset(cfg0.data, log=lambda *a, **k: None)
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
     cmd = " ".join(["flock /tmp/neuroray-cpu.lock python benchmarks/memory_model.py", *argv])
     results = {}
     for case in cases:
-        m = measure(case, overrides)
+        m = measure(case, overrides, timeline)
         results[case] = m
         pred = predict(m["cfg"], vocab)
         for slot, peak in sorted(m["peaks"].items()):
@@ -185,20 +244,23 @@ def main(argv: list[str]) -> None:
                   f"state {format_bytes(state)}, snapshot {format_bytes(mem.snapshot)}, outer step "
                   f"{format_bytes(mem.outer)}, activations {format_bytes(mem.activations)}, working "
                   f"{format_bytes(mem.working)}) | measured peak RSS w/o object store {format_bytes(peak['private'])}"
-                  f" (built {format_bytes(peak['built'])}), VmHWM {format_bytes(peak['hwm'])}, object-store pages "
+                  f" (sampled every 5 ms {format_bytes(peak['sampled'])}, built {format_bytes(peak['built'])}), "
+                  f"VmHWM {format_bytes(peak['hwm'])}, object-store pages "
                   f"{format_bytes(peak['shm'])} | predicted/measured {ratio:.3f} ({'met' if ok else 'NOT met'})"
                   f" | inner step {m['step_s']:.2f} s")
             append_row(
-                "Planner memory model vs measured holder peak RSS",
-                ["case", "holder", "predicted", "measured peak RSS (own)", "predicted / measured", "VmHWM",
-                 "object-store pages", "inner step s", "machine", "command"],
+                "Planner memory model vs measured holder peak RSS (exact peak; 1F1B)",
+                ["case", "holder", "predicted", "measured peak RSS (own)", "predicted / measured",
+                 "own, sampled every 5 ms", "VmHWM", "object-store pages", "inner step s", "machine", "command"],
                 [case, slot, format_bytes(mem.total), format_bytes(peak["private"]), f"**{ratio:.3f}**",
-                 format_bytes(peak["hwm"]), format_bytes(peak["shm"]), f"{m['step_s']:.2f}", machine(),
-                 f"`{cmd}`"],
+                 format_bytes(peak["sampled"]), format_bytes(peak["hwm"]), format_bytes(peak["shm"]),
+                 f"{m['step_s']:.2f}", machine(), f"`{cmd}`"],
                 note=("A real run (1 replica x 2 stages, 3 inner steps x 2 rounds, a snapshot per round, the final "
-                      "evaluation) with production holders; peak RSS (own) = the peak of VmRSS - RssShmem of the "
-                      "holder's process, polled every 5 ms; VmHWM also counts the object-store pages it mapped "
-                      "(docs/memory.md). Goal: predicted / measured within +-10 %."),
+                      "evaluation; `-1f1b`: swarm.schedule=1f1b) with production holders. Peak RSS (own): the "
+                      "kernel's VmHWM of the holder's process, reset after every 5 ms poll, less its object-store "
+                      "pages (RssShmem); \"sampled\": the peak of VmRSS - RssShmem at the polls, as the table above "
+                      "measured, which could miss a short peak (docs/memory.md). VmHWM also counts the "
+                      "object-store pages it mapped. Goal: predicted / measured within +-10 %."),
             )
     for precision in ("fp32", "bf16"):
         on, off = results.get(f"small-{precision}-ckpt"), results.get(f"small-{precision}")

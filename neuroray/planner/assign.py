@@ -166,7 +166,7 @@ def stage_plans(cfg: ModelConfig, ranges: list[tuple[int, int]], req: PlanReques
     for i, (a, b) in enumerate(ranges):
         first, last = i == 0, i == len(ranges) - 1
         mem = holder_memory(cfg, req.vocab_size, b - a, has_embedding=first, has_head=last, batch=req.batch,
-                            overhead=req.holder_overhead, snapshots=req.snapshots)
+                            overhead=req.holder_overhead, snapshots=req.snapshots, stage=i, stages=len(ranges))
         flops = (b - a) * scaling.layer_flops_per_token(cfg, req.batch.seq_len)
         if last:
             flops += scaling.head_flops_per_token(cfg, req.vocab_size)

@@ -250,7 +250,8 @@ def request_from_config(cfg: TrainConfig) -> PlanRequest:
     return PlanRequest(
         vocab_size=d.vocab_size,
         batch=Batch(p.microbatch_size or d.microbatch_size, d.seq_len, d.num_microbatches,
-                    activation_bytes(cfg.precision, p.device)),
+                    activation_bytes(cfg.precision, p.device),
+                    cfg.swarm.schedule if cfg.swarm.routing == "fixed" else "gpipe"),
         base_model=cfg.model, model=None if cfg.model.name == "auto" else cfg.model, device=p.device,
         cpus_per_holder=c.cpus_per_holder, gpus_per_holder=c.gpus_per_holder, safety_fraction=p.safety_fraction,
         holder_overhead=parse_memory(p.holder_overhead), stages=p.stages,

@@ -23,17 +23,31 @@ Under autocast each forward also casts every matmul weight to 16 bits and its gr
 its backward: 2 B per matmul weight per microbatch in flight (not with checkpointing, where only the block
 being recomputed has one).
 
-Every non-last holder keeps the graphs of all ``num_microbatches`` microbatches of an inner step alive
-until their backwards arrive (GPipe order, neuroray.training.schedule), plus each microbatch's output
-(d per token); the last holder runs forward and backward per microbatch, so it keeps one, plus the head
+Every non-last holder of a GPipe pipeline keeps the graphs of all ``num_microbatches`` microbatches of an
+inner step alive until their backwards arrive (neuroray.training.schedule); under ``swarm.schedule=1f1b``
+holder ``s`` of ``S`` keeps ``min(num_microbatches, S - s)``. Each graph adds the microbatch's output (d per
+token). The last holder runs forward and backward per microbatch, so it keeps one, plus the head
 (per token: the final norm, the logits, their log-softmax and, in the loss's backward, both their gradients):
 fp32 ``4 (3d + 1) + 16 V``, bf16 ``4 (2d + 1) + 2d + 14 V`` and a 16-bit copy of the head's weights.
 
-On top of what is kept, a holder needs working space, at different moments, so the largest counts:
-backward's (one layer's activations rebuilt or differentiated at a time, plus the gradient it sends),
-AdamW's step (torch's foreach implementation allocates two float32 temporaries per parameter: 8 B),
-and the outer step's (``theta0 - theta`` and its serialized copy going out, the new theta0 arriving as
-bytes, then as a tensor, then cloned into the weights: 12 B at the most at one time).
+On top of what is kept, a holder needs working space: backward's (one layer's activations rebuilt or
+differentiated at a time, plus the gradient it sends) or AdamW's step (torch's foreach implementation
+allocates two float32 temporaries per parameter: 8 B), whichever is larger.
+
+The outer step and a snapshot come after the inner steps, when no graph is kept, and what they cost depends
+on glibc's allocator. A block of at least its largest mmap threshold (32 MiB) is a mapping of its own,
+returned to the system when freed; smaller blocks come from the heap, whose freed space stays with the
+process and is reused by later small blocks. Training leaves ``activations + working`` of freed heap.
+
+- The outer step: ``theta0 - theta``, its serialized copy out, the new theta0 in as bytes, as a tensor and
+  cloned into the weights, 12 B per parameter. If a whole-range vector (``4 P``) is below the threshold these
+  are heap blocks that stay with the process: they count on top. Above it they are mappings gone when the
+  outer step ends, before the snapshot that follows it: with snapshots they are not part of the peak.
+- A snapshot: weights, AdamW moments and theta0 copied (16 B), then serialized by safetensors, which builds
+  the file in a buffer and copies it into the bytes it returns (2 x 16 B, counted in full: fresh mappings
+  above the threshold, and alive with the copies). The per-parameter copies are heap blocks carved from the
+  freed heap; only what does not fit counts. theta0's copy is one whole-range block: in the heap below the
+  threshold, a fresh mapping above.
 
 A holder also pays a fixed runtime overhead (Python, torch and the Ray worker in host memory, with the
 holder's own imports and thread pools; or the CUDA context on a GPU), ``planner.holder_overhead``. The
@@ -56,9 +70,17 @@ DILOCO_BYTES_PER_PARAM = 4  # theta0, the holder's copy
 BYTES_PER_PARAM = INNER_BYTES_PER_PARAM + DILOCO_BYTES_PER_PARAM  # 20: what a holder keeps per parameter
 ADAMW_STEP_BYTES_PER_PARAM = 8  # foreach AdamW's float32 temporaries during a step
 OUTER_STEP_BYTES_PER_PARAM = 12  # theta0 - theta and its serialized copy out; theta0 in as bytes, tensor, clone
-# a hot snapshot: weights, AdamW moments and theta0 copied (16 B), then serialized to safetensors bytes (16 B) by
-# the background writer while the next inner steps run (neuroray/swarm/lifecycle.py, neuroray/snapshot.py)
-SNAPSHOT_BYTES_PER_PARAM = 32
+# a hot snapshot: weights, AdamW moments and theta0 copied (16 B), then serialized to safetensors bytes by the
+# background writer while the next inner steps run (neuroray/swarm/lifecycle.py, neuroray/snapshot.py)
+SNAPSHOT_COPY_BYTES_PER_PARAM = 16
+# safetensors.torch.save builds the file in a buffer of its own and copies it into the bytes it returns: 2 x 16 B
+# at the moment of serialization (tests/test_memory_allocator.py measures it)
+SNAPSHOT_SERIALIZE_BYTES_PER_PARAM = 32
+SNAPSHOT_BYTES_PER_PARAM = SNAPSHOT_COPY_BYTES_PER_PARAM + SNAPSHOT_SERIALIZE_BYTES_PER_PARAM  # 48, all at once
+# glibc malloc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): a block this size or
+# larger is always its own mapping, returned to the system when freed; smaller blocks, once the threshold has
+# risen past them, come from the heap, whose freed space stays with the process and is reused by later blocks
+MMAP_THRESHOLD_MAX = 32 * 2**20
 
 _UNITS = {
     "b": 1,
@@ -176,6 +198,7 @@ class Batch:
     seq_len: int
     num_microbatches: int
     activation_bytes: int = FLOAT_BYTES  # 2 under bf16/fp16 autocast (activation_bytes()), else 4
+    schedule: str = "gpipe"  # swarm.schedule of a fixed pipeline; routed swarms keep a whole step, as gpipe
 
     @property
     def tokens(self) -> int:
@@ -184,6 +207,19 @@ class Batch:
     @property
     def autocast(self) -> bool:
         return self.activation_bytes == HALF_BYTES
+
+    def graphs_kept(self, has_head: bool, stage: int | None = None, stages: int | None = None) -> int:
+        """Microbatch graphs a holder keeps at its peak (neuroray.training.schedule.peak_kept): the last holder
+        fuses forward and backward (1); under gpipe every other one keeps all ``num_microbatches``; under 1f1b
+        holder ``stage`` of ``stages`` keeps ``min(num_microbatches, stages - stage)``. Without a stage index
+        (the partition's search, before stages are numbered) it counts all ``num_microbatches``, GPipe's: an
+        upper bound the placement then tightens with each holder's own index."""
+        m = self.num_microbatches
+        if has_head:
+            return 1
+        if self.schedule != "1f1b" or stages is None:
+            return m
+        return min(m, stages - (stage or 0))
 
 
 @dataclass(frozen=True)
@@ -197,8 +233,8 @@ class HolderMemory:
     diloco: int  # theta0, 4 B / param
     activations: int  # kept between forward and backward, for every microbatch in flight
     working: int  # backward's working space, or AdamW's step beyond the activations (they never coincide)
-    outer: int  # the outer step's whole-range buffers, 12 B / param (not carved from freed activations)
-    snapshot: int  # a hot snapshot's copies, written in the background while training goes on: 32 B / param
+    outer: int  # the outer step's whole-range buffers still resident at the peak (outer_resident_bytes)
+    snapshot: int  # a hot snapshot beyond the heap training freed (snapshot_peak_bytes); 0 without snapshots
     overhead: int
 
     @property
@@ -208,9 +244,10 @@ class HolderMemory:
 
 
 def kept_activation_bytes(cfg: ModelConfig, vocab_size: int, n_layers: int, *, has_head: bool,
-                          batch: Batch) -> int:
-    """What the graphs in flight keep: ``in_flight x (tokens x (n_layers x layer + d) + [autocast copies])``."""
-    in_flight = 1 if has_head else batch.num_microbatches
+                          batch: Batch, stage: int | None = None, stages: int | None = None) -> int:
+    """What the graphs in flight keep: ``in_flight x (tokens x (n_layers x layer + d) + [autocast copies])``,
+    ``in_flight`` = :meth:`Batch.graphs_kept`."""
+    in_flight = batch.graphs_kept(has_head, stage, stages)
     per_mb = batch.tokens * (n_layers * activation_bytes_per_token_layer(cfg, batch.activation_bytes)
                              + FLOAT_BYTES * cfg.d_model)
     if batch.autocast and not cfg.activation_checkpointing:
@@ -234,30 +271,62 @@ def backward_working_bytes(cfg: ModelConfig, vocab_size: int, *, has_head: bool,
     return space
 
 
+def whole_range_mapped(params: int) -> bool:
+    """Whether a float32 vector of the whole range (``4 P`` bytes: theta0, ``theta0 - theta``) is above glibc's
+    largest mmap threshold, so each such buffer is its own mapping, gone from the resident set once freed."""
+    return FLOAT_BYTES * params >= MMAP_THRESHOLD_MAX
+
+
+def outer_resident_bytes(params: int, snapshots: bool) -> int:
+    """The outer step's buffers (12 B / param) resident at the holder's peak. Below the mmap threshold they come
+    from the heap and its freed space stays with the process: they count on top of the activations' heap. Above
+    it they are mappings returned when the outer step ends; the snapshot, which comes after the outer step and
+    needs more (48 B / param), is then the peak without them. A holder that never snapshots peaks in the outer
+    step, with all 12 B / param in use."""
+    if snapshots and whole_range_mapped(params):
+        return 0
+    return OUTER_STEP_BYTES_PER_PARAM * params
+
+
+def snapshot_peak_bytes(params: int, freed_heap: int) -> int:
+    """A snapshot's bytes at its peak beyond what the holder already holds. The per-parameter copies (weights
+    and AdamW moments, 12 B / param, and theta0 below the mmap threshold) are heap blocks carved out of the
+    ``freed_heap`` training left (no graph is kept during a snapshot), so only their excess counts; theta0's
+    copy above the threshold is a fresh mapping; safetensors' file buffer and the bytes copied out of it
+    (2 x 16 B / param) are fresh mappings too, both alive while the copies are."""
+    mapped = whole_range_mapped(params)
+    heap_copies = (SNAPSHOT_COPY_BYTES_PER_PARAM - (FLOAT_BYTES if mapped else 0)) * params
+    theta0_copy = FLOAT_BYTES * params if mapped else 0
+    return max(0, heap_copies - freed_heap) + theta0_copy + SNAPSHOT_SERIALIZE_BYTES_PER_PARAM * params
+
+
 def holder_memory(cfg: ModelConfig, vocab_size: int, n_layers: int, *, has_embedding: bool, has_head: bool,
-                  batch: Batch, overhead: int, snapshots: bool = True) -> HolderMemory:
-    """Memory of a holder of ``n_layers`` layers (+ embedding if first, + final norm and head if last).
+                  batch: Batch, overhead: int, snapshots: bool = True, stage: int | None = None,
+                  stages: int | None = None) -> HolderMemory:
+    """Memory of a holder of ``n_layers`` layers (+ embedding if first, + final norm and head if last), the
+    ``stage``-th of ``stages`` (only 1f1b needs them: :meth:`Batch.graphs_kept`).
 
     ``params = n_layers * per_layer + [V d] + [V d + d]``; state = 20 B x params; activations kept by the
     graphs in flight (:func:`kept_activation_bytes`); working = backward's (:func:`backward_working_bytes`) or
-    AdamW's (8 B x params) beyond them; the outer step's buffers (12 B x params); with ``snapshots``, a
-    snapshot's copies (32 B x params); ``overhead``: planner.holder_overhead (the module docstring and
-    docs/memory.md explain every term).
+    AdamW's (8 B x params) beyond them; the outer step's buffers still resident (:func:`outer_resident_bytes`);
+    with ``snapshots``, a snapshot beyond the heap training freed (:func:`snapshot_peak_bytes`); ``overhead``:
+    planner.holder_overhead (the module docstring and docs/memory.md explain every term).
     """
     from neuroray.planner.scaling import param_count
 
     pc = param_count(cfg, vocab_size)
     params = n_layers * pc.per_layer + (pc.embedding if has_embedding else 0) + (pc.head if has_head else 0)
-    kept = kept_activation_bytes(cfg, vocab_size, n_layers, has_head=has_head, batch=batch)
+    kept = kept_activation_bytes(cfg, vocab_size, n_layers, has_head=has_head, batch=batch, stage=stage,
+                                 stages=stages)
     # AdamW's step runs when no graph is kept, on tensors the size of single parameters, which fit where
-    # activations were freed: it counts only beyond the activations. The outer step's buffers span the whole
-    # range (P x 4 B each), which the holes freed activations leave cannot hold: they count on top.
+    # activations were freed: it counts only beyond the activations.
     working = max(backward_working_bytes(cfg, vocab_size, has_head=has_head, batch=batch),
                   ADAMW_STEP_BYTES_PER_PARAM * params - kept)
+    outer = outer_resident_bytes(params, snapshots)
     return HolderMemory(
         params=params, weights=4 * params, grads=4 * params, adam=8 * params, diloco=DILOCO_BYTES_PER_PARAM * params,
-        activations=kept, working=working, outer=OUTER_STEP_BYTES_PER_PARAM * params,
-        snapshot=SNAPSHOT_BYTES_PER_PARAM * params if snapshots else 0, overhead=overhead,
+        activations=kept, working=working, outer=outer,
+        snapshot=snapshot_peak_bytes(params, kept + working + outer) if snapshots else 0, overhead=overhead,
     )
 
 

@@ -163,7 +163,8 @@ def fit_problem(placement: Plan, nodes: list[NodeSpec], new: ModelConfig, ranges
     by_id = {n.node_id: n for n in placement.nodes} | {n.node_id: n for n in nodes}
     req = req.on(placement.device)
     grown = [holder_memory(new, placement.vocab_size, b - a, has_embedding=s == 0, has_head=s == len(ranges) - 1,
-                           batch=req.batch, overhead=req.holder_overhead, snapshots=req.snapshots)
+                           batch=req.batch, overhead=req.holder_overhead, snapshots=req.snapshots, stage=s,
+                           stages=len(ranges))
              for s, (a, b) in enumerate(ranges)]
     needs = [m.total for m in grown]
     used: dict[str, int] = {}
