@@ -28,6 +28,7 @@ import time
 import ray
 
 from neuroray.errors import PipelineError
+from neuroray.swarm.direct_transport import HopGroups, direct_or_none
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
@@ -51,6 +52,7 @@ class FixedPipelines(StepExecutor):
         self._settled: dict[int, float] = {}  # step -> mean loss, collected early (a redone overlapped round)
         self.benched: set[int] = set()  # replicas whose round failed on a rejected hop: out until the outer step
         self.bench_senders: set[tuple[int, int]] = set()  # (stage, replica) of the holder that sent each rejected hop
+        self.direct: HopGroups | None = None  # swarm.hop_transport=gloo|nccl: each replica's collective group
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -61,6 +63,18 @@ class FixedPipelines(StepExecutor):
         from neuroray.training.hop_audit import HopRechecks
 
         self.rechecks = HopRechecks(trainer)  # ponw.hop_recheck_rate: the round's first step redone on peers
+        transport = direct_or_none(trainer.swarm.hop_transport)
+        if transport is not None:
+            self.direct = HopGroups(transport, f"{trainer.swarm.name_prefix or 'neuroray-'}hops")
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+
+    def recovered(self, replica: int) -> None:
+        """A holder of ``replica`` may have been restarted or replaced: its hops need a new group."""
+        if self.direct is not None:
+            self.direct.remake(replica, self.trainer.swarm.replicas[replica])
 
     def submit(self, step: int) -> None:
         if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
@@ -71,8 +85,11 @@ class FixedPipelines(StepExecutor):
         t = self.trainer
         if replica in self.benched:
             return StepRefs([], [], [])
-        n = t.cfg.data.num_microbatches
-        return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step), t.cfg.swarm.schedule)
+        n, pipeline = t.cfg.data.num_microbatches, t.swarm.replicas[replica]
+        if self.direct is not None:  # made once per replica (also for replicas added mid-run)
+            self.direct.ensure(replica, pipeline)
+        return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
+                                 None if self.direct is None else self.direct.backend)
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""
