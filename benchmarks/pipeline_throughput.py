@@ -116,8 +116,11 @@ def main(argv: list[str]) -> None:
     transports = opts.get("transports", cfg.swarm.hop_transport).split(",")
     ray.init(address="local", num_cpus=max(stages * len(transports), os.cpu_count() or 2), include_dashboard=False,
              log_to_driver=False)
-    pipes = {t: RayPipeline(replace(cfg, swarm=replace(cfg.swarm, hop_transport=t)), vocab, root, manifest)
-             for t in transports}
+    # several swarms in one Ray: no placement groups (their names are per replica index, and would clash); the
+    # holders reserve no CPU then, and still run 1 torch thread each
+    cluster = cfg.cluster if len(transports) == 1 else replace(cfg.cluster, cpus_per_holder=0)
+    pipes = {t: RayPipeline(replace(cfg, cluster=cluster, swarm=replace(cfg.swarm, hop_transport=t)), vocab, root,
+                            manifest) for t in transports}
     # one arm per schedule and transport; named by the schedule alone when there is one transport (the rows before)
     arm = {(s, t): s if len(transports) == 1 else f"{s} ({t})" for s in schedules for t in transports}
     pipe = next(iter(pipes.values()))

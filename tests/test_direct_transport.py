@@ -3,10 +3,13 @@ keys and their refusals, ``auto``, what a holder sends, and the holder's one-ret
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from neuroray.config import DilocoConfig, ModelConfig
+from neuroray.config_checks import validate
 from neuroray.configure import load_config
 from neuroray.errors import ConfigError
 from neuroray.swarm.direct_transport import HopGroups, direct_or_none, outgoing, resolve
@@ -17,19 +20,24 @@ CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=1
 
 
 def test_the_transport_key_defaults_to_the_object_store_and_refuses_what_cannot_work():
-    assert load_config([]).swarm.hop_transport == "object_store"
+    cfg = load_config([])
+    assert cfg.swarm.hop_transport == "object_store"
     assert load_config(["swarm.hop_transport=gloo"]).swarm.hop_transport == "gloo"
-    refusals = {
-        "swarm.hop_transport=tcp": "is unknown; choose object_store, gloo, nccl, auto",
-        "swarm.hop_transport=nccl": "nccl needs a GPU on every holder",
-        "swarm.hop_transport=gloo swarm.routing=router": "needs swarm.routing=fixed",
-        "swarm.hop_transport=gloo swarm.hop_compression=int8": "set swarm.hop_compression=none",
-    }
-    for overrides, words in refusals.items():
+
+    def check(cluster=None, **swarm):
+        validate(replace(cfg, swarm=replace(cfg.swarm, **swarm), cluster=cluster or cfg.cluster))
+
+    refusals = [
+        (dict(hop_transport="tcp"), "is unknown; choose object_store, gloo, nccl, auto"),
+        (dict(hop_transport="nccl"), "nccl needs a GPU on every holder"),
+        (dict(hop_transport="gloo", routing="router"), "needs swarm.routing=fixed"),
+        (dict(hop_transport="gloo", hop_compression="int8"), "set swarm.hop_compression=none"),
+    ]
+    for swarm, words in refusals:
         with pytest.raises(ConfigError, match=words):
-            load_config(overrides.split())
-    load_config(["swarm.hop_transport=nccl", "cluster.gpus_per_holder=1"])  # accepted: every holder has a GPU
-    load_config(["swarm.hop_transport=auto", "swarm.routing=router"])  # auto falls back instead
+            check(**swarm)
+    check(replace(cfg.cluster, gpus_per_holder=1), hop_transport="nccl")  # accepted: every holder has a GPU
+    check(hop_transport="auto", routing="router")  # auto falls back instead
 
 
 def test_auto_is_nccl_only_where_every_holder_has_a_gpu_and_hops_are_plain_fixed_ones():

@@ -13,9 +13,11 @@ What it needs, and what this module gives:
   one group per backend, and the driver that made the group is the one whose submissions use it;
 - the tensor a holder sends in the form the backend takes: :func:`outgoing`.
 
-Ray's caveat, which this module cannot change: a transfer that fails (its sender or receiver died in the middle)
+Ray's own rule, which this module cannot change: a transfer that fails (its sender or receiver died in the middle)
 makes Ray kill both ends without restart and destroy the group (``ray/experimental/rdt/rdt_manager.py``,
-``_abort_transport``). A holder that dies between transfers is restarted by Ray as on the object-store path.
+``_abort_transport``: "Killing the actors"). So a holder that dies mid-transfer takes its peer with it for good;
+:func:`ended_for_good` finds such holders, and fixed routing starts them afresh from their newest snapshots
+(neuroray/training/fixed.py) before the replica recovers as from any crash.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def outgoing(t: torch.Tensor, transport: str) -> torch.Tensor:
     if t.device.type != "cuda":
         raise ValueError(f"swarm.hop_transport=nccl sends CUDA tensors; this holder's tensor is on {t.device}")
     return t.detach().contiguous()
+
+
+def ended_for_good(holder, timeout_s: float) -> bool:
+    """True when ``holder`` is dead and Ray will not restart it (a restarting or slow holder is not)."""
+    try:
+        ray.get(holder.counters.remote(), timeout=timeout_s)
+    except ray.exceptions.ActorDiedError:
+        return True
+    except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+        pass  # Ray is restarting it, or it is busy restoring a snapshot: it comes back
+    return False
 
 
 class HopGroups:

@@ -28,7 +28,7 @@ import time
 import ray
 
 from neuroray.errors import PipelineError
-from neuroray.swarm.direct_transport import HopGroups, direct_or_none
+from neuroray.swarm.direct_transport import HopGroups, direct_or_none, ended_for_good
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
@@ -124,6 +124,7 @@ class FixedPipelines(StepExecutor):
                     # before the reset, or a stale backward could land after it. Then redo them all. (Calls
                     # to replaced holders fail as soon as the GCS has ended them: the wait stays short.)
                     later = self._settle_replica(r, step, refs[r], c.liveness_timeout_s if lost else c.step_timeout_s)
+                    self._replace_ended(r)
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
                     if t.recover(r, exc, None if self.overlap is not None else step):
                         fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
@@ -194,6 +195,22 @@ class FixedPipelines(StepExecutor):
         placed = {s: actor_node(h) for s, h in enumerate(self.trainer.swarm.replicas[replica])}
         down = unreachable({n for n in placed.values() if n}, self.trainer.cfg.cluster.liveness_probe_s)
         return {s: n for s, n in placed.items() if n and n in down}
+
+    def _replace_ended(self, replica: int) -> None:
+        """Direct hops: Ray ends both holders of a transfer that failed (a holder died in the middle of one)
+        without restart (neuroray/swarm/direct_transport.py). Start those afresh from their newest snapshots,
+        as for a lost host; the recovery that follows brings the replica back and remakes its group."""
+        if self.direct is None:
+            return
+        t = self.trainer
+        probe = t.cfg.cluster.liveness_probe_s
+        ended = [s for s, h in enumerate(t.swarm.replicas[replica]) if ended_for_good(h, probe)]
+        if not ended:
+            return
+        t.log(f"recovery: Ray ended replica {replica}'s holders {ended} after a failed direct transfer; "
+              "starting them afresh from their newest snapshots")
+        new = t.swarm.replace_holders(replica, ended, set(), t.cfg.checkpoint.recovery_timeout_s)
+        t.holders_replaced(new)
 
     def _replace(self, replica: int, exc: HostsLost) -> None:
         t = self.trainer

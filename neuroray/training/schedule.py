@@ -13,13 +13,13 @@ order in which the driver submits each holder's calls *is* that holder's schedul
   computation, and a holder's gradients accumulate in microbatch order under both schedules.
 
 The last holder fuses forward, loss and backward (``forward_backward``), so it has no order to choose.
+A holder's ``step`` is submitted after its backwards, so it always sees the whole accumulated gradient,
+and the next inner step may be submitted before this one finishes.
 
 ``transport`` (``swarm.hop_transport`` gloo or nccl, neuroray/swarm/direct_transport.py): every call whose
 return value is a hop to another holder is submitted with ``tensor_transport``, so the tensor goes straight
 from holder to holder. Ray Direct Transport takes one return value: the last holder's call is then
 ``forward_backward_direct`` (the gradient), followed on the same holder by ``take_loss`` (the loss).
-A holder's ``step`` is submitted after its backwards, so it always sees the whole accumulated gradient,
-and the next inner step may be submitted before this one finishes.
 """
 
 from __future__ import annotations
