@@ -126,7 +126,7 @@ class FixedPipelines(StepExecutor):
                     later = self._settle_replica(r, step, refs[r], c.liveness_timeout_s if lost else c.step_timeout_s)
                     self._replace_ended(r)
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
-                    if t.recover(r, exc, None if self.overlap is not None else step):
+                    if self._recover(r, exc, None if self.overlap is not None else step):
                         fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
                     refs[r] = self._submit(step, r)
                     for s in later:
@@ -196,21 +196,33 @@ class FixedPipelines(StepExecutor):
         down = unreachable({n for n in placed.values() if n}, self.trainer.cfg.cluster.liveness_probe_s)
         return {s: n for s, n in placed.items() if n and n in down}
 
-    def _replace_ended(self, replica: int) -> None:
+    def _recover(self, replica: int, exc: BaseException, step: int | None) -> bool:
+        """:meth:`Trainer.recover`; under direct hops once more if Ray ended a holder for good meanwhile (its
+        monitor ends the two ends of a failed transfer a moment later, maybe after :meth:`_replace_ended` looked)."""
+        try:
+            return self.trainer.recover(replica, exc, step)
+        except PipelineError:
+            if not self._replace_ended(replica):
+                raise
+            return self.trainer.recover(replica, exc, step)
+
+    def _replace_ended(self, replica: int) -> bool:
         """Direct hops: Ray ends both holders of a transfer that failed (a holder died in the middle of one)
         without restart (neuroray/swarm/direct_transport.py). Start those afresh from their newest snapshots,
-        as for a lost host; the recovery that follows brings the replica back and remakes its group."""
+        as for a lost host; the recovery that follows brings the replica back and remakes its group. True when
+        it replaced any."""
         if self.direct is None:
-            return
+            return False
         t = self.trainer
         probe = t.cfg.cluster.liveness_probe_s
         ended = [s for s, h in enumerate(t.swarm.replicas[replica]) if ended_for_good(h, probe)]
         if not ended:
-            return
+            return False
         t.log(f"recovery: Ray ended replica {replica}'s holders {ended} after a failed direct transfer; "
               "starting them afresh from their newest snapshots")
         new = t.swarm.replace_holders(replica, ended, set(), t.cfg.checkpoint.recovery_timeout_s)
         t.holders_replaced(new)
+        return True
 
     def _replace(self, replica: int, exc: HostsLost) -> None:
         t = self.trainer
