@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 INTRO = ("# Benchmarks\n\nEvery number here was appended by a script in `benchmarks/` (`make bench` runs them all);\n"
          "each row names the command that reproduces it. Ratios are measured side by side in one run.\n")
+
+
+def key_values(defaults: dict[str, str]) -> dict[str, str]:
+    """``key=value`` command-line arguments over ``defaults``."""
+    out = dict(defaults)
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        out[key] = value
+    return out
 
 
 def machine() -> str:

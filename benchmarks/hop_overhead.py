@@ -9,13 +9,17 @@ Two actors on one node: the sender makes the hop payload of a float32 activation
   ``Storage.__reduce__``: torch.save into bytes, torch.load on arrival);
 * ``wire``: the hop now: a :class:`~neuroray.swarm.transport.WireTensor` (a numpy buffer, out of band in the
   object store, read in place);
+* ``direct (gloo)``: the hop under ``swarm.hop_transport=gloo`` (Ray Direct Transport): the sender returns the
+  tensor itself (``direct_transport.outgoing``), the receiver's call pulls it over a gloo group of the two actors;
 * ``compiled``: the wire hop as a Ray Compiled Graph (``experimental_compile``: shared-memory channels, no
   task submission per call);
+* ``store put``: ``ray.put`` of the wire payload in the driver, then freed: the object store's own copy-in, one
+  part of the wire hop (where its time goes, docs/hops.md);
 * ``empty``: the same two calls with no tensor (the per-call floor of Ray's actor tasks on this machine).
 
 Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
 every repetition (a busy machine slows them alike). Reported: each in ms and
-``hop / memcpy``; the goal is ``wire / memcpy <= 2`` (issue 22).
+``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire and the direct hop.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
 """
@@ -32,15 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import append_row, machine  # noqa: E402
-
-
-def _args() -> dict:
-    out = {"reps": "15", "sizes_mib": "0.25,4,64"}
-    for arg in sys.argv[1:]:
-        key, _, value = arg.partition("=")
-        out[key] = value
-    return out
+from benchmarks._report import append_row, key_values, machine  # noqa: E402
 
 
 def _interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
@@ -61,14 +57,16 @@ def main() -> None:
     import ray
     from ray.dag import InputNode
 
+    from ray.experimental.collective import create_collective_group, destroy_collective_group
+
+    from neuroray.swarm.direct_transport import outgoing
     from neuroray.swarm.hop_codec import HopCodec
 
-    args = _args()
+    args = key_values({"reps": "15", "sizes_mib": "0.25,4,64"})
     reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
 
-    @ray.remote(num_cpus=0)
     class Sender:
         def __init__(self):
             torch.set_num_threads(1)
@@ -89,10 +87,12 @@ def main() -> None:
         def wire_hop(self, _=None):
             return self.codec.encode(self.x, "sender")
 
+        def direct_hop(self, _=None):
+            return outgoing(self.x, "gloo")
+
         def empty(self, _=None):
             return None
 
-    @ray.remote(num_cpus=0)
     class Receiver:
         def __init__(self):
             torch.set_num_threads(1)
@@ -107,9 +107,13 @@ def main() -> None:
         def take_none(self, x) -> None:
             return x
 
+    plain = {"num_cpus": 0}
+    direct = plain | {"enable_tensor_transport": True}  # as holder_actor makes holders under a direct transport
     torch.set_num_threads(1)  # the memcpy on one core, as each actor copies
-    s, r = Sender.remote(), Receiver.remote()
-    cs, cr = Sender.remote(), Receiver.remote()  # a compiled graph holds its actors' execution loop: its own pair
+    s, r = ray.remote(**plain)(Sender).remote(), ray.remote(**plain)(Receiver).remote()
+    ds, dr = ray.remote(**direct)(Sender).remote(), ray.remote(**direct)(Receiver).remote()
+    group = create_collective_group([ds, dr], backend="gloo")
+    cs, cr = ray.remote(**plain)(Sender).remote(), ray.remote(**plain)(Receiver).remote()  # a compiled graph holds its actors' execution loop: its own pair
     with InputNode() as inp:
         dag = cr.take_wire.bind(cs.sized_wire_hop.bind(inp))
     # one graph for every size (a teardown between sizes can hang on this Ray version)
@@ -117,21 +121,27 @@ def main() -> None:
     rows = []
     for mib in sizes:
         numel = int(mib * 2**20) // 4
-        ray.get(s.make.remote(numel))
+        ray.get([s.make.remote(numel), ds.make.remote(numel)])
         src, dst = torch.randn(numel), torch.empty(numel)
+        wire = HopCodec("none").encode(src, "driver")
         row = _interleaved_ms({
             "memcpy": lambda: dst.copy_(src),
             "torch pickle": lambda: ray.get(r.take_torch.remote(s.torch_hop.remote())),
             "wire": lambda: ray.get(r.take_wire.remote(s.wire_hop.remote())),
+            "direct": lambda: ray.get(dr.take_wire.remote(ds.direct_hop.options(tensor_transport="gloo").remote())),
             "compiled": lambda: ray.get(compiled_dag.execute(numel)),  # noqa: B023 - called within this iteration
             "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
+            "put": lambda: ray.put(wire),  # noqa: B023 - called within this iteration; freed at once
         }, reps)
         row["MiB"] = mib
         rows.append(row)
-        memcpy, pickled, wire, compiled, empty = (row[k] for k in ("memcpy", "torch pickle", "wire", "compiled", "empty"))
+        memcpy, pickled, wire_ms, direct_ms, compiled, empty = (
+            row[k] for k in ("memcpy", "torch pickle", "wire", "direct", "compiled", "empty"))
         print(f"{mib:g} MiB: memcpy {memcpy:.2f} ms, torch pickle {pickled:.2f} ms ({pickled / memcpy:.1f}x), "
-              f"wire {wire:.2f} ms ({wire / memcpy:.1f}x), compiled graph {compiled:.2f} ms "
-              f"({compiled / memcpy:.1f}x), empty calls {empty:.2f} ms", flush=True)
+              f"wire {wire_ms:.2f} ms ({wire_ms / memcpy:.1f}x), direct (gloo) {direct_ms:.2f} ms "
+              f"({direct_ms / memcpy:.1f}x), compiled graph {compiled:.2f} ms ({compiled / memcpy:.1f}x), "
+              f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms", flush=True)
+    destroy_collective_group(group)
     ray.shutdown()
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
     for row in rows:
@@ -139,14 +149,18 @@ def main() -> None:
         append_row(
             "Per-hop cost vs memcpy and a Compiled Graph",
             ["command", "machine", "MiB", "memcpy ms", "torch pickle ms (/memcpy)", "wire ms (/memcpy)",
-             "compiled graph ms (/memcpy)", "empty calls ms", "wire goal /memcpy <= 2"],
+             "direct (gloo) ms (/memcpy)", "compiled graph ms (/memcpy)", "empty calls ms", "store put ms",
+             "goal /memcpy <= 2 (wire, direct)"],
             [f"`{cmd.strip()}`", machine(), f"{row['MiB']:g}", f"{m:.2f}",
              f"{row['torch pickle']:.2f} ({row['torch pickle'] / m:.1f}x)", f"{row['wire']:.2f} ({row['wire'] / m:.1f}x)",
-             f"{row['compiled']:.2f} ({row['compiled'] / m:.1f}x)", f"{row['empty']:.2f}",
-             "met" if row["wire"] / m <= 2 else "not met"],
+             f"{row['direct']:.2f} ({row['direct'] / m:.1f}x)",
+             f"{row['compiled']:.2f} ({row['compiled'] / m:.1f}x)", f"{row['empty']:.2f}", f"{row['put']:.2f}",
+             ", ".join("met" if row[k] / m <= 2 else "not met" for k in ("wire", "direct"))],
             note="Two actors on one node, one float32 activation per hop as a holder sends it (benchmarks/hop_overhead.py): "
                  "`torch pickle` is the hop before the wire form (Ray pickles the tensor through torch.save/torch.load), "
-                 "`wire` the hop now (a numpy buffer out of band, read in place), `compiled graph` the wire hop as a Ray "
+                 "`wire` the hop now (a numpy buffer out of band, read in place), `direct (gloo)` the hop under "
+                 "swarm.hop_transport=gloo (Ray Direct Transport over a gloo group), `store put` a ray.put of the wire "
+                 "payload alone (the object store's copy-in), `compiled graph` the wire hop as a Ray "
                  "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians, the five taken in turn in "
                  "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait.")
 

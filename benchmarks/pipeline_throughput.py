@@ -8,8 +8,11 @@ than 1). The
 arms run interleaved, ``repeats`` times ``steps`` inner steps each after a warm-up, on one Ray swarm and
 one process-local model; the median of each arm is reported. Appends one row per schedule to
 docs/benchmarks.md, with the most microbatch graphs each holder kept at once (its activation stash).
+``transports=object_store,gloo`` runs one swarm per hop transport (``swarm.hop_transport``), their arms
+interleaved with the others (default: the config's own transport, one swarm).
 
-    python benchmarks/pipeline_throughput.py [steps=10] [repeats=3] [schedules=gpipe,1f1b] [hydra overrides...]
+    python benchmarks/pipeline_throughput.py [steps=10] [repeats=3] [schedules=gpipe,1f1b] [transports=...]
+        [hydra overrides...]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,16 +67,17 @@ class RayPipeline:
     def __init__(self, cfg, vocab, root, manifest):
         import ray
 
+        from neuroray.swarm.direct_transport import HopGroups, direct_or_none
         from neuroray.swarm.swarm import DataPlan, Swarm
 
-        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
-        # one CPU per holder, even past the cores: a 4-stage pipeline on 2 cores is measured as it is
-        ray.init(address="local", num_cpus=max(cfg.swarm.num_stages, os.cpu_count() or 2), include_dashboard=False,
-                 log_to_driver=False)
         self.ray, self.cfg, self.mb = ray, cfg, 0
         self.swarm = Swarm(cfg, vocab, DataPlan(str(root), manifest.to_json()), log=lambda *a, **k: None)
         self.node_id = self.swarm.infos[0]["node_id"]
         self.pipeline = self.swarm.replicas[0]
+        self.transport = direct_or_none(self.swarm.hop_transport)  # as FixedPipelines submits under gloo/nccl
+        self.groups = None if self.transport is None else HopGroups(self.transport, f"bench-{id(self)}")
+        if self.groups is not None:
+            self.groups.ensure(0, self.pipeline)
 
     def run(self, steps: int, schedule: str) -> tuple[float, list[int]]:
         """Tokens/s over ``steps`` inner steps, and the most graphs each holder kept at once meanwhile."""
@@ -83,19 +88,22 @@ class RayPipeline:
         t0 = time.perf_counter()
         refs = []
         for _ in range(steps):
-            refs.append(submit_inner_step(self.pipeline, n, self.mb, schedule=schedule))
+            refs.append(submit_inner_step(self.pipeline, n, self.mb, schedule=schedule, transport=self.transport))
             self.mb += n
         ray.get([r for s in refs for r in s.losses + s.steps])
         tps = steps * n * self.cfg.data.microbatch_size * self.cfg.data.seq_len / (time.perf_counter() - t0)
         return tps, [u["peak_in_flight"] for u in ray.get([h.utilisation.remote() for h in self.pipeline])]
 
     def close(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
         self.swarm.shutdown()
-        self.ray.shutdown()
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("steps", "repeats", "schedules"))
+    import ray
+
+    opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("steps", "repeats", "schedules", "transports"))
     steps, repeats = int(opts.get("steps", 10)), int(opts.get("repeats", 3))
     schedules = opts.get("schedules", "gpipe,1f1b").split(",")
     overrides = [a for a in argv if a.split("=", 1)[0] not in opts]
@@ -103,28 +111,42 @@ def main(argv: list[str]) -> None:
     stages, d = cfg.swarm.num_stages, cfg.data
     root, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
     vocab = load_tokenizer(Path(root) / manifest.tokenizer_file).get_vocab_size()
-    pipe = RayPipeline(cfg, vocab, root, manifest)
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
+    # one CPU per holder, even past the cores: a 4-stage pipeline on 2 cores is measured as it is
+    transports = opts.get("transports", cfg.swarm.hop_transport).split(",")
+    ray.init(address="local", num_cpus=max(stages * len(transports), os.cpu_count() or 2), include_dashboard=False,
+             log_to_driver=False)
+    # several swarms in one Ray: no placement groups (their names are per replica index, and would clash); the
+    # holders reserve no CPU then, and still run 1 torch thread each
+    cluster = cfg.cluster if len(transports) == 1 else replace(cfg.cluster, cpus_per_holder=0)
+    pipes = {t: RayPipeline(replace(cfg, cluster=cluster, swarm=replace(cfg.swarm, hop_transport=t)), vocab, root,
+                            manifest) for t in transports}
+    # one arm per schedule and transport; named by the schedule alone when there is one transport (the rows before)
+    arm = {(s, t): s if len(transports) == 1 else f"{s} ({t})" for s in schedules for t in transports}
+    pipe = next(iter(pipes.values()))
     # as many threads as the holders together, but no more than the cores (oversubscribed threads only spin);
     # and 1 thread: on a busy machine a 2-thread process can be slower than 1 (its threads wait for each other)
     threads = sorted({1, min(stages * cfg.cluster.torch_threads, os.cpu_count() or 1)})
     local = SingleProcess(cfg, vocab, root, pipe.node_id)
     arms = [f"one process {t}" for t in threads]
-    tps: dict[str, list[float]] = {s: [] for s in [*arms, *schedules]}
+    tps: dict[str, list[float]] = {s: [] for s in [*arms, *arm.values()]}
     peaks: dict[str, list[int]] = {}
     try:
-        for s in schedules:
-            pipe.run(WARMUP, s)
+        for (s, tr) in arm:
+            pipes[tr].run(WARMUP, s)
         for t in threads:
             local.run(WARMUP, t)
         for _ in range(repeats):  # interleaved, so a noisy neighbour hits every arm alike
-            for s in schedules:
-                t, peak = pipe.run(steps, s)
-                tps[s].append(t)
-                peaks[s] = [max(a, b) for a, b in zip(peaks.get(s, peak), peak)]
+            for (s, tr), name in arm.items():
+                t, peak = pipes[tr].run(steps, s)
+                tps[name].append(t)
+                peaks[name] = [max(a, b) for a, b in zip(peaks.get(name, peak), peak)]
             for t in threads:
                 tps[f"one process {t}"].append(local.run(steps, t))
     finally:
-        pipe.close()
+        for p in pipes.values():
+            p.close()
+        ray.shutdown()
     med = {k: statistics.median(v) for k, v in tps.items()}
     best = max(arms, key=med.get)  # the baseline: the faster of the one-process arms
     med["one process"] = med[best]
@@ -137,7 +159,7 @@ def main(argv: list[str]) -> None:
     for a in arms:
         print(f"{a} thread(s): {med[a]:,.0f} tok/s (runs: {', '.join(f'{v:,.0f}' for v in tps[a])})")
     cmd = " ".join(["python benchmarks/pipeline_throughput.py", *argv])
-    for s in schedules:
+    for s in arm.values():
         ratio = med[s] / med["one process"]
         print(f"ray pipeline {s} ({stages} stages x 1 thread): {med[s]:,.0f} tok/s "
               f"(runs: {', '.join(f'{v:,.0f}' for v in tps[s])}), peak graphs kept per holder {peaks[s]}; "

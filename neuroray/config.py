@@ -18,6 +18,7 @@ from neuroray.errors import ConfigError
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
 HOP_COMPRESSIONS = ("none", "int8", "lowrank")  # swarm.hop_compression's values (neuroray/swarm/hop_codec.py)
+HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "auto")  # swarm.hop_transport's values (neuroray/swarm/direct_transport.py)
 SCHEDULES = ("gpipe", "1f1b")  # swarm.schedule's values (neuroray/training/schedule.py)
 MAX_BUBBLE = 0.2  # data.num_microbatches=0 (auto): the largest pipeline bubble (S-1)/(m+S-1) it accepts
 
@@ -202,6 +203,11 @@ class SwarmConfig:
     # straight from the sender's node. 0: Ray's own limit (100 KiB), which inlines smaller hops into the caller, the
     # driver: a compressed hop then crosses sender -> driver -> receiver (measured trade-off: docs/hops.md)
     hop_inline_max_bytes: int = 0
+    # How a hop's tensor crosses (docs/hops.md, "Transport"): "object_store" (a numpy buffer through Ray's object
+    # store); "gloo" (CPU tensors) or "nccl" (CUDA tensors): Ray Direct Transport, the receiver pulls the tensor from
+    # the sender over a collective group, one per fixed pipeline (fixed routing, hop_compression=none only);
+    # "auto": nccl when every holder has a GPU, else object_store
+    hop_transport: str = "object_store"
     # Checks at every hop (neuroray/swarm/hop_guard.py, docs/hops.md): a holder checks each activation and gradient
     # it receives for shape, dtype, NaN/Inf and a norm band; a violation is rejected and counted against its sender.
     hop_check: bool = True  # (false: received tensors are used unchecked; a compressed payload is still checked)

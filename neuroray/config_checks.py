@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from neuroray.config import (  # noqa: F401  (resolve_batch and friends: re-exported for the config's readers)
-    HOP_COMPRESSIONS, PRECISIONS, SCHEDULES, SwarmConfig, TrainConfig, auto_microbatches, pipeline_bubble,
+    HOP_COMPRESSIONS, HOP_TRANSPORTS, PRECISIONS, SCHEDULES, SwarmConfig, TrainConfig, auto_microbatches, pipeline_bubble,
     resolve_batch,
 )
 from neuroray.errors import ConfigError
@@ -141,6 +141,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_routing(s)
     _check_split(s, cfg.model.n_layers, cfg.model.name)
     _check_hops(s)
+    _check_hop_transport(cfg)
     if dl.compression not in ("none", "fp16", "int8", "sparse"):  # compress.MODES; that module imports torch
         raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16, int8 or sparse")
     if not 0 < dl.sparse_density <= 1:
@@ -221,6 +222,24 @@ def _check_hops(s: SwarmConfig) -> None:
     if not 1 <= s.hop_check_warmup <= s.hop_check_history or s.hop_check_factor <= 1:
         raise ConfigError(f"swarm.hop_check_warmup={s.hop_check_warmup} must be in [1, swarm.hop_check_history="
                           f"{s.hop_check_history}] and swarm.hop_check_factor={s.hop_check_factor} above 1 (e.g. 100)")
+
+
+def _check_hop_transport(cfg: TrainConfig) -> None:
+    """Ray Direct Transport (swarm.hop_transport=gloo|nccl) is wired for fixed pipelines of plain tensors only."""
+    s, t = cfg.swarm, cfg.swarm.hop_transport
+    if t not in HOP_TRANSPORTS:
+        raise ConfigError(f"swarm.hop_transport={t} is unknown; choose {', '.join(HOP_TRANSPORTS)}")
+    if t in ("object_store", "auto"):
+        return  # auto falls back to the object store wherever a direct path cannot run
+    if s.routing != "fixed":
+        raise ConfigError(f"swarm.hop_transport={t} needs swarm.routing=fixed (a collective group per fixed "
+                          "pipeline; routed hops go anywhere): use swarm.hop_transport=object_store with the router")
+    if s.hop_compression != "none":
+        raise ConfigError(f"swarm.hop_transport={t} carries plain tensors, not swarm.hop_compression="
+                          f"{s.hop_compression} payloads: set swarm.hop_compression=none or hop_transport=object_store")
+    if t == "nccl" and cfg.model.name != "auto" and cfg.cluster.gpus_per_holder <= 0:
+        raise ConfigError("swarm.hop_transport=nccl needs a GPU on every holder (cluster.gpus_per_holder > 0); "
+                          "on CPUs use swarm.hop_transport=gloo or object_store")
 
 
 def _check_split(s: SwarmConfig, n_layers: int, model_name: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from neuroray.config import DilocoConfig, ModelConfig
 from neuroray.model import build_monolith, split_layers
+from neuroray.swarm.direct_transport import HopGroups
 from neuroray.swarm.holder import HolderSpec, holder_actor
 from neuroray.training.plots import metric_rows
 
@@ -341,3 +342,82 @@ def test_a_fixed_config_places_each_replica_with_planner_within_replica(ray_clus
         for h in swarm.replicas[0]:
             ray_cluster.kill(h)
         release(swarm.groups)
+
+def test_gloo_hops_give_the_monoliths_gradients_and_survive_a_new_group(ray_cluster, tmp_path):
+    """Two holders in one gloo group: activations forward and gradients back cross directly (the calls the
+    fixed schedule submits under hop_transport=gloo), the losses and every parameter's gradient equal the
+    monolith's; the group is then destroyed and made anew (what a recovery does) and hops cross again."""
+    ray = ray_cluster
+    gen = torch.Generator().manual_seed(5)
+    micro = [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(3)]
+    labels = [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(3)]
+    ref, ref_losses = build_monolith(CFG, VOCAB, seed=3), []
+    for x, y in zip(micro, labels):
+        loss = ref.loss(ref(x), y)
+        ref_losses.append(float(loss.detach()))
+        (loss / len(micro)).backward()
+
+    ranges = split_layers(CFG.n_layers, 2)
+    holders = [holder_actor(HolderSpec(replica=0, stage=s, ranges=ranges, model=CFG, vocab_size=VOCAB,
+                                       diloco=DilocoConfig(), seed=3, key_path=str(tmp_path / f"k{s}.pem"),
+                                       seq_len=16, microbatch_size=2, hop_transport="gloo"), num_cpus=0, num_gpus=0)
+               for s in range(2)]
+    groups = HopGroups("gloo", prefix="test-hops")
+    groups.ensure(0, holders)
+    direct = {"tensor_transport": "gloo"}
+
+    def hop(mb, x, y, scale):
+        act = holders[0].forward.options(**direct).remote(mb, ray.put(x))
+        grad = holders[1].forward_backward_direct.options(**direct).remote(mb, act, ray.put(y), scale)
+        return holders[1].take_loss.remote(mb), holders[0].backward.remote(mb, grad)
+
+    refs = [hop(mb, x, y, 1 / len(micro)) for mb, (x, y) in enumerate(zip(micro, labels))]
+    assert ray.get([r[1] for r in refs]) == [None] * 3  # the Driver has no upstream to send a gradient to
+    assert ray.get([r[0] for r in refs]) == pytest.approx(ref_losses, rel=1e-5)
+    got = {n: g for part in ray.get([h.grads.remote() for h in holders]) for n, g in part.items()}
+    assert set(got) == {n for n, _ in ref.named_parameters()}
+    for name, p in ref.named_parameters():
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    counts = ray.get(holders[1].hop_bytes.remote())
+    assert counts["received"] == 3 and counts["received_bytes"] == 3 * 2 * 16 * 64 * 4
+
+    first = groups.groups[0].name
+    groups.remake(0, holders)
+    assert groups.groups[0].name != first
+    ray.get([h.abort_step.remote() for h in holders])
+    loss, tail = hop(7, micro[0], labels[0], 1.0)
+    assert ray.get(tail) is None and ray.get(loss) == pytest.approx(ref_losses[0], rel=1e-5)
+    groups.close()
+    assert groups.groups == {}
+    for h in holders:
+        ray.kill(h)
+
+
+@pytest.mark.slow  # two whole runs (about a minute each on 2 shared cores)
+def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_cluster, tmp_path):
+    """run() with swarm.hop_transport=gloo (2 stages, 2 replicas: one group each) against the default: the
+    same seed and data give the same losses step by step and the same eval loss; hops are counted alike."""
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    results = {}
+    for transport in ("object_store", "gloo"):
+        cfg = load_config([
+            f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
+            "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
+            "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
+            f"swarm.hop_transport={transport}", "diloco.replicas=2", "diloco.inner_steps=4", "diloco.inner_lr=0.01",
+            "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / transport}", "cluster.cpus_per_holder=0.3",
+            "sample_tokens=2",
+        ])
+        results[transport] = run(cfg, log=lambda *a, **k: None)
+    store, gloo = results["object_store"], results["gloo"]
+    assert len(gloo.losses) == 8 and all(math.isfinite(v) for v in gloo.losses)
+    assert gloo.losses == pytest.approx(store.losses, rel=1e-6)
+    assert gloo.eval_loss == pytest.approx(store.eval_loss, rel=1e-6)
+    key = lambda h: (h["replica"], h["stage"])  # noqa: E731
+    for a, b in zip(sorted(store.hops, key=key), sorted(gloo.hops, key=key)):
+        assert {k: v for k, v in a.items() if k != "holder"} == {k: v for k, v in b.items() if k != "holder"}

@@ -119,43 +119,46 @@ def test_resume_skips_a_corrupt_newest_snapshot_set(ray_cluster, tmp_path):
     assert any("step 8 is unusable" in line for line in lines)
 
 
-def test_training_survives_a_holder_killed_mid_run(ray_cluster, tmp_path):
+def _run_killing(ray, tmp_path, name: str, replica: int, *extra) -> tuple:
+    """A 3-round run in which holder ``r<replica>-s1`` is killed (Ray restarts it) at round 2's step 6;
+    ``(result, log lines)``."""
     from neuroray.training.run import run
 
-    ray = ray_cluster
     lines = []
 
     def log(*a, **k):
         line = " ".join(map(str, a))
         lines.append(line)
         if line.startswith("round 2/3 step 6/12"):
-            ray.kill(ray.get_actor("neuroray-kill-r1-s1"), no_restart=False)
+            ray.kill(ray.get_actor(f"neuroray-{name}-r{replica}-s1"), no_restart=False)
 
-    result = run(_cfg(tmp_path, "kill", 3, "log_every=1"), log=log)
+    result = run(_cfg(tmp_path, name, 3, "log_every=1", *extra), log=log)
     assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
-    assert len(result.recoveries) == 1 and result.recoveries[0]["replica"] == 1
+    assert result.recoveries[0]["replica"] == replica and result.losses[-1] < result.losses[0]
+    return result, lines
+
+
+def test_training_survives_a_holder_killed_mid_run(ray_cluster, tmp_path):
+    result, _ = _run_killing(ray_cluster, tmp_path, "kill", 1)
+    assert len(result.recoveries) == 1
     assert result.recoveries[0]["restored_steps"][1] == 4  # r1-s1 came back from its round-1 snapshot
-    assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.slow  # a whole run (about a minute and a half on 2 shared cores)
+def test_training_survives_a_holder_killed_mid_run_under_direct_gloo_hops(ray_cluster, tmp_path):
+    """swarm.hop_transport=gloo: a holder killed while hops cross makes Ray end both ends of the failed transfer
+    for good (rdt_manager.py, _abort_transport); the executor starts them afresh from their snapshots, the
+    replica recovers, its group is made anew and training goes on."""
+    result, lines = _run_killing(ray_cluster, tmp_path, "gkill", 1, "swarm.hop_transport=gloo")
+    assert [r["replica"] for r in result.recoveries] == [1]
+    assert any(line.startswith("recovery: replica 1 back") for line in lines)
 
 
 def test_a_holder_without_snapshot_copies_its_range_from_a_live_peer(ray_cluster, tmp_path):
     """No snapshot yet (snapshots off): the restarted holder is refilled from the other replica's holder."""
-    from neuroray.training.run import run
-
-    ray = ray_cluster
-    lines = []
-
-    def log(*a, **k):
-        line = " ".join(map(str, a))
-        lines.append(line)
-        if line.startswith("round 2/3 step 6/12"):
-            ray.kill(ray.get_actor("neuroray-peer-r0-s1"), no_restart=False)
-
-    result = run(_cfg(tmp_path, "peer", 3, "log_every=1", "checkpoint.every_round=false"), log=log)
-    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
-    assert result.recoveries[0]["replica"] == 0 and result.recoveries[0]["restored_steps"][1] is None
+    result, lines = _run_killing(ray_cluster, tmp_path, "peer", 0, "checkpoint.every_round=false")
+    assert result.recoveries[0]["restored_steps"][1] is None
     assert any("copied its range from a live peer" in line for line in lines)
-    assert result.losses[-1] < result.losses[0]
 
 
 def test_the_liveness_probe_finds_a_live_actor_s_node_answering(ray_cluster):

@@ -37,6 +37,7 @@ from neuroray.config import PRECISIONS, DilocoConfig, ModelConfig
 from neuroray.errors import ConfigError, HopPayloadError
 from neuroray.model import StageModule, build_stage
 from neuroray.swarm.claims import Claims
+from neuroray.swarm.direct_transport import direct_or_none, outgoing
 from neuroray.swarm.hop_codec import HopCodec, wire_bytes
 from neuroray.swarm.hop_guard import HopGuard
 from neuroray.swarm.scalar_read import ScalarRead
@@ -186,10 +187,13 @@ class RangeCompute:
     # ----- hops: what crosses to the next and previous holder ---------------------------------
     def _send(self, t: torch.Tensor | None, direction: str):
         """The payload for an activation (``fwd``) or input gradient (``bwd``) leaving this holder, counted.
-        ``t`` may be on the device: the codec brings it to the host (neuroray/swarm/transport.py)."""
+        ``t`` may be on the device: the codec brings it to the host (neuroray/swarm/transport.py). Under a
+        direct transport it is the tensor itself (neuroray/swarm/direct_transport.py), which the receiver's
+        :meth:`_receive` takes as it comes."""
         if t is None:
             return None
-        payload = self.hop.encode(t, self.name)
+        direct = direct_or_none(self.spec.hop_transport)  # the tensor itself: Ray sends it over the holders' group
+        payload = self.hop.encode(t, self.name) if direct is None else outgoing(t, direct)
         with self.lock:
             c = self.hop_counts
             c[f"{direction}_sent"] += 1

@@ -75,6 +75,8 @@ class StageHolder:
         self.lifecycle.restore_on_start()
         # swarm.routing=fixed with hop rechecks: this round's first inner step, kept for a peer to redo
         self.hops = HopRecord(spec.hop_record)
+        # direct hops (swarm.hop_transport=gloo|nccl): the loss of each forward_backward_direct, until take_loss
+        self.direct_losses: dict[int, float | BaseException] = {}
         self._arm_hops()
         # proofs start after a restore: the first round must commit the weights the holder restarted from
         if spec.tokens_per_batch > 0:
@@ -185,6 +187,28 @@ class StageHolder:
         self.hops.last(mb_id, x, labels, scale, loss, g)
         return loss, g
 
+    def forward_backward_direct(self, mb_id: int, x, labels: torch.Tensor | None, scale: float):
+        """:meth:`forward_backward` for a direct hop (swarm.hop_transport=gloo|nccl): Ray Direct Transport takes
+        one return value, so this returns the gradient alone and keeps the loss for :meth:`take_loss`, which
+        the driver calls next on this holder. A failure is kept too: the loss's ref then carries it, as the
+        object-store path's loss ref does (a rejected hop is read from there)."""
+        try:
+            loss, g = self.forward_backward(mb_id, x, labels, scale)
+        except BaseException as exc:
+            self.direct_losses[mb_id] = exc
+            raise
+        self.direct_losses[mb_id] = loss
+        return g
+
+    def take_loss(self, mb_id: int) -> float | None:
+        """The loss :meth:`forward_backward_direct` kept for ``mb_id`` (once); re-raises what it failed with."""
+        value = self.direct_losses.pop(mb_id, None)
+        if value is None:  # the call never ran: an input it waited on failed (that failure is read elsewhere)
+            raise RuntimeError(f"{self.compute.name}: no loss for microbatch {mb_id} (its forward_backward did not run)")
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
     @_busy
     def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False, attempt: int = 0):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
@@ -261,6 +285,7 @@ class StageHolder:
     def abort_step(self) -> None:
         """Drop half-done microbatches and their gradients (a peer died mid-step; the step is retried)."""
         self.compute.abort()
+        self.direct_losses.clear()
 
     # ----- DiLoCo ---------------------------------------------------------------------------
     def flat_params(self) -> torch.Tensor:
@@ -494,12 +519,20 @@ def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_
     ``inline_max_bytes`` (``swarm.hop_inline_max_bytes``; 0: Ray's limit): results above it stay in the holder's
     node's object store instead of being inlined into the driver, so a hop goes from node to node.
     """
+    from neuroray.swarm.direct_transport import direct_or_none
+
     import ray
 
     # control: revokes, probes and proofs answer while the compute thread is busy or stuck. failover: a
     # call re-sent from a stuck or dead holder runs beside this holder's queued work instead of behind it.
     groups = {"control": 1, "failover": 1}
-    cls = ray.remote(concurrency_groups=groups)(holder_cls) if routed else ray.remote(holder_cls)
+    # a direct hop transport (spec.hop_transport gloo|nccl) needs Ray's tensor transport on the actor; Ray then
+    # adds its own one-thread groups for the sends and receives, beside this holder's compute thread
+    direct = {"enable_tensor_transport": True} if direct_or_none(spec.hop_transport) else {}
+    if routed:
+        cls = ray.remote(concurrency_groups=groups, **direct)(holder_cls)
+    else:
+        cls = ray.remote(**direct)(holder_cls) if direct else ray.remote(holder_cls)
     opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1, "max_restarts": max_restarts}
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy

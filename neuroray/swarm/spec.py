@@ -60,6 +60,8 @@ class HolderSpec(RangeRole):
     hop_compression: str = "none"
     hop_block: int = 256
     hop_ratio: float = 16.0
+    # swarm.hop_transport, resolved: "object_store", or "gloo"/"nccl" (Ray Direct Transport, direct_transport.py)
+    hop_transport: str = "object_store"
     # swarm.hop_check*: the checks of every received activation and gradient (neuroray/swarm/hop_guard.py)
     hop_check: bool = True
     hop_check_history: int = 64

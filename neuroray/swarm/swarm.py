@@ -14,11 +14,12 @@ import ray
 
 from neuroray.config import TrainConfig
 from neuroray.config_checks import hop_recheck_off
-from neuroray.errors import PipelineError
+from neuroray.errors import ConfigError, PipelineError
 from neuroray.model import split_layers
 from neuroray.planner import scaling
 from neuroray.planner.partition import partition_layers
 from neuroray.planner.placement import bundle_strategy, release, reserve_plan, reserve_replicas
+from neuroray.swarm.direct_transport import resolve
 from neuroray.swarm.holder import HolderSpec, StageHolder, holder_actor
 from neuroray.swarm.ray_errors import unwrap_ray_error
 
@@ -68,6 +69,13 @@ class Swarm:
                 strategy=cfg.planner.within_replica,
             )
         self.model, self.vocab_size, self.data = cfg.model, vocab_size, data
+        gpus = [h.gpus for rep in plan.holders for h in rep] if plan is not None else [c.gpus_per_holder]
+        # how hops cross (swarm.hop_transport; auto resolved here, where the holders' GPUs are known)
+        self.hop_transport = resolve(cfg.swarm.hop_transport, all(g > 0 for g in gpus), cfg.swarm.routing,
+                                     cfg.swarm.hop_compression)
+        if self.hop_transport == "nccl" and not all(g > 0 for g in gpus):
+            raise ConfigError("swarm.hop_transport=nccl needs a GPU on every holder, and the plan gives some none; "
+                              "use swarm.hop_transport=auto or gloo")
         self.snapshot_root, self.name_prefix = snapshot_root, name_prefix
         self.replicas: list[list] = []
         for r in range(cfg.diloco.replicas):
@@ -96,6 +104,7 @@ class Swarm:
             snapshot_root=self.snapshot_root, snapshot_keep=cfg.checkpoint.keep, resume_step=resume_step,
             tokens_per_batch=cfg.data.seq_len * cfg.data.microbatch_size if cfg.ponw.enabled else 0,
             init_from=cfg.init_from, hop_compression=cfg.swarm.hop_compression, hop_block=cfg.swarm.hop_block,
+            hop_transport=self.hop_transport,
             hop_ratio=cfg.swarm.hop_ratio, hop_check=cfg.swarm.hop_check, hop_check_history=cfg.swarm.hop_check_history,
             hop_check_warmup=cfg.swarm.hop_check_warmup, hop_check_factor=cfg.swarm.hop_check_factor,
             seq_len=cfg.data.seq_len, microbatch_size=cfg.data.microbatch_size,

@@ -67,6 +67,12 @@ class StepExecutor(ABC):
         """The outer round that landed since the last call, once (``diloco.overlap``; None: none did)."""
         return None
 
+    def recovered(self, replica: int) -> None:
+        """``replica``'s holders are back after :meth:`Trainer.recover` (fixed routing: a new group for direct hops)."""
+
+    def close(self) -> None:
+        """Release what the executor holds beside the holders (fixed routing: the direct hops' groups)."""
+
     def take_proof(self, holder):
         """The ref of ``holder``'s signed proof of the round just finished."""
         return holder.take_proof.remote()

@@ -28,6 +28,7 @@ import time
 import ray
 
 from neuroray.errors import PipelineError
+from neuroray.swarm.direct_transport import HopGroups, direct_or_none, ended_for_good
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
@@ -51,6 +52,7 @@ class FixedPipelines(StepExecutor):
         self._settled: dict[int, float] = {}  # step -> mean loss, collected early (a redone overlapped round)
         self.benched: set[int] = set()  # replicas whose round failed on a rejected hop: out until the outer step
         self.bench_senders: set[tuple[int, int]] = set()  # (stage, replica) of the holder that sent each rejected hop
+        self.direct: HopGroups | None = None  # swarm.hop_transport=gloo|nccl: each replica's collective group
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -61,6 +63,18 @@ class FixedPipelines(StepExecutor):
         from neuroray.training.hop_audit import HopRechecks
 
         self.rechecks = HopRechecks(trainer)  # ponw.hop_recheck_rate: the round's first step redone on peers
+        transport = direct_or_none(trainer.swarm.hop_transport)
+        if transport is not None:
+            self.direct = HopGroups(transport, f"{trainer.swarm.name_prefix or 'neuroray-'}hops")
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+
+    def recovered(self, replica: int) -> None:
+        """A holder of ``replica`` may have been restarted or replaced: its hops need a new group."""
+        if self.direct is not None:
+            self.direct.remake(replica, self.trainer.swarm.replicas[replica])
 
     def submit(self, step: int) -> None:
         if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
@@ -71,8 +85,11 @@ class FixedPipelines(StepExecutor):
         t = self.trainer
         if replica in self.benched:
             return StepRefs([], [], [])
-        n = t.cfg.data.num_microbatches
-        return submit_inner_step(t.swarm.replicas[replica], n, step * n, t.inner_lr(step), t.cfg.swarm.schedule)
+        n, pipeline = t.cfg.data.num_microbatches, t.swarm.replicas[replica]
+        if self.direct is not None:  # made once per replica (also for replicas added mid-run)
+            self.direct.ensure(replica, pipeline)
+        return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
+                                 None if self.direct is None else self.direct.backend)
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""
@@ -107,8 +124,9 @@ class FixedPipelines(StepExecutor):
                     # before the reset, or a stale backward could land after it. Then redo them all. (Calls
                     # to replaced holders fail as soon as the GCS has ended them: the wait stays short.)
                     later = self._settle_replica(r, step, refs[r], c.liveness_timeout_s if lost else c.step_timeout_s)
+                    self._replace_ended(r)
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
-                    if t.recover(r, exc, None if self.overlap is not None else step):
+                    if self._recover(r, exc, None if self.overlap is not None else step):
                         fresh[r] = step  # the replica goes on from theta0 here: this step's losses are at theta0
                         if step % t.sync_every:  # after the round's first step: its record is not this proof's
                             self.rechecks.restarted_at_theta0(r)
@@ -179,6 +197,34 @@ class FixedPipelines(StepExecutor):
         placed = {s: actor_node(h) for s, h in enumerate(self.trainer.swarm.replicas[replica])}
         down = unreachable({n for n in placed.values() if n}, self.trainer.cfg.cluster.liveness_probe_s)
         return {s: n for s, n in placed.items() if n and n in down}
+
+    def _recover(self, replica: int, exc: BaseException, step: int | None) -> bool:
+        """:meth:`Trainer.recover`; under direct hops once more if Ray ended a holder for good meanwhile (its
+        monitor ends the two ends of a failed transfer a moment later, maybe after :meth:`_replace_ended` looked)."""
+        try:
+            return self.trainer.recover(replica, exc, step)
+        except PipelineError:
+            if not self._replace_ended(replica):
+                raise
+            return self.trainer.recover(replica, exc, step)
+
+    def _replace_ended(self, replica: int) -> bool:
+        """Direct hops: Ray ends both holders of a transfer that failed (a holder died in the middle of one)
+        without restart (neuroray/swarm/direct_transport.py). Start those afresh from their newest snapshots,
+        as for a lost host; the recovery that follows brings the replica back and remakes its group. True when
+        it replaced any."""
+        if self.direct is None:
+            return False
+        t = self.trainer
+        probe = t.cfg.cluster.liveness_probe_s
+        ended = [s for s, h in enumerate(t.swarm.replicas[replica]) if ended_for_good(h, probe)]
+        if not ended:
+            return False
+        t.log(f"recovery: Ray ended replica {replica}'s holders {ended} after a failed direct transfer; "
+              "starting them afresh from their newest snapshots")
+        new = t.swarm.replace_holders(replica, ended, set(), t.cfg.checkpoint.recovery_timeout_s)
+        t.holders_replaced(new)
+        return True
 
     def _replace(self, replica: int, exc: HostsLost) -> None:
         t = self.trainer

@@ -15,6 +15,11 @@ order in which the driver submits each holder's calls *is* that holder's schedul
 The last holder fuses forward, loss and backward (``forward_backward``), so it has no order to choose.
 A holder's ``step`` is submitted after its backwards, so it always sees the whole accumulated gradient,
 and the next inner step may be submitted before this one finishes.
+
+``transport`` (``swarm.hop_transport`` gloo or nccl, neuroray/swarm/direct_transport.py): every call whose
+return value is a hop to another holder is submitted with ``tensor_transport``, so the tensor goes straight
+from holder to holder. Ray Direct Transport takes one return value: the last holder's call is then
+``forward_backward_direct`` (the gradient), followed on the same holder by ``take_loss`` (the loss).
 """
 
 from __future__ import annotations
@@ -59,10 +64,11 @@ def peak_kept(order: list[tuple[str, int]]) -> int:
 
 
 def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int = 0,
-                        schedule: str = "gpipe") -> tuple[list, list]:
+                        schedule: str = "gpipe", transport: str | None = None) -> tuple[list, list]:
     """Submit every microbatch's forward and backward of one inner step in ``schedule``'s per-holder order;
-    return ``(losses, tails)`` refs (see :class:`StepRefs`)."""
+    return ``(losses, tails)`` refs (see :class:`StepRefs`). ``transport``: gloo or nccl for direct hops."""
     assert pipeline, "a pipeline needs at least one holder"
+    direct = {"tensor_transport": transport} if transport and len(pipeline) > 1 else None
     orders = stage_orders(schedule, len(pipeline), num_microbatches)
     scale = 1.0 / num_microbatches
     acts: dict[tuple[int, int], object] = {}  # (stage, microbatch) -> the activation it sent on
@@ -88,12 +94,17 @@ def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int 
                 else:
                     x = acts.get((s - 1, j))
                 if kind == FORWARD:
-                    acts[s, j] = holder.forward.remote(mb, x)
+                    call = holder.forward if direct is None else holder.forward.options(**direct)
+                    acts[s, j] = call.remote(mb, x)
+                elif kind == FORWARD_BACKWARD and direct is not None:
+                    grads[s, j] = holder.forward_backward_direct.options(**direct).remote(mb, x, labels[j], scale)
+                    losses[j] = holder.take_loss.remote(mb)
                 elif kind == FORWARD_BACKWARD:
                     losses[j], grads[s, j] = holder.forward_backward.options(num_returns=2).remote(
                         mb, x, labels[j], scale)
-                else:
-                    grads[s, j] = holder.backward.remote(mb, grads[s + 1, j])
+                else:  # the Driver's gradient goes nowhere (None): through the object store, read as a tail
+                    call = holder.backward if direct is None or s == 0 else holder.backward.options(**direct)
+                    grads[s, j] = call.remote(mb, grads[s + 1, j])
                 if s == 0 and kind != FORWARD:
                     tails[j] = grads[s, j]
         assert moved, f"schedule {schedule} deadlocks"  # stage_orders never does: every order is data-flow safe
@@ -101,9 +112,9 @@ def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int 
 
 
 def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 0, lr: float | None = None,
-                      schedule: str = "gpipe") -> StepRefs:
+                      schedule: str = "gpipe", transport: str | None = None) -> StepRefs:
     """Submit forward, backward and the optimizer step (at inner learning rate ``lr``; None: the holders'
     own) of one inner step; return the refs."""
-    losses, tails = submit_microbatches(pipeline, num_microbatches, first_mb_id, schedule)
+    losses, tails = submit_microbatches(pipeline, num_microbatches, first_mb_id, schedule, transport)
     steps = [holder.step.remote(lr=lr) for holder in pipeline]
     return StepRefs(losses, steps, tails)

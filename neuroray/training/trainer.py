@@ -116,6 +116,7 @@ class Trainer:
         return None if self.booking is None else self.booking.summary()
 
     def close(self) -> None:
+        self.executor.close()
         if self.booking is not None:
             self.booking.close()
             self.booking = None
@@ -199,6 +200,7 @@ class Trainer:
                 if not holder_died(again) or time.monotonic() > t0 + timeout:
                     raise user_error(again, f"recovering replica {replica}") from None
                 self.log(f"recovery: a holder of replica {replica} died again ({type(again).__name__}); starting over")
+        self.executor.recovered(replica)  # a restarted holder is in no collective group: direct hops need one
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
         self.stats.recoveries.append(record)
