@@ -343,6 +343,8 @@ def test_a_fixed_config_places_each_replica_with_planner_within_replica(ray_clus
             ray_cluster.kill(h)
         release(swarm.groups)
 
+
+@pytest.mark.slow  # ~25 s on the shared machine; tests/test_direct_transport.py runs gloo hops in process
 def test_gloo_hops_give_the_monoliths_gradients_and_survive_a_new_group(ray_cluster, tmp_path):
     """Two holders in one gloo group: activations forward and gradients back cross directly (the calls the
     fixed schedule submits under hop_transport=gloo), the losses and every parameter's gradient equal the

@@ -80,7 +80,10 @@ def test_a_small_hop_stays_on_the_senders_node_instead_of_passing_through_the_dr
     from neuroray.swarm.holder import holder_actor
 
     ray = ray_cluster
-    kept, inlined = (holder_actor(None, 0, 0, holder_cls=_Sender, inline_max_bytes=n) for n in (1024, 0))
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(hop_transport="object_store")  # all holder_actor reads of a spec; _Sender ignores it
+    kept, inlined = (holder_actor(spec, 0, 0, holder_cls=_Sender, inline_max_bytes=n) for n in (1024, 0))
     refs = [kept.send.remote(), inlined.send.remote()]
     ray.get(refs)
     where = ray.experimental.get_object_locations(refs)
