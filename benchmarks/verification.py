@@ -46,6 +46,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
+from neuroray.config import PonwConfig  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
 
 # key -> (what the table calls it, the cheating slot, holder attack, value[, first round, noise std]); replica 2
@@ -78,6 +79,8 @@ SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "d
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
 RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
+REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): lead on own batches (.*) \(([0-9.]+)s\)$")
+LEAD = re.compile(r"r(\d+) ([+-][0-9.]+|nan)")
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
@@ -122,6 +125,15 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     check_s = sum(float(m.group(1)) for line in lines if (m := CHECKED.search(line)))
     rechecks = [(int(m.group(1)), float(m.group(2))) for line in lines if (m := RECHECKED.search(line))]
     honest = [x for x in slots if x != slot]
+    # the replay check (neuroray/training/replays.py): its seconds, and every holder's lead per round
+    leads: dict[str, list[tuple[int, float]]] = {}
+    replay_s = 0.0
+    for line in lines:
+        m = REPLAY_CHECK.search(line)
+        if m:
+            replay_s += float(m.group(4))
+            for r, x in LEAD.findall(re.sub(r"\[[^]]*\]", "", m.group(3))):
+                leads.setdefault(f"r{r}-s{m.group(2)}", []).append((int(m.group(1)), float(x)))
     stage = slot.split("-s")[1] if slot else "0"
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
     false_pos = {x: sorted(caught[x]) for x in honest if caught[x] or x in slashed}
@@ -133,7 +145,9 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
             "rechecked": sum(n for n, _ in rechecks), "recheck_s": sum(x for _, x in rechecks),
-            "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0}
+            "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0, "replay_s": replay_s,
+            "honest_leads": [x for h in honest for _, x in leads.get(h, [])],
+            "attacker_leads": leads.get(slot, []) if slot else []}
 
 
 def honest_rounds(seeds: int, rounds: int) -> dict:
@@ -265,6 +279,24 @@ def main(argv: list[str]) -> None:
                             "rejections. False positives: honest holders caught so, including the cheater's own "
                             "replica's other holder (harmed by it, blamed for it). Spot-check time is the recompute "
                             "thread's own seconds, after an untimed warm-up run.")
+    for label, r in rows.items():  # the replay check's own table: the honest margin, the attacker's leads, its cost
+        name, slot = ATTACKS[label][:2]
+        hl = r["honest_leads"]
+        values = [name, routing, str(len(hl)), f"{min(hl):+.3f}" if hl else "-",
+                  f"{sum(1 for x in hl if x < 0):d}", " ".join(f"r{k} {x:+.3f}" for k, x in r["attacker_leads"]) or "-",
+                  f"{r['replay_s']:.2f}s / {r['train_s']:.1f}s = {r['replay_s'] / r['train_s']:.1%}"]
+        print("replay check: | " + " | ".join(values) + " |", flush=True)
+        if write:
+            append_row("Verification: the replay check, honest margin and cost (Ray)",
+                       ["attack", "routing", "honest holder-rounds scored", "smallest honest lead",
+                        "honest leads under 0", "cheating holder's lead per round", "replay check / training time",
+                        "setup", "command"],
+                       [*values, f"{replicas} replicas x {STAGES} stages, tiny d64 L2, robust rule, {rounds} rounds x "
+                                 f"H=4, ponw.replay_min_lead={PonwConfig().replay_min_lead:g}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                       note="benchmarks/verification.py part 1, the same runs: every holder's lead on its own batches "
+                            "of the round over its stream's neighbours (neuroray/ponw/replays.py), read from the run's "
+                            "log; a lead under ponw.replay_min_lead is refused as a replay. Check time: the driver's "
+                            "own seconds scoring, over the run's training seconds.")
     if n_honest and seeds:
         h = honest_rounds(seeds, n_honest)
         print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "

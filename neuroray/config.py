@@ -287,6 +287,10 @@ class PonwConfig:
     # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off
     straggler_factor: float = 2.5  # x the median call time of its range's other holders (0: off)
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
+    # before each range's rule: a pseudo-gradient that removes no more loss on its holder's batches of the round than on
+    # the batches before and after them in its stream is a replayed one: refused, paid 0 (docs/ponw.md, Replays)
+    replay_check: bool = True  # false: every pseudo-gradient goes to the rule unscored
+    replay_min_lead: float = -0.2  # an update's mean lead on its own batches over its neighbours (-2..2) must reach this
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
     # nats, relative to max(1, loss) (hop rechecks: relative L2 of a hop); 0 (auto): 0.001 when every holder computes

@@ -76,7 +76,7 @@ class Trainer:
             from neuroray.training.reputation import Reputation
 
             self.reputation = Reputation(self, log)
-        self.copies = None
+        self.copies = self.replays = None
         if cfg.ponw.enabled:
             self._resolve_spot_check_tolerance()
             self._start_ledger()
@@ -84,6 +84,10 @@ class Trainer:
 
             self.copies = CopyCheck(self, log)  # names who copied another holder's pseudo-gradient
             outer.keep_inputs = True
+            if cfg.ponw.replay_check:
+                from neuroray.training.replays import ReplayCheck
+
+                self.replays = ReplayCheck(self, self.copies, log)  # refuses replayed pseudo-gradients
         self.executor = executor
         executor.attach(self)
 
@@ -384,6 +388,8 @@ class Trainer:
         With ``diloco.overlap`` the outer step only starts here and is booked when it lands."""
         if self.ledger is not None and step is not None:
             self.spot_checks.round_starts()  # the theta0 this round's proofs commit to
+        if self.replays is not None and step is not None:
+            self.replays.round_ends(step)  # its vetting runs inside the outer step, before each range's rule
         result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
         if result is None:
             return
