@@ -79,8 +79,8 @@ SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "d
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
 RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
-REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): lead on own batches (.*) \(([0-9.]+)s\)$")
-LEAD = re.compile(r"r(\d+) ([+-][0-9.]+|nan)")
+REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): (.*) \(([0-9.]+)s\)$")
+SCORE = re.compile(r"r(\d+) (fresh rows x|lead )([+-]?[0-9.]+|inf)")
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
@@ -132,7 +132,7 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
         m = REPLAY_CHECK.search(line)
         if m:
             replay_s += float(m.group(4))
-            for r, x in LEAD.findall(re.sub(r"\[[^]]*\]", "", m.group(3))):
+            for r, kind, x in SCORE.findall(re.sub(r"\[[^]]*\]", "", m.group(3))):
                 leads.setdefault(f"r{r}-s{m.group(2)}", []).append((int(m.group(1)), float(x)))
     stage = slot.split("-s")[1] if slot else "0"
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
@@ -146,7 +146,8 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
             "rechecked": sum(n for n, _ in rechecks), "recheck_s": sum(x for _, x in rechecks),
             "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0, "replay_s": replay_s,
-            "honest_leads": [x for h in honest for _, x in leads.get(h, [])],
+            "honest_ratios": [x for h in honest if h.endswith("-s0") for _, x in leads.get(h, [])],
+            "honest_leads": [x for h in honest if not h.endswith("-s0") for _, x in leads.get(h, [])],
             "attacker_leads": leads.get(slot, []) if slot else []}
 
 
@@ -279,24 +280,28 @@ def main(argv: list[str]) -> None:
                             "rejections. False positives: honest holders caught so, including the cheater's own "
                             "replica's other holder (harmed by it, blamed for it). Spot-check time is the recompute "
                             "thread's own seconds, after an untimed warm-up run.")
-    for label, r in rows.items():  # the replay check's own table: the honest margin, the attacker's leads, its cost
+    for label, r in rows.items():  # the replay check's own table: the honest margins, the attacker's scores, its cost
         name, slot = ATTACKS[label][:2]
-        hl = r["honest_leads"]
-        values = [name, routing, str(len(hl)), f"{min(hl):+.3f}" if hl else "-",
-                  f"{sum(1 for x in hl if x < 0):d}", " ".join(f"r{k} {x:+.3f}" for k, x in r["attacker_leads"]) or "-",
+        hr, hl = r["honest_ratios"], r["honest_leads"]
+        p = PonwConfig()
+        values = [name, routing, str(len(hr) + len(hl)), f"{min(hr):.1f}" if hr else "-",
+                  f"{min(hl):+.3f}" if hl else "-",
+                  " ".join(f"r{k} {x:g}" for k, x in r["attacker_leads"]) or "-",
                   f"{r['replay_s']:.2f}s / {r['train_s']:.1f}s = {r['replay_s'] / r['train_s']:.1%}"]
         print("replay check: | " + " | ".join(values) + " |", flush=True)
         if write:
-            append_row("Verification: the replay check, honest margin and cost (Ray)",
-                       ["attack", "routing", "honest holder-rounds scored", "smallest honest lead",
-                        "honest leads under 0", "cheating holder's lead per round", "replay check / training time",
-                        "setup", "command"],
+            append_row("Verification: the replay check, honest margins and cost (Ray)",
+                       ["attack", "routing", "honest holder-rounds scored",
+                        f"smallest honest fresh-row ratio, Driver range (refused under {p.replay_min_ratio:g})",
+                        f"smallest honest lead, other range (refused under {p.replay_min_lead:g})",
+                        "cheating Driver's score per round", "replay check / training time", "setup", "command"],
                        [*values, f"{replicas} replicas x {STAGES} stages, tiny d64 L2, robust rule, {rounds} rounds x "
-                                 f"H=4, ponw.replay_min_lead={PonwConfig().replay_min_lead:g}, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
-                       note="benchmarks/verification.py part 1, the same runs: every holder's lead on its own batches "
-                            "of the round over its stream's neighbours (neuroray/ponw/replays.py), read from the run's "
-                            "log; a lead under ponw.replay_min_lead is refused as a replay. Check time: the driver's "
-                            "own seconds scoring, over the run's training seconds.")
+                                 f"H=4, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                       note="benchmarks/verification.py part 1, the same runs, read from each run's log "
+                            "(neuroray/ponw/replays.py): on the Driver's range (the embedding), how much more the rows "
+                            "of the round's new tokens moved than never-seen rows; on the other range, the update's "
+                            "lead on its own batches over its stream's neighbours. Check time: the driver's own "
+                            "seconds scoring, over the run's training seconds.")
     if n_honest and seeds:
         h = honest_rounds(seeds, n_honest)
         print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "

@@ -13,7 +13,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from neuroray.config import AggregatorConfig, DilocoConfig, PonwConfig
 from neuroray.configure import load_config
 from neuroray.diloco.sync import outer_step
-from neuroray.ponw.replays import lead, own_lead, replayed
+from neuroray.ponw.copies import scored_slice
+from neuroray.ponw.replays import fresh_rows, lead, own_lead, replayed
+from neuroray.training.replays import _tokens
 from neuroray.training.copies import own_gains
 from tests.test_copies import SMALL
 
@@ -85,6 +87,22 @@ def test_round_two_honest_updates_lead_and_a_replay_does_not(rounds):
             assert leads["replay", s, r][0] < leads["honest", s, r][0], leads
             assert not leads["honest", s, r][1], leads
     assert leads["replay", 0, 2][1], leads
+
+
+def test_on_the_embedding_range_a_replay_moved_its_fresh_rows_by_weight_decay_alone(rounds):
+    """The decisive score where the embedding is: the rows of the tokens new in round 2's batches moved about 100x
+    as much as never-seen rows in every honest update, 1x in every replay."""
+    module = rounds["pipe"].stages[0]
+    lo, hi = scored_slice(list(module.parameters()), True, module.embed.weight)
+    vocab = module.embed.weight.shape[0]
+    minimum = PonwConfig().replay_min_ratio
+    for r in range(REPLICAS):
+        seen, now = _tokens(rounds["batches"][r][0]), _tokens(rounds["batches"][r][1])
+        rows = lambda d: d[lo:hi].view(vocab, -1)  # noqa: E731
+        honest = fresh_rows(rows(rounds["deltas"][1][r][0]), rows(rounds["theta0"][0]), seen, now)
+        replay = fresh_rows(rows(rounds["deltas"][0][r][0]), rows(rounds["theta0"][0]), seen, now)
+        assert honest >= 5 * minimum and replay < 1.5, (r, honest, replay)
+    assert math.isnan(fresh_rows(torch.ones(4, 2), torch.ones(4, 2), {0, 1}, {0, 1}))  # nothing fresh: no verdict
 
 
 def test_the_lead_and_its_verdict():

@@ -19,12 +19,14 @@ critical path (docs/benchmarks.md measures it).
 
 from __future__ import annotations
 
+import math
 import time
 
 import ray
 import torch
 
-from neuroray.ponw.replays import lead, own_lead, replayed
+from neuroray.ponw.copies import scored_slice
+from neuroray.ponw.replays import fresh_rows, lead, own_lead, replayed
 from neuroray.training.copies import own_gains
 
 
@@ -34,7 +36,8 @@ class ReplayCheck:
     def __init__(self, trainer, copies, log=print):
         self.trainer, self.copies, self.log = trainer, copies, log
         c = trainer.cfg
-        self.min_lead = c.ponw.replay_min_lead
+        self.min_lead, self.min_ratio = c.ponw.replay_min_lead, c.ponw.replay_min_ratio
+        self.seen: dict[tuple[int, int], set[int]] = {}  # (range, holder) -> the input tokens of every batch it trained on
         self.on = c.ponw.replay_check and c.diloco.streaming_fragments == 1 and c.diloco.overlap == "none"
         self.step: int | None = None
         self._theta0: list[torch.Tensor] | None = None
@@ -63,8 +66,7 @@ class ReplayCheck:
         self.stats["seconds"] += spent
         rnd = t.outer.rounds + 1
         if shown:
-            self.log(f"replay check: outer round {rnd}: range {s}: lead on own batches "
-                     + ", ".join(shown) + f" ({spent:.3f}s)")
+            self.log(f"replay check: outer round {rnd}: range {s}: " + ", ".join(shown) + f" ({spent:.3f}s)")
         for i, reason in refused.items():
             self.log(f"outer round {rnd}: range {s}: holder {who[i]}: {reason}: left out of the outer step, paid 0")
         return refused
@@ -79,28 +81,66 @@ class ReplayCheck:
         theta0 = self._theta0
         decoded, bad = decode_payloads(t.cfg.diloco, theta0[s].numel(), ray.get(deltas, timeout=timeout))
         pipe = self.copies.pipeline()
+        module = pipe.stages[s]
+        cut = scored_slice(list(module.parameters()), module.has_embedding,
+                           module.embed.weight if module.has_embedding else None)
+        now = {r: self._rebuilt(s, r, 0) for r in who}
         refused, shown = {}, []
         rnd = t.outer.rounds + 1
         for i, (r, delta) in enumerate(zip(who, decoded)):
             if i in bad or delta is None or not bool(torch.isfinite(delta).all()) or not bool(delta.any()):
                 continue  # screening and the free-rider rule have these
-            sets = {"now": self._rebuilt(s, r, 0), "before": self._rebuilt(s, r, -1), "next": self._rebuilt(s, r, 1)}
-            sets = {k: v for k, v in sets.items() if v}
-            if "now" not in sets or len(sets) < 2:
+            if cut is not None:
+                verdict = self._fresh_rows(s, r, delta, theta0[s], cut, now[r])
+            else:
+                verdict = self._lead(s, r, delta, theta0, pipe, now[r])
+            if verdict is None:
                 continue
-            gains = own_gains(pipe, theta0, s, delta, sets)
-            x = own_lead(gains)
+            x, said, reason = verdict
             self.stats["scored"] += 1
             self.leads.append((rnd, s, r, x))
-            shown.append(f"r{r} {x:+.3f} [" + " ".join(f"{k} {lead(gains['now'], g):+.3f}" for k, g in gains.items()
-                                                        if k != "now") + "]")
-            if replayed(gains, self.min_lead):
+            shown.append(f"r{r} {said}")
+            if reason:
                 self.stats["refused"] += 1
-                said = ", ".join(f"{k} {g:+.4f}" for k, g in gains.items())
-                refused[i] = (f"replayed pseudo-gradient: the loss it removes (its own batches of this round and its "
-                              f"neighbours: {said}) gives it a lead of {x:+.3f} on its own, under "
-                              f"ponw.replay_min_lead={self.min_lead:g}")
+                refused[i] = reason
+        if cut is not None:  # what each holder has now seen, refused or not (its history is its batches, not its word)
+            for r in who:
+                self.seen.setdefault((s, r), set()).update(_tokens(now[r]))
         return refused, shown
+
+    def _fresh_rows(self, s: int, r: int, delta: torch.Tensor, theta0_s: torch.Tensor, cut: tuple[int, int],
+                    now: list) -> tuple[float, str, str] | None:
+        """The embedding range: (ratio, shown, reason to refuse or "") by :func:`fresh_rows`; None: no verdict."""
+        if not now:
+            return None
+        lo, hi = cut
+        vocab = self.copies.pipeline().stages[s].embed.weight.shape[0]
+        x = fresh_rows(delta[lo:hi].view(vocab, -1), theta0_s[lo:hi].view(vocab, -1), self.seen.get((s, r), set()),
+                       _tokens(now))
+        if not math.isfinite(x) and x != math.inf:
+            return None
+        reason = "" if x >= self.min_ratio else (
+            f"replayed pseudo-gradient: the embedding rows of the tokens new in its batches of this round moved "
+            f"{x:.2f}x as much as those of tokens it never saw (weight decay alone), under "
+            f"ponw.replay_min_ratio={self.min_ratio:g}: it was made before this round's batches")
+        return x, f"fresh rows x{x:.2f}", reason
+
+    def _lead(self, s: int, r: int, delta: torch.Tensor, theta0: list, pipe, now: list
+              ) -> tuple[float, str, str] | None:
+        """Any other range: (lead, shown, reason to refuse or "") by :func:`own_lead`; None: no verdict."""
+        sets = {"now": now, "before": self._rebuilt(s, r, -1), "next": self._rebuilt(s, r, 1)}
+        sets = {k: v for k, v in sets.items() if v}
+        if "now" not in sets or len(sets) < 2:
+            return None
+        gains = own_gains(pipe, theta0, s, delta, sets)
+        x = own_lead(gains)
+        shown = f"lead {x:+.3f} [" + " ".join(f"{k} {lead(gains['now'], g):+.3f}" for k, g in gains.items()
+                                              if k != "now") + "]"
+        reason = "" if not replayed(gains, self.min_lead) else (
+            "replayed pseudo-gradient: the loss it removes (its own batches of this round and its neighbours: "
+            + ", ".join(f"{k} {g:+.4f}" for k, g in gains.items())
+            + f") gives it a lead of {x:+.3f} on its own, under ponw.replay_min_lead={self.min_lead:g}")
+        return x, shown, reason
 
     def _rebuilt(self, s: int, r: int, shift: int) -> list:
         """Holder ``r``'s batches (``shift``: rounds from this one), rebuilt once per round: under fixed routing
@@ -110,3 +150,10 @@ class ReplayCheck:
             self._batches[key] = self.copies.batches(s, r, self.step, shift)
         return self._batches[key]
 
+
+def _tokens(batches: list) -> set[int]:
+    """The input token ids of these (inputs, labels) microbatches: the embedding rows they reach."""
+    out: set[int] = set()
+    for x, _ in batches:
+        out.update(torch.unique(x).tolist())
+    return out
