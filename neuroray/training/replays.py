@@ -1,20 +1,20 @@
-"""Refusing replayed pseudo-gradients before the outer step (the rule: neuroray/ponw/replays.py).
+"""Refusing replayed pseudo-gradients before the outer step (the rules: neuroray/ponw/replays.py).
 
 Before each range's rule runs (``OuterSync.vet``, called by ``OuterSync.reduce`` under both routings), the
-coordinator scores every pseudo-gradient the step was given on the batches its holder trained on this round
-and on control batches it did not (its previous round's; in the first round, its next round's), at the
-round's theta0 of every range, with the copy check's machinery (:func:`~neuroray.training.copies.own_gains`:
-on the embedding's range only the embedding rows move; :meth:`~neuroray.training.copies.CopyCheck.batches`:
-which batches a holder trained on is the coordinator's own record). A holder whose update does not lead on
-its own batches by ``ponw.replay_min_lead`` is refused: its pseudo-gradient goes to the rule as rejected (one
-of its ``f``), so it is left out of the aggregate, named in the round's rejections, and its receipt says
-``aggregated=False`` (paid 0). The log gives every holder's lead each round, so the honest margin can be read
-off any run.
+coordinator scores every pseudo-gradient the step was given against the batches its holder trained on this
+round (which batches is the coordinator's own record: :meth:`~neuroray.training.copies.CopyCheck.batches`), at the
+round's theta0 of every range. On the range that holds the embedding: how much the rows of the tokens new in those
+batches moved against never-seen rows (:func:`~neuroray.ponw.replays.fresh_rows`; the holder's history of tokens
+is kept here, round by round). On every other range: the loss it removes on those batches against its stream's
+neighbours, with the copy check's :func:`~neuroray.training.copies.own_gains`. A replay is refused: its
+pseudo-gradient goes to the rule as rejected (one of its ``f``), so it is left out of the aggregate, named in the
+round's rejections, and its receipt says ``aggregated=False`` (paid 0). The log gives every holder's score each
+round, so the honest margin can be read off any run.
 
 Not checked (every update passes): streaming and overlapped runs (as the copy check), a run without a data
-plan, a range whose payload cannot be decoded here. Cost: per holder, forwards of the whole model over its
-own and its control batches, twice (at theta0 and moved), in float32 on the driver's CPU, on the outer step's
-critical path (docs/benchmarks.md measures it).
+plan, a payload that cannot be decoded here. Cost: a few norms per holder on the embedding's range; elsewhere,
+forwards of the whole model over the holder's own and its neighbours' batches, twice (at theta0 and moved), in
+float32 on the driver's CPU, on the outer step's critical path (docs/benchmarks.md measures it).
 """
 
 from __future__ import annotations
