@@ -24,13 +24,15 @@
 
     flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [hop_rate=1.0]
                                  [replicas=3] [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...]
-                                 [cost=0] [cost_rates=0,0.1,1] [write=1]
+                                 [cost=0] [cost_rates=0,0.1,1] [write=1] [keep=DIR]
 
-Appends rows to docs/benchmarks.md ("Verification: ...").
+Appends rows to docs/benchmarks.md ("Verification: ..."). ``keep=DIR``: the runs' directories (each with the
+run's log.txt) go under DIR and are kept, to see which rule named a holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sqlite3
@@ -240,7 +242,7 @@ def main(argv: list[str]) -> None:
     if labels:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with (tempfile.TemporaryDirectory() if "keep" not in opts else contextlib.nullcontext(opts["keep"])) as tmp:
             # untimed: the first run builds the dataset and warms the caches
             if labels:
                 warm = real_run(Path(tmp), "warmup", None, None, 1, 1.0, replicas, routing)

@@ -292,7 +292,7 @@ class PonwConfig:
     # elsewhere by the loss it removes there against its stream's neighbours (docs/ponw.md, Replayed pseudo-gradients)
     replay_check: bool = True  # false: every pseudo-gradient goes to the rule unscored
     replay_min_ratio: float = 10.0  # embedding range: rows of tokens new this round must move this x never-seen rows
-    replay_min_lead: float = -0.2  # other ranges: an update's mean lead on its own batches over its neighbours (-2..2)
+    replay_min_lead: float = -2.0  # other ranges: the least mean lead on own batches over neighbours (-2..2; -2: off)
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
     # nats, relative to max(1, loss) (hop rechecks: relative L2 of a hop); 0 (auto): 0.001 when every holder computes

@@ -69,11 +69,11 @@ def rounds():
 
 
 def test_round_two_honest_updates_lead_and_a_replay_does_not(rounds):
-    """Every replay leads less than its holder's honest update; no honest update is refused at the default
-    margin; the replay of replica 2's embedding range is (in this world the other two replays sit near -0.09,
-    between the margin and the honest updates: at H=4 an honest update still carries much of the previous round
-    in AdamW's momentum, docs/ponw.md)."""
-    margin = PonwConfig().replay_min_lead
+    """The loss lead (off by default, ``ponw.replay_min_lead=-2``: too weak at H=4): every replay leads less than its
+    holder's honest update, and at -0.2 no honest update is refused and the replay of replica 2's embedding range
+    is (the other two replays sit near -0.09, between -0.2 and the honest updates: at H=4 an honest update still
+    carries much of the previous round in AdamW's momentum, docs/ponw.md)."""
+    margin = -0.2
     leads = {}
     for s in range(2):
         for r in range(REPLICAS):

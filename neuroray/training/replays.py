@@ -92,8 +92,10 @@ class ReplayCheck:
                 continue  # screening and the free-rider rule have these
             if cut is not None:
                 verdict = self._fresh_rows(s, r, delta, theta0[s], cut, now[r])
-            else:
+            elif self.min_lead > -2:  # the lead cannot go under -2: at -2 it would refuse nothing, so it is not run
                 verdict = self._lead(s, r, delta, theta0, pipe, now[r])
+            else:
+                verdict = None
             if verdict is None:
                 continue
             x, said, reason = verdict
