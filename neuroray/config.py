@@ -291,7 +291,7 @@ class PonwConfig:
     # refused and paid 0: on the embedding's range by the rows of the round's new tokens (moved only by weight decay),
     # elsewhere by the loss it removes there against its stream's neighbours (docs/ponw.md, Replayed pseudo-gradients)
     replay_check: bool = True  # false: every pseudo-gradient goes to the rule unscored
-    replay_min_ratio: float = 10.0  # embedding range: rows of tokens new this round must move this x never-seen rows
+    replay_min_ratio: float = 3.0  # embedding range: rows of tokens new this round must move this x never-seen rows
     replay_min_lead: float = -2.0  # other ranges: the least mean lead on own batches over neighbours (-2..2; -2: off)
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
