@@ -24,13 +24,15 @@
 
     flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [hop_rate=1.0]
                                  [replicas=3] [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...]
-                                 [cost=0] [cost_rates=0,0.1,1] [write=1]
+                                 [cost=0] [cost_rates=0,0.1,1] [write=1] [keep=DIR]
 
-Appends rows to docs/benchmarks.md ("Verification: ...").
+Appends rows to docs/benchmarks.md ("Verification: ..."). ``keep=DIR``: the runs' directories (each with the
+run's log.txt) go under DIR and are kept, to see which rule named a holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sqlite3
@@ -46,6 +48,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
+from neuroray.config import PonwConfig  # noqa: E402
 from neuroray.configure import load_config  # noqa: E402
 
 # key -> (what the table calls it, the cheating slot, holder attack, value[, first round, noise std]); replica 2
@@ -78,6 +81,8 @@ SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "d
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
 RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
+REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): (.*) \(([0-9.]+)s\)$")
+SCORE = re.compile(r"r(\d+) (fresh rows x|lead )([+-]?[0-9.]+|inf)")
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
@@ -123,6 +128,15 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
     check_s = sum(float(m.group(1)) for line in lines if (m := CHECKED.search(line)))
     rechecks = [(int(m.group(1)), float(m.group(2))) for line in lines if (m := RECHECKED.search(line))]
     honest = [x for x in slots if x != slot]
+    # the replay check (neuroray/training/replays.py): its seconds, and every holder's lead per round
+    leads: dict[str, list[tuple[int, float]]] = {}
+    replay_s = 0.0
+    for line in lines:
+        m = REPLAY_CHECK.search(line)
+        if m:
+            replay_s += float(m.group(4))
+            for r, kind, x in SCORE.findall(re.sub(r"\[[^]]*\]", "", m.group(3))):
+                leads.setdefault(f"r{r}-s{m.group(2)}", []).append((int(m.group(1)), float(x)))
     stage = slot.split("-s")[1] if slot else "0"
     peers = [x for x in honest if x.endswith(f"-s{stage}") and not x.startswith("r2-")]  # honest, same range
     false_pos = {x: sorted(caught[x]) for x in honest if caught[x] or x in slashed}
@@ -134,7 +148,10 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,
             "rechecked": sum(n for n, _ in rechecks), "recheck_s": sum(x for _, x in rechecks),
-            "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0}
+            "eval_loss": result.eval_loss, "wall_s": time.monotonic() - t0, "replay_s": replay_s,
+            "honest_ratios": [x for h in honest if h.endswith("-s0") for _, x in leads.get(h, [])],
+            "honest_leads": [x for h in honest if not h.endswith("-s0") for _, x in leads.get(h, [])],
+            "attacker_leads": leads.get(slot, []) if slot else []}
 
 
 def honest_rounds(seeds: int, rounds: int) -> dict:
@@ -226,7 +243,7 @@ def main(argv: list[str]) -> None:
     if labels:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with (tempfile.TemporaryDirectory() if "keep" not in opts else contextlib.nullcontext(opts["keep"])) as tmp:
             # untimed: the first run builds the dataset and warms the caches
             if labels:
                 warm = real_run(Path(tmp), "warmup", None, None, 1, 1.0, replicas, routing)
@@ -266,6 +283,28 @@ def main(argv: list[str]) -> None:
                             "rejections. False positives: honest holders caught so, including the cheater's own "
                             "replica's other holder (harmed by it, blamed for it). Spot-check time is the recompute "
                             "thread's own seconds, after an untimed warm-up run.")
+    for label, r in rows.items():  # the replay check's own table: the honest margins, the attacker's scores, its cost
+        name, slot = ATTACKS[label][:2]
+        hr, hl = r["honest_ratios"], r["honest_leads"]
+        p = PonwConfig()
+        values = [name, routing, str(len(hr) + len(hl)), f"{min(hr):.1f}" if hr else "-",
+                  f"{min(hl):+.3f}" if hl else "-",
+                  " ".join(f"r{k} {x:g}" for k, x in r["attacker_leads"]) or "-",
+                  f"{r['replay_s']:.2f}s / {r['train_s']:.1f}s = {r['replay_s'] / r['train_s']:.1%}"]
+        print("replay check: | " + " | ".join(values) + " |", flush=True)
+        if write:
+            append_row("Verification: the replay check, honest margins and cost (Ray)",
+                       ["attack", "routing", "honest holder-rounds scored",
+                        f"smallest honest fresh-row ratio, Driver range (refused under {p.replay_min_ratio:g})",
+                        f"smallest honest lead, other range (refused under {p.replay_min_lead:g})",
+                        "cheating Driver's score per round", "replay check / training time", "setup", "command"],
+                       [*values, f"{replicas} replicas x {STAGES} stages, tiny d64 L2, robust rule, {rounds} rounds x "
+                                 f"H=4, {machine()}", f"`flock /tmp/neuroray-cpu.lock {cmd}`"],
+                       note="benchmarks/verification.py part 1, the same runs, read from each run's log "
+                            "(neuroray/ponw/replays.py): on the Driver's range (the embedding), how much more the rows "
+                            "of the round's new tokens moved than never-seen rows; on the other range, the update's "
+                            "lead on its own batches over its stream's neighbours. Check time: the driver's own "
+                            "seconds scoring, over the run's training seconds.")
     if n_honest and seeds:
         h = honest_rounds(seeds, n_honest)
         print(f"honest rounds: {h['named']} of {h['total']} honest holder-rounds named; smallest cosine to the "

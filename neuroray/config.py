@@ -297,6 +297,12 @@ class PonwConfig:
     # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off
     straggler_factor: float = 2.5  # x the median call time of its range's other holders (0: off)
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
+    # before each range's rule, a pseudo-gradient made before its holder's batches of the round (a replayed one) is
+    # refused and paid 0: on the embedding's range by the rows of the round's new tokens (moved only by weight decay),
+    # elsewhere by the loss it removes there against its stream's neighbours (docs/ponw.md, Replayed pseudo-gradients)
+    replay_check: bool = True  # false: every pseudo-gradient goes to the rule unscored
+    replay_min_ratio: float = 3.0  # embedding range: rows of tokens new this round must move this x never-seen rows
+    replay_min_lead: float = -2.0  # other ranges: the least mean lead on own batches over neighbours (-2..2; -2: off)
     max_batches_per_s: float = 1000.0  # physical bound when the orchestrator measured none
     spot_check_rate: float = 0.1  # fraction of Driver proofs whose sampled batch is recomputed
     # nats, relative to max(1, loss) (hop rechecks: relative L2 of a hop); 0 (auto): 0.001 when every holder computes

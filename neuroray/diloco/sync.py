@@ -205,7 +205,7 @@ def step_seed(seed: int, range_index: int, round_index: int) -> int:
 def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
                momentum: torch.Tensor | None, *deltas, attack: AttackConfig | None = None,
                memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0, observe: bool = False,
-               weights: list[float] | None = None):
+               weights: list[float] | None = None, refused: dict[int, str] | None = None):
     """Simulate the attack, aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
 
     Returns ``(new_theta0, new_momentum, report)``, plus the next :class:`OuterMemory` as a fourth value
@@ -213,6 +213,9 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     theta0 and momentum unchanged (the very objects passed in). ``observe``: fill the report's
     ``observations`` and ``theta0_before`` for PoNW receipts. ``weights``: one per holder (its reputation,
     neuroray/training/reputation.py), for the rules that weigh their inputs (neuroray/diloco/aggregate.py).
+    ``refused``: {holder index: reason} of pseudo-gradients the coordinator's checks refused before the step
+    (a replayed update, neuroray/training/replays.py): observed as sent, then rejected like a malformed one,
+    so each is one of the rule's ``f`` and earns nothing.
     """
     cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
     attack = attack or AttackConfig()
@@ -220,6 +223,9 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     seeded = step_seed(seed, range_index, round_index)
     deltas, malformed = decode_payloads(diloco, theta0.numel(), deltas)
     contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=seeded)
+    for i, reason in (refused or {}).items():
+        contributions[i] = None
+        malformed[i] = reason
     report = OuterReport(range_index, byzantine=list(range(byzantine_count(attack, len(deltas)))))
     if observe:  # before the attack simulation: what each holder really sent
         from neuroray.ponw.service import observe_delta, tensor_digest
@@ -304,7 +310,7 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
 # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
 @ray.remote(num_cpus=0, num_returns=5)
 def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
-                    part=None, weights=None):
+                    part=None, weights=None, refused=None):
     # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
     # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
     # of failing this round too. The trainer rolls it back with theta0 when it redoes a failed round.
@@ -321,7 +327,7 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     else:
         new_theta0, new_momentum, report, memory = outer_step(
             aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-            round_index=round_index, seed=seed, observe=True, weights=weights)
+            round_index=round_index, seed=seed, observe=True, weights=weights, refused=refused)
         if diloco.compression != "none":
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
@@ -377,10 +383,15 @@ class OuterSync:
         self.weights_of = None
         self.reduced: dict[int, ReducedInputs] = {}
         self.keep_inputs = False  # keep ``reduced`` without reputation too (naming copiers: training/copies.py)
+        # (range, replica indices, their pseudo-gradient refs, every range's round-start theta0 refs) -> {index:
+        # reason} of the ones to refuse before the rule sees them (replayed updates: training/replays.py), or None
+        self.vet = None
+        self.round_theta0: list = list(self.theta0)  # every range's theta0 as the round in flight started
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
         self._round = []
+        self.round_theta0 = list(self.theta0)
 
     def fragment_slices(self) -> list[list[tuple[int, int]]]:
         """Per range, the flat-vector slice of every streaming fragment, as the range's holders cut it
@@ -430,9 +441,12 @@ class OuterSync:
         rule = self.aggregator
         if faulty_out:
             rule = dataclasses.replace(rule, f=max(rule.f - faulty_out, 0))
+        refused = (self.vet(s, who, list(deltas), self.round_theta0) if self.vet is not None and part is None
+                   else None)
         theta0, momentum, report, memory, update = outer_step_task.remote(
             rule, self.attack, self.diloco, s, self.rounds, self.seed,
-            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part, weights=weights)
+            self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part, weights=weights,
+            refused=refused or None)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
         self._round.append({"dense": self._dense, "acks": []})
         return theta0, report, update

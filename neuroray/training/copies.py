@@ -160,7 +160,7 @@ class CopyCheck:
         from neuroray.diloco.sync import decode_payloads
 
         s = case["s"]
-        batches = {r: self._batches(s, r, step) for r in who}
+        batches = {r: self.batches(s, r, step) for r in who}
         classes = same_batches(batches)
         if len(classes) == 1:
             case["same"] = bool(batches[who[0]])
@@ -170,9 +170,10 @@ class CopyCheck:
         decoded, bad = decode_payloads(t.cfg.diloco, theta0[s].numel(), [ray.get(case["delta"], timeout=timeout)])
         if bad or decoded[0] is None:
             return classes, {}
-        return classes, own_gains(self._pipeline(), theta0, s, decoded[0], {c[0]: batches[c[0]] for c in classes})
+        return classes, own_gains(self.pipeline(), theta0, s, decoded[0], {c[0]: batches[c[0]] for c in classes})
 
-    def _pipeline(self):
+    def pipeline(self):
+        """The stage modules that scores run on (built once per model shape; the replay check shares them)."""
         from neuroray.training.reputation import StagePipeline
 
         sw = self.trainer.swarm
@@ -181,19 +182,24 @@ class CopyCheck:
             self.pipe = StagePipeline(sw.model, sw.vocab_size, list(sw.ranges), self.trainer.cfg.seed)
         return self.pipe
 
-    def _batches(self, s: int, r: int, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The microbatches replica ``r``'s holder of range ``s`` trained on in the round ending at ``step``."""
+    def batches(self, s: int, r: int, step: int, shift: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The microbatches replica (router: holder) ``r``'s holder of range ``s`` trained on in the round ending
+        at ``step``. ``shift=-1``: those of its round before (none before the first); ``shift=1``: the
+        microbatches it would read in the next round at that pace, which nobody has trained on yet."""
         from neuroray.genesis import Manifest, TokenStream
 
         t = self.trainer
         d, data = t.cfg.data, t.swarm.data
         first = step + 1 - t.sync_every
         if t.cfg.swarm.routing == "router":
-            positions = list(getattr(t.executor, "trained", {}).get((s, r), []))
+            ex = getattr(t.executor, "trained_before" if shift < 0 else "trained", None) or {}
+            later = t.sync_every * d.num_microbatches * len(t.swarm.replicas) if shift > 0 else 0
+            positions = [p + later for p in ex.get((s, r), [])]
             node, ring_start = "", 0
         else:
             n = d.num_microbatches
-            positions = list(range(first * n, (step + 1) * n))
+            first += shift * t.sync_every
+            positions = list(range(max(first, 0) * n, (step + 1 + shift * t.sync_every) * n))
             node, ring_start = t.swarm.infos[r * len(t.swarm.ranges)]["node_id"], None
         stream = TokenStream(data.root, Manifest.from_json(data.manifest), node, d.seq_len, d.microbatch_size,
                              prefetch=False, _start=ring_start)

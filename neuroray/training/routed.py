@@ -37,6 +37,7 @@ class RoutedSwarm(StepExecutor):
         self.quorum_log: list[dict] = []  # per outer round and range: who made the quorum, who was late
         # this round: (range, holder index) -> the microbatches whose backward it ran (training/copies.py)
         self.trained: dict[tuple[int, int], list[int]] = {}
+        self.trained_before: dict[tuple[int, int], list[int]] = {}  # the same, of the round before (training/replays.py)
         self._failovers_seen = 0
 
     def submit(self, step: int) -> None:
@@ -57,7 +58,7 @@ class RoutedSwarm(StepExecutor):
     def _note_trained(self, step: int) -> None:
         """Who trained on which microbatch this step (the router saw whose backward of each range counted)."""
         if step % self.trainer.sync_every == 0:
-            self.trained = {}
+            self.trained_before, self.trained = self.trained, {}
         for f in self.router.flights.values():
             for s, h in f.trained.items():
                 self.trained.setdefault((s, h.index), []).append(f.mb)

@@ -70,7 +70,7 @@ class Trainer:
         self.tokens = 0  # trained by this loop, all replicas (their number can grow mid-run)
         self.stats = LoopStats()
         self.comm_before: list[dict] = []  # resumed: rounds booked by earlier runs (comm.json, byte totals)
-        self.reputation = self.booking = self.copies = None
+        self.reputation = self.booking = self.copies = self.replays = None
         if cfg.ponw.reputation:  # held-out scores -> reputation -> aggregation weights and rewards
             from neuroray.training.reputation import Reputation
 
@@ -81,9 +81,12 @@ class Trainer:
 
             self.booking = ProofBooking(self)  # the ledger actor, the coordinator key, receipts, spot checks
             self.booking.start()
-
             self.copies = CopyCheck(self, log)  # names who copied another holder's pseudo-gradient
             outer.keep_inputs = True
+            if cfg.ponw.replay_check:
+                from neuroray.training.replays import ReplayCheck
+
+                self.replays = ReplayCheck(self, self.copies, log)  # refuses replayed pseudo-gradients
         self.executor = executor
         executor.attach(self)
 
@@ -284,6 +287,8 @@ class Trainer:
         With ``diloco.overlap`` the outer step only starts here and is booked when it lands."""
         if self.ledger is not None and step is not None:
             self.spot_checks.round_starts()  # the theta0 this round's proofs commit to
+        if self.replays is not None and step is not None:
+            self.replays.round_ends(step)  # its vetting runs inside the outer step, before each range's rule
         result = self.executor.outer_step(step) if step is not None else self.executor.take_landed()
         if result is None:
             return
