@@ -50,6 +50,9 @@ def start_node(cfg: LabConfig, i: int, holder_pid: int) -> None:
         argv += [f"--address={cfg.head_address}"]
     env = host_env(cfg, i)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # as the README starts a node: a raylet kills idle task workers after 1 s once actors fill its CPUs, and every
+    # outer step's reduce task then starts a fresh worker (1.2-1.7 s of importing torch, measured each round)
+    env["RAY_idle_worker_killing_time_threshold_ms"] = "300000"
     res = sh(enter_argv(cfg, i, holder_pid, cwd="/") + argv, cfg.ray_start_timeout_s, check=False, env=env)
     if res.returncode != 0:
         raise LabError(f"ray start on h{i} failed: {last_line(res.stderr or res.stdout)} "
