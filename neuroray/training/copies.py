@@ -186,10 +186,8 @@ class CopyCheck:
         """The microbatches replica (router: holder) ``r``'s holder of range ``s`` trained on in the round ending
         at ``step``. ``shift=-1``: those of its round before (none before the first); ``shift=1``: the
         microbatches it would read in the next round at that pace, which nobody has trained on yet."""
-        from neuroray.genesis import Manifest, TokenStream
-
         t = self.trainer
-        d, data = t.cfg.data, t.swarm.data
+        d = t.cfg.data
         first = step + 1 - t.sync_every
         if t.cfg.swarm.routing == "router":
             ex = getattr(t.executor, "trained_before" if shift < 0 else "trained", None) or {}
@@ -201,10 +199,16 @@ class CopyCheck:
             first += shift * t.sync_every
             positions = list(range(max(first, 0) * n, (step + 1 + shift * t.sync_every) * n))
             node, ring_start = t.swarm.infos[r * len(t.swarm.ranges)]["node_id"], None
-        stream = TokenStream(data.root, Manifest.from_json(data.manifest), node, d.seq_len, d.microbatch_size,
-                             prefetch=False, _start=ring_start)
-        out = []
-        for p in positions[-MAX_BATCHES:]:
-            stream.seek(p)
-            out.append(stream.next_microbatch())
-        return out
+        return [batch_at(t, node, p, ring_start) for p in positions[-MAX_BATCHES:]]
+
+
+def batch_at(trainer, node: str, position: int, ring_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The microbatch at ``position`` of ``node``'s shard ring (router: the shared ring, ``ring_start=0``), read by
+    the coordinator itself from the run's current manifest, as the Driver's stream reads it."""
+    from neuroray.genesis import Manifest, TokenStream
+
+    d, data = trainer.cfg.data, trainer.swarm.data
+    stream = TokenStream(data.root, Manifest.from_json(data.manifest), node, d.seq_len, d.microbatch_size,
+                         prefetch=False, _start=ring_start)
+    stream.seek(position)
+    return stream.next_microbatch()

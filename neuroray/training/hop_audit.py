@@ -243,15 +243,10 @@ class HopRechecks:
 
     def _assigned(self, replica: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The microbatch at ``position`` of replica ``replica``'s Driver's own shard ring (the coordinator's read)."""
-        from neuroray.genesis import Manifest, TokenStream
+        from neuroray.training.copies import batch_at
 
         t = self.trainer
-        d, data = t.cfg.data, t.swarm.data
-        node = t.swarm.infos[replica * len(t.swarm.ranges)]["node_id"]
-        stream = TokenStream(data.root, Manifest.from_json(data.manifest), node, d.seq_len, d.microbatch_size,
-                             prefetch=False)
-        stream.seek(position)
-        return stream.next_microbatch()
+        return batch_at(t, t.swarm.infos[replica * len(t.swarm.ranges)]["node_id"], position)
 
     def restarted_at_theta0(self, replica: int) -> None:
         """``replica`` went on from theta0 after the round's first step (a recovery): its proof starts again, at
