@@ -270,7 +270,9 @@ class Upgrader:
             return False
         t0 = time.monotonic()
         try:
-            new = trainer.swarm.add_replicas(extra, trainer.outer.rounds)
+            outer = trainer.outer  # the added holders' copies must carry each range's theta0
+            new = trainer.swarm.add_replicas(extra, outer.rounds, [[outer.theta0[s], outer.round_theta0[s]]
+                                                                   for s in range(len(outer.theta0))])
         except Exception as exc:  # noqa: BLE001 - no room after all, a node gone: training goes on as it was
             self.log(f"cluster watch: adding {extra.replicas} replicas failed ({str(exc).splitlines()[0]}); "
                      f"training goes on with {running}")

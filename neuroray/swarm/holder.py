@@ -447,18 +447,26 @@ class StageHolder:
         the AdamW state too, for a holder added mid-run (:meth:`join`)."""
         return self.lifecycle.export_range(optimizer)
 
-    def import_range(self, tensors: dict) -> None:
-        if self.lifecycle.import_range(tensors):
+    def import_range(self, tensors: dict, theta0_box: list | None = None, at_theta0: bool = False) -> None:
+        """Load a peer's copy. ``theta0_box``: refs of the theta0 vectors the coordinator vouches for (boxed so Ray
+        ships them here only now); the copy must match one (neuroray/swarm/copy_check.py, ``CopyRejected``)."""
+        accepted = None
+        if theta0_box is not None:  # object refs from the coordinator; in-process, the tensors
+            import ray
+
+            accepted = [t if isinstance(t, torch.Tensor) else ray.get(t) for t in theta0_box if t is not None]
+        if self.lifecycle.import_range(tensors, accepted, at_theta0):
             self._renew_prover()
 
-    def join(self, tensors: dict, outer_rounds: int) -> dict:
+    def join(self, tensors: dict, outer_rounds: int, theta0_box: list | None = None) -> dict:
         """A holder added mid-run (neuroray.planner.upgrade) takes a peer's range (:meth:`export_range` with
         the optimizer) at theta0 between rounds, and the swarm's round count, so that its first proof names
         the round the ledger's receipt does and starts at the theta0 the range's outer step knows.
 
         The peer's AdamW moments come along: a fresh AdamW's first steps are sign-sized on every weight,
         and that pseudo-gradient would pull the range's next outer step off the curve."""
-        self.import_range(tensors)
+        self.import_range(tensors, theta0_box, at_theta0=self.spec.diloco.overlap == "none"
+                          and self.spec.diloco.streaming_fragments == 1)
         self.outer.outer_rounds = outer_rounds
         self._arm_hops()
         if self.proving.enabled:

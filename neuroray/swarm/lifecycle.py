@@ -13,10 +13,12 @@ import warnings
 from dataclasses import asdict, replace
 
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from neuroray.config import ModelConfig
 from neuroray.model.vocab import VOCAB_PARAMS
 from neuroray.swarm.compute import RangeCompute
+from neuroray.swarm.copy_check import check_copy
 from neuroray.swarm.outer_state import OuterState
 from neuroray.swarm.vocab_growth import grow_range_vocab, switch_stream
 
@@ -230,8 +232,13 @@ class RangeLifecycle:
             out["optimizer"] = optimizer_state_to_cpu(c.optimizer)
         return out
 
-    def import_range(self, tensors: dict) -> bool:
-        """Load a peer's :meth:`export_range`; True if the range was rebuilt to the peer's architecture."""
+    def import_range(self, tensors: dict, accepted_theta0: list[torch.Tensor] | None = None,
+                     at_theta0: bool = False) -> bool:
+        """Load a peer's :meth:`export_range`; True if the range was rebuilt to the peer's architecture.
+        ``accepted_theta0``: the theta0 vectors the coordinator vouches for; the copy is checked against them
+        first (neuroray/swarm/copy_check.py), and ``at_theta0`` checks its weights are at its theta0 too."""
+        if accepted_theta0 is not None:
+            check_copy(tensors, accepted_theta0)
         c = self.compute
         rebuilt = self.adopt(tensors.get("architecture"))
         manifest = tensors.get("data_manifest")
@@ -243,4 +250,6 @@ class RangeLifecycle:
         c.pending.clear()
         if "optimizer" in tensors:  # load_state_dict moves the moments to the weights' device
             c.optimizer.load_state_dict(tensors["optimizer"])
+        if accepted_theta0 is not None and at_theta0:  # the flat layout exists only once the range is built
+            check_copy(tensors, accepted_theta0, parameters_to_vector(c.module.parameters()).detach())
         return rebuilt

@@ -118,10 +118,11 @@ class Swarm:
                             max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls,
                             inline_max_bytes=cfg.swarm.hop_inline_max_bytes)
 
-    def add_replicas(self, plan, outer_rounds: int) -> list[list]:
+    def add_replicas(self, plan, outer_rounds: int, theta0_boxes: list[list] | None = None) -> list[list]:
         """Start the replicas of ``plan`` (neuroray.planner.expand: pinned to nodes, numbered after the running
         ones) at the running model and split, between outer rounds: each holder takes replica 0's range (at
-        theta0, with its AdamW state) and the round count. Returns the new pipelines, already in
+        theta0, with its AdamW state) and the round count; ``theta0_boxes``: per range, the theta0 refs its copy must
+        match (neuroray/swarm/copy_check.py). Returns the new pipelines, already in
         ``replicas``; on any failure nothing is added (the started holders and groups are removed)."""
         c = self.cfg.cluster
         groups = reserve_plan(plan, c.actor_start_timeout_s,
@@ -134,7 +135,8 @@ class Swarm:
             infos = self.get([h.info.remote() for p in new for h in p], c.actor_start_timeout_s,
                              "starting the added holders")
             peers = self.replicas[0]
-            self.get([h.join.remote(peers[s].export_range.remote(optimizer=True), outer_rounds)
+            self.get([h.join.remote(peers[s].export_range.remote(optimizer=True), outer_rounds,
+                                    None if theta0_boxes is None else theta0_boxes[s])
                       for p in new for s, h in enumerate(p)], c.step_timeout_s, "loading the added holders")
         except BaseException:
             for h in (h for p in new for h in p):

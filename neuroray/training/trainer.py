@@ -20,7 +20,8 @@ from tqdm import tqdm
 from neuroray.config import TrainConfig
 from neuroray.errors import PipelineError
 from neuroray.snapshot import Snapshot, SnapshotStore
-from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.swarm.copy_check import CopyRejected
+from neuroray.swarm.ray_errors import holder_died, unwrap_ray_error, user_error
 from neuroray.training.executor import StepExecutor, value_or_none
 from neuroray.training.metrics import TrainMetrics
 
@@ -227,7 +228,7 @@ class Trainer:
                 ) from None
         for s, (h, c) in enumerate(zip(pipeline, counters)):
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
-                peers = [p[s] for i, p in enumerate(self.swarm.replicas) if i != replica]
+                peers = [(i, p[s]) for i, p in enumerate(self.swarm.replicas) if i != replica]
                 self._copy_from_peer(replica, s, h, peers, timeout)
         if self.vocab is not None:  # a holder restored from before a vocabulary growth grows to the swarm's first
             self.vocab.catch_up(self, pipeline, timeout)
@@ -270,13 +271,20 @@ class Trainer:
             self.log(f"ledger: {len(moved)} restarted holder(s) run under a new key; registering it")
             self._register_holders(moved, "registering the restarted holders")
 
-    def _copy_from_peer(self, replica: int, stage: int, holder, peers: list, timeout: float) -> None:
-        for peer in peers:
+    def _copy_from_peer(self, replica: int, stage: int, holder, peers: list[tuple[int, object]],
+                        timeout: float) -> None:
+        # the copy must carry the range's theta0 (the current one, or the round in flight's under overlap)
+        box = [self.outer.theta0[stage], self.outer.round_theta0[stage]]
+        for r, peer in peers:
             try:
-                ray.get(holder.import_range.remote(peer.export_range.remote()), timeout=timeout)
-                self.log(f"recovery: r{replica}-s{stage} had no snapshot; copied its range from a live peer")
+                ray.get(holder.import_range.remote(peer.export_range.remote(), box), timeout=timeout)
+                self.log(f"recovery: r{replica}-s{stage} had no snapshot; copied its range from a live peer, "
+                         f"r{r}-s{stage}")
                 return
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - a dead, slow or refused peer: try the next
+                cause = unwrap_ray_error(exc)
+                if isinstance(cause, CopyRejected):
+                    self.log(f"recovery: r{replica}-s{stage} refused r{r}-s{stage}'s copy: {cause}")
                 continue
         raise PipelineError(f"every holder of range {stage} is gone and r{replica}-s{stage} has no snapshot; "
                             "rerun with resume=true from the kept snapshots")
