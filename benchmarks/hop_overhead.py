@@ -17,17 +17,27 @@ Two actors on one node: the sender makes the hop payload of a float32 activation
   part of the wire hop (where its time goes, docs/hops.md);
 * ``empty``: the same two calls with no tensor (the per-call floor of Ray's actor tasks on this machine).
 
+``stores`` repeats the whole measurement on a fresh local Ray per object-store setup, all of size ``store_mib``
+(``cluster.object_store_*``, neuroray/training/local_ray.py): ``default`` (/dev/shm, pages faulted in as
+used), ``prefault`` (the whole store faulted in at start), ``huge`` (prefault, on a tmpfs mounted here with
+``huge=always``, so 2 MiB pages; needs root; unmounted at the end).
+
 Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
 every repetition (a busy machine slows them alike). Reported: each in ms and
 ``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire and the direct hop.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
+        [stores=default] [store_mib=2048]
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +63,37 @@ def _interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
+@contextlib.contextmanager
+def _local_ray(store: str, store_mib: int):
+    """A fresh local Ray whose object store is set up as ``store`` says; everything undone on exit."""
+    import ray
+
+    from neuroray.config import ClusterConfig
+    from neuroray.training.local_ray import PREFAULT_ENV, start_local_ray
+
+    mount = None
+    if store == "huge":
+        mount = tempfile.mkdtemp(prefix="neuroray-hugeshm-")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"huge=always,size={store_mib + 256}m", "tmpfs", mount],
+                       check=True)
+    elif store not in ("default", "prefault"):
+        raise SystemExit(f"stores: {store} is not one of default, prefault, huge")
+    cluster = ClusterConfig(object_store_mb=store_mib, object_store_dir=mount or "",
+                            object_store_prefault=store != "default")
+    try:
+        start_local_ray(cluster, num_cpus=2, include_dashboard=False, log_to_driver=False,
+                        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.pop(PREFAULT_ENV, None)
+        if mount:
+            subprocess.run(["umount", mount], check=False)
+            os.rmdir(mount)
+
+
+def _measure(sizes: list[float], reps: int) -> list[dict]:
+    """Every hop kind at every size on the Ray this process is connected to."""
     import ray
     from ray.dag import InputNode
 
@@ -61,11 +101,6 @@ def main() -> None:
 
     from neuroray.swarm.direct_transport import outgoing
     from neuroray.swarm.hop_codec import HopCodec
-
-    args = key_values({"reps": "15", "sizes_mib": "0.25,4,64"})
-    reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
 
     class Sender:
         def __init__(self):
@@ -142,16 +177,26 @@ def main() -> None:
               f"({direct_ms / memcpy:.1f}x), compiled graph {compiled:.2f} ms ({compiled / memcpy:.1f}x), "
               f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms", flush=True)
     destroy_collective_group(group)
-    ray.shutdown()
+    return rows
+
+
+def main() -> None:
+    args = key_values({"reps": "15", "sizes_mib": "0.25,4,64", "stores": "default", "store_mib": "2048"})
+    reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
+    rows = []
+    for store in args["stores"].split(","):
+        with _local_ray(store, int(args["store_mib"])):
+            print(f"object store: {store}, {args['store_mib']} MiB", flush=True)
+            rows += [row | {"store": store} for row in _measure(sizes, reps)]
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
     for row in rows:
         m = row["memcpy"]
         append_row(
-            "Per-hop cost vs memcpy and a Compiled Graph",
-            ["command", "machine", "MiB", "memcpy ms", "torch pickle ms (/memcpy)", "wire ms (/memcpy)",
+            "Per-hop cost vs memcpy and a Compiled Graph, by object store",
+            ["command", "machine", "object store", "MiB", "memcpy ms", "torch pickle ms (/memcpy)", "wire ms (/memcpy)",
              "direct (gloo) ms (/memcpy)", "compiled graph ms (/memcpy)", "empty calls ms", "store put ms",
              "goal /memcpy <= 2 (wire, direct)"],
-            [f"`{cmd.strip()}`", machine(), f"{row['MiB']:g}", f"{m:.2f}",
+            [f"`{cmd.strip()}`", machine(), row["store"], f"{row['MiB']:g}", f"{m:.2f}",
              f"{row['torch pickle']:.2f} ({row['torch pickle'] / m:.1f}x)", f"{row['wire']:.2f} ({row['wire'] / m:.1f}x)",
              f"{row['direct']:.2f} ({row['direct'] / m:.1f}x)",
              f"{row['compiled']:.2f} ({row['compiled'] / m:.1f}x)", f"{row['empty']:.2f}", f"{row['put']:.2f}",
@@ -162,7 +207,9 @@ def main() -> None:
                  "swarm.hop_transport=gloo (Ray Direct Transport over a gloo group), `store put` a ray.put of the wire "
                  "payload alone (the object store's copy-in), `compiled graph` the wire hop as a Ray "
                  "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians, the five taken in turn in "
-                 "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait.")
+                 "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait. "
+                 "Object store (a fresh local Ray each, of the command's store_mib): `default` /dev/shm, `prefault` "
+                 "cluster.object_store_prefault=true, `huge` the same on a tmpfs mounted with huge=always.")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,13 @@ class ClusterConfig:
     name: str = "local"  # which conf/cluster/ file this came from
     address: str = ""  # "": RAY_ADDRESS if set, else start a local Ray; "auto" or "ray://..." to connect
     num_cpus: int = 0  # CPUs of a locally started Ray; 0 means all of this machine's
+    object_store_mb: int = 0  # object store of a locally started Ray, MiB; 0: Ray's default (30 % of memory)
+    # directory of a locally started Ray's object store; "": /dev/shm. A tmpfs mounted with huge=always makes a
+    # large hop's copy into the store fault 2 MiB pages, not 4 KiB (docs/hops.md, "Transport")
+    object_store_dir: str = ""
+    # a locally started Ray faults its whole object store in at start (Ray's RAY_preallocate_plasma_memory):
+    # the store's memory is taken up front, and no hop pays for fresh store pages
+    object_store_prefault: bool = False
     cpus_per_holder: float = 0.5  # Ray CPUs each stage holder reserves
     gpus_per_holder: float = 0.0  # Ray GPUs each stage holder reserves (> 0 puts its layers on CUDA)
     torch_threads: int = 1  # intra-op threads inside each holder

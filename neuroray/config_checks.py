@@ -122,6 +122,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_watch(cfg)
     if not d.source or not (d.store or d.dataset):
         raise ConfigError("data.source and data.store must not be empty; data.source=embedded needs no files")
+    if cfg.cluster.object_store_mb < 0:
+        raise ConfigError(f"cluster.object_store_mb={cfg.cluster.object_store_mb} must be >= 0 (0: Ray's default size)")
     if cfg.cluster.cpus_per_holder < 0 or cfg.cluster.gpus_per_holder < 0:
         raise ConfigError("cluster.cpus_per_holder and cluster.gpus_per_holder must be >= 0")
     if cfg.cluster.local_stores not in ("serve", "shared"):

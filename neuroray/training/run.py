@@ -17,6 +17,7 @@ from pathlib import Path
 
 from neuroray.config import TrainConfig, resolve_batch, to_dict, to_yaml
 from neuroray.errors import ConfigError
+from neuroray.training.local_ray import start_local_ray
 from neuroray.training.resume import check_same_model, comm_before, resume_auto, resume_step_of, trim_log
 
 @dataclass
@@ -66,11 +67,11 @@ def _connect_ray(cfg: TrainConfig, log) -> bool:
     if address:
         ray.init(address=address)
         log(f"ray: connected to {address}")
+        if cfg.cluster.object_store_dir or cfg.cluster.object_store_prefault or cfg.cluster.object_store_mb:
+            log("ray: cluster.object_store_* apply to a Ray this run starts; a joined cluster's nodes take them "
+                "from `ray start` (docs/hops.md, Transport)")
     else:
-        # Ray kills idle task workers after 1 s once actors fill the CPUs, so every outer step's
-        # reduce task would pay a fresh worker start (~1.5 s of importing torch). Keep them around.
-        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None)
+        start_local_ray(cfg.cluster, num_cpus=cfg.cluster.num_cpus or None)
         log(f"ray: started a local cluster with {ray.cluster_resources().get('CPU', 0):g} CPUs")
     return True
 
