@@ -147,8 +147,11 @@ class RoutedSwarm(StepExecutor):
             faulty = [h for h, _ in answered if (s, h.index) in failed]  # out, as late holders are: f lowered
             answered = [(h, ref) for h, ref in answered if (s, h.index) not in failed | verdict.withheld]
             quorums.append([h.index for h, _ in answered])
+            # a holder benched for a rejected hop is proven faulty too: one of the f its rule tolerates is gone (as
+            # under fixed routing; with f kept, 2 holders left of 3 made trimmed_mean f=1 refuse the range's step)
+            benched = sum(1 for h in self.router.ranges[s] if h.benched)
             theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=quorums[-1],
-                                                  faulty_out=len(faulty))
+                                                  faulty_out=len(faulty) + benched)
             reports.append(report)
             on_time = {id(h) for h, _ in answered}
             late = [h.name for h, _ in items if id(h) not in on_time and h not in faulty]
