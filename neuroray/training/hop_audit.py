@@ -38,6 +38,9 @@ holder's pseudo-gradient left out of the round's outer step (it earns nothing), 
 booked, evidence signed by the validator (neuroray/training/audit.py, the same identity and fee path as the
 Driver spot checks), which the ledger re-verifies before it invalidates the holder's proof and slashes it.
 
+Under swarm routing the same checks run by the router's routes instead of by replica (who sent a holder's inputs
+and who received its outputs), at the outer step: neuroray/training/hop_routes.py.
+
 Trusted here: the re-executing holder's answer (a lying checker could frame S; a second checker on a mismatch
 would close that) and the sender's digest (kept by the sender; a sender that records one thing and sends
 another makes its receiver's record look forged: signing each hop's digest into the payload would close that).
@@ -206,9 +209,9 @@ def data_findings(records: dict, replicas: list[int], assigned, shared: bool = F
     out = []
     for r in replicas:
         rec = records.get((0, r)) or {}
-        start, mbs = (0 if shared else rec.get("position")), sorted(rec.get("received", {}))
+        start, mbs = rec.get("position"), sorted(rec.get("received", {}))
         for j, mb in enumerate(mbs):
-            x, position = rec["received"][mb].get("x"), (mb if shared else None if start is None else start + j)
+            x, position = rec["received"][mb].get("x"), mb if shared else None if start is None else start + j
             if position is None or x is None:
                 continue
             want, _ = assigned(r, position)
