@@ -79,6 +79,9 @@ STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
          "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
+# a hop its receiver rejected: the trainer names the sender, which the step leaves out (under the router: benched,
+# so it has no proof of the round for the ledger to refuse)
+HOP_REJECTED = re.compile(r"^hop rejected: .*\(sent by r(\d+)-s(\d+), inner step (\d+)\)")
 CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed in ([0-9.]+)s")
 RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
 REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): (.*) \(([0-9.]+)s\)$")
@@ -122,6 +125,10 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
         if m:
             caught[f"r{m.group(3)}-s{m.group(2)}"].add(int(m.group(1)))
             how[f"r{m.group(3)}-s{m.group(2)}"].add("named")
+        m = HOP_REJECTED.search(line)
+        if m:
+            caught[f"r{m.group(1)}-s{m.group(2)}"].add((int(m.group(3)) - 1) // cfg.diloco.inner_steps + 1)
+            how[f"r{m.group(1)}-s{m.group(2)}"].add("hop check")
     held = {ids[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in ids}
     slashed = {ids[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
                if n in ids}

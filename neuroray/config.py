@@ -315,8 +315,8 @@ class PonwConfig:
     # nats, relative to max(1, loss) (hop rechecks: relative L2 of a hop); 0 (auto): 0.001 when every holder computes
     # in float32 (precision=fp32, or auto with no GPU holder), else 0.01 (bf16/fp16 autocast; docs/ponw.md)
     spot_check_tolerance: float = 0.0
-    # fixed routing: fraction of each holder's microbatches of a round's first inner step that another holder of
-    # its range re-executes at theta0 from the same inputs; a mismatch is excluded, slashed (docs/ponw.md)
+    # fraction of each holder's microbatches of a round's first inner step that another holder of its range
+    # re-executes at theta0 from the same inputs (router: by route); a mismatch is excluded, slashed (docs/ponw.md)
     hop_recheck_rate: float = 0.1
     # held-out scores -> per-holder reputation -> aggregation weights and rewards (docs/ponw.md); off by default:
     # it reweighs honest replicas by noisy scores, so the outer step is no longer plain DiLoCo's

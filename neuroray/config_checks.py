@@ -194,12 +194,11 @@ def _check_reputation(cfg: TrainConfig) -> None:
 def hop_recheck_off(cfg: TrainConfig) -> str | None:
     """Why the hop rechecks (``ponw.hop_recheck_rate``, neuroray/training/hop_audit.py) do not run here, or None.
     They redo a holder's first inner step of a round at theta0 on another holder of its range, so they need
-    every holder of a range at theta0 when a round starts, hops that cross as they were computed, and a peer."""
+    every holder of a range at theta0 when a round starts, hops that cross as they were computed, and a peer. Under
+    ``swarm.routing=router`` they follow the router's routes (neuroray/training/hop_routes.py)."""
     p, s, dl = cfg.ponw, cfg.swarm, cfg.diloco
     if not p.enabled or p.hop_recheck_rate == 0:
         return "ponw.enabled=false or ponw.hop_recheck_rate=0"
-    if s.routing != "fixed":
-        return "swarm.routing=router (a microbatch's hops are spread over holders the record does not follow)"
     if s.hop_compression != "none":
         return f"swarm.hop_compression={s.hop_compression} (a lossy codec moves every hop past the tolerance)"
     if dl.streaming_fragments > 1 or dl.overlap != "none":

@@ -98,3 +98,16 @@ def test_with_the_outer_step_overlapped_the_tamperer_is_unpaid_and_its_mate_excu
     assert rewards["r0-s0"] > 0 and rewards["r0-s1"] > 0, rewards
     assert rewards["r1-s0"] == 0 and 0 < rewards["r1-s1"] < rewards["r0-s1"], rewards
     assert "r1-s1 excused: a replica-mate was proven faulty" in text
+
+
+@pytest.mark.slow  # a routed run of six holders: over the non-slow budget on the 2-core machine
+def test_a_benched_holder_is_one_of_the_faulty_its_ranges_rule_tolerates(ray_cluster, tmp_path):
+    """A lazy Validator's all-zero gradients are refused and the router benches it; its range's robust rule then
+    runs over the 2 holders left with f lowered by one (as fixed routing does for a rejected hop), instead of
+    refusing the range's step every round (trimmed_mean with f=1 needs 3)."""
+    from neuroray.swarm.attacks_in_holder import misbehaving
+
+    result, text, _ = _run(tmp_path, misbehaving({"r2-s1": ("lazy_zero", 0)}), "swarm.routing=router",
+                           "diloco.replicas=3", "aggregator=robust")
+    assert {(r["sender"], r["check"]) for r in result.hop_rejections} == {("r2-s1", "norm")}, result.hop_rejections
+    assert "theta0 unchanged" not in text, text

@@ -174,7 +174,7 @@ def test_the_ledger_takes_data_evidence_only_against_a_driver(tmp_path):
 
 @pytest.mark.parametrize("overrides, off", [
     ([], None),
-    (["swarm.routing=router"], "router"),
+    (["swarm.routing=router"], None),
     (["swarm.hop_compression=int8"], "hop_compression"),
     (["diloco.replicas=1"], "replicas=1"),
     (["ponw.hop_recheck_rate=0"], "hop_recheck_rate=0"),

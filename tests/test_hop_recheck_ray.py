@@ -77,3 +77,31 @@ def test_a_driver_training_on_another_nodes_data_is_caught_in_round_one(ray_clus
                 (node[n], rnd, st, reason)
     held = {node[n]: v for n, v in db.execute("SELECT node_id, balance + stake FROM accounts") if n in node}
     assert held["r1-s0"] == 0 and all(held[s] > 0 for s in SLOTS if s != "r1-s0"), held
+
+
+@pytest.mark.slow  # a routed 3 x 2 run of 2 rounds: over a minute on the shared 2-core machine
+def test_under_swarm_routing_the_tamperers_are_caught_by_route_and_no_honest_driver_pays(ray_cluster, tmp_path):
+    """The same cheats under the router: their hops reach other replicas' holders, and the router's routes name them;
+    the Drivers whose committed losses crossed them are excused from the spot checks (rate 1), not slashed."""
+    from neuroray.ponw.identity import Identity
+    from neuroray.swarm.attacks_in_holder import misbehaving
+    from neuroray.training.run import run
+
+    lines = []
+    cfg = _cfg(tmp_path, "run", 2, "diloco.replicas=3", "diloco.inner_steps=2", "checkpoint.every_round=false",
+               "swarm.routing=router", "ponw.spot_check_rate=1.0", "ponw.hop_recheck_rate=1.0", "aggregator=robust")
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=misbehaving(CHEATS))
+    text = "\n".join(lines)
+    blamed = sorted({(r["round"], r["sender"]) for r in result.hop_rejections if r["check"] == "recheck"})
+    assert blamed == [(1, "r1-s0"), (1, "r2-s1"), (2, "r1-s0"), (2, "r2-s1")], blamed
+    node = {Identity.load_or_create(tmp_path / "keys" / f"holder-{slot}.pem").node_id: slot for slot in SLOTS}
+    db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
+    for n, rnd, st, reason in db.execute("SELECT node_id, outer_round, status, reason FROM proofs "
+                                         "WHERE proof_type = 'training'"):
+        if n in node:
+            assert (st == "invalidated" and "hop recheck" in reason) if node[n] in CHEATS else st == "credited", \
+                (node[n], rnd, st, reason)
+    slashed = {node[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
+               if n in node}
+    assert slashed <= set(CHEATS), slashed
+    assert "not spot-checked: its committed losses went through a holder" in text  # r1-s0 forwards for the others

@@ -269,11 +269,6 @@ class RangeCompute:
         self.claims.keep(mb_id, lambda: self.pending.__setitem__(mb_id, (inp, out)))
         return self._send(out.detach() if self.amp is None else self._activation_out(out), "fwd")
 
-    def forward_first(self, mb_id: int, attempt: int = 0):
-        x, labels = self.batch_at(mb_id)
-        out = self.forward(mb_id, x, attempt)
-        return (None, None) if out is None else (out, labels)
-
     def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,
                          attempt: int = 0):
         x = self._receive_input(x, mb_id)

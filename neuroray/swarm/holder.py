@@ -73,7 +73,7 @@ class StageHolder:
         self.proving = RoundProving(self.outer.digests)
         self.lifecycle = RangeLifecycle(self.compute, self.outer, self.node_id)
         self.lifecycle.restore_on_start()
-        # swarm.routing=fixed with hop rechecks: this round's first inner step, kept for a peer to redo
+        # with hop rechecks: this round's first inner step, kept for a peer to redo
         self.hops = HopRecord(spec.hop_record)
         # direct hops (swarm.hop_transport=gloo|nccl): the loss of each forward_backward_direct, until take_loss
         self.direct_losses: dict[int, float | BaseException] = {}
@@ -174,7 +174,10 @@ class StageHolder:
 
         Returns (activation, labels); the labels travel to the Validator as their own object.
         """
-        return self.compute.forward_first(mb_id, attempt)
+        x, labels = self.compute.batch_at(mb_id)
+        out = self.compute.forward(mb_id, x, attempt)
+        self.hops.forward(mb_id, x, out)  # the token ids it read: the hop rechecks' data check compares them
+        return (None, None) if out is None else (out, labels)
 
     @_busy
     def forward_backward(self, mb_id: int, x: torch.Tensor | None, labels: torch.Tensor | None, scale: float,

@@ -67,7 +67,8 @@ class HolderSpec(RangeRole):
     hop_check_history: int = 64
     hop_check_warmup: int = 16
     hop_check_factor: float = 100.0
-    # ponw.hop_recheck_rate > 0 under fixed routing: keep the round's first step for a peer to redo (hop_record.py)
+    # hop rechecks on (neuroray/config_checks.py hop_recheck_off): keep the round's first step for a peer to redo
+    # (hop_record.py)
     hop_record: bool = False
     # Driver only: where its Genesis shards live
     data_root: str | None = None

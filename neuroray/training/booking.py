@@ -112,10 +112,14 @@ class ProofBooking:
         for s, r in sorted(result.excused):
             t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} excused: a replica-mate was proven faulty, so its "
                   "work is left out of the outer step but credited, and its proof is not spot-checked")
+        for s, r in sorted(result.spot_excused):
+            t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} not spot-checked: its committed losses went through a "
+                  "holder the hop rechecks proved faulty this round")
         # spot checks of this round start (in a Ray task); earlier rounds' finished ones are filed. An excused
-        # Driver's committed losses went through its faulty mate: not a check of its own work
-        audited = [proof for k, proof in enumerate(proofs)
-                   if proof is not None and (k % stages, k // stages) not in result.excused]
+        # Driver's committed losses went through its faulty mate (or a faulty holder on its routes): not a check
+        # of its own work
+        audited = [proof for k, proof in enumerate(proofs) if proof is not None
+                   and (k % stages, k // stages) not in result.excused | result.spot_excused]
         checks = self.spot_checks.audit(audited, outcomes, t.outer.rounds,
                                         self._accused(result.hop_findings), result.hop_checks)
         return sum(len(proof) for proof, _ in items) + checks  # control plane: counted, not sync

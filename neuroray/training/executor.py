@@ -36,6 +36,9 @@ class RoundResult:
     # replica -> its Driver's data position when the round's first step started, as the coordinator saw it in the
     # hop rechecks' record (before the proof); the receipt carries it, and a proof naming another is refused
     data_positions: dict[int, int] = field(default_factory=dict)
+    # swarm routing: (0, Driver) whose committed first-step losses went through a holder the hop rechecks proved
+    # faulty this round (neuroray/training/hop_routes.py): not a check of its own work, so no spot check this round
+    spot_excused: set[tuple[int, int]] = field(default_factory=set)
 
 
 class StepExecutor(ABC):

@@ -38,6 +38,9 @@ holder's pseudo-gradient left out of the round's outer step (it earns nothing), 
 booked, evidence signed by the validator (neuroray/training/audit.py, the same identity and fee path as the
 Driver spot checks), which the ledger re-verifies before it invalidates the holder's proof and slashes it.
 
+Under swarm routing the same checks run by the router's routes instead of by replica (who sent a holder's inputs
+and who received its outputs), at the outer step: neuroray/training/hop_routes.py.
+
 Trusted here: the re-executing holder's answer (a lying checker could frame S; a second checker on a mismatch
 would close that) and the sender's digest (kept by the sender; a sender that records one thing and sends
 another makes its receiver's record look forged: signing each hop's digest into the payload would close that).
@@ -94,13 +97,43 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / max(float(b.norm()), 1e-30) if diff else 0.0
 
 
-def draw_checks(records: dict, stages: int, replicas: list[int], rate: float, rng) -> list[Draw]:
-    """Each microbatch of each holder's record with probability ``rate``, each redone by a random other replica."""
+@dataclass(frozen=True)
+class Routes:
+    """Swarm routing: who ran each range of each microbatch of a round's first inner step, from the router's own
+    record of the calls that counted (neuroray/training/hop_routes.py), never from the holders' claims.
+    ``fwd[mb][s]``: the holder index of range s whose forward was passed on (the last range: its forward-backward);
+    ``bwd[mb][s]``: the one whose backward of range s counted; None where no call counted."""
+
+    fwd: dict
+    bwd: dict
+
+    def holder(self, mb: int, stage: int, way: str) -> int | None:
+        hops = (self.fwd if way == "fwd" else self.bwd).get(mb)
+        return None if hops is None or not 0 <= stage < len(hops) else hops[stage]
+
+    def owner(self, mb: int, stage: int) -> int | None:
+        """The holder that ran range ``stage`` of ``mb`` both ways (what a re-execution redoes), or None."""
+        f = self.holder(mb, stage, "fwd")
+        return f if f is not None and f == self.holder(mb, stage, "bwd") else None
+
+
+def _peer(route: Routes | None, d: Draw, stage: int, way: str) -> int | None:
+    """The holder of range ``stage`` on ``d``'s microbatch (its ``way`` hop): fixed routing, ``d``'s replica."""
+    return d.replica if route is None else route.holder(d.mb, stage, way)
+
+
+def draw_checks(records: dict, stages: int, replicas: list[int], rate: float, rng,
+                route: Routes | None = None) -> list[Draw]:
+    """Each microbatch of each holder's record with probability ``rate``, each redone by a random other holder of
+    its range. ``route`` (swarm routing): only the microbatches the router saw that holder run both ways."""
     out = []
     for r in replicas:
-        peers = [q for q in replicas if q != r]
         for s in range(stages):
-            for mb in sorted(records[s, r]["sent"]):
+            rec = records.get((s, r))
+            peers = [q for q in replicas if q != r and (s, q) in records]
+            for mb in sorted(rec["sent"]) if rec else ():
+                if route is not None and route.owner(mb, s) != r:
+                    continue
                 if peers and rng.random() < rate:
                     out.append(Draw(s, r, mb, rng.choice(peers)))
     return out
@@ -114,9 +147,10 @@ def _received(records: dict, stage: int, replica: int, mb: int, key: str):
     return records.get((stage, replica), {}).get("received", {}).get(mb, {}).get(key)
 
 
-def inputs_for(records: dict, d: Draw, stages: int) -> tuple[dict | None, Finding | None]:
+def inputs_for(records: dict, d: Draw, stages: int, route: Routes | None = None) -> tuple[dict | None, Finding | None]:
     """What S received for ``d.mb`` (``{"x", "grad", "labels", "scale"}``), each hop matched against its sender's
-    digest; ``(None, finding)`` when S's record is not what its sender sent; ``(None, None)``: a piece is missing."""
+    digest (``route``: the sender the router saw); ``(None, finding)`` when S's record is not what its sender sent;
+    ``(None, None)``: a piece is missing."""
     s, r, mb = d.stage, d.replica, d.mb
     x, last = _received(records, s, r, mb, "x"), s == stages - 1
     got = {"x": x, "grad": _received(records, s, r, mb, "g"), "labels": _received(records, s, r, mb, "labels"),
@@ -126,29 +160,33 @@ def inputs_for(records: dict, d: Draw, stages: int) -> tuple[dict | None, Findin
     for sender, key, what in ((s - 1, "fwd", "x"), (s + 1, "bwd", "grad")):
         if not 0 <= sender < stages:
             continue
-        digest = _sent(records, sender, r, mb, key)
+        who = _peer(route, d, sender, key)
+        digest = None if who is None else _sent(records, sender, who, mb, key)
         if digest is None:
             return None, None
         if tensor_digest(got[what]) != digest:
             return None, Finding(s, r, mb, "record", detail=f"its record of microbatch {mb}'s {key} hop is not what "
-                                                            f"r{r}-s{sender} sent")
+                                                            f"r{who}-s{sender} sent")
     got["scale"] = 1.0 if got["scale"] is None else got["scale"]
     return got, None
 
 
-def judge(records: dict, d: Draw, result: dict, losses: dict, stages: int, tolerance: float) -> Finding | None:
-    """S's outputs for ``d.mb``, as their receivers got them, against the re-execution ``result``; the first
-    failure (a forged receiver record, or S's output outside ``tolerance``) or None."""
+def judge(records: dict, d: Draw, result: dict, losses: dict, stages: int, tolerance: float,
+          route: Routes | None = None) -> Finding | None:
+    """S's outputs for ``d.mb``, as their receivers got them (``route``: the receivers the router saw), against the
+    re-execution ``result``; the first failure (a forged receiver record, or S's output outside ``tolerance``) or
+    None. ``losses``: ``(S's index, mb) -> the loss the driver collected``."""
     s, r, mb = d.stage, d.replica, d.mb
     for receiver, key, got in ((s + 1, "fwd", "x"), (s - 1, "bwd", "g")):
-        if not 0 <= receiver < stages:
+        who = _peer(route, d, receiver, key) if 0 <= receiver < stages else None
+        if who is None:
             continue
-        received, own, redone = _received(records, receiver, r, mb, got), _sent(records, s, r, mb, key), result[key]
+        received, own, redone = _received(records, receiver, who, mb, got), _sent(records, s, r, mb, key), result[key]
         if received is None or own is None or redone is None:
             continue
         if tensor_digest(received) != own:
-            return Finding(receiver, r, mb, "record", detail=f"its record of microbatch {mb}'s {key} hop is not what "
-                                                             f"r{r}-s{s} sent")
+            return Finding(receiver, who, mb, "record", detail=f"its record of microbatch {mb}'s {key} hop is not "
+                                                               f"what r{r}-s{s} sent")
         error = relative_l2(received, redone)
         if not error <= tolerance:
             return Finding(s, r, mb, key, error, own, tensor_digest(redone), d.checker,
@@ -164,27 +202,30 @@ def judge(records: dict, d: Draw, result: dict, losses: dict, stages: int, toler
     return None
 
 
-def data_findings(records: dict, replicas: list[int], assigned) -> list[Finding]:
+def data_findings(records: dict, replicas: list[int], assigned, shared: bool = False) -> list[Finding]:
     """Each Driver whose recorded token ids of a first-step microbatch are not ``assigned(replica, position)`` (the
-    batch at that position of its own shard ring); ``position``: the data position it recorded + j."""
+    batch at that position of its own shard ring); ``position``: the data position it recorded + j. ``shared``
+    (swarm routing): every Driver reads microbatch ``mb`` at position ``mb`` of the one shared ring."""
     out = []
     for r in replicas:
         rec = records.get((0, r)) or {}
         start, mbs = rec.get("position"), sorted(rec.get("received", {}))
         for j, mb in enumerate(mbs):
-            x = rec["received"][mb].get("x")
-            if start is None or x is None:
+            x, position = rec["received"][mb].get("x"), mb if shared else None if start is None else start + j
+            if position is None or x is None:
                 continue
-            want, _ = assigned(r, start + j)
+            want, _ = assigned(r, position)
             if tuple(x.shape) != tuple(want.shape) or not torch.equal(x.long(), want.long()):
+                ring = "the shared ring" if shared else "its own shards"
                 out.append(Finding(0, r, mb, "data", float("inf"), tensor_digest(x), tensor_digest(want), None,
-                                   f"microbatch {mb} was not the batch at position {start + j} of its own shards"))
+                                   f"microbatch {mb} was not the batch at position {position} of {ring}"))
                 break
     return out
 
 
 class HopRechecks:
-    """The fixed executor's side: ask for the records, draw, re-execute on peers, judge before the outer step."""
+    """The fixed executor's side: ask for the records, draw, re-execute on peers, judge before the outer step
+    (swarm routing's: :class:`neuroray.training.hop_routes.RoutedRechecks`)."""
 
     def __init__(self, trainer):
         self.trainer, cfg = trainer, trainer.cfg
@@ -204,6 +245,7 @@ class HopRechecks:
         self.findings: list[Finding] = []
         self.positions: dict[int, int] = {}  # replica -> its Driver's data position at the round's first step
         self.restarted: set[int] = set()  # replicas restarted from theta0 after the round's first step
+        self.route: Routes | None = None  # swarm routing: who ran what (neuroray/training/hop_routes.py)
 
     def first_step_done(self, step: int, losses: dict[int, list[float]]) -> None:
         """Inner step ``step`` (a round's first) was collected on the replicas in ``losses``: ask for their records."""
@@ -232,8 +274,13 @@ class HopRechecks:
         self.positions = {r: self.records[0, r]["position"] for r in replicas
                           if self.records[0, r].get("position") is not None}
         self.findings += data_findings(self.records, replicas, self._assigned)
-        for d in draw_checks(self.records, stages, replicas, self.rate, random.SystemRandom()):
-            inputs, forged = inputs_for(self.records, d, stages)
+        self._reexecute(draw_checks(self.records, stages, replicas, self.rate, random.SystemRandom()))
+
+    def _reexecute(self, draws: list[Draw]) -> None:
+        """Each drawn microbatch's inputs (or a forged record's finding), submitted to its checker."""
+        stages = len(self.trainer.swarm.ranges)
+        for d in draws:
+            inputs, forged = inputs_for(self.records, d, stages, self.route)
             if forged is not None:
                 self.findings.append(forged)
             elif inputs is not None:
@@ -268,7 +315,7 @@ class HopRechecks:
                       f"({type(exc).__name__})")
                 continue
             checked, seconds = checked + 1, seconds + result["seconds"]
-            finding = judge(self.records, d, result, self.losses, stages, self.tolerance)
+            finding = judge(self.records, d, result, self.losses, stages, self.tolerance, self.route)
             if finding is not None:
                 self.findings.append(finding)
         blamed: dict[tuple[int, int], Finding] = {}

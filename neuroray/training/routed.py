@@ -39,6 +39,9 @@ class RoutedSwarm(StepExecutor):
         self.trained: dict[tuple[int, int], list[int]] = {}
         self.trained_before: dict[tuple[int, int], list[int]] = {}  # the same, of the round before (training/replays.py)
         self._failovers_seen = 0
+        from neuroray.training.hop_routes import RoutedRechecks
+
+        self.rechecks = RoutedRechecks(trainer, self.router)  # ponw.hop_recheck_rate: first-step hops redone on peers
 
     def submit(self, step: int) -> None:
         """Nothing to queue: the router drives a step hop by hop from the driver, so it runs in :meth:`collect`."""
@@ -53,6 +56,8 @@ class RoutedSwarm(StepExecutor):
             t.hop_rejected(err, sender.stage, sender.index, step)
         if t.ledger is not None and step % t.cfg.diloco.inner_steps == 0:
             self._commit_theta0_losses(step)
+        if step % t.sync_every == 0:  # every holder was at theta0: keep who ran what, for the hop rechecks
+            self.rechecks.first_step_routed(step)
         return loss
 
     def _note_trained(self, step: int) -> None:
@@ -127,6 +132,11 @@ class RoutedSwarm(StepExecutor):
         c, outer = t.cfg.cluster, t.outer
         rejoined, self.router.rejoined = self.router.rejoined, []  # restarted elsewhere, a holder has a new key
         t.refresh_identities(list({id(h): h.handle for h in rejoined if not h.down}.values()))
+        # the hop rechecks first (behind every holder's last inner step, before its theta0 moves): a holder they
+        # prove faulty is left out of this outer step, and the Drivers whose committed losses went through it
+        # are excused from this round's spot checks
+        verdict = self.rechecks.settle_routed(outer.rounds + 1)
+        failed = {(f.stage, f.replica) for f in verdict.findings}
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()
@@ -134,11 +144,17 @@ class RoutedSwarm(StepExecutor):
         outer.begin_round()
         for s, items in enumerate(asked):
             answered = self._quorum(s, items, t0)
+            faulty = [h for h, _ in answered if (s, h.index) in failed]  # out, as late holders are: f lowered
+            answered = [(h, ref) for h, ref in answered if (s, h.index) not in failed | verdict.withheld]
             quorums.append([h.index for h, _ in answered])
-            theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=quorums[-1])
+            # a holder benched for a rejected hop is proven faulty too: one of the f its rule tolerates is gone (as
+            # under fixed routing; with f kept, 2 holders left of 3 made trimmed_mean f=1 refuse the range's step)
+            benched = sum(1 for h in self.router.ranges[s] if h.benched)
+            theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=quorums[-1],
+                                                  faulty_out=len(faulty) + benched)
             reports.append(report)
             on_time = {id(h) for h, _ in answered}
-            late = [h.name for h, _ in items if id(h) not in on_time]
+            late = [h.name for h, _ in items if id(h) not in on_time and h not in faulty]
             self.quorum_log.append({"round": outer.rounds + 1, "range": s, "answered": len(answered), "late": late})
             if late:
                 t.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
@@ -167,7 +183,8 @@ class RoutedSwarm(StepExecutor):
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
-        return RoundResult(results, comm, unused, batches, observed)
+        return RoundResult(results, comm, unused, batches, observed, verdict.findings, verdict.checked,
+                           spot_excused=verdict.excused)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""
