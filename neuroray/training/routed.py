@@ -6,7 +6,9 @@ therefore have seen different microbatches; each averages the gradient of those 
 
 The outer step waits for ``swarm.outer_quorum`` of each range's live holders, at most
 ``swarm.outer_deadline_s`` beyond the first quorum... then reduces whoever answered. Every live holder,
-late ones included, loads the new theta0 after its own pseudo-gradient, so late holders catch up.
+late ones included, loads the new theta0 after its own pseudo-gradient, so late holders catch up. Before it, the
+hop rechecks (neuroray/training/hop_routes.py) redo a sample of the round's first-step hops by the router's routes;
+a holder they prove faulty, or one benched for a rejected hop, is left out with its range's ``f`` lowered by one.
 """
 
 from __future__ import annotations
