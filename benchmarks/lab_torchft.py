@@ -62,13 +62,13 @@ LIGHTHOUSE_PORT = 29510  # torchft_lighthouse's default; ports are per network n
 
 
 class Wire:
-    """The lab's veth bytes (sum over hosts of (tx + rx) / 2), sampled every ``every_s`` in a thread."""
+    """The lab's veth counters, sampled every ``every_s`` in a thread; bytes = sum over hosts of (tx + rx) / 2."""
 
     def __init__(self, cfg, every_s: float = 0.05):
         from neuroray.lab import counters
 
-        self.read = lambda: sum(c["tx_bytes"] + c["rx_bytes"] for c in counters(cfg).values()) / 2
-        self.samples: list[tuple[float, float]] = []
+        self.read = lambda: counters(cfg)
+        self.samples: list[tuple[float, dict]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, args=(every_s,), daemon=True)
 
@@ -87,15 +87,28 @@ class Wire:
         self.thread.join()
         self.samples.append((time.time(), self.read()))
 
+    @staticmethod
+    def _bytes(c: dict) -> float:
+        return sum(h["tx_bytes"] + h["rx_bytes"] for h in c.values()) / 2
+
     def total(self) -> float:
-        return self.samples[-1][1] - self.samples[0][1]
+        return self._bytes(self.samples[-1][1]) - self._bytes(self.samples[0][1])
+
+    def _window(self, a: float, b: float) -> tuple[dict, dict]:
+        """The last sample at or before ``a`` and the first at or after ``b``: a sync is a burst, so
+        interpolating between samples would miss part of one; this errs by at most a sample's traffic."""
+        start = max((s for s in self.samples if s[0] <= a), default=self.samples[0], key=lambda s: s[0])
+        end = min((s for s in self.samples if s[0] >= b), default=self.samples[-1], key=lambda s: s[0])
+        return start[1], end[1]
 
     def between(self, a: float, b: float) -> float:
-        """Bytes from the last sample at or before ``a`` to the first at or after ``b``: a sync is a burst,
-        so interpolating between samples would miss part of one; this errs by at most a sample's traffic."""
-        start = max((s for s in self.samples if s[0] <= a), default=self.samples[0])
-        end = min((s for s in self.samples if s[0] >= b), default=self.samples[-1])
-        return end[1] - start[1]
+        start, end = self._window(a, b)
+        return self._bytes(end) - self._bytes(start)
+
+    def hosts_between(self, a: float, b: float) -> dict[str, tuple[int, int]]:
+        """Per host, (tx, rx) bytes between ``a`` and ``b``: which links carried the window's traffic."""
+        start, end = self._window(a, b)
+        return {h: (end[h]["tx_bytes"] - start[h]["tx_bytes"], end[h]["rx_bytes"] - start[h]["rx_bytes"]) for h in end}
 
 
 class LabPlace:
@@ -147,7 +160,8 @@ def run_torchft(cfg, ov, args: dict, tmp: Path, rate: str, kill_at: int | None) 
                           deadline_s=900, place=LabPlace(cfg, ov))
     syncs = int(args["rounds"])  # every sync runs inside a step, all of them inside the window
     out.update(arm="torchft", wire=wire.total(), window=wire.between(out["first_step_t"], out["last_step_t"]),
-               window_syncs=syncs, placement=", ".join(f"r{r}: h{r + 1}" for r in range(int(args["m"]))))
+               window_syncs=syncs, window_hosts=wire.hosts_between(out["first_step_t"], out["last_step_t"]),
+               placement=", ".join(f"r{r}: h{r + 1}" for r in range(int(args["m"]))))
     return out
 
 
@@ -174,6 +188,7 @@ def run_neuroray(cfg, ov, args: dict, tmp: Path, rate: str, compression: str, ki
            "tokens": res["tokens"], "inner_step_s": statistics.median(inner), "sync_bytes": res["sync_bytes"],
            "outer_steps": len(res["comm"]), "wire": wire.total(),
            "window": wire.between(min(dones.values()), max(dones.values())), "window_syncs": int(args["rounds"]) - 1,
+           "window_hosts": wire.hosts_between(min(dones.values()), max(dones.values())),
            "placement": ", ".join(f"{s.split('-')[0]}: {ips.get(ip, ip)}" for s, ip in sorted(run.placement.items()))}
     if kill_at is not None:
         kill_t = next(e["t"] for e in run.events if e["kind"] == "kill")
@@ -201,7 +216,7 @@ NOTE = ("{hosts} lab hosts on one 2-CPU machine (docs/lab.md), the setup of benc
         "of (tx + rx) / 2, TCP/IP/Ethernet headers and every control message included; whole run (process start "
         "to exit; neuroray: its actors' start, the final snapshot and evaluation) and per outer step in the "
         "steady window (first inner step's end to the last's, divided by the outer steps inside it: all of "
-        "torchft's, neuroray's minus its last). The lab's idle Ray nodes send {idle:.0f} B/s across the links "
+        "torchft's, neuroray's minus its last); per host, what its link sent and received in that window. The lab's idle Ray nodes send {idle:.0f} B/s across the links "
         "in both arms' counts. Counted: the sync bytes each arm counts itself (neuroray: pseudo-gradients up + "
         "broadcast down, from the payloads; torchft: the tensors handed to `Manager.allreduce`). Recovery "
         "(unshaped only): replica 1 killed mid-round, definitions as in \"Side by side with torchft DiLoCo\". "
@@ -213,7 +228,7 @@ def _write(rows: list[tuple[str, dict, dict]], args: dict, idle: float, cmd: str
     note = NOTE.format(hosts=int(args["m"]) + 1, idle=idle, **args)
     for rate, c, k in rows:
         if "error" in c:
-            cells = [rate, c["arm"], "failed: " + c["error"]] + ["-"] * 8
+            cells = [rate, c["arm"], "failed: " + c["error"]] + ["-"] * 9
         else:
             rec = "-"
             if k and "error" in k:
@@ -226,10 +241,12 @@ def _write(rows: list[tuple[str, dict, dict]], args: dict, idle: float, cmd: str
                      f"{c['wire'] / 2**20:.2f} MiB",
                      f"**{c['window'] / c['window_syncs'] / 2**20:.2f} MiB**",
                      f"{c['sync_bytes'] / max(c['outer_steps'], 1) / 2**20:.2f} MiB",
-                     f"{c['inner_step_s'] * 1e3:.1f} ms", f"{c['wall_s']:.1f}", rec, c["placement"]]
+                     f"{c['inner_step_s'] * 1e3:.1f} ms", f"{c['wall_s']:.1f}", rec, c["placement"],
+                     "; ".join(f"{h} {tx / 2**20:.1f}/{rx / 2**20:.1f}" for h, (tx, rx) in c["window_hosts"].items())]
         append_row(SECTION, ["link", "arm", "eval loss", "tokens", "wire, whole run", "wire per outer step (steady)",
                              "counted sync bytes per outer step", "median inner step", "loop wall s",
-                             "recovery after a replica is killed", "placement", "machine", "command"],
+                             "recovery after a replica is killed", "placement",
+                             "steady window per host, tx/rx MiB", "machine", "command"],
                    cells + [machine(), f"`{cmd}`"], note=note)
 
 
