@@ -19,6 +19,7 @@ from tests.test_lab import _why_no_lab  # noqa: E402
 
 if _why_no_lab():
     pytest.skip(_why_no_lab(), allow_module_level=True)
+pytest.importorskip("torchft", reason="torchft is a peer dev dependency (make venv installs it)")
 
 from benchmarks._lab_run import lab_session  # noqa: E402
 from benchmarks.lab_torchft import run_neuroray, run_torchft  # noqa: E402
