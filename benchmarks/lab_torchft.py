@@ -28,7 +28,11 @@ submitted after the kill completes; torchft: kill -> the first outer step all M 
 restarted torchft process runs on the same host and heals from the live replica over the link).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/lab_torchft.py [rounds=6] [h=20] [m=2] [mb=4] [seq_len=64]
-        [seed=0] [rates=unshaped,100mbit] [compressions=none,int8,sparse] [recovery=1] [write=1]
+        [seed=0] [rates=unshaped,100mbit] [compressions=none,int8,sparse] [bare=sparse] [recovery=1] [write=1]
+
+``bare``: compressions also run with the driver's per-round theta0 reads off (``ponw.replay_check=false``,
+``ponw.spot_check_rate=0``): under sparse Ray runs the outer-step task on a holder's host, and those reads then
+pull a dense theta0 over its link every round (docs/lab.md).
 
 Appends the rows to docs/benchmarks.md ("Side by side with torchft DiLoCo across lab hosts").
 """
@@ -58,6 +62,9 @@ from neuroray.configure import load_config  # noqa: E402
 
 SECTION = "Side by side with torchft DiLoCo across lab hosts"
 SBS_DRIVER = ROOT / "benchmarks" / "_lab_sbs_driver.py"
+# The driver's per-round reads of theta0 (the PoNW replay check and spot checks): where the outer-step task ran on
+# a holder's host (Ray places it by its inputs' locality), each read pulls a dense theta0 over that host's link
+NO_THETA0_READS = ("ponw.replay_check=false", "ponw.spot_check_rate=0")
 LIGHTHOUSE_PORT = 29510  # torchft_lighthouse's default; ports are per network namespace
 
 
@@ -165,13 +172,15 @@ def run_torchft(cfg, ov, args: dict, tmp: Path, rate: str, kill_at: int | None) 
     return out
 
 
-def run_neuroray(cfg, ov, args: dict, tmp: Path, rate: str, compression: str, kill_at: int | None) -> dict:
+def run_neuroray(cfg, ov, args: dict, tmp: Path, rate: str, compression: str, kill_at: int | None,
+                 more: tuple[str, ...] = ()) -> dict:
+    """One neuroray run on the lab (``more``: further overrides, e.g. to switch a feature off and see its bytes)."""
     from neuroray.checkpoint import load_checkpoint
     from neuroray.training.plots import metric_rows
 
-    run_dir = tmp / f"neuroray-{compression}-{rate}{'-kill' if kill_at is not None else ''}"
+    run_dir = tmp / f"neuroray-{compression}{'-bare' if more else ''}-{rate}{'-kill' if kill_at is not None else ''}"
     extra = [f"diloco.compression={compression}", f"cluster.cpus_per_holder={cfg.num_cpus}",
-             "cluster.local_stores=shared"]
+             "cluster.local_stores=shared", *more]
     if kill_at is not None:
         extra.append("checkpoint.every_round=true")
     ovs = overrides(args, str(run_dir), extra)
@@ -220,6 +229,8 @@ NOTE = ("{hosts} lab hosts on one 2-CPU machine (docs/lab.md), the setup of benc
         "in both arms' counts. Counted: the sync bytes each arm counts itself (neuroray: pseudo-gradients up + "
         "broadcast down, from the payloads; torchft: the tensors handed to `Manager.allreduce`). Recovery "
         "(unshaped only): replica 1 killed mid-round, definitions as in \"Side by side with torchft DiLoCo\". "
+        "Arms `no replay/spot checks`: the same with `ponw.replay_check=false ponw.spot_check_rate=0`, the driver's "
+        "per-round reads of theta0, which cross a link when Ray ran the outer-step task on a holder's host. "
         "Step and wall times move with the machine's load (2 CPUs shared with other work); bytes and losses "
         "do not.")
 
@@ -261,7 +272,8 @@ def _attempt(fn, *a) -> dict:
 
 def main(argv: list[str]) -> None:
     args = {"rounds": "6", "h": "20", "m": "2", "mb": "4", "seq_len": "64", "seed": "0",
-            "rates": "unshaped,100mbit", "compressions": "none,int8,sparse", "recovery": "1", "write": "1",
+            "rates": "unshaped,100mbit", "compressions": "none,int8,sparse", "bare": "sparse", "recovery": "1",
+            "write": "1",
             **dict(a.split("=", 1) for a in argv)}
     if int(args["m"]) < 2 or int(args["rounds"]) < 3:
         raise SystemExit("need m >= 2 (replica 1 is the one killed) and rounds >= 3 (the kill is in round 2)")
@@ -283,9 +295,12 @@ def main(argv: list[str]) -> None:
             arms = [("torchft", lambda k: run_torchft(cfg, ov, args, Path(shared), rate, k))]
             arms += [(f"neuroray {c}", lambda k, c=c: run_neuroray(cfg, ov, args, Path(shared), rate, c, k))
                      for c in args["compressions"].split(",") if c]
+            arms += [(f"neuroray {c}, no replay/spot checks",
+                      lambda k, c=c: run_neuroray(cfg, ov, args, Path(shared), rate, c, k, NO_THETA0_READS))
+                     for c in args["bare"].split(",") if c]
             for name, go in arms:
                 clean = _attempt(go, None)
-                clean.setdefault("arm", name.replace(" none", ""))
+                clean["arm"] = name.replace(" none", "")
                 print(f"{rate} {name}: {json.dumps(clean)}", flush=True)
                 kill = {}
                 if recover and name in ("torchft", "neuroray none"):
