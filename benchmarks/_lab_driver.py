@@ -101,13 +101,14 @@ def instrument(emit=_emit, final: dict | None = None) -> set:
     return submitted  # clear it between runs in one process
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], emit=_emit) -> None:
     from neuroray.configure import load_config
     from neuroray.training.run import run
 
-    ray.init()  # RAY_ADDRESS: the lab's head
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS: the lab's head
     final: dict = {}
-    instrument(_emit, final)
+    instrument(emit, final)
 
     def log(msg):
         print(f"LOG {time.time():.3f} {msg}", flush=True)

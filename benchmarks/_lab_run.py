@@ -57,12 +57,14 @@ def lab_session(prefix: str, subnet: str, host_root: str, lab_dir: str, hosts: i
 
 
 class Run:
-    """``python benchmarks/_lab_driver.py OVERRIDES`` on h0, its output read as it comes."""
+    """``python benchmarks/_lab_driver.py OVERRIDES`` on h0 (or ``driver`` with its own arguments first), its
+    output read as it comes."""
 
-    def __init__(self, ov: list[str], overrides: list[str], on_event=None, timeout_s: float = 900):
+    def __init__(self, ov: list[str], overrides: list[str], on_event=None, timeout_s: float = 900,
+                 driver: Path = DRIVER, driver_args: tuple[str, ...] = ()):
         from neuroray.lab import command
 
-        argv, env = command(ov, "h0", [sys.executable, str(DRIVER), *overrides], cwd=str(REPO))
+        argv, env = command(ov, "h0", [sys.executable, str(driver), *driver_args, *overrides], cwd=str(REPO))
         self.events: list[dict] = []
         self.logs: list[tuple[float, str]] = []
         self.result: dict | None = None

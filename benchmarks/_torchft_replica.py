@@ -9,6 +9,11 @@ time (the supervisor reads it to kill mid-round and to time the recovery). The b
 tensors handed to ``Manager.allreduce`` (counted by wrapping it on this instance) and, as a cross-check, this
 process's ``wchar`` (bytes written by write/writev, which Gloo's TCP pairs use) during sync steps.
 
+``host`` (optional, default ``localhost``): the address this replica advertises to its peers (its TCPStore, its
+Manager server, its checkpoint server). benchmarks/lab_torchft.py runs each replica on its own lab host, where
+the machine's hostname, which torchft advertises by default, resolves to 127.0.0.1 in every host: on real
+machines it would name the machine, so the replica names its host's address instead.
+
     python benchmarks/_torchft_replica.py '<json spec>'
 """
 
@@ -42,6 +47,11 @@ def main(spec: dict) -> None:
     from neuroray.genesis import TokenStream, ensure_dataset, load_tokenizer
     from neuroray.model import build_monolith
 
+    host = spec.get("host", "localhost")
+    if host != "localhost":
+        import socket
+
+        socket.gethostname = lambda: host  # what torchft's checkpoint server puts in the address it hands out
     torch.set_num_threads(1)  # as a neuroray holder with cpus_per_holder < 1
     cfg = load_config(spec["overrides"])
     root, manifest = ensure_dataset(cfg.data, log=lambda *a, **k: None)
@@ -60,13 +70,14 @@ def main(spec: dict) -> None:
         model.load_state_dict(state["model"])
         inner.load_state_dict(state["inner_optim"])
 
-    store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
     timeout = timedelta(seconds=spec["timeout_s"])
     manager = Manager(pg=ProcessGroupGloo(timeout=timeout), load_state_dict=load_state_dict, state_dict=state_dict,
                       # init_sync=False: every replica builds the same weights from the seed (torchft's docs)
                       min_replica_size=spec["min_replicas"], use_async_quorum=False, init_sync=False, timeout=timeout,
-                      quorum_timeout=timeout, connect_timeout=timeout, rank=0, world_size=1, store_addr="localhost",
-                      store_port=store.port, lighthouse_addr=spec["lighthouse"], replica_id=f"r{spec['replica']}")
+                      quorum_timeout=timeout, connect_timeout=timeout, rank=0, world_size=1, store_addr=host,
+                      store_port=store.port, lighthouse_addr=spec["lighthouse"], replica_id=f"r{spec['replica']}",
+                      hostname=host)
     progress = open(spec["progress"], "a", buffering=1)
 
     def emit(**row):

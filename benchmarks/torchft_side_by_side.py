@@ -53,6 +53,8 @@ from neuroray.configure import load_config  # noqa: E402
 
 SECTION = "Side by side with torchft DiLoCo"
 REPLICA = Path(__file__).resolve().parent / "_torchft_replica.py"
+# the data store's default, spelled out: a process on a lab host (benchmarks/lab_torchft.py) has a HOME of its own
+DATA_STORE = str(Path("~/.cache/neuroray/genesis").expanduser())
 
 
 def overrides(args: dict, run_dir: str, extra=()) -> list[str]:
@@ -62,6 +64,7 @@ def overrides(args: dict, run_dir: str, extra=()) -> list[str]:
             f"diloco.inner_steps={args['h']}",
             f"rounds={args['rounds']}", "swarm.num_stages=1", f"data.seq_len={args['seq_len']}",
             f"data.microbatch_size={args['mb']}", "data.num_microbatches=1", "cluster.cpus_per_holder=0.5",
+            f"data.store={DATA_STORE}",
             "checkpoint.interval_s=0", f"run_dir={run_dir}", "sample_tokens=1", "log_every=1",
             "progress_bar=false", *extra]
 
@@ -108,24 +111,40 @@ def _rows(progress: Path) -> list[dict]:
         if progress.exists() else []
 
 
-def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float) -> dict:
+class OnePlace:
+    """Where the torchft arm's processes run: here, the Lighthouse in this process and the replicas beside it.
+    benchmarks/lab_torchft.py puts them on lab hosts instead."""
+
+    def lighthouse(self):
+        """Start it; returns (its address, a function that stops it)."""
+        server = start_lighthouse()
+        return server.address(), server.shutdown
+
+    def replica(self, r: int, argv: list[str], env: dict) -> tuple[list[str], dict, str]:
+        """(argv, env) that start replica ``r``, and the address it advertises to its peers."""
+        return argv, env, "localhost"
+
+
+def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float, place=None) -> dict:
     """M replica processes under one Lighthouse; with ``kill_at``, replica 1 is SIGKILLed after its local step
-    ``kill_at`` and started again at once."""
-    lighthouse = start_lighthouse()
+    ``kill_at`` and started again at once (where ``place`` starts it)."""
+    place = place or OnePlace()
     tmp.mkdir(parents=True, exist_ok=True)
+    lighthouse, stop_lighthouse = place.lighthouse()
     progress = tmp / "progress.jsonl"
     ids = node_ids(load_config(overrides(args, str(tmp))))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def spawn(r: int, incarnation: int) -> subprocess.Popen:
         spec = {"replica": r, "node_id": ids[r], "overrides": overrides(args, str(tmp)),
-                "lighthouse": lighthouse.address(),
+                "lighthouse": lighthouse,
                 "rounds": int(args["rounds"]), "min_replicas": 1, "timeout_s": 120, "progress": str(progress),
                 "barrier": 0 if incarnation else int(args["m"]),
                 "result": str(tmp / f"result-{r}-{incarnation}.json"),
                 "save": str(tmp / "final.pt") if r == 0 else ""}
-        return subprocess.Popen([sys.executable, str(REPLICA), json.dumps(spec)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp / f"replica-{r}-{incarnation}.log", "w"))
+        argv, run_env, spec["host"] = place.replica(r, [sys.executable, str(REPLICA)], env)
+        return subprocess.Popen(argv + [json.dumps(spec)], env=run_env, cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                                stderr=open(tmp / f"replica-{r}-{incarnation}.log", "w"))
 
     t0 = time.time()
     procs = {r: spawn(r, 0) for r in range(int(args["m"]))}
@@ -150,7 +169,7 @@ def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float) -
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-        lighthouse.shutdown()
+        stop_lighthouse()
     wall = time.time() - t0
     results = [json.loads(f.read_text()) for f in sorted(tmp.glob("result-*.json"))]
     rows = _rows(progress)
@@ -159,6 +178,8 @@ def torchft_arm(args: dict, tmp: Path, kill_at: int | None, deadline_s: float) -
            "sync_bytes": sum(r["allreduce_bytes"] for r in results),
            "sync_wchar": sum(r["sync_wchar"] for r in results),
            "outer_steps": max(r["outer_steps"] for r in results)}
+    steps = [r["t"] for r in rows if r["kind"] in ("inner", "sync")]
+    out["first_step_t"], out["last_step_t"] = min(steps), max(steps)  # the ends of the first and last steps
     if killed:
         t = killed["t"]
         back = min(r["t"] for r in rows if r["pid"] == killed["new_pid"] and r["kind"] in ("inner", "sync"))
