@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         raise ConfigError(f"resume=true: the run already trained {resume_step} steps and rounds={cfg.rounds} "
                           f"asks for {cfg.rounds * cfg.diloco.inner_steps}; raise rounds to train on")
     started_ray = _connect_ray(cfg, log)
-    swarm = trainer = stores = None
+    swarm = trainer = stores = outer = None
     try:
         from neuroray.hoststore.share import share_stores  # several nodes: the driver's node serves local paths
         stores = share_stores(cfg.cluster, str(root), root, snapshot_root, log)
@@ -230,6 +230,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     finally:
         if trainer is not None:  # its ledger actor too, even when training failed
             trainer.close()
+        if outer is not None:  # the ranges' outer-step actors
+            outer.close()
         if swarm is not None:
             swarm.shutdown()
         if stores is not None:
