@@ -201,7 +201,7 @@ def test_outer_step_actor_is_reused_restarted_and_replaced(ray_cluster):
     script = [[torch.randn(40, generator=g) * 0.1 for _ in range(rounds)] for _ in range(n)]
     holders = _scripted_holders(ray, [theta0], [script])
     agg, dl = AggregatorConfig("centered_clip"), DilocoConfig()
-    sync = OuterSync(holders, dl, agg, seed=3)
+    sync = OuterSync(holders, dl, agg, seed=3, node_id=ray.get_runtime_context().get_node_id())  # pinned there
     expected = [theta0, None, OuterMemory()]
 
     def one_round(r):

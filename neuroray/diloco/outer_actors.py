@@ -8,12 +8,13 @@ actor, so only the first round pays for its start, and that start overlaps the f
 (the actors start with :class:`~neuroray.diloco.sync.OuterSync`). One actor per range keeps the ranges'
 steps in parallel, as one task per range did.
 
-Why on the driver's node (as the ledger actor): the outer state (theta0, momentum, memory) is owned by the
-driver and each step's results are stored where the step ran. On the driver's node that state fails only
-with the driver, which the run cannot outlive anyway; beside a range's first holder it would be lost with
-that holder's host, the very failure the holders' snapshots and recovery are there to survive. The traffic
-is the task's: a fresh task went to the driver's node too (Ray schedules a task locally when it fits, and a
-``num_cpus=0`` task always fits).
+Where: on the node a plan keeps free for the outer step (model=auto: the best-connected node, whose CPUs
+and host memory the planner reserves for it, neuroray/planner/assign.py), else on the driver's node (as the
+ledger actor). The outer state (theta0, momentum, memory) is owned by the driver and each step's results are
+stored where the step ran: on the driver's node that state fails only with the driver, which the run cannot
+outlive anyway. Beside a range's first holder it would be lost with that holder's host, the very failure
+the holders' snapshots and recovery are there to survive. Without a plan the traffic is the task's: a fresh
+task went to the driver's node too (Ray runs a task locally when it fits, and a ``num_cpus=0`` task fits).
 
 When one dies: Ray restarts its process (``max_restarts=-1``) and re-runs the call it was in, as often as
 Ray retries a task whose worker died; the step is a pure function of its arguments, so the re-run returns
@@ -34,15 +35,24 @@ log = logging.getLogger(__name__)
 _RETRIES = 3
 
 
+def _live_node(node_id: str) -> str:
+    """``node_id`` when it names a live Ray node, else the driver's (a node a plan named may have left)."""
+    if node_id and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        return node_id
+    if node_id:
+        log.warning("outer-step actors: node %s is not a live Ray node; they run on the driver's", node_id[:12])
+    return ray.get_runtime_context().get_node_id()
+
+
 class RangeActors:
     """The outer-step actors of every layer range: ``for_range(s)`` is range ``s``'s (started when a range
     is first asked for, and again when the last one died); ``called(s, report)`` records the report ref of
     its latest call, by which a dead one is recognised; ``close()`` kills them all."""
 
-    def __init__(self, cls, ranges: int):
+    def __init__(self, cls, ranges: int, node_id: str = ""):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        here = NodeAffinitySchedulingStrategy(_live_node(node_id), soft=False)
         # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
         self._remote = ray.remote(cls).options(num_cpus=0, max_restarts=-1, max_task_retries=_RETRIES,
                                                scheduling_strategy=here)
@@ -74,7 +84,7 @@ class RangeActors:
         try:
             ray.get(ref, timeout=0)  # a report: a few hundred bytes
         except ray.exceptions.ActorDiedError as exc:
-            return exc.actor_id == self.actors[s]._actor_id.hex()
+            return getattr(exc, "actor_id", None) == self.actors[s]._actor_id.hex()
         except Exception:  # noqa: BLE001 - the step's own failure (or a holder's), for the trainer to handle
             return False
         return False

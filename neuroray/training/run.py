@@ -67,8 +67,9 @@ def _connect_ray(cfg: TrainConfig, log) -> bool:
         ray.init(address=address)
         log(f"ray: connected to {address}")
     else:
-        # Ray kills idle task workers after 1 s once actors fill the CPUs, so every outer step's
-        # reduce task would pay a fresh worker start (~1.5 s of importing torch). Keep them around.
+        # Ray kills idle task workers after 1 s once actors fill the CPUs, so a task run once a round
+        # (the outer step with diloco.outer_step_in=task) would pay a fresh worker start (~1.5 s of
+        # importing torch) every time. Keep them around.
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None)
         log(f"ray: started a local cluster with {ray.cluster_resources().get('CPU', 0):g} CPUs")
@@ -156,7 +157,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         swarm = Swarm(cfg, vocab, DataPlan(stores.data_url, manifest.to_json()), log=log,
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
-        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed,
+                          node_id=plan.outer.node_id if plan is not None else "")  # the node the plan keeps free
         executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
         held_out = held_out_batches(root, manifest, d.seq_len, d.microbatch_size, cfg.eval.batches)
         if not held_out:
