@@ -106,6 +106,16 @@ def test_refused_outer_step_leaves_theta0_unchanged():
     assert report.refused and "NaN" in report.refused and "shape" in report.refused
 
 
+def test_config_knows_where_the_outer_step_runs():
+    from neuroray.configure import load_config
+    from neuroray.errors import ConfigError
+
+    assert load_config([]).diloco.outer_step_in == "actor"
+    assert load_config(["diloco.outer_step_in=task"]).diloco.outer_step_in == "task"
+    with pytest.raises(ConfigError, match="diloco.outer_step_in=thread is unknown; choose actor or task"):
+        load_config(["diloco.outer_step_in=thread"])
+
+
 def _scripted_holders(ray, theta0: list, script: list) -> list:
     """Per range, actors with just the DiLoCo surface of a stage holder: a scripted pseudo-gradient per round."""
 
