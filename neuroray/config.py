@@ -115,6 +115,10 @@ class DilocoConfig:
     # the outer optimizer, corrected to the aggregate when it lands)
     overlap: str = "none"
     overlap_steps: int = 1  # delayed/eager: inner steps after a round's end at which its outer step lands
+    # Where each layer range's outer step runs: actor (one long-lived actor per range on the driver's node,
+    # neuroray/diloco/outer_actors.py) | task (a fresh Ray task each round, which may wait for a new worker
+    # to start and import torch; kept to measure that: benchmarks/outer_step_idle.py). Same values either way
+    outer_step_in: str = "actor"
 
 
 @dataclass

@@ -157,6 +157,8 @@ def validate(cfg: TrainConfig) -> None:
                               cfg.aggregator.name, cfg.model.name)
     if problem:
         raise ConfigError(problem)
+    if dl.outer_step_in not in ("actor", "task"):
+        raise ConfigError(f"diloco.outer_step_in={dl.outer_step_in} is unknown; choose actor or task")
     if dl.lr_schedule not in ("constant", "cosine"):  # lr.SCHEDULES
         raise ConfigError(f"diloco.lr_schedule={dl.lr_schedule} is unknown; choose constant or cosine")
     if not 0 <= dl.warmup_steps < cfg.rounds * dl.inner_steps:

@@ -106,17 +106,20 @@ def test_refused_outer_step_leaves_theta0_unchanged():
     assert report.refused and "NaN" in report.refused and "shape" in report.refused
 
 
-@pytest.mark.ray
-def test_outer_sync_ray_tasks_match_the_function_per_range(ray_cluster):
-    """Two ranges x 3 holders on Ray, trimmed mean f=1 under a stale-replay attack then a NaN attack: every
-    range's task returns what outer_step computes in-process, Byzantine and rejected holders are named,
-    and a refused step leaves theta0 and momentum untouched."""
-    from neuroray.config import AggregatorConfig, AttackConfig
-    from neuroray.diloco.sync import OuterMemory, OuterSync
+def test_config_knows_where_the_outer_step_runs():
+    from neuroray.configure import load_config
+    from neuroray.errors import ConfigError
+
+    assert load_config([]).diloco.outer_step_in == "actor"
+    assert load_config(["diloco.outer_step_in=task"]).diloco.outer_step_in == "task"
+    with pytest.raises(ConfigError, match="diloco.outer_step_in=thread is unknown; choose actor or task"):
+        load_config(["diloco.outer_step_in=thread"])
+
+
+def _scripted_holders(ray, theta0: list, script: list) -> list:
+    """Per range, actors with just the DiLoCo surface of a stage holder: a scripted pseudo-gradient per round."""
 
     class FakeHolder:  # local, so Ray ships it by value and its workers need not import this test module
-        """Just the DiLoCo surface of a stage holder: a scripted pseudo-gradient per round (cycling)."""
-
         def __init__(self, theta0, deltas):
             self.theta, self.deltas, self.round = theta0.clone(), deltas, 0
 
@@ -129,14 +132,27 @@ def test_outer_sync_ray_tasks_match_the_function_per_range(ray_cluster):
         def load_theta0(self, theta0):
             self.theta, self.round = theta0.clone(), self.round + 1
 
+    return [[ray.remote(num_cpus=0)(FakeHolder).remote(t, deltas) for deltas in per_holder]
+            for t, per_holder in zip(theta0, script)]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("where", ["actor", pytest.param("task", marks=pytest.mark.slow)])
+def test_outer_sync_ray_tasks_match_the_function_per_range(ray_cluster, where):
+    """Two ranges x 3 holders on Ray, trimmed mean f=1 under a stale-replay attack then a NaN attack: every
+    range's step (in its long-lived actor, or a fresh task each round) returns what outer_step computes
+    in-process, bit for bit, Byzantine and rejected holders are named, and a refused step leaves theta0 and
+    momentum untouched."""
+    from neuroray.config import AggregatorConfig, AttackConfig
+    from neuroray.diloco.sync import OuterMemory, OuterSync
+
     ray = ray_cluster
     g = torch.Generator().manual_seed(0)
     sizes, n, rounds = [30, 17], 3, 2
     theta0 = [torch.randn(d, generator=g) for d in sizes]
     script = [[[torch.randn(d, generator=g) * 0.1 for _ in range(rounds)] for _ in range(n)] for d in sizes]
-    holders = [[ray.remote(num_cpus=0)(FakeHolder).remote(theta0[s], script[s][i]) for i in range(n)]
-               for s in range(len(sizes))]
-    agg, dl = AggregatorConfig("trimmed_mean", f=1), DilocoConfig()
+    holders = _scripted_holders(ray, theta0, script)
+    agg, dl = AggregatorConfig("trimmed_mean", f=1), DilocoConfig(outer_step_in=where)
     attack = AttackConfig("stale", fraction=0.34)
     sync = OuterSync(holders, dl, agg, attack, seed=7)
     expected = [(theta0[s], None, OuterMemory()) for s in range(len(sizes))]
@@ -162,3 +178,71 @@ def test_outer_sync_ray_tasks_match_the_function_per_range(ray_cluster):
         assert report.refused and [i for i, _ in report.rejected] == [0, 1]
         assert torch.equal(ray.get(sync.theta0[s]), before[s])
     ray.get(loads)
+    sync.close()
+
+
+def _step_workers(ray, actor_ids: list[str], calls: int) -> list[str]:
+    """The worker that ran each OuterStepActor.step call of these actors, in order (Ray's timeline; its task
+    events arrive about once a second, so it is read until every call is in)."""
+    import time
+
+    while True:
+        events = sorted((e for e in ray.timeline() if e.get("cat") == "task::OuterStepActor.step"
+                         and e["args"]["task_id"][-32:] in actor_ids), key=lambda e: e["ts"])
+        if len(events) >= calls:
+            return [e["tid"] for e in events]
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_outer_step_actor_is_reused_restarted_and_replaced(ray_cluster):
+    """One range's outer steps run in one actor process round after round. Its process killed, Ray restarts it
+    (a new worker); the actor killed for good, the round that finds it dead fails, is rolled back as the
+    trainer does, and the redo runs in a new actor. Every round's theta0 and momentum are the in-process
+    step's, bit for bit: centered clipping's centre (the step's memory) crosses each change of process."""
+    from neuroray.config import AggregatorConfig
+    from neuroray.diloco.sync import OuterMemory, OuterSync
+
+    ray = ray_cluster
+    g = torch.Generator().manual_seed(1)
+    n, rounds = 2, 5
+    theta0 = torch.randn(40, generator=g)
+    script = [[torch.randn(40, generator=g) * 0.1 for _ in range(rounds)] for _ in range(n)]
+    holders = _scripted_holders(ray, [theta0], [script])
+    agg, dl = AggregatorConfig("centered_clip"), DilocoConfig()
+    sync = OuterSync(holders, dl, agg, seed=3, node_id=ray.get_runtime_context().get_node_id())  # pinned there
+    expected = [theta0, None, OuterMemory()]
+
+    def one_round(r):
+        reports, loads = sync.submit()
+        ray.get(reports + loads)
+        t, m, _, mem = outer_step(agg, dl, 0, *expected[:2], *[script[i][r] for i in range(n)], memory=expected[2],
+                                  round_index=r, seed=3)
+        expected[:] = [t, m, mem]
+        assert torch.equal(ray.get(sync.theta0[0]), t) and torch.equal(ray.get(sync.momentum[0]), m)
+
+    first = sync.actors.for_range(0)
+    ids = [first._actor_id.hex()]
+    one_round(0)
+    one_round(1)
+    _step_workers(ray, ids, 2)  # a killed process takes the task events it has not sent yet with it
+    ray.kill(first, no_restart=False)  # its process dies; Ray starts it again
+    one_round(2)
+    assert sync.actors.for_range(0) is first and sync.actors.replaced == 0
+    _step_workers(ray, ids, 3)
+    ray.kill(first)  # for good
+    saved = (list(sync.theta0), list(sync.momentum), list(sync.memory))
+    reports, loads = sync.submit()
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(reports)
+    sync.theta0, sync.momentum, sync.memory = map(list, saved)
+    sync.rounds -= 1
+    one_round(3)
+    second = sync.actors.for_range(0)
+    assert second is not first and sync.actors.replaced == 1
+    one_round(4)
+    assert sync.actors.for_range(0) is second
+    workers = _step_workers(ray, ids + [second._actor_id.hex()], 5)
+    assert workers[0] == workers[1] and len(set(workers)) == 3 and workers[3] == workers[4], workers
+    sync.close()

@@ -1,8 +1,9 @@
-"""The outer step as Ray tasks: one task per layer range, all ranges in parallel.
+"""The outer step on Ray: one long-lived actor per layer range (a fresh task each round, with
+``diloco.outer_step_in=task``), all ranges in parallel.
 
 theta0, the outer momentum and the aggregation memory of every range live in Ray's object store,
 owned by the training driver (:class:`OuterSync`). Each round, every holder of a range puts its
-pseudo-gradient ``theta0 - theta`` in the object store; the range's task receives them as object refs,
+pseudo-gradient ``theta0 - theta`` in the object store; the range's step receives them as object refs,
 lets the simulated Byzantine holders (``attack=...``) replace theirs, screens and aggregates them with
 the configured rule, applies the outer optimizer to **theta0** and returns the new theta0 and
 momentum. Every holder of the range then loads the new theta0, so all of them restart identical.
@@ -10,9 +11,9 @@ momentum. Every holder of the range then loads the new theta0, so all of them re
 A refused step (too few acceptable contributions for the rule to tolerate ``aggregator.f``) returns
 theta0 and the momentum unchanged; the report names every rejected holder and why.
 
-With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the task
+With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the step
 checks and decodes each before anything else, so a malformed one is rejected and named like a NaN one.
-The task then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
+It then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
 counts the serialized bytes of everything that crossed (docs/diloco.md).
 """
 
@@ -307,18 +308,19 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
     return new_theta0, momentum, report, memory.merged(memory_part, lo, hi, theta0.numel()), update
 
 
-# num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
-@ray.remote(num_cpus=0, num_returns=5)
-def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
-                    part=None, weights=None, refused=None):
-    # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the task
+def run_outer_step(aggregator, attack, diloco, range_index, round_index, seed, theta0, momentum, memory_box, *deltas,
+                   part=None, weights=None, refused=None):
+    """One range's outer step as :class:`OuterSync` submits it, in whatever Ray process runs it (the range's
+    :class:`OuterStepActor`, or a fresh :func:`outer_step_task`). Returns ``(theta0, momentum, report, memory,
+    update)``; a pure function of its arguments, so a call Ray re-runs after a crash returns the same values."""
+    # The memory comes boxed in a list so that Ray does not resolve it: if it cannot be had (the call
     # that produced it failed, or the object was lost), the rule simply starts its memory afresh instead
     # of failing this round too. The trainer rolls it back with theta0 when it redoes a failed round.
     memory = OuterMemory()
     if memory_box[0] is not None:
         try:
             memory = ray.get(memory_box[0])
-        except Exception as exc:  # noqa: BLE001 - any failure of the producing task
+        except Exception as exc:  # noqa: BLE001 - any failure of the producing call
             log.warning("range %d: outer-step memory lost (%s); starting it afresh", range_index, type(exc).__name__)
     update = None
     if part is not None:  # streaming: one fragment of the range, always sent as an update
@@ -347,6 +349,25 @@ def outer_step_task(aggregator, attack, diloco, range_index, round_index, seed, 
     return new_theta0, new_momentum, report, memory, update
 
 
+# num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
+@ray.remote(num_cpus=0, num_returns=5)
+def outer_step_task(*args, **kwargs):
+    """diloco.outer_step_in=task: a fresh Ray task per range each round. Ray may start a new worker for it
+    (importing torch: 1-2 s before the step can begin, docs/lab.md); kept to measure that difference."""
+    return run_outer_step(*args, **kwargs)
+
+
+class OuterStepActor:
+    """diloco.outer_step_in=actor: one long-lived process per layer range (neuroray/diloco/outer_actors.py
+    starts, places and replaces it) that runs every round's outer step of its range. It keeps no state of
+    its own: the outer state stays in the object store, owned by :class:`OuterSync`, so the values are the
+    task's, bit for bit."""
+
+    @ray.method(num_returns=5)
+    def step(self, *args, **kwargs):
+        return run_outer_step(*args, **kwargs)
+
+
 @dataclass
 class ReducedInputs:
     """What one range's outer step was given (object refs): enough to replay what its rule saw."""
@@ -366,7 +387,8 @@ class OuterSync:
     """
 
     def __init__(self, holders_by_range: list[list], diloco: DilocoConfig, aggregator: AggregatorConfig | str,
-                 attack: AttackConfig | None = None, seed: int = 0):
+                 attack: AttackConfig | None = None, seed: int = 0, node_id: str = ""):
+        """``node_id``: the Ray node to run the outer-step actors on ("": the driver's; neuroray/diloco/outer_actors.py)."""
         self.holders_by_range, self.diloco = holders_by_range, diloco
         self.aggregator = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
         self.attack, self.seed = attack or AttackConfig(), seed
@@ -387,6 +409,12 @@ class OuterSync:
         # reason} of the ones to refuse before the rule sees them (replayed updates: training/replays.py), or None
         self.vet = None
         self.round_theta0: list = list(self.theta0)  # every range's theta0 as the round in flight started
+        # diloco.outer_step_in=actor: each range's steps run in one long-lived actor (None: a task each round)
+        self.actors = None
+        if diloco.outer_step_in == "actor":
+            from neuroray.diloco.outer_actors import RangeActors
+
+            self.actors = RangeActors(OuterStepActor, len(holders_by_range), node_id)
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""
@@ -443,10 +471,13 @@ class OuterSync:
             rule = dataclasses.replace(rule, f=max(rule.f - faulty_out, 0))
         refused = (self.vet(s, who, list(deltas), self.round_theta0) if self.vet is not None and part is None
                    else None)
-        theta0, momentum, report, memory, update = outer_step_task.remote(
+        step = outer_step_task if self.actors is None else self.actors.for_range(s).step
+        theta0, momentum, report, memory, update = step.remote(
             rule, self.attack, self.diloco, s, self.rounds, self.seed,
             self.theta0[s], self.momentum[s], [self.memory[s]], *deltas, part=part, weights=weights,
             refused=refused or None)
+        if self.actors is not None:
+            self.actors.called(s, report)
         self.theta0[s], self.momentum[s], self.memory[s] = theta0, momentum, memory
         self._round.append({"dense": self._dense, "acks": []})
         return theta0, report, update
@@ -467,6 +498,11 @@ class OuterSync:
         if counted:
             self._round[s]["acks"].append(ack)
         return ack
+
+    def close(self) -> None:
+        """Kill the ranges' outer-step actors (the outer state stays in the object store while referenced)."""
+        if self.actors is not None:
+            self.actors.close()
 
     @property
     def _dense(self) -> bool:

@@ -37,8 +37,9 @@ def start_local_ray(cluster: ClusterConfig, **init_kwargs) -> None:
     """``ray.init`` a local cluster with the object store as configured; the prefault is read by the raylet at start."""
     import ray
 
-    # Ray kills idle task workers after 1 s once actors fill the CPUs, so every outer step's
-    # reduce task would pay a fresh worker start (~1.5 s of importing torch). Keep them around.
+    # Ray kills idle task workers after 1 s once actors fill the CPUs, so a task run once a round
+    # (the outer step with diloco.outer_step_in=task) would pay a fresh worker start (~1.5 s of
+    # importing torch) every time. Keep them around.
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
     if cluster.object_store_prefault:
         os.environ[PREFAULT_ENV] = "1"

@@ -139,7 +139,7 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         raise ConfigError(f"resume=true: the run already trained {resume_step} steps and rounds={cfg.rounds} "
                           f"asks for {cfg.rounds * cfg.diloco.inner_steps}; raise rounds to train on")
     started_ray = _connect_ray(cfg, log)
-    swarm = trainer = stores = None
+    swarm = trainer = stores = outer = None
     try:
         from neuroray.hoststore.share import share_stores  # several nodes: the driver's node serves local paths
         stores = share_stores(cfg.cluster, str(root), root, snapshot_root, log)
@@ -157,7 +157,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
         swarm = Swarm(cfg, vocab, DataPlan(stores.data_url, manifest.to_json()), log=log,
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
-        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed)
+        outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed,
+                          node_id=plan.outer.node_id if plan is not None else "")  # the node the plan keeps free
         executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
         held_out = held_out_batches(root, manifest, d.seq_len, d.microbatch_size, cfg.eval.batches)
         if not held_out:
@@ -231,6 +232,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
     finally:
         if trainer is not None:  # its ledger actor too, even when training failed
             trainer.close()
+        if outer is not None:  # the ranges' outer-step actors
+            outer.close()
         if swarm is not None:
             swarm.shutdown()
         if stores is not None:
