@@ -11,11 +11,15 @@ it sends back:
   SVD), both factors sent as int8 with one float32 scale per rank component. r is the largest rank whose
   payload is at least ``ratio`` times smaller than float32, so the ratio holds at any shape. It was picked
   over ternary, 1-bit and top-k codes by its gradient error and loss on the tiny model (docs/hops.md).
+* ``lowrank_mixed``: the same SVD at the same ``ratio``, the leading components' factors in int8 and the next
+  ones' in int4 (about twice as many for the bytes), the split picked per hop for the smallest estimated error:
+  mostly int4 while the activations are close to full rank (early training), mostly int8 once they are low rank.
 
 A compressed payload is a :class:`HopPayload`: the scheme, the shape, the label of the holder that sent it
 and one ``bytes`` body, never float32 tensors. :func:`decode` checks the body before it decodes anything (its
-length for the shape, finite scales, a rank in range) and raises :class:`~neuroray.errors.HopPayloadError`
-naming the sender, so a receiving holder never applies a malformed payload.
+length for the shape, finite scales, ranks in range, int4 values in [-7, 7]) and raises
+:class:`~neuroray.errors.HopPayloadError` naming the sender, so a receiving holder never applies a malformed
+payload.
 """
 
 from __future__ import annotations
