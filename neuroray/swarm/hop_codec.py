@@ -237,6 +237,11 @@ def _unpack4(body: bytes, offset: int, r: int, length: int) -> torch.Tensor:
     return u.to(torch.float32) - 8
 
 
+def _prefix_sums(v: torch.Tensor) -> torch.Tensor:
+    """``[0, v0, v0 + v1, ...]``: entry k is the sum of the first k values."""
+    return torch.cat([v.new_zeros(1), v.cumsum(0)])
+
+
 def _encode_mixed(x: torch.Tensor, shape: tuple[int, ...], sender: str, ratio: float) -> HopPayload:
     rows, cols = _matrix_shape(shape)
     m = x.reshape(rows, cols)
@@ -253,9 +258,7 @@ def _encode_mixed(x: torch.Tensor, shape: tuple[int, ...], sender: str, ratio: f
         qa, sa = _quant_rows(left, levels)
         qb, sb = _quant_rows(right, levels)
         err[bits] = s * (((qa * sa[:, None] - left) ** 2).sum(1) + ((qb * sb[:, None] - right) ** 2).sum(1))
-    def cum(v):
-        return torch.cat([v.new_zeros(1), v.cumsum(0)])
-
+    cum = _prefix_sums
     # every split at once: the energy not kept + the int8 part's error + the int4 part's error
     r8 = torch.arange(0, min(top, budget // c8) + 1, device=s.device)
     r4 = torch.minimum(top - r8, (budget - r8 * c8) // c4)
