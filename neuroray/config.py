@@ -17,7 +17,7 @@ from neuroray.errors import ConfigError
 
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
-HOP_COMPRESSIONS = ("none", "int8", "lowrank")  # swarm.hop_compression's values (neuroray/swarm/hop_codec.py)
+HOP_COMPRESSIONS = ("none", "int8", "lowrank", "lowrank_mixed")  # swarm.hop_compression (swarm/hop_codec.py)
 HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "auto")  # swarm.hop_transport's values (neuroray/swarm/direct_transport.py)
 SCHEDULES = ("gpipe", "1f1b")  # swarm.schedule's values (neuroray/training/schedule.py)
 MAX_BUBBLE = 0.2  # data.num_microbatches=0 (auto): the largest pipeline bubble (S-1)/(m+S-1) it accepts
@@ -198,11 +198,13 @@ class SwarmConfig:
     outer_quorum: float = 1.0  # router: fraction of a range's live holders the outer step waits for ...
     outer_deadline_s: float = 30.0  # ... after this long it goes on with whoever answered, if a quorum did
     # What crosses between stage holders on every microbatch (activations forward, gradients back; docs/hops.md):
-    # "none" (float32), "int8" (blockwise, a float32 scale per hop_block values), or "lowrank" (a truncated SVD
-    # of the [tokens, hidden] matrix with int8 factors, at least hop_ratio x fewer bytes than float32)
+    # "none" (float32), "int8" (blockwise, a float32 scale per hop_block values), "lowrank" (a truncated SVD
+    # of the [tokens, hidden] matrix with int8 factors, at least hop_ratio x fewer bytes than float32), or
+    # "lowrank_mixed" (the same SVD, the leading components' factors in int8 and the next ones' in int4, the split
+    # picked per hop for the least error at the same hop_ratio)
     hop_compression: str = "none"
     hop_block: int = 256  # hop_compression=int8: values per float32 scale
-    hop_ratio: float = 16.0  # hop_compression=lowrank: the rank kept is the largest giving this many x fewer bytes
+    hop_ratio: float = 16.0  # hop_compression=lowrank|lowrank_mixed: the payload is this many x fewer bytes (at least)
     # >0: a holder's results above this many bytes stay in its node's object store, so the next holder pulls a hop
     # straight from the sender's node. 0: Ray's own limit (100 KiB), which inlines smaller hops into the caller, the
     # driver: a compressed hop then crosses sender -> driver -> receiver (measured trade-off: docs/hops.md)

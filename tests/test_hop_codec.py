@@ -21,6 +21,7 @@ from neuroray.swarm.transport import WireTensor
 # of Zipf-distributed tokens at initialisation (the worst case for lowrank: trained activations are lower rank)
 INT8_GRAD_TOLERANCE = 0.02  # relative L2 error
 LOWRANK_GRAD_COSINE = 0.75  # cosine similarity: the direction survives, the magnitude need not
+MIXED_GRAD_COSINE = 0.9  # lowrank_mixed: int4 factors keep about twice the components at the same bytes
 
 CFG = ModelConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=64)
 VOCAB = 512
@@ -73,6 +74,34 @@ def test_lowrank_round_trip_is_the_truncated_svd_plus_int8_and_at_least_the_rati
         assert 4 * t.numel() / q.nbytes >= ratio or q.rank == 1
 
 
+def test_lowrank_mixed_keeps_more_components_for_the_same_bytes_and_never_errs_more_than_lowrank():
+    """lowrank_mixed: int8 factors for the leading components, int4 for the next ones, the split chosen per hop.
+    On a nearly full-rank matrix (the activations at initialisation) it keeps mostly int4 components, on an
+    exactly low-rank one int8 ones; at the same ratio its error is at most lowrank's, and within 4 % of the
+    matrix norm of the best approximation at the rank it kept."""
+    mixed, plain = HopCodec("lowrank_mixed", ratio=16), HopCodec("lowrank", ratio=16)
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(4, 64, 128, generator=g)
+    for x in (_activation(), full, torch.randn(300, 6, generator=g) @ torch.randn(6, 96, generator=g)):
+        p = mixed.encode(x, "driver[r0 L0-1]")
+        assert isinstance(p.body, bytes) and p.nbytes == wire_bytes(p) and 4 * x.numel() / p.nbytes >= 16
+        y = mixed.decode(p, "validator[r0 L2-3]")
+        m, back = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
+        err = float((back - m).norm())
+        best = float(torch.linalg.svdvals(m)[p.rank + p.rank4:].norm())
+        assert best <= err <= best + 0.04 * float(m.norm())
+        lowrank_err = float((plain.decode(plain.encode(x, "a"), "b").reshape(m.shape) - m).norm())
+        assert err <= lowrank_err * 1.001, (p.rank, p.rank4, err, lowrank_err)
+        if x is full:  # close to full rank: more components, mostly int4, and a clearly smaller error
+            assert p.rank4 > p.rank and p.rank + p.rank4 > 20 and err < 0.9 * lowrank_err
+    exact = mixed.encode(torch.randn(200, 5, generator=g) @ torch.randn(5, 64, generator=g), "a")
+    assert exact.rank >= 5  # a rank-5 matrix: its five components in int8
+    for shape, ratio in [((3, 7, 96), 16), ((1, 512, 64), 32), ((2, 33, 200), 16)]:
+        t = torch.randn(shape, generator=g)
+        q = HopCodec("lowrank_mixed", ratio=ratio).encode(t, "a")
+        assert 4 * t.numel() / q.nbytes >= ratio
+
+
 def test_none_sends_the_tensor_itself_without_a_copy():
     """Under none the payload is the tensor's own buffer as a numpy array (neuroray/swarm/transport.py), and the
     receiver's tensor is a view of that buffer: no byte is copied on the CPU at either end."""
@@ -114,7 +143,7 @@ def test_split_gradients_with_compression_stay_within_the_documented_tolerance(t
     ref, act, grad, *_ = _grads(tmp_path, "none", seed)
     assert isinstance(act, WireTensor) and isinstance(grad, WireTensor) and act.dtype == grad.dtype == "float32"
     n_act, n_grad = math.prod(act.shape), math.prod(grad.shape)
-    for scheme in ("int8", "lowrank"):
+    for scheme in ("int8", "lowrank", "lowrank_mixed"):
         got, act_p, grad_p, driver, validator = _grads(tmp_path, scheme, seed)
         rel = float((got - ref).norm() / ref.norm())
         cos = float(torch.nn.functional.cosine_similarity(got, ref, dim=0))
@@ -122,7 +151,8 @@ def test_split_gradients_with_compression_stay_within_the_documented_tolerance(t
         if scheme == "int8":
             assert rel < INT8_GRAD_TOLERANCE
         else:
-            assert cos > LOWRANK_GRAD_COSINE and rel > INT8_GRAD_TOLERANCE  # a real approximation, not a copy
+            assert cos > (LOWRANK_GRAD_COSINE if scheme == "lowrank" else MIXED_GRAD_COSINE)
+            assert rel > INT8_GRAD_TOLERANCE  # a real approximation, not a copy
             assert 4 * n_act / act_p.nbytes >= 16 and 4 * n_grad / grad_p.nbytes >= 16
         # each holder counted the hops it sent and received, from the payloads themselves
         d, v = driver.compute.hop_counts, validator.compute.hop_counts
@@ -137,13 +167,29 @@ def _bad(p: HopPayload) -> list[tuple[HopPayload, str]]:
     return [
         (dataclasses.replace(p, body=p.body[:-1]), "body is"),
         (dataclasses.replace(p, body=bytes(nan_scale)), "not finite"),
-        (dataclasses.replace(p, scheme="int8" if p.scheme == "lowrank" else "lowrank"), "the run uses"),
+        (dataclasses.replace(p, scheme="int8" if p.scheme != "int8" else "lowrank"), "the run uses"),
         *([(dataclasses.replace(p, rank=10_000), "out of range"), (dataclasses.replace(p, rank=0), "out of range")]
-          if p.scheme == "lowrank" else [(dataclasses.replace(p, block=128), "block 128")]),
+          if p.scheme == "lowrank" else []),
+        *([(dataclasses.replace(p, block=128), "block 128")] if p.scheme == "int8" else []),
+        *(_bad_mixed(p) if p.scheme == "lowrank_mixed" else []),
     ]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "lowrank"])
+def _bad_mixed(p: HopPayload) -> list[tuple[HopPayload, str]]:
+    """lowrank_mixed: ranks out of range or moved between the int8 and int4 parts, an int4 value of -8."""
+    rows, cols = math.prod(p.shape[:-1]), p.shape[-1]
+    assert p.rank4 > 0
+    start = p.rank * (rows + cols)  # the first int4 byte: two values, the low nibble first
+    minus8 = bytearray(p.body)
+    minus8[start] = (minus8[start] & 0xF0) | 0  # nibble 0 decodes to -8, outside [-7, 7]
+    return [(dataclasses.replace(p, rank4=-1), "out of range"),
+            (dataclasses.replace(p, rank=0, rank4=0), "out of range"),
+            (dataclasses.replace(p, rank=p.rank + 1, rank4=p.rank4 - 1), "body is"),
+            (dataclasses.replace(p, rank4=min(rows, cols) + 1 - p.rank), "out of range"),
+            (dataclasses.replace(p, body=bytes(minus8)), "int4 factor value is out of range")]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "lowrank", "lowrank_mixed"])
 def test_a_malformed_payload_is_rejected_naming_its_sender_and_never_applied(tmp_path, scheme):
     x, y = _zipf_batch(0)
     driver, validator = _pipeline(tmp_path, scheme)
@@ -172,7 +218,7 @@ def test_hop_config_keys_are_checked():
     cfg = load_config(["swarm.hop_compression=lowrank", "swarm.hop_ratio=32"])
     assert (cfg.swarm.hop_compression, cfg.swarm.hop_ratio, cfg.swarm.hop_block) == ("lowrank", 32.0, 256)
     for override, words in [("swarm.hop_compression=topk", "swarm.hop_compression=topk is unknown; choose none, "
-                                                            "int8, lowrank"),
+                                                            "int8, lowrank, lowrank_mixed"),
                             ("swarm.hop_block=0", "swarm.hop_block=0 must be in"),
                             ("swarm.hop_ratio=0.5", "swarm.hop_ratio=0.5 must be in [1, 1024]")]:
         with pytest.raises(ConfigError, match=None) as err:
