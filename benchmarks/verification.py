@@ -79,6 +79,8 @@ STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
          "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.max_seq_len=64"]
 NAMED = re.compile(r"outer round (\d+): range (\d+) rejected holder #(\d+): (.*)")
+# a holder that worked on what a proven-faulty holder sent is credited though the rule set its update aside
+EXCUSED = re.compile(r"ledger: round (\d+): r(\d+)-s(\d+) excused:")
 # a hop its receiver rejected: the trainer names the sender, which the step leaves out (under the router: benched,
 # so it has no proof of the round for the ledger to refuse)
 HOP_REJECTED = re.compile(r"^hop rejected: .*\(sent by r(\d+)-s(\d+), inner step (\d+)\)")
@@ -120,9 +122,10 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
             invalidated = next((name for name in ("hop recheck", "data check") if str(reason).startswith(name)),
                                "spot check")
             how[ids[node]].add({"credited": "paid 0", "invalidated": invalidated}.get(status, f"proof {status}"))
+    excused = {(f"r{m.group(2)}-s{m.group(3)}", int(m.group(1))) for line in lines if (m := EXCUSED.search(line))}
     for line in lines:
         m = NAMED.search(line)
-        if m:
+        if m and (f"r{m.group(3)}-s{m.group(2)}", int(m.group(1))) not in excused:
             caught[f"r{m.group(3)}-s{m.group(2)}"].add(int(m.group(1)))
             how[f"r{m.group(3)}-s{m.group(2)}"].add("named")
         m = HOP_REJECTED.search(line)

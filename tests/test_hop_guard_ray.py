@@ -77,7 +77,7 @@ def test_a_driver_sending_nan_activations_is_named_left_out_and_unpaid_under_fix
     assert math.isfinite(result.eval_loss)
     assert rewards["r0-s0"] > 0 and rewards["r0-s1"] > 0, rewards
     assert rewards["r1-s0"] == 0 and 0 < rewards["r1-s1"] < rewards["r0-s1"], rewards
-    assert "r1-s1 excused: a replica-mate was proven faulty" in text
+    assert "r1-s1 excused: it worked on what a holder proven faulty" in text
 
 
 @pytest.mark.slow  # a routed run of four holders: over the non-slow budget on the 2-core machine
@@ -97,7 +97,7 @@ def test_with_the_outer_step_overlapped_the_tamperer_is_unpaid_and_its_mate_excu
     assert all(math.isfinite(x) for x in result.losses) and math.isfinite(result.eval_loss)
     assert rewards["r0-s0"] > 0 and rewards["r0-s1"] > 0, rewards
     assert rewards["r1-s0"] == 0 and 0 < rewards["r1-s1"] < rewards["r0-s1"], rewards
-    assert "r1-s1 excused: a replica-mate was proven faulty" in text
+    assert "r1-s1 excused: it worked on what a holder proven faulty" in text
 
 
 @pytest.mark.slow  # a routed run of six holders: over the non-slow budget on the 2-core machine

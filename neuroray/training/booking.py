@@ -110,8 +110,9 @@ class ProofBooking:
         if t.metrics:
             t.metrics.balances(summary["balances_neuro"])
         for s, r in sorted(result.excused):
-            t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} excused: a replica-mate was proven faulty, so its "
-                  "work is left out of the outer step but credited, and its proof is not spot-checked")
+            t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} excused: it worked on what a holder proven faulty this "
+                  "round sent (a replica-mate, or one on its routes), so its work is credited though the outer step "
+                  "left it out, and its proof is not spot-checked")
         for s, r in sorted(result.spot_excused):
             t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} not spot-checked: its committed losses went through a "
                   "holder the hop rechecks proved faulty this round")

@@ -30,8 +30,9 @@ class RoundResult:
     # hop rechecks (neuroray/training/hop_audit.py): the holders blamed this round, and microbatches re-executed
     hop_findings: list = field(default_factory=list)
     hop_checks: int = 0
-    # (range, replica) left out with a replica-mate proven faulty (a rejected hop, a failed recheck): they did their
-    # work on what it sent, so their receipts excuse them (credited, no pseudo-gradient compared) and no spot check
+    # (range, replica) left out with a replica-mate proven faulty (a rejected hop, a failed recheck), or, under swarm
+    # routing, a Driver whose routes crossed a proven-faulty holder and whose update the rule set aside: they did
+    # their work on what it sent, so their receipts excuse them (credited, no pseudo-gradient compared) and no spot check
     excused: set[tuple[int, int]] = field(default_factory=set)
     # replica -> its Driver's data position when the round's first step started, as the coordinator saw it in the
     # hop rechecks' record (before the proof); the receipt carries it, and a proof naming another is refused

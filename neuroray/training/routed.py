@@ -185,8 +185,11 @@ class RoutedSwarm(StepExecutor):
         for hs in self.router.ranges:
             for h in hs:
                 h.microbatches = 0
+        # a Driver whose committed losses crossed a holder proven faulty this round trained on what that holder sent:
+        # if the rule set its update aside for it, it is credited (as fixed routing credits a faulty holder's mates)
+        named = {(rep.range_index, quorums[rep.range_index][i]) for rep in results for i in rep.not_aggregated}
         return RoundResult(results, comm, unused, batches, observed, verdict.findings, verdict.checked,
-                           spot_excused=verdict.excused)
+                           excused=verdict.excused & named, spot_excused=verdict.excused)
 
     def _quorum(self, s: int, items: list, t0: float) -> list:
         """The (holder, pseudo-gradient ref) pairs that answered: all by the deadline, else the first quorum."""
