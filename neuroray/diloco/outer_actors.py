@@ -2,8 +2,8 @@
 
 Why an actor: a Ray task runs in a pooled worker process, and on ``ray start`` clusters Ray kills a worker
 that stays idle for 1 s once actors fill the CPUs. Between two outer steps every task worker is idle for
-a whole round, so each round's step started a new Python process and imported torch first: 1.2-1.7 s
-before every outer step in the lab's Ray timeline (docs/lab.md). An actor's process lives as long as the
+a whole round, so each round's step started a new Python process and imported torch first: 4.7 s idle
+before every outer step with three ranges on 2 CPUs (``benchmarks/outer_step_idle.py``, docs/benchmarks.md). An actor's process lives as long as the
 actor, so only the first round pays for its start, and that start overlaps the first round's inner steps
 (the actors start with :class:`~neuroray.diloco.sync.OuterSync`). One actor per range keeps the ranges'
 steps in parallel, as one task per range did.
