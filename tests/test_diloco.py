@@ -195,6 +195,7 @@ def _step_workers(ray, actor_ids: list[str], calls: int) -> list[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~20 s of actor kills and restarts; make test sits near its 15-minute budget on 2 cores
 @pytest.mark.timeout(120)
 def test_outer_step_actor_is_reused_restarted_and_replaced(ray_cluster):
     """One range's outer steps run in one actor process round after round. Its process killed, Ray restarts it
