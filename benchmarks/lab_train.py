@@ -37,13 +37,17 @@ LAB_DOC = ROOT / "docs" / "lab.md"
 # wan: the slow-link preset; wan-blocking: the same with a blocking outer step; wan-nosync: the same steps in one
 # round, whose only outer step follows the last step (outside the steady clock): what training costs without syncs
 # -noeval: no held-out evaluation inside the run (eval.every=0; the nosync run never has one inside its steady
-# clock, so with it the sync runs carried an evaluation the nosync run did not); -noponw: no proofs or ledger
+# clock, so with it the sync runs carried an evaluation the nosync run did not); -noponw: no proofs or ledger;
+# -spread: each replica's two holders on two hosts (planner.within_replica=STRICT_SPREAD), so every pipeline hop
+# crosses a link and the preset's hop compression is on the wire (packed, a replica fills one host: no hop crosses)
 SETUPS = {"fixed": [], "router": ["swarm=router"], "wan": ["preset=wan"],
           "wan-blocking": ["preset=wan", "diloco.overlap=none"], "wan-nosync": ["preset=wan"],
           "wan-noeval": ["preset=wan", "eval.every=0"],
           "wan-blocking-noeval": ["preset=wan", "diloco.overlap=none", "eval.every=0"],
           "wan-noeval-noponw": ["preset=wan", "eval.every=0", "ponw.enabled=false"],
-          "wan-noeval-nosync": ["preset=wan", "eval.every=0"]}
+          "wan-noeval-nosync": ["preset=wan", "eval.every=0"],
+          "fixed-spread": ["eval.every=0", "planner.within_replica=STRICT_SPREAD"],
+          "wan-spread": ["preset=wan", "eval.every=0", "planner.within_replica=STRICT_SPREAD"]}
 
 
 def _wire(before: dict, after: dict) -> float:

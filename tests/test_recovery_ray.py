@@ -86,6 +86,8 @@ def test_resumed_job_continues_the_same_loss_curve(ray_cluster, tmp_path):
     assert [r["step"] for r in train] == list(range(1, 17)) and [r["step"] for r in evals] == [8, 16]
 
 
+# slow: ~25 s; make test keeps test_resumed_job_continues_the_same_loss_curve (the same resume identity, default rule)
+@pytest.mark.slow
 def test_resume_with_centered_clip_and_stale_replay_continues_identically(ray_cluster, tmp_path):
     """The outer-step memory (centered clipping's centre, the stale-replay buffer) is snapshotted with
     theta0, so the first outer step after a resume aggregates exactly as the uninterrupted run did."""

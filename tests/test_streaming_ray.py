@@ -50,6 +50,8 @@ def test_streaming_run_trains_counts_bytes_and_credits_every_sync(ray_cluster, t
     assert any(line.startswith("ledger: round 4: 4/4 proofs credited") for line in lines)
 
 
+# slow: ~45 s on a quiet 2-core machine; resuming mid-H is covered in make test by test_recovery_ray's resume tests
+@pytest.mark.slow
 def test_streaming_int8_resume_mid_h_continues_identically(ray_cluster, tmp_path):
     from safetensors.torch import load_file
 
