@@ -101,8 +101,10 @@ class RoutedRechecks(HopRechecks):
         data check; the draw, submitted to the checkers (they run before anything the outer step sends them)."""
         if not wait or self.route is None:
             return
+        # a barred holder (proven faulty in an earlier round, neuroray/swarm/router.py) ran nothing and checks nothing:
+        # its re-executions would be trusted
         takes = {(s, h.index): h.handle.take_hop_record.remote() for s, hs in enumerate(self.router.ranges)
-                 for h in hs if not h.down}
+                 for h in hs if not h.down and not h.barred}
         refs = list(takes.values())
         c = self.trainer.cfg
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=min(c.swarm.outer_deadline_s,
