@@ -641,13 +641,15 @@ class Router:
             self.log(f"router: holder {h.name} is barred from routing for the rest of the run: {why}")
 
     def restart_round(self) -> None:
-        """Every live holder that is not barred goes back to its range's theta0 to redo the round (its work of the
-        round is dropped, its proof of the round starts again); the router counts the redone work only."""
+        """Every live holder that is not barred goes back to its range's theta0, and its inner optimizer to its state at
+        the round's start, to redo the round (its work of the round is dropped, its proof of the round starts again);
+        the router counts the redone work only."""
         for hs in self.ranges:
             for h in hs:
                 if h.down or h.barred:
                     continue
-                h.barrier = h.handle.rejoin.remote(self.theta0_of(h.stage), self.rounds_of() if self.rounds_of else None)
+                h.barrier = h.handle.rejoin.remote(self.theta0_of(h.stage), self.rounds_of() if self.rounds_of else None,
+                                                   redo=True)
                 self.control[h.barrier] = ("rejoin", h, None)
                 h.applied.clear()
                 h.microbatches = 0
