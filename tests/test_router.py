@@ -70,6 +70,23 @@ def test_a_full_or_down_holder_gets_no_work_and_failures_cost_score():
     assert r.pick(0) is c  # a recently failed holder scores worse
 
 
+def test_a_barred_holder_gets_no_work_for_the_rest_of_the_run():
+    """A holder the hop rechecks proved faulty (Router.bar) is never picked, not even as the fastest or to fill in
+    for a full range, and the outer step's release of benched holders does not bring it back."""
+    said = []
+    r = Router([[f"holder-{i}" for i in range(2)]], SwarmConfig(routing="router"), log=said.append)
+    fast, slow = r.ranges[0]
+    fast.ewma, slow.ewma = 0.001, 0.5
+    assert r.pick(0) is fast
+    r.bar(fast, "proved faulty")
+    assert fast.barred and not fast.down and "r0-s0 is barred" in said[0]
+    assert r.pick(0) is slow
+    slow.inflight = 99
+    assert r.pick(0) is None and r.pick(0, capacity=False) is slow  # backpressure or the slow one, never the barred
+    r.release_benched()
+    assert r.pick(0, capacity=False) is slow and r.live(0) == [slow]
+
+
 def test_holder_state_names_and_unknown_latency_is_tried():
     r = _router(2)
     known, new = r.ranges[0]

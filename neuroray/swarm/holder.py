@@ -247,8 +247,11 @@ class StageHolder:
 
     # ----- hop rechecks (neuroray/training/hop_audit.py) ----------------------------------------
     def _arm_hops(self) -> None:
+        """At a round's start (at theta0): record its first inner step; under swarm routing with hop rechecks, keep the
+        inner optimizer's state too, for a redo of the round (:meth:`rejoin` with ``redo``)."""
         stream = self.compute.stream
         self.hops.arm(None if stream is None else stream.position)
+        self._round_start_optimizer = _optimizer_copy(self.compute.optimizer) if self.spec.round_redo else None
 
     def take_hop_record(self) -> dict:
         """What this holder received and sent in its round's first inner step (:class:`HopRecord`), once."""
@@ -267,11 +270,15 @@ class StageHolder:
         """Router (control thread): these calls were re-sent elsewhere; see :meth:`Claims.revoke`."""
         return self.compute.revoke(mb_ids, kind, keep_started, attempts)
 
-    def rejoin(self, theta0: torch.Tensor, outer_rounds: int | None = None) -> dict:
+    def rejoin(self, theta0: torch.Tensor, outer_rounds: int | None = None, redo: bool = False) -> dict:
         """A restarted holder rejoins the swarm at its range's current theta0 (its snapshot may be older);
-        ``outer_rounds``: and at the swarm's round count, so its next proof names the round the ledger expects."""
+        ``outer_rounds``: and at the swarm's round count, so its next proof names the round the ledger expects.
+        ``redo``: the round is run again without a holder proven faulty (neuroray/training/routed.py): the inner
+        optimizer goes back to its state at the round's start too (kept with ``HolderSpec.round_redo``)."""
         self.abort_step()
         self.outer.restart_at(theta0)
+        if redo and self._round_start_optimizer is not None:
+            self.compute.optimizer.load_state_dict(self._round_start_optimizer)  # _arm_hops below keeps a new copy
         self.compute.claims.clear()
         self._arm_hops()
         if outer_rounds is not None:
@@ -507,6 +514,14 @@ class StageHolder:
 
     def counters(self) -> dict:
         return self.lifecycle.counters()
+
+
+def _optimizer_copy(optimizer: torch.optim.Optimizer) -> dict:
+    """A copy of the optimizer's state dict, its moments cloned to the CPU (the live ones are updated in place)."""
+    opt = optimizer.state_dict()
+    opt["state"] = {i: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in st.items()}
+                    for i, st in opt["state"].items()}
+    return opt
 
 
 def _ray_gpu_ids() -> list:

@@ -37,6 +37,8 @@ class HolderState:
         self.failures, self.failure_t = 0.0, 0.0
         self.down = self.gone = False
         self.benched = False  # a hop it sent was rejected: down (not probed back) until the round's outer step
+        # the hop rechecks proved it faulty: never routed to again this run (it still loads each theta0, unused)
+        self.barred = False
         self.down_since = 0.0
         self.up_since = 0.0  # calls sent before this (to the previous process) may still fail
         self.probe = None

@@ -33,6 +33,9 @@ pipelines. For one inner step the :class:`Router` drives N microbatches hop by h
   as if dead (its calls re-sent, the gradients it applied this step re-applied elsewhere), but not probed
   back before the round's outer step, which leaves it out; the hop that made the bad tensor is redone on
   another holder of the sender's range. The trainer names the sender (:attr:`Router.rejections`).
+- **Proven-faulty holders.** A holder the hop rechecks prove faulty (a peer's re-execution contradicts what it
+  sent; neuroray/training/hop_routes.py) is *barred* (:meth:`Router.bar`): no hop goes to it for the rest of the
+  run. It stays up, so it still answers the outer step and loads each theta0, but nothing it computes is used.
 - **Rejoining.** A dead holder is probed every ``probe_interval_s``; once Ray has restarted it (it
   restored its newest snapshot) it rejoins at the range's current theta0.
 
@@ -108,7 +111,7 @@ class Router:
         for h in self.ranges[stage]:
             if h.stuck and not h.queue:
                 h.stuck = False  # everything it held has come back: it is answering again
-        ok = [h for h in self.ranges[stage] if not h.down and not h.stuck and h not in exclude
+        ok = [h for h in self.ranges[stage] if not h.down and not h.stuck and not h.barred and h not in exclude
               and (not capacity or (h.inflight < c.queue_depth
                                     and (stage == self.S - 1 or h.outbound < c.outbound_depth)))]
         return min(ok, key=lambda h: (self._score(h, now), h.index)) if ok else None
@@ -147,7 +150,7 @@ class Router:
                 losses.append(f.loss)
         for hs in self.ranges:
             for h in hs:
-                if not h.down:
+                if not h.down and not h.barred:  # a barred holder ran nothing this step
                     h.barrier = h.handle.step.remote(mean=True, after=h.barrier, lr=lr)
                     self.control[h.barrier] = ("step", h, None)
                 h.applied.clear()  # in the step now: a later death loses it with the holder's weights
@@ -504,7 +507,7 @@ class Router:
             if s in hops_waiting:
                 continue  # the idle holder gets new work from the waiting hop anyway
             for idle in hs:
-                if idle.down or idle.stuck or idle.inflight or idle.ewma is None:
+                if idle.down or idle.stuck or idle.barred or idle.inflight or idle.ewma is None:
                     continue
                 best = None
                 for h in hs:
@@ -627,6 +630,30 @@ class Router:
                     if h.down and not h.gone:
                         self._rejoin(h, "rejoins after a round left out for a rejected hop")
 
+    def bar(self, h: HolderState, why: str) -> None:
+        """Route nothing to ``h`` for the rest of the run: the hop rechecks proved it faulty (its hops poison every
+        holder they reach, so leaving only its own update out is not enough). It is not marked down: the outer
+        step still asks it (its pseudo-gradient is left out) and sends it each theta0, so its proof of the round it
+        cheated in is finished and filed against, and its weights stay the range's (evaluation and the final
+        checkpoint may read them)."""
+        if not h.barred:
+            h.barred = True
+            self.log(f"router: holder {h.name} is barred from routing for the rest of the run: {why}")
+
+    def restart_round(self) -> None:
+        """Every live holder that is not barred goes back to its range's theta0, and its inner optimizer to its state at
+        the round's start, to redo the round (its work of the round is dropped, its proof of the round starts again);
+        the router counts the redone work only."""
+        for hs in self.ranges:
+            for h in hs:
+                if h.down or h.barred:
+                    continue
+                h.barrier = h.handle.rejoin.remote(self.theta0_of(h.stage), self.rounds_of() if self.rounds_of else None,
+                                                   redo=True)
+                self.control[h.barrier] = ("rejoin", h, None)
+                h.applied.clear()
+                h.microbatches = 0
+
     def _repair(self, mb: int, stage: int, exclude: HolderState) -> None:
         f = self.flights[mb]
         other = self.pick(stage, exclude={exclude}, capacity=False)
@@ -638,10 +665,10 @@ class Router:
 
     def _check_range_alive(self, s: int) -> None:
         hs = self.ranges[s]
-        if not all(h.down for h in hs):
+        if not all(h.down or h.barred for h in hs):
             return
-        since = min(h.down_since for h in hs)
-        if all(h.gone for h in hs) or time.monotonic() - since > self.recovery_timeout_s:
+        since = min((h.down_since for h in hs if h.down), default=time.monotonic())
+        if all(h.gone or h.barred for h in hs) or time.monotonic() - since > self.recovery_timeout_s:
             raise PipelineError(
                 f"every holder of layer range {s} is down and none came back within "
                 f"checkpoint.recovery_timeout_s={self.recovery_timeout_s:g}s; the snapshots are kept"
@@ -680,4 +707,4 @@ class Router:
         return min(values, default=0.0)
 
     def live(self, stage: int) -> list[HolderState]:
-        return [h for h in self.ranges[stage] if not h.down]
+        return [h for h in self.ranges[stage] if not h.down and not h.barred]

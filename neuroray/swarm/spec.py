@@ -70,6 +70,9 @@ class HolderSpec(RangeRole):
     # hop rechecks on (neuroray/config_checks.py hop_recheck_off): keep the round's first step for a peer to redo
     # (hop_record.py)
     hop_record: bool = False
+    # ... and under swarm routing: keep the inner optimizer's state at each round's start, so a round redone without
+    # a holder the rechecks proved faulty restarts from it (StageHolder.rejoin(redo=True), training/routed.py)
+    round_redo: bool = False
     # Driver only: where its Genesis shards live
     data_root: str | None = None
     manifest: dict | None = None

@@ -109,6 +109,7 @@ class Swarm:
             hop_check_warmup=cfg.swarm.hop_check_warmup, hop_check_factor=cfg.swarm.hop_check_factor,
             seq_len=cfg.data.seq_len, microbatch_size=cfg.data.microbatch_size,
             hop_record=hop_recheck_off(cfg) is None,
+            round_redo=hop_recheck_off(cfg) is None and cfg.swarm.routing == "router",
         )
         routed = cfg.swarm.routing == "router"
         if s == 0 and self.data is not None:

@@ -22,12 +22,14 @@ compute thread would sit in front of routed calls, and the router takes a call b
 started it ``swarm.start_grace_s`` (30 ms) after its turn: the checks would look like stuck holders. So the records
 are asked for behind each holder's last inner step, and the re-executions run before the pseudo-gradients are
 reduced; a holder found faulty is left out of the outer step (as late holders are: it loads the new theta0 and
-earns nothing), and the validator files evidence once the round is booked (neuroray/training/audit.py).
+earns nothing), barred from routing and its round redone without it (neuroray/training/routed.py), and the validator
+files evidence once the round is booked (neuroray/training/audit.py).
 
 The Driver spot checks: a Driver's proof commits the losses of its microbatches of the first step
 (training/routed.py), which the router may have sent through any holder. A loss that went through a holder the
 rechecks proved faulty that round is that holder's doing, so the Driver is excused from that round's spot check
-(:func:`excused_drivers`), as fixed routing excuses a faulty holder's replica-mates; its pseudo-gradient is used.
+(:func:`excused_drivers`), as fixed routing excuses a faulty holder's replica-mates; its pseudo-gradient is used. (Only
+when the round could not be redone without that holder: after a redo no committed loss went through it.)
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ class RoutedRechecks(HopRechecks):
         data check; the draw, submitted to the checkers (they run before anything the outer step sends them)."""
         if not wait or self.route is None:
             return
+        # a barred holder (proven faulty in an earlier round, neuroray/swarm/router.py) ran nothing and checks nothing:
+        # its re-executions would be trusted
         takes = {(s, h.index): h.handle.take_hop_record.remote() for s, hs in enumerate(self.router.ranges)
-                 for h in hs if not h.down}
+                 for h in hs if not h.down and not h.barred}
         refs = list(takes.values())
         c = self.trainer.cfg
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=min(c.swarm.outer_deadline_s,
