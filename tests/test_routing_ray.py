@@ -176,6 +176,22 @@ def test_a_killed_holder_is_failed_over_and_rejoins(ray_cluster, tmp_path):
     assert result.losses[-1] < result.losses[0] - 0.5
 
 
+@pytest.mark.slow  # ~40 s: a whole routed run
+def test_an_outer_step_actor_killed_for_good_is_replaced_and_its_step_redone(ray_cluster, tmp_path):
+    """Range 0's outer-step actor killed for good mid-run (Ray gives up on it): the round's outer step is redone in a
+    new actor from the same pseudo-gradients and the run goes on (before, the router's outer step ended the run)."""
+    import ray
+    from neuroray.training.run import run
+
+    fired = _after_steps(tmp_path / "outer", 5, lambda p: ray.kill(ray.get_actor(f"{p}outer-s0"), no_restart=True))
+    lines = []
+    result = run(_cfg(tmp_path, "outer"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert "at_step" in fired, fired
+    assert len(result.losses) == 12
+    assert any("outer-step actor died for good" in line and "redone in a new one" in line for line in lines), lines
+    assert result.losses[-1] < result.losses[0] - 0.5
+
+
 def test_losing_every_holder_of_a_range_is_a_clear_error_and_keeps_the_snapshots(ray_cluster, tmp_path):
     import ray
     from neuroray.training.run import run
@@ -231,13 +247,19 @@ def test_a_slow_forward_is_hedged_and_a_stuck_driver_s_queue_taken_back(ray_clus
 def test_attack_where_holder_replays_inside_a_routed_holder(ray_cluster, tmp_path):
     """attack.where=holder under swarm routing: replica 0's holders replay their previous round's
     pseudo-gradient from inside their processes: zeros in round 1 (nothing to replay yet: a free rider,
-    paid 0), last round's delta after that (a non-zero one, paid: the proofs commit to what is sent)."""
+    paid 0), last round's delta after that (a non-zero one, paid: the proofs commit to what is sent; on the
+    embedding's range the replay check refuses it when the round gave it rows to score by)."""
     from neuroray.training.run import run
     from tests.test_pipeline_ray import _proof_rewards
 
     cfg = _cfg(tmp_path, "run", "ponw.enabled=true", "attack=replay", "attack.fraction=0.5", "rounds=2")
-    result = run(cfg, log=QUIET)
+    lines = []
+    result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     proofs = _proof_rewards(result.run_dir, tmp_path / "keys", replicas=2, stages=2)
     assert all(proofs[(1, s, 0)] == ("credited", 0) for s in range(2)), proofs
-    assert all(proofs[(2, s, 0)][1] > 0 for s in range(2)), proofs
+    assert proofs[(2, 1, 0)][1] > 0, proofs
+    # the embedding's range: paid, unless the replay check (ponw.replay_check) had rows new to the holder to score
+    # it by this round (the router decides which batches it saw) and refused it
+    refused = any(line.startswith("outer round 2: range 0: holder 0: replayed pseudo-gradient") for line in lines)
+    assert (proofs[(2, 0, 0)][1] == 0) == refused, (proofs, [line for line in lines if "replay" in line])
     assert all(proofs[(rnd, s, 1)][1] > 0 for rnd in (1, 2) for s in range(2)), proofs

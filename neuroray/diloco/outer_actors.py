@@ -49,13 +49,16 @@ class RangeActors:
     is first asked for, and again when the last one died); ``called(s, report)`` records the report ref of
     its latest call, by which a dead one is recognised; ``close()`` kills them all."""
 
-    def __init__(self, cls, ranges: int, node_id: str = ""):
+    def __init__(self, cls, ranges: int, node_id: str = "", name_prefix: str = ""):
+        """``name_prefix``: actor names ``<prefix>outer-s<range>`` (as the dashboard lists them beside the holders);
+        "": unnamed."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(_live_node(node_id), soft=False)
         # num_cpus=0: the holders may occupy every CPU; an outer step must still be schedulable.
-        self._remote = ray.remote(cls).options(num_cpus=0, max_restarts=-1, max_task_retries=_RETRIES,
-                                               scheduling_strategy=here)
+        self._remote = ray.remote(cls)
+        self._options = dict(num_cpus=0, max_restarts=-1, max_task_retries=_RETRIES, scheduling_strategy=here)
+        self.name_prefix = name_prefix
         self.actors: list = []
         self._last: list = []
         self.replaced = 0  # actors started again after Ray gave up on one
@@ -64,13 +67,24 @@ class RangeActors:
 
     def for_range(self, s: int):
         while len(self.actors) <= s:  # a live upgrade may add ranges
-            self.actors.append(self._remote.remote())
+            self.actors.append(self._start(len(self.actors)))
             self._last.append(None)
         if self._died(s):
             log.warning("range %d: its outer-step actor died for good; starting a new one", s)
-            self.actors[s], self._last[s] = self._remote.remote(), None
+            self.actors[s], self._last[s] = self._start(s), None
             self.replaced += 1
         return self.actors[s]
+
+    def _start(self, s: int):
+        # a name is free again once Ray has given up on the actor that held it
+        name = {"name": f"{self.name_prefix}outer-s{s}"} if self.name_prefix else {}
+        return self._remote.options(**self._options, **name).remote()
+
+    def died_here(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the death of one of these actors (not of a holder, whose death a step passes on when a
+        pseudo-gradient it was given was lost)."""
+        dead = getattr(exc, "actor_id", None)
+        return dead is not None and any(a._actor_id.hex() == dead for a in self.actors)
 
     def called(self, s: int, report) -> None:
         self._last[s] = report

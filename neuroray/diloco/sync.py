@@ -387,8 +387,9 @@ class OuterSync:
     """
 
     def __init__(self, holders_by_range: list[list], diloco: DilocoConfig, aggregator: AggregatorConfig | str,
-                 attack: AttackConfig | None = None, seed: int = 0, node_id: str = ""):
-        """``node_id``: the Ray node to run the outer-step actors on ("": the driver's; neuroray/diloco/outer_actors.py)."""
+                 attack: AttackConfig | None = None, seed: int = 0, node_id: str = "", name_prefix: str = ""):
+        """``node_id``: the Ray node to run the outer-step actors on ("": the driver's; neuroray/diloco/outer_actors.py);
+        ``name_prefix``: their actor names' (``<prefix>outer-s<range>``; "": unnamed)."""
         self.holders_by_range, self.diloco = holders_by_range, diloco
         self.aggregator = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
         self.attack, self.seed = attack or AttackConfig(), seed
@@ -414,7 +415,7 @@ class OuterSync:
         if diloco.outer_step_in == "actor":
             from neuroray.diloco.outer_actors import RangeActors
 
-            self.actors = RangeActors(OuterStepActor, len(holders_by_range), node_id)
+            self.actors = RangeActors(OuterStepActor, len(holders_by_range), node_id, name_prefix)
 
     def begin_round(self) -> None:
         """Start counting a new round's bytes (:meth:`submit` does it; swarm routing calls it itself)."""

@@ -156,7 +156,8 @@ class RoutedSwarm(StepExecutor):
         asked = [[(h, h.handle.pseudo_gradient.remote(after=h.barrier)) for h in hs if not h.down]
                  for hs in self.router.ranges]
         t0 = time.monotonic()
-        reports, loads, quorums, proven = [], [], [], []
+        quorums, plan = [], []
+        saved = (list(outer.theta0), list(outer.momentum), list(outer.memory))
         outer.begin_round()
         for s, items in enumerate(asked):
             # a barred holder's pseudo-gradient is not waited for (nothing it sends is used), nor counted in the quorum
@@ -165,33 +166,36 @@ class RoutedSwarm(StepExecutor):
             faulty = [h for h, _ in answered if (s, h.index) in failed]
             answered = [(h, ref) for h, ref in answered if (s, h.index) not in failed | verdict.withheld]
             quorums.append([h.index for h, _ in answered])
-            # a holder benched for a rejected hop is proven faulty too: one of the f its rule tolerates is gone (as
-            # under fixed routing; with f kept, 2 holders left of 3 made trimmed_mean f=1 refuse the range's step)
-            out = {id(h) for h in faulty} | {id(h) for h in self.router.ranges[s] if h.benched or h.barred}
-            theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=quorums[-1],
-                                                  faulty_out=len(out))
-            reports.append(report)
-            on_time = {id(h) for h, _ in answered}
-            late = [h.name for h, _ in items if id(h) not in on_time and h not in faulty and not h.barred]
+            used = {id(h) for h, _ in answered} | {id(h) for h in faulty}
+            late = [h.name for h, _ in items if id(h) not in used and not h.barred]
             self.quorum_log.append({"round": outer.rounds + 1, "range": s, "answered": len(answered), "late": late})
             if late:
                 t.log(f"outer round {outer.rounds + 1}: range {s} reduced {len(answered)} of {len(items)} holders; "
                       f"late {late} catch up from the new theta0")
-            for h, pg in items:
-                h.barrier = outer.broadcast(s, h.handle, theta0, update, after=pg, counted=id(h) in on_time)
-                if id(h) in on_time:
-                    loads.append(h.barrier)
-                else:  # read when it lands, like any other holder call (its bytes are not counted)
-                    self.router.control[h.barrier] = ("load", h, None)
-                    self.router.control[pg] = ("late pseudo-gradient", h, None)
-                    if (s, h.index) in failed:  # the load finishes its proof of the round, booked next (and slashed)
-                        proven.append(h.barrier)
-        outer.rounds += 1
+            plan.append((items, answered, faulty))
+        while True:
+            reports, loads, proven, sent = self._reduce_and_send(plan, failed)
+            outer.rounds += 1
+            try:
+                results = ray.get(reports, timeout=c.step_timeout_s)
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
+            except Exception as exc:
+                if outer.actors is None or not outer.actors.died_here(exc):
+                    raise
+                # an outer-step actor Ray gave up on: the same pseudo-gradients go to a new one, from the outer state
+                # as it was (the holders never saw the lost theta0: a call given it fails before it runs, so the late
+                # holders' failed loads are not read as their deaths)
+                outer.theta0, outer.momentum, outer.memory = map(list, saved)
+                outer.rounds -= 1
+                outer.begin_round()
+                for ref in sent:
+                    self.router.control.pop(ref, None)
+                    self.router.control_sent.pop(ref, None)
+                t.log(f"outer round {outer.rounds + 1}: an outer-step actor died for good ({type(exc).__name__}); "
+                      "the step is redone in a new one from the same pseudo-gradients")
         self.router.release_benched()  # holders benched for a rejected hop rejoin at the new theta0
-        try:
-            results = ray.get(reports, timeout=c.step_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise PipelineError(f"outer step after inner step {step + 1} took longer than {c.step_timeout_s:g}s") from None
         ray.wait(loads, num_returns=len(loads), timeout=c.step_timeout_s)
         # a holder proven faulty this round is idle (nothing is routed to it): its load is at once, unless it stalls
         ray.wait(proven, num_returns=len(proven), timeout=min(t.cfg.swarm.outer_deadline_s, c.step_timeout_s))
@@ -210,6 +214,33 @@ class RoutedSwarm(StepExecutor):
         named = {(rep.range_index, quorums[rep.range_index][i]) for rep in results for i in rep.not_aggregated}
         return RoundResult(results, comm, unused, batches, observed, findings, checked,
                            excused=verdict.excused & named, spot_excused=verdict.excused)
+
+    def _reduce_and_send(self, plan: list, failed: set) -> tuple[list, list, list, list]:
+        """Every range's outer step over its quorum, and the new theta0 to each of its holders behind its own
+        pseudo-gradient. Returns the report refs, the on-time holders' load refs, the loads of the holders proven
+        faulty this round, and every ref handed to the router to read (the late holders')."""
+        outer = self.trainer.outer
+        reports, loads, proven, sent = [], [], [], []
+        for s, (items, answered, faulty) in enumerate(plan):
+            # a holder benched for a rejected hop is proven faulty too: one of the f its rule tolerates is gone (as
+            # under fixed routing; with f kept, 2 holders left of 3 made trimmed_mean f=1 refuse the range's step)
+            out = {id(h) for h in faulty} | {id(h) for h in self.router.ranges[s] if h.benched or h.barred}
+            theta0, report, update = outer.reduce(s, [ref for _, ref in answered], who=[h.index for h, _ in answered],
+                                                  faulty_out=len(out))
+            reports.append(report)
+            on_time = {id(h) for h, _ in answered}
+            for h, pg in items:
+                h.barrier = outer.broadcast(s, h.handle, theta0, update, after=pg, counted=id(h) in on_time)
+                if id(h) in on_time:
+                    loads.append(h.barrier)
+                    continue
+                # read when it lands, like any other holder call (its bytes are not counted)
+                self.router.control[h.barrier] = ("load", h, None)
+                self.router.control[pg] = ("late pseudo-gradient", h, None)
+                sent += [h.barrier, pg]
+                if (s, h.index) in failed:  # the load finishes its proof of the round, booked next (and slashed)
+                    proven.append(h.barrier)
+        return reports, loads, proven, sent
 
     def _redo_without(self, findings: list, step: int) -> bool:
         """The holders ``findings`` prove faulty are barred and the round that ends at inner step ``step`` is run again

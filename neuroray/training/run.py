@@ -158,7 +158,8 @@ def run(cfg: TrainConfig, log=print, holder_cls=None) -> RunResult:
                       snapshot_root=stores.snapshot_root, resume_step=resume_step,
                       name_prefix=f"neuroray-{run_dir.name}-", plan=plan, holder_cls=holder_cls)
         outer = OuterSync(swarm.by_range, cfg.diloco, cfg.aggregator, reduce_side(cfg.attack), seed=cfg.seed,
-                          node_id=plan.outer.node_id if plan is not None else "")  # the node the plan keeps free
+                          node_id=plan.outer.node_id if plan is not None else "",  # the node the plan keeps free
+                          name_prefix=f"neuroray-{run_dir.name}-")
         executor = RoutedSwarm() if cfg.swarm.routing == "router" else FixedPipelines()
         held_out = held_out_batches(root, manifest, d.seq_len, d.microbatch_size, cfg.eval.batches)
         if not held_out:
