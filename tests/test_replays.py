@@ -125,3 +125,16 @@ def test_the_outer_step_leaves_a_refused_update_out_and_names_it():
     assert report.observations[3] is not None  # observed as sent: its receipt still names what it sent
     # the rule saw the other three with f lowered by the one refused: their mean
     assert torch.allclose(new, -torch.stack(deltas[:3]).mean(0), atol=1e-6)
+
+
+def test_a_refused_update_does_not_stop_the_default_rule():
+    """The default mean tolerates f=0 faulty holders: a replay the coordinator refused must not count against that
+    f (as a malformed payload does), or one caught replayer would freeze its range every round it replays."""
+    torch.manual_seed(2)
+    deltas = [torch.randn(32) for _ in range(3)]
+    rule, dl = AggregatorConfig(name="mean", f=0), DilocoConfig(outer_lr=1.0, outer_momentum=0.0, nesterov=False)
+    new, _, report = outer_step(rule, dl, 0, torch.zeros(32), None, *deltas, observe=True,
+                                refused={0: "replayed pseudo-gradient"})
+    assert not report.refused and report.accepted == [1, 2]
+    assert (0, "replayed pseudo-gradient") in report.rejected and 0 in report.not_aggregated
+    assert torch.allclose(new, -torch.stack(deltas[1:]).mean(0), atol=1e-6)

@@ -215,8 +215,8 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     ``observations`` and ``theta0_before`` for PoNW receipts. ``weights``: one per holder (its reputation,
     neuroray/training/reputation.py), for the rules that weigh their inputs (neuroray/diloco/aggregate.py).
     ``refused``: {holder index: reason} of pseudo-gradients the coordinator's checks refused before the step
-    (a replayed update, neuroray/training/replays.py): observed as sent, then rejected like a malformed one,
-    so each is one of the rule's ``f`` and earns nothing.
+    (a replayed update, neuroray/training/replays.py): observed as sent, then left out before the rule with its
+    ``f`` lowered by one each (:func:`_aggregate_once`); named among the rejections, it earns nothing.
     """
     cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
     attack = attack or AttackConfig()
@@ -242,7 +242,7 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         report.copies = copy_groups(deltas)
     try:
         result = _aggregate_once(cfg, contributions, theta0.numel(), report.copies, previous=mem.previous,
-                                 seed=seeded, weights=weights)
+                                 seed=seeded, weights=weights, left_out=frozenset(refused or {}))
     except AggregationRefused as exc:
         report.refused = str(exc)
         report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
@@ -250,6 +250,7 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         return out + (OuterMemory(mem.previous, replay, mem.residual),) if memory is not None else out
     report.accepted = result.accepted
     report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in result.rejected]
+    report.rejected += sorted((i, reason) for i, reason in (refused or {}).items())
     report.dropped = sorted(i for i, w in (result.weights or {}).items() if w == 0.0)
     if observe:  # PoNW: name the holders whose delta the rule had to neutralise, so they earn nothing for it
         from neuroray.ponw.outliers import suspects
@@ -265,16 +266,27 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
 
 
-def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]], **kw):
+def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]],
+                    left_out: frozenset[int] = frozenset(), **kw):
     """``aggregate`` with every group of copies counted once: its first member stands for it (the group's
     values are one update, so which member stands in does not change the aggregate). The rule keeps its
     ``f``: a group is not always a copier and its victim (two honest Drivers assigned one shard send the
     same update too), and with ``f`` lowered for them a real Byzantine holder would go untrimmed. When the
     distinct updates are too few for the rule's ``f``, it sees every contribution, copies included (a copy
-    then weighs twice; the copier earns nothing either way)."""
+    then weighs twice; the copier earns nothing either way).
+
+    ``left_out``: contributions the coordinator proved bad before the rule (a replayed update): not given to the
+    rule at all, and each lowers its ``f`` by one (at least 0), as a holder proven faulty by a hop recheck is left
+    out. Handed to the rule as rejections instead, they would count against ``f``: with the default mean (f=0) one
+    caught replayer made its range refuse its step, every round it replayed."""
+    if left_out:
+        cfg = dataclasses.replace(cfg, f=max(cfg.f - len(left_out), 0))
+    base = [i for i in range(len(contributions)) if i not in left_out]
     extra = {i for g in copies for i in g[1:]}
-    keep = [i for i in range(len(contributions)) if i not in extra]
-    if not extra or len(keep) < min_inputs(cfg):
+    keep = [i for i in base if i not in extra]
+    if len(keep) < min_inputs(cfg):
+        keep = base
+    if len(keep) == len(contributions):
         return aggregate(cfg, contributions, numel, **kw)
     weights = kw.pop("weights", None)
     result = aggregate(cfg, [contributions[i] for i in keep], numel, **kw,
