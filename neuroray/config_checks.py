@@ -189,9 +189,9 @@ def _check_sparse_broadcast(cfg: TrainConfig) -> None:
         return
     if dl.outer_momentum != 0 or dl.nesterov:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} (nesterov={dl.nesterov}): with "
-                          "diloco.sparse_broadcast=union the holders apply the payloads' mean themselves and a momentum "
-                          "term would be dense; set diloco.outer_momentum=0 diloco.nesterov=false (error feedback stands "
-                          "in for momentum, as in SparseLoCo) or diloco.sparse_broadcast=resparsify")
+                          "diloco.sparse_broadcast=union the holders apply the payloads' mean themselves and a "
+                          "momentum term would be dense; set diloco.outer_momentum=0 diloco.nesterov=false (error "
+                          "feedback stands in for momentum, as in SparseLoCo) or diloco.sparse_broadcast=resparsify")
     rules = ("mean", "krum", "multi_krum", "geometric_median")  # union.RULES; that module imports torch
     if cfg.aggregator.name not in rules:
         raise ConfigError(f"aggregator={cfg.aggregator.name} does not reduce to a weighted sum of the payloads, "

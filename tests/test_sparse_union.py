@@ -97,7 +97,8 @@ def test_a_malformed_payload_in_the_broadcast_is_refused_by_the_holder(tmp_path)
     numel = theta0.numel()
     p = update["union"][1]
     cases = [("replica 1: sparse indices out of range", {**p, "sp_index": torch.full_like(p["sp_index"], 255)}),
-             ("replica 1: sparse levels are not finite", {**p, "sp_level": torch.full_like(p["sp_level"], float("inf"))}),
+             ("replica 1: sparse levels are not finite",
+              {**p, "sp_level": torch.full_like(p["sp_level"], float("inf"))}),
              ("replica 1: payload is int8", encode(torch.zeros(numel), "int8", 64))]
     for fragment, forged in cases:
         tampered = {**update, "union": [update["union"][0], forged]}
