@@ -122,6 +122,47 @@ def test_a_refused_step_leaves_theta0_exactly(tmp_path):
     assert h.apply_update(update, [new]) is False and torch.equal(h.theta0, theta0)
 
 
+def test_a_simulated_attackers_vector_crosses_as_the_payload_it_would_send(tmp_path):
+    """attack=sign_flip in the reduce task: the attacker's flipped vector is sparse-encoded like any holder's
+    payload, the rule weighs that payload decoded, and the holders rebuild exactly the outer step's theta0."""
+    from neuroray.config import AttackConfig
+
+    holders = [_holder(tmp_path, r) for r in range(4)]
+    g = torch.Generator().manual_seed(5)
+    for h in holders:
+        _train(h, g)
+    theta0 = holders[0].theta0.clone()
+    payloads = [h.pseudo_gradient() for h in holders]
+    attack = AttackConfig(name="sign_flip", fraction=0.25)
+    new, _, report, _, update = outer_step_task._function(AggregatorConfig("mean"), attack, UNION, 0, 0, 0, theta0,
+                                                          None, [None], *payloads)
+    assert report.byzantine == [0] and update["from"] == [0, 1, 2, 3]
+    assert update["union"][0] is not payloads[0] and all(u is p for u, p in zip(update["union"][1:], payloads[1:]))
+    torch.testing.assert_close(decode(update["union"][0]), -decode(payloads[0]))  # the flipped vector, as sent
+    for h in holders:
+        assert h.apply_update(update, [new]) is False and torch.equal(h.theta0, new)
+
+
+def test_a_streaming_fragments_union_changes_only_its_slice(tmp_path):
+    """Streaming: the fragment's payloads cross with its slice; every holder ends at the outer step's theta0."""
+    import dataclasses
+
+    dl = dataclasses.replace(UNION, streaming_fragments=2)
+    holders = [_holder(tmp_path, r, dl) for r in range(2)]
+    g = torch.Generator().manual_seed(4)
+    for h in holders:
+        _train(h, g)
+    theta0 = holders[0].theta0.clone()
+    lo, hi = holders[0].fragment_slices()[1]
+    payloads = [h.pseudo_gradient(fragment=1) for h in holders]
+    new, _, _, _, update = outer_step_task._function(AggregatorConfig("mean"), None, dl, 0, 0, 0, theta0, None,
+                                                     [None], *payloads, part=(lo, hi))
+    assert update["slice"] == (lo, hi) and len(update["union"]) == 2
+    assert torch.equal(new[:lo], theta0[:lo]) and not torch.equal(new[lo:hi], theta0[lo:hi])
+    for h in holders:
+        assert h.apply_update(update, [new]) is False and torch.equal(h.theta0, new)
+
+
 def test_config_refuses_what_the_holders_cannot_rebuild():
     ok = ["diloco.compression=sparse", "diloco.sparse_broadcast=union", "diloco.outer_momentum=0",
           "diloco.nesterov=false"]
