@@ -101,6 +101,12 @@ class DilocoConfig:
     compression: str = "none"
     compression_block: int = 256  # int8: values per float32 scale; sparse: values per chunk
     sparse_density: float = 0.015  # sparse: the fraction of each chunk's values sent
+    # sparse: what the outer step sends back to the holders. resparsify: its update theta0_old - theta0_new,
+    # top-k sparsified again with its own error feedback (theta0 changes in at most sparse_density of each chunk
+    # per round). union: the accepted holders' payloads themselves, which every holder decodes and averages
+    # with the rule's weights (SparseLoCo's all-gather: the update's support is the union of theta0 supports;
+    # about M payloads to each holder; no outer momentum, so outer_momentum must be 0; docs/diloco.md)
+    sparse_broadcast: str = "resparsify"
     # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
     # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
     streaming_fragments: int = 1
