@@ -507,3 +507,32 @@ def test_shm_hops_give_the_monoliths_gradients_and_rings_come_back_after_a_resta
     assert _shm_files() - before == set()
     for h in holders + store:
         ray.kill(h)
+
+
+@pytest.mark.slow  # two whole runs (about a minute each on 2 shared cores)
+def test_a_fixed_run_over_shm_trains_exactly_as_over_the_object_store_and_leaves_no_ring(ray_cluster, tmp_path):
+    """run() with swarm.hop_transport=shm (2 stages, 2 replicas, every holder on this node) against the default:
+    the same losses step by step, the same eval loss, hops counted alike; no ring file is left after the run."""
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    before = _shm_files()
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    results = {}
+    for transport in ("object_store", "shm"):
+        cfg = load_config([
+            f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
+            "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
+            "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
+            f"swarm.hop_transport={transport}", "diloco.replicas=2", "diloco.inner_steps=4", "diloco.inner_lr=0.01",
+            "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / transport}", "cluster.cpus_per_holder=0.3",
+            "sample_tokens=2",
+        ])
+        results[transport] = run(cfg, log=lambda *a, **k: None)
+    store, shm = results["object_store"], results["shm"]
+    assert len(shm.losses) == 8 and shm.losses == store.losses and shm.eval_loss == store.eval_loss
+    key = lambda h: (h["replica"], h["stage"])  # noqa: E731
+    for a, b in zip(sorted(store.hops, key=key), sorted(shm.hops, key=key)):
+        assert {k: v for k, v in a.items() if k != "holder"} == {k: v for k, v in b.items() if k != "holder"}
+    assert _shm_files() - before == set()

@@ -86,6 +86,8 @@ class FixedPipelines(StepExecutor):
             self.direct.remake(replica, self.trainer.swarm.replicas[replica])
         if self.shm is not None:
             self.shm.remake(replica, self.trainer.swarm.replicas[replica])
+            rings = sum(len(names) for names in self.shm.made[replica])
+            self.trainer.log(f"hops: replica {replica}'s shared-memory rings made anew ({rings} rings)")
 
     def submit(self, step: int) -> None:
         if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
