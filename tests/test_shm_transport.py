@@ -73,6 +73,10 @@ def test_rings_are_remade_under_new_names_the_old_unlinked_and_sweep_clears_a_ru
     assert torch.equal(old, torch.ones(5))  # the unlinked file's pages live as long as the mapping
     with pytest.raises(HopPayloadError, match="not on this node"):
         ShmReader().take(h, "s0")
+    h = rings.put(torch.ones(1100), "fwd", "s1")
+    assert h is None and [os.path.basename(p) for p in _files(run)] == second  # grown: 4400 bytes > one page
+    third = rings.reopen(4400)  # what StageHolder.grow does
+    assert len(third) == 1 and third != second and isinstance(rings.put(torch.ones(1100), "fwd", "s1"), ShmHop)
     leftover = ShmRing(f"nrshm-{run}-r9-s0-fwd-1-1", 1, 10)  # as if its holder died without closing
     assert len(_files(run)) == 2
     assert sweep(run) == 2 and _files(run) == []

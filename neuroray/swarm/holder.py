@@ -259,11 +259,13 @@ class StageHolder:
         """(Re)make this holder's outgoing rings, one per direction in ``directions`` (``fwd``, ``bwd``), of
         ``slots`` slots each the size of one float32 activation; the ring names. Every other edge, and this
         holder until the driver calls this, sends through the object store."""
-        s = self.spec
-        slot_bytes = s.microbatch_size * s.seq_len * s.model.d_model * 4
-        if slot_bytes == 0:  # a spec without a microbatch shape: no size to reserve
+        if self._slot_bytes() == 0:  # a spec without a microbatch shape: no size to reserve
             directions = []
-        return self.compute.rings.open(run, s.replica, s.stage, directions, slots, slot_bytes)
+        return self.compute.rings.open(run, self.spec.replica, self.spec.stage, directions, slots, self._slot_bytes())
+
+    def _slot_bytes(self) -> int:
+        s = self.spec
+        return s.microbatch_size * s.seq_len * s.model.d_model * 4
 
     def close_hop_rings(self) -> None:
         """Unlink this holder's rings (shutdown)."""
@@ -436,6 +438,7 @@ class StageHolder:
         """
         self.lifecycle.grow(model, ranges, seed)
         self._renew_prover()
+        self.compute.rings.reopen(self._slot_bytes())  # shm: the wider hops would no longer fit a slot
         return self.info()
 
     def grow_vocab(self, vocab_size: int, seed: int, manifest: str | dict | None = None) -> dict:

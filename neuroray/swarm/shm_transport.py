@@ -206,11 +206,13 @@ class ShmRings:
     def __init__(self):
         self.rings: dict[str, ShmRing] = {}
         self.serial = 0
+        self.made: tuple | None = None  # the last open()'s arguments, for reopen()
 
     def open(self, run: str, replica: int, stage: int, directions: list[str], slots: int, slot_bytes: int) -> list[str]:
         """(Re)make the rings of ``directions`` (closing every ring this holder had); the names made. A ring that
         cannot be made (/dev/shm too small) is left out with a warning: that edge uses the object store."""
         self.close()
+        self.made = (run, replica, stage, list(directions), slots)
         for d in directions:
             self.serial += 1
             name = ring_name(run, replica, stage, d, self.serial)
@@ -221,6 +223,13 @@ class ShmRings:
                 log.warning("shared-memory ring %s (%d x %d bytes) not made, hops go through the object store: %s",
                             name, slots, slot_bytes, exc)
         return [r.name for r in self.rings.values()]
+
+    def reopen(self, slot_bytes: int) -> list[str]:
+        """The same rings anew with slots of ``slot_bytes`` (the model grew: its hops no longer fit)."""
+        if not self.rings or self.made is None:
+            return []
+        run, replica, stage, directions, slots = self.made
+        return self.open(run, replica, stage, [d for d in directions if d in self.rings], slots, slot_bytes)
 
     def put(self, t: torch.Tensor, direction: str, sender: str) -> ShmHop | None:
         ring = self.rings.get(direction)
