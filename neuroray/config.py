@@ -18,7 +18,8 @@ from neuroray.errors import ConfigError
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
 HOP_COMPRESSIONS = ("none", "int8", "lowrank", "lowrank_mixed")  # swarm.hop_compression (swarm/hop_codec.py)
-HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "shm", "auto")  # swarm.hop_transport (swarm/direct_transport.py, shm_transport.py)
+# swarm.hop_transport's values (neuroray/swarm/direct_transport.py, shm_transport.py)
+HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "shm", "auto")
 SCHEDULES = ("gpipe", "1f1b")  # swarm.schedule's values (neuroray/training/schedule.py)
 MAX_BUBBLE = 0.2  # data.num_microbatches=0 (auto): the largest pipeline bubble (S-1)/(m+S-1) it accepts
 

@@ -431,7 +431,7 @@ def _shm_files() -> set[str]:
     return set(glob.glob("/dev/shm/nrshm-*"))
 
 
-@pytest.mark.slow  # starts holders twice over (~40 s on the shared machine); tests/test_shm_transport.py runs shm hops in process
+@pytest.mark.slow  # ~20 s on the shared machine; tests/test_shm_transport.py runs shm hops in process
 def test_shm_hops_give_the_monoliths_gradients_and_rings_come_back_after_a_restart(ray_cluster, tmp_path):
     """Two holders with shared-memory rings (what FixedPipelines makes under hop_transport=shm): activations forward
     and gradients back cross as slot handles; the losses and every parameter's gradient equal the object-store

@@ -294,7 +294,8 @@ class ShmEdges:
         nodes = ray.get([h.ray_node.remote() for h in pipeline], timeout=self.timeout_s)
         calls = []
         for s, h in enumerate(pipeline):
-            dirs = [d for d, peer in (("fwd", s + 1), ("bwd", s - 1)) if 0 <= peer < len(pipeline) and nodes[peer] == nodes[s]]
+            dirs = [d for d, peer in (("fwd", s + 1), ("bwd", s - 1))
+                    if 0 <= peer < len(pipeline) and nodes[peer] == nodes[s]]
             calls.append(h.open_hop_rings.remote(self.run, dirs, self.slots))
         self.made[replica] = ray.get(calls, timeout=self.timeout_s)
 
