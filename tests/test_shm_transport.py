@@ -29,8 +29,15 @@ def _files(run: str) -> list[str]:
     return glob.glob(os.path.join(SHM_DIR, f"nrshm-{run}-*"))
 
 
-def test_a_slot_is_reused_only_after_the_receivers_last_view_goes_and_a_full_ring_falls_back():
-    run = uuid.uuid4().hex[:12]
+@pytest.fixture
+def run():
+    """A run id whose ring files are swept afterwards, whatever the test did (a failed assert leaves none)."""
+    name = uuid.uuid4().hex[:12]
+    yield name
+    sweep(name)
+
+
+def test_a_slot_is_reused_only_after_the_receivers_last_view_goes_and_a_full_ring_falls_back(run):
     rings, reader = ShmRings(), ShmReader()
     rings.open(run, 0, 0, ["fwd"], slots=2, slot_bytes=4 * 64)
     a, b = torch.randn(8, 8), torch.randn(8, 8)
@@ -61,8 +68,7 @@ def test_a_slot_is_reused_only_after_the_receivers_last_view_goes_and_a_full_rin
     assert _files(run) == []
 
 
-def test_rings_are_remade_under_new_names_the_old_unlinked_and_sweep_clears_a_run():
-    run = uuid.uuid4().hex[:12]
+def test_rings_are_remade_under_new_names_the_old_unlinked_and_sweep_clears_a_run(run):
     rings = ShmRings()
     first = rings.open(run, 1, 1, ["fwd", "bwd"], slots=1, slot_bytes=100)
     assert sorted(os.path.basename(p) for p in _files(run)) == sorted(first)
@@ -99,11 +105,10 @@ def _pipeline(tmp_path, transport: str) -> list[StageHolder]:
                                    seq_len=8, microbatch_size=2, hop_transport=transport)) for s in range(2)]
 
 
-def test_shm_hops_give_the_object_store_paths_gradients_bit_for_bit_and_keep_the_checks(tmp_path):
+def test_shm_hops_give_the_object_store_paths_gradients_bit_for_bit_and_keep_the_checks(tmp_path, run):
     """In process, the calls Ray would make: activations and gradients cross as handles to slots, the losses and
     gradients equal the object-store path's exactly; every slot is free after the step; a NaN activation in a
     slot is refused by the receiver's checks (check finite), a handle read twice as a payload error."""
-    run = uuid.uuid4().hex[:12]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)) for _ in range(3)]
     ref_driver, ref_validator = _pipeline(tmp_path, "object_store")
