@@ -102,7 +102,8 @@ def test_the_config_takes_shm_for_fixed_pipelines_only():
 def _pipeline(tmp_path, transport: str) -> list[StageHolder]:
     return [StageHolder(HolderSpec(replica=0, stage=s, ranges=[(0, 1), (1, 2)], model=CFG, vocab_size=64,
                                    diloco=DilocoConfig(), seed=0, key_path=str(tmp_path / f"{transport}{s}.pem"),
-                                   seq_len=8, microbatch_size=2, hop_transport=transport)) for s in range(2)]
+                                   seq_len=8, microbatch_size=2, hop_transport=transport, hop_record=True))
+            for s in range(2)]
 
 
 def test_shm_hops_give_the_object_store_paths_gradients_bit_for_bit_and_keep_the_checks(tmp_path, run):
@@ -136,6 +137,14 @@ def test_shm_hops_give_the_object_store_paths_gradients_bit_for_bit_and_keep_the
         assert got.grads().keys() == want.keys()
         for name, g_ref in want.items():
             assert torch.equal(got.grads()[name], g_ref), name
+    for ref, got in ((ref_driver, driver), (ref_validator, validator)):  # hop rechecks' records: the same bytes
+        want, have = ref.take_hop_record(), got.take_hop_record()
+        assert len(want["sent"]) == 3 and have["sent"] == want["sent"]  # digests of what each sent
+        assert have["received"].keys() == want["received"].keys()
+        for mb, parts in want["received"].items():
+            for k, v in parts.items():
+                same = torch.equal if isinstance(v, torch.Tensor) else (lambda a, b: a == b)
+                assert same(have["received"][mb][k], v), (mb, k)
     gc.collect()
     assert driver.hop_rings()["fwd"]["in_use"] == 0 and validator.hop_rings()["bwd"]["in_use"] == 0
     sent, received = driver.compute.hop_counts["fwd_bytes"], validator.compute.hop_counts["received_bytes"]
