@@ -249,15 +249,19 @@ def _check_hops(s: SwarmConfig) -> None:
 
 
 def _check_hop_transport(cfg: TrainConfig) -> None:
-    """Ray Direct Transport (swarm.hop_transport=gloo|nccl) is wired for fixed pipelines of plain tensors only."""
+    """Ray Direct Transport (swarm.hop_transport=gloo|nccl) and shared-memory rings (shm) are wired for fixed
+    pipelines of plain tensors only."""
     s, t = cfg.swarm, cfg.swarm.hop_transport
     if t not in HOP_TRANSPORTS:
         raise ConfigError(f"swarm.hop_transport={t} is unknown; choose {', '.join(HOP_TRANSPORTS)}")
     if t in ("object_store", "auto"):
         return  # auto falls back to the object store wherever a direct path cannot run
+    if s.hop_shm_slots < 0:
+        raise ConfigError(f"swarm.hop_shm_slots={s.hop_shm_slots} must be >= 0 (0: data.num_microbatches + 1)")
     if s.routing != "fixed":
-        raise ConfigError(f"swarm.hop_transport={t} needs swarm.routing=fixed (a collective group per fixed "
-                          "pipeline; routed hops go anywhere): use swarm.hop_transport=object_store with the router")
+        what = "a ring per fixed edge" if t == "shm" else "a collective group per fixed pipeline"
+        raise ConfigError(f"swarm.hop_transport={t} needs swarm.routing=fixed ({what}; routed hops go anywhere): "
+                          "use swarm.hop_transport=object_store with the router")
     if s.hop_compression != "none":
         raise ConfigError(f"swarm.hop_transport={t} carries plain tensors, not swarm.hop_compression="
                           f"{s.hop_compression} payloads: set swarm.hop_compression=none or hop_transport=object_store")
