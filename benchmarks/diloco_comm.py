@@ -7,7 +7,8 @@ the same number of tokens. ``batch=global`` (default, the DiLoCo papers' setup):
 ``batch=replica``: every replica takes ``mb`` sequences a step, so M replicas take ``4 * steps4 / M``
 steps. Final eval loss: the checkpoint on the same 16 eval batches of 4 x mb sequences for every run.
 Runs: synchronous (``diloco=sync``: 4 replicas, H=1, weights averaged every step), DiLoCo with M in {1, 2, 4}
-and H in {10, 50, 100}, int8 / fp16 / sparse compression at M=4, H=50 (and int8 at M=4, H=10), and Streaming DiLoCo
+and H in {10, 50, 100}, int8 / fp16 / sparse compression at M=4, H=50 (and int8 at M=4, H=10; sparse also with
+``diloco.sparse_broadcast=union``, outer lr 1.0 without momentum), and Streaming DiLoCo
 at M=4 with F=2 fragments at H=50 (also in int8) and F=4 at H=100 (F must divide H), whose peak bytes per
 outer step go to a table of their own. ``outer=<preset>``: the DiLoCo runs' outer optimizer from
 ``conf/diloco/<preset>.yaml`` (default: lr 0.7, Nesterov 0.9; ``swept`` and ``tuned``: the settings chosen
@@ -48,7 +49,11 @@ PNG = ROOT / "docs" / "diloco_loss.png"
 RUNS = [("sync", 4, 1, "none", 1), ("plain AdamW", 1, 100, "none", 1)] + [(f"M={m} H={h}", m, h, "none", 1) for m in (1, 2, 4) for h in (10, 50, 100)] + [
     ("M=4 H=50 int8", 4, 50, "int8", 1), ("M=4 H=50 fp16", 4, 50, "fp16", 1), ("M=4 H=10 int8", 4, 10, "int8", 1),
     ("M=4 H=50 F=2", 4, 50, "none", 2), ("M=4 H=100 F=4", 4, 100, "none", 4), ("M=4 H=50 F=2 int8", 4, 50, "int8", 2),
-    ("M=4 H=50 sparse", 4, 50, "sparse", 1)]
+    ("M=4 H=50 sparse", 4, 50, "sparse", 1), ("M=4 H=50 sparse union", 4, 50, "sparse", 1)]
+# "... union": diloco.sparse_broadcast=union, which has no outer momentum (neuroray/diloco/union.py): the
+# accepted payloads' mean applied at outer lr 1.0 (SparseLoCo's plain averaged step, error feedback in place of
+# momentum), whatever outer=<preset> says
+UNION = ["diloco.sparse_broadcast=union", "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"]
 
 
 REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
@@ -66,6 +71,7 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
         # the outer optimizer of every DiLoCo run: a diloco preset (outer=default: lr 0.7, Nesterov 0.9)
         *([] if label in REFERENCES or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
         *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
+        *(UNION if label.endswith(" union") else []),
         # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
         *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
         *([f"seed={args['seed']}"] if "seed" in args else []),  # the initial weights; the same data and eval
@@ -211,7 +217,9 @@ def _write(results: list[dict], args: dict, cmd: str) -> None:
                                                   if r["compression"] == "int8" else "")
             if r["compression"] == "sparse":  # issue #20: >= 100x fewer bytes than fp32, loss <= fp32's
                 fewer = (base["sync_bytes"] / base["tokens"]) / bpt
-                goals += (f"; {fewer:.0f}x fewer bytes than fp32 (>= 100x: {'met' if fewer >= 100 else 'NOT met'})"
+                up, down = (base[k] / r[k] for k in ("payload_bytes", "broadcast_bytes"))
+                goals += (f"; {fewer:.0f}x fewer bytes than fp32 (>= 100x: {'met' if fewer >= 100 else 'NOT met'}; "
+                          f"up {up:.0f}x, down {down:.0f}x)"
                           f"; loss <= fp32: {'met' if cost <= 0 else 'NOT met'}")
         append_row(
             section,

@@ -11,6 +11,9 @@ Two actors on one node: the sender makes the hop payload of a float32 activation
   object store, read in place);
 * ``direct (gloo)``: the hop under ``swarm.hop_transport=gloo`` (Ray Direct Transport): the sender returns the
   tensor itself (``direct_transport.outgoing``), the receiver's call pulls it over a gloo group of the two actors;
+* ``shm``: the hop under ``swarm.hop_transport=shm`` (neuroray/swarm/shm_transport.py): the sender copies the
+  tensor into a slot of its preallocated, pre-touched shared-memory ring and returns a handle; the receiver reads
+  the slot in place and releases it when its view goes (here at the end of the call);
 * ``compiled``: the wire hop as a Ray Compiled Graph (``experimental_compile``: shared-memory channels, no
   task submission per call);
 * ``store put``: ``ray.put`` of the wire payload in the driver, then freed: the object store's own copy-in, one
@@ -24,7 +27,8 @@ used), ``prefault`` (the whole store faulted in at start), ``huge`` (prefault, o
 
 Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
 every repetition (a busy machine slows them alike). Reported: each in ms and
-``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire and the direct hop.
+``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire, direct and shm hops; and
+``(hop - empty) / memcpy``, the hop's cost beyond Ray's two calls.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
         [stores=default] [store_mib=2048]
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -101,14 +106,23 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
 
     from neuroray.swarm.direct_transport import outgoing
     from neuroray.swarm.hop_codec import HopCodec
+    from neuroray.swarm.shm_transport import ShmReader, ShmRings
 
     class Sender:
         def __init__(self):
             torch.set_num_threads(1)
-            self.codec, self.x = HopCodec("none"), None
+            self.codec, self.x, self.rings = HopCodec("none"), None, ShmRings()
 
-        def make(self, numel: int) -> None:
+        def make(self, numel: int, ring: bool = False) -> None:
             self.x = torch.randn(numel)
+            if ring:  # as a holder's ring, made once per shape (one sender per edge: the others have none)
+                self.rings.open(run, 0, 0, ["fwd"], 2, numel * 4)
+
+        def close(self) -> None:
+            self.rings.close()
+
+        def shm_hop(self, _=None):
+            return self.rings.put(self.x, "fwd", "sender")
 
         def sized_wire_hop(self, numel: int):
             """The compiled graph's sender: one graph for every size, the size its input."""
@@ -131,7 +145,10 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
     class Receiver:
         def __init__(self):
             torch.set_num_threads(1)
-            self.codec = HopCodec("none")
+            self.codec, self.reader = HopCodec("none"), ShmReader()
+
+        def take_shm(self, hop) -> float:
+            return float(self.reader.take(hop, "receiver")[0])  # the slot is released as the view goes
 
         def take_torch(self, x) -> float:
             return float(x[0])
@@ -142,6 +159,7 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
         def take_none(self, x) -> None:
             return x
 
+    run = uuid.uuid4().hex[:12]
     plain = {"num_cpus": 0}
     direct = plain | {"enable_tensor_transport": True}  # as holder_actor makes holders under a direct transport
     torch.set_num_threads(1)  # the memcpy on one core, as each actor copies
@@ -156,7 +174,7 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
     rows = []
     for mib in sizes:
         numel = int(mib * 2**20) // 4
-        ray.get([s.make.remote(numel), ds.make.remote(numel)])
+        ray.get([s.make.remote(numel, True), ds.make.remote(numel)])
         src, dst = torch.randn(numel), torch.empty(numel)
         wire = HopCodec("none").encode(src, "driver")
         row = _interleaved_ms({
@@ -165,6 +183,7 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
             "wire": lambda: ray.get(r.take_wire.remote(s.wire_hop.remote())),
             "direct": lambda: ray.get(dr.take_wire.remote(ds.direct_hop.options(tensor_transport="gloo").remote())),
             "compiled": lambda: ray.get(compiled_dag.execute(numel)),  # noqa: B023 - called within this iteration
+            "shm": lambda: ray.get(r.take_shm.remote(s.shm_hop.remote())),
             "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
             "put": lambda: ray.put(wire),  # noqa: B023 - called within this iteration; freed at once
         }, reps)
@@ -175,7 +194,9 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
         print(f"{mib:g} MiB: memcpy {memcpy:.2f} ms, torch pickle {pickled:.2f} ms ({pickled / memcpy:.1f}x), "
               f"wire {wire_ms:.2f} ms ({wire_ms / memcpy:.1f}x), direct (gloo) {direct_ms:.2f} ms "
               f"({direct_ms / memcpy:.1f}x), compiled graph {compiled:.2f} ms ({compiled / memcpy:.1f}x), "
-              f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms", flush=True)
+              f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms, shm {row['shm']:.2f} ms "
+              f"({row['shm'] / memcpy:.1f}x; beyond the calls {(row['shm'] - empty) / memcpy:.2f}x)", flush=True)
+    ray.get(s.close.remote())
     destroy_collective_group(group)
     return rows
 
@@ -190,26 +211,25 @@ def main() -> None:
             rows += [row | {"store": store} for row in _measure(sizes, reps)]
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
     for row in rows:
-        m = row["memcpy"]
+        m, e = row["memcpy"], row["empty"]
         append_row(
-            "Per-hop cost vs memcpy and a Compiled Graph, by object store",
-            ["command", "machine", "object store", "MiB", "memcpy ms", "torch pickle ms (/memcpy)", "wire ms (/memcpy)",
-             "direct (gloo) ms (/memcpy)", "compiled graph ms (/memcpy)", "empty calls ms", "store put ms",
-             "goal /memcpy <= 2 (wire, direct)"],
+            "Per-hop cost vs memcpy: shared-memory rings, object store, direct, Compiled Graph",
+            ["command", "machine", "object store", "MiB", "memcpy ms", "shm ms (/memcpy)", "wire ms (/memcpy)",
+             "direct (gloo) ms (/memcpy)", "compiled graph ms (/memcpy)", "torch pickle ms (/memcpy)",
+             "empty calls ms", "store put ms", "(hop - empty) / memcpy (shm, wire)", "goal /memcpy <= 2 (shm, wire, direct)"],
             [f"`{cmd.strip()}`", machine(), row["store"], f"{row['MiB']:g}", f"{m:.2f}",
-             f"{row['torch pickle']:.2f} ({row['torch pickle'] / m:.1f}x)", f"{row['wire']:.2f} ({row['wire'] / m:.1f}x)",
-             f"{row['direct']:.2f} ({row['direct'] / m:.1f}x)",
-             f"{row['compiled']:.2f} ({row['compiled'] / m:.1f}x)", f"{row['empty']:.2f}", f"{row['put']:.2f}",
-             ", ".join("met" if row[k] / m <= 2 else "not met" for k in ("wire", "direct"))],
+             *(f"{row[k]:.2f} ({row[k] / m:.1f}x)" for k in ("shm", "wire", "direct", "compiled", "torch pickle")),
+             f"{e:.2f}", f"{row['put']:.2f}", f"{(row['shm'] - e) / m:.2f}, {(row['wire'] - e) / m:.2f}",
+             ", ".join("met" if row[k] / m <= 2 else "not met" for k in ("shm", "wire", "direct"))],
             note="Two actors on one node, one float32 activation per hop as a holder sends it (benchmarks/hop_overhead.py): "
-                 "`torch pickle` is the hop before the wire form (Ray pickles the tensor through torch.save/torch.load), "
-                 "`wire` the hop now (a numpy buffer out of band, read in place), `direct (gloo)` the hop under "
-                 "swarm.hop_transport=gloo (Ray Direct Transport over a gloo group), `store put` a ray.put of the wire "
-                 "payload alone (the object store's copy-in), `compiled graph` the wire hop as a Ray "
-                 "Compiled Graph, `empty calls` the same two calls carrying nothing. Medians, the five taken in turn in "
-                 "every repetition; each hop includes the sender's and the receiver's actor call and the driver's wait. "
-                 "Object store (a fresh local Ray each, of the command's store_mib): `default` /dev/shm, `prefault` "
-                 "cluster.object_store_prefault=true, `huge` the same on a tmpfs mounted with huge=always.")
+                 "`shm` the hop under swarm.hop_transport=shm (a copy into a slot of the sender's preallocated, "
+                 "pre-touched shared-memory ring, a handle in the Ray call, read in place), `wire` the object-store "
+                 "hop (a numpy buffer out of band), `direct (gloo)` Ray Direct Transport over a gloo group, "
+                 "`compiled graph` the wire hop as a Ray Compiled Graph, `torch pickle` the hop before the wire form, "
+                 "`empty calls` the same two calls carrying nothing, `store put` a ray.put of the wire payload alone. "
+                 "Medians, every arm taken in turn in every repetition; each hop includes the sender's and the "
+                 "receiver's actor call and the driver's wait. `(hop - empty) / memcpy`: what the hop costs beyond "
+                 "Ray's two calls, in memcpys.")
 
 
 if __name__ == "__main__":

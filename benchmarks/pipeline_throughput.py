@@ -8,7 +8,7 @@ than 1). The
 arms run interleaved, ``repeats`` times ``steps`` inner steps each after a warm-up, on one Ray swarm and
 one process-local model; the median of each arm is reported. Appends one row per schedule to
 docs/benchmarks.md, with the most microbatch graphs each holder kept at once (its activation stash).
-``transports=object_store,gloo`` runs one swarm per hop transport (``swarm.hop_transport``), their arms
+``transports=object_store,gloo,shm`` runs one swarm per hop transport (``swarm.hop_transport``), their arms
 interleaved with the others (default: the config's own transport, one swarm).
 
     python benchmarks/pipeline_throughput.py [steps=10] [repeats=3] [schedules=gpipe,1f1b] [transports=...]
@@ -78,6 +78,13 @@ class RayPipeline:
         self.groups = None if self.transport is None else HopGroups(self.transport, f"bench-{id(self)}")
         if self.groups is not None:
             self.groups.ensure(0, self.pipeline)
+        self.shm = None
+        if self.swarm.hop_transport == "shm":  # as FixedPipelines makes the rings under shm
+            from neuroray.swarm.shm_transport import ShmEdges
+
+            self.shm = ShmEdges(f"bench{os.getpid()}x{id(self) % 10**6}", cfg.swarm.hop_shm_slots or
+                                cfg.data.num_microbatches + 1, cfg.cluster.step_timeout_s)
+            self.shm.ensure(0, self.pipeline)
 
     def run(self, steps: int, schedule: str) -> tuple[float, list[int]]:
         """Tokens/s over ``steps`` inner steps, and the most graphs each holder kept at once meanwhile."""
@@ -97,6 +104,8 @@ class RayPipeline:
     def close(self) -> None:
         if self.groups is not None:
             self.groups.close()
+        if self.shm is not None:
+            self.shm.close([self.pipeline])
         self.swarm.shutdown()
 
 

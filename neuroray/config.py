@@ -18,7 +18,8 @@ from neuroray.errors import ConfigError
 SCHEMA_NAME = "neuroray_schema"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # TrainConfig.precision's values (docs/precision.md)
 HOP_COMPRESSIONS = ("none", "int8", "lowrank", "lowrank_mixed")  # swarm.hop_compression (swarm/hop_codec.py)
-HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "auto")  # swarm.hop_transport's values (neuroray/swarm/direct_transport.py)
+# swarm.hop_transport's values (neuroray/swarm/direct_transport.py, shm_transport.py)
+HOP_TRANSPORTS = ("object_store", "gloo", "nccl", "shm", "auto")
 SCHEDULES = ("gpipe", "1f1b")  # swarm.schedule's values (neuroray/training/schedule.py)
 MAX_BUBBLE = 0.2  # data.num_microbatches=0 (auto): the largest pipeline bubble (S-1)/(m+S-1) it accepts
 
@@ -101,6 +102,12 @@ class DilocoConfig:
     compression: str = "none"
     compression_block: int = 256  # int8: values per float32 scale; sparse: values per chunk
     sparse_density: float = 0.015  # sparse: the fraction of each chunk's values sent
+    # sparse: what the outer step sends back to the holders. resparsify: its update theta0_old - theta0_new,
+    # top-k sparsified again with its own error feedback (theta0 changes in at most sparse_density of each chunk
+    # per round). union: the accepted holders' payloads themselves, which every holder decodes and averages
+    # with the rule's weights (SparseLoCo's all-gather: the update's support is the union of theta0 supports;
+    # about M payloads to each holder; no outer momentum, so outer_momentum must be 0; docs/diloco.md)
+    sparse_broadcast: str = "resparsify"
     # Streaming DiLoCo: each range's layers split into this many fragments; fragment i runs its outer step
     # after inner steps t with (t - i*H/F) % H == 0, so one fragment syncs every H/F steps (1: off)
     streaming_fragments: int = 1
@@ -212,8 +219,13 @@ class SwarmConfig:
     # How a hop's tensor crosses (docs/hops.md, "Transport"): "object_store" (a numpy buffer through Ray's object
     # store); "gloo" (CPU tensors) or "nccl" (CUDA tensors): Ray Direct Transport, the receiver pulls the tensor from
     # the sender over a collective group, one per fixed pipeline (fixed routing, hop_compression=none only);
-    # "auto": nccl when every holder has a GPU, else object_store
+    # "shm": same-node edges of fixed pipelines through a preallocated ring of shared-memory slots per edge, only a
+    # small handle in the Ray call (neuroray/swarm/shm_transport.py); the object store where the peer is on another
+    # node or no slot is free; "auto": nccl when every holder has a GPU, else object_store
     hop_transport: str = "object_store"
+    # hop_transport=shm: slots in each edge's ring (each the size of one activation); 0: data.num_microbatches + 1,
+    # enough for GPipe's stash of every microbatch's activation until its backward (a full ring falls back, never waits)
+    hop_shm_slots: int = 0
     # Checks at every hop (neuroray/swarm/hop_guard.py, docs/hops.md): a holder checks each activation and gradient
     # it receives for shape, dtype, NaN/Inf and a norm band; a violation is rejected and counted against its sender.
     hop_check: bool = True  # (false: received tensors are used unchecked; a compressed payload is still checked)

@@ -150,6 +150,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.sparse_density={dl.sparse_density} must be in (0, 1], e.g. 0.015")
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
+    _check_sparse_broadcast(cfg)
     _check_streaming(cfg)
     from neuroray.diloco.overlap import overlap_problem  # lazy: the diloco package imports torch
 
@@ -176,6 +177,26 @@ def validate(cfg: TrainConfig) -> None:
     problem = config_problem(cfg.aggregator, dl.replicas) or attack_problem(cfg.attack, dl.replicas)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_sparse_broadcast(cfg: TrainConfig) -> None:
+    """diloco.sparse_broadcast=union: the holders rebuild the step from the payloads (neuroray/diloco/union.py),
+    so the step must be a weighted sum of them: no outer momentum, a rule whose result is one."""
+    dl = cfg.diloco
+    if dl.sparse_broadcast not in ("resparsify", "union"):
+        raise ConfigError(f"diloco.sparse_broadcast={dl.sparse_broadcast} is unknown; choose resparsify or union")
+    if dl.sparse_broadcast != "union" or dl.compression != "sparse":
+        return
+    if dl.outer_momentum != 0 or dl.nesterov:
+        raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} (nesterov={dl.nesterov}): with "
+                          "diloco.sparse_broadcast=union the holders apply the payloads' mean themselves and a "
+                          "momentum term would be dense; set diloco.outer_momentum=0 diloco.nesterov=false (error "
+                          "feedback stands in for momentum, as in SparseLoCo) or diloco.sparse_broadcast=resparsify")
+    rules = ("mean", "krum", "multi_krum", "geometric_median")  # union.RULES; that module imports torch
+    if cfg.aggregator.name not in rules:
+        raise ConfigError(f"aggregator={cfg.aggregator.name} does not reduce to a weighted sum of the payloads, "
+                          f"which diloco.sparse_broadcast=union sends the holders; choose one of {', '.join(rules)} "
+                          "or diloco.sparse_broadcast=resparsify")
 
 
 def _check_reputation(cfg: TrainConfig) -> None:
@@ -228,15 +249,19 @@ def _check_hops(s: SwarmConfig) -> None:
 
 
 def _check_hop_transport(cfg: TrainConfig) -> None:
-    """Ray Direct Transport (swarm.hop_transport=gloo|nccl) is wired for fixed pipelines of plain tensors only."""
+    """Ray Direct Transport (swarm.hop_transport=gloo|nccl) and shared-memory rings (shm) are wired for fixed
+    pipelines of plain tensors only."""
     s, t = cfg.swarm, cfg.swarm.hop_transport
     if t not in HOP_TRANSPORTS:
         raise ConfigError(f"swarm.hop_transport={t} is unknown; choose {', '.join(HOP_TRANSPORTS)}")
     if t in ("object_store", "auto"):
         return  # auto falls back to the object store wherever a direct path cannot run
+    if s.hop_shm_slots < 0:
+        raise ConfigError(f"swarm.hop_shm_slots={s.hop_shm_slots} must be >= 0 (0: data.num_microbatches + 1)")
     if s.routing != "fixed":
-        raise ConfigError(f"swarm.hop_transport={t} needs swarm.routing=fixed (a collective group per fixed "
-                          "pipeline; routed hops go anywhere): use swarm.hop_transport=object_store with the router")
+        what = "a ring per fixed edge" if t == "shm" else "a collective group per fixed pipeline"
+        raise ConfigError(f"swarm.hop_transport={t} needs swarm.routing=fixed ({what}; routed hops go anywhere): "
+                          "use swarm.hop_transport=object_store with the router")
     if s.hop_compression != "none":
         raise ConfigError(f"swarm.hop_transport={t} carries plain tensors, not swarm.hop_compression="
                           f"{s.hop_compression} payloads: set swarm.hop_compression=none or hop_transport=object_store")

@@ -28,7 +28,7 @@ def test_the_transport_key_defaults_to_the_object_store_and_refuses_what_cannot_
         validate(replace(cfg, swarm=replace(cfg.swarm, **swarm), cluster=cluster or cfg.cluster))
 
     refusals = [
-        (dict(hop_transport="tcp"), "is unknown; choose object_store, gloo, nccl, auto"),
+        (dict(hop_transport="tcp"), "is unknown; choose object_store, gloo, nccl, shm, auto"),
         (dict(hop_transport="nccl"), "nccl needs a GPU on every holder"),
         (dict(hop_transport="gloo", routing="router"), "needs swarm.routing=fixed"),
         (dict(hop_transport="gloo", hop_compression="int8"), "set swarm.hop_compression=none"),

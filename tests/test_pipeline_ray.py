@@ -423,3 +423,116 @@ def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_clust
     key = lambda h: (h["replica"], h["stage"])  # noqa: E731
     for a, b in zip(sorted(store.hops, key=key), sorted(gloo.hops, key=key)):
         assert {k: v for k, v in a.items() if k != "holder"} == {k: v for k, v in b.items() if k != "holder"}
+
+
+def _shm_files() -> set[str]:
+    import glob
+
+    return set(glob.glob("/dev/shm/nrshm-*"))
+
+
+@pytest.mark.slow  # ~20 s on the shared machine; tests/test_shm_transport.py runs shm hops in process
+def test_shm_hops_give_the_monoliths_gradients_and_rings_come_back_after_a_restart(ray_cluster, tmp_path):
+    """Two holders with shared-memory rings (what FixedPipelines makes under hop_transport=shm): activations forward
+    and gradients back cross as slot handles; the losses and every parameter's gradient equal the object-store
+    path's bit for bit and the monolith's within float tolerance. Then the Validator is killed and restarted by
+    Ray: until the rings are remade it sends through the object store, after that through a new ring; at the end
+    every ring file is unlinked."""
+    from neuroray.swarm.shm_transport import ShmEdges, ShmHop
+
+    ray = ray_cluster
+    before = _shm_files()
+    gen = torch.Generator().manual_seed(5)
+    micro = [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(3)]
+    labels = [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(3)]
+    ref = build_monolith(CFG, VOCAB, seed=3)
+    for x, y in zip(micro, labels):
+        (ref.loss(ref(x), y) / len(micro)).backward()
+    ranges = split_layers(CFG.n_layers, 2)
+
+    def pipeline(transport):
+        return [holder_actor(HolderSpec(replica=0, stage=s, ranges=ranges, model=CFG, vocab_size=VOCAB,
+                                        diloco=DilocoConfig(), seed=3, key_path=str(tmp_path / f"{transport}{s}.pem"),
+                                        seq_len=16, microbatch_size=2, hop_transport=transport),
+                             num_cpus=0, num_gpus=0, max_restarts=1) for s in range(2)]
+
+    def step(holders):  # GPipe's order: the activations of every microbatch are held at once
+        acts = [holders[0].forward.remote(mb, ray.put(x)) for mb, x in enumerate(micro)]
+        outs = [holders[1].forward_backward.options(num_returns=2).remote(mb, a, ray.put(y), 1 / 3)
+                for mb, (a, y) in enumerate(zip(acts, labels))]
+        tails = [holders[0].backward.remote(mb, g) for mb, (_, g) in enumerate(outs)]
+        assert ray.get(tails) == [None] * 3
+        return ray.get([loss for loss, _ in outs]), {n: g for p in ray.get([h.grads.remote() for h in holders])
+                                                      for n, g in p.items()}
+
+    store = pipeline("object_store")
+    want_losses, want = step(store)
+    holders = pipeline("shm")
+    edges = ShmEdges("t" + tmp_path.name[-10:].replace("_", ""), 3, 60)
+    edges.ensure(0, holders)
+    assert [len(names) for names in edges.made[0]] == [1, 1]  # one node: fwd from the Driver, bwd from the Validator
+    assert isinstance(ray.get(holders[0].forward.remote(99, ray.put(micro[0]))), ShmHop)  # read by no one: held
+    ray.get([h.abort_step.remote() for h in holders])
+    losses, got = step(holders)
+    assert losses == want_losses and got.keys() == want.keys() == {n for n, _ in ref.named_parameters()}
+    for name, p in ref.named_parameters():
+        assert torch.equal(got[name], want[name]), name  # the object-store path's bit for bit
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    rings = ray.get([h.hop_rings.remote() for h in holders])
+    # the handle nobody read keeps its slot until the rings are remade: of the step's 3 activations, the last went
+    # through the object store unless the Validator had consumed (and so released) the first by then
+    assert rings[0]["fwd"]["sent"] + rings[0]["fwd"]["fallbacks"] == 4 and rings[0]["fwd"]["sent"] >= 3
+    assert rings[1]["bwd"]["sent"] == 3 and rings[1]["bwd"]["fallbacks"] == 0
+    assert rings[0]["fwd"]["in_use"] == 1 and rings[1]["bwd"]["in_use"] == 0  # every slot read was released
+
+    ray.kill(holders[1], no_restart=False)  # Ray restarts it: a new process with no ring
+    for _ in range(600):  # ray.kill is asynchronous: poll until the restarted process (no ring yet) answers
+        try:
+            if ray.get(holders[1].hop_rings.remote(), timeout=60) == {}:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        time.sleep(0.1)
+    ray.get([h.abort_step.remote() for h in holders])
+    assert len(_shm_files() - before) == 2  # the dead Validator's ring is still there until its edge is remade
+    losses, _ = step(holders)  # its gradients go through the object store meanwhile
+    assert losses == want_losses
+    edges.remake(0, holders)
+    assert len(_shm_files() - before) == 2 and rings[1]["bwd"]["name"] not in edges.made[0][1]
+    ray.get([h.abort_step.remote() for h in holders])  # microbatch ids are claimed once per step: a new step
+    losses, got = step(holders)
+    assert losses == want_losses and all(torch.equal(got[n], want[n]) for n in want)
+    assert [ray.get(h.hop_rings.remote())[d]["sent"] for h, d in zip(holders, ("fwd", "bwd"))] == [3, 3]  # new rings
+    edges.close([holders])
+    assert _shm_files() - before == set()
+    for h in holders + store:
+        ray.kill(h)
+
+
+@pytest.mark.slow  # two whole runs (about a minute each on 2 shared cores)
+def test_a_fixed_run_over_shm_trains_exactly_as_over_the_object_store_and_leaves_no_ring(ray_cluster, tmp_path):
+    """run() with swarm.hop_transport=shm (2 stages, 2 replicas, every holder on this node) against the default:
+    the same losses step by step, the same eval loss, hops counted alike; no ring file is left after the run."""
+    from neuroray.configure import load_config
+    from neuroray.training.run import run
+
+    before = _shm_files()
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus)
+    results = {}
+    for transport in ("object_store", "shm"):
+        cfg = load_config([
+            f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
+            "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
+            "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
+            f"swarm.hop_transport={transport}", "diloco.replicas=2", "diloco.inner_steps=4", "diloco.inner_lr=0.01",
+            "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / transport}", "cluster.cpus_per_holder=0.3",
+            "sample_tokens=2",
+        ])
+        results[transport] = run(cfg, log=lambda *a, **k: None)
+    store, shm = results["object_store"], results["shm"]
+    assert len(shm.losses) == 8 and shm.losses == store.losses and shm.eval_loss == store.eval_loss
+    key = lambda h: (h["replica"], h["stage"])  # noqa: E731
+    for a, b in zip(sorted(store.hops, key=key), sorted(shm.hops, key=key)):
+        assert {k: v for k, v in a.items() if k != "holder"} == {k: v for k, v in b.items() if k != "holder"}
+    assert _shm_files() - before == set()

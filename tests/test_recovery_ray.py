@@ -156,6 +156,20 @@ def test_training_survives_a_holder_killed_mid_run_under_direct_gloo_hops(ray_cl
     assert any(line.startswith("recovery: replica 1 back") for line in lines)
 
 
+@pytest.mark.slow  # a whole run (about a minute and a half on 2 shared cores)
+def test_training_survives_a_holder_killed_mid_run_under_shm_hops(ray_cluster, tmp_path):
+    """swarm.hop_transport=shm: a holder killed mid-run restarts with no ring (its edge goes through the object
+    store), the replica recovers and its rings are made anew; at shutdown no ring file is left, the dead
+    process's included."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/nrshm-*"))
+    result, lines = _run_killing(ray_cluster, tmp_path, "skill", 1, "swarm.hop_transport=shm")
+    assert [r["replica"] for r in result.recoveries] == [1]
+    assert "hops: replica 1's shared-memory rings made anew (2 rings)" in lines
+    assert set(glob.glob("/dev/shm/nrshm-*")) - before == set()
+
+
 def test_a_holder_without_snapshot_copies_its_range_from_a_live_peer(ray_cluster, tmp_path):
     """No snapshot yet (snapshots off): the restarted holder is refilled from the other replica's holder."""
     result, lines = _run_killing(ray_cluster, tmp_path, "peer", 0, "checkpoint.every_round=false")

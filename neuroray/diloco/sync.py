@@ -13,8 +13,9 @@ theta0 and the momentum unchanged; the report names every rejected holder and wh
 
 With ``diloco.compression`` set, holders send compressed payloads (neuroray/diloco/compress.py); the step
 checks and decodes each before anything else, so a malformed one is rejected and named like a NaN one.
-It then broadcasts the compressed outer update instead of the dense theta0. :meth:`OuterSync.measure`
-counts the serialized bytes of everything that crossed (docs/diloco.md).
+It then broadcasts the compressed outer update instead of the dense theta0; with ``diloco.sparse_broadcast=union``
+the accepted sparse payloads themselves, from which every holder rebuilds the step (neuroray/diloco/union.py).
+:meth:`OuterSync.measure` counts the serialized bytes of everything that crossed (docs/diloco.md).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import torch
 from neuroray.config import AggregatorConfig, AttackConfig, DilocoConfig
 from neuroray.diloco.aggregate import AggregationRefused, aggregate, min_inputs, screen
 from neuroray.diloco.attacks import byzantine_count, simulate
-from neuroray.diloco.compress import PayloadError, check, decode, encode_update
+from neuroray.diloco.compress import PayloadError, check, decode, digest, encode, encode_update
 from neuroray.diloco.outer import OuterOptimizer
+from neuroray.diloco.union import RULES as UNION_RULES
+from neuroray.diloco.union import apply_union, union_update
 from neuroray.ponw.copies import copy_groups
 
 log = logging.getLogger(__name__)
@@ -206,7 +209,8 @@ def step_seed(seed: int, range_index: int, round_index: int) -> int:
 def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_index: int, theta0: torch.Tensor,
                momentum: torch.Tensor | None, *deltas, attack: AttackConfig | None = None,
                memory: OuterMemory | None = None, round_index: int = 0, seed: int = 0, observe: bool = False,
-               weights: list[float] | None = None, refused: dict[int, str] | None = None):
+               weights: list[float] | None = None, refused: dict[int, str] | None = None,
+               updates: list | None = None):
     """Simulate the attack, aggregate the range's pseudo-gradients and apply the outer optimizer to theta0.
 
     Returns ``(new_theta0, new_momentum, report)``, plus the next :class:`OuterMemory` as a fourth value
@@ -217,13 +221,23 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     ``refused``: {holder index: reason} of pseudo-gradients the coordinator's checks refused before the step
     (a replayed update, neuroray/training/replays.py): observed as sent, then left out before the rule with its
     ``f`` lowered by one each (:func:`_aggregate_once`); named among the rejections, it earns nothing.
+    ``diloco.sparse_broadcast=union`` (:func:`unions`): the new theta0 is :func:`apply_union` of the payloads
+    the rule used, with its weights and no momentum; that update (without its ``base``) is appended to
+    ``updates`` when a list is passed, for the caller to send the holders.
     """
     cfg = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(name=aggregator)
     attack = attack or AttackConfig()
     mem = memory or OuterMemory()
     seeded = step_seed(seed, range_index, round_index)
+    payloads = list(deltas)
     deltas, malformed = decode_payloads(diloco, theta0.numel(), deltas)
     contributions, replay = simulate(attack, deltas, theta0.numel(), replay=mem.replay, seed=seeded)
+    union = unions(diloco)
+    if union and cfg.name not in UNION_RULES:  # config_checks says so at start; in-process callers hear it here
+        raise ValueError(f"aggregator={cfg.name} is not a weighted sum of the payloads; sparse_broadcast=union "
+                         f"needs one of {UNION_RULES}")
+    if union:
+        payloads = _as_sent(diloco, theta0.numel(), payloads, deltas, contributions)
     for i, reason in (refused or {}).items():
         contributions[i] = None
         malformed[i] = reason
@@ -246,6 +260,8 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     except AggregationRefused as exc:
         report.refused = str(exc)
         report.rejected = [(r.index, malformed.get(r.index, r.reason)) for r in screen(contributions, theta0.numel())[1]]
+        if union and updates is not None:  # the holders keep theta0 exactly: nothing to apply
+            updates.append(union_update([], [], [], diloco.outer_lr))
         out = (theta0, momentum, report)
         return out + (OuterMemory(mem.previous, replay, mem.residual),) if memory is not None else out
     report.accepted = result.accepted
@@ -258,12 +274,41 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
         named = suspects(contributions, result.accepted, result.value, cfg.f - len(report.rejected))
         report.rejected += named
         report.accepted = [i for i in report.accepted if i not in {i for i, _ in named}]
-    opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
-    opt.buf = None if momentum is None else momentum.clone()
-    new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))
-    out = (new_theta0, opt.buf, report)
+    if union:  # the rule's weighted sum, rebuilt from the payloads it used: what every holder will compute
+        used = sorted(result.weights)
+        update = union_update([payloads[i] for i in used], used, [result.weights[i] for i in used], diloco.outer_lr)
+        if updates is not None:
+            updates.append(update)
+        out = (apply_union(theta0, update), momentum, report)
+    else:
+        opt = OuterOptimizer(diloco.outer_lr, diloco.outer_momentum, diloco.nesterov)
+        opt.buf = None if momentum is None else momentum.clone()
+        new_theta0 = opt.step(theta0, result.value.to(theta0.dtype))
+        out = (new_theta0, opt.buf, report)
     previous = result.value if cfg.name == "centered_clip" else None  # only centered clipping looks back
     return out + (OuterMemory(previous, replay, mem.residual),) if memory is not None else out
+
+
+def unions(diloco: DilocoConfig) -> bool:
+    """The holders get the accepted sparse payloads (neuroray/diloco/union.py), not a re-sparsified update."""
+    return diloco.compression == "sparse" and diloco.sparse_broadcast == "union"
+
+
+def _as_sent(diloco: DilocoConfig, numel: int, payloads: list, deltas: list, contributions: list) -> list:
+    """Union: the payload behind every contribution the rule will see. A simulated Byzantine holder (or an
+    in-process caller's bare vector) sends its vector sparse-encoded like any holder, and the rule sees that
+    payload decoded, so what the holders rebuild is exactly what the rule weighed. A vector screening will
+    reject (non-finite, wrong size) stays as it is and has no payload."""
+    out = list(payloads)
+    for i, (c, d) in enumerate(zip(contributions, deltas)):
+        if c is None or (c is d and not isinstance(payloads[i], torch.Tensor)):
+            continue
+        if c.dim() == 1 and c.numel() == numel and bool(torch.isfinite(c).all()):
+            out[i] = encode(c, "sparse", diloco.compression_block, diloco.sparse_density)
+            contributions[i] = decode(out[i])
+        else:
+            out[i] = None
+    return out
 
 
 def _aggregate_once(cfg: AggregatorConfig, contributions: list, numel: int, copies: list[list[int]],
@@ -306,12 +351,16 @@ def _streamed_step(aggregator, attack, diloco, range_index, round_index, seed, p
     :func:`outer_step`; the rest of the range is left as it is. The fragment's update always crosses as
     an update (fp32 when compression is none), since holders keep their own weights outside the slice."""
     lo, hi = part
+    union = [] if unions(diloco) else None
     new_part, momentum_part, report, memory_part = outer_step(
         aggregator, diloco, range_index, theta0[lo:hi], None if momentum is None else momentum[lo:hi], *deltas,
-        attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed, weights=weights)
-    update, new_part, memory_part.residual = encode_update(
-        theta0[lo:hi], new_part, diloco.compression, diloco.compression_block, memory_part.residual,
-        base=theta0, part=part, density=diloco.sparse_density)
+        attack=attack, memory=memory.part(lo, hi), round_index=round_index, seed=seed, weights=weights, updates=union)
+    if union is not None:  # the fragment's payloads; new_part is already what the holders rebuild from them
+        update = {"base": digest(theta0), **union[0], "slice": tuple(part)}
+    else:
+        update, new_part, memory_part.residual = encode_update(
+            theta0[lo:hi], new_part, diloco.compression, diloco.compression_block, memory_part.residual,
+            base=theta0, part=part, density=diloco.sparse_density)
     new_theta0 = theta0.clone()
     new_theta0[lo:hi] = new_part
     if momentum_part is not None:  # zeros elsewhere: a fragment's first outer step sees buf = delta, as unstreamed
@@ -339,10 +388,13 @@ def run_outer_step(aggregator, attack, diloco, range_index, round_index, seed, t
         new_theta0, new_momentum, report, memory, update = _streamed_step(
             aggregator, attack, diloco, range_index, round_index, seed, part, theta0, momentum, memory, deltas, weights)
     else:
+        union = [] if unions(diloco) else None
         new_theta0, new_momentum, report, memory = outer_step(
             aggregator, diloco, range_index, theta0, momentum, *deltas, attack=attack, memory=memory,
-            round_index=round_index, seed=seed, observe=True, weights=weights, refused=refused)
-        if diloco.compression != "none":
+            round_index=round_index, seed=seed, observe=True, weights=weights, refused=refused, updates=union)
+        if union is not None:  # the accepted payloads; new_theta0 is already what the holders rebuild from them
+            update = {"base": report.theta0_before, **union[0]}
+        elif diloco.compression != "none":
             # The holders get the compressed update; theta0 becomes exactly what they will compute from it.
             update, new_theta0, memory.residual = encode_update(theta0, new_theta0, diloco.compression,
                                                                 diloco.compression_block, memory.residual,

@@ -41,6 +41,7 @@ from neuroray.swarm.direct_transport import direct_or_none, outgoing
 from neuroray.swarm.hop_codec import HopCodec, wire_bytes
 from neuroray.swarm.hop_guard import HopGuard
 from neuroray.swarm.scalar_read import ScalarRead
+from neuroray.swarm.shm_transport import ShmHop, ShmReader, ShmRings
 from neuroray.swarm.transport import WireTensor, from_wire, to_device, to_wire
 
 from neuroray.swarm.spec import HolderSpec
@@ -141,6 +142,9 @@ class RangeCompute:
         self.step_microbatches = 0
         self.hop = HopCodec(spec.hop_compression, spec.hop_block, spec.hop_ratio)
         self.guard = self._make_guard()
+        # swarm.hop_transport=shm: this holder's outgoing rings (made when the driver says which peers share its
+        # node) and its mappings of the rings it receives from (neuroray/swarm/shm_transport.py)
+        self.rings, self.reader = ShmRings(), ShmReader()
         # hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for
         self.hop_counts = dict.fromkeys(("fwd_sent", "fwd_bytes", "fwd_fp32_bytes", "bwd_sent", "bwd_bytes",
                                          "bwd_fp32_bytes", "received", "received_bytes"), 0)
@@ -193,19 +197,35 @@ class RangeCompute:
         if t is None:
             return None
         direct = direct_or_none(self.spec.hop_transport)  # the tensor itself: Ray sends it over the holders' group
-        payload = self.hop.encode(t, self.name) if direct is None else outgoing(t, direct)
+        # shm: a slot of this edge's ring, else (no ring, none free, too big) the object store
+        payload = self.rings.put(t, direction, self.name) if self.spec.hop_transport == "shm" else None
+        if payload is None:
+            payload = self.hop.encode(t, self.name) if direct is None else outgoing(t, direct)
         with self.lock:
             c = self.hop_counts
             c[f"{direction}_sent"] += 1
-            c[f"{direction}_bytes"] += wire_bytes(payload)
+            c[f"{direction}_bytes"] += payload.nbytes if isinstance(payload, ShmHop) else wire_bytes(payload)
             c[f"{direction}_fp32_bytes"] += t.numel() * 4
         return payload
+
+    def arrive(self, payload, direction: str, mb: int | None = None):
+        """A hop in shared memory as the tensor it names (a view of the slot, released with its last view), so the
+        holder's methods and its hop record hold the bytes while they use them; any other payload as it is. A
+        handle that cannot be read (its ring not on this node, its slot no longer holding it) is rejected like a
+        malformed payload (check ``payload``)."""
+        if not isinstance(payload, ShmHop):
+            return payload
+        try:
+            return self.reader.take(payload, self.name)
+        except HopPayloadError as exc:
+            self.guard.reject(direction, "payload", f"{exc.reason} (the payload says {exc.sender} sent it)", mb)
 
     def _receive(self, payload, direction: str, mb: int | None = None) -> torch.Tensor:
         """Decode and check a hop payload from another holder (``fwd``: an activation, ``bwd``: the gradient of
         this range's output) before anything is computed with it; on this holder's device. A malformed payload
         or a tensor that fails a check raises HopRejected (neuroray/swarm/hop_guard.py): the caller names the
         sender."""
+        payload = self.arrive(payload, direction, mb)
         try:
             x = self.hop.decode(payload, self.name)
         except HopPayloadError as exc:

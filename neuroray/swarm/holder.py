@@ -163,6 +163,7 @@ class StageHolder:
         learns the outcome from a tiny object without pulling the activation. None: the call was revoked.
         ``attempt`` identifies the routed call for :class:`~neuroray.swarm.claims.Claims`.
         """
+        x = self.compute.arrive(x, "fwd", mb_id)  # shm: the slot's view, held until this microbatch's backward
         out = self.compute.forward(mb_id, x, attempt)
         self.hops.forward(mb_id, x, out)
         self.peak_kept = max(self.peak_kept, len(self.compute.pending))  # the activation stash's high-water mark
@@ -186,6 +187,7 @@ class StageHolder:
 
         With ``x`` None (one-stage swarm routing) the holder reads microbatch ``mb_id`` itself.
         """
+        x = self.compute.arrive(x, "fwd", mb_id)
         loss, g = self.compute.forward_backward(mb_id, x, labels, scale, attempt)
         self.hops.last(mb_id, x, labels, scale, loss, g)
         return loss, g
@@ -215,6 +217,7 @@ class StageHolder:
     @_busy
     def backward(self, mb_id: int, grad: torch.Tensor, status: bool = False, attempt: int = 0):
         """Backpropagate the gradient of this range's output; return the gradient of its input."""
+        grad = self.compute.arrive(grad, "bwd", mb_id)  # shm: the slot is released once backward consumed it
         g, ran = self.compute.backward(mb_id, grad, attempt)
         if ran:
             self.hops.backward(mb_id, grad, g)
@@ -244,6 +247,33 @@ class StageHolder:
         """Held-out evaluation at this range's theta0, forward only (nothing a training step or a proof
         reads is touched): the activation to pass on, or on the last range with ``labels``, the mean loss."""
         return self.compute.evaluate(x, self.outer.theta0, labels)
+
+    # ----- shared-memory hops (swarm.hop_transport=shm, neuroray/swarm/shm_transport.py) ---------------
+    def ray_node(self) -> str:
+        """The Ray node this holder runs on: the driver gives an edge a ring only where both ends share one."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def open_hop_rings(self, run: str, directions: list[str], slots: int) -> list[str]:
+        """(Re)make this holder's outgoing rings, one per direction in ``directions`` (``fwd``, ``bwd``), of
+        ``slots`` slots each the size of one float32 activation; the ring names. Every other edge, and this
+        holder until the driver calls this, sends through the object store."""
+        if self._slot_bytes() == 0:  # a spec without a microbatch shape: no size to reserve
+            directions = []
+        return self.compute.rings.open(run, self.spec.replica, self.spec.stage, directions, slots, self._slot_bytes())
+
+    def _slot_bytes(self) -> int:
+        s = self.spec
+        return s.microbatch_size * s.seq_len * s.model.d_model * 4
+
+    def close_hop_rings(self) -> None:
+        """Unlink this holder's rings (shutdown)."""
+        self.compute.rings.close()
+
+    def hop_rings(self) -> dict:
+        """Per direction: the ring's name, hops sent through it, fallbacks to the object store, slots in use."""
+        return self.compute.rings.stats()
 
     # ----- hop rechecks (neuroray/training/hop_audit.py) ----------------------------------------
     def _arm_hops(self) -> None:
@@ -415,6 +445,7 @@ class StageHolder:
         """
         self.lifecycle.grow(model, ranges, seed)
         self._renew_prover()
+        self.compute.rings.reopen(self._slot_bytes())  # shm: the wider hops would no longer fit a slot
         return self.info()
 
     def grow_vocab(self, vocab_size: int, seed: int, manifest: str | dict | None = None) -> dict:

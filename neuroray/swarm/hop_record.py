@@ -30,14 +30,20 @@ from contextlib import nullcontext
 import torch
 
 from neuroray.digest import tensor_digest
+from neuroray.swarm.shm_transport import ShmHop
+from neuroray.swarm.shm_transport import read as shm_read
 from neuroray.swarm.transport import WireTensor, from_wire, to_device
 
 
 def _copy(payload) -> torch.Tensor | None:
-    """A CPU copy of a hop payload (a WireTensor, or a tensor handed over in process)."""
+    """A CPU copy of a hop payload (a WireTensor, a shared-memory hop this holder sent, or a tensor handed over in
+    process)."""
     if payload is None:
         return None
-    t = from_wire(payload, "a holder", "the record") if isinstance(payload, WireTensor) else payload
+    if isinstance(payload, ShmHop):  # read back from the sender's own ring: its slot is not reused before the next send
+        t = shm_read(payload)
+    else:
+        t = from_wire(payload, "a holder", "the record") if isinstance(payload, WireTensor) else payload
     return t.detach().to("cpu").clone()
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from neuroray.diloco.compress import ErrorFeedback, decode
+from neuroray.diloco.compress import ErrorFeedback, PayloadError, decode
+from neuroray.diloco.union import apply_union, check_union
 from neuroray.digest import DigestThread
 from neuroray.swarm.compute import RangeCompute
 
@@ -85,18 +86,32 @@ class OuterState:
     def resolve_update(self, update: dict, theta0_box: list) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
         """The new theta0 an outer update leads to: ``(theta0, part, fetched)``.
 
-        ``theta0 - decode(update)`` when this theta0 is the one the update applies to; else the dense
+        ``theta0 - decode(update)`` when this theta0 is the one the update applies to (a union update: the
+        step rebuilt from its payloads, once every one of them passes its check); else the dense
         theta0 from ``theta0_box[0]`` (an object ref, boxed so Ray ships it only on demand; in-process,
         the tensor), and ``fetched`` is True. ``part``: the fragment slice a streaming update changes."""
         old = self.theta0.cpu()
-        if update["base"] == self.digests.digest(self.theta0):
+        if update["base"] != self.digests.digest(self.theta0):
+            log.warning("%s: theta0 differs from the outer step's; fetching the dense theta0", self.compute.name)
+        elif "union" in update:  # diloco.sparse_broadcast=union: rebuild the step from the accepted payloads
+            part = update.get("slice")
+            lo, hi = part or (0, old.numel())
+            d = self.compute.spec.diloco
+            try:
+                check_union(update, d.compression_block, hi - lo, d.sparse_density)
+            except PayloadError as exc:  # never decoded, never applied: the outer step's theta0 instead
+                log.warning("%s: refused the outer update (%s); fetching the dense theta0", self.compute.name, exc)
+            else:
+                new = old.clone()
+                new[lo:hi] = apply_union(old[lo:hi], update)  # the outer step's own function, bit for bit
+                return new, part, False
+        else:
             part = update.get("slice")
             if part is None:
                 return old - decode(update["payload"]), None, False
             new = old.clone()
             new[part[0]:part[1]] -= decode(update["payload"])  # the task's float32 subtraction, bit for bit
             return new, part, False
-        log.warning("%s: theta0 differs from the outer step's; fetching the dense theta0", self.compute.name)
         dense = theta0_box[0]
         if not isinstance(dense, torch.Tensor):
             import ray

@@ -98,5 +98,10 @@ def from_wire(w, sender: str, receiver: str) -> torch.Tensor:
 
 def as_tensor(x) -> torch.Tensor:
     """What a holder returned, as a torch tensor: for a caller outside the pipeline (a notebook, a test) that
-    reads an activation or logits a holder sent as a :class:`WireTensor`."""
+    reads an activation or logits a holder sent as a :class:`WireTensor` (or, on the holder's node, as a
+    shared-memory hop: a copy, since the slot is the sender's to reuse)."""
+    from neuroray.swarm.shm_transport import ShmHop, read
+
+    if isinstance(x, ShmHop):
+        return read(x).clone()
     return from_wire(x, "a holder", "the caller")

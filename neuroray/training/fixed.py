@@ -24,12 +24,14 @@ started afresh on a live node from their newest snapshots, and the replica recov
 from __future__ import annotations
 
 import time
+import uuid
 
 import ray
 
 from neuroray.errors import PipelineError
 from neuroray.swarm.direct_transport import HopGroups, direct_or_none, ended_for_good
 from neuroray.swarm.ray_errors import holder_died, user_error
+from neuroray.swarm.shm_transport import ShmEdges
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
 
@@ -53,6 +55,7 @@ class FixedPipelines(StepExecutor):
         self.benched: set[int] = set()  # replicas whose round failed on a rejected hop: out until the outer step
         self.bench_senders: set[tuple[int, int]] = set()  # (stage, replica) of the holder that sent each rejected hop
         self.direct: HopGroups | None = None  # swarm.hop_transport=gloo|nccl: each replica's collective group
+        self.shm: ShmEdges | None = None  # swarm.hop_transport=shm: each replica's same-node rings
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -66,15 +69,25 @@ class FixedPipelines(StepExecutor):
         transport = direct_or_none(trainer.swarm.hop_transport)
         if transport is not None:
             self.direct = HopGroups(transport, f"{trainer.swarm.name_prefix or 'neuroray-'}hops")
+        if trainer.swarm.hop_transport == "shm":
+            cfg = trainer.cfg
+            self.shm = ShmEdges(uuid.uuid4().hex[:12], cfg.swarm.hop_shm_slots or cfg.data.num_microbatches + 1,
+                                cfg.cluster.step_timeout_s)
 
     def close(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        if self.shm is not None:
+            self.shm.close(self.trainer.swarm.replicas)
 
     def recovered(self, replica: int) -> None:
-        """A holder of ``replica`` may have been restarted or replaced: its hops need a new group."""
+        """A holder of ``replica`` may have been restarted or replaced: its hops need a new group, or new rings."""
         if self.direct is not None:
             self.direct.remake(replica, self.trainer.swarm.replicas[replica])
+        if self.shm is not None:
+            self.shm.remake(replica, self.trainer.swarm.replicas[replica])
+            rings = sum(len(names) for names in self.shm.made[replica])
+            self.trainer.log(f"hops: replica {replica}'s shared-memory rings made anew ({rings} rings)")
 
     def submit(self, step: int) -> None:
         if self.overlap is not None and self.overlap.due(step):  # the round in flight lands before this step
@@ -88,6 +101,8 @@ class FixedPipelines(StepExecutor):
         n, pipeline = t.cfg.data.num_microbatches, t.swarm.replicas[replica]
         if self.direct is not None:  # made once per replica (also for replicas added mid-run)
             self.direct.ensure(replica, pipeline)
+        if self.shm is not None:
+            self.shm.ensure(replica, pipeline)
         return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
                                  None if self.direct is None else self.direct.backend)
 
