@@ -187,11 +187,11 @@ def _check_sparse_broadcast(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.sparse_broadcast={dl.sparse_broadcast} is unknown; choose resparsify or union")
     if dl.sparse_broadcast != "union" or dl.compression != "sparse":
         return
-    if dl.outer_momentum != 0 or dl.nesterov:
-        raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} (nesterov={dl.nesterov}): with "
-                          "diloco.sparse_broadcast=union the holders apply the payloads' mean themselves and a "
-                          "momentum term would be dense; set diloco.outer_momentum=0 diloco.nesterov=false (error "
-                          "feedback stands in for momentum, as in SparseLoCo) or diloco.sparse_broadcast=resparsify")
+    if dl.outer_momentum != 0:  # nesterov without momentum is plain SGD: nothing dense to send
+        raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} with diloco.sparse_broadcast=union: the holders "
+                          "apply the payloads' mean themselves and a momentum term would be dense; set "
+                          "diloco.outer_momentum=0 (error feedback stands in for momentum, as in SparseLoCo) or "
+                          "diloco.sparse_broadcast=resparsify")
     rules = ("mean", "krum", "multi_krum", "geometric_median")  # union.RULES; that module imports torch
     if cfg.aggregator.name not in rules:
         raise ConfigError(f"aggregator={cfg.aggregator.name} does not reduce to a weighted sum of the payloads, "

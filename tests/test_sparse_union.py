@@ -167,6 +167,7 @@ def test_config_refuses_what_the_holders_cannot_rebuild():
     ok = ["diloco.compression=sparse", "diloco.sparse_broadcast=union", "diloco.outer_momentum=0",
           "diloco.nesterov=false"]
     assert load_config(ok).diloco.sparse_broadcast == "union"
+    assert load_config(ok[:3]).diloco.nesterov  # nesterov without momentum is plain SGD: nothing to refuse
     with pytest.raises(ConfigError, match="sparse_broadcast=allgather is unknown; choose resparsify or union"):
         load_config(["diloco.sparse_broadcast=allgather"])
     with pytest.raises(ConfigError, match="outer_momentum=0.9 .*sparse_broadcast=union"):
