@@ -397,16 +397,15 @@ def test_gloo_hops_give_the_monoliths_gradients_and_survive_a_new_group(ray_clus
 
 
 @pytest.mark.slow  # two whole runs (about a minute each on 2 shared cores)
-def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_cluster, tmp_path):
-    """run() with swarm.hop_transport=gloo (2 stages, 2 replicas: one group each) against the default: the
-    same seed and data give the same losses step by step and the same eval loss; hops are counted alike."""
+def _runs_per_transport(tmp_path, transports) -> dict:
+    """One short fixed run per hop transport, on the same corpus, seed and settings (2 stages x 2 replicas)."""
     from neuroray.configure import load_config
     from neuroray.training.run import run
 
     corpus = tmp_path / "corpus.txt"
     _write_corpus(corpus)
     results = {}
-    for transport in ("object_store", "gloo"):
+    for transport in transports:
         cfg = load_config([
             f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
             "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
@@ -416,6 +415,13 @@ def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_clust
             "sample_tokens=2",
         ])
         results[transport] = run(cfg, log=lambda *a, **k: None)
+    return results
+
+
+def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_cluster, tmp_path):
+    """run() with swarm.hop_transport=gloo (2 stages, 2 replicas: one group each) against the default: the
+    same seed and data give the same losses step by step and the same eval loss; hops are counted alike."""
+    results = _runs_per_transport(tmp_path, ("object_store", "gloo"))
     store, gloo = results["object_store"], results["gloo"]
     assert len(gloo.losses) == 8 and all(math.isfinite(v) for v in gloo.losses)
     assert gloo.losses == pytest.approx(store.losses, rel=1e-6)
@@ -513,23 +519,8 @@ def test_shm_hops_give_the_monoliths_gradients_and_rings_come_back_after_a_resta
 def test_a_fixed_run_over_shm_trains_exactly_as_over_the_object_store_and_leaves_no_ring(ray_cluster, tmp_path):
     """run() with swarm.hop_transport=shm (2 stages, 2 replicas, every holder on this node) against the default:
     the same losses step by step, the same eval loss, hops counted alike; no ring file is left after the run."""
-    from neuroray.configure import load_config
-    from neuroray.training.run import run
-
     before = _shm_files()
-    corpus = tmp_path / "corpus.txt"
-    _write_corpus(corpus)
-    results = {}
-    for transport in ("object_store", "shm"):
-        cfg = load_config([
-            f"data.source={corpus}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
-            "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
-            "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
-            f"swarm.hop_transport={transport}", "diloco.replicas=2", "diloco.inner_steps=4", "diloco.inner_lr=0.01",
-            "rounds=2", "ponw.enabled=false", f"run_dir={tmp_path / transport}", "cluster.cpus_per_holder=0.3",
-            "sample_tokens=2",
-        ])
-        results[transport] = run(cfg, log=lambda *a, **k: None)
+    results = _runs_per_transport(tmp_path, ("object_store", "shm"))
     store, shm = results["object_store"], results["shm"]
     assert len(shm.losses) == 8 and shm.losses == store.losses and shm.eval_loss == store.eval_loss
     key = lambda h: (h["replica"], h["stage"])  # noqa: E731
