@@ -30,11 +30,11 @@ def test_a_holder_is_named_only_after_rounds_in_a_row_over_the_factor():
     honest = {(0, 0): 0.010, (0, 1): 0.011, (0, 2): 0.012}
     blip = {**honest, (0, 1): 0.030}  # one slow round: descheduled, not slow
     walk = {**honest, (0, 2): 0.036}
+    assert watch.observe(blip) == {} and set(watch.suspects) == {(0, 1)}  # its pay waits in escrow
+    assert watch.observe(honest) == {} and watch.suspects == {}  # the streak is broken: released
     assert watch.observe(blip) == {}
-    assert watch.observe(honest) == {}  # the streak is broken
-    assert watch.observe(blip) == {}
-    assert watch.observe(walk) == {}  # r1's streak ended; r2's starts
-    assert set(watch.observe(walk)) == {(0, 2)}  # the second slow round in a row
+    assert watch.observe(walk) == {} and set(watch.suspects) == {(0, 2)}  # r1's streak ended; r2's starts
+    assert set(watch.observe(walk)) == {(0, 2)} and watch.suspects == {}  # the second slow round in a row
     assert set(watch.observe(walk)) == {(0, 2)}  # and every further one
     assert watch.observe(honest) == {}
 

@@ -105,7 +105,7 @@ def _open(data, domain: bytes, max_bytes: int, what: str, code: str) -> tuple[di
 # ----- receipts ---------------------------------------------------------------------------------
 _RECEIPT_KEYS = {"v", "node_id", "outer_round", "proof_type", "batches", "tokens", "pseudo_gradient",
                  "pseudo_gradient_norm", "range_median_norm", "aggregated", "data_position", "theta0_before",
-                 "theta0_after", "reward_bp"}
+                 "theta0_after", "reward_bp", "escrow"}
 
 
 def receipt_payload(r: Receipt) -> dict:
@@ -114,7 +114,7 @@ def receipt_payload(r: Receipt) -> dict:
             "pseudo_gradient_norm": norm_text(r.pseudo_gradient_norm),
             "range_median_norm": norm_text(r.range_median_norm), "aggregated": r.aggregated,
             "data_position": r.data_position, "theta0_before": r.theta0_before, "theta0_after": r.theta0_after,
-            "reward_bp": r.reward_bp}
+            "reward_bp": r.reward_bp, "escrow": r.escrow}
 
 
 def receipt_from_payload(p: dict) -> Receipt:
@@ -131,12 +131,13 @@ def receipt_from_payload(p: dict) -> Receipt:
     _uint("receipt reward_bp", p["reward_bp"], code)
     if p["reward_bp"] > 10_000:  # a factor in [0, 1]: the coordinator's reputation cannot inflate a reward
         raise AuthorityError(code, f"receipt reward_bp must be in [0, 10000], got {p['reward_bp']}")
-    if type(p["aggregated"]) is not bool:
-        raise AuthorityError(code, f"receipt aggregated must be true or false, got {p['aggregated']!r}")
+    for name in ("aggregated", "escrow"):
+        if type(p[name]) is not bool:
+            raise AuthorityError(code, f"receipt {name} must be true or false, got {p[name]!r}")
     return Receipt(p["node_id"], p["outer_round"], p["proof_type"], p["batches"], p["tokens"], p["pseudo_gradient"],
                    _norm("receipt pseudo_gradient_norm", p["pseudo_gradient_norm"], code),
                    _norm("receipt range_median_norm", p["range_median_norm"], code), p["aggregated"],
-                   p["data_position"], p["theta0_before"], p["theta0_after"], p["reward_bp"])
+                   p["data_position"], p["theta0_before"], p["theta0_after"], p["reward_bp"], p["escrow"])
 
 
 # ----- registrations ----------------------------------------------------------------------------
@@ -402,6 +403,12 @@ class Coordinator:
 
     def sign_evidence(self, proof: Proof, check: SpotCheck) -> bytes:
         return sign_evidence(self.identity, proof, check, self.backend)
+
+    def sign_settlement(self, release: Iterable[str] = (), forfeit: Iterable[str] = ()) -> bytes:
+        """Pay (``release``) or not (``forfeit``) the escrowed rewards of these proof ids (neuroray/ponw/escrow.py)."""
+        from neuroray.ponw.escrow import sign_settlement
+
+        return sign_settlement(self.identity, release, forfeit, self.backend)
 
 
 class Authority:

@@ -332,7 +332,9 @@ class Ledger:
             return refused("proof", out)  # unauthenticated: nothing is written (the ledger is unchanged)
         if not v.accepted:
             refused("proof", out)
-        if v.accepted:
+        if v.accepted and receipt is not None and receipt.escrow:
+            out.escrowed = self._earned(p, v.facts, v.useful, v.reward_bp)
+        elif v.accepted:
             out.reward = self._reward(p, v.facts, v.useful, now, v.reward_bp)
         self._db.execute("INSERT INTO proofs VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (p.proof_id, p.node_id, p.nonce, p.proof_type, p.outer_round, p.timestamp_ms, now,
@@ -340,23 +342,67 @@ class Ledger:
         if v.slash:
             out.slashed = self._slash(p.node_id, reporter, p.proof_id, v.reason, now)
             self._db.execute("UPDATE proofs SET slashed = ? WHERE proof_id = ?", (out.slashed, p.proof_id))
+        if out.escrowed:
+            self._db.execute("INSERT INTO escrow VALUES (?, ?, ?, ?, ?)",
+                             (p.proof_id, p.node_id, out.escrowed, p.outer_round, now))
+            self._event(now, p.node_id, "escrow", 0, p.proof_id, f"{out.escrowed} held until the next round's verdict")
         return out
 
-    def _reward(self, p: Proof, facts: NodeFacts, useful: bool, now: int, reward_bp: int = BP) -> int:
+    def _earned(self, p: Proof, facts: NodeFacts, useful: bool, reward_bp: int = BP) -> int:
+        """What ``p`` earns before the caps."""
         base = self.rules.base_reward(p.proof_type, p.training_batches, p.tokens_processed, p.layers_held,
                                       p.has_embedding, p.has_lm_head, facts.stake) if useful else 0
         if not 0 <= reward_bp <= BP:  # the receipt parser refuses these; a factor never inflates a reward
             raise ValueError(f"reward_bp={reward_bp} is outside [0, {BP}]")
-        base = base * reward_bp // BP  # the reputation factor (neuroray/ponw/reputation.py), rounded down
-        reward = self.rules.capped(base, facts.earned_today)
+        return base * reward_bp // BP  # the reputation factor (neuroray/ponw/reputation.py), rounded down
+
+    def _reward(self, p: Proof, facts: NodeFacts, useful: bool, now: int, reward_bp: int = BP) -> int:
+        return self._credit(p.node_id, self._earned(p, facts, useful, reward_bp), facts.earned_today, now,
+                            p.proof_id, p.proof_type)
+
+    def _credit(self, node_id: str, earned: int, earned_today: int, now: int, proof_id: str, note: str) -> int:
+        reward = self.rules.capped(earned, earned_today)
         self._db.execute("UPDATE accounts SET balance = balance + ?, last_credit_ms = ? WHERE node_id = ?",
-                         (reward, now, p.node_id))
+                         (reward, now, node_id))
         if reward:
             self._db.execute("INSERT INTO daily VALUES (?, ?, ?) ON CONFLICT (node_id, day) DO UPDATE "
-                             "SET earned = earned + excluded.earned", (p.node_id, now // DAY_MS, reward))
+                             "SET earned = earned + excluded.earned", (node_id, now // DAY_MS, reward))
             self._mint_pending += reward
-            self._event(now, p.node_id, "reward", reward, p.proof_id, p.proof_type)
+            self._event(now, node_id, "reward", reward, proof_id, note)
         return reward
+
+    def settle_escrow(self, signed: bytes) -> dict:
+        """Release or forfeit escrowed rewards on the coordinator's signed settlement (neuroray/ponw/escrow.py).
+        A released reward is credited now, under today's daily cap; a forfeited one is never minted. Ids with
+        nothing in escrow (settled already, invalidated, unknown) are counted as ``unknown`` and change nothing.
+        A settlement that is malformed or not the coordinator's raises AuthorityError; nothing changes."""
+        from neuroray.ponw.escrow import open_settlement
+
+        settlement = open_settlement(self._need_authority("settle escrow"), signed)
+        now, done = self.now_ms(), {"released": 0, "released_amount": 0, "forfeited": 0, "forfeited_amount": 0,
+                                    "unknown": 0}
+        with self._tx():
+            for pid, release in [(pid, True) for pid in settlement.release] + [(pid, False) for pid in settlement.forfeit]:
+                row = self._one("SELECT node_id, amount FROM escrow WHERE proof_id = ?", (pid,))
+                if row is None:
+                    done["unknown"] += 1
+                    continue
+                node_id, amount = row
+                self._db.execute("DELETE FROM escrow WHERE proof_id = ?", (pid,))
+                if release:
+                    today = self._one("SELECT earned FROM daily WHERE node_id = ? AND day = ?", (node_id, now // DAY_MS))
+                    paid = self._credit(node_id, amount, today[0] if today else 0, now, pid, "released from escrow")
+                    self._db.execute("UPDATE proofs SET reward = reward + ? WHERE proof_id = ?", (paid, pid))
+                    done["released"], done["released_amount"] = done["released"] + 1, done["released_amount"] + paid
+                else:
+                    self._event(now, node_id, "forfeit", 0, pid, f"{amount} held in escrow, not paid")
+                    done["forfeited"], done["forfeited_amount"] = done["forfeited"] + 1, done["forfeited_amount"] + amount
+        return done
+
+    def escrowed(self) -> list[dict]:
+        """The rewards in escrow, oldest first: ``{proof_id, node_id, amount, outer_round}``."""
+        rows = self._db.execute("SELECT proof_id, node_id, amount, outer_round FROM escrow ORDER BY booked_ms, proof_id")
+        return [dict(zip(("proof_id", "node_id", "amount", "outer_round"), r)) for r in rows]
 
     def _slash(self, node_id: str, reporter: str | None, proof_id: str, why: str, now: int) -> int:
         acct = self._account(node_id)
@@ -413,6 +459,7 @@ class Ledger:
             slashed = self._slash(node_id, reporter, ev.proof_id, reason, now)
             self._db.execute("UPDATE proofs SET status = 'invalidated', reason = ?, slashed = ? WHERE proof_id = ?",
                              (reason, slashed, ev.proof_id))
+            self._db.execute("DELETE FROM escrow WHERE proof_id = ?", (ev.proof_id,))  # a false proof earns nothing
             self._db.execute("INSERT INTO authorizations VALUES (?, 'evidence', ?, ?, ?)",
                              (ev.evidence_id, ev.validator, now, bytes(evidence)))
         return Outcome(ev.proof_id, node_id, False, "invalidated", reason, -clawed, slashed)

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, node_id TEXT NOT NULL,
     kind TEXT NOT NULL, amount INTEGER NOT NULL, proof_id TEXT NOT NULL, note TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, seq);
+CREATE TABLE IF NOT EXISTS escrow (
+    proof_id TEXT PRIMARY KEY REFERENCES proofs(proof_id), node_id TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount >= 0), outer_round INTEGER NOT NULL, booked_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS validators (node_id TEXT PRIMARY KEY REFERENCES nodes(node_id));
 CREATE TABLE IF NOT EXISTS authorizations (
     auth_id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('registration', 'evidence')),
@@ -75,6 +78,7 @@ class Outcome:
     detail: str = ""
     reward: int = 0
     slashed: int = 0
+    escrowed: int = 0  # held by the ledger until a settlement (neuroray/ponw/escrow.py), not yet minted
 
     def to_dict(self) -> dict:
         return asdict(self)

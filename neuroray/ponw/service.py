@@ -55,7 +55,7 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
                    observations: Sequence[tuple[str, float] | None], aggregated: Sequence[bool] | None = None,
                    theta0_before: str = "", theta0_after: str = "",
                    data_positions: Sequence[int | None] | None = None,
-                   reward_bp: Sequence[int] | None = None) -> list[Receipt]:
+                   reward_bp: Sequence[int] | None = None, escrow: Sequence[bool] | None = None) -> list[Receipt]:
     """Receipts for the holders of ONE layer range in one round (sign them: ``Coordinator.sign_receipts``).
 
     ``batches``: microbatches the orchestrator routed through each holder (one int for all, or one
@@ -67,6 +67,7 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
     ``data_positions``: each Driver's first committed stream position (None for the others). Every
     non-empty field is compared with the proof; the range's median norm feeds the free-rider rule.
     ``reward_bp``: each holder's reward factor (its reputation) in basis points; None: 10000 each.
+    ``escrow``: True for the holders whose reward the ledger holds until a settlement (neuroray/ponw/escrow.py).
     """
     n = len(node_ids)
     counts = [batches] * n if isinstance(batches, int) else list(batches)
@@ -77,11 +78,12 @@ def round_receipts(node_ids: Sequence[str], outer_round: int, batches: int | Seq
     pos = list(data_positions) if data_positions is not None else [None] * n
     obs = [o if o is not None else ("", None) for o in observations]
     factors = list(reward_bp) if reward_bp is not None else [10_000] * n
+    held = list(escrow) if escrow is not None else [False] * n
     return [Receipt(node_id=node, outer_round=outer_round, proof_type="training", batches=counts[i],
                     pseudo_gradient=obs[i][0], pseudo_gradient_norm=obs[i][1],
                     range_median_norm=median, aggregated=agg[i],
                     data_position=pos[i], theta0_before=theta0_before, theta0_after=theta0_after,
-                    reward_bp=factors[i])
+                    reward_bp=factors[i], escrow=held[i])
             for i, node in enumerate(node_ids)]
 
 
@@ -292,6 +294,15 @@ class LedgerService:
         outcome = self.ledger.invalidate(evidence).to_dict()
         self.ledger.checkpoint()
         return outcome
+
+    def settle_escrow(self, signed: bytes) -> dict:
+        """Release or forfeit escrowed rewards on the coordinator's signed settlement (neuroray/ponw/escrow.py)."""
+        done = self.ledger.settle_escrow(signed)
+        self.ledger.checkpoint()
+        return done
+
+    def escrowed(self) -> list[dict]:
+        return self.ledger.escrowed()
 
     def balances(self) -> dict[str, dict]:
         """``{node_id: {"balance": micro-NEURO, "stake": micro-NEURO}}``."""

@@ -5,8 +5,11 @@ slowest replica, so one holder that stretches its compute (a "slow walker", or h
 peers') sets the whole swarm's pace while the ledger would pay it per microbatch like the others. The rule
 compares each holder's pace in the round (the median seconds of its compute calls) with the median pace of the
 OTHER holders of the same range (they do the same work on the same layers; leaving the holder out keeps a 2-holder range meaningful)
-and names it when it is more than ``ponw.straggler_factor`` times slower. A named holder's receipt carries
-reward factor 0: its proof is accepted, its pseudo-gradient still aggregated, and it is paid nothing.
+and names it when it is more than ``ponw.straggler_factor`` times slower, ``ponw.straggler_rounds`` rounds in a
+row. A named holder's receipt carries reward factor 0: its proof is accepted, its pseudo-gradient still
+aggregated, and it is paid nothing. The rounds of the streak before it is named are not paid either: a holder
+slow in a round but not named yet is paid into escrow (neuroray/ponw/escrow.py), forfeited if a later round
+names it and released once a round finds it at pace again (or at the run's end).
 
 Where the pace comes from (the executor's ``holder_seconds``):
 
@@ -61,9 +64,13 @@ class StragglerWatch:
     def __init__(self, factor: float, rounds: int):
         self.factor, self.rounds = factor, rounds
         self.streak: dict[Slot, int] = {}
+        self.suspects: dict[Slot, float] = {}
 
     def observe(self, paces: dict[Slot, float]) -> dict[Slot, float]:
-        """One round's paces; ``{slot: ratio}`` of the holders named this round."""
+        """One round's paces; ``{slot: ratio}`` of the holders named this round. :attr:`suspects` then holds
+        ``{slot: ratio}`` of those slow this round but not (yet) named: their pay waits in escrow
+        (neuroray/ponw/escrow.py) until a later round names them or finds them at pace."""
         slow = stragglers(paces, self.factor)
         self.streak = {slot: self.streak.get(slot, 0) + 1 for slot in slow}
+        self.suspects = {slot: ratio for slot, ratio in slow.items() if self.streak[slot] < self.rounds}
         return {slot: ratio for slot, ratio in slow.items() if self.streak[slot] >= self.rounds}

@@ -90,7 +90,8 @@ class Receipt:
     free-rider rule (pseudo-gradient norm against the range's median; ``aggregated`` is False when the
     robust aggregator dropped this node's delta). ``reward_bp``: the coordinator's reward factor for the
     node (its reputation, neuroray/ponw/reputation.py) in basis points, 0..10000; the ledger multiplies it
-    into the reward.
+    into the reward. ``escrow``: the ledger holds the reward instead of crediting it, until a settlement
+    from the coordinator releases or forfeits it (neuroray/ponw/escrow.py).
     """
 
     node_id: str
@@ -106,12 +107,13 @@ class Receipt:
     theta0_before: str = ""
     theta0_after: str = ""
     reward_bp: int = 10_000
+    escrow: bool = False
 
     def __post_init__(self):
         if self.proof_type not in PROOF_TYPES:
             raise RegistrationError(f"receipt proof_type {self.proof_type!r} is not one of {PROOF_TYPES}")
-        if not (isinstance(self.node_id, str) and isinstance(self.aggregated, bool)):
-            raise RegistrationError("receipt node_id must be a string and aggregated a bool")
+        if not (isinstance(self.node_id, str) and isinstance(self.aggregated, bool) and isinstance(self.escrow, bool)):
+            raise RegistrationError("receipt node_id must be a string, aggregated and escrow bools")
         for name in ("outer_round", "batches", "tokens", "data_position"):
             value = getattr(self, name)
             if not (value is None and name == "data_position") and (type(value) is not int or value < 0):

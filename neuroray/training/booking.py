@@ -41,6 +41,7 @@ class ProofBooking:
                                          d.seq_len * d.microbatch_size, self.coordinator.public_key)
         self.spot_checks = None
         self._straggler_watch = None  # neuroray.ponw.stragglers.StragglerWatch, made at the first booked round
+        self.escrow: dict[str, tuple[int, int]] = {}  # proof id -> the (range, replica) slot whose pay waits
 
     def start(self) -> None:
         """Register the swarm's holders and start the validator (it reads the trainer's ledger and key)."""
@@ -49,6 +50,11 @@ class ProofBooking:
         t = self.trainer
         self.register([h for p in t.swarm.replicas for h in p], "registering the holders")
         self.spot_checks = SpotChecks(t)  # a validator recomputes a sample of each round's Driver proofs
+        # pay an earlier session left in escrow: its verdict needed a straggler streak this process does not have
+        left = ray.get(self.ledger.escrowed.remote(), timeout=t.cfg.cluster.step_timeout_s)
+        if left:
+            self.escrow = {e["proof_id"]: None for e in left}
+            self._settle(set(), {}, why="an earlier session's")
 
     def register(self, holders: list, what: str) -> None:
         """The ledger learns these holders' PoNW keys, signed by the coordinator (before their next proof)."""
@@ -78,6 +84,8 @@ class ProofBooking:
         stages, receipts = len(t.swarm.ranges), {}
         reports = {rep.range_index: rep for rep in result.reports}
         slow = self._stragglers(result)
+        suspects = {} if self._straggler_watch is None else self._straggler_watch.suspects
+        self._settle(slow, suspects)  # earlier rounds' escrow, now that this round's paces are in
         for s in range(stages):
             ks = list(range(s, len(holders), stages))
             keys = [(s, k // stages) for k in ks]
@@ -92,11 +100,19 @@ class ProofBooking:
                                   [key not in result.unused or key in result.excused for key in keys],
                                   getattr(report, "theta0_before", ""), getattr(report, "theta0_after", ""),
                                   data_positions=[result.data_positions.get(r) if s == 0 else None for _, r in keys],
-                                  reward_bp=factors)
+                                  reward_bp=factors, escrow=[key in suspects for key in keys])
             receipts.update(zip(ks, made))
         signed = dict(zip(receipts, self.coordinator.sign_receipts(list(receipts.values()))))
-        items = [(proof, signed[k]) for k, proof in enumerate(proofs) if proof is not None]
+        booked = [k for k, proof in enumerate(proofs) if proof is not None]
+        items = [(proofs[k], signed[k]) for k in booked]
         outcomes = ray.get(self.ledger.submit_round.remote(items), timeout=t.cfg.cluster.step_timeout_s)
+        for k, o in zip(booked, outcomes):
+            if o["escrowed"]:
+                s, r = k % stages, k // stages
+                self.escrow[o["proof_id"]] = (s, r)
+                t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s}'s pay held in escrow: its calls "
+                      f"{suspects[s, r]:.1f}x slower than the other holders' of range {s} (released once a round "
+                      f"finds it at pace; forfeited if it is named a straggler)")
         summary = ray.get(self.ledger.summary.remote())
         credited = sum(o["reward"] for o in outcomes if o["accepted"]) / UNIT
         refused = [o for o in outcomes if not o["accepted"]]
@@ -144,6 +160,24 @@ class ProofBooking:
                 t.metrics.straggler(f"r{r}-s{s}")
         return set(named)
 
+    def _settle(self, named: set, suspects: dict, why: str = "") -> None:
+        """Pay or not the escrowed rounds: forfeited where the slot is named a straggler now, kept while it is
+        still a suspect, released otherwise (``named`` and ``suspects`` empty: release them all)."""
+        release = [pid for pid, slot in self.escrow.items() if slot not in named and slot not in suspects]
+        forfeit = [pid for pid, slot in self.escrow.items() if slot in named]
+        if not (release or forfeit):
+            return
+        t = self.trainer
+        signed = self.coordinator.sign_settlement(release, forfeit)
+        done = ray.get(self.ledger.settle_escrow.remote(signed), timeout=t.cfg.cluster.step_timeout_s)
+        for pid in release + forfeit:
+            del self.escrow[pid]
+        from neuroray.ponw.rules import UNIT
+
+        t.log(f"ledger: {why or f'round {t.outer.rounds}:'} escrow settled: {done['released']} released "
+              f"({done['released_amount'] / UNIT:.4f} NEURO), {done['forfeited']} forfeited "
+              f"({done['forfeited_amount'] / UNIT:.4f} NEURO not paid)")
+
     def _accused(self, findings: list) -> list[tuple[str, object]]:
         """``(node id, the re-executing holder's node id or None, finding)`` of each holder a hop recheck blamed."""
         stages, infos = len(self.trainer.swarm.ranges), self.trainer.swarm.infos
@@ -152,6 +186,7 @@ class ProofBooking:
 
     def summary(self) -> dict:
         self.spot_checks.drain()  # the last round's spot checks are booked too
+        self._settle(set(), {}, why="the run's end:")  # slow in the last round but never named: paid
         return ray.get(self.ledger.summary.remote())
 
     def close(self) -> None:
