@@ -118,3 +118,29 @@ def test_under_swarm_routing_the_tamperers_are_caught_by_route_barred_and_their_
     slashed = {node[n] for (n,) in db.execute("SELECT DISTINCT node_id FROM events WHERE kind IN ('slash', 'clawback')")
                if n in node}
     assert slashed == set(CHEATS), slashed
+
+
+@pytest.mark.slow  # two routed 3 x 2 runs (1 round, then a resume for a second): over a minute here
+def test_a_holder_barred_before_a_resume_stays_barred_after_it(ray_cluster, tmp_path):
+    """The barring is in range 0's snapshot (by the holder's key): a resumed run routes nothing to the tamperer from
+    its first round, so no hop of it needs catching again and no round is redone (before: caught and redone again)."""
+    from neuroray.training.run import run
+
+    def once(rounds: int, *extra) -> tuple[object, str]:
+        lines = []
+        cfg = _cfg(tmp_path, "run", rounds, "diloco.replicas=3", "diloco.inner_steps=2", "checkpoint.every_round=true",
+                   "swarm.routing=router", "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=1.0", "aggregator=robust",
+                   *extra)
+        result = run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                     holder_cls=misbehaving({"r1-s0": CHEATS["r1-s0"]}))
+        return result, "\n".join(lines)
+
+    from neuroray.swarm.attacks_in_holder import misbehaving
+
+    first, text = once(1)
+    assert [(r["round"], r["sender"]) for r in first.hop_rejections if r["check"] == "recheck"] == [(1, "r1-s0")]
+    assert "barred from routing for the rest of the run" in text
+    resumed, text = once(2, "resume=true")
+    assert "before this run resumed (snapshot)" in text, text
+    assert not [r for r in resumed.hop_rejections if r["check"] == "recheck"], resumed.hop_rejections
+    assert "redone without" not in text, text

@@ -106,6 +106,13 @@ class StepExecutor(ABC):
         """What routing did over the run (None: the replicas' holders were fixed)."""
         return None
 
+    def barred(self) -> list[str]:
+        """Node ids of the holders barred from routing (swarm routing; fixed routing bars no one), for snapshots."""
+        return []
+
+    def bar_again(self, node_ids: list[str]) -> None:
+        """After a resume: bar the holders a snapshot says were barred (fixed routing: nothing to bar)."""
+
 
 def value_or_none(ref):
     """A finished ref's value, or None when its holder died meanwhile (metrics must not stop training)."""

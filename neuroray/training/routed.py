@@ -54,6 +54,19 @@ class RoutedSwarm(StepExecutor):
 
         self.rechecks = RoutedRechecks(trainer, self.router)  # ponw.hop_recheck_rate: first-step hops redone on peers
 
+    def _node_id(self, h) -> str:
+        return self.trainer.swarm.infos[h.index * len(self.router.ranges) + h.stage]["node_id"]
+
+    def barred(self) -> list[str]:
+        return sorted(self._node_id(h) for hs in self.router.ranges for h in hs if h.barred)
+
+    def bar_again(self, node_ids: list[str]) -> None:
+        # by key, not by slot: a holder restarted elsewhere under the same key is the same participant
+        for hs in self.router.ranges:
+            for h in hs:
+                if self._node_id(h) in node_ids:
+                    self.router.bar(h, "the hop rechecks proved it faulty before this run resumed (snapshot)")
+
     def submit(self, step: int) -> None:
         """Nothing to queue: the router drives a step hop by hop from the driver, so it runs in :meth:`collect`."""
 

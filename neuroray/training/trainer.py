@@ -340,6 +340,8 @@ class Trainer:
             meta = {"rounds": self.outer.rounds}
             if s == 0 and self.reputation is not None:  # the run's reputation travels with range 0's outer state
                 meta["reputation"] = self.reputation.book.state()
+            if s == 0 and self.executor.barred():  # so does who the hop rechecks barred from routing
+                meta["barred"] = self.executor.barred()
             if getattr(self.executor, "overlap", None) is not None and self.executor.overlap.inflight is not None:
                 # theta0 above is the round in flight's; the holders hold their base: land it at the same step
                 meta["overlap_land_at"] = self.executor.overlap.inflight.land_at
@@ -380,6 +382,8 @@ class Trainer:
             land_at = snap.meta.get("overlap_land_at")
             if s == 0 and self.reputation is not None and "reputation" in snap.meta:
                 self.reputation.book.load(snap.meta["reputation"])
+            if s == 0 and snap.meta.get("barred"):
+                self.executor.bar_again(list(snap.meta["barred"]))
         if land_at is not None:  # diloco.overlap: the snapshot was taken with a round in flight
             self.executor.overlap.resumed(land_at)
 
