@@ -3,8 +3,11 @@
 Real SQLite ledgers and real secp256k1 signatures, as in tests/test_ponw_authority.py.
 """
 
+import json
+
 import pytest
 
+from neuroray.cli import ledger as cli
 from neuroray.ponw.authority import AuthorityError, Coordinator
 from neuroray.ponw.escrow import sign_settlement
 from tests._ponw import COORD, Clock, evidence, identity, make_ledger, node, receipt, registration, signed
@@ -89,3 +92,12 @@ def test_a_released_reward_keeps_to_the_daily_cap(tmp_path):
     assert done["released_amount"] == 6_000 and ledger.account(ra.node_id).balance == 30_000
     assert ledger.supply().consistent
     ledger.close()
+
+
+def test_the_ledger_cli_shows_pay_in_escrow_apart_from_the_balance(env, capsys):
+    ledger, clock, (a, ra), _, _ = env
+    ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1, escrow=True))
+    ledger.checkpoint()
+    assert cli.main(["--ledger", str(ledger.path), "--json", "balance", ra.node_id[:12]]) == 0
+    (acct,) = json.loads(capsys.readouterr().out)["accounts"]
+    assert (acct["balance"], acct["escrow"]) == ("0.000000", "0.024000")

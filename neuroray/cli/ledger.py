@@ -1,6 +1,6 @@
 """``python -m neuroray.ledger balance|history|stake|unstake|verify``: the NEURO ledger from a shell.
 
-    python -m neuroray.ledger balance                      every node, plus the supply check
+    python -m neuroray.ledger balance                      every node (and its pay in escrow), plus the supply check
     python -m neuroray.ledger balance 3fa2c1               one node (a unique id prefix or its key file)
     python -m neuroray.ledger history [NODE] [--proofs]    newest events (or proofs) first
     python -m neuroray.ledger stake NODE 2.5               move 2.5 NEURO from balance to stake
@@ -94,12 +94,16 @@ def _show(args, data, lines) -> None:
 def _balance(ledger: Ledger, args) -> int:
     accounts = [ledger.account(_node(ledger, args.node))] if args.node else ledger.accounts()
     s = ledger.supply()
-    data = {"accounts": [{"node_id": a.node_id, "balance": format_units(a.balance), "stake": format_units(a.stake)}
-                         for a in accounts],
+    escrow: dict[str, int] = {}  # rewards held until a settlement (neuroray/ponw/escrow.py): not minted, not in supply
+    for e in ledger.escrowed():
+        escrow[e["node_id"]] = escrow.get(e["node_id"], 0) + e["amount"]
+    data = {"accounts": [{"node_id": a.node_id, "balance": format_units(a.balance), "stake": format_units(a.stake),
+                          "escrow": format_units(escrow.get(a.node_id, 0))} for a in accounts],
             "supply": format_units(s.total), "minted": format_units(s.minted), "burned": format_units(s.burned),
             "consistent": s.consistent}
-    lines = [f"{'node':16s} {'balance':>16s} {'stake':>16s}"]
-    lines += [f"{a.node_id[:16]} {format_units(a.balance):>16s} {format_units(a.stake):>16s}" for a in accounts]
+    lines = [f"{'node':16s} {'balance':>16s} {'stake':>16s} {'in escrow':>16s}"]
+    lines += [f"{a.node_id[:16]} {format_units(a.balance):>16s} {format_units(a.stake):>16s} "
+              f"{format_units(escrow.get(a.node_id, 0)):>16s}" for a in accounts]
     lines.append(f"supply {format_units(s.total)} NEURO = minted {format_units(s.minted)} - burned "
                  f"{format_units(s.burned)} ({'consistent' if s.consistent else 'INCONSISTENT'})")
     _show(args, data, lines)
