@@ -18,7 +18,7 @@ Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gr
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
-                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1] [sync=1]
 
 Writes docs/diloco_loss[_replica_batch][_<outer>][_cosine][_<steps4>][_seed<N>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
@@ -59,6 +59,25 @@ UNION = ["diloco.sparse_broadcast=union", "diloco.outer_lr=1.0", "diloco.outer_m
 REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
 
 
+def run_of(label: str) -> tuple:
+    """A run of RUNS, or one named ``M=<m> H=<h>[ int8|fp16|sparse][ union][ ef=<decay>]`` (``ef``:
+    diloco.sparse_feedback_decay, SparseLoCo's error-feedback decay), e.g. ``M=4 H=10 sparse union ef=0.95``."""
+    known = {r[0]: r for r in RUNS}
+    if label in known:
+        return known[label]
+    words = label.split()
+    try:
+        m, h = (int(w.split("=")[1]) for w, key in zip(words[:2], ("M=", "H=")) if w.startswith(key))
+        compression = words[2] if len(words) > 2 and words[2] in ("int8", "fp16", "sparse") else "none"
+        rest = words[2 + (compression != "none"):]
+        assert all(w == "union" or w.startswith("ef=") and float(w[3:]) >= 0 for w in rest)
+        assert compression == "sparse" or not rest
+    except (ValueError, AssertionError):
+        raise SystemExit(f"run {label!r}: not a run of the table ({', '.join(known)}) nor "
+                         "'M=<m> H=<h>[ int8|fp16|sparse][ union][ ef=<decay>]'") from None
+    return (label, m, h, compression, 1)
+
+
 def _overrides(label: str, m: int, h: int, compression: str, fragments: int, args: dict, run_dir: str, extra=()):
     steps4, seq_len, mb = int(args["steps4"]), int(args["seq_len"]), int(args["mb"])
     if args["batch"] == "global":  # the same global batch and steps for every M
@@ -71,7 +90,8 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
         # the outer optimizer of every DiLoCo run: a diloco preset (outer=default: lr 0.7, Nesterov 0.9)
         *([] if label in REFERENCES or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
         *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
-        *(UNION if label.endswith(" union") else []),
+        *(UNION if "union" in label.split() else []),
+        *[f"diloco.sparse_feedback_decay={w[3:]}" for w in label.split() if w.startswith("ef=")],
         # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
         *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
         *([f"seed={args['seed']}"] if "seed" in args else []),  # the initial weights; the same data and eval
@@ -167,8 +187,13 @@ def main(argv: list[str]) -> None:
             **dict(a.split("=", 1) for a in argv)}
     if args["batch"] not in ("global", "replica"):
         raise SystemExit(f"batch={args['batch']}: choose global or replica")
-    wanted = set(args["runs"].split(",")) if "runs" in args else None
-    runs = [r for r in RUNS if wanted is None or r[0] in wanted or r[0] == "sync"]
+    # runs=: sync first (everything is measured against it; sync=0 leaves it out, with write=0 only, for probes)
+    labels = [r[0] for r in RUNS] if "runs" not in args else ["sync"] + [x for x in args["runs"].split(",") if x != "sync"]
+    if args.get("sync") == "0":
+        if args["write"] != "0":
+            raise SystemExit("sync=0 needs write=0: the tables are measured against sync")
+        labels = [x for x in labels if x != "sync"]
+    runs = [run_of(x) for x in labels]
     for r in runs:  # a bad run's config fails here, not after the others have trained for half an hour
         load_config(_overrides(*r, args, "unused"))
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
