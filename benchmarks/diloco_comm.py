@@ -59,9 +59,14 @@ UNION = ["diloco.sparse_broadcast=union", "diloco.outer_lr=1.0", "diloco.outer_m
 REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
 
 
+# the settings a run's label may add, ``<short>=<value>`` (run_of): diloco.<key>
+KNOBS = {"ef": "sparse_feedback_decay", "olr": "outer_lr", "d": "sparse_density", "blk": "compression_block"}
+
+
 def run_of(label: str) -> tuple:
-    """A run of RUNS, or one named ``M=<m> H=<h>[ int8|fp16|sparse][ union][ ef=<decay>]`` (``ef``:
-    diloco.sparse_feedback_decay, SparseLoCo's error-feedback decay), e.g. ``M=4 H=10 sparse union ef=0.95``."""
+    """A run of RUNS, or one named ``M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]`` with knobs of
+    KNOBS (``ef``: SparseLoCo's error-feedback decay, ``olr``: the outer lr over the preset's and union's,
+    ``d``: sparse density, ``blk``: compression block), e.g. ``M=4 H=10 sparse union ef=0.95 olr=2``."""
     known = {r[0]: r for r in RUNS}
     if label in known:
         return known[label]
@@ -70,11 +75,11 @@ def run_of(label: str) -> tuple:
         m, h = (int(w.split("=")[1]) for w, key in zip(words[:2], ("M=", "H=")) if w.startswith(key))
         compression = words[2] if len(words) > 2 and words[2] in ("int8", "fp16", "sparse") else "none"
         rest = words[2 + (compression != "none"):]
-        assert all(w == "union" or w.startswith("ef=") and float(w[3:]) >= 0 for w in rest)
-        assert compression == "sparse" or not rest
-    except (ValueError, AssertionError):
+        assert all(w == "union" and compression == "sparse" or w.split("=")[0] in KNOBS and float(w.split("=")[1]) >= 0
+                   for w in rest)
+    except (ValueError, AssertionError, IndexError):
         raise SystemExit(f"run {label!r}: not a run of the table ({', '.join(known)}) nor "
-                         "'M=<m> H=<h>[ int8|fp16|sparse][ union][ ef=<decay>]'") from None
+                         f"'M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]' with knobs {sorted(KNOBS)}") from None
     return (label, m, h, compression, 1)
 
 
@@ -91,7 +96,7 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
         *([] if label in REFERENCES or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
         *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
         *(UNION if "union" in label.split() else []),
-        *[f"diloco.sparse_feedback_decay={w[3:]}" for w in label.split() if w.startswith("ef=")],
+        *[f"diloco.{KNOBS[k]}={v}" for k, _, v in (w.partition("=") for w in label.split()[2:]) if k in KNOBS],
         # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
         *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
         *([f"seed={args['seed']}"] if "seed" in args else []),  # the initial weights; the same data and eval
