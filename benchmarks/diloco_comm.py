@@ -60,13 +60,15 @@ REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goa
 
 
 # the settings a run's label may add, ``<short>=<value>`` (run_of): diloco.<key>
-KNOBS = {"ef": "sparse_feedback_decay", "olr": "outer_lr", "d": "sparse_density", "blk": "compression_block"}
+KNOBS = {"ef": "sparse_feedback_decay", "olr": "outer_lr", "mom": "outer_momentum", "d": "sparse_density",
+         "blk": "compression_block"}
 
 
 def run_of(label: str) -> tuple:
     """A run of RUNS, or one named ``M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]`` with knobs of
-    KNOBS (``ef``: SparseLoCo's error-feedback decay, ``olr``: the outer lr over the preset's and union's,
-    ``d``: sparse density, ``blk``: compression block), e.g. ``M=4 H=10 sparse union ef=0.95 olr=2``."""
+    KNOBS (``ef``: SparseLoCo's error-feedback decay, ``olr`` / ``mom``: the outer lr / momentum over the
+    preset's and union's, ``d``: sparse density, ``blk``: compression block), e.g.
+    ``M=4 H=10 sparse union ef=0.95 olr=2``."""
     known = {r[0]: r for r in RUNS}
     if label in known:
         return known[label]
