@@ -81,7 +81,8 @@ def run_of(label: str) -> tuple:
                    for w in rest)
     except (ValueError, AssertionError, IndexError):
         raise SystemExit(f"run {label!r}: not a run of the table ({', '.join(known)}) nor "
-                         f"'M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]' with knobs {sorted(KNOBS)}") from None
+                         "'M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]' with knobs "
+                         f"{sorted(KNOBS)}") from None
     return (label, m, h, compression, 1)
 
 
@@ -195,7 +196,8 @@ def main(argv: list[str]) -> None:
     if args["batch"] not in ("global", "replica"):
         raise SystemExit(f"batch={args['batch']}: choose global or replica")
     # runs=: sync first (everything is measured against it; sync=0 leaves it out, with write=0 only, for probes)
-    labels = [r[0] for r in RUNS] if "runs" not in args else ["sync"] + [x for x in args["runs"].split(",") if x != "sync"]
+    labels = [r[0] for r in RUNS] if "runs" not in args else ["sync"] + [
+        x for x in args["runs"].split(",") if x != "sync"]
     if args.get("sync") == "0":
         if args["write"] != "0":
             raise SystemExit("sync=0 needs write=0: the tables are measured against sync")
