@@ -18,7 +18,12 @@ Bytes are the ones ``OuterSync.measure`` read from Ray's object store (pseudo-gr
 broadcasts to every holder); control-plane bytes (outer reports, acknowledgements, proofs) apart.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
-                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1] [sync=1]
+                                                   [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1]
+                                                   [sync=1]
+
+A run label is one of the table's, or ``M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]`` (run_of):
+e.g. ``runs=M=4 H=10,M=4 H=10 sparse union ef=0.9 olr=4``. ``sync=0`` (with ``write=0``): leave out the sync run,
+for a quick probe that only prints.
 
 Writes docs/diloco_loss[_replica_batch][_<outer>][_cosine][_<steps4>][_seed<N>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
