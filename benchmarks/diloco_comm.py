@@ -19,6 +19,11 @@ broadcasts to every holder); control-plane bytes (outer reports, acknowledgement
 
     flock /tmp/neuroray-cpu.lock python benchmarks/diloco_comm.py [batch=global|replica] [steps4=300]
                                                    [seq_len=64] [mb=4] [runs=label,...] [outer=default] [lr=constant|cosine] [seed=0] [write=1]
+                                                   [sync=1]
+
+A run label is one of the table's, or ``M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]`` (run_of):
+e.g. ``runs=M=4 H=10,M=4 H=10 sparse union ef=0.9 olr=4``. ``sync=0`` (with ``write=0``): leave out the sync run,
+for a quick probe that only prints.
 
 Writes docs/diloco_loss[_replica_batch][_<outer>][_cosine][_<steps4>][_seed<N>].png, appends the tables to docs/benchmarks.md (a row per run).
 """
@@ -59,6 +64,33 @@ UNION = ["diloco.sparse_broadcast=union", "diloco.outer_lr=1.0", "diloco.outer_m
 REFERENCES = ("sync", "plain AdamW")  # not DiLoCo runs: no outer preset, no goals
 
 
+# the settings a run's label may add, ``<short>=<value>`` (run_of): diloco.<key>
+KNOBS = {"ef": "sparse_feedback_decay", "olr": "outer_lr", "mom": "outer_momentum", "d": "sparse_density",
+         "blk": "compression_block"}
+
+
+def run_of(label: str) -> tuple:
+    """A run of RUNS, or one named ``M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]`` with knobs of
+    KNOBS (``ef``: SparseLoCo's error-feedback decay, ``olr`` / ``mom``: the outer lr / momentum over the
+    preset's and union's, ``d``: sparse density, ``blk``: compression block), e.g.
+    ``M=4 H=10 sparse union ef=0.95 olr=2``."""
+    known = {r[0]: r for r in RUNS}
+    if label in known:
+        return known[label]
+    words = label.split()
+    try:
+        m, h = (int(w.split("=")[1]) for w, key in zip(words[:2], ("M=", "H=")) if w.startswith(key))
+        compression = words[2] if len(words) > 2 and words[2] in ("int8", "fp16", "sparse") else "none"
+        rest = words[2 + (compression != "none"):]
+        assert all(w == "union" and compression == "sparse" or w.split("=")[0] in KNOBS and float(w.split("=")[1]) >= 0
+                   for w in rest)
+    except (ValueError, AssertionError, IndexError):
+        raise SystemExit(f"run {label!r}: not a run of the table ({', '.join(known)}) nor "
+                         "'M=<m> H=<h>[ int8|fp16|sparse][ union][ <knob>=<value> ...]' with knobs "
+                         f"{sorted(KNOBS)}") from None
+    return (label, m, h, compression, 1)
+
+
 def _overrides(label: str, m: int, h: int, compression: str, fragments: int, args: dict, run_dir: str, extra=()):
     steps4, seq_len, mb = int(args["steps4"]), int(args["seq_len"]), int(args["mb"])
     if args["batch"] == "global":  # the same global batch and steps for every M
@@ -71,7 +103,8 @@ def _overrides(label: str, m: int, h: int, compression: str, fragments: int, arg
         # the outer optimizer of every DiLoCo run: a diloco preset (outer=default: lr 0.7, Nesterov 0.9)
         *([] if label in REFERENCES or args.get("outer", "default") == "default" else [f"diloco={args['outer']}"]),
         *(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.nesterov=false"] if label == "plain AdamW" else []),
-        *(UNION if label.endswith(" union") else []),
+        *(UNION if "union" in label.split() else []),
+        *[f"diloco.{KNOBS[k]}={v}" for k, _, v in (w.partition("=") for w in label.split()[2:]) if k in KNOBS],
         # lr=cosine: every run's inner lr warms up over its first 10 % of steps, then decays to a tenth
         *(["diloco.lr_schedule=cosine", f"diloco.warmup_steps={steps // 10}"] if args.get("lr") == "cosine" else []),
         *([f"seed={args['seed']}"] if "seed" in args else []),  # the initial weights; the same data and eval
@@ -167,8 +200,14 @@ def main(argv: list[str]) -> None:
             **dict(a.split("=", 1) for a in argv)}
     if args["batch"] not in ("global", "replica"):
         raise SystemExit(f"batch={args['batch']}: choose global or replica")
-    wanted = set(args["runs"].split(",")) if "runs" in args else None
-    runs = [r for r in RUNS if wanted is None or r[0] in wanted or r[0] == "sync"]
+    # runs=: sync first (everything is measured against it; sync=0 leaves it out, with write=0 only, for probes)
+    labels = [r[0] for r in RUNS] if "runs" not in args else ["sync"] + [
+        x for x in args["runs"].split(",") if x != "sync"]
+    if args.get("sync") == "0":
+        if args["write"] != "0":
+            raise SystemExit("sync=0 needs write=0: the tables are measured against sync")
+        labels = [x for x in labels if x != "sync"]
+    runs = [run_of(x) for x in labels]
     for r in runs:  # a bad run's config fails here, not after the others have trained for half an hour
         load_config(_overrides(*r, args, "unused"))
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from benchmarks._report import append_row, machine  # noqa: E402
-from benchmarks.diloco_comm import RUNS, one_run  # noqa: E402
+from benchmarks.diloco_comm import one_run, run_of  # noqa: E402
 
 GRID = "0.4:0.8,0.4:0.9,0.7:0.8,0.7:0.9,1.0:0.8,1.0:0.9,1.0:0"
 
@@ -41,16 +41,12 @@ def main(argv: list[str]) -> None:
     args = {"batch": "global", "steps4": "300", "seq_len": "64", "mb": "4", "write": "1", "grid": GRID,
             "runs": "M=4 H=50,M=1 H=50", **dict(a.split("=", 1) for a in argv)}
     grid = [tuple(g.split(":")) for g in args["grid"].split(",")]
-    runs = {r[0]: r for r in RUNS}
-    missing = [label for label in args["runs"].split(",") if label not in runs]
-    if missing:
-        raise SystemExit(f"runs={missing}: not runs of benchmarks/diloco_comm.py ({', '.join(runs)})")
-    wanted = [runs[label] for label in args["runs"].split(",")]
+    wanted = [run_of(label) for label in args["runs"].split(",")]  # exits naming a label it does not know
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")  # as neuroray.train does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="diloco-sweep-") as tmp:
-            sync = one_run(*runs["sync"], args, tmp)
+            sync = one_run(*run_of("sync"), args, tmp)
             rows = [(lr, mom, one_run(*r, args, tmp, extra=_setting(lr, mom), tag=f"lr{lr}-m{mom}"))
                     for lr, mom in grid for r in wanted]
     finally:

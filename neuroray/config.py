@@ -102,6 +102,9 @@ class DilocoConfig:
     compression: str = "none"
     compression_block: int = 256  # int8: values per float32 scale; sparse: values per chunk
     sparse_density: float = 0.015  # sparse: the fraction of each chunk's values sent
+    # sparse: error-feedback decay beta on each holder's residual, SparseLoCo's e = beta * e + delta before the
+    # top-k (arXiv 2508.15706 uses about 0.95): what top-k left out fades instead of waiting in full (1.0: kept whole)
+    sparse_feedback_decay: float = 1.0
     # sparse: what the outer step sends back to the holders. resparsify: its update theta0_old - theta0_new,
     # top-k sparsified again with its own error feedback (theta0 changes in at most sparse_density of each chunk
     # per round). union: the accepted holders' payloads themselves, which every holder decodes and averages

@@ -148,6 +148,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"diloco.compression={dl.compression} is unknown; choose none, fp16, int8 or sparse")
     if not 0 < dl.sparse_density <= 1:
         raise ConfigError(f"diloco.sparse_density={dl.sparse_density} must be in (0, 1], e.g. 0.015")
+    if not 0 <= dl.sparse_feedback_decay <= 1:
+        raise ConfigError(f"diloco.sparse_feedback_decay={dl.sparse_feedback_decay} must be in [0, 1], e.g. 0.95 "
+                          "(1.0 keeps the whole residual)")
     if not 1 <= dl.compression_block <= 1 << 20:
         raise ConfigError(f"diloco.compression_block={dl.compression_block} must be in [1, 1048576]")
     _check_sparse_broadcast(cfg)

@@ -110,3 +110,53 @@ def test_sparse_payload_checks_reject_what_cannot_decode(block):
             check(payload, "sparse", block, 5000)
     with pytest.raises(PayloadError, match="the run uses"):
         check(good, "sparse", block, 5000, density=0.5)
+
+
+def test_sparse_feedback_decay_one_is_bit_for_bit_the_undecayed_payload():
+    """diloco.sparse_feedback_decay=1.0 (the default) sends exactly what error feedback without a decay
+    sends: e = e + delta, top-k of e, e -= sent; also for streaming's slices of the residual."""
+    g = torch.Generator().manual_seed(5)
+    ef = ErrorFeedback("sparse", block=64, density=0.05, decay=1.0)
+    residual = None
+    for r in range(8):
+        d = torch.randn(640, generator=g)
+        corrected = d if residual is None else d + residual
+        want = encode(corrected, "sparse", 64, 0.05)
+        got = ef.compress(d)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        residual = corrected - decode(want)
+        assert torch.equal(ef.residual, residual)
+    lo, hi = 128, 384  # a streaming fragment: only its slice of the residual is used and renewed
+    d = torch.randn(hi - lo, generator=g)
+    want = encode(d + residual[lo:hi], "sparse", 64, 0.05)
+    got = ef.compress(d, lo=lo, numel=640)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_sparse_feedback_decay_scales_the_residual_before_the_delta_is_added():
+    g = torch.Generator().manual_seed(6)
+    ef = ErrorFeedback("sparse", block=64, density=0.05, decay=0.9)
+    for r in range(6):
+        before = torch.zeros(640) if ef.residual is None else ef.residual.clone()
+        d = torch.randn(640, generator=g)
+        sent = decode(ef.compress(d))
+        # SparseLoCo's e = 0.9 e + delta, of which what was sent leaves
+        torch.testing.assert_close(sent + ef.residual, d + 0.9 * before, rtol=0, atol=1e-5)
+    # decay 0: nothing is carried, every payload is the delta's own top-k
+    ef0 = ErrorFeedback("sparse", block=64, density=0.05, decay=0.0)
+    for r in range(3):
+        d = torch.randn(640, generator=g)
+        got, want = ef0.compress(d), encode(d, "sparse", 64, 0.05)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="decay"):
+        ErrorFeedback("sparse", decay=1.5)
+
+
+def test_config_takes_the_feedback_decay_in_zero_to_one():
+    from neuroray.configure import load_config
+    from neuroray.errors import ConfigError
+
+    assert load_config([]).diloco.sparse_feedback_decay == 1.0
+    assert load_config(["diloco.sparse_feedback_decay=0.95"]).diloco.sparse_feedback_decay == 0.95
+    with pytest.raises(ConfigError, match="sparse_feedback_decay=1.5 must be in \\[0, 1\\]"):
+        load_config(["diloco.sparse_feedback_decay=1.5"])

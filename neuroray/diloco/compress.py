@@ -201,12 +201,19 @@ def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
 
 
 class ErrorFeedback:
-    """Per-holder residual carried across rounds."""
+    """Per-holder residual carried across rounds.
 
-    def __init__(self, mode: str, block: int = 256, density: float = SPARSE_DENSITY):
+    ``decay`` (``diloco.sparse_feedback_decay``): the residual is multiplied by it before this round's delta
+    is added, SparseLoCo's ``e = decay * e + delta`` (arXiv 2508.15706), so what compression left out fades
+    over rounds instead of being sent in full however stale. 1.0 keeps it whole (the multiplication is
+    skipped, so payloads are bit for bit those without a decay)."""
+
+    def __init__(self, mode: str, block: int = 256, density: float = SPARSE_DENSITY, decay: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"unknown compression {mode!r}; choose one of {MODES}")
-        self.mode, self.block, self.density = mode, block, density
+        if not 0 <= decay <= 1:
+            raise ValueError(f"error-feedback decay {decay} must be in [0, 1]")
+        self.mode, self.block, self.density, self.decay = mode, block, density, decay
         self.residual: torch.Tensor | None = None
 
     def compress(self, delta: torch.Tensor, lo: int = 0, numel: int | None = None) -> dict[str, torch.Tensor]:
@@ -216,7 +223,12 @@ class ErrorFeedback:
         if self.mode == "none":
             return encode(delta, "none")
         hi, numel = lo + delta.numel(), delta.numel() if numel is None else numel
-        corrected = delta if self.residual is None else delta + self.residual[lo:hi]
+        if self.residual is None:
+            corrected = delta
+        elif self.decay == 1.0:
+            corrected = delta + self.residual[lo:hi]
+        else:
+            corrected = delta + self.decay * self.residual[lo:hi]
         payload = encode(corrected, self.mode, self.block, self.density)
         error = corrected - decode(payload)
         if (lo, hi) == (0, numel):

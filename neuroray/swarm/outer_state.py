@@ -42,7 +42,8 @@ class OuterState:
         d = compute.spec.diloco
         # What compression dropped from this holder's pseudo-gradients, sent in later rounds (docs/diloco.md);
         # the run's density, or sparse payloads carry another k per chunk than the outer step checks for
-        self.feedback = ErrorFeedback(d.compression, d.compression_block, d.sparse_density)
+        self.feedback = ErrorFeedback(d.compression, d.compression_block, d.sparse_density,
+                                      d.sparse_feedback_decay if d.compression == "sparse" else 1.0)
         self.feedback_round: tuple[int, torch.Tensor | None] | None = None  # (outer round, residual before it)
         self.outer_rounds = 0
         # diloco.overlap: the round whose outer step is in flight (neuroray/diloco/overlap.py), else None
