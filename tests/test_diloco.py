@@ -40,8 +40,10 @@ def test_outer_step_matches_torch_sgd_nesterov():
 
 def test_plain_momentum_and_no_momentum():
     assert OuterOptimizer(1.0, 0.0, False).step(torch.tensor([1.0]), torch.tensor([0.25])).item() == 0.75
+    # momentum 0 with nesterov left at its default is plain SGD, not an error at the first outer step
+    assert OuterOptimizer(1.0, 0.0, True).step(torch.tensor([1.0]), torch.tensor([0.25])).item() == 0.75
     with pytest.raises(ValueError):
-        OuterOptimizer(1.0, 0.0, True)
+        OuterOptimizer(1.0, -0.1, True)
 
 
 def test_mean_aggregate_and_screening():

@@ -18,8 +18,9 @@ import torch
 
 class OuterOptimizer:
     def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True):
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov outer momentum needs momentum > 0")
+        if momentum < 0:
+            raise ValueError(f"outer momentum {momentum} must be >= 0")
+        # momentum 0 is plain SGD whatever nesterov says (diloco.outer_momentum=0 leaves nesterov at its default)
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.buf: torch.Tensor | None = None
 
