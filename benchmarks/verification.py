@@ -4,7 +4,7 @@
    one run of the tiny model, ``replicas`` replicas x 2 stages, ``aggregator=robust``, ``rounds`` rounds,
    ``routing`` fixed or router; one holder of replica 2 (:data:`ATTACKS` names which) cheats from round 1 on
    (tampered hops, lazy compute, lying accounts, poisoned, replayed or copied pseudo-gradients, wrong data,
-   slow walking), replicas 0 and 1 are honest. Spot checks at
+   slow walking, also hidden from the holder's own clock), replicas 0 and 1 are honest. Spot checks at
    ``ponw.spot_check_rate=rate`` (1.0 by default: every credited Driver proof, so the table shows what a
    check catches; at a rate p a persistent liar is caught after 1/p rounds on average). Per attack:
    whether the attacker was caught and in which round first (its proof refused, invalidated, earning 0, or
@@ -74,6 +74,8 @@ ATTACKS = {
     "lazy_stale": ("lazy Validator: previous microbatch's loss and gradient", "r2-s1", "lazy_stale", 0),
     "wrong_data": ("wrong data: the Driver trains on the next shard", "r2-s0", "wrong_data", 1),
     "slow_walk": ("slow walk: every compute call x3 (Validator)", "r2-s1", "slow_walk", 3),
+    "slow_walk_hidden": ("slow walk hidden from its own clock: every compute call x3, its busy clock records 1x "
+                         "(Validator)", "r2-s1", "slow_walk_hidden", 3),
 }
 STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
