@@ -76,6 +76,7 @@ ATTACKS = {
     "slow_walk": ("slow walk: every compute call x3 (Validator)", "r2-s1", "slow_walk", 3),
     "slow_walk_hidden": ("slow walk hidden from its own clock: every compute call x3, its busy clock records 1x "
                          "(Validator)", "r2-s1", "slow_walk_hidden", 3),
+    "slow_walk_hidden8": ("slow walk hidden from its own clock: x8 (Validator)", "r2-s1", "slow_walk_hidden", 8),
 }
 STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",

@@ -143,9 +143,8 @@ def test_a_hidden_slow_walk_stretches_compute_but_its_own_clock_records_only_the
     t0 = time.perf_counter()
     slow.forward(1, _x(0))
     wall = time.perf_counter() - t0
-    (recorded,) = slow.clock.round_calls
-    assert wall >= 3 * recorded  # it slept twice the compute it recorded: the stretch is in no clock of its own
-    assert slow.clock.busy_s == recorded
+    recorded = slow.clock.busy_s
+    assert 0 < 3 * recorded <= wall  # it slept twice the compute it recorded: the stretch is in no clock of its own
 
 
 def test_wrong_data_reads_another_shard_while_its_position_advances_as_assigned(tmp_path):

@@ -7,10 +7,10 @@ from neuroray.training.call_clock import Call, CallTimes
 
 
 def _times(calls, ready):
-    """``calls``: (slot, key, inputs, submitted, tag, sample) in submission order; ``ready``: key -> time."""
+    """``calls``: (slot, key, inputs, submitted, tag, timed) in submission order; ``ready``: key -> time."""
     t = CallTimes()
-    for slot, key, inputs, submitted, tag, sample in calls:
-        t.submitted(slot, Call(key, tuple(inputs), submitted, tag, sample))
+    for slot, key, inputs, submitted, tag, timed in calls:
+        t.submitted(slot, Call(key, tuple(inputs), submitted, tag, "F" if timed else None))
     for key, at in ready.items():
         t.appeared(key, at)
     t.advance()
@@ -57,9 +57,9 @@ def test_a_slow_walker_is_slower_by_its_stretch_whatever_it_reports():
         d, v = (0, r), (1, r)
         now = 0.0
         for j in range(4):
-            t.submitted(d, Call(f"f{r}{j}", (), 0.0, 0, True))
-            t.submitted(v, Call(f"fb{r}{j}", (f"f{r}{j}",), 0.0, 0, True))
-            t.submitted(d, Call(f"b{r}{j}", (f"fb{r}{j}",), 0.0, 0, True))
+            t.submitted(d, Call(f"f{r}{j}", (), 0.0, 0, "F"))
+            t.submitted(v, Call(f"fb{r}{j}", (f"f{r}{j}",), 0.0, 0, "FB"))
+            t.submitted(d, Call(f"b{r}{j}", (f"fb{r}{j}",), 0.0, 0, "B"))
         for j in range(4):  # gpipe is not needed for the arithmetic: one microbatch after the other
             now += 0.5
             t.appeared(f"f{r}{j}", now)
@@ -76,16 +76,16 @@ def test_a_slow_walker_is_slower_by_its_stretch_whatever_it_reports():
 def test_failed_and_redone_calls_leave_no_sample():
     h, mate = (0, 2), (1, 2)
     t = CallTimes()
-    t.submitted(h, Call("a", (), 0.0, 3, True))
-    t.submitted(mate, Call("b", ("a",), 0.0, 3, True))
+    t.submitted(h, Call("a", (), 0.0, 3, "F"))
+    t.submitted(mate, Call("b", ("a",), 0.0, 3, "F"))
     t.appeared("b", 0.5)  # failed at once: its input's failure, before its predecessor
     t.appeared("a", 1.0)
     t.advance()
     assert t.samples[mate] == []  # negative service time: it did not run
-    t.submitted(h, Call("c", (), 1.0, 4, True))
+    t.submitted(h, Call("c", (), 1.0, 4, "F"))
     t.void(2, {3, 4})  # a recovery settles and redoes steps 3 and 4 of replica 2
     assert t.samples[h] == [] and list(t.chains[h]) == []
-    t.submitted(h, Call("c2", (), 2.0, 4, True))  # the redo, timed afresh
+    t.submitted(h, Call("c2", (), 2.0, 4, "F"))  # the redo, timed afresh
     t.appeared("c", 1.5)
     t.appeared("c2", 2.25)
     t.advance()

@@ -36,7 +36,7 @@ class Call:
     inputs: tuple  # keys of what it was passed and waited on (refs of other holders' calls)
     submitted: float  # when the driver submitted it
     tag: int  # the inner step it belongs to
-    sample: bool  # a compute call whose time counts (False: a bookkeeping call, chained but not timed)
+    kind: str | None  # a compute call whose time counts (F, B, FB, step); None: a read, chained but not timed
 
 
 class CallTimes:
@@ -67,7 +67,7 @@ class CallTimes:
                 done = self.ready[call.key]
                 start = max([call.submitted, self.last.get(slot, call.submitted), *(self.ready[k] for k in call.inputs)])
                 # negative: the call failed before it ran (an input it waited on failed): no sample
-                if call.sample and done >= start:
+                if call.kind is not None and done >= start:
                     self.samples[slot].append((call.tag, done - start))
                 self.last[slot] = max(done, self.last.get(slot, done))
 
@@ -78,14 +78,14 @@ class CallTimes:
                 self.chains[slot] = deque(c for c in chain if c.tag not in tags)
         for slot, got in self.samples.items():
             if slot[1] == replica:
-                self.samples[slot] = [(tag, x) for tag, x in got if tag not in tags]
+                self.samples[slot] = [x for x in got if x[0] not in tags]
 
     def take(self, upto: int) -> dict[Slot, float]:
         """The median service time of each holder's calls of steps up to ``upto`` (then forgotten)."""
         paces = {}
         for slot in list(self.samples):
             mine = [x for tag, x in self.samples[slot] if tag <= upto]
-            self.samples[slot] = [(tag, x) for tag, x in self.samples[slot] if tag > upto]
+            self.samples[slot] = [x for x in self.samples[slot] if x[0] > upto]
             if mine:
                 paces[slot] = statistics.median(mine)
         waiting = {c.key for chain in self.chains.values() for c in chain} | {
@@ -120,10 +120,10 @@ class CallClock:
         self.thread = threading.Thread(target=self._run, name="neuroray-call-clock", daemon=True)
         self.thread.start()
 
-    def record(self, slot: Slot, tag: int, ref, inputs=(), sample: bool = True) -> None:
+    def record(self, slot: Slot, tag: int, ref, inputs=(), kind: str | None = None) -> None:
         """The driver just submitted ``ref`` on holder ``slot``, passing it ``inputs`` (refs)."""
         inputs = tuple(x for x in inputs if x is not None)
-        call = Call(ref, inputs, time.monotonic(), tag, sample)
+        call = Call(ref, inputs, time.monotonic(), tag, kind)
         with self.lock:
             self.times.submitted(slot, call)
             for x in (ref, *inputs):

@@ -128,7 +128,7 @@ class FixedPipelines(StepExecutor):
             self.shm.ensure(replica, pipeline)
         clock = self.clock
         record = None if clock is None else (
-            lambda stage, ref, inputs, compute: clock.record((stage, replica), step, ref, inputs, compute))
+            lambda stage, ref, inputs, kind: clock.record((stage, replica), step, ref, inputs, kind))
         return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
                                  None if self.direct is None else self.direct.backend, record)
 
