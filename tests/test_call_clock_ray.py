@@ -14,7 +14,9 @@ from tests.test_pipeline_ray import _write_corpus
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ray_cluster, tmp_path):
+# every hop transport: a direct (gloo) hop's ref is waited on without pulling its tensor, a shm hop's is a handle
+@pytest.mark.parametrize("transport", ["object_store", "gloo", "shm"])
+def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ray_cluster, tmp_path, transport):
     from neuroray.ponw.identity import Identity
     from neuroray.training.run import run
 
@@ -23,7 +25,7 @@ def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ra
         f"data.source={tmp_path / 'corpus.txt'}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
         "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
         "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
-        "swarm.num_stages=2", "swarm.routing=fixed", "diloco.replicas=3", "diloco.inner_steps=4", "rounds=2",
+        "swarm.num_stages=2", "swarm.routing=fixed", f"swarm.hop_transport={transport}", "diloco.replicas=3", "diloco.inner_steps=4", "rounds=2",
         f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.25", "sample_tokens=4", "checkpoint.interval_s=0",
         "checkpoint.every_round=false", "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=0",
         "ponw.straggler_factor=2.5", "ponw.straggler_rounds=2",
