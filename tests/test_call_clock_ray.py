@@ -1,6 +1,6 @@
 """A slow walker that hides its stretch from its own busy clock (``slow_walk_hidden``) under fixed routing: the
 coordinator times the calls itself (neuroray/training/call_clock.py), so the straggler rule names it and the
-ledger pays it 0 by round 2, while its replica-mate (which waits on it) and the other replicas are paid."""
+ledger pays it 0 from round 2 on (round 3 over gloo hops), while its replica-mate (which waits on it) and the other replicas are paid."""
 
 import sqlite3
 
@@ -25,7 +25,7 @@ def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ra
         f"data.source={tmp_path / 'corpus.txt'}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
         "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
         "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
-        "swarm.num_stages=2", "swarm.routing=fixed", f"swarm.hop_transport={transport}", "diloco.replicas=3", "diloco.inner_steps=4", "rounds=2",
+        "swarm.num_stages=2", "swarm.routing=fixed", f"swarm.hop_transport={transport}", "diloco.replicas=3", "diloco.inner_steps=4", "rounds=3",
         f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.25", "sample_tokens=4", "checkpoint.interval_s=0",
         "checkpoint.every_round=false", "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=0",
         "ponw.straggler_factor=2.5", "ponw.straggler_rounds=2",
@@ -41,9 +41,12 @@ def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ra
     reward = {(who, rnd): paid for who, rnd, paid in db.execute(
         "SELECT node_id, outer_round, reward FROM proofs WHERE proof_type = 'training'")}
 
-    assert "ledger: round 2: r2-s1 is a straggler" in text, [x for x in lines if "call clock" in x]
-    assert reward[node["r2-s1"], 2] == 0 and reward[node["r2-s1"], 1] > 0  # paid for round 1 (not yet 2 in a row)
-    assert text.count("is a straggler") == 1  # no one else: its replica-mate waited on it, and is not blamed
+    # gloo: a direct hop's transfer is set up in round 1 and its trips dilute the stretch there (measured 2.0x against
+    # the Validators' median, under the factor of 2.5), so 2 rounds in a row end in round 3
+    first = 3 if transport == "gloo" else 2
+    assert f"ledger: round {first}: r2-s1 is a straggler" in text, [x for x in lines if "call clock" in x]
+    assert [reward[node["r2-s1"], k] == 0 for k in (1, 2, 3)] == [k >= first for k in (1, 2, 3)]  # paid 0 once named
+    assert text.count("is a straggler") == 4 - first  # no one else: its replica-mate waited on it, and is not blamed
     for x in slots:
         if x != "r2-s1":
-            assert reward[node[x], 1] > 0 and reward[node[x], 2] > 0, x
+            assert all(reward[node[x], k] > 0 for k in (1, 2, 3)), x
