@@ -49,4 +49,5 @@ def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ra
     assert text.count("is a straggler") == 4 - first  # no one else: its replica-mate waited on it, and is not blamed
     for x in slots:
         if x != "r2-s1":
-            assert all(reward[node[x], k] > 0 for k in (1, 2, 3)), x
+            assert all(reward[node[x], k] > 0 for k in (1, 2, 3)), (x, [reward[node[x], k] for k in (1, 2, 3)], [
+                line for line in lines if x in line or "round 3" in line])
