@@ -25,8 +25,9 @@ The defaults come from honest runs of benchmarks/verification.py on this project
 load (6 holders, load average near 30): totals of busy time per microbatch put honest holders up to 4.6x apart
 in 100 rounds, hence the median per call; that still reached 2.6x in single rounds and 2.4x in two rounds in a
 row, hence a factor of 2.5 held for 2 rounds. Those were the holders' own clocks; the coordinator's clock of
-fixed pipelines spread honest holders less (100 honest rounds, 3 replicas x 2 stages, load average ~5: at most
-2.06x in a round and 1.42x in two rounds in a row, none named in 600 holder-rounds; docs/benchmarks.md).
+fixed pipelines spread honest holders less (two runs of 100 honest rounds, 3 replicas x 2 stages, load average ~5:
+at most 2.06x and 2.79x in a round, 1.42x and 1.70x in two rounds in a row, none named in 1,200 holder-rounds;
+docs/ponw.md, Stragglers).
 """
 
 from __future__ import annotations
