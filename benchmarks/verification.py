@@ -4,7 +4,7 @@
    one run of the tiny model, ``replicas`` replicas x 2 stages, ``aggregator=robust``, ``rounds`` rounds,
    ``routing`` fixed or router; one holder of replica 2 (:data:`ATTACKS` names which) cheats from round 1 on
    (tampered hops, lazy compute, lying accounts, poisoned, replayed or copied pseudo-gradients, wrong data,
-   slow walking), replicas 0 and 1 are honest. Spot checks at
+   slow walking, also hidden from the holder's own clock), replicas 0 and 1 are honest. Spot checks at
    ``ponw.spot_check_rate=rate`` (1.0 by default: every credited Driver proof, so the table shows what a
    check catches; at a rate p a persistent liar is caught after 1/p rounds on average). Per attack:
    whether the attacker was caught and in which round first (its proof refused, invalidated, earning 0, or
@@ -36,6 +36,7 @@ import contextlib
 import math
 import re
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -74,6 +75,9 @@ ATTACKS = {
     "lazy_stale": ("lazy Validator: previous microbatch's loss and gradient", "r2-s1", "lazy_stale", 0),
     "wrong_data": ("wrong data: the Driver trains on the next shard", "r2-s0", "wrong_data", 1),
     "slow_walk": ("slow walk: every compute call x3 (Validator)", "r2-s1", "slow_walk", 3),
+    "slow_walk_hidden": ("slow walk hidden from its own clock: every compute call x3, its busy clock records 1x "
+                         "(Validator)", "r2-s1", "slow_walk_hidden", 3),
+    "slow_walk_hidden8": ("slow walk hidden from its own clock: x8 (Validator)", "r2-s1", "slow_walk_hidden", 8),
 }
 STAGES = 2
 SMALL = ["data.vocab_size=1024", "data.seq_len=32", "data.microbatch_size=8", "data.num_microbatches=2",
@@ -88,6 +92,28 @@ CHECKED = re.compile(r"spot check: round \d+: \d+ Driver proof\(s\) recomputed i
 RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-executed on peers in ([0-9.]+)s")
 REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): (.*) \(([0-9.]+)s\)$")
 SCORE = re.compile(r"r(\d+) (fresh rows x|lead )([+-]?[0-9.]+|inf)")
+# fixed routing: each holder's pace on the driver's clock of the calls (neuroray/training/call_clock.py), per round
+PACES = re.compile(r"call clock: round (\d+): ms per call (.*?) \(the clock's own CPU so far ([0-9.]+)s in (\d+) wakes")
+
+
+def pace_spread(lines: list[str], attacker: str | None) -> dict:
+    """From a run's call-clock lines: every holder's pace over the median of its range's other holders', per round;
+    the honest holders' largest ratio in one round and in two rounds in a row (the straggler rule's test), the
+    attacker's ratios, and the clock thread's CPU seconds and wakes."""
+    ratios, cpu, wakes = [], 0.0, 0
+    for line in lines:
+        m = PACES.search(line)
+        if not m:
+            continue
+        pace = {k: float(v) for k, v in re.findall(r"(r\d+-s\d+) ([0-9.]+)", m.group(2))}
+        cpu, wakes = float(m.group(3)), int(m.group(4))
+        ratios.append({k: v / statistics.median([x for o, x in pace.items() if o != k and o[-3:] == k[-3:]])
+                       for k, v in pace.items() if sum(o[-3:] == k[-3:] for o in pace) > 1})
+    honest = [{k: v for k, v in r.items() if k != attacker} for r in ratios]
+    one = max((v for r in honest for v in r.values()), default=0.0)
+    two = max((min(v, b[k]) for a, b in zip(honest, honest[1:]) for k, v in a.items() if k in b), default=0.0)
+    return {"honest_max": one, "honest_max_two": two, "attacker": [r.get(attacker, 0.0) for r in ratios],
+            "clock_cpu_s": cpu, "clock_wakes": wakes}
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
@@ -154,6 +180,13 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
         print(f"{label}: false positive {x} in rounds {false_pos[x]}: {sorted(how[x])}", flush=True)
     (run_dir / "log.txt").write_text("\n".join(lines))
     train_s = result.tokens / max(result.tokens_per_s, 1e-9)
+    paces = pace_spread(lines, slot)
+    if paces["clock_wakes"]:
+        print(f"{label}: call clock: honest holders at most {paces['honest_max']:.2f}x their range's others in a round, "
+              f"{paces['honest_max_two']:.2f}x in two rounds in a row"
+              + (f"; the attacker {' '.join(f'{x:.2f}x' for x in paces['attacker'])}" if slot else "")
+              + f"; the clock's thread {paces['clock_cpu_s']:.2f}s of CPU in {paces['clock_wakes']} wakes over "
+                f"{train_s:.1f}s of training", flush=True)
     return {"caught": sorted(caught[slot]) if slot else [], "how": sorted(how[slot]) if slot else [], "attacker": held.get(slot, 0) / 1e6,
             "honest": min(held.get(x, 0) for x in peers) / 1e6, "false_pos": false_pos,
             "honest_rounds": len(honest) * rounds, "check_s": check_s, "train_s": train_s,

@@ -325,6 +325,9 @@ class PonwConfig:
     # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off
     straggler_factor: float = 2.5  # x the median call time of its range's other holders (0: off)
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
+    # fixed routing: the driver times each holder's calls itself (neuroray/training/call_clock.py); a call submitted
+    # while its watcher thread waits is stamped at the thread's next wake, at most this late
+    call_clock_poll_s: float = 0.005  # seconds between the call clock's wakes while calls are in flight
     # before each range's rule, a pseudo-gradient made before its holder's batches of the round (a replayed one) is
     # refused and paid 0: on the embedding's range by the rows of the round's new tokens (moved only by weight decay),
     # elsewhere by the loss it removes there against its stream's neighbours (docs/ponw.md, Replayed pseudo-gradients)

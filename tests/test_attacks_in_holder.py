@@ -135,6 +135,18 @@ def test_slow_walk_stretches_compute_and_changes_nothing_else(tmp_path):
     assert later.clock.factor == 1.0  # honest pace until round 2
 
 
+def test_a_hidden_slow_walk_stretches_compute_but_its_own_clock_records_only_the_real_compute(tmp_path):
+    import time
+
+    _, slow = _pair(tmp_path, 0, ("slow_walk_hidden", 3.0))
+    assert slow.clock.factor == 3.0 and slow.clock.hidden
+    t0 = time.perf_counter()
+    slow.forward(1, _x(0))
+    wall = time.perf_counter() - t0
+    recorded = slow.clock.busy_s
+    assert 0 < 3 * recorded <= wall  # it slept twice the compute it recorded: the stretch is in no clock of its own
+
+
 def test_wrong_data_reads_another_shard_while_its_position_advances_as_assigned(tmp_path):
     from tests.test_pipeline_ray import _write_corpus
     from neuroray.configure import load_config

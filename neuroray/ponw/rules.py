@@ -119,6 +119,8 @@ class Rules:
                               "than its range's other holders a holder may be), or 0 to turn the rule off")
         if cfg.straggler_rounds < 1:
             raise ConfigError(f"ponw.straggler_rounds={cfg.straggler_rounds} must be at least 1")
+        if not (math.isfinite(cfg.call_clock_poll_s) and cfg.call_clock_poll_s > 0):
+            raise ConfigError(f"ponw.call_clock_poll_s={cfg.call_clock_poll_s} must be positive (seconds)")
         if not (math.isfinite(cfg.max_batches_per_s) and cfg.max_batches_per_s > 0):
             raise ConfigError(f"ponw.max_batches_per_s={cfg.max_batches_per_s} must be positive")
         if not (math.isfinite(cfg.spot_check_tolerance) and cfg.spot_check_tolerance >= 0):

@@ -11,20 +11,26 @@ aggregated, and it is paid nothing. The rounds of the streak before it is named 
 slow in a round but not named yet is paid into escrow (neuroray/ponw/escrow.py), forfeited if a later round
 names it and released once a round finds it at pace again (or at the run's end).
 
-Where the pace comes from (the executor's ``holder_seconds``):
+Where the pace comes from (the executor's ``paces``): always the coordinator's own clock, which a holder cannot
+bend by under-reporting a clock of its own.
 
-* the router (``swarm.routing=router``) times every hop it sends a holder itself: the coordinator's own clock,
-  which a holder cannot bend. Routing already sends a slow holder fewer microbatches; the rule adds that
-  what it does serve at that pace is not paid;
-* fixed routing: each holder's own busy clock (``StageHolder.round_busy``: the median of its calls, so that a
-  holder descheduled now and then on shared CPUs is not taken for a slow one), since the coordinator cannot time
-  a fixed pipeline's calls (a faster replica idles until its next step is submitted, so completion times
-  only say which replica was last). A holder that under-reports its own clock escapes the rule there.
+* the router (``swarm.routing=router``) times every hop it sends a holder itself. Routing already sends a slow
+  holder fewer microbatches; the rule adds that what it does serve at that pace is not paid;
+* fixed routing: the driver stamps every call it submits when its result appears
+  (neuroray/training/call_clock.py). A call's service time runs from the latest of its submission, its holder's
+  previous call's result and its inputs' appearance to its own result, so a replica idling until its next step
+  is submitted, or a holder waiting on a slow neighbour's activation, is not charged for it; the pace is the
+  median over the round's compute calls. The times include each call's trip through Ray, the same for every
+  holder of a range: a stretch shows diluted by it (a tiny model's calls of a few milliseconds on a loaded
+  machine show a 3x stretch as about 1.4x to 3.5x; a model whose calls outlast Ray's overhead, nearly in full).
 
 The defaults come from honest runs of benchmarks/verification.py on this project's 2-CPU machine under heavy
 load (6 holders, load average near 30): totals of busy time per microbatch put honest holders up to 4.6x apart
 in 100 rounds, hence the median per call; that still reached 2.6x in single rounds and 2.4x in two rounds in a
-row, hence a factor of 2.5 held for 2 rounds.
+row, hence a factor of 2.5 held for 2 rounds. Those were the holders' own clocks; the coordinator's clock of
+fixed pipelines spread honest holders less (two runs of 100 honest rounds, 3 replicas x 2 stages, load average ~5:
+at most 2.06x and 2.79x in a round, 1.42x and 1.70x in two rounds in a row, none named in 1,200 holder-rounds;
+docs/ponw.md, Stragglers).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ misbehave"):
   (``lazy_zero``, ``lazy_stale``), still counting the microbatches as done;
 * its data: a Driver that trains on another part of the shard ring than it was assigned (``wrong_data``),
   while its stream's position (what its proofs commit) advances as if it had not;
-* its speed: every compute call stretched (``slow_walk``, :class:`~neuroray.swarm.faults.SlowedClock`).
+* its speed: every compute call stretched (``slow_walk``, :class:`~neuroray.swarm.faults.SlowedClock`), and
+  hidden from its own busy clock (``slow_walk_hidden``: the clock records only the real compute).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ HOLDER_ATTACKS = {
     "lazy_stale": "skips forward and backward: resends its previous microbatch's output, counts the microbatch",
     "wrong_data": "Driver: trains on the shard ring value shards further on (another node's data)",
     "slow_walk": "every compute call takes value x as long",
+    "slow_walk_hidden": "every compute call takes value x as long; its own busy clock records only the real compute",
 }
 # attack.name (where=holder, neuroray/diloco/attacks.py HOLDER_SIDE) -> the holder attack it runs
 FROM_CONFIG = {"sign_flip": "sign_flip", "scaled": "scale_delta", "zero": "zero_delta", "stale": "stale_delta",
@@ -236,8 +238,9 @@ class MisbehavingHolder(FaultyStageHolder):
         return self.attack.name != "none" and self.outer.outer_rounds + 1 >= self.attack.from_round
 
     def _pace(self) -> None:
-        if self.attack.name == "slow_walk":
+        if self.attack.name in ("slow_walk", "slow_walk_hidden"):
             self.clock.factor = self.attack.value if self._cheating() else 1.0
+            self.clock.hidden = self.attack.name == "slow_walk_hidden"
 
     def step(self, mean: bool = False, after=None, lr: float | None = None) -> float:
         self._pace()

@@ -24,7 +24,6 @@ another; a holder whose gradients overflow skips its inner step and halves its s
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from contextlib import nullcontext
@@ -93,22 +92,12 @@ class BusyClock:
 
     def __init__(self):
         self.busy_s, self.window_start = 0.0, time.perf_counter()
-        self.round_calls: list[float] = []  # since the last take_round: the straggler rule's measure (fixed routing)
 
     def start(self) -> float:
         return time.perf_counter()
 
     def stop(self, t0: float) -> None:
-        spent = time.perf_counter() - t0
-        self.busy_s += spent
-        if len(self.round_calls) < 100_000:  # a round of that many calls says enough; the list stays small
-            self.round_calls.append(spent)
-
-    def take_round(self) -> float:
-        """The median seconds of the compute calls since the previous call (0.0: none). The median, not the
-        total: a holder descheduled now and then on shared CPUs has a few long calls, a slow one has all."""
-        calls, self.round_calls = self.round_calls, []
-        return statistics.median(calls) if calls else 0.0
+        self.busy_s += time.perf_counter() - t0
 
     def take(self) -> float:
         """Busy fraction since the previous call (at most 1); starts a new window."""

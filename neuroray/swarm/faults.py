@@ -20,13 +20,20 @@ from neuroray.swarm.holder import HolderSpec, StageHolder
 
 
 class SlowedClock(BusyClock):
-    """A busy clock that stretches every compute call to ``factor`` x its time, as slower hardware would."""
+    """A busy clock that stretches every compute call to ``factor`` x its time, as slower hardware would.
+    ``hidden``: as a slow walker that lies about it would, the clock records only the call's real compute."""
 
     def __init__(self):
         super().__init__()
         self.factor = 1.0
+        self.hidden = False
 
     def stop(self, t0: float) -> None:
+        if self.factor > 1 and self.hidden:  # stretched, but the clock is stopped before the stretch
+            spent = time.perf_counter() - t0
+            super().stop(t0)
+            time.sleep((self.factor - 1) * spent)
+            return
         if self.factor > 1:  # the extra time is busy time too
             time.sleep((self.factor - 1) * (time.perf_counter() - t0))
         super().stop(t0)

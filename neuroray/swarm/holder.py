@@ -524,11 +524,6 @@ class StageHolder:
         return {"name": self.name, "utilisation": self.clock.take(), "in_flight": in_flight, "peak_in_flight": peak,
                 "hop_bytes": c["fwd_bytes"] + c["bwd_bytes"]}
 
-    def round_busy(self) -> float:
-        """The median seconds of this holder's compute calls since the previous call: what it reports of its own
-        pace, once per round (the straggler rule under fixed routing, neuroray/ponw/stragglers.py)."""
-        return self.clock.take_round()
-
     def hop_bytes(self) -> dict:
         """The hops this holder sent and received: counts, encoded bytes, and the float32 bytes they stand for."""
         return {"name": self.name, "stage": self.spec.stage, "replica": self.spec.replica, **self.compute.hop_counts}

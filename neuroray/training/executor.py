@@ -82,19 +82,10 @@ class StepExecutor(ABC):
         return holder.take_proof.remote()
 
     def paces(self, result: RoundResult) -> dict[tuple[int, int], float]:
-        """``(range, replica) -> seconds per compute call`` of each holder since the previous call, for the
-        straggler rule (neuroray/ponw/stragglers.py). Here: the median of each holder's own busy clock over its
-        calls (the coordinator cannot time a fixed pipeline's calls); holders of one range run the same calls."""
-        t = self.trainer
-        slots = [(s, r, h) for r, p in enumerate(t.swarm.replicas) for s, h in enumerate(p)]
-        refs = [h.round_busy.remote() for _, _, h in slots]
-        ray.wait(refs, num_returns=len(refs), timeout=t.cfg.cluster.step_timeout_s)
-        paces = {}
-        for (s, r, _), ref in zip(slots, refs):
-            median = value_or_none(ref)
-            if median and result.batches.get((s, r), 0):  # left out of the round (benched): no pace to judge
-                paces[s, r] = median
-        return paces
+        """``(range, replica) -> seconds per compute call`` of each holder in the round just booked, for the
+        straggler rule (neuroray/ponw/stragglers.py), from the coordinator's own clock: never from what a holder
+        reports of itself, which a slow walker would under-report. Here: none (no one is named)."""
+        return {}
 
     def settle(self) -> None:
         """Return once every live holder has applied its last inner step (before snapshots)."""

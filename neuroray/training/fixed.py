@@ -32,6 +32,7 @@ from neuroray.errors import PipelineError
 from neuroray.swarm.direct_transport import HopGroups, direct_or_none, ended_for_good
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.swarm.shm_transport import ShmEdges
+from neuroray.training.call_clock import CallClock
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
 from neuroray.training.schedule import StepRefs, submit_inner_step
 
@@ -56,6 +57,8 @@ class FixedPipelines(StepExecutor):
         self.bench_senders: set[tuple[int, int]] = set()  # (stage, replica) of the holder that sent each rejected hop
         self.direct: HopGroups | None = None  # swarm.hop_transport=gloo|nccl: each replica's collective group
         self.shm: ShmEdges | None = None  # swarm.hop_transport=shm: each replica's same-node rings
+        self.clock: CallClock | None = None  # the straggler rule's paces: the driver's own clock of the calls
+        self._round_end = -1  # the last inner step of the round the outer step was last run for
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -73,8 +76,28 @@ class FixedPipelines(StepExecutor):
             cfg = trainer.cfg
             self.shm = ShmEdges(uuid.uuid4().hex[:12], cfg.swarm.hop_shm_slots or cfg.data.num_microbatches + 1,
                                 cfg.cluster.step_timeout_s)
+        p = trainer.cfg.ponw
+        if p.enabled and p.straggler_factor > 0:
+            self.clock = CallClock(p.call_clock_poll_s)
+
+    def paces(self, result: RoundResult) -> dict[tuple[int, int], float]:
+        """The coordinator's own clock (neuroray/training/call_clock.py): per holder, the median service time of
+        its compute calls in the round, measured by the driver from when it submitted each call, the holder's
+        previous call finished and its inputs appeared, to when its result appeared."""
+        if self.clock is None:
+            return {}
+        t = self.trainer
+        paces = self.clock.take(self._round_end, t.cfg.cluster.step_timeout_s)
+        # left out of the round (benched): no pace to judge
+        paces = {slot: x for slot, x in paces.items() if result.batches.get(slot, 0)}
+        t.log(f"call clock: round {t.outer.rounds}: ms per call " + " ".join(
+            f"r{r}-s{s} {x * 1e3:.1f}" for (s, r), x in sorted(paces.items(), key=lambda kv: kv[0][::-1]))
+              + f" (the clock's own CPU so far {self.clock.cpu_s:.2f}s in {self.clock.wakes} wakes)")
+        return paces
 
     def close(self) -> None:
+        if self.clock is not None:
+            self.clock.close()
         if self.direct is not None:
             self.direct.close()
         if self.shm is not None:
@@ -103,8 +126,11 @@ class FixedPipelines(StepExecutor):
             self.direct.ensure(replica, pipeline)
         if self.shm is not None:
             self.shm.ensure(replica, pipeline)
+        clock = self.clock
+        record = None if clock is None else (
+            lambda stage, ref, inputs, kind: clock.record((stage, replica), step, ref, inputs, kind))
         return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
-                                 None if self.direct is None else self.direct.backend)
+                                 None if self.direct is None else self.direct.backend, record)
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""
@@ -131,6 +157,7 @@ class FixedPipelines(StepExecutor):
                         if rejected is None:
                             raise user_error(exc, f"inner step {step + 1}") from None
                         self._bench(r, step, rejected, later)
+                        self._void(r, [step, *later])
                         refs[r] = StepRefs([], [], [])
                         break
                     if lost:  # Ray would restart them only once its health check gives the node up
@@ -139,6 +166,7 @@ class FixedPipelines(StepExecutor):
                     # before the reset, or a stale backward could land after it. Then redo them all. (Calls
                     # to replaced holders fail as soon as the GCS has ended them: the wait stays short.)
                     later = self._settle_replica(r, step, refs[r], c.liveness_timeout_s if lost else c.step_timeout_s)
+                    self._void(r, [step, *later])  # redone below: timed afresh
                     self._replace_ended(r)
                     # with a round in flight the holders' theta0 is not yet the outer state's: no restart at it
                     if self._recover(r, exc, None if self.overlap is not None else step):
@@ -167,6 +195,11 @@ class FixedPipelines(StepExecutor):
         for x in stale:
             value_or_none(x)
         return later
+
+    def _void(self, replica: int, steps: list[int]) -> None:
+        """``replica``'s calls of these steps failed or are redone: no pace from them (their times say nothing)."""
+        if self.clock is not None:
+            self.clock.void(replica, steps)
 
     def _bench(self, replica: int, step: int, rejected, later: list[int]) -> None:
         """A hop of ``replica`` was rejected in inner step ``step``: name its sender, drop the replica's half-done
@@ -263,6 +296,7 @@ class FixedPipelines(StepExecutor):
         replica is recovered and the outer step is redone. With overlap: sent, and None (it lands later)."""
         t = self.trainer
         c, outer = t.cfg.cluster, t.outer
+        self._round_end = step  # the round paces() times: its calls are the steps up to this one
         saved = (list(outer.theta0), list(outer.momentum), list(outer.memory))
         if t.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
             for r, losses in self._theta0_losses.items():

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD, BACKWARD, FORWARD_BACKWARD = "F", "B", "FB"
+FORWARD, BACKWARD, FORWARD_BACKWARD, STEP = "F", "B", "FB", "step"
 
 
 @dataclass
@@ -64,10 +64,14 @@ def peak_kept(order: list[tuple[str, int]]) -> int:
 
 
 def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int = 0,
-                        schedule: str = "gpipe", transport: str | None = None) -> tuple[list, list]:
+                        schedule: str = "gpipe", transport: str | None = None, record=None) -> tuple[list, list]:
     """Submit every microbatch's forward and backward of one inner step in ``schedule``'s per-holder order;
-    return ``(losses, tails)`` refs (see :class:`StepRefs`). ``transport``: gloo or nccl for direct hops."""
+    return ``(losses, tails)`` refs (see :class:`StepRefs`). ``transport``: gloo or nccl for direct hops.
+    ``record(stage, ref, inputs, kind)``: told of every call just submitted, in each holder's order, with the
+    refs it was passed and its kind (F, B, FB, step; None: not compute) (the coordinator's clock of the calls,
+    neuroray/training/call_clock.py)."""
     assert pipeline, "a pipeline needs at least one holder"
+    note = record or (lambda stage, ref, inputs, kind: None)
     direct = {"tensor_transport": transport} if transport and len(pipeline) > 1 else None
     orders = stage_orders(schedule, len(pipeline), num_microbatches)
     scale = 1.0 / num_microbatches
@@ -91,20 +95,26 @@ def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int 
                 at[s], moved, mb = at[s] + 1, True, first_mb_id + j
                 if s == 0 and kind != BACKWARD:  # the Driver reads the microbatch just before its forward
                     x, labels[j] = holder.next_batch.options(num_returns=2).remote()
+                    note(s, x, (), None)  # a read, not compute: chained, not timed
                 else:
                     x = acts.get((s - 1, j))
                 if kind == FORWARD:
                     call = holder.forward if direct is None else holder.forward.options(**direct)
                     acts[s, j] = call.remote(mb, x)
+                    note(s, acts[s, j], (x,), FORWARD)
                 elif kind == FORWARD_BACKWARD and direct is not None:
                     grads[s, j] = holder.forward_backward_direct.options(**direct).remote(mb, x, labels[j], scale)
                     losses[j] = holder.take_loss.remote(mb)
+                    note(s, grads[s, j], (x, labels[j]), FORWARD_BACKWARD)
+                    note(s, losses[j], (), None)
                 elif kind == FORWARD_BACKWARD:
                     losses[j], grads[s, j] = holder.forward_backward.options(num_returns=2).remote(
                         mb, x, labels[j], scale)
+                    note(s, grads[s, j], (x, labels[j]), FORWARD_BACKWARD)
                 else:  # the Driver's gradient goes nowhere (None): through the object store, read as a tail
                     call = holder.backward if direct is None or s == 0 else holder.backward.options(**direct)
                     grads[s, j] = call.remote(mb, grads[s + 1, j])
+                    note(s, grads[s, j], (grads[s + 1, j],), BACKWARD)
                 if s == 0 and kind != FORWARD:
                     tails[j] = grads[s, j]
         assert moved, f"schedule {schedule} deadlocks"  # stage_orders never does: every order is data-flow safe
@@ -112,9 +122,12 @@ def submit_microbatches(pipeline: list, num_microbatches: int, first_mb_id: int 
 
 
 def submit_inner_step(pipeline: list, num_microbatches: int, first_mb_id: int = 0, lr: float | None = None,
-                      schedule: str = "gpipe", transport: str | None = None) -> StepRefs:
+                      schedule: str = "gpipe", transport: str | None = None, record=None) -> StepRefs:
     """Submit forward, backward and the optimizer step (at inner learning rate ``lr``; None: the holders'
-    own) of one inner step; return the refs."""
-    losses, tails = submit_microbatches(pipeline, num_microbatches, first_mb_id, schedule, transport)
+    own) of one inner step; return the refs. ``record``: as in :func:`submit_microbatches`."""
+    losses, tails = submit_microbatches(pipeline, num_microbatches, first_mb_id, schedule, transport, record)
     steps = [holder.step.remote(lr=lr) for holder in pipeline]
+    if record is not None:
+        for s, ref in enumerate(steps):
+            record(s, ref, (), STEP)
     return StepRefs(losses, steps, tails)
