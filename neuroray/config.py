@@ -159,12 +159,12 @@ class AttackConfig:
 
     # reduce: none | sign_flip | scaled | gaussian | alie | ipm | mimic | zero | stale | nan. holder: none |
     # sign_flip | scaled | zero | stale | replay | tamper_activations | tamper_gradients | lazy_zero | lazy_stale |
-    # copy | wrong_data | slow_walk | lie_loss | inflate_batches
+    # copy | wrong_data | slow_walk | slow_walk_hidden | lie_loss | inflate_batches
     name: str = "none"
     fraction: float = 0.0  # share of each range's holders that attack (0: none)
     where: str = "reduce"  # reduce: simulated in the outer step's reduce task | holder: inside the holder processes
     # scaled: multiply the holder's own pseudo-gradient by this; tamper_*: multiply the activation / gradient it
-    # sends; slow_walk: every compute call takes this x as long; lie_loss: commit this x its losses;
+    # sends; slow_walk(_hidden): every compute call takes this x as long; lie_loss: commit this x its losses;
     # inflate_batches: claim this many extra microbatches per round
     scale: float = 1e6
     # gaussian: standard deviation of the noise sent; tamper_*: noise added to the sent tensor, times its RMS

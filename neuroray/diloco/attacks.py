@@ -42,7 +42,8 @@ ATTACKS = ("none", "sign_flip", "scaled", "gaussian", "alie", "ipm", "mimic", "z
 # attack.where=holder: the attacks a holder runs inside its own process (neuroray/swarm/attacks_in_holder.py).
 # The omniscient ones (gaussian, alie, ipm, mimic, nan) need every holder's vector and stay in the reduce task.
 HOLDER_SIDE = ("none", "sign_flip", "scaled", "zero", "stale", "replay", "tamper_activations", "tamper_gradients",
-               "lazy_zero", "lazy_stale", "copy", "wrong_data", "slow_walk", "lie_loss", "inflate_batches")
+               "lazy_zero", "lazy_stale", "copy", "wrong_data", "slow_walk", "slow_walk_hidden", "lie_loss",
+               "inflate_batches")
 WHERE = ("reduce", "holder")
 
 
@@ -60,8 +61,8 @@ def attack_problem(cfg: AttackConfig, replicas: int | None = None) -> str | None
         return f"attack={cfg.name!r} is unknown; choose one of {list(HOLDER_SIDE)}"
     if cfg.name == "copy" and replicas is not None and byzantine_count(cfg, replicas) >= replicas:
         return f"attack=copy with attack.fraction={cfg.fraction} leaves no honest holder to copy; lower it"
-    if cfg.where == "holder" and cfg.name == "slow_walk" and cfg.scale < 1:
-        return f"attack=slow_walk stretches compute by attack.scale={cfg.scale}; it must be >= 1"
+    if cfg.where == "holder" and cfg.name in ("slow_walk", "slow_walk_hidden") and cfg.scale < 1:
+        return f"attack={cfg.name} stretches compute by attack.scale={cfg.scale}; it must be >= 1"
     if not 0.0 <= cfg.fraction <= 1.0:
         return f"attack.fraction={cfg.fraction} must be in [0, 1]"
     if cfg.std < 0:

@@ -55,7 +55,8 @@ HOLDER_ATTACKS = {
 FROM_CONFIG = {"sign_flip": "sign_flip", "scaled": "scale_delta", "zero": "zero_delta", "stale": "stale_delta",
                "replay": "stale_delta", "copy": "copy", "tamper_activations": "tamper_activations",
                "tamper_gradients": "tamper_gradients", "lazy_zero": "lazy_zero", "lazy_stale": "lazy_stale",
-               "wrong_data": "wrong_data", "slow_walk": "slow_walk", "lie_loss": "lie_loss",
+               "wrong_data": "wrong_data", "slow_walk": "slow_walk", "slow_walk_hidden": "slow_walk_hidden",
+               "lie_loss": "lie_loss",
                "inflate_batches": "inflate_batches"}
 
 
