@@ -30,7 +30,7 @@ def test_an_escrowed_reward_is_not_minted_until_released_and_then_credited_once(
     assert (out.accepted, out.reward, out.escrowed) == (True, 0, 24_000)
     assert ledger.account(ra.node_id).balance == 0 and ledger.supply().minted == 0 and ledger.supply().consistent
     assert [e["proof_id"] for e in ledger.escrowed()] == [out.proof_id]
-    settlement = COORD.sign_settlement(release=[out.proof_id])
+    settlement = sign_settlement(COORD, release=[out.proof_id])
     done = ledger.settle_escrow(settlement)
     assert (done["released"], done["released_amount"], done["unknown"]) == (1, 24_000, 0)
     assert ledger.account(ra.node_id).balance == 24_000 and ledger.supply().minted == 24_000
@@ -45,9 +45,9 @@ def test_a_forfeited_reward_is_never_minted_and_cannot_be_released_after(env):
     held = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1, escrow=True))
     paid = ledger.submit(signed(b, rb, clock.ms, 1), receipt(rb, 1))  # the same work, not held
     assert paid.reward == 24_000
-    done = ledger.settle_escrow(COORD.sign_settlement(forfeit=[held.proof_id]))
+    done = ledger.settle_escrow(sign_settlement(COORD, forfeit=[held.proof_id]))
     assert (done["forfeited"], done["forfeited_amount"]) == (1, 24_000)
-    assert ledger.settle_escrow(COORD.sign_settlement(release=[held.proof_id]))["unknown"] == 1
+    assert ledger.settle_escrow(sign_settlement(COORD, release=[held.proof_id]))["unknown"] == 1
     assert ledger.account(ra.node_id).balance == 0 and ledger.supply().minted == 24_000
     assert ledger.supply().consistent
 
@@ -56,12 +56,12 @@ def test_only_the_coordinator_settles_and_a_bad_settlement_changes_nothing(env):
     ledger, clock, (a, ra), (b, rb), _ = env
     held = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1, escrow=True))
     for bad, code in [
-        (Coordinator(a).sign_settlement(release=[held.proof_id]), "settlement_signature"),  # the holder itself
-        (sign_settlement(identity(), [held.proof_id], []), "settlement_signature"),  # a stranger
+        (sign_settlement(Coordinator(a), release=[held.proof_id]), "settlement_signature"),  # the holder itself
+        (sign_settlement(Coordinator(identity()), [held.proof_id]), "settlement_signature"),  # a stranger
         (b"", "settlement"),
         (b'{"payload":{},"signature":"00"}', "settlement"),
-        (COORD.sign_settlement(release=["not a proof id"]), "settlement"),
-        (COORD.sign_settlement(release=[held.proof_id], forfeit=[held.proof_id]), "settlement"),
+        (sign_settlement(COORD, release=["not a proof id"]), "settlement"),
+        (sign_settlement(COORD, release=[held.proof_id], forfeit=[held.proof_id]), "settlement"),
     ]:
         with pytest.raises(AuthorityError) as err:
             ledger.settle_escrow(bad)
@@ -75,7 +75,7 @@ def test_a_proof_invalidated_in_escrow_is_never_paid(env):
     held = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1, escrow=True))
     out = ledger.invalidate(evidence(v, ledger.wire(held.proof_id), recomputed=9.0))
     assert out.reason == "invalidated" and ledger.escrowed() == []
-    assert ledger.settle_escrow(COORD.sign_settlement(release=[held.proof_id]))["unknown"] == 1
+    assert ledger.settle_escrow(sign_settlement(COORD, release=[held.proof_id]))["unknown"] == 1
     assert ledger.account(ra.node_id).balance == 0 and ledger.supply().consistent
 
 
@@ -88,7 +88,7 @@ def test_a_released_reward_keeps_to_the_daily_cap(tmp_path):
     held = ledger.submit(signed(a, ra, clock.ms, 1), receipt(ra, 1, escrow=True))
     clock.t += 60
     assert ledger.submit(signed(a, ra, clock.ms, 2), receipt(ra, 2)).reward == 24_000
-    done = ledger.settle_escrow(COORD.sign_settlement(release=[held.proof_id]))
+    done = ledger.settle_escrow(sign_settlement(COORD, release=[held.proof_id]))
     assert done["released_amount"] == 6_000 and ledger.account(ra.node_id).balance == 30_000
     assert ledger.supply().consistent
     ledger.close()

@@ -404,12 +404,6 @@ class Coordinator:
     def sign_evidence(self, proof: Proof, check: SpotCheck) -> bytes:
         return sign_evidence(self.identity, proof, check, self.backend)
 
-    def sign_settlement(self, release: Iterable[str] = (), forfeit: Iterable[str] = ()) -> bytes:
-        """Pay (``release``) or not (``forfeit``) the escrowed rewards of these proof ids (neuroray/ponw/escrow.py)."""
-        from neuroray.ponw.escrow import sign_settlement
-
-        return sign_settlement(self.identity, release, forfeit, self.backend)
-
 
 class Authority:
     """The ledger's side: opens receipts and registrations and checks them against the coordinator's key."""

@@ -34,10 +34,10 @@ class Settlement:
     forfeit: tuple[str, ...]
 
 
-def sign_settlement(identity, release: Iterable[str], forfeit: Iterable[str], backend: str = "auto") -> bytes:
-    """The coordinator's settlement of escrowed proofs (``identity``: the coordinator's key)."""
+def sign_settlement(coordinator, release: Iterable[str] = (), forfeit: Iterable[str] = ()) -> bytes:
+    """The settlement of escrowed proofs, signed by ``coordinator`` (authority.Coordinator)."""
     payload = {"v": VERSION, "release": sorted(set(release)), "forfeit": sorted(set(forfeit)), "nonce": new_nonce()}
-    return seal(ESCROW_DOMAIN, payload, identity, backend)
+    return seal(ESCROW_DOMAIN, payload, coordinator.identity, coordinator.backend)
 
 
 def open_settlement(authority, data) -> Settlement:

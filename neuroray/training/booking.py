@@ -168,7 +168,9 @@ class ProofBooking:
         if not (release or forfeit):
             return
         t = self.trainer
-        signed = self.coordinator.sign_settlement(release, forfeit)
+        from neuroray.ponw.escrow import sign_settlement
+
+        signed = sign_settlement(self.coordinator, release, forfeit)
         done = ray.get(self.ledger.settle_escrow.remote(signed), timeout=t.cfg.cluster.step_timeout_s)
         for pid in release + forfeit:
             del self.escrow[pid]
