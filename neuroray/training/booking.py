@@ -41,7 +41,8 @@ class ProofBooking:
                                          d.seq_len * d.microbatch_size, self.coordinator.public_key)
         self.spot_checks = None
         self._straggler_watch = None  # neuroray.ponw.stragglers.StragglerWatch, made at the first booked round
-        self.escrow: dict[str, tuple[int, int]] = {}  # proof id -> the (range, replica) slot whose pay waits
+        # proof id -> the (range, replica) slot whose pay waits (None: left by an earlier session, released at start)
+        self.escrow: dict[str, tuple[int, int] | None] = {}
 
     def start(self) -> None:
         """Register the swarm's holders and start the validator (it reads the trainer's ledger and key)."""
