@@ -93,7 +93,7 @@ RECHECKED = re.compile(r"hop recheck: round \d+: (\d+) microbatch\(es\) re-execu
 REPLAY_CHECK = re.compile(r"replay check: outer round (\d+): range (\d+): (.*) \(([0-9.]+)s\)$")
 SCORE = re.compile(r"r(\d+) (fresh rows x|lead )([+-]?[0-9.]+|inf)")
 # fixed routing: each holder's pace on the driver's clock of the calls (neuroray/training/call_clock.py), per round
-PACES = re.compile(r"call clock: round (\d+): ms per call (.*?) \(the clock's own CPU so far ([0-9.]+)s in (\d+) wakes")
+PACES = re.compile(r"call clock: round (\d+): pace, x the range's median per call: (.*?) \(the clock's own CPU so far ([0-9.]+)s in (\d+) wakes")
 
 
 def pace_spread(lines: list[str], attacker: str | None) -> dict:

@@ -322,8 +322,10 @@ class PonwConfig:
     free_rider_norm_fraction: float = 0.1  # pseudo-gradient norm below this x range median earns 0
     # a holder whose compute calls take more than this x the median of its range's other holders', in
     # straggler_rounds rounds in a row, earns 0 for that round and every further slow one (a slow walker sets the
-    # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off
-    straggler_factor: float = 2.5  # x the median call time of its range's other holders (0: off)
+    # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off; null: by the clock that times the calls, 2.5 under
+    # the router (its hop times), 1.5 under fixed routing (each call paired with the same call on the range's other
+    # holders, a tighter clock: honest holders at most 1.23x two rounds in a row in 600 holder-rounds, docs/ponw.md)
+    straggler_factor: Optional[float] = None  # x its range's other holders' pace (0: off; null: 2.5 router, 1.5 fixed)
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
     # fixed routing: the driver times each holder's calls itself (neuroray/training/call_clock.py); a call submitted
     # while its watcher thread waits is stamped at the thread's next wake, at most this late

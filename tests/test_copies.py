@@ -92,9 +92,16 @@ def test_the_outer_step_counts_a_copy_once():
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), observe=True)
     all3, _, _ = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone() + 0.0)
     assert report.copies == [[0, 2]] and not report.refused and torch.equal(got, all3)
-    # ... so a sign-flipped delta beside an honest pair is still trimmed and named
+    # ... so a scaled delta beside an honest pair is still trimmed and named (by its length)
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, a.clone(), -5 * b, observe=True)
     assert report.copies == [[0, 1]] and [i for i, _ in report.rejected] == [2], report.rejected
+    # but an honest delta beside a pair trained on one shard is not named for pointing away from the pair: the
+    # rule's aggregate is the pair's delta, and two honest deltas on different data can be at cosine below 0
+    away = -0.05 * a + torch.randn(64)  # as long as a, slightly against it
+    away *= a.norm() / away.norm()
+    assert float(torch.dot(away, a)) < 0
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, a.clone(), away, observe=True)
+    assert report.copies == [[0, 1]] and report.rejected == [], report.rejected
     # trimmed mean, f=1, 5 holders of which two copied: the 4 distinct ones are enough, each counted once
     c, e = torch.randn(64), torch.randn(64)
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), c, e, observe=True)

@@ -5,7 +5,7 @@ import pytest
 from neuroray.config import PonwConfig
 from neuroray.errors import ConfigError
 from neuroray.ponw.rules import Rules
-from neuroray.ponw.stragglers import StragglerWatch, stragglers
+from neuroray.ponw.stragglers import StragglerWatch, straggler_factor, stragglers
 
 
 def test_a_slow_walker_is_named_against_the_median_of_its_range_and_no_honest_holder_is():
@@ -45,3 +45,11 @@ def test_a_factor_that_would_name_honest_holders_is_refused(factor):
         Rules.from_config(PonwConfig(straggler_factor=factor))
     with pytest.raises(ConfigError, match="ponw.straggler_rounds"):
         Rules.from_config(PonwConfig(straggler_rounds=0))
+
+
+def test_the_default_factor_follows_the_clock_that_times_the_calls():
+    Rules.from_config(PonwConfig())  # null: accepted
+    assert straggler_factor(None, "fixed") == 1.5  # paired calls (training/call_clock.py)
+    assert straggler_factor(None, "router") == 2.5  # the router's hop times
+    assert straggler_factor(3.0, "fixed") == straggler_factor(3.0, "router") == 3.0  # a value set applies to both
+    assert straggler_factor(0.0, "fixed") == 0.0  # off

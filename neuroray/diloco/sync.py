@@ -271,7 +271,8 @@ def outer_step(aggregator: AggregatorConfig | str, diloco: DilocoConfig, range_i
     if observe:  # PoNW: name the holders whose delta the rule had to neutralise, so they earn nothing for it
         from neuroray.ponw.outliers import suspects
 
-        named = suspects(contributions, result.accepted, result.value, cfg.f - len(report.rejected))
+        named = suspects(contributions, result.accepted, result.value, cfg.f - len(report.rejected),
+                         copies=report.copies)
         report.rejected += named
         report.accepted = [i for i in report.accepted if i not in {i for i, _ in named}]
     if union:  # the rule's weighted sum, rebuilt from the payloads it used: what every holder will compute

@@ -25,14 +25,21 @@ MIN_COSINE = 0.0  # a delta whose cosine with the robust aggregate is below this
 
 
 def suspects(contributions: Sequence[torch.Tensor], accepted: Sequence[int], aggregate: torch.Tensor, f: int,
-             norm_ratio: float = NORM_RATIO, min_cosine: float = MIN_COSINE) -> list[tuple[int, str]]:
+             norm_ratio: float = NORM_RATIO, min_cosine: float = MIN_COSINE,
+             copies: Sequence[Sequence[int]] = ()) -> list[tuple[int, str]]:
     """``(holder index, reason)`` of at most ``f`` accepted contributions that look poisoned, worst first.
 
     ``contributions``: every holder's (screened) delta, indexed by holder; ``accepted``: the indices the
     rule used; ``aggregate``: the rule's result. Needs 3 accepted deltas (with 2, neither can be told
-    from the other)."""
+    from the other). ``copies``: groups of identical deltas (neuroray/ponw/copies.py). The direction test
+    needs 3 *distinct* accepted deltas: with two of three identical (two honest Drivers assigned one
+    shard), a coordinate-wise rule's aggregate is that pair's delta, and a third honest delta trained on
+    other data can point away from it (cosine -0.06 measured in a 100-round honest run); only the length
+    test still applies then."""
     if f <= 0 or len(accepted) < 3:
         return []
+    repeated = {i for group in copies for i in group[1:]}
+    directional = len([i for i in accepted if i not in repeated]) >= 3
     norms = {i: float(contributions[i].norm()) for i in accepted}
     median = statistics.median(norms.values())
     ref = float(aggregate.norm())
@@ -43,7 +50,7 @@ def suspects(contributions: Sequence[torch.Tensor], accepted: Sequence[int], agg
         if ratio > norm_ratio:
             scored.append((ratio / norm_ratio + 1.0, i, f"suspected poison: norm {ratio:.3g}x the range's median"))
             continue
-        if n > 0 and ref > 0:
+        if directional and n > 0 and ref > 0:
             cosine = float(torch.dot(contributions[i], aggregate.to(contributions[i].dtype))) / (n * ref)
             if cosine < min_cosine:
                 scored.append((1.0 + min_cosine - cosine, i,

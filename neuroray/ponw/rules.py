@@ -114,9 +114,10 @@ class Rules:
                 raise ConfigError(f"ponw.{key}={value} must be in [0, 1]")
         if not (math.isfinite(cfg.stake_multiplier_max) and cfg.stake_multiplier_max >= 1):
             raise ConfigError(f"ponw.stake_multiplier_max={cfg.stake_multiplier_max} must be >= 1 (1 disables the bonus)")
-        if not (math.isfinite(cfg.straggler_factor) and (cfg.straggler_factor == 0 or cfg.straggler_factor > 1)):
+        if cfg.straggler_factor is not None and not (
+                math.isfinite(cfg.straggler_factor) and (cfg.straggler_factor == 0 or cfg.straggler_factor > 1)):
             raise ConfigError(f"ponw.straggler_factor={cfg.straggler_factor} must be above 1 (how many times slower "
-                              "than its range's other holders a holder may be), or 0 to turn the rule off")
+                              "than its range's other holders a holder may be), 0 to turn the rule off, or null for the routing's default")
         if cfg.straggler_rounds < 1:
             raise ConfigError(f"ponw.straggler_rounds={cfg.straggler_rounds} must be at least 1")
         if not (math.isfinite(cfg.call_clock_poll_s) and cfg.call_clock_poll_s > 0):

@@ -41,6 +41,17 @@ from typing import Hashable
 
 Slot = tuple[int, Hashable]  # (range, holder)
 
+# ponw.straggler_factor=null: by the clock that times the calls. The router's hop times spread honest holders
+# further than fixed routing's paired calls (neuroray/training/call_clock.py), where honest holders reached at most
+# 1.23x two rounds in a row in 600 holder-rounds and a 3x walker at least 1.57x in each of its first two rounds
+# on this project's shared 2-CPU machine (docs/ponw.md, Stragglers).
+FACTOR_BY_ROUTING = {"router": 2.5, "fixed": 1.5}
+
+
+def straggler_factor(factor: float | None, routing: str) -> float:
+    """``ponw.straggler_factor`` as it applies under ``swarm.routing``: the value set, or the routing's default."""
+    return FACTOR_BY_ROUTING[routing] if factor is None else factor
+
 
 def stragglers(seconds: dict[Slot, float], factor: float) -> dict[Slot, float]:
     """``{(range, holder): how many times slower}`` for the holders whose pace (seconds per call) exceeds

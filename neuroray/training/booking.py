@@ -145,18 +145,19 @@ class ProofBooking:
     def _stragglers(self, result: RoundResult) -> set[tuple[int, int]]:
         """The ``(range, replica)`` slots the straggler rule names this round (paid 0), logged and counted."""
         t = self.trainer
+        from neuroray.ponw.stragglers import StragglerWatch, straggler_factor
+
         p = t.cfg.ponw
-        if p.straggler_factor <= 0:
+        factor = straggler_factor(p.straggler_factor, t.cfg.swarm.routing)
+        if factor <= 0:
             return set()
         if self._straggler_watch is None:
-            from neuroray.ponw.stragglers import StragglerWatch
-
-            self._straggler_watch = StragglerWatch(p.straggler_factor, p.straggler_rounds)
+            self._straggler_watch = StragglerWatch(factor, p.straggler_rounds)
         named = self._straggler_watch.observe(t.executor.paces(result))
         for (s, r), ratio in sorted(named.items()):
             t.log(f"ledger: round {t.outer.rounds}: r{r}-s{s} is a straggler (its calls {ratio:.1f}x slower than "
                   f"the other holders' of range {s}, {p.straggler_rounds} rounds in a row; "
-                  f"ponw.straggler_factor={p.straggler_factor:g}): paid 0")
+                  f"ponw.straggler_factor={factor:g}): paid 0")
             if t.metrics:
                 t.metrics.straggler(f"r{r}-s{s}")
         return set(named)

@@ -8,9 +8,14 @@ Its **service time** is when its result appeared minus the latest of those three
 driver saw itself, so a holder that stretches its work cannot hide it by under-reporting a clock of its own. A
 faster replica idling until its next step is submitted is not counted: the submission is one of the three.
 
-A holder's pace for the round is the median of its calls' service times (a holder descheduled now and then on
-shared CPUs has a few long calls, a slow one has all). The times include Ray's round trip of each call (the
-driver sends it, the result comes back); holders of one range make the same calls, so it is the same for each.
+Holders of one range make the same calls (the n-th compute call of a step on every replica is the same work
+on the same layers), at about the same time. So each call is **paired** with its counterparts on the range's
+other holders: its service time over the median of theirs and its own is its ratio, and a holder's **pace** for
+the round is the median of its calls' ratios (1: the range's usual speed; a holder descheduled now and then on
+shared CPUs has a few high ratios, a slow one has all). Pairing is what makes a stretch visible on shared cores:
+the load on them moves every holder's service times by 2x and more over a round, but the holders of a range
+running the same call at the same time share it. A call with no counterpart (a replica benched, or redone
+apart) is not counted.
 
 :class:`CallTimes` is the arithmetic, on any hashable keys; :class:`CallClock` feeds it from Ray: a daemon thread
 in the driver waits on the refs not yet finished (``ray.wait(fetch_local=False)``: nothing is pulled to the driver,
@@ -37,6 +42,7 @@ class Call:
     submitted: float  # when the driver submitted it
     tag: int  # the inner step it belongs to
     kind: str | None  # a compute call whose time counts (F, B, FB, step); None: a read, chained but not timed
+    index: int = 0  # its place among its holder's compute calls of the step: what pairs it across replicas
 
 
 class CallTimes:
@@ -47,9 +53,13 @@ class CallTimes:
         self.last: dict[Slot, float] = {}  # when the holder's last resolved call finished
         self.ready: dict[Hashable, float] = {}  # key -> when it appeared
         self.tags: dict[Hashable, int] = {}  # key -> tag, to forget what a finished round no longer needs
-        self.samples: dict[Slot, list[tuple[int, float]]] = defaultdict(list)  # (tag, seconds) per holder
+        self.samples: dict[Slot, list[tuple[int, int, float]]] = defaultdict(list)  # (tag, index, seconds)
+        self.counts: dict[tuple[Slot, int], int] = defaultdict(int)  # (holder, tag) -> compute calls submitted
 
     def submitted(self, slot: Slot, call: Call) -> None:
+        if call.kind is not None:
+            call.index = self.counts[slot, call.tag]
+            self.counts[slot, call.tag] += 1
         self.chains[slot].append(call)
         self.tags[call.key] = call.tag
         for k in call.inputs:
@@ -68,7 +78,7 @@ class CallTimes:
                 start = max([call.submitted, self.last.get(slot, call.submitted), *(self.ready[k] for k in call.inputs)])
                 # negative: the call failed before it ran (an input it waited on failed): no sample
                 if call.kind is not None and done >= start:
-                    self.samples[slot].append((call.tag, done - start))
+                    self.samples[slot].append((call.tag, call.index, done - start))
                 self.last[slot] = max(done, self.last.get(slot, done))
 
     def void(self, replica: int, tags: set[int]) -> None:
@@ -79,15 +89,26 @@ class CallTimes:
         for slot, got in self.samples.items():
             if slot[1] == replica:
                 self.samples[slot] = [x for x in got if x[0] not in tags]
+        for slot, tag in [k for k in self.counts if k[0][1] == replica and k[1] in tags]:
+            del self.counts[slot, tag]  # a redo numbers its calls afresh: they pair with the others' again
 
     def take(self, upto: int) -> dict[Slot, float]:
-        """The median service time of each holder's calls of steps up to ``upto`` (then forgotten)."""
-        paces = {}
+        """Each holder's pace over steps up to ``upto`` (then forgotten): the median, over its calls, of the call's
+        service time over the median of the same call on every holder of its range (the module docstring)."""
+        calls: dict[tuple[int, int, int], dict[Slot, float]] = defaultdict(dict)  # (stage, tag, index) -> times
         for slot in list(self.samples):
-            mine = [x for tag, x in self.samples[slot] if tag <= upto]
+            for tag, index, x in self.samples[slot]:
+                if tag <= upto:
+                    calls[slot[0], tag, index][slot] = x
             self.samples[slot] = [x for x in self.samples[slot] if x[0] > upto]
-            if mine:
-                paces[slot] = statistics.median(mine)
+        ratios: dict[Slot, list[float]] = defaultdict(list)
+        for times in calls.values():
+            usual = statistics.median(times.values())
+            if len(times) > 1 and usual > 0:
+                for slot, x in times.items():
+                    ratios[slot].append(x / usual)
+        paces = {slot: statistics.median(got) for slot, got in ratios.items()}
+        self.counts = defaultdict(int, {k: n for k, n in self.counts.items() if k[1] > upto})
         waiting = {c.key for chain in self.chains.values() for c in chain} | {
             k for chain in self.chains.values() for c in chain for k in c.inputs}
         for key in [k for k, tag in self.tags.items() if tag <= upto and k not in waiting]:

@@ -29,6 +29,7 @@ import uuid
 import ray
 
 from neuroray.errors import PipelineError
+from neuroray.ponw.stragglers import straggler_factor
 from neuroray.swarm.direct_transport import HopGroups, direct_or_none, ended_for_good
 from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.swarm.shm_transport import ShmEdges
@@ -77,21 +78,22 @@ class FixedPipelines(StepExecutor):
             self.shm = ShmEdges(uuid.uuid4().hex[:12], cfg.swarm.hop_shm_slots or cfg.data.num_microbatches + 1,
                                 cfg.cluster.step_timeout_s)
         p = trainer.cfg.ponw
-        if p.enabled and p.straggler_factor > 0:
+        if p.enabled and straggler_factor(p.straggler_factor, "fixed") > 0:
             self.clock = CallClock(p.call_clock_poll_s)
 
     def paces(self, result: RoundResult) -> dict[tuple[int, int], float]:
-        """The coordinator's own clock (neuroray/training/call_clock.py): per holder, the median service time of
-        its compute calls in the round, measured by the driver from when it submitted each call, the holder's
-        previous call finished and its inputs appeared, to when its result appeared."""
+        """The coordinator's own clock (neuroray/training/call_clock.py): per holder, the median over its compute
+        calls in the round of each call's service time over the same call's median on its range's holders. A
+        service time is measured by the driver from when it submitted the call, the holder's previous call
+        finished and its inputs appeared, to when its result appeared."""
         if self.clock is None:
             return {}
         t = self.trainer
         paces = self.clock.take(self._round_end, t.cfg.cluster.step_timeout_s)
         # left out of the round (benched): no pace to judge
         paces = {slot: x for slot, x in paces.items() if result.batches.get(slot, 0)}
-        t.log(f"call clock: round {t.outer.rounds}: ms per call " + " ".join(
-            f"r{r}-s{s} {x * 1e3:.1f}" for (s, r), x in sorted(paces.items(), key=lambda kv: kv[0][::-1]))
+        t.log(f"call clock: round {t.outer.rounds}: pace, x the range's median per call: " + " ".join(
+            f"r{r}-s{s} {x:.2f}" for (s, r), x in sorted(paces.items(), key=lambda kv: kv[0][::-1]))
               + f" (the clock's own CPU so far {self.clock.cpu_s:.2f}s in {self.clock.wakes} wakes)")
         return paces
 
