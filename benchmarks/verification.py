@@ -23,7 +23,7 @@
    robust aggregate and the largest norm ratio seen (the thresholds are 0 and 4).
 
     flock /tmp/neuroray-cpu.lock python benchmarks/verification.py [rounds=3] [rate=1.0] [hop_rate=1.0]
-                                 [replicas=3] [routing=fixed] [seeds=3] [honest_rounds=100] [attacks=a,b,...]
+                                 [replicas=3] [routing=fixed] [seed=0] [seeds=3] [honest_rounds=100] [attacks=a,b,...]
                                  [cost=0] [cost_rates=0,0.1,1] [write=1] [keep=DIR]
 
 Appends rows to docs/benchmarks.md ("Verification: ..."). ``keep=DIR``: the runs' directories (each with the
@@ -117,7 +117,7 @@ def pace_spread(lines: list[str], attacker: str | None) -> dict:
 
 
 def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, rounds: int, rate: float, replicas: int,
-             routing: str, hop_rate: float = 1.0) -> dict:
+             routing: str, hop_rate: float = 1.0, seed: int = 0) -> dict:
     """One run with ``slot`` cheating; what the ledger and the logs say about every holder."""
     from neuroray.ponw.identity import Identity
     from neuroray.swarm.attacks_in_holder import misbehaving
@@ -131,7 +131,8 @@ def real_run(tmp: Path, label: str, slot: str | None, attack: tuple | None, roun
                        f"diloco.replicas={replicas}", f"swarm.num_stages={STAGES}", "aggregator=robust",
                        f"swarm.routing={routing}", f"swarm.key_dir={keys}", "cluster.cpus_per_holder=0.25",
                        "sample_tokens=1", "checkpoint.every_round=false", "checkpoint.interval_s=0",
-                       "progress_bar=false", f"ponw.spot_check_rate={rate}", f"ponw.hop_recheck_rate={hop_rate}"])
+                       "progress_bar=false", f"ponw.spot_check_rate={rate}", f"ponw.hop_recheck_rate={hop_rate}",
+                       f"seed={seed}"])
     lines: list[str] = []
     holders = misbehaving({slot: attack} if attack else {})
     t0 = time.monotonic()
@@ -267,6 +268,7 @@ def main(argv: list[str]) -> None:
     hop_rate = float(opts.get("hop_rate", 1.0))
     replicas, seeds = int(opts.get("replicas", 3)), int(opts.get("seeds", 3))
     routing = opts.get("routing", "fixed")
+    seed = int(opts.get("seed", 0))  # the real runs' seed (weights, data order); the in-process part has seeds=
     n_honest = int(opts.get("honest_rounds", 100))
     labels = [x for x in opts["attacks"].split(",") if x] if "attacks" in opts else list(ATTACKS)  # "": part 2 only
     cmd = " ".join(["python benchmarks/verification.py", *argv])
@@ -289,12 +291,12 @@ def main(argv: list[str]) -> None:
         with (tempfile.TemporaryDirectory() if "keep" not in opts else contextlib.nullcontext(opts["keep"])) as tmp:
             # untimed: the first run builds the dataset and warms the caches
             if labels:
-                warm = real_run(Path(tmp), "warmup", None, None, 1, 1.0, replicas, routing)
+                warm = real_run(Path(tmp), "warmup", None, None, 1, 1.0, replicas, routing, seed=seed)
                 print(f"warm-up run: spot checks took {warm['check_s']:.2f}s", flush=True)
             for label in labels:
                 _, slot, attack, *spec = ATTACKS[label]
                 rows[label] = real_run(Path(tmp), label, slot, (attack, *spec) if attack else None, rounds, rate,
-                                       replicas, routing, hop_rate)
+                                       replicas, routing, hop_rate, seed)
                 print(label, rows[label], flush=True)
     finally:
         if labels:
