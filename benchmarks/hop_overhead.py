@@ -25,19 +25,25 @@ Two actors on one node: the sender makes the hop payload of a float32 activation
 used), ``prefault`` (the whole store faulted in at start), ``huge`` (prefault, on a tmpfs mounted here with
 ``huge=always``, so 2 MiB pages; needs root; unmounted at the end).
 
-Each is the median of ``reps`` sender -> receiver calls awaited by the driver, the five taken in turn within
-every repetition (a busy machine slows them alike). Reported: each in ms and
+Each is the median of ``reps`` sender -> receiver calls awaited by the driver, all taken in turn within every
+repetition (a busy machine slows them alike); ``order=shuffle`` (the default) takes them in a different order in
+each repetition (seeded) so that no arm always follows the same one, ``order=fixed`` in the order listed (as the
+rows of the earlier table "Per-hop cost vs memcpy: shared-memory rings, ..." were taken). Inside the actors the shm hop's two parts are timed too: ``put`` (the sender's ``ShmRing.put``: a
+free slot found, the copy) and ``take`` (the receiver's ``ShmReader.take``, one value read, the slot released);
+``shm - empty - put - take`` is what Ray's two calls cost more for carrying a handle after a copy than for
+carrying nothing. Reported: each in ms and
 ``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire, direct and shm hops; and
 ``(hop - empty) / memcpy``, the hop's cost beyond Ray's two calls.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
-        [stores=default] [store_mib=2048]
+        [stores=default] [store_mib=2048] [order=shuffle|fixed]
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -54,16 +60,24 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import append_row, key_values, machine  # noqa: E402
 
 
-def _interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
-    """Median ms of each callable, run in turn within every repetition so that a busy machine slows them alike."""
+def _interleaved_ms(fns: dict, reps: int, shuffle: bool) -> dict[str, float]:
+    """Median ms of each callable, run in turn within every repetition so that a busy machine slows them alike.
+
+    ``shuffle``: every repetition takes the arms in its own order (seeded, the same every run), so that no arm
+    always runs right after the same one (in the fixed order the shm hop always followed the Compiled Graph, whose
+    actors are still at work on 2 cores when its result is back: ``order=fixed`` against ``order=shuffle``,
+    docs/hops.md). A rotation would not do: it keeps every arm's predecessor."""
     for fn in fns.values():  # warm-up: worker start, first allocation in the object store
         fn()
         fn()
+    names = list(fns)
     times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    for rep in range(reps):
+        if shuffle:
+            random.Random(rep).shuffle(names)
+        for k in names:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
@@ -97,7 +111,7 @@ def _local_ray(store: str, store_mib: int):
             os.rmdir(mount)
 
 
-def _measure(sizes: list[float], reps: int) -> list[dict]:
+def _measure(sizes: list[float], reps: int, shuffle: bool) -> list[dict]:
     """Every hop kind at every size on the Ray this process is connected to."""
     import ray
     from ray.dag import InputNode
@@ -112,6 +126,11 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
         def __init__(self):
             torch.set_num_threads(1)
             self.codec, self.x, self.rings = HopCodec("none"), None, ShmRings()
+            self.put_ns: list[int] = []  # each shm hop's ShmRing.put, timed here
+
+        def shm_times(self) -> list[int]:
+            out, self.put_ns = self.put_ns, []
+            return out
 
         def make(self, numel: int, ring: bool = False) -> None:
             self.x = torch.randn(numel)
@@ -122,7 +141,10 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
             self.rings.close()
 
         def shm_hop(self, _=None):
-            return self.rings.put(self.x, "fwd", "sender")
+            t0 = time.perf_counter_ns()
+            hop = self.rings.put(self.x, "fwd", "sender")
+            self.put_ns.append(time.perf_counter_ns() - t0)
+            return hop
 
         def sized_wire_hop(self, numel: int):
             """The compiled graph's sender: one graph for every size, the size its input."""
@@ -146,9 +168,17 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
         def __init__(self):
             torch.set_num_threads(1)
             self.codec, self.reader = HopCodec("none"), ShmReader()
+            self.take_ns: list[int] = []  # each shm hop's take, its one read and the release, timed here
+
+        def shm_times(self) -> list[int]:
+            out, self.take_ns = self.take_ns, []
+            return out
 
         def take_shm(self, hop) -> float:
-            return float(self.reader.take(hop, "receiver")[0])  # the slot is released as the view goes
+            t0 = time.perf_counter_ns()
+            value = float(self.reader.take(hop, "receiver")[0])  # the slot is released as the view goes
+            self.take_ns.append(time.perf_counter_ns() - t0)
+            return value
 
         def take_torch(self, x) -> float:
             return float(x[0])
@@ -186,8 +216,10 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
             "shm": lambda: ray.get(r.take_shm.remote(s.shm_hop.remote())),
             "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
             "put": lambda: ray.put(wire),  # noqa: B023 - called within this iteration; freed at once
-        }, reps)
+        }, reps, shuffle)
         row["MiB"] = mib
+        for part, actor in (("shm put", s), ("shm take", r)):  # the two warm-up calls left out
+            row[part] = statistics.median(ray.get(actor.shm_times.remote())[2:]) / 1e6
         rows.append(row)
         memcpy, pickled, wire_ms, direct_ms, compiled, empty = (
             row[k] for k in ("memcpy", "torch pickle", "wire", "direct", "compiled", "empty"))
@@ -195,30 +227,37 @@ def _measure(sizes: list[float], reps: int) -> list[dict]:
               f"wire {wire_ms:.2f} ms ({wire_ms / memcpy:.1f}x), direct (gloo) {direct_ms:.2f} ms "
               f"({direct_ms / memcpy:.1f}x), compiled graph {compiled:.2f} ms ({compiled / memcpy:.1f}x), "
               f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms, shm {row['shm']:.2f} ms "
-              f"({row['shm'] / memcpy:.1f}x; beyond the calls {(row['shm'] - empty) / memcpy:.2f}x)", flush=True)
+              f"({row['shm'] / memcpy:.1f}x; beyond the calls {(row['shm'] - empty) / memcpy:.2f}x; in the actors "
+              f"put {row['shm put']:.2f} ms, take {row['shm take']:.2f} ms)", flush=True)
     ray.get(s.close.remote())
     destroy_collective_group(group)
     return rows
 
 
 def main() -> None:
-    args = key_values({"reps": "15", "sizes_mib": "0.25,4,64", "stores": "default", "store_mib": "2048"})
+    args = key_values({"reps": "15", "sizes_mib": "0.25,4,64", "stores": "default", "store_mib": "2048",
+                       "order": "shuffle"})
+    if args["order"] not in ("shuffle", "fixed"):
+        raise SystemExit(f"order: {args['order']} is not one of shuffle, fixed")
     reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
     rows = []
     for store in args["stores"].split(","):
         with _local_ray(store, int(args["store_mib"])):
             print(f"object store: {store}, {args['store_mib']} MiB", flush=True)
-            rows += [row | {"store": store} for row in _measure(sizes, reps)]
+            rows += [row | {"store": store} for row in _measure(sizes, reps, args["order"] == "shuffle")]
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
     for row in rows:
         m, e = row["memcpy"], row["empty"]
+        put, take = row["shm put"], row["shm take"]
         append_row(
-            "Per-hop cost vs memcpy: shared-memory rings, object store, direct, Compiled Graph",
-            ["command", "machine", "object store", "MiB", "memcpy ms", "shm ms (/memcpy)", "wire ms (/memcpy)",
+            "Per-hop cost vs memcpy, with the shm hop's parts timed in its actors",
+            ["command", "machine", "object store", "order", "MiB", "memcpy ms", "shm ms (/memcpy)",
+             "shm put / take ms (in the actors)", "shm - empty - put - take ms", "wire ms (/memcpy)",
              "direct (gloo) ms (/memcpy)", "compiled graph ms (/memcpy)", "torch pickle ms (/memcpy)",
              "empty calls ms", "store put ms", "(hop - empty) / memcpy (shm, wire)", "goal /memcpy <= 2 (shm, wire, direct)"],
-            [f"`{cmd.strip()}`", machine(), row["store"], f"{row['MiB']:g}", f"{m:.2f}",
-             *(f"{row[k]:.2f} ({row[k] / m:.1f}x)" for k in ("shm", "wire", "direct", "compiled", "torch pickle")),
+            [f"`{cmd.strip()}`", machine(), row["store"], args["order"], f"{row['MiB']:g}", f"{m:.2f}",
+             f"{row['shm']:.2f} ({row['shm'] / m:.1f}x)", f"{put:.2f} / {take:.2f}", f"{row['shm'] - e - put - take:.2f}",
+             *(f"{row[k]:.2f} ({row[k] / m:.1f}x)" for k in ("wire", "direct", "compiled", "torch pickle")),
              f"{e:.2f}", f"{row['put']:.2f}", f"{(row['shm'] - e) / m:.2f}, {(row['wire'] - e) / m:.2f}",
              ", ".join("met" if row[k] / m <= 2 else "not met" for k in ("shm", "wire", "direct"))],
             note="Two actors on one node, one float32 activation per hop as a holder sends it (benchmarks/hop_overhead.py): "
@@ -227,9 +266,12 @@ def main() -> None:
                  "hop (a numpy buffer out of band), `direct (gloo)` Ray Direct Transport over a gloo group, "
                  "`compiled graph` the wire hop as a Ray Compiled Graph, `torch pickle` the hop before the wire form, "
                  "`empty calls` the same two calls carrying nothing, `store put` a ray.put of the wire payload alone. "
-                 "Medians, every arm taken in turn in every repetition; each hop includes the sender's and the "
-                 "receiver's actor call and the driver's wait. `(hop - empty) / memcpy`: what the hop costs beyond "
-                 "Ray's two calls, in memcpys.")
+                 "Medians, every arm taken in turn in every repetition (`order`: shuffle takes them in a different seeded "
+                 "order each repetition, fixed in the same one); each hop includes the sender's and the receiver's actor call and the "
+                 "driver's wait. `shm put / take`: the ring's two parts timed inside the actors (the copy into the "
+                 "slot; the handle checked, the slot viewed, one value read, the slot released); `shm - empty - put "
+                 "- take`: what Ray's two calls cost more carrying a handle after a copy than carrying nothing. "
+                 "`(hop - empty) / memcpy`: what the hop costs beyond Ray's two calls, in memcpys.")
 
 
 if __name__ == "__main__":
