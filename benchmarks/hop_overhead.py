@@ -28,15 +28,17 @@ used), ``prefault`` (the whole store faulted in at start), ``huge`` (prefault, o
 Each is the median of ``reps`` sender -> receiver calls awaited by the driver, all taken in turn within every
 repetition (a busy machine slows them alike); ``order=shuffle`` (the default) takes them in a different order in
 each repetition (seeded) so that no arm always follows the same one, ``order=fixed`` in the order listed (as the
-rows of the earlier table "Per-hop cost vs memcpy: shared-memory rings, ..." were taken). Inside the actors the shm hop's two parts are timed too: ``put`` (the sender's ``ShmRing.put``: a
-free slot found, the copy) and ``take`` (the receiver's ``ShmReader.take``, one value read, the slot released);
-``shm - empty - put - take`` is what Ray's two calls cost more for carrying a handle after a copy than for
-carrying nothing. Reported: each in ms and
-``hop / memcpy``; the goal is ``hop / memcpy <= 2`` (issue 22), for the wire, direct and shm hops; and
-``(hop - empty) / memcpy``, the hop's cost beyond Ray's two calls.
+rows of the earlier table "Per-hop cost vs memcpy: shared-memory rings, ..." were taken). Inside the actors the shm
+hop's two parts are timed too: ``put`` (the sender's ``ShmRing.put``: a free slot found, the copy) and ``take``
+(the receiver's ``ShmReader.take``, one value read, the slot released); ``shm - empty - put - take`` is what Ray's
+two calls cost more for carrying a handle after a copy than for carrying nothing. ``timeline=1`` also prints, from
+Ray's timeline, where the shm and empty hops' time goes in each worker (arguments deserialized, method run, return
+value stored) and between the two tasks. Reported: each in ms and ``hop / memcpy``; the goal is ``hop / memcpy <=
+2`` (issue 22), for the wire, direct and shm hops; and ``(hop - empty) / memcpy``, the hop's cost beyond Ray's two
+calls.
 
     flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py [reps=15] [sizes_mib=0.25,4,64]
-        [stores=default] [store_mib=2048] [order=shuffle|fixed]
+        [stores=default] [store_mib=2048] [order=shuffle|fixed] [timeline=0|1]
 """
 
 from __future__ import annotations
@@ -111,7 +113,38 @@ def _local_ray(store: str, store_mib: int):
             os.rmdir(mount)
 
 
-def _measure(sizes: list[float], reps: int, shuffle: bool) -> list[dict]:
+def _task_parts(events: list[dict], since_us: float) -> dict[str, dict[str, float]]:
+    """From Ray's timeline (``ray.timeline()``): per actor method of the shm and empty hops, the median ms of the
+    whole task and of the worker's three steps in it (arguments deserialized, the method run, the return value
+    stored), over the tasks that began after ``since_us``; and the gap from the sender's task's end to the
+    receiver's task's start (the return to the driver, the receiver's task pushed with the value inlined)."""
+    spans = {}
+    for e in events:
+        if e.get("ph") == "X" and e["ts"] >= since_us:
+            spans.setdefault(e["tid"], []).append(e)
+    parts: dict[str, dict[str, list]] = {}
+    ends: dict[str, list] = {}
+    for worker in spans.values():
+        steps = [e for e in worker if e["name"].startswith("task:")]
+        for task in worker:
+            if task["name"] not in ("shm_hop", "empty", "take_shm", "take_none"):
+                continue
+            p = parts.setdefault(task["name"], {"task": []})
+            p["task"].append(task["dur"])
+            ends.setdefault(task["name"], []).append((task["ts"], task["ts"] + task["dur"]))
+            for e in steps:
+                if task["ts"] <= e["ts"] <= task["ts"] + task["dur"]:
+                    p.setdefault(e["name"].removeprefix("task:"), []).append(e["dur"])
+    out = {name: {k: statistics.median(v) / 1e3 for k, v in p.items()} for name, p in parts.items()}
+    for send, take in (("shm_hop", "take_shm"), ("empty", "take_none")):
+        pairs = zip(sorted(ends.get(send, [])), sorted(ends.get(take, [])))
+        gaps = [t0 - s1 for (_, s1), (t0, _) in pairs]
+        if gaps:
+            out.setdefault(send, {})["to the receiver"] = statistics.median(gaps) / 1e3
+    return out
+
+
+def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> list[dict]:
     """Every hop kind at every size on the Ray this process is connected to."""
     import ray
     from ray.dag import InputNode
@@ -203,6 +236,7 @@ def _measure(sizes: list[float], reps: int, shuffle: bool) -> list[dict]:
     compiled_dag = dag.experimental_compile(_buffer_size_bytes=int(max(sizes) * 2**20) + (1 << 20))
     rows = []
     for mib in sizes:
+        since_us = time.time() * 1e6
         numel = int(mib * 2**20) // 4
         ray.get([s.make.remote(numel, True), ds.make.remote(numel)])
         src, dst = torch.randn(numel), torch.empty(numel)
@@ -229,6 +263,10 @@ def _measure(sizes: list[float], reps: int, shuffle: bool) -> list[dict]:
               f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms, shm {row['shm']:.2f} ms "
               f"({row['shm'] / memcpy:.1f}x; beyond the calls {(row['shm'] - empty) / memcpy:.2f}x; in the actors "
               f"put {row['shm put']:.2f} ms, take {row['shm take']:.2f} ms)", flush=True)
+        if timeline:  # task events reach the GCS about once a second
+            time.sleep(3)
+            for name, p in _task_parts(ray.timeline(), since_us).items():
+                print(f"  timeline {name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in p.items()), flush=True)
     ray.get(s.close.remote())
     destroy_collective_group(group)
     return rows
@@ -236,7 +274,7 @@ def _measure(sizes: list[float], reps: int, shuffle: bool) -> list[dict]:
 
 def main() -> None:
     args = key_values({"reps": "15", "sizes_mib": "0.25,4,64", "stores": "default", "store_mib": "2048",
-                       "order": "shuffle"})
+                       "order": "shuffle", "timeline": "0"})
     if args["order"] not in ("shuffle", "fixed"):
         raise SystemExit(f"order: {args['order']} is not one of shuffle, fixed")
     reps, sizes = int(args["reps"]), [float(s) for s in args["sizes_mib"].split(",")]
@@ -244,7 +282,7 @@ def main() -> None:
     for store in args["stores"].split(","):
         with _local_ray(store, int(args["store_mib"])):
             print(f"object store: {store}, {args['store_mib']} MiB", flush=True)
-            rows += [row | {"store": store} for row in _measure(sizes, reps, args["order"] == "shuffle")]
+            rows += [row | {"store": store} for row in _measure(sizes, reps, args["order"] == "shuffle", args["timeline"] == "1")]
     cmd = "flock /tmp/neuroray-cpu.lock python benchmarks/hop_overhead.py " + " ".join(sys.argv[1:])
     for row in rows:
         m, e = row["memcpy"], row["empty"]
