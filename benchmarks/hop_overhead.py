@@ -31,8 +31,10 @@ each repetition (seeded) so that no arm always follows the same one, ``order=fix
 rows of the earlier table "Per-hop cost vs memcpy: shared-memory rings, ..." were taken). Inside the actors the shm
 hop's two parts are timed too: ``put`` (the sender's ``ShmRing.put``: a free slot found, the copy) and ``take``
 (the receiver's ``ShmReader.take``, one value read, the slot released); ``shm - empty - put - take`` is what Ray's
-two calls cost more for carrying a handle after a copy than for carrying nothing. ``timeline=1`` also prints, from
-Ray's timeline, where the shm and empty hops' time goes in each worker (arguments deserialized, method run, return
+two calls cost more for carrying a handle after a copy than for carrying nothing; two arms split it, printed
+only: ``copy only`` (the sender copies the tensor into memory of its own and returns None) and ``handle only`` (it
+returns a shm handle without copying, which the receiver does not read). ``timeline=1`` also prints, from
+Ray's timeline, where these four arms' time goes in each worker (arguments deserialized, method run, return
 value stored) and between the two tasks. Reported: each in ms and ``hop / memcpy``; the goal is ``hop / memcpy <=
 2`` (issue 22), for the wire, direct and shm hops; and ``(hop - empty) / memcpy``, the hop's cost beyond Ray's two
 calls.
@@ -44,6 +46,7 @@ calls.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import os
 import random
 import statistics
@@ -113,8 +116,12 @@ def _local_ray(store: str, store_mib: int):
             os.rmdir(mount)
 
 
+# the sender's and the receiver's method of each arm _task_parts breaks down
+_PAIRS = {"shm_hop": "take_shm", "empty": "take_none", "copy_only": "take_after_copy", "handle_only": "take_nothing"}
+
+
 def _task_parts(events: list[dict], since_us: float) -> dict[str, dict[str, float]]:
-    """From Ray's timeline (``ray.timeline()``): per actor method of the shm and empty hops, the median ms of the
+    """From Ray's timeline (``ray.timeline()``): per actor method of the arms in ``_PAIRS``, the median ms of the
     whole task and of the worker's three steps in it (arguments deserialized, the method run, the return value
     stored), over the tasks that began after ``since_us``; and the gap from the sender's task's end to the
     receiver's task's start (the return to the driver, the receiver's task pushed with the value inlined)."""
@@ -127,7 +134,7 @@ def _task_parts(events: list[dict], since_us: float) -> dict[str, dict[str, floa
     for worker in spans.values():
         steps = [e for e in worker if e["name"].startswith("task:")]
         for task in worker:
-            if task["name"] not in ("shm_hop", "empty", "take_shm", "take_none"):
+            if task["name"] not in _PAIRS and task["name"] not in _PAIRS.values():
                 continue
             p = parts.setdefault(task["name"], {"task": []})
             p["task"].append(task["dur"])
@@ -136,7 +143,7 @@ def _task_parts(events: list[dict], since_us: float) -> dict[str, dict[str, floa
                 if task["ts"] <= e["ts"] <= task["ts"] + task["dur"]:
                     p.setdefault(e["name"].removeprefix("task:"), []).append(e["dur"])
     out = {name: {k: statistics.median(v) / 1e3 for k, v in p.items()} for name, p in parts.items()}
-    for send, take in (("shm_hop", "take_shm"), ("empty", "take_none")):
+    for send, take in _PAIRS.items():
         pairs = zip(sorted(ends.get(send, [])), sorted(ends.get(take, [])))
         gaps = [t0 - s1 for (_, s1), (t0, _) in pairs]
         if gaps:
@@ -169,6 +176,10 @@ def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> li
             self.x = torch.randn(numel)
             if ring:  # as a holder's ring, made once per shape (one sender per edge: the others have none)
                 self.rings.open(run, 0, 0, ["fwd"], 2, numel * 4)
+                self.private = self.x.clone()  # the copy alone, into memory of its own, touched
+                hop = self.rings.put(self.x, "fwd", "sender")  # the handle alone: a real one's fields, never read
+                self.handle = replace(hop, seq=-1)
+                ShmReader().take(hop, "self")  # its slot released at once
 
         def close(self) -> None:
             self.rings.close()
@@ -197,6 +208,14 @@ def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> li
         def empty(self, _=None):
             return None
 
+        def copy_only(self, _=None):
+            """The shm hop's copy without the handle: what the copy alone costs the two calls."""
+            self.private.copy_(self.x)
+
+        def handle_only(self, _=None):
+            """The shm hop's handle without the copy: what carrying it instead of None costs the two calls."""
+            return self.handle
+
     class Receiver:
         def __init__(self):
             torch.set_num_threads(1)
@@ -220,6 +239,12 @@ def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> li
             return float(self.codec.decode(payload, "receiver")[0])
 
         def take_none(self, x) -> None:
+            return x
+
+        def take_nothing(self, x) -> None:
+            return None
+
+        def take_after_copy(self, x) -> None:  # take_none under its own name: the timeline tells the arms apart
             return x
 
     run = uuid.uuid4().hex[:12]
@@ -249,6 +274,8 @@ def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> li
             "compiled": lambda: ray.get(compiled_dag.execute(numel)),  # noqa: B023 - called within this iteration
             "shm": lambda: ray.get(r.take_shm.remote(s.shm_hop.remote())),
             "empty": lambda: ray.get(r.take_none.remote(s.empty.remote())),
+            "copy only": lambda: ray.get(r.take_after_copy.remote(s.copy_only.remote())),
+            "handle only": lambda: ray.get(r.take_nothing.remote(s.handle_only.remote())),
             "put": lambda: ray.put(wire),  # noqa: B023 - called within this iteration; freed at once
         }, reps, shuffle)
         row["MiB"] = mib
@@ -262,7 +289,8 @@ def _measure(sizes: list[float], reps: int, shuffle: bool, timeline: bool) -> li
               f"({direct_ms / memcpy:.1f}x), compiled graph {compiled:.2f} ms ({compiled / memcpy:.1f}x), "
               f"empty calls {empty:.2f} ms, store put {row['put']:.2f} ms, shm {row['shm']:.2f} ms "
               f"({row['shm'] / memcpy:.1f}x; beyond the calls {(row['shm'] - empty) / memcpy:.2f}x; in the actors "
-              f"put {row['shm put']:.2f} ms, take {row['shm take']:.2f} ms)", flush=True)
+              f"put {row['shm put']:.2f} ms, take {row['shm take']:.2f} ms; the same two calls with the copy "
+              f"alone {row['copy only']:.2f} ms, with the handle alone {row['handle only']:.2f} ms)", flush=True)
         if timeline:  # task events reach the GCS about once a second
             time.sleep(3)
             for name, p in _task_parts(ray.timeline(), since_us).items():
