@@ -54,6 +54,10 @@ def test_a_slot_is_reused_only_after_the_receivers_last_view_goes_and_a_full_rin
     assert rings.put(a, "fwd", "s0") is None
     with pytest.raises(HopPayloadError, match="no longer holds"):
         reader.take(ShmHop(ha.ring, ha.slot, ha.offset, ha.shape, ha.dtype, ha.seq + 7, "s0"), "s1")
+    for bad in [replace(hb, shape=(-1,)), replace(hb, shape=(-1, 64)), replace(hb, dtype="int64"),
+                replace(hb, shape=(4096,))]:  # a forged shape would read the rest of the ring, or past its end
+        with pytest.raises(HopPayloadError, match="shape|dtype|overruns"):
+            reader.take(bad, "s1")
     del view
     hc = rings.put(2 * a, "fwd", "s0")  # slot a is free again
     xc = reader.take(hc, "s1")

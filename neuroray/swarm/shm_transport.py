@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import mmap
 import os
 import threading
@@ -48,6 +49,11 @@ SHM_DIR = "/dev/shm"
 PREFIX = "nrshm"
 PAGE = 4096
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What numpy reads a slot as: the same bytes per element (bf16, which numpy lacks, as uint16, then viewed by torch).
+# A receiver builds the tensor with one numpy view and one torch call, no torch allocation: in an actor whose
+# caches the hop's copy has just flushed, each torch call costs tens of microseconds (docs/hops.md).
+_NUMPY = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+_ITEMSIZE = {name: np.dtype(n).itemsize for name, n in _NUMPY.items()}
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class ShmHop:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty(0, dtype=_DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
 def ring_name(run: str, replica: int, stage: int, direction: str, serial: int) -> str:
@@ -171,17 +177,19 @@ class ShmReader:
         """The tensor ``hop`` names, a view of the slot; the slot is released when the last view of it goes.
         HopPayloadError when the ring is not on this node, the slot no longer holds this hop, or the handle
         does not fit its ring."""
-        if hop.dtype not in _DTYPES or hop.slot < 0 or hop.offset < PAGE:
-            raise HopPayloadError(hop.sender, receiver, f"shared-memory hop names dtype {hop.dtype}, slot {hop.slot}")
+        if hop.dtype not in _DTYPES or hop.slot < 0 or hop.offset < PAGE or min(hop.shape, default=0) < 0:
+            raise HopPayloadError(hop.sender, receiver, f"shared-memory hop names dtype {hop.dtype}, slot {hop.slot}, "
+                                  f"shape {hop.shape}")
         m = self._mapped(hop, receiver)
         if hop.slot >= PAGE // 8 or hop.offset + hop.nbytes > m.size:
             raise HopPayloadError(hop.sender, receiver, f"shared-memory hop overruns its ring {hop.ring}")
         if m.header[hop.slot] != hop.seq:
             raise HopPayloadError(hop.sender, receiver, f"slot {hop.slot} of {hop.ring} no longer holds hop "
                                   f"{hop.seq} (read twice, or released)")
-        arr = np.frombuffer(m.map, dtype=np.uint8, count=hop.nbytes, offset=hop.offset)
+        arr = np.frombuffer(m.map, dtype=_NUMPY[hop.dtype], count=math.prod(hop.shape), offset=hop.offset)
         weakref.finalize(arr, _release, m.header, hop.slot, hop.seq)  # torch keeps arr alive as long as the storage
-        return torch.from_numpy(arr).view(_DTYPES[hop.dtype]).view(hop.shape)
+        t = torch.from_numpy(arr.reshape(hop.shape))  # the reshaped array's base is arr: arr lives as long
+        return t.view(torch.bfloat16) if hop.dtype == "bfloat16" else t
 
     def _mapped(self, hop: ShmHop, receiver: str) -> _Mapped:
         with self.lock:
