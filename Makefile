@@ -29,7 +29,7 @@ demo: venv
 	$(PY) -m neuroray.train $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests notebooks --nbmake -m "not slow" $(ARGS)
+	$(PY) -m pytest -q tests notebooks --nbmake -m "not slow" --durations=15 $(ARGS)
 
 test-slow: venv
 	$(PY) -m pytest -q tests -m slow $(ARGS)
