@@ -330,6 +330,10 @@ class PonwConfig:
     # fixed routing: the driver times each holder's calls itself (neuroray/training/call_clock.py); a call submitted
     # while its watcher thread waits is stamped at the thread's next wake, at most this late
     call_clock_poll_s: float = 0.005  # seconds between the call clock's wakes while calls are in flight
+    # how many inner steps of each round the call clock times, drawn at random each round (the same steps on every
+    # replica, so calls pair; unknowable to a holder); of the others it waits only on each holder's last call. The
+    # clock's thread wakes at every call it times, which costs the holders CPU on shared cores; 0: every step
+    call_clock_steps: int = 4
     # before each range's rule, a pseudo-gradient made before its holder's batches of the round (a replayed one) is
     # refused and paid 0: on the embedding's range by the rows of the round's new tokens (moved only by weight decay),
     # elsewhere by the loss it removes there against its stream's neighbours (docs/ponw.md, Replayed pseudo-gradients)

@@ -56,3 +56,28 @@ def test_a_slow_walker_hiding_it_from_its_own_clock_is_named_and_paid_nothing(ra
     for x in slots:
         if x != "r2-s1":
             assert reward[node[x], 1] > 0 and reward[node[x], 2] > 0, x
+
+
+def test_timing_a_few_steps_of_each_round_still_names_the_walker(ray_cluster, tmp_path):
+    """ponw.call_clock_steps=2 of H=8: the driver times two steps of each round, drawn at random, and waits only on
+    each holder's last call of the others; a hidden x8 walker is named all the same, no one else."""
+    from neuroray.training.run import run
+
+    _write_corpus(tmp_path / "corpus.txt")
+    cfg = load_config([
+        f"data.source={tmp_path / 'corpus.txt'}", f"data.store={tmp_path / 'store'}", "data.vocab_size=320",
+        "data.shard_tokens=4096", "data.seq_len=32", "data.microbatch_size=4", "data.num_microbatches=2",
+        "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", f"swarm.key_dir={tmp_path / 'keys'}",
+        "swarm.num_stages=2", "swarm.routing=fixed", "diloco.replicas=3", "diloco.inner_steps=8", "rounds=3",
+        f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_holder=0.25", "sample_tokens=4", "checkpoint.interval_s=0",
+        "checkpoint.every_round=false", "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=0",
+        "ponw.call_clock_steps=2",
+    ])
+    lines = []
+    run(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))), holder_cls=misbehaving(
+        {"r2-s1": ("slow_walk_hidden", 8)}))
+    text = "\n".join(lines)
+    paces = [x for x in lines if x.startswith("call clock: round")]
+    assert len(paces) == 3 and all("r2-s1" in x for x in paces), paces
+    assert "r2-s1 is a straggler" in text, paces
+    assert text.count("is a straggler") == text.count("r2-s1 is a straggler"), paces

@@ -120,6 +120,8 @@ class Rules:
                               "than its range's other holders a holder may be), 0 to turn the rule off, or null for the routing's default")
         if cfg.straggler_rounds < 1:
             raise ConfigError(f"ponw.straggler_rounds={cfg.straggler_rounds} must be at least 1")
+        if cfg.call_clock_steps < 0:
+            raise ConfigError(f"ponw.call_clock_steps={cfg.call_clock_steps} must be 0 (every step) or more")
         if not (math.isfinite(cfg.call_clock_poll_s) and cfg.call_clock_poll_s > 0):
             raise ConfigError(f"ponw.call_clock_poll_s={cfg.call_clock_poll_s} must be positive (seconds)")
         if not (math.isfinite(cfg.max_batches_per_s) and cfg.max_batches_per_s > 0):

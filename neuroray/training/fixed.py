@@ -23,6 +23,7 @@ started afresh on a live node from their newest snapshots, and the replica recov
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 
@@ -35,7 +36,7 @@ from neuroray.swarm.ray_errors import holder_died, user_error
 from neuroray.swarm.shm_transport import ShmEdges
 from neuroray.training.call_clock import CallClock
 from neuroray.training.executor import RoundResult, StepExecutor, by_replica, hop_rejection, members, value_or_none
-from neuroray.training.schedule import StepRefs, submit_inner_step
+from neuroray.training.schedule import STEP, StepRefs, submit_inner_step
 
 
 class HostsLost(Exception):
@@ -60,6 +61,7 @@ class FixedPipelines(StepExecutor):
         self.shm: ShmEdges | None = None  # swarm.hop_transport=shm: each replica's same-node rings
         self.clock: CallClock | None = None  # the straggler rule's paces: the driver's own clock of the calls
         self._round_end = -1  # the last inner step of the round the outer step was last run for
+        self._timed_steps: dict[int, set[int]] = {}  # round -> the inner steps the call clock times in it
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -131,8 +133,23 @@ class FixedPipelines(StepExecutor):
         clock = self.clock
         record = None if clock is None else (
             lambda stage, ref, inputs, kind: clock.record((stage, replica), step, ref, inputs, kind))
+        if clock is not None and not self._timed(step):  # only when each holder's step ends: its next call's start
+            record = (lambda stage, ref, inputs, kind:
+                      clock.record((stage, replica), step, ref) if kind == STEP else None)
         return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
                                  None if self.direct is None else self.direct.backend, record)
+
+    def _timed(self, step: int) -> bool:
+        """Whether the call clock times ``step``'s calls: ``ponw.call_clock_steps`` steps of its round, drawn from
+        the operating system's randomness (a holder cannot know them in advance and stretch only the others)."""
+        t = self.trainer
+        k, h = t.cfg.ponw.call_clock_steps, t.sync_every
+        if k <= 0 or k >= h:
+            return True
+        r = step // h
+        if r not in self._timed_steps:
+            self._timed_steps = {r: set(random.SystemRandom().sample(range(r * h, (r + 1) * h), k))}
+        return step in self._timed_steps[r]
 
     def collect(self, step: int) -> float:
         """Wait for one step on every replica, recovering replicas whose holders died or whose host was lost."""
