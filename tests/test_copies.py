@@ -102,6 +102,10 @@ def test_the_outer_step_counts_a_copy_once():
     assert float(torch.dot(away, a)) < 0
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, a.clone(), away, observe=True)
     assert report.copies == [[0, 1]] and report.rejected == [], report.rejected
+    # ... while a sign-flipped delta that agreed with the pair before the flip (cosine -0.8 after it) is named
+    flipped = -(0.8 * a + 0.6 * torch.randn(64) * a.norm() / 8)
+    got, _, report = outer_step(robust, cfg, 0, theta0, None, a, a.clone(), flipped, observe=True)
+    assert [i for i, _ in report.rejected] == [2], report.rejected
     # trimmed mean, f=1, 5 holders of which two copied: the 4 distinct ones are enough, each counted once
     c, e = torch.randn(64), torch.randn(64)
     got, _, report = outer_step(robust, cfg, 0, theta0, None, a, b, a.clone(), c, e, observe=True)

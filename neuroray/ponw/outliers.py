@@ -22,6 +22,10 @@ import torch
 
 NORM_RATIO = 4.0  # a delta longer than this x the median norm of the range's accepted deltas
 MIN_COSINE = 0.0  # a delta whose cosine with the robust aggregate is below this points away from it
+# ... when the accepted deltas are only two distinct ones (a pair of identical deltas and one more): the aggregate is
+# then the pair's delta itself, and an honest delta trained on other data can point slightly away from it (-0.06
+# measured in a 100-round honest run); a sign-flipped one points away by as much as it agreed before the flip
+PAIR_MIN_COSINE = -0.25
 
 
 def suspects(contributions: Sequence[torch.Tensor], accepted: Sequence[int], aggregate: torch.Tensor, f: int,
@@ -31,15 +35,15 @@ def suspects(contributions: Sequence[torch.Tensor], accepted: Sequence[int], agg
 
     ``contributions``: every holder's (screened) delta, indexed by holder; ``accepted``: the indices the
     rule used; ``aggregate``: the rule's result. Needs 3 accepted deltas (with 2, neither can be told
-    from the other). ``copies``: groups of identical deltas (neuroray/ponw/copies.py). The direction test
-    needs 3 *distinct* accepted deltas: with two of three identical (two honest Drivers assigned one
-    shard), a coordinate-wise rule's aggregate is that pair's delta, and a third honest delta trained on
-    other data can point away from it (cosine -0.06 measured in a 100-round honest run); only the length
-    test still applies then."""
+    from the other). ``copies``: groups of identical deltas (neuroray/ponw/copies.py). With fewer than 3
+    *distinct* accepted deltas (two of three identical: two honest Drivers assigned one shard), a
+    coordinate-wise rule's aggregate is that pair's delta, and the direction test takes
+    :data:`PAIR_MIN_COSINE` instead of ``min_cosine``."""
     if f <= 0 or len(accepted) < 3:
         return []
     repeated = {i for group in copies for i in group[1:]}
-    directional = len([i for i in accepted if i not in repeated]) >= 3
+    if len([i for i in accepted if i not in repeated]) < 3:
+        min_cosine = min(min_cosine, PAIR_MIN_COSINE)
     norms = {i: float(contributions[i].norm()) for i in accepted}
     median = statistics.median(norms.values())
     ref = float(aggregate.norm())
@@ -50,7 +54,7 @@ def suspects(contributions: Sequence[torch.Tensor], accepted: Sequence[int], agg
         if ratio > norm_ratio:
             scored.append((ratio / norm_ratio + 1.0, i, f"suspected poison: norm {ratio:.3g}x the range's median"))
             continue
-        if directional and n > 0 and ref > 0:
+        if n > 0 and ref > 0:
             cosine = float(torch.dot(contributions[i], aggregate.to(contributions[i].dtype))) / (n * ref)
             if cosine < min_cosine:
                 scored.append((1.0 + min_cosine - cosine, i,
