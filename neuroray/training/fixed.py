@@ -147,8 +147,9 @@ class FixedPipelines(StepExecutor):
         if k <= 0 or k >= h:
             return True
         r = step // h
-        if r not in self._timed_steps:
-            self._timed_steps = {r: set(random.SystemRandom().sample(range(r * h, (r + 1) * h), k))}
+        if r not in self._timed_steps:  # kept a round longer: a step redone after a recovery pairs as first timed
+            self._timed_steps = {q: x for q, x in self._timed_steps.items() if q >= r - 1}
+            self._timed_steps[r] = set(random.SystemRandom().sample(range(r * h, (r + 1) * h), k))
         return step in self._timed_steps[r]
 
     def collect(self, step: int) -> float:
