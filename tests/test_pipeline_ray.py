@@ -418,6 +418,8 @@ def _runs_per_transport(tmp_path, transports) -> dict:
     return results
 
 
+@pytest.mark.slow  # two whole runs (22.6 s in a clean-clone make test at 14:48 of its 15 minutes);
+# tests/test_direct_transport.py runs gloo hops in process
 def test_a_fixed_run_over_gloo_trains_exactly_as_over_the_object_store(ray_cluster, tmp_path):
     """run() with swarm.hop_transport=gloo (2 stages, 2 replicas: one group each) against the default: the
     same seed and data give the same losses step by step and the same eval loss; hops are counted alike."""
