@@ -18,8 +18,9 @@ running the same call at the same time share it. A call with no counterpart (a r
 apart) is not counted.
 
 The thread wakes at every call it watches, which on shared cores takes CPU from the holders; so the executor times
-only ``ponw.call_clock_steps`` inner steps of each round, drawn at random (neuroray/training/fixed.py), and of the
-other steps records only each holder's last call, untimed: when the holder was free again.
+only ``ponw.call_clock_steps`` inner steps of each round, drawn at random (neuroray/training/fixed.py); of the step
+before each of them it records only each holder's last call, untimed (when the holder was free again), and of the
+other steps nothing.
 
 :class:`CallTimes` is the arithmetic, on any hashable keys; :class:`CallClock` feeds it from Ray: a daemon thread
 in the driver waits on the refs not yet finished (``ray.wait(fetch_local=False)``: nothing is pulled to the driver,

@@ -133,9 +133,12 @@ class FixedPipelines(StepExecutor):
         clock = self.clock
         record = None if clock is None else (
             lambda stage, ref, inputs, kind: clock.record((stage, replica), step, ref, inputs, kind))
-        if clock is not None and not self._timed(step):  # only when each holder's step ends: its next call's start
+        if clock is not None and not self._timed(step):
+            # before a timed step, only when each holder's step ends (its next call's start); otherwise nothing, so
+            # the clock's thread sleeps through the untimed stretch
+            before = self._timed(step + 1)
             record = (lambda stage, ref, inputs, kind:
-                      clock.record((stage, replica), step, ref) if kind == STEP else None)
+                      clock.record((stage, replica), step, ref) if before and kind == STEP else None)
         return submit_inner_step(pipeline, n, step * n, t.inner_lr(step), t.cfg.swarm.schedule,
                                  None if self.direct is None else self.direct.backend, record)
 
