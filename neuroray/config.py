@@ -324,15 +324,16 @@ class PonwConfig:
     # straggler_rounds rounds in a row, earns 0 for that round and every further slow one (a slow walker sets the
     # whole swarm's pace; neuroray/ponw/stragglers.py); 0: off; null: by the clock that times the calls, 2.5 under
     # the router (its hop times), 1.5 under fixed routing (each call paired with the same call on the range's other
-    # holders, a tighter clock: honest holders at most 1.23x two rounds in a row in 600 holder-rounds, docs/ponw.md)
+    # holders, a tighter clock: honest holders at most 1.34x two rounds in a row, a 3x walker 1.64x; docs/ponw.md)
     straggler_factor: Optional[float] = None  # x its range's other holders' pace (0: off; null: 2.5 router, 1.5 fixed)
     straggler_rounds: int = 2  # that many rounds in a row over straggler_factor before a holder is named
     # fixed routing: the driver times each holder's calls itself (neuroray/training/call_clock.py); a call submitted
     # while its watcher thread waits is stamped at the thread's next wake, at most this late
     call_clock_poll_s: float = 0.005  # seconds between the call clock's wakes while calls are in flight
     # how many inner steps of each round the call clock times, drawn at random each round (the same steps on every
-    # replica, so calls pair; unknowable to a holder); of the others it waits only on each holder's last call. The
-    # clock's thread wakes at every call it times, which costs the holders CPU on shared cores; 0: every step
+    # replica, so calls pair; unknowable to a holder); of the step before each it waits only on each holder's last
+    # call, of the others on nothing. The clock's thread wakes at every call it watches, which costs the holders CPU
+    # on shared cores; 0: every step
     call_clock_steps: int = 4
     # before each range's rule, a pseudo-gradient made before its holder's batches of the round (a replayed one) is
     # refused and paid 0: on the embedding's range by the rows of the round's new tokens (moved only by weight decay),

@@ -19,18 +19,14 @@ bend by under-reporting a clock of its own.
 * fixed routing: the driver stamps every call it submits when its result appears
   (neuroray/training/call_clock.py). A call's service time runs from the latest of its submission, its holder's
   previous call's result and its inputs' appearance to its own result, so a replica idling until its next step
-  is submitted, or a holder waiting on a slow neighbour's activation, is not charged for it; the pace is the
-  median over the round's compute calls. The times include each call's trip through Ray, the same for every
-  holder of a range: a stretch shows diluted by it (a tiny model's calls of a few milliseconds on a loaded
-  machine show a 3x stretch as about 1.4x to 3.5x; a model whose calls outlast Ray's overhead, nearly in full).
+  is submitted, or a holder waiting on a slow neighbour's activation, is not charged for it; each call is paired
+  with the same call on the range's other holders and the pace is the median of its ratios to them, which cancels
+  the load that shared cores put on every holder at once.
 
-The defaults come from honest runs of benchmarks/verification.py on this project's 2-CPU machine under heavy
-load (6 holders, load average near 30): totals of busy time per microbatch put honest holders up to 4.6x apart
-in 100 rounds, hence the median per call; that still reached 2.6x in single rounds and 2.4x in two rounds in a
-row, hence a factor of 2.5 held for 2 rounds. Those were the holders' own clocks; the coordinator's clock of
-fixed pipelines spread honest holders less (two runs of 100 honest rounds, 3 replicas x 2 stages, load average ~5:
-at most 2.06x and 2.79x in a round, 1.42x and 1.70x in two rounds in a row, none named in 1,200 holder-rounds;
-docs/ponw.md, Stragglers).
+The router's factor (2.5) comes from honest runs of benchmarks/verification.py on this project's 2-CPU machine
+under heavy load: medians per call reached 2.6x in single rounds and 2.4x in two rounds in a row. Fixed routing's
+(1.5) from the paired clock: honest holders at most 1.34x two rounds in a row in 1,200 holder-rounds, a 3x
+walker at least 1.64x in each of its first two rounds (docs/ponw.md, Stragglers).
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ Slot = tuple[int, Hashable]  # (range, holder)
 
 # ponw.straggler_factor=null: by the clock that times the calls. The router's hop times spread honest holders
 # further than fixed routing's paired calls (neuroray/training/call_clock.py), where honest holders reached at most
-# 1.23x two rounds in a row in 600 holder-rounds and a 3x walker at least 1.57x in each of its first two rounds
+# 1.34x two rounds in a row in 1,200 holder-rounds and a 3x walker at least 1.64x in each of its first two rounds
 # on this project's shared 2-CPU machine (docs/ponw.md, Stragglers).
 FACTOR_BY_ROUTING = {"router": 2.5, "fixed": 1.5}
 
