@@ -25,8 +25,9 @@ def test_delayed_and_eager_train_close_to_blocking_and_every_proof_is_credited(r
     runs = {}
     for mode in ("none", "delayed", "eager"):
         lines, log = _lines()
-        # no spot checks: a validator's proof, drawn at random, would add to the count below
-        runs[mode] = run(_cfg(tmp_path, mode, 3, f"diloco.overlap={mode}", "ponw.spot_check_rate=0"), log=log)
+        # no spot checks or hop rechecks: a validator's or a checker's proof, drawn at random, would add to the count
+        runs[mode] = run(_cfg(tmp_path, mode, 3, f"diloco.overlap={mode}", "ponw.spot_check_rate=0",
+                              "ponw.hop_recheck_rate=0"), log=log)
         r = runs[mode]
         assert len(r.losses) == 12 and all(math.isfinite(v) for v in r.losses)
         assert sum(r.losses[-2:]) < sum(r.losses[:2])
@@ -88,3 +89,44 @@ def test_a_holder_killed_with_a_round_in_flight_is_recovered(ray_cluster, tmp_pa
     assert result.losses[-1] < result.losses[0]
     assert [c["round"] for c in result.comm] == [1, 2, 3]
     assert any(line.startswith("ledger: round 3: 4/4 proofs credited") for line in lines), lines
+
+
+def test_a_round_ended_before_its_last_step_is_collected_trains_the_same(ray_cluster, tmp_path):
+    """Without a snapshot at the round's end the driver asks for the pseudo-gradients and queues the next step
+    before it collects the round's last one (Trainer._presends): the holders run the same calls in the same
+    order, so the run is the one the collecting path gives (every_round=true keeps that path), value for value."""
+    from neuroray.training.run import run
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    for mode in ("delayed", "eager"):
+        extra = [f"diloco.overlap={mode}", "diloco.compression=int8", "ponw.spot_check_rate=0", "ponw.hop_recheck_rate=0"]
+        collecting = run(_cfg(tmp_path, f"{mode}-c", 3, *extra), log=quiet)
+        early = run(_cfg(tmp_path, f"{mode}-e", 3, "checkpoint.every_round=false", *extra), log=quiet)
+        assert early.losses == collecting.losses and early.eval_loss == collecting.eval_loss
+        assert [c["sync_bytes"] for c in early.comm] == [c["sync_bytes"] for c in collecting.comm]
+        assert early.ledger["proofs_credited"] == collecting.ledger["proofs_credited"] == 3 * 2 * 2
+        assert early.ledger["supply_consistent"] and early.ledger["proofs_rejected"] == 0
+
+
+def test_a_holder_killed_in_a_rounds_last_step_is_recovered(ray_cluster, tmp_path):
+    """The round's pseudo-gradients were asked for while the holder ran its last step: the one it never sent
+    fails its range's reduce, and the round is redone once the replica is back."""
+    from neuroray.training.run import run
+
+    ray = ray_cluster
+    lines = []
+
+    def log(*a, **k):
+        line = " ".join(map(str, a))
+        lines.append(line)
+        if line.startswith("round 1/3 step 3/12"):  # step 4, round 1's last, is queued: its end was asked for next
+            ray.kill(ray.get_actor("neuroray-ovlast-r1-s1"), no_restart=False)
+
+    result = run(_cfg(tmp_path, "ovlast", 3, "log_every=1", "diloco.overlap=delayed", "checkpoint.every_round=false"),
+                 log=log)
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert result.recoveries[0]["replica"] == 1  # then the redo brings every replica back (overlap._redo)
+    assert any(line.startswith("outer round 1: a holder died before its pseudo-gradient was taken") for line in lines)
+    assert result.losses[-1] < result.losses[0]
+    assert [c["round"] for c in result.comm] == [1, 2, 3]
+    assert result.ledger["supply_consistent"]

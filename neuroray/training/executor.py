@@ -47,7 +47,8 @@ class StepExecutor(ABC):
 
     The Trainer calls, in this order per step: :meth:`submit` (step s), :meth:`collect` (step s-1 or s, one at
     a time, in order), at a round's end :meth:`outer_step`, after every step :meth:`take_landed`, and before
-    snapshots :meth:`settle`.
+    snapshots :meth:`settle`. Where :meth:`presends`, a round's end may instead be :meth:`presend` (step s),
+    :meth:`submit` (s+1), :meth:`collect` (s), then :meth:`outer_step` (s).
     """
 
     trainer = None  # the loop whose cfg, swarm, outer state, log, metrics, lr schedule and recovery it uses
@@ -70,6 +71,16 @@ class StepExecutor(ABC):
     def take_landed(self) -> RoundResult | None:
         """The outer round that landed since the last call, once (``diloco.overlap``; None: none did)."""
         return None
+
+    def presends(self) -> bool:
+        """Whether :meth:`presend` can end a round before its last step is collected (``diloco.overlap``)."""
+        return False
+
+    def presend(self, step: int) -> None:
+        """Ask for the pseudo-gradients of the round ending after inner step ``step``, queued behind that step on
+        every holder, so that the loop can submit the next step before it collects this one; the
+        :meth:`outer_step` of ``step`` then reduces what was asked here."""
+        raise NotImplementedError(f"{type(self).__name__} does not end a round early")
 
     def recovered(self, replica: int) -> None:
         """``replica``'s holders are back after :meth:`Trainer.recover` (fixed routing: a new group for direct hops)."""

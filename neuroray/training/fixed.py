@@ -62,6 +62,7 @@ class FixedPipelines(StepExecutor):
         self.clock: CallClock | None = None  # the straggler rule's paces: the driver's own clock of the calls
         self._round_end = -1  # the last inner step of the round the outer step was last run for
         self._timed_steps: dict[int, set[int]] = {}  # round -> the inner steps the call clock times in it
+        self._losses_sent = -1  # the round end (inner step) whose theta0 losses presend already sent
 
     def attach(self, trainer) -> None:
         super().attach(trainer)
@@ -321,9 +322,8 @@ class FixedPipelines(StepExecutor):
         c, outer = t.cfg.cluster, t.outer
         self._round_end = step  # the round paces() times: its calls are the steps up to this one
         saved = (list(outer.theta0), list(outer.momentum), list(outer.memory))
-        if t.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
-            for r, losses in self._theta0_losses.items():
-                t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
+        if self._losses_sent != step:
+            self._send_theta0_losses()
         if self.overlap is not None:
             batches, self._batches = self._batches, {}
             self.overlap.begin(step, batches, *self._take_benched())
@@ -361,6 +361,21 @@ class FixedPipelines(StepExecutor):
         # the spoiled replicas' holders not proven faulty did honest work on what a faulty mate sent: excused
         excused = spoiled_slots - failed - senders
         return RoundResult(reports, comm, unused, batches, observed, findings, checked, excused, positions)
+
+    def _send_theta0_losses(self) -> None:
+        t = self.trainer
+        if t.ledger is not None:  # the Drivers sign the round's losses at theta0 (spot checks recompute them)
+            for r, losses in self._theta0_losses.items():
+                t.swarm.replicas[r][0].set_theta0_losses.remote(losses)
+
+    def presends(self) -> bool:
+        return self.overlap is not None and self.trainer.cfg.diloco.streaming_fragments == 1
+
+    def presend(self, step: int) -> None:
+        # the losses first: a Driver's call order stays losses, pseudo-gradient, next step, as outer_step gives it
+        self._send_theta0_losses()
+        self._losses_sent = step
+        self.overlap.presend()
 
     def _take_benched(self) -> tuple[set[int], set[tuple[int, int]]]:
         """The replicas left out of the outer step about to run for a rejected hop, and the ``(stage, replica)``

@@ -1,7 +1,9 @@
 """The driver's side of ``diloco.overlap`` under fixed pipelines: the outer step runs while holders train on.
 
 At a round's end (inner step ``kH - 1``) :meth:`OverlappedOuter.begin` asks every holder for its pseudo-gradient
-(``send_pseudo_gradient``: the holder goes straight on) and submits each range's reduce; nothing waits. Before
+(``send_pseudo_gradient``: the holder goes straight on) and submits each range's reduce; nothing waits. Unless the
+boundary needs the holders still (Trainer._presends), the driver asks for them before it collects that step
+(:meth:`OverlappedOuter.presend`) and queues the next step first, so no holder idles at the round's end. Before
 inner step ``kH + overlap_steps`` is submitted, :meth:`land` queues every holder's ``land_outer`` behind the
 steps it is running, so the reduce and the broadcast had ``overlap_steps`` inner steps to finish; then
 :meth:`collect` reads the round's reports and acks into the :class:`RoundResult` the trainer books.
@@ -49,6 +51,7 @@ class OverlappedOuter:
         self.trainer = trainer
         self.inflight: InFlight | None = None
         self.landed: InFlight | None = None  # landing queued, to collect
+        self.sent: list[list] | None = None  # per range, per holder: pseudo-gradients asked for ahead (presend)
 
     @property
     def steps(self) -> int:
@@ -63,14 +66,26 @@ class OverlappedOuter:
         fl = InFlight(step + 1 + self.steps, outer.rounds + 1, batches,
                       (list(outer.theta0), list(outer.momentum), list(outer.memory)), benched=set(benched),
                       senders=set(senders))
-        self._reduce(fl, lambda h: h.send_pseudo_gradient.remote())
+        sent, self.sent = self.sent, None
+        if sent is None:
+            self._reduce(fl, lambda s, r, h: h.send_pseudo_gradient.remote())
+        else:  # asked for before the next step was queued; a holder that died since fails the reduce (_redo)
+            self._reduce(fl, lambda s, r, h: sent[s][r])
+
+    def presend(self) -> None:
+        """Ask every holder for its pseudo-gradient now, behind the inner step it is running; :meth:`begin`
+        reduces these. The holders' call order is the one :meth:`begin` alone gives: the round's last step, the
+        pseudo-gradient, the next step."""
+        assert self.sent is None, "a round's pseudo-gradients were asked for twice"
+        self.sent = [[h.send_pseudo_gradient.remote() for h in holders]
+                     for holders in self.trainer.outer.holders_by_range]
 
     def _reduce(self, fl: InFlight, ask) -> None:
         """Submit every range's outer step over ``ask(holder)``'s pseudo-gradients; ``fl`` is in flight."""
         outer = self.trainer.outer
         outer.begin_round()
         for s, holders in enumerate(outer.holders_by_range):
-            deltas = [ask(h) for h in holders]
+            deltas = [ask(s, r, h) for r, h in enumerate(holders)]
             # a benched replica holds a proven-faulty holder: one of the f the rule tolerates (OuterSync.submit)
             theta0, report, update = outer.reduce(s, [d for r, d in enumerate(deltas) if r not in fl.benched],
                                                   faulty_out=len(fl.benched))
@@ -154,7 +169,7 @@ class OverlappedOuter:
             t.recover(r, exc)
         redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched, senders=fl.senders)
         # a holder still holding the round resends the delta it kept (OuterState.delta)
-        self._reduce(redo, lambda h: h.pseudo_gradient.remote())
+        self._reduce(redo, lambda s, r, h: h.pseudo_gradient.remote())
         self.land()
         self.landed = None
         values = t.swarm.get(redo.reports + redo.acks, t.cfg.cluster.step_timeout_s, f"redoing outer round {fl.outer_round}")

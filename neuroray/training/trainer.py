@@ -477,6 +477,19 @@ class Trainer:
             self._snapshot(step + 1)
             self._last_snapshot = time.monotonic()
 
+    def _round_end(self, step: int, due: bool) -> None:
+        self._boundary(step, True, due)
+        if self.evaluator is not None:  # at the last landed theta0 (under overlap, a round may be in flight)
+            self.evaluator.after_outer_step(self, step + 1)
+
+    def _presends(self, step: int) -> bool:
+        """Whether the round ending after ``step`` may end before that step is collected (``diloco.overlap``:
+        :meth:`StepExecutor.presend`), so no holder waits on the driver at the round's end. Not where this
+        boundary needs the holders still: the last round, a snapshot, an evaluation, a growth."""
+        return (self.executor.presends() and step + 1 < self.total_steps and not self.cfg.checkpoint.every_round
+                and self.upgrades is None and self.vocab is None
+                and (self.evaluator is None or not self.evaluator.due(step + 1)))
+
     def _snapshot_due(self) -> bool:
         ck = self.cfg.checkpoint
         return ck.interval_s > 0 and time.monotonic() - self._last_snapshot >= ck.interval_s
@@ -485,21 +498,30 @@ class Trainer:
         ex = self.executor
         self._begin(metrics_file)
         uncollected = None  # the step submitted last and not collected yet
+        present = None  # a round's end whose pseudo-gradients were asked for before its last step was collected
         try:
             for step in range(self.start_step, self.total_steps):
                 # submit this step before waiting on the previous one, so holders never idle on the driver
                 ex.submit(step)
                 if uncollected is not None:
                     self._record(uncollected, ex.collect(uncollected))
+                if present is not None:
+                    self._round_end(present, False)
+                    present = None
                 uncollected = step
                 round_end = (step + 1) % self.sync_every == 0
                 due = self._snapshot_due()
+                if round_end and not due and self._presends(step):
+                    ex.presend(step)  # the outer step waits for the next step to be queued, not the holders for it
+                    present = step
+                    continue
                 if round_end or due:
                     self._record(step, ex.collect(step))
                     uncollected = None
-                self._boundary(step, round_end, due)
-                if round_end and self.evaluator is not None:  # at the last landed theta0 (under overlap, a round may be in flight)
-                    self.evaluator.after_outer_step(self, step + 1)
+                if round_end:
+                    self._round_end(step, due)
+                else:
+                    self._boundary(step, False, due)
             if uncollected is not None:
                 self._record(uncollected, ex.collect(uncollected))
         finally:
