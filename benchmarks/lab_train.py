@@ -21,6 +21,7 @@ runs on h0 (benchmarks/_lab_driver.py); Ray places the holders (one replica fill
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import threading
@@ -36,12 +37,17 @@ from benchmarks._report import DOC, append_row, machine  # noqa: E402
 LAB_DOC = ROOT / "docs" / "lab.md"
 # wan: the slow-link preset; wan-blocking: the same with a blocking outer step; wan-nosync: the same steps in one
 # round, whose only outer step follows the last step (outside the steady clock): what training costs without syncs
+# -tau<N>: the preset with its outer step landing N inner steps after each round's end (diloco.overlap_steps)
 # -noeval: no held-out evaluation inside the run (eval.every=0; the nosync run never has one inside its steady
 # clock, so with it the sync runs carried an evaluation the nosync run did not); -noponw: no proofs or ledger;
 # -spread: each replica's two holders on two hosts (planner.within_replica=STRICT_SPREAD), so every pipeline hop
 # crosses a link and the preset's hop compression is on the wire (packed, a replica fills one host: no hop crosses)
 SETUPS = {"fixed": [], "router": ["swarm=router"], "wan": ["preset=wan"],
           "wan-blocking": ["preset=wan", "diloco.overlap=none"], "wan-nosync": ["preset=wan"],
+          "wan-tau1": ["preset=wan", "diloco.overlap_steps=1"], "wan-tau3": ["preset=wan", "diloco.overlap_steps=3"],
+          "wan-tau5": ["preset=wan", "diloco.overlap_steps=5"],
+          "wan-tau5-noponw": ["preset=wan", "diloco.overlap_steps=5", "ponw.enabled=false"],
+          "wan-noponw-nosync": ["preset=wan", "ponw.enabled=false"],
           "wan-noeval": ["preset=wan", "eval.every=0"],
           "wan-blocking-noeval": ["preset=wan", "diloco.overlap=none", "eval.every=0"],
           "wan-noeval-noponw": ["preset=wan", "eval.every=0", "ponw.enabled=false"],
@@ -91,9 +97,25 @@ def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
     # (which a short run's whole-run tok/s carries: every holder's range crosses to the driver-hosted store).
     dones = sorted(run.dones().values())
     steady = res["tokens"] / len(dones) * (len(dones) - 1) / (dones[-1] - dones[0]) if len(dones) > 1 else 0.0
+    print(f"  {setup} {rate} {_boundaries(dones, inner)}", flush=True)
     return {"tps": res["tokens_per_s"], "steady": steady, "tokens": res["tokens"], "wire": wire, "sync": sync, "store": store,
             "control": control, "hops": hops, "hops_cross": cross, "rest": wire - counted, "counted": counted,
             "hosts": sorted(set(run.placement.values()))}
+
+
+def _boundaries(dones: list[float], inner: int) -> str:
+    """Where a run's steady time goes: the median gap between two steps' ends inside a round, and what the gaps
+    around each round's end (the one ending the round's first step, the next two) take beyond it, summed."""
+    gaps = [b - a for a, b in zip(dones, dones[1:])]  # gaps[i]: from step i's end to step i+1's (0-based)
+    near = {i for i in range(len(gaps)) if (i + 1) % inner in (0, 1, 2) and i + 1 >= inner}
+    if len(gaps) < 3 or len(near) == len(gaps):
+        return "too few steps to split"
+    median = statistics.median(g for i, g in enumerate(gaps) if i not in near)
+    extra = sum(gaps[i] - median for i in near)
+    by = {k: [f"{gaps[i] * 1e3:.0f}" for i in sorted(near) if (i + 1) % inner == k] for k in (0, 1, 2)}
+    return (f"step gaps: median {median * 1e3:.0f} ms inside rounds; after a round's last step {','.join(by[0])} ms, "
+            f"then {','.join(by[1])} and {','.join(by[2])}; {extra:.2f} s beyond the median in all, "
+            f"{extra / (dones[-1] - dones[0]):.1%} of the steady time")
 
 
 def _hop_bytes(hops: list[dict], placement: dict[str, str]) -> tuple[int, int | None]:

@@ -87,3 +87,12 @@ def test_cli_prints_one_error_line_and_exits_2():
 def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "neuroray.train", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: python -m neuroray.train" in proc.stdout
+
+
+def test_the_slow_link_preset_composes_and_a_round_too_short_for_it_is_refused():
+    d = load_config(["preset=wan"]).diloco
+    assert (d.compression, d.overlap, d.overlap_steps, d.inner_steps) == ("int8", "delayed", 5, 20)
+    with pytest.raises(ConfigError, match="must land before the next round ends") as info:
+        load_config(["preset=wan", "diloco.inner_steps=4"])
+    assert "\n" not in str(info.value)
+    assert load_config(["preset=wan", "diloco.inner_steps=4", "diloco.overlap_steps=1"]).diloco.overlap_steps == 1
