@@ -107,13 +107,12 @@ class Swarm:
         self.numels = [self.infos[s]["numel"] for s in range(len(self.ranges))]
 
     def _holder(self, r: int, s: int, cpus: float, gpus: float, strategy, resume_step: int | None,
-                restore_latest: bool = False, name: str | None = None):
+                restore_latest: bool = False):
         """Start the holder of range ``s`` in replica ``r`` at the swarm's current model and split; ``restore_latest``:
-        it replaces a crashed one and restores the slot's newest snapshot (spares.py). ``name``: its Ray name, after
-        the run's prefix (default its slot, ``r<r>-s<s>``)."""
+        it replaces a crashed one and restores the slot's newest snapshot (spares.py)."""
         spec = replace(self._spec(r, s, gpus, resume_step), restore_latest=restore_latest)
         return holder_actor(spec, cpus, gpus, strategy,
-                            name=None if self.name_prefix is None else f"{self.name_prefix}{name or spec.slot}",
+                            name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
                             max_restarts=0 if self.spares is not None else self.cfg.checkpoint.max_restarts,
                             routed=self.cfg.swarm.routing == "router", holder_cls=self.holder_cls,
                             inline_max_bytes=self.cfg.swarm.hop_inline_max_bytes)
@@ -189,8 +188,10 @@ class Swarm:
             h = self._named(lambda: self._holder(r, s, c.cpus_per_holder, c.gpus_per_holder, freed, None,
                                                  restore_latest=True), deadline)
             info = self.get([h.info.remote()], max(deadline - time.monotonic(), 0.1), f"starting r{r}-s{s} afresh")[0]
-        else:
-            self._start_spare(s, freed)  # the range's spares back to checkpoint.spares, in the freed place
+        # the range's spares back to checkpoint.spares (the one taken, any that failed), the first where the dead
+        # holder was unless the fresh holder took that place
+        for k in range(self.spares.per_range - len(self.spares.idle[s])):
+            self._start_spare(s, freed if k == 0 and how == "spare" else None)
         self.placement[r, s] = strategy
         self.replicas[r][s] = h
         self.infos[r * len(self.ranges) + s] = info
