@@ -49,6 +49,9 @@ def recovery_time(tmp: str, rounds: int, extra: list[str]) -> tuple[float, float
 
     def log(*args, **kwargs):
         line = " ".join(map(str, args))
+        for mark, start in (("learned", "recovery: a holder of replica 1 died"), ("back", "recovery: replica 1 back")):
+            if line.startswith(start) and mark not in marks and "kill" in marks:
+                marks[mark] = time.monotonic()  # when the driver learned of the death, when the replica was back
         if line.startswith("round 2/") and " step 30/" in line and "kill" not in marks:
             marks["kill"] = time.monotonic()
             ray.kill(ray.get_actor(f"neuroray-{run_dir.name}-r1-s1"), no_restart=False)
@@ -60,6 +63,11 @@ def recovery_time(tmp: str, rounds: int, extra: list[str]) -> tuple[float, float
     result = run(_cfg(str(run_dir), rounds, ["checkpoint.every_round=true", *extra]), log=log)
     assert result.recoveries, "the kill did not trigger a recovery"
     after = sorted(s for s, t in submits.items() if t > marks["kill"] and s in dones)
+    lost = [s for s in dones if s < after[0] and dones[s] > marks["kill"]]  # the steps in flight, re-run first
+    print(f"recovery: after the kill the driver learned of the death at {marks['learned'] - marks['kill']:.2f} s, "
+          f"the replica was back at {marks['back'] - marks['kill']:.2f} s, the steps re-run before the first one "
+          f"submitted after the kill ({lost}) were done at {max((dones[s] for s in lost), default=float('nan')) - marks['kill']:.2f} s; "
+          f"{result.recoveries[0]}")
     return dones[after[0]] - marks["kill"], result.recoveries[0]["seconds"]
 
 

@@ -27,7 +27,9 @@ first quorum, where it heals from the live replica; its first inner step is repo
         [seq_len=64] [seed=0] [recovery=1] [int8=1] [arms=both|torchft] [write=1]
 
 ``int8=1`` adds a neuroray run with ``diloco.compression=int8`` (clean only: its bytes and loss);
-``arms=torchft`` runs the torchft arm alone and writes nothing (a check that it runs).
+``arms=torchft`` runs the torchft arm alone and writes nothing (a check that it runs). ``extra="k=v k2=v2"``:
+Hydra overrides for the neuroray arms only (e.g. ``extra=checkpoint.spares=1``, warm spares: docs/checkpointing.md);
+their rows name them.
 
 Appends the rows to docs/benchmarks.md ("Side by side with torchft DiLoCo").
 """
@@ -213,7 +215,7 @@ def neuroray_arm(args: dict, tmp: Path, kill_at: int | None, compression: str = 
 
     run_dir = tmp / ("neuroray-kill" if kill_at is not None else f"neuroray-{compression}")
     cfg = load_config(overrides(args, str(run_dir), [f"diloco.compression={compression}"] + (
-        ["checkpoint.every_round=true"] if kill_at is not None else [])))
+        ["checkpoint.every_round=true"] if kill_at is not None else []) + args["extra"].split()))
     submits, dones, marks = {}, {}, {}
 
     def clock(kind: str, step: int) -> None:
@@ -261,6 +263,7 @@ def _write(clean: dict, kill: dict, args: dict, cmd: str) -> None:
             "other sessions' tests; losses and bytes do not depend on load.")
     for arm in clean:
         c, k = clean[arm], kill.get(arm, {})
+        label = arm if arm == "torchft" or not args["extra"] else f"{arm} ({args['extra']})"
         per = c["sync_bytes"] / max(c["outer_steps"], 1)
         bytes_cell = f"{c['sync_bytes'] / 2**20:.2f} MiB ({per / 2**20:.2f} MiB/outer step)"
         if arm == "torchft":
@@ -271,16 +274,16 @@ def _write(clean: dict, kill: dict, args: dict, cmd: str) -> None:
             else f"**{k['recovery_s']:.2f} s** (holder restored from its snapshot in {k['restored_s']:.2f} s)")
         append_row(SECTION, ["arm", "eval loss", "tokens", "outer sync bytes", "median inner step", "loop wall s",
                              "recovery after a replica is killed", "machine", "command"],
-                   [arm, f"{c['eval_loss']:.4f}", f"{c['tokens']:,}", bytes_cell, f"{c['inner_step_s'] * 1e3:.1f} ms",
+                   [label, f"{c['eval_loss']:.4f}", f"{c['tokens']:,}", bytes_cell, f"{c['inner_step_s'] * 1e3:.1f} ms",
                     f"{c['wall_s']:.1f}", rec, machine(), f"`{cmd}`"], note=note)
 
 
 def main(argv: list[str]) -> None:
     args = {"rounds": "6", "h": "20", "m": "2", "mb": "4", "seq_len": "64", "seed": "0", "recovery": "1",
-            "arms": "both", "int8": "1", "write": "1", **dict(a.split("=", 1) for a in argv)}
+            "arms": "both", "int8": "1", "write": "1", "extra": "", **dict(a.split("=", 1) for a in argv)}
     if int(args["m"]) < 2 or int(args["rounds"]) < 3:
         raise SystemExit("need m >= 2 (replica 1 is the one killed) and rounds >= 3 (the kill is in round 2)")
-    load_config(overrides(args, "unused"))  # a bad override fails before anything trains
+    load_config(overrides(args, "unused", args["extra"].split()))  # a bad override fails before anything trains
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the arms' `finally` stop the replica processes
     kill_at = 2 * int(args["h"]) + int(args["h"]) // 2  # mid-round, in the third round
     import ray

@@ -289,8 +289,13 @@ class CheckpointConfig:
     interval_s: float = 120.0  # snapshot every this many seconds (at the next inner-step boundary); 0: never
     every_round: bool = False  # also snapshot at each outer-round boundary
     keep: int = 5  # snapshots kept per holder
-    max_restarts: int = 3  # Ray restarts of a crashed holder; each restores its newest good snapshot
+    # times a slot's crashed holder is brought back, each from its newest good snapshot: by Ray restarting the
+    # process, or with spares by a spare (or, none ready, a fresh holder) taking the slot over
+    max_restarts: int = 3
     recovery_timeout_s: float = 120.0  # how long to wait for a restarted holder before giving up
+    # idle warm holders per layer range (swarm.routing=fixed): a crashed holder's slot is taken over by one in well
+    # under a second instead of waiting seconds for Ray's restart; each costs one holder's CPUs, GPUs and memory
+    spares: int = 0
 
 
 @dataclass

@@ -138,6 +138,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_reputation(cfg)
     if cfg.checkpoint.interval_s < 0 or cfg.checkpoint.max_restarts < 0:
         raise ConfigError("checkpoint.interval_s and checkpoint.max_restarts must be >= 0")
+    _check_spares(cfg)
     if not 0 <= dl.outer_momentum < 1:
         raise ConfigError(f"diloco.outer_momentum={dl.outer_momentum} must be in [0, 1)")
     _check_routing(s)
@@ -313,6 +314,24 @@ def _check_streaming(cfg: TrainConfig) -> None:
     if cfg.swarm.routing != "fixed":
         raise ConfigError("diloco.streaming_fragments>1 needs swarm.routing=fixed "
                           "(the routed outer step syncs whole ranges)")
+
+
+def _check_spares(cfg: TrainConfig) -> None:
+    """checkpoint.spares (neuroray/swarm/spares.py): what warm spare holders cannot run beside."""
+    n = cfg.checkpoint.spares
+    if n < 0:
+        raise ConfigError(f"checkpoint.spares={n} must be >= 0 (0: a crashed holder waits for Ray's restart)")
+    if n == 0:
+        return
+    if cfg.swarm.routing == "router":
+        raise ConfigError("checkpoint.spares with swarm.routing=router: the router rejoins a restarted holder on its own "
+                          "path, which spares do not take part in; set checkpoint.spares=0 or swarm.routing=fixed")
+    if cfg.model.name == "auto":
+        raise ConfigError("checkpoint.spares with model=auto: a spare reserves cluster.cpus_per_holder/gpus_per_holder, "
+                          "the planner sizes every holder itself; set checkpoint.spares=0 or choose a model")
+    if cfg.checkpoint.max_restarts == 0:
+        raise ConfigError("checkpoint.spares with checkpoint.max_restarts=0: a spare takes a crashed holder's slot over "
+                          "only within max_restarts replacements per slot; set checkpoint.max_restarts >= 1")
 
 
 def _check_routing(s: SwarmConfig) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -56,6 +57,14 @@ class StageHolder:
     def __init__(self, spec: HolderSpec):
         self.clock = BusyClock()
         self.peak_kept = 0  # most microbatch graphs kept at once since the last utilisation() (swarm.schedule)
+        if spec.spare:
+            self._warm(spec)
+        else:
+            self._setup(spec)
+
+    def _setup(self, spec: HolderSpec) -> None:
+        """Everything a holder of ``spec``'s slot is: run at start, or by :meth:`become` in a spare's process."""
+        self.is_spare = False
         device = open_device(spec.torch_threads, spec.use_gpu)
         if spec.use_gpu and device.type == "cpu":
             log.warning("%s: GPUs were requested but CUDA is not available here; running on CPU", spec.label)
@@ -82,6 +91,28 @@ class StageHolder:
         if spec.tokens_per_batch > 0:
             self.proving.start(self, spec.tokens_per_batch)
             self._start_proof_round()
+
+    # ----- warm spares (checkpoint.spares, neuroray/swarm/spares.py) ------------------------------
+    def _warm(self, spec: HolderSpec) -> None:
+        """An idle spare of ``spec``'s range: the process, torch and the device are up and the range's module was built
+        once (imports, allocator, kernels), so taking a slot over costs only :meth:`become`. No key, no data, no slot."""
+        self.is_spare = True
+        self.compute = RangeCompute(spec, open_device(spec.torch_threads, spec.use_gpu), None)
+
+    def spare_ready(self) -> str:
+        """Answers once the spare's start is done (the swarm waits on it); its range's label."""
+        assert self.is_spare, "spare_ready() on a holder in service"
+        return self.compute.name
+
+    def become(self, spec: HolderSpec) -> dict:
+        """This spare takes over the slot of ``spec`` (its crashed holder's spec): the holder's own setup runs here,
+        in the process already up, and ends as a Ray-restarted holder of the slot would: the slot's key file, its
+        data stream (a Driver), its snapshot store, its newest good snapshot restored, proofs started afresh.
+        Returns :meth:`info`."""
+        assert self.is_spare, f"{self.compute.name} is in service already: become() is for a spare"
+        self.compute = None  # the warm module goes before the slot's is built (a GPU holds one range's weights)
+        self._setup(replace(spec, spare=False, restore_latest=True))
+        return self.info()
 
     # ----- identity -------------------------------------------------------------------------
     @property
@@ -112,6 +143,7 @@ class StageHolder:
             "stage": self.spec.stage, "layers": (lo, hi), "has_embedding": module.has_embedding,
             "has_head": module.has_head, "device": str(self.device), "numel": self.outer.theta0.numel(),
             "gpu_ids": _ray_gpu_ids(), "autocast": None if self.compute.amp is None else str(self.compute.amp),
+            "actor": _ray_actor_name(),  # a former spare keeps its own Ray name (names cannot be changed)
         }
 
     # ----- inspection of the parts (in-process tests read these) ---------------------------------
@@ -558,6 +590,16 @@ def _ray_gpu_ids() -> list:
         return list(ray.get_gpu_ids()) if ray.is_initialized() else []
     except Exception:  # not inside a Ray worker
         return []
+
+
+def _ray_actor_name() -> str | None:
+    """This actor's Ray name (None outside Ray or unnamed)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+    except Exception:  # not inside a Ray worker
+        return None
 
 
 def holder_actor(spec: HolderSpec, num_cpus: float, num_gpus: float, scheduling_strategy=None, name: str | None = None,

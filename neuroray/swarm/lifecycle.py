@@ -87,11 +87,13 @@ class RangeLifecycle:
                 "microbatches": c.microbatches_done, "restored_step": self.restored_step}
 
     def restore_on_start(self) -> None:
-        """A Ray restart restores the newest good snapshot; a resumed job restores the step it was told."""
+        """A Ray restart, or a holder taking a crashed one's slot over (``spec.restore_latest``: a spare or a fresh
+        holder, checkpoint.spares), restores the newest good snapshot; a resumed job restores the step it was told."""
         spec, name = self.compute.spec, self.compute.name
         if self.snapshots is None:
             return
-        if was_reconstructed():
+        restarted = was_reconstructed() or spec.restore_latest
+        if restarted:
             snap = self.snapshots.latest()
         elif spec.resume_step is not None:
             snap = self.snapshots.latest(at_most=spec.resume_step)
@@ -102,7 +104,7 @@ class RangeLifecycle:
         if snap is not None:
             # a Ray restart goes on with the run's data as the snapshot knew it (a live vocabulary growth may
             # have switched it); a resumed job trains on the dataset as its store holds it now
-            self.restore(snap, follow_data=was_reconstructed())
+            self.restore(snap, follow_data=restarted)
             log.warning("%s: restored snapshot of step %d", name, snap.step)
 
     # ----- snapshots --------------------------------------------------------------------------

@@ -90,6 +90,11 @@ class HolderSpec(RangeRole):
     data_start: int | None = None
     # init_from=: a Hugging Face Llama directory whose tensors of this range replace the seeded init at start
     init_from: str = ""
+    # checkpoint.spares (neuroray/swarm/spares.py): ``spare`` starts an idle warm holder of this range (process up,
+    # module built, no slot, no key) that waits for StageHolder.become; ``restore_latest``: the holder takes over a
+    # crashed one's slot and restores the slot's newest good snapshot, as a Ray-restarted holder does
+    spare: bool = False
+    restore_latest: bool = False
 
     @property
     def slot(self) -> str:

@@ -21,7 +21,8 @@ from neuroray.planner.partition import partition_layers
 from neuroray.planner.placement import bundle_strategy, release, reserve_plan, reserve_replicas
 from neuroray.swarm.direct_transport import resolve
 from neuroray.swarm.holder import HolderSpec, StageHolder, holder_actor
-from neuroray.swarm.ray_errors import unwrap_ray_error
+from neuroray.swarm.ray_errors import holder_died, unwrap_ray_error, user_error
+from neuroray.swarm.spares import FAILED, READY, STARTING, Spare, SparePool
 
 
 @dataclass
@@ -77,6 +78,10 @@ class Swarm:
             raise ConfigError("swarm.hop_transport=nccl needs a GPU on every holder, and the plan gives some none; "
                               "use swarm.hop_transport=auto or gloo")
         self.snapshot_root, self.name_prefix = snapshot_root, name_prefix
+        # checkpoint.spares (neuroray/swarm/spares.py): holders then get no Ray restart, so a crash surfaces at once
+        self.spares = None if cfg.checkpoint.spares == 0 else SparePool(
+            len(self.ranges), cfg.checkpoint.spares, cfg.checkpoint.max_restarts)
+        self.placement: dict[tuple[int, int], object] = {}  # (replica, stage) -> strategy, where not its bundle
         self.replicas: list[list] = []
         for r in range(cfg.diloco.replicas):
             pipeline = []
@@ -86,15 +91,34 @@ class Swarm:
                     cpus, gpus = plan.holders[r][s].cpus, plan.holders[r][s].gpus
                 pipeline.append(self._holder(r, s, cpus, gpus, bundle_strategy(self.groups[r], s), resume_step))
             self.replicas.append(pipeline)
+        for s in range(len(self.ranges)) if self.spares is not None else ():
+            for _ in range(self.spares.per_range):
+                self._start_spare(s, None)
         t0 = time.monotonic()
         self.infos = self.get([h.info.remote() for p in self.replicas for h in p], c.actor_start_timeout_s,
                               "starting stage holders")
+        if self.spares is not None:  # started beside the holders; a crash in round one finds them ready
+            self.get([sp.ready for sp in self.spares.all()], c.actor_start_timeout_s,
+                     f"starting the spare holders (checkpoint.spares={self.spares.per_range} asks "
+                     f"{self.spares.per_range * len(self.ranges)} x cluster.cpus_per_holder/gpus_per_holder more)")
         log(f"swarm: {len(self.replicas)} replicas x {len(self.ranges)} stages up in {time.monotonic() - t0:.1f}s; "
-            f"ranges {[(lo, hi - 1) for lo, hi in self.ranges]}")
+            f"ranges {[(lo, hi - 1) for lo, hi in self.ranges]}"
+            + ("" if self.spares is None else f"; {self.spares.per_range} spare(s) per range"))
         self.numels = [self.infos[s]["numel"] for s in range(len(self.ranges))]
 
-    def _holder(self, r: int, s: int, cpus: float, gpus: float, strategy, resume_step: int | None):
-        """Start the holder of range ``s`` in replica ``r`` at the swarm's current model and split."""
+    def _holder(self, r: int, s: int, cpus: float, gpus: float, strategy, resume_step: int | None,
+                restore_latest: bool = False):
+        """Start the holder of range ``s`` in replica ``r`` at the swarm's current model and split; ``restore_latest``:
+        it replaces a crashed one and restores the slot's newest snapshot (spares.py)."""
+        spec = replace(self._spec(r, s, gpus, resume_step), restore_latest=restore_latest)
+        return holder_actor(spec, cpus, gpus, strategy,
+                            name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
+                            max_restarts=0 if self.spares is not None else self.cfg.checkpoint.max_restarts,
+                            routed=self.cfg.swarm.routing == "router", holder_cls=self.holder_cls,
+                            inline_max_bytes=self.cfg.swarm.hop_inline_max_bytes)
+
+    def _spec(self, r: int, s: int, gpus: float, resume_step: int | None) -> HolderSpec:
+        """The spec of slot ``r<r>-s<s>`` at the swarm's current model and split."""
         cfg, c = self.cfg, self.cfg.cluster
         key_path = Path(cfg.swarm.key_dir).expanduser() / f"holder-r{r}-s{s}.pem"
         spec = HolderSpec(
@@ -114,10 +138,75 @@ class Swarm:
         routed = cfg.swarm.routing == "router"
         if s == 0 and self.data is not None:
             spec = replace(spec, data_root=self.data.root, manifest=self.data.manifest, data_start=0 if routed else None)
-        return holder_actor(spec, cpus, gpus, strategy,
-                            name=None if self.name_prefix is None else f"{self.name_prefix}{spec.slot}",
-                            max_restarts=cfg.checkpoint.max_restarts, routed=routed, holder_cls=self.holder_cls,
-                            inline_max_bytes=cfg.swarm.hop_inline_max_bytes)
+        return spec
+
+    # ----- warm spares (checkpoint.spares, neuroray/swarm/spares.py) ------------------------------
+    def _start_spare(self, s: int, strategy) -> None:
+        """Start an idle spare of range ``s`` (not waited for); ``strategy``: where (a freed bundle, or anywhere)."""
+        c = self.cfg.cluster
+        name = self.spares.name(s)
+        spec = replace(self._spec(0, s, c.gpus_per_holder, None), spare=True)
+        h = holder_actor(spec, c.cpus_per_holder, c.gpus_per_holder, strategy,
+                         name=None if self.name_prefix is None else f"{self.name_prefix}{name}", max_restarts=0,
+                         holder_cls=self.holder_cls, inline_max_bytes=self.cfg.swarm.hop_inline_max_bytes)
+        self.spares.add(s, Spare(h, name, h.spare_ready.remote(), strategy))
+
+    def _strategy(self, r: int, s: int):
+        """Where slot ``r<r>-s<s>``'s holder was placed: its replica's bundle unless it was replaced."""
+        return self.placement[r, s] if (r, s) in self.placement else bundle_strategy(self.groups[r], s)
+
+    def take_over(self, r: int, s: int, timeout_s: float) -> tuple[object, str]:
+        """The holder of replica ``r`` at stage ``s`` died for good (no Ray restart with spares): a ready spare of
+        range ``s`` takes its slot over, else a fresh holder starts for it; either restores the slot's newest good
+        snapshot. A new spare starts in the background, where the dead holder was. Returns the new handle (already in
+        ``replicas`` and ``infos``) and how: ``spare`` or ``fresh``."""
+        c = self.cfg.cluster
+        self.spares.charge(r, s)
+        freed = self._strategy(r, s)
+        ray.kill(self.replicas[r][s], no_restart=True)  # dead already; makes sure the GCS frees it and its name
+        deadline = time.monotonic() + timeout_s
+        spec = self._spec(r, s, c.gpus_per_holder, None)
+        h, how = None, "spare"
+        while h is None:
+            spare, failed = self.spares.take(s, _spare_state)
+            for sp in failed:
+                ray.kill(sp.handle, no_restart=True)
+            if spare is None:
+                break
+            try:
+                info = ray.get(spare.handle.become.remote(spec), timeout=max(deadline - time.monotonic(), 0.1))
+                h, strategy = spare.handle, spare.strategy
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineError(f"spare {spare.name} did not take r{r}-s{s} over within {timeout_s:g}s "
+                                    "(checkpoint.recovery_timeout_s)") from None
+            except Exception as exc:
+                if not holder_died(exc):
+                    raise user_error(exc, f"spare {spare.name} taking r{r}-s{s} over") from None
+                ray.kill(spare.handle, no_restart=True)  # died idle: the next one
+        if h is None:  # no spare ready: a fresh holder in the dead one's place, as Ray's restart would be
+            how, strategy = "fresh", freed
+            h = self._named(lambda: self._holder(r, s, c.cpus_per_holder, c.gpus_per_holder, freed, None,
+                                                 restore_latest=True), deadline)
+            info = self.get([h.info.remote()], max(deadline - time.monotonic(), 0.1), f"starting r{r}-s{s} afresh")[0]
+        # the range's spares back to checkpoint.spares (the one taken, any that failed), the first where the dead
+        # holder was unless the fresh holder took that place
+        for k in range(self.spares.per_range - len(self.spares.idle[s])):
+            self._start_spare(s, freed if k == 0 and how == "spare" else None)
+        self.placement[r, s] = strategy
+        self.replicas[r][s] = h
+        self.infos[r * len(self.ranges) + s] = info
+        return h, how
+
+    @staticmethod
+    def _named(start, deadline: float):
+        """``start()`` a named actor, again while the GCS still holds a killed one's name (it frees it shortly)."""
+        while True:
+            try:
+                return start()
+            except ValueError as exc:
+                if "already" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def add_replicas(self, plan, outer_rounds: int, theta0_boxes: list[list] | None = None) -> list[list]:
         """Start the replicas of ``plan`` (neuroray.planner.expand: pinned to nodes, numbered after the running
@@ -166,15 +255,10 @@ class Swarm:
             steps = [] if not self.snapshot_root else SnapshotStore(self.snapshot_root, f"r{r}-s{s}").steps()
             node = live_node(c.cpus_per_holder, c.gpus_per_holder, lost_nodes)
             strategy = None if node is None else NodeAffinitySchedulingStrategy(node, soft=False)
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    h = self._holder(r, s, c.cpus_per_holder, c.gpus_per_holder, strategy, steps[-1] if steps else None)
-                    break
-                except ValueError as exc:  # the GCS may not have processed the kill yet: the name is still taken
-                    if "already" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            # the GCS may not have processed the kill yet: the name is still taken
+            h = self._named(lambda: self._holder(r, s, c.cpus_per_holder, c.gpus_per_holder, strategy,
+                                                 steps[-1] if steps else None), time.monotonic() + timeout_s)
+            self.placement[r, s] = strategy
             self.replicas[r][s] = h
             new.append(h)
         infos = self.get([h.info.remote() for h in new], timeout_s, f"starting replacements of replica {r}'s holders")
@@ -207,7 +291,19 @@ class Swarm:
             raise PipelineError(f"{what} failed: a stage holder died ({first})") from None
 
     def shutdown(self) -> None:
-        for p in self.replicas:
-            for h in p:
-                ray.kill(h)
+        spares = [] if self.spares is None else [sp.handle for sp in self.spares.all()]
+        for h in [h for p in self.replicas for h in p] + spares:
+            ray.kill(h)
         release(self.groups)
+
+
+def _spare_state(spare: Spare) -> str:
+    """Whether ``spare``'s start is done (READY), still going (STARTING) or failed (FAILED: it died or raised)."""
+    done, _ = ray.wait([spare.ready], timeout=0)
+    if not done:
+        return STARTING
+    try:
+        ray.get(spare.ready, timeout=0)
+    except Exception:  # noqa: BLE001 - any failure of its start: the spare cannot serve
+        return FAILED
+    return READY

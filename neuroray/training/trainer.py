@@ -193,7 +193,9 @@ class Trainer:
         another under memory pressure): the recovery then starts over, within the same deadline."""
         t0 = time.monotonic()
         timeout = self.cfg.checkpoint.recovery_timeout_s
-        self.log(f"recovery: a holder of replica {replica} died ({type(exc).__name__}); waiting for its restart")
+        self.log(f"recovery: a holder of replica {replica} died ({type(exc).__name__}); "
+                 + ("waiting for its restart" if self.swarm.spares is None else "a spare takes its slot over"))
+        self._taken_over: list[dict] = []  # checkpoint.spares: the slots _recover_once gave a new holder
         while True:
             try:
                 counters, fresh = self._recover_once(replica, t0 + timeout, timeout, step)
@@ -207,6 +209,8 @@ class Trainer:
         self.executor.recovered(replica)  # a restarted holder is in no collective group: direct hops need one
         record = {"replica": replica, "seconds": time.monotonic() - t0,
                   "restored_steps": [c["restored_step"] for c in counters]}
+        if self._taken_over:
+            record["taken_over"] = self._taken_over
         self.stats.recoveries.append(record)
         if self.metrics:
             self.metrics.failover()
@@ -220,12 +224,12 @@ class Trainer:
         for s, h in enumerate(pipeline):
             try:
                 counters.append(wait_alive(h, deadline))
+            except ray.exceptions.ActorDiedError:
+                if self.swarm.spares is None:
+                    raise self._not_back(replica, s, timeout) from None
+                counters.append(self._take_over(replica, s, deadline))  # no Ray restart with spares: a spare's turn
             except Exception:
-                raise PipelineError(
-                    f"holder r{replica}-s{s} did not come back within {timeout:g}s (restarts exhausted or node lost); "
-                    f"its snapshots are kept under {self.snapshot_dir}; "
-                    "rerun with resume=true"
-                ) from None
+                raise self._not_back(replica, s, timeout) from None
         for s, (h, c) in enumerate(zip(pipeline, counters)):
             if c["inner_steps"] == 0 and c["restored_step"] is None and self.stats.losses:
                 peers = [(i, p[s]) for i, p in enumerate(self.swarm.replicas) if i != replica]
@@ -252,6 +256,25 @@ class Trainer:
         ray.get([h.abort_step.remote() for h in pipeline], timeout=timeout)
         self.refresh_identities(pipeline)
         return counters, fresh
+
+    def _not_back(self, replica: int, stage: int, timeout: float) -> PipelineError:
+        return PipelineError(
+            f"holder r{replica}-s{stage} did not come back within {timeout:g}s (restarts exhausted or node lost); "
+            f"its snapshots are kept under {self.snapshot_dir}; rerun with resume=true")
+
+    def _take_over(self, replica: int, stage: int, deadline: float) -> dict:
+        """checkpoint.spares: the dead holder's slot goes to a ready spare, else a fresh holder (neuroray/swarm/spares.py);
+        the outer step, utilisation and the ledger learn the new holder. Returns its counters."""
+        t0 = time.monotonic()
+        h, how = self.swarm.take_over(replica, stage, max(deadline - t0, 0.1))
+        self.holders_replaced([h])
+        counters = wait_alive(h, deadline)
+        actor = self.swarm.infos[replica * len(self.swarm.ranges) + stage].get("actor")
+        self._taken_over.append({"stage": stage, "by": how, "actor": actor, "seconds": time.monotonic() - t0,
+                                 "restored_step": counters["restored_step"]})
+        self.log(f"recovery: r{replica}-s{stage} taken over by {'a spare' if how == 'spare' else 'a fresh holder'} "
+                 f"({actor}) in {time.monotonic() - t0:.2f}s, restored snapshot step {counters['restored_step']}")
+        return counters
 
     def refresh_identities(self, holders: list) -> None:
         """Holders that Ray restarted may run on another host now, where their PoNW key is another one
