@@ -17,6 +17,7 @@ runs on h0 (benchmarks/_lab_driver.py); Ray places the holders (one replica fill
 
     flock /tmp/neuroray-cpu.lock python benchmarks/lab_train.py [setups=fixed,router]
         [rates=unshaped,1gbit,100mbit,20mbit] [partition=true] [rounds=3] [inner_steps=4] [heal_after_s=120]
+        [hydra overrides for every run, e.g. model=small]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _shape_all(cfg, ov, rate: str | None) -> None:
         shape(ov, f"h{i}", rate)
 
 
-def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
+def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int, extra: tuple[str, ...] = ()) -> dict:
     from neuroray.lab import counters
 
     _shape_all(cfg, ov, None if rate == "unshaped" else rate)
@@ -82,7 +83,7 @@ def throughput(cfg, ov, setup: str, rate: str, rounds: int, inner: int) -> dict:
     if setup.endswith("-nosync"):
         rounds, inner = 1, rounds * inner
     before = counters(cfg)
-    run = Run(ov, [*SMALL, *SETUPS[setup], f"rounds={rounds}", f"diloco.inner_steps={inner}",
+    run = Run(ov, [*SMALL, *SETUPS[setup], *extra, f"rounds={rounds}", f"diloco.inner_steps={inner}",
                    "checkpoint.every_round=false", f"run_dir={cfg.host_root}/home/runs/{name}"])
     res = run.wait()
     for t, m in run.logs:  # what moved bytes besides training: failovers and the stores
@@ -254,7 +255,9 @@ def partition_row(setup: str, p: dict, cmd: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a.split("=", 1) for a in argv)
+    known = ("setups", "rates", "rounds", "inner_steps", "heal_after_s", "partition")
+    opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in known)
+    extra = tuple(a for a in argv if a.split("=", 1)[0] not in known)  # Hydra overrides for every run, e.g. model=small
     setups = opts.get("setups", "fixed,router").split(",")
     rates = [r for r in opts.get("rates", "unshaped,1gbit,100mbit,20mbit").split(",") if r]  # "rates=": none
     rounds, inner = int(opts.get("rounds", 3)), int(opts.get("inner_steps", 4))
@@ -266,11 +269,12 @@ def main(argv: list[str]) -> None:
         for setup in setups:
             base = None
             for rate in rates:  # each row is appended as soon as it is measured
-                r = throughput(cfg, ov, setup, rate, rounds, inner)
+                r = throughput(cfg, ov, setup, rate, rounds, inner, extra)
                 base = r if rate == "unshaped" else base
                 print(f"{setup} {rate}: {r}", flush=True)
-                throughput_row(setup, rate, r, base, cmd)
-                steady_row(setup, rate, r, base, cmd)
+                label = " ".join([setup, *extra])
+                throughput_row(label, rate, r, base, cmd)
+                steady_row(label, rate, r, base, cmd)
             if do_partition:
                 try:
                     p = partition(cfg, ov, setup, max(rounds, 4), inner, heal_after_s)
