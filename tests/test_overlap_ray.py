@@ -130,3 +130,17 @@ def test_a_holder_killed_in_a_rounds_last_step_is_recovered(ray_cluster, tmp_pat
     assert result.losses[-1] < result.losses[0]
     assert [c["round"] for c in result.comm] == [1, 2, 3]
     assert result.ledger["supply_consistent"]
+
+
+def test_two_drivers_on_one_shard_are_paid_with_overlap_on(ray_cluster, tmp_path):
+    """One training shard: both Drivers read the same batches, so the replicas send one pseudo-gradient honestly.
+    The copy check must see that under overlap too (it once skipped the batch comparison there and paid nobody)."""
+    from neuroray.training.run import run
+
+    lines, log = _lines()
+    r = run(_cfg(tmp_path, "oneshard", 2, "diloco.overlap=delayed", "checkpoint.every_round=false",
+                 "data.shard_tokens=12000"), log=log)
+    same = [x for x in lines if "were assigned the same batches and sent one pseudo-gradient" in x]
+    assert len(same) == 2 * 2, lines  # every range, both rounds
+    assert not any("none is paid" in x or "copied replica" in x for x in lines)
+    assert r.ledger["supply_consistent"] and r.ledger["minted_neuro"] > 0

@@ -153,9 +153,7 @@ class CopyCheck:
         case is marked ``same`` and nobody is named."""
         t = self.trainer
         who = case["who"]
-        if not self.attributing or step is None or case["theta0"] is None or case["delta"] is None:
-            return [who], {}
-        if t.swarm.data is None:
+        if step is None or t.swarm.data is None:
             return [who], {}
         from neuroray.diloco.sync import decode_payloads
 
@@ -164,6 +162,9 @@ class CopyCheck:
         classes = same_batches(batches)
         if len(classes) == 1:
             case["same"] = bool(batches[who[0]])
+            return classes, {}
+        # overlap, streaming: the holders did not train from the theta0 the gains would be measured at
+        if not self.attributing or case["theta0"] is None or case["delta"] is None:
             return classes, {}
         timeout = t.cfg.cluster.step_timeout_s
         theta0 = [x.float() for x in ray.get(case["theta0"], timeout=timeout)]

@@ -40,6 +40,8 @@ class RoundResult:
     # swarm routing: (0, Driver) whose committed first-step losses went through a holder the hop rechecks proved
     # faulty this round (neuroray/training/hop_routes.py): not a check of its own work, so no spot check this round
     spot_excused: set[tuple[int, int]] = field(default_factory=set)
+    # diloco.overlap: the inner step the landed round ended after (the loop books it steps later, when it lands)
+    end_step: int | None = None
 
 
 class StepExecutor(ABC):

@@ -42,6 +42,7 @@ class InFlight:
     acks: list = field(default_factory=list)  # every holder's land_outer ref, range by range
     benched: set = field(default_factory=set)  # replicas left out of its outer step (a rejected hop, fixed.py)
     senders: set = field(default_factory=set)  # (range, replica) of each holder whose rejected hop benched one
+    end_step: int | None = None  # the inner step the round ended after (None: resumed from a snapshot)
 
 
 class OverlappedOuter:
@@ -65,7 +66,7 @@ class OverlappedOuter:
         outer = self.trainer.outer
         fl = InFlight(step + 1 + self.steps, outer.rounds + 1, batches,
                       (list(outer.theta0), list(outer.momentum), list(outer.memory)), benched=set(benched),
-                      senders=set(senders))
+                      senders=set(senders), end_step=step)
         sent, self.sent = self.sent, None
         if sent is None:
             self._reduce(fl, lambda s, r, h: h.send_pseudo_gradient.remote())
@@ -156,7 +157,8 @@ class OverlappedOuter:
         unused, observed = by_replica(reports, [kept] * len(reports), benched_slots)
         # as in the blocking outer step (fixed.py): a benched replica's holders that sent no rejected hop did
         # honest work on what a faulty mate sent, so they are credited, not judged
-        return RoundResult(reports, comm, unused, fl.batches, observed, excused=benched_slots - fl.senders)
+        return RoundResult(reports, comm, unused, fl.batches, observed, excused=benched_slots - fl.senders,
+                           end_step=fl.end_step)
 
     def _redo(self, fl: InFlight, exc: BaseException, settle) -> RoundResult:
         """A pseudo-gradient was lost with its holder: roll back, recover, redo the round now (blocking)."""
@@ -167,7 +169,8 @@ class OverlappedOuter:
         outer.rounds -= 1
         for r in range(len(t.swarm.replicas)):
             t.recover(r, exc)
-        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched, senders=fl.senders)
+        redo = InFlight(0, fl.outer_round, fl.batches, fl.saved, benched=fl.benched, senders=fl.senders,
+                        end_step=fl.end_step)
         # a holder still holding the round resends the delta it kept (OuterState.delta)
         self._reduce(redo, lambda s, r, h: h.pseudo_gradient.remote())
         self.land()

@@ -327,7 +327,8 @@ class Trainer:
         if self.reputation is not None:  # before the receipts: this round's scores count in its rewards
             self.reputation.score_round()
         if copies:  # before the receipts: a copier's says aggregated=False
-            self.copies.settle(copies, result, step)
+            # overlapped: the round it books ended steps ago; its batches are those of the steps up to that end
+            self.copies.settle(copies, result, step if step is not None else result.end_step)
         if self.reputation is None:
             self.outer.reduced.clear()
         if self.ledger is not None:
