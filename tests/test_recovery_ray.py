@@ -70,6 +70,8 @@ def _cfg(tmp_path, run, rounds, *extra):
     ])
 
 
+# slow: two whole runs (about 35 s); resuming is also in the default suite through tests/test_resume_ray.py
+@pytest.mark.slow
 def test_resumed_job_continues_the_same_loss_curve(ray_cluster, tmp_path):
     from neuroray.training.run import run
 
