@@ -82,7 +82,7 @@ class StepExecutor(ABC):
         """Ask for the pseudo-gradients of the round ending after inner step ``step``, queued behind that step on
         every holder, so that the loop can submit the next step before it collects this one; the
         :meth:`outer_step` of ``step`` then reduces what was asked here."""
-        raise NotImplementedError(f"{type(self).__name__} does not end a round early")
+        assert False, f"{type(self).__name__}.presends() is False: the loop never asks it to end a round early"
 
     def recovered(self, replica: int) -> None:
         """``replica``'s holders are back after :meth:`Trainer.recover` (fixed routing: a new group for direct hops)."""
